@@ -1,0 +1,234 @@
+//! The agent's shared state and its main loop.
+
+use std::io::{ErrorKind, Read};
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::Duration;
+
+use ferry_agent_proto::{Decoder, GuestConfig, GuestStatus, Liveness};
+
+use crate::cli::Options;
+use crate::outbox::Outbox;
+use crate::port::{self, PortReader};
+use crate::reaper::{lock, Reaper};
+use crate::{handlers, service, sys};
+
+/// `PATH` for every child, before the configuration's own environment
+/// (which may override it). `/ferry/bin` holds tools shipped with ferry.
+pub const CHILD_PATH: &str =
+    "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin:/ferry/bin";
+
+/// What the agent knows about the service.
+#[derive(Debug, Default)]
+pub struct ServiceState {
+    /// Its pid while it runs.
+    pub pid: Option<i32>,
+    /// Its exit code once it has exited (127 if it never started).
+    pub exit: Option<i32>,
+}
+
+/// State shared by every thread of the agent.
+pub struct Agent {
+    /// The guest configuration.
+    pub config: GuestConfig,
+    /// Set when the configuration could not be loaded: the agent then runs
+    /// no service and never reports live, but still answers the host, which
+    /// can `exec` to find out what is wrong.
+    pub config_error: Option<String>,
+    /// The reaper, through which every child is started.
+    pub reaper: Reaper,
+    /// The queue of outgoing frames.
+    pub outbox: Outbox,
+    /// Whether the service has passed its liveness check.
+    pub live: AtomicBool,
+    /// The service's pid and exit code.
+    pub service: Mutex<ServiceState>,
+    /// Signalled when the service exits.
+    pub service_exited: Condvar,
+    /// Set once shutdown has begun, so that it runs only once.
+    pub shutting_down: AtomicBool,
+}
+
+impl Agent {
+    /// The guest's current status.
+    pub fn status(&self) -> GuestStatus {
+        GuestStatus {
+            live: self.live.load(Ordering::SeqCst),
+            uptime_ms: sys::uptime_ms(),
+            hostname: sys::hostname(),
+            service_exit: lock(&self.service).exit,
+        }
+    }
+
+    /// The environment of every child: [`CHILD_PATH`], then the
+    /// configuration's `env`. Nothing is inherited from the agent, whose
+    /// environment is whatever the kernel and init script left.
+    pub fn child_env(&self) -> Vec<(String, String)> {
+        let mut env = vec![("PATH".to_owned(), CHILD_PATH.to_owned())];
+        env.extend(self.config.env.iter().cloned());
+        env
+    }
+}
+
+/// Loads the guest configuration.
+fn load_config(path: &Path) -> Result<GuestConfig, String> {
+    let text = std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    serde_json::from_slice(&text).map_err(|e| format!("bad config {}: {e}", path.display()))
+}
+
+/// One line describing the configuration, for the start-up log.
+fn summary(config: &GuestConfig) -> String {
+    let service = match &config.service {
+        Some(argv) if !argv.is_empty() => argv.join(" "),
+        _ => "none".to_owned(),
+    };
+    let liveness = match &config.liveness {
+        Liveness::Tcp { port } => format!("tcp {port}"),
+        Liveness::Exec { argv } => format!("exec {}", argv.join(" ")),
+        Liveness::None => "none".to_owned(),
+    };
+    format!("service: {service}; liveness: {liveness}")
+}
+
+/// Runs the agent. Never returns normally: shutdown ends the process.
+pub fn run(options: Options) {
+    let (config, config_error) = match load_config(&options.config) {
+        Ok(config) => (config, None),
+        Err(e) => {
+            let fallback = GuestConfig {
+                service: None,
+                env: Vec::new(),
+                liveness: Liveness::None,
+            };
+            (fallback, Some(e))
+        }
+    };
+    let version = env!("CARGO_PKG_VERSION");
+    match &config_error {
+        None => info!(
+            "version {version} (protocol {}, pid {}): {}",
+            ferry_agent_proto::PROTOCOL_VERSION,
+            std::process::id(),
+            summary(&config)
+        ),
+        Some(e) => info!(
+            "version {version} (protocol {}, pid {}): {e}; running without a service, never live",
+            ferry_agent_proto::PROTOCOL_VERSION,
+            std::process::id(),
+        ),
+    }
+
+    let reaper = loop {
+        match Reaper::start() {
+            Ok(reaper) => break reaper,
+            Err(e) => {
+                info!("cannot start the reaper: {e}; retrying");
+                std::thread::sleep(Duration::from_secs(1));
+            }
+        }
+    };
+    let agent = Arc::new(Agent {
+        config,
+        config_error,
+        reaper,
+        outbox: Outbox::new(),
+        live: AtomicBool::new(false),
+        service: Mutex::new(ServiceState::default()),
+        service_exited: Condvar::new(),
+        shutting_down: AtomicBool::new(false),
+    });
+
+    if agent.config_error.is_none() {
+        service::start(&agent);
+        service::watch_liveness(&agent);
+    }
+
+    // The port loop restarts after a panic or a dead port: without it the
+    // host cannot reach the guest at all.
+    loop {
+        let outcome = catch_unwind(AssertUnwindSafe(|| {
+            serve_port(&agent, options.port.as_deref())
+        }));
+        if outcome.is_err() {
+            info!("the port loop panicked; reopening the port");
+        }
+        std::thread::sleep(Duration::from_secs(1));
+    }
+}
+
+/// Opens the port and reads requests until the port fails for good.
+fn serve_port(agent: &Arc<Agent>, explicit: Option<&Path>) {
+    let (reader, writer) = port::open_when_ready(explicit);
+    if let Err(e) = agent.outbox.attach(writer) {
+        info!("cannot start the port writer: {e}");
+        return;
+    }
+    read_requests(agent, reader);
+    // Let go of the port before it is opened again.
+    agent.outbox.detach(Duration::from_secs(1));
+}
+
+/// How long to wait before reading again while the host is not connected.
+const DISCONNECTED_POLL: Duration = Duration::from_millis(10);
+
+/// Consecutive read errors after which the port is reopened.
+const MAX_READ_ERRORS: u32 = 10;
+
+/// The reader loop. A virtio-serial `read` returns 0 at once while no host is
+/// connected, so end-of-file is not the end: the partial line is dropped (the
+/// host that sent it is gone), the epoch moves on, and reading resumes.
+fn read_requests(agent: &Arc<Agent>, mut reader: PortReader) {
+    let mut decoder = Decoder::new();
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut connected = true;
+    let mut errors = 0;
+    loop {
+        match reader.read(&mut buf) {
+            Ok(0) => {
+                if connected {
+                    debug!("host disconnected");
+                    agent.outbox.host_gone();
+                    connected = false;
+                }
+                decoder.reset();
+                std::thread::sleep(DISCONNECTED_POLL);
+            }
+            Ok(n) => {
+                connected = true;
+                errors = 0;
+                for line in decoder.push(&buf[..n]) {
+                    handlers::handle_line(agent, &line);
+                }
+            }
+            Err(e) if e.kind() == ErrorKind::Interrupted => {}
+            Err(e) => {
+                errors += 1;
+                info!("reading the port failed: {e}");
+                if errors >= MAX_READ_ERRORS {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn summarises_the_config() {
+        let config = GuestConfig {
+            service: Some(vec!["redis-server".into(), "--port".into(), "6379".into()]),
+            env: Vec::new(),
+            liveness: Liveness::Tcp { port: 6379 },
+        };
+        assert_eq!(
+            summary(&config),
+            "service: redis-server --port 6379; liveness: tcp 6379"
+        );
+    }
+}

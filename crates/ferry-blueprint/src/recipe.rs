@@ -1,0 +1,196 @@
+//! Recipes: what goes into a blueprint, as data. The built-in ones live in the
+//! repository's `recipes/` directory and are compiled in; any other `.toml`
+//! file of the same shape can be named by path.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use ferry_agent_proto::Liveness;
+use serde::{Deserialize, Serialize};
+
+use crate::manifest::NetworkConfig;
+use crate::BlueprintError;
+
+const BUILTIN: &[(&str, &str)] = &[
+    ("tiny", include_str!("../../../recipes/tiny.toml")),
+    ("redis", include_str!("../../../recipes/redis.toml")),
+];
+
+/// A recipe, as written in a recipe `.toml` file.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Recipe {
+    /// Short name, recorded in the blueprint.
+    pub name: String,
+    /// One line for humans.
+    #[serde(default)]
+    pub description: String,
+    /// Which kernel to boot.
+    pub kernel: KernelSpec,
+    /// How to make the root file system.
+    pub rootfs: RootfsSpec,
+    /// The disk image.
+    pub disk: DiskSpec,
+    /// Default and minimum VM sizes.
+    pub defaults: Defaults,
+    /// The service the guest runs.
+    #[serde(default)]
+    pub service: Option<ServiceSpec>,
+    /// How the agent judges the service live.
+    pub liveness: LivenessSpec,
+    /// Guest network settings.
+    #[serde(default)]
+    pub network: NetworkConfig,
+    /// Extra files to write into the root file system: path → contents.
+    #[serde(default)]
+    pub files: BTreeMap<String, String>,
+}
+
+/// The guest kernel.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KernelSpec {
+    /// A Debian kernel image package, or a metapackage that depends on one.
+    pub package: String,
+    /// The kernel command line.
+    pub cmdline: String,
+}
+
+/// How the root file system is made.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "kebab-case", deny_unknown_fields)]
+pub enum RootfsSpec {
+    /// Only busybox (installed with all its applets).
+    Busybox,
+    /// Debian via debootstrap.
+    Debootstrap {
+        /// The Debian suite, e.g. `bookworm`.
+        suite: String,
+        /// The debootstrap variant, e.g. `minbase`.
+        #[serde(default = "default_variant")]
+        variant: String,
+        /// Extra packages.
+        #[serde(default)]
+        include: Vec<String>,
+        /// The mirror; default: the host's own apt source.
+        #[serde(default)]
+        mirror: Option<String>,
+    },
+}
+
+fn default_variant() -> String {
+    "minbase".into()
+}
+
+/// The disk image.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DiskSpec {
+    /// Size of the ext4 image in MiB (sparse on the host).
+    pub size_mib: u64,
+}
+
+/// VM sizes.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct Defaults {
+    /// Guest memory unless the user says otherwise.
+    pub memory_mib: u64,
+    /// vCPUs unless the user says otherwise.
+    pub cpus: u32,
+    /// Below this the service does not fit; ferry refuses to boot.
+    pub min_memory_mib: u64,
+}
+
+/// The service.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServiceSpec {
+    /// Program and arguments, looked up in the guest's `PATH`.
+    pub command: Vec<String>,
+    /// Extra environment.
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+}
+
+/// Liveness check plus how long to wait for it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct LivenessSpec {
+    /// The check itself.
+    #[serde(flatten)]
+    pub check: Liveness,
+    /// Seconds a cold boot may take to become live.
+    #[serde(default = "default_live_timeout")]
+    pub timeout_s: u64,
+}
+
+fn default_live_timeout() -> u64 {
+    120
+}
+
+impl Recipe {
+    /// Names of the built-in recipes.
+    pub fn builtin_names() -> Vec<&'static str> {
+        BUILTIN.iter().map(|(n, _)| *n).collect()
+    }
+
+    /// Finds a recipe by built-in name, or reads it from a `.toml` path.
+    pub fn find(name: &str) -> Result<Self, BlueprintError> {
+        if let Some((_, text)) = BUILTIN.iter().find(|(n, _)| *n == name) {
+            return Self::parse(text, name);
+        }
+        let path = Path::new(name);
+        if name.ends_with(".toml") || name.contains('/') {
+            let text = std::fs::read_to_string(path).map_err(BlueprintError::io(path))?;
+            return Self::parse(&text, name);
+        }
+        Err(BlueprintError::UnknownRecipe {
+            name: name.to_string(),
+            known: Self::builtin_names().join(", "),
+        })
+    }
+
+    /// Parses recipe text; `origin` names it in errors.
+    pub fn parse(text: &str, origin: &str) -> Result<Self, BlueprintError> {
+        let recipe: Recipe = toml::from_str(text).map_err(|e| BlueprintError::BadRecipe {
+            path: origin.to_string(),
+            message: e.to_string().replace('\n', " "),
+        })?;
+        if recipe.defaults.min_memory_mib > recipe.defaults.memory_mib {
+            return Err(BlueprintError::BadRecipe {
+                path: origin.to_string(),
+                message: "defaults.min_memory_mib is larger than defaults.memory_mib".into(),
+            });
+        }
+        Ok(recipe)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn builtin_recipes_parse() {
+        for name in Recipe::builtin_names() {
+            let r = Recipe::find(name).unwrap();
+            assert_eq!(r.name, name);
+        }
+        let redis = Recipe::find("redis").unwrap();
+        assert_eq!(redis.liveness.check, Liveness::Tcp { port: 6379 });
+    }
+
+    #[test]
+    fn unknown_recipe_names_the_known_ones() {
+        let e = Recipe::find("nginx").unwrap_err().to_string();
+        assert!(e.contains("unknown recipe 'nginx'"), "{e}");
+        assert!(e.contains("tiny, redis"), "{e}");
+    }
+
+    #[test]
+    fn typo_in_recipe_is_reported() {
+        let text = include_str!("../../../recipes/tiny.toml").replace("[disk]", "[dsik]");
+        let e = Recipe::parse(&text, "x.toml").unwrap_err().to_string();
+        assert!(e.starts_with("recipe x.toml:"), "{e}");
+    }
+}

@@ -1,0 +1,65 @@
+//! `ferry boot`.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use ferry_engine::AccelChoice;
+use ferry_runtime::ops::{boot, BootOptions};
+use ferry_runtime::Paths;
+
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    /// The blueprint directory (from 'ferry blueprint build').
+    #[arg(long)]
+    blueprint: PathBuf,
+    /// The VM's name (default: the recipe's name and a random suffix).
+    #[arg(long)]
+    name: Option<String>,
+    /// Guest memory in MiB (default: the blueprint's).
+    #[arg(long = "memory-size")]
+    memory_size: Option<u64>,
+    /// Number of vCPUs (default: the blueprint's).
+    #[arg(long)]
+    cpus: Option<u32>,
+    /// Accelerator: auto uses KVM only where it really boots a Linux guest.
+    #[arg(long, value_enum, default_value = "auto")]
+    accel: Accel,
+    /// Shut down as soon as the service is live.
+    #[arg(long = "exit-when-live")]
+    exit_when_live: bool,
+    /// Seconds to wait for the service (default: the blueprint's).
+    #[arg(long = "live-timeout")]
+    live_timeout: Option<u64>,
+    /// Copy the guest's console to standard error.
+    #[arg(long)]
+    console: bool,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug)]
+enum Accel {
+    Auto,
+    Kvm,
+    Tcg,
+}
+
+pub fn run(args: Args, paths: &Paths, started: Instant) -> anyhow::Result<ExitCode> {
+    let engine = super::engine(paths)?;
+    let opts = BootOptions {
+        blueprint: args.blueprint,
+        name: args.name,
+        memory_mib: args.memory_size,
+        cpus: args.cpus,
+        accel: match args.accel {
+            Accel::Auto => AccelChoice::Auto,
+            Accel::Kvm => AccelChoice::Kvm,
+            Accel::Tcg => AccelChoice::Tcg,
+        },
+        exit_when_live: args.exit_when_live,
+        live_timeout: args.live_timeout.map(Duration::from_secs),
+        echo_console: args.console,
+        started,
+    };
+    boot(&engine, paths, &opts, &mut |line| println!("{line}"))?;
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,139 @@
+//! Argument parsing and dispatch. Exit codes are stable, per failure class:
+//! 0 success, 1 other errors, 2 usage, 3 bad input (blueprint, recipe, name,
+//! option), 4 missing host software or accelerator, 5 the VM failed (died,
+//! agent silent, service not live), 130 interrupted. `ferry exec` exits with
+//! the guest command's own code.
+
+mod blueprint;
+mod boot;
+mod exec;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Instant;
+
+use clap::{Parser, Subcommand};
+use ferry_blueprint::BlueprintError;
+use ferry_engine::EngineError;
+use ferry_runtime::{Paths, RuntimeError};
+
+/// ferry: build a microVM from a recipe, boot it, snapshot it, ship it.
+#[derive(Parser, Debug)]
+#[command(name = "ferry", version, about, long_about = None)]
+pub struct Cli {
+    /// Log what ferry does (or set FERRY_LOG=debug).
+    #[arg(short, long, global = true)]
+    pub verbose: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Build and inspect blueprints.
+    Blueprint(blueprint::Args),
+    /// Cold-boot a blueprint and wait until its service is live.
+    Boot(boot::Args),
+    /// Run a command inside a running VM.
+    Exec(exec::Args),
+}
+
+/// Runs the parsed command.
+pub fn run(cli: Cli, started: Instant) -> anyhow::Result<ExitCode> {
+    let paths = Paths::from_env();
+    match cli.command {
+        Command::Blueprint(args) => blueprint::run(args, &paths),
+        Command::Boot(args) => boot::run(args, &paths, started),
+        Command::Exec(args) => exec::run(args, &paths),
+    }
+}
+
+/// The engine ferry uses: QEMU, or the program `$FERRY_QEMU` names.
+pub fn engine(paths: &Paths) -> Result<ferry_qemu::QemuEngine, EngineError> {
+    let qemu = std::env::var("FERRY_QEMU").unwrap_or_else(|_| ferry_qemu::DEFAULT_QEMU.into());
+    ferry_qemu::QemuEngine::new(&qemu, &paths.cache)
+}
+
+/// The stable exit code for an error.
+pub fn exit_code(e: &anyhow::Error) -> ExitCode {
+    let code = if let Some(r) = e.downcast_ref::<RuntimeError>() {
+        match r {
+            RuntimeError::Blueprint(b) => blueprint_code(b),
+            RuntimeError::Engine(en) => engine_code(en),
+            RuntimeError::BadName(_)
+            | RuntimeError::NameInUse { .. }
+            | RuntimeError::NoSuchVm { .. }
+            | RuntimeError::MemoryTooSmall { .. }
+            | RuntimeError::BadOption(_) => 3,
+            RuntimeError::AgentSilent { .. }
+            | RuntimeError::NotLive { .. }
+            | RuntimeError::VmDied { .. }
+            | RuntimeError::Agent(_) => 5,
+            RuntimeError::Interrupted => 130,
+            RuntimeError::Control { .. } | RuntimeError::Io { .. } => 1,
+        }
+    } else if let Some(b) = e.downcast_ref::<BlueprintError>() {
+        blueprint_code(b)
+    } else if let Some(en) = e.downcast_ref::<EngineError>() {
+        engine_code(en)
+    } else {
+        1
+    };
+    ExitCode::from(code)
+}
+
+fn blueprint_code(e: &BlueprintError) -> u8 {
+    match e {
+        BlueprintError::MissingTool { .. } => 4,
+        BlueprintError::Io { .. } | BlueprintError::ToolFailed { .. } => 1,
+        _ => 3,
+    }
+}
+
+fn engine_code(e: &EngineError) -> u8 {
+    match e {
+        EngineError::NotInstalled { .. } | EngineError::AccelUnavailable { .. } => 4,
+        EngineError::Incompatible(_) => 3,
+        _ => 5,
+    }
+}
+
+/// An error and its causes on one line.
+pub fn one_line(e: &anyhow::Error) -> String {
+    let mut text = e.to_string();
+    for cause in e.chain().skip(1) {
+        let c = cause.to_string();
+        if !text.contains(&c) {
+            text.push_str(": ");
+            text.push_str(&c);
+        }
+    }
+    text.replace('\n', " ")
+}
+
+/// Where the static guest agent is: `--agent`, `$FERRY_AGENT`, beside the
+/// `ferry` binary, or where `scripts/build.sh` leaves it.
+pub fn find_agent(explicit: Option<PathBuf>) -> Result<PathBuf, BlueprintError> {
+    if let Some(p) = explicit.or_else(|| std::env::var_os("FERRY_AGENT").map(PathBuf::from)) {
+        return Ok(p);
+    }
+    let exe = std::env::current_exe().map_err(|e| BlueprintError::Agent(e.to_string()))?;
+    let dir = exe.parent().unwrap_or(std::path::Path::new("."));
+    // Beside ferry in an install; in a source tree, `cargo build` also leaves
+    // a dynamic ferry-agent beside it, so only a static one counts.
+    let candidates = [
+        dir.join("ferry-agent"),
+        dir.join("../agent/x86_64-unknown-linux-gnu/agent/ferry-agent"),
+        dir.join("../../agent/x86_64-unknown-linux-gnu/agent/ferry-agent"),
+    ];
+    candidates
+        .iter()
+        .find(|p| ferry_blueprint::is_static_executable(p))
+        .cloned()
+        .ok_or_else(|| {
+            BlueprintError::Agent(format!(
+                "the static ferry-agent binary was not found beside {}: build it with scripts/build.sh, or pass --agent PATH (or set FERRY_AGENT)",
+                exe.display()
+            ))
+        })
+}

@@ -1,0 +1,28 @@
+//! `ferry`: the command-line front end. Each subcommand lives in
+//! `cli/<verb>.rs`, turns its arguments into options and calls the library.
+
+mod cli;
+
+use std::process::ExitCode;
+
+use clap::Parser;
+
+fn main() -> ExitCode {
+    let started = std::time::Instant::now();
+    let args = cli::Cli::parse();
+    let filter = std::env::var("FERRY_LOG")
+        .unwrap_or_else(|_| if args.verbose { "info" } else { "warn" }.to_string());
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .init();
+    match cli::run(args, started) {
+        Ok(code) => code,
+        Err(e) => {
+            let code = cli::exit_code(&e);
+            eprintln!("ferry: {}", cli::one_line(&e));
+            code
+        }
+    }
+}

@@ -1,0 +1,321 @@
+//! The interface between ferry and whatever runs its VMs.
+//!
+//! ferry's first engine drives QEMU; a native engine on the rust-vmm crates may
+//! follow. Everything above this crate (runtime, packages, migration) speaks
+//! only these types, so this crate names no hypervisor, machine type or wire
+//! protocol of any engine. The shape follows Cloud Hypervisor's `Hypervisor`
+//! trait: an [`Engine`] is a small, thread-safe factory, and each running
+//! guest is a [`Vm`] whose optional abilities have default implementations
+//! that say "not supported".
+//!
+//! Data flow: the runtime builds a [`VmSpec`], asks the engine to
+//! [`Engine::boot`] or [`Engine::restore`] it, reads [`VmEvent`]s (console
+//! output, exit) from the returned VM, and talks to the guest agent over the
+//! byte stream from [`Vm::agent_stream`].
+#![warn(missing_docs)]
+
+use std::os::unix::net::UnixStream;
+use std::path::PathBuf;
+use std::sync::mpsc::Receiver;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+/// The hardware-virtualisation choice the user makes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AccelChoice {
+    /// Use hardware virtualisation only where it really runs a Linux guest.
+    Auto,
+    /// Hardware virtualisation (Linux KVM).
+    Kvm,
+    /// Software emulation.
+    Tcg,
+}
+
+/// The accelerator a VM actually runs with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Accel {
+    /// Hardware virtualisation (Linux KVM).
+    Kvm,
+    /// Software emulation (binary translation).
+    Tcg,
+}
+
+impl std::fmt::Display for Accel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Accel::Kvm => "kvm",
+            Accel::Tcg => "tcg",
+        })
+    }
+}
+
+/// The accelerator chosen, and why when it is not the fast one.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AccelDecision {
+    /// What the VM will use.
+    pub accel: Accel,
+    /// Why hardware virtualisation is not used, if it is not.
+    pub reason: Option<String>,
+}
+
+impl std::fmt::Display for AccelDecision {
+    /// The one line ferry prints: `accel: kvm` or `accel: tcg (<why>)`.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.reason {
+            Some(why) => write!(f, "accel: {} ({why})", self.accel),
+            None => write!(f, "accel: {}", self.accel),
+        }
+    }
+}
+
+/// A guest to probe an accelerator with: any kernel and initramfs whose init
+/// prints [`PROBE_MARKER`] and powers off when `ferry.probe` is on the
+/// kernel command line.
+#[derive(Debug, Clone)]
+pub struct ProbeGuest {
+    /// Kernel image.
+    pub kernel: PathBuf,
+    /// Initramfs.
+    pub initramfs: PathBuf,
+    /// Base kernel command line (`ferry.probe` is added).
+    pub cmdline: String,
+}
+
+/// What a probe guest prints when it has booted.
+pub const PROBE_MARKER: &str = "FERRY-PROBE-OK";
+
+/// The guest's root disk.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DiskSpec {
+    /// The VM writes to this raw image directly.
+    Raw(PathBuf),
+    /// The VM reads `base` (never written) and writes its changes to
+    /// `overlay`, which the engine creates in its own format.
+    CopyOnWrite {
+        /// The pristine raw image.
+        base: PathBuf,
+        /// Where the changes go.
+        overlay: PathBuf,
+    },
+}
+
+/// How the guest's network device is attached on the host.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NetAttachment {
+    /// The device exists (so snapshots are portable) but is connected to
+    /// nothing.
+    Isolated,
+    /// A tap device, already created, in the engine process's network
+    /// namespace.
+    Tap {
+        /// The tap's interface name.
+        ifname: String,
+    },
+}
+
+/// Everything an engine needs to start a VM.
+#[derive(Debug, Clone)]
+pub struct VmSpec {
+    /// The VM's name, for logs and process titles.
+    pub name: String,
+    /// Kernel image.
+    pub kernel: PathBuf,
+    /// Initramfs.
+    pub initramfs: PathBuf,
+    /// Kernel command line.
+    pub cmdline: String,
+    /// Root disk.
+    pub disk: DiskSpec,
+    /// Guest memory in MiB.
+    pub memory_mib: u64,
+    /// Number of vCPUs.
+    pub cpus: u32,
+    /// Guest RAM lives in this file, so that a snapshot need not copy it.
+    pub memory_file: PathBuf,
+    /// Whether guest writes reach `memory_file` (`true`) or stay private to
+    /// this VM (`false`: copy-on-write, for restores and clones).
+    pub memory_shared: bool,
+    /// Accelerator.
+    pub accel: Accel,
+    /// Network device attachment.
+    pub net: NetAttachment,
+    /// A directory the engine may use for its sockets and files.
+    pub run_dir: PathBuf,
+}
+
+/// Where a saved VM's state lives and what it was made with.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SavedState {
+    /// Device state (CPU registers, devices), engine-specific bytes.
+    pub device_state: PathBuf,
+    /// Guest RAM image (the VM's memory file at save time), or `None` when
+    /// the RAM is inside the device state (VMs with private memory).
+    pub memory_file: Option<PathBuf>,
+    /// Provenance, checked before a restore.
+    pub provenance: Provenance,
+}
+
+/// What a saved state was made with; a restore where these differ is refused.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Provenance {
+    /// Engine name.
+    pub engine: String,
+    /// Engine version.
+    pub engine_version: String,
+    /// CPU model presented to the guest.
+    pub cpu_model: String,
+    /// Accelerator.
+    pub accel: Accel,
+    /// Guest memory in MiB.
+    pub memory_mib: u64,
+    /// Number of vCPUs.
+    pub cpus: u32,
+}
+
+/// Why a VM stopped.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "kebab-case")]
+pub enum ExitReason {
+    /// The guest powered itself off.
+    Poweroff,
+    /// The guest rebooted (ferry VMs stop instead).
+    Reset,
+    /// The guest kernel panicked.
+    Panic,
+    /// ferry stopped it.
+    Stopped,
+    /// The engine process died or failed.
+    EngineFailed {
+        /// What the engine said last.
+        detail: String,
+    },
+}
+
+/// Something that happened to a VM.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum VmEvent {
+    /// Bytes the guest wrote to its console.
+    Console(Vec<u8>),
+    /// The VM stopped running for good.
+    Exited(ExitReason),
+}
+
+/// Engine errors. Messages name the cause and the fix.
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    /// The engine's program is not installed.
+    #[error("{program} not found: {fix}")]
+    NotInstalled {
+        /// The program looked for.
+        program: String,
+        /// How to install it.
+        fix: String,
+    },
+    /// The requested accelerator cannot be used.
+    #[error("accelerator {accel} is not usable here: {reason}")]
+    AccelUnavailable {
+        /// The accelerator.
+        accel: Accel,
+        /// Why.
+        reason: String,
+    },
+    /// The engine failed to start the VM.
+    #[error("the VM did not start: {0}")]
+    StartFailed(String),
+    /// A control command to the engine failed.
+    #[error("{command} failed: {detail}")]
+    Command {
+        /// The operation.
+        command: String,
+        /// The engine's answer.
+        detail: String,
+    },
+    /// The engine did not answer in time.
+    #[error("{0} timed out")]
+    Timeout(String),
+    /// The VM is gone.
+    #[error("the VM is not running ({0})")]
+    NotRunning(String),
+    /// The engine cannot do this.
+    #[error("this engine does not support {0}")]
+    Unsupported(&'static str),
+    /// A saved state does not fit this engine or host.
+    #[error("saved state does not fit: {0}")]
+    Incompatible(String),
+    /// An I/O error, with what was being done.
+    #[error("{context}: {source}")]
+    Io {
+        /// What was being done.
+        context: String,
+        /// The underlying error.
+        source: std::io::Error,
+    },
+}
+
+/// A way to run VMs.
+pub trait Engine: Send + Sync {
+    /// Short name, recorded in saved states.
+    fn name(&self) -> &'static str;
+
+    /// The engine's version, recorded in saved states.
+    fn version(&self) -> Result<String, EngineError>;
+
+    /// The CPU model presented to guests with `accel`, recorded in saved states.
+    fn cpu_model(&self, accel: Accel) -> String;
+
+    /// Chooses the accelerator. `Auto` tries hardware virtualisation with a
+    /// real guest (`probe`) rather than trusting that `/dev/kvm` exists.
+    fn choose_accel(
+        &self,
+        choice: AccelChoice,
+        probe: &ProbeGuest,
+    ) -> Result<AccelDecision, EngineError>;
+
+    /// Cold-boots a VM.
+    fn boot(&self, spec: &VmSpec) -> Result<Box<dyn Vm>, EngineError>;
+
+    /// Starts a VM from a saved state; it runs when this returns.
+    fn restore(&self, spec: &VmSpec, state: &SavedState) -> Result<Box<dyn Vm>, EngineError>;
+}
+
+/// A running VM. Dropping it kills the VM: nothing outlives its owner.
+pub trait Vm: Send {
+    /// Process id of the engine process, if it has one.
+    fn pid(&self) -> Option<u32>;
+
+    /// The event stream; `None` after the first call.
+    fn take_events(&mut self) -> Option<Receiver<VmEvent>>;
+
+    /// A fresh connection to the guest agent's channel. The previous one, if
+    /// any, is closed by the engine.
+    fn agent_stream(&self) -> Result<UnixStream, EngineError>;
+
+    /// Stops the vCPUs.
+    fn pause(&mut self) -> Result<(), EngineError> {
+        Err(EngineError::Unsupported("pause"))
+    }
+
+    /// Starts the vCPUs again.
+    fn resume(&mut self) -> Result<(), EngineError> {
+        Err(EngineError::Unsupported("resume"))
+    }
+
+    /// Saves a paused VM's device state to `device_state`; guest RAM is
+    /// already in the memory file. Flushes the disk first.
+    fn save_state(&mut self, _device_state: &std::path::Path) -> Result<SavedState, EngineError> {
+        Err(EngineError::Unsupported("saving state"))
+    }
+
+    /// Asks the guest to power off (as a power button would), waits up to
+    /// `timeout`, then kills it.
+    fn shutdown(&mut self, timeout: Duration) -> Result<ExitReason, EngineError>;
+
+    /// Kills the VM now.
+    fn kill(&mut self);
+
+    /// Waits until the VM has exited, up to `timeout`.
+    fn wait_exit(&mut self, timeout: Duration) -> Option<ExitReason>;
+}

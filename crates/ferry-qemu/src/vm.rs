@@ -1,0 +1,560 @@
+//! One QEMU process running one guest.
+
+use std::io::Read;
+use std::os::unix::net::UnixStream;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdin, Command, Stdio};
+use std::sync::mpsc::{channel, Receiver, Sender};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+use ferry_engine::{
+    Accel, DiskSpec, EngineError, ExitReason, NetAttachment, Provenance, SavedState, Vm, VmEvent,
+    VmSpec,
+};
+use serde_json::{json, Value};
+
+use crate::qmp::{Qmp, QmpError, QmpEvent};
+
+/// The guest's MAC address. Fixed, so a snapshot resumes with the same one.
+const GUEST_MAC: &str = "52:54:00:fe:44:01";
+
+/// How much of QEMU's error output is kept for error messages.
+const STDERR_TAIL: usize = 4096;
+
+/// State shared with the threads that watch the process.
+#[derive(Default)]
+struct Watch {
+    exit: Mutex<Option<ExitReason>>,
+    exited: Condvar,
+    /// The reason QEMU gave in its last `SHUTDOWN` event.
+    shutdown_reason: Mutex<Option<String>>,
+    stderr_tail: Mutex<String>,
+}
+
+/// A running QEMU process.
+pub struct QemuVm {
+    pid: u32,
+    qmp: Qmp,
+    watch: Arc<Watch>,
+    events: Option<Receiver<VmEvent>>,
+    _stdin: Option<ChildStdin>,
+    agent_socket: PathBuf,
+    provenance: Provenance,
+    /// Whether guest writes reach `memory_file` (shared mapping).
+    memory_in_file: bool,
+    memory_file: PathBuf,
+}
+
+impl QemuVm {
+    /// Starts QEMU for `spec`; with `restore`, from that saved state.
+    pub fn start(
+        qemu: &Path,
+        spec: &VmSpec,
+        restore: Option<&SavedState>,
+        provenance: Provenance,
+    ) -> Result<Self, EngineError> {
+        std::fs::create_dir_all(&spec.run_dir)
+            .map_err(|e| io(format!("creating {}", spec.run_dir.display()), e))?;
+        if let DiskSpec::CopyOnWrite { base, overlay } = &spec.disk {
+            create_overlay(base, overlay)?;
+        }
+        let qmp_socket = spec.run_dir.join("qmp.sock");
+        let agent_socket = spec.run_dir.join("agent.sock");
+        let _ = std::fs::remove_file(&qmp_socket);
+        let _ = std::fs::remove_file(&agent_socket);
+
+        let mut cmd = Command::new(qemu);
+        cmd.args(qemu_args(
+            spec,
+            &qmp_socket,
+            &agent_socket,
+            restore.is_some(),
+        ));
+        cmd.stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        // SAFETY: the closure runs in the child between fork and exec and only
+        // calls prctl, which is async-signal-safe.
+        unsafe {
+            cmd.pre_exec(|| {
+                // QEMU must not outlive the ferry process that owns it.
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let mut child = cmd
+            .spawn()
+            .map_err(|e| io(format!("starting {}", qemu.display()), e))?;
+        let pid = child.id();
+        let stdin = child.stdin.take();
+        let stdout = child.stdout.take().expect("piped");
+        let stderr = child.stderr.take().expect("piped");
+        let watch = Arc::new(Watch::default());
+        let (tx, rx) = channel();
+        spawn_console_reader(stdout, tx.clone());
+        spawn_stderr_reader(stderr, watch.clone());
+        spawn_waiter(child, watch.clone(), tx.clone());
+
+        let event_watch = watch.clone();
+        let alive_watch = watch.clone();
+        let qmp = Qmp::connect(
+            &qmp_socket,
+            Instant::now() + Duration::from_secs(30),
+            &move || alive_watch.exit.lock().expect("watch").is_none(),
+            move |ev: QmpEvent| on_event(&event_watch, ev),
+        );
+        let mut vm = match qmp {
+            Ok(qmp) => QemuVm {
+                pid,
+                qmp,
+                watch,
+                events: Some(rx),
+                _stdin: stdin,
+                agent_socket,
+                provenance,
+                memory_in_file: spec.memory_shared,
+                memory_file: spec.memory_file.clone(),
+            },
+            Err(e) => {
+                kill_pid(pid);
+                let detail = wait_for_tail(&watch);
+                return Err(EngineError::StartFailed(if detail.is_empty() {
+                    format!("cannot reach QEMU's control socket: {e}")
+                } else {
+                    detail
+                }));
+            }
+        };
+        if let Some(state) = restore {
+            if let Err(e) = vm.incoming(state) {
+                vm.kill();
+                return Err(e);
+            }
+        }
+        Ok(vm)
+    }
+
+    /// Loads a saved state into a QEMU started with `-incoming defer`, then
+    /// runs it.
+    fn incoming(&mut self, state: &SavedState) -> Result<(), EngineError> {
+        self.set_ignore_shared(state.memory_file.is_some())?;
+        let uri = format!("exec:cat {}", shell_quote(&state.device_state));
+        self.cmd("migrate-incoming", json!({ "uri": uri }))?;
+        self.wait_migration("restore", Duration::from_secs(120))?;
+        self.cmd("cont", json!({}))?;
+        Ok(())
+    }
+
+    fn set_ignore_shared(&self, on: bool) -> Result<(), EngineError> {
+        self.cmd(
+            "migrate-set-capabilities",
+            json!({ "capabilities": [{ "capability": "x-ignore-shared", "state": on }] }),
+        )
+        .map(|_| ())
+    }
+
+    fn wait_migration(&self, what: &str, timeout: Duration) -> Result<(), EngineError> {
+        let started = Instant::now();
+        loop {
+            let info = self.cmd("query-migrate", json!({}))?;
+            match info["status"].as_str().unwrap_or("") {
+                "completed" => return Ok(()),
+                "failed" | "cancelled" => {
+                    return Err(EngineError::Command {
+                        command: what.into(),
+                        detail: info["error-desc"]
+                            .as_str()
+                            .unwrap_or("migration failed")
+                            .to_string(),
+                    })
+                }
+                _ => {}
+            }
+            if let Some(reason) = self.watch.exit.lock().expect("watch").clone() {
+                return Err(EngineError::NotRunning(describe(&reason)));
+            }
+            if started.elapsed() > timeout {
+                return Err(EngineError::Timeout(what.into()));
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+
+    fn cmd(&self, command: &str, args: Value) -> Result<Value, EngineError> {
+        self.qmp.execute(command, args).map_err(|e| match e {
+            QmpError::Closed => EngineError::NotRunning(wait_for_tail(&self.watch)),
+            QmpError::Timeout(_) => EngineError::Timeout(format!("QEMU command {command}")),
+            other => EngineError::Command {
+                command: command.into(),
+                detail: other.to_string(),
+            },
+        })
+    }
+}
+
+impl Vm for QemuVm {
+    fn pid(&self) -> Option<u32> {
+        Some(self.pid)
+    }
+
+    fn take_events(&mut self) -> Option<Receiver<VmEvent>> {
+        self.events.take()
+    }
+
+    fn agent_stream(&self) -> Result<UnixStream, EngineError> {
+        UnixStream::connect(&self.agent_socket).map_err(|e| {
+            io(
+                format!(
+                    "connecting to the agent socket {}",
+                    self.agent_socket.display()
+                ),
+                e,
+            )
+        })
+    }
+
+    fn pause(&mut self) -> Result<(), EngineError> {
+        self.cmd("stop", json!({})).map(|_| ())
+    }
+
+    fn resume(&mut self) -> Result<(), EngineError> {
+        self.cmd("cont", json!({})).map(|_| ())
+    }
+
+    fn save_state(&mut self, device_state: &Path) -> Result<SavedState, EngineError> {
+        self.cmd("stop", json!({}))?;
+        self.set_ignore_shared(self.memory_in_file)?;
+        let uri = format!("exec:cat > {}", shell_quote(device_state));
+        self.cmd("migrate", json!({ "uri": uri }))?;
+        self.wait_migration("saving the VM state", Duration::from_secs(300))?;
+        Ok(SavedState {
+            device_state: device_state.to_path_buf(),
+            memory_file: self.memory_in_file.then(|| self.memory_file.clone()),
+            provenance: self.provenance.clone(),
+        })
+    }
+
+    fn shutdown(&mut self, timeout: Duration) -> Result<ExitReason, EngineError> {
+        if let Some(r) = self.watch.exit.lock().expect("watch").clone() {
+            return Ok(r);
+        }
+        let _ = self.cmd("system_powerdown", json!({}));
+        if let Some(r) = self.wait_exit(timeout) {
+            return Ok(r);
+        }
+        let _ = self
+            .qmp
+            .execute_timeout("quit", json!({}), Duration::from_secs(2));
+        if let Some(r) = self.wait_exit(Duration::from_secs(2)) {
+            return Ok(r);
+        }
+        self.kill();
+        Ok(self
+            .wait_exit(Duration::from_secs(5))
+            .unwrap_or(ExitReason::Stopped))
+    }
+
+    fn kill(&mut self) {
+        if self.watch.exit.lock().expect("watch").is_none() {
+            kill_pid(self.pid);
+        }
+        let _ = self.wait_exit(Duration::from_secs(5));
+    }
+
+    fn wait_exit(&mut self, timeout: Duration) -> Option<ExitReason> {
+        let guard = self.watch.exit.lock().expect("watch");
+        let (guard, _) = self
+            .watch
+            .exited
+            .wait_timeout_while(guard, timeout, |e| e.is_none())
+            .expect("watch");
+        guard.clone()
+    }
+}
+
+impl Drop for QemuVm {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+fn qemu_args(spec: &VmSpec, qmp: &Path, agent: &Path, incoming: bool) -> Vec<String> {
+    let mut a: Vec<String> = Vec::new();
+    let mut push = |items: &[&str]| a.extend(items.iter().map(|s| s.to_string()));
+    let (accel, cpu) = match spec.accel {
+        Accel::Kvm => ("kvm", "host"),
+        Accel::Tcg => ("tcg,thread=multi", "max"),
+    };
+    push(&["-name", &format!("ferry:{}", spec.name)]);
+    push(&["-M", "microvm,acpi=on,memory-backend=mem"]);
+    push(&["-accel", accel, "-cpu", cpu]);
+    push(&[
+        "-m",
+        &format!("{}M", spec.memory_mib),
+        "-smp",
+        &spec.cpus.to_string(),
+    ]);
+    push(&[
+        "-object",
+        &format!(
+            "memory-backend-file,id=mem,size={}M,mem-path={},share={}",
+            spec.memory_mib,
+            spec.memory_file.display(),
+            if spec.memory_shared { "on" } else { "off" }
+        ),
+    ]);
+    push(&[
+        "-nodefaults",
+        "-no-user-config",
+        "-display",
+        "none",
+        "-no-reboot",
+    ]);
+    push(&[
+        "-chardev",
+        "stdio,id=con,signal=off",
+        "-serial",
+        "chardev:con",
+    ]);
+    push(&["-kernel", &spec.kernel.display().to_string()]);
+    push(&["-initrd", &spec.initramfs.display().to_string()]);
+    push(&["-append", &guest_cmdline(spec)]);
+    let (file, format) = match &spec.disk {
+        DiskSpec::Raw(p) => (p, "raw"),
+        DiskSpec::CopyOnWrite { overlay, .. } => (overlay, "qcow2"),
+    };
+    push(&[
+        "-drive",
+        &format!(
+            "id=disk0,file={},format={format},if=none,cache=writeback,discard=unmap",
+            file.display()
+        ),
+    ]);
+    push(&["-device", "virtio-blk-device,drive=disk0"]);
+    match &spec.net {
+        NetAttachment::Isolated => push(&["-netdev", "hubport,id=net0,hubid=0"]),
+        NetAttachment::Tap { ifname } => push(&[
+            "-netdev",
+            &format!("tap,id=net0,ifname={ifname},script=no,downscript=no"),
+        ]),
+    }
+    push(&[
+        "-device",
+        &format!("virtio-net-device,netdev=net0,mac={GUEST_MAC}"),
+    ]);
+    push(&["-device", "virtio-serial-device,max_ports=2"]);
+    push(&[
+        "-chardev",
+        &format!(
+            "socket,id=agent,path={},server=on,wait=off",
+            agent.display()
+        ),
+    ]);
+    push(&["-device", "virtserialport,chardev=agent,name=ferry.agent"]);
+    push(&[
+        "-qmp",
+        &format!("unix:{},server=on,wait=off", qmp.display()),
+    ]);
+    if incoming {
+        push(&["-incoming", "defer"]);
+    }
+    a
+}
+
+/// The kernel command line, plus what this engine knows the guest needs.
+///
+/// Under TCG the guest's TSC is the host's, but `microvm` offers no HPET or
+/// PM timer to calibrate it against, and calibrating against the emulated
+/// PIT fails now and then on a loaded host ("tsc: Unable to calibrate against
+/// PIT"), after which the guest hangs in early boot. So ferry measures the
+/// host TSC itself and tells the guest (`tsc_early_khz`), and marks it
+/// reliable so no watchdog second-guesses it. KVM guests use kvmclock.
+fn guest_cmdline(spec: &VmSpec) -> String {
+    match (spec.accel, host_tsc_khz()) {
+        (Accel::Tcg, Some(khz)) => format!("{} tsc_early_khz={khz} tsc=reliable", spec.cmdline),
+        _ => spec.cmdline.clone(),
+    }
+}
+
+/// The host's TSC frequency in kHz, measured once against the monotonic
+/// clock (20 ms: well within 0.1 %), or `None` if it cannot be read.
+fn host_tsc_khz() -> Option<u64> {
+    static KHZ: std::sync::OnceLock<Option<u64>> = std::sync::OnceLock::new();
+    *KHZ.get_or_init(|| {
+        let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").ok()?;
+        let flags = cpuinfo.lines().find(|l| l.starts_with("flags"))?;
+        if !flags.split_whitespace().any(|f| f == "constant_tsc") {
+            return None;
+        }
+        let sample = || {
+            // SAFETY: RDTSC has no preconditions on x86-64; it reads a counter.
+            let tsc = unsafe { core::arch::x86_64::_rdtsc() };
+            (tsc, Instant::now())
+        };
+        let (t0, i0) = sample();
+        std::thread::sleep(Duration::from_millis(20));
+        let (t1, i1) = sample();
+        let nanos = i1.duration_since(i0).as_nanos() as u64;
+        (nanos > 0).then(|| (t1.wrapping_sub(t0)) * 1_000_000 / nanos)
+    })
+}
+
+fn create_overlay(base: &Path, overlay: &Path) -> Result<(), EngineError> {
+    if overlay.exists() {
+        return Ok(());
+    }
+    let base =
+        std::fs::canonicalize(base).map_err(|e| io(format!("disk {}", base.display()), e))?;
+    let out = Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2", "-F", "raw", "-b"])
+        .arg(&base)
+        .arg(overlay)
+        .output()
+        .map_err(|e| match e.kind() {
+            std::io::ErrorKind::NotFound => EngineError::NotInstalled {
+                program: "qemu-img".into(),
+                fix: "install it with 'apt-get install -y --no-install-recommends qemu-utils'"
+                    .into(),
+            },
+            _ => io("running qemu-img".into(), e),
+        })?;
+    if !out.status.success() {
+        return Err(EngineError::StartFailed(format!(
+            "qemu-img could not create the disk overlay: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        )));
+    }
+    Ok(())
+}
+
+fn on_event(watch: &Watch, ev: QmpEvent) {
+    tracing::debug!(event = ev.name, data = %ev.data, "QMP event");
+    if ev.name == "SHUTDOWN" {
+        let reason = ev.data["reason"].as_str().unwrap_or("").to_string();
+        *watch.shutdown_reason.lock().expect("watch") = Some(reason);
+    } else if ev.name == "GUEST_PANICKED" {
+        *watch.shutdown_reason.lock().expect("watch") = Some("guest-panic".into());
+    }
+}
+
+fn spawn_console_reader(mut stdout: impl Read + Send + 'static, tx: Sender<VmEvent>) {
+    std::thread::Builder::new()
+        .name("vm-console".into())
+        .spawn(move || {
+            let mut buf = vec![0u8; 16 * 1024];
+            while let Ok(n) = stdout.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                let _ = tx.send(VmEvent::Console(buf[..n].to_vec()));
+            }
+        })
+        .expect("spawn thread");
+}
+
+fn spawn_stderr_reader(mut stderr: impl Read + Send + 'static, watch: Arc<Watch>) {
+    std::thread::Builder::new()
+        .name("vm-stderr".into())
+        .spawn(move || {
+            let mut buf = [0u8; 4096];
+            while let Ok(n) = stderr.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                let text = String::from_utf8_lossy(&buf[..n]);
+                tracing::debug!(stderr = %text.trim_end(), "QEMU");
+                let mut tail = watch.stderr_tail.lock().expect("watch");
+                tail.push_str(&text);
+                if tail.len() > STDERR_TAIL {
+                    let cut = tail.len() - STDERR_TAIL;
+                    let cut = (cut..tail.len())
+                        .find(|&i| tail.is_char_boundary(i))
+                        .unwrap_or(0);
+                    tail.drain(..cut);
+                }
+            }
+        })
+        .expect("spawn thread");
+}
+
+fn spawn_waiter(mut child: Child, watch: Arc<Watch>, tx: Sender<VmEvent>) {
+    std::thread::Builder::new()
+        .name("vm-waiter".into())
+        .spawn(move || {
+            let status = child.wait();
+            // Let the stderr reader drain what QEMU said last.
+            std::thread::sleep(Duration::from_millis(20));
+            let shutdown = watch.shutdown_reason.lock().expect("watch").clone();
+            let reason = match shutdown.as_deref() {
+                Some("guest-shutdown") => ExitReason::Poweroff,
+                Some("guest-reset") => ExitReason::Reset,
+                Some("guest-panic") => ExitReason::Panic,
+                Some("host-qmp-quit") | Some("host-qmp-system-reset") | Some("host-signal") => {
+                    ExitReason::Stopped
+                }
+                _ => {
+                    let tail = watch.stderr_tail.lock().expect("watch").trim().to_string();
+                    let detail = match (&status, tail.is_empty()) {
+                        (_, false) => last_line(&tail),
+                        (Ok(s), true) => format!("QEMU exited with {s}"),
+                        (Err(e), true) => format!("waiting for QEMU failed: {e}"),
+                    };
+                    match status {
+                        Ok(s) if s.code().is_none() => ExitReason::Stopped,
+                        _ => ExitReason::EngineFailed { detail },
+                    }
+                }
+            };
+            *watch.exit.lock().expect("watch") = Some(reason.clone());
+            watch.exited.notify_all();
+            let _ = tx.send(VmEvent::Exited(reason));
+        })
+        .expect("spawn thread");
+}
+
+/// Waits briefly for QEMU's exit and returns what it said on stderr.
+fn wait_for_tail(watch: &Watch) -> String {
+    let guard = watch.exit.lock().expect("watch");
+    let _ = watch
+        .exited
+        .wait_timeout_while(guard, Duration::from_secs(2), |e| e.is_none())
+        .expect("watch");
+    last_line(watch.stderr_tail.lock().expect("watch").trim())
+}
+
+fn last_line(text: &str) -> String {
+    text.lines()
+        .rev()
+        .find(|l| !l.trim().is_empty())
+        .unwrap_or("")
+        .trim()
+        .to_string()
+}
+
+fn describe(reason: &ExitReason) -> String {
+    match reason {
+        ExitReason::EngineFailed { detail } => detail.clone(),
+        other => format!("{other:?}"),
+    }
+}
+
+fn kill_pid(pid: u32) {
+    // SAFETY: kill(2) has no memory-safety preconditions. Callers only send
+    // it while the waiter thread has not recorded the child's exit, so the pid
+    // still names our QEMU (a reap in that instant is the only, tiny, window).
+    unsafe {
+        libc::kill(pid as libc::pid_t, libc::SIGKILL);
+    }
+}
+
+fn shell_quote(path: &Path) -> String {
+    format!("'{}'", path.display().to_string().replace('\'', "'\\''"))
+}
+
+fn io(context: String, source: std::io::Error) -> EngineError {
+    EngineError::Io { context, source }
+}

@@ -1,0 +1,186 @@
+//! The control socket, `<vm dir>/control.sock`: how other ferry commands
+//! (`ferry exec`, later `ps`, `stop`) reach a VM's supervisor. One JSON
+//! request per line, one JSON reply per line; see `docs/control-api.md`.
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use ferry_engine::Accel;
+use serde::{Deserialize, Serialize};
+
+use crate::RuntimeError;
+
+/// Version of the control API, reported by `status`.
+pub const CONTROL_API_VERSION: u32 = 1;
+
+/// A request to a VM's supervisor.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "kebab-case")]
+pub enum ControlRequest {
+    /// The VM's [`VmStatus`].
+    Status,
+    /// Runs a command in the guest through the agent.
+    Exec {
+        /// Program and arguments.
+        argv: Vec<String>,
+        /// Standard input (base64).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        stdin_b64: Option<String>,
+        /// Kill the command after this many milliseconds.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        timeout_ms: Option<u64>,
+    },
+}
+
+/// A supervisor's answer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "kebab-case")]
+pub enum ControlReply {
+    /// Answer to `status`.
+    Status(VmStatus),
+    /// Answer to `exec`.
+    Exec(ExecOutput),
+    /// The request failed.
+    Error {
+        /// One line saying why.
+        message: String,
+    },
+}
+
+/// What `status` reports.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmStatus {
+    /// Control API version.
+    pub api_version: u32,
+    /// The VM's name.
+    pub name: String,
+    /// `booting`, `running` or `stopping`.
+    pub state: String,
+    /// The supervisor's pid.
+    pub pid: u32,
+    /// The engine process's pid.
+    pub engine_pid: Option<u32>,
+    /// Accelerator.
+    pub accel: Accel,
+    /// Guest memory.
+    pub memory_mib: u64,
+    /// vCPUs.
+    pub cpus: u32,
+    /// Whether the service is live.
+    pub live: bool,
+    /// Seconds since the VM started.
+    pub uptime_s: u64,
+    /// Where it came from (a blueprint directory, later a package).
+    pub source: String,
+}
+
+/// A finished command.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExecOutput {
+    /// Exit code (128 + signal if killed).
+    pub exit_code: i32,
+    /// Standard output (base64).
+    pub stdout_b64: String,
+    /// Standard error (base64).
+    pub stderr_b64: String,
+    /// Whether output was cut.
+    pub truncated: bool,
+    /// Whether the command hit its timeout.
+    pub timed_out: bool,
+}
+
+/// Answers control requests; implemented by the VM supervisor.
+pub trait ControlHandler: Send + Sync {
+    /// Handles one request.
+    fn handle(&self, request: ControlRequest) -> ControlReply;
+}
+
+/// A listening control socket. Dropping it removes the socket file.
+pub struct ControlServer {
+    path: PathBuf,
+}
+
+impl ControlServer {
+    /// Listens on `path`, serving each connection on its own thread.
+    pub fn start(path: &Path, handler: Arc<dyn ControlHandler>) -> Result<Self, RuntimeError> {
+        let _ = std::fs::remove_file(path);
+        let listener = UnixListener::bind(path).map_err(RuntimeError::io(path))?;
+        std::thread::Builder::new()
+            .name("control".into())
+            .spawn(move || {
+                for conn in listener.incoming() {
+                    let Ok(conn) = conn else { break };
+                    let handler = handler.clone();
+                    let _ = std::thread::Builder::new()
+                        .name("control-conn".into())
+                        .spawn(move || serve(conn, handler.as_ref()));
+                }
+            })
+            .map_err(RuntimeError::io("control thread"))?;
+        Ok(Self {
+            path: path.to_path_buf(),
+        })
+    }
+}
+
+impl Drop for ControlServer {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+fn serve(conn: UnixStream, handler: &dyn ControlHandler) {
+    let Ok(mut writer) = conn.try_clone() else {
+        return;
+    };
+    for line in BufReader::new(conn).lines() {
+        let Ok(line) = line else { break };
+        if line.trim().is_empty() {
+            continue;
+        }
+        let reply = match serde_json::from_str::<ControlRequest>(&line) {
+            Ok(req) => handler.handle(req),
+            Err(e) => ControlReply::Error {
+                message: format!("bad request: {e}"),
+            },
+        };
+        let mut out = serde_json::to_vec(&reply).expect("json");
+        out.push(b'\n');
+        if writer.write_all(&out).is_err() {
+            break;
+        }
+    }
+}
+
+/// Sends one request to the control socket at `path` and waits up to
+/// `timeout` for the reply.
+pub fn call(
+    path: &Path,
+    request: &ControlRequest,
+    timeout: Duration,
+) -> Result<ControlReply, RuntimeError> {
+    let err = |detail: String| RuntimeError::Control {
+        path: path.to_path_buf(),
+        detail,
+    };
+    let mut conn = UnixStream::connect(path).map_err(|e| err(format!("cannot connect: {e}")))?;
+    conn.set_read_timeout(Some(timeout))
+        .map_err(|e| err(e.to_string()))?;
+    let mut line = serde_json::to_vec(request).expect("json");
+    line.push(b'\n');
+    conn.write_all(&line)
+        .map_err(|e| err(format!("cannot send: {e}")))?;
+    let mut reply = String::new();
+    BufReader::new(conn)
+        .read_line(&mut reply)
+        .map_err(|e| err(format!("no reply: {e}")))?;
+    if reply.is_empty() {
+        return Err(err(
+            "the supervisor closed the connection without answering".into(),
+        ));
+    }
+    serde_json::from_str(&reply).map_err(|e| err(format!("bad reply: {e}")))
+}

@@ -1,0 +1,102 @@
+use std::path::PathBuf;
+
+use ferry_blueprint::BlueprintError;
+use ferry_engine::EngineError;
+
+/// Errors running VMs. Each message names the cause and the fix.
+#[derive(Debug, thiserror::Error)]
+pub enum RuntimeError {
+    /// A blueprint problem.
+    #[error(transparent)]
+    Blueprint(#[from] BlueprintError),
+    /// An engine problem.
+    #[error(transparent)]
+    Engine(#[from] EngineError),
+    /// The VM name is not acceptable.
+    #[error("invalid VM name '{0}': use 1-63 characters from a-z, 0-9, '-', '_' and '.', starting with a letter or digit")]
+    BadName(String),
+    /// Another running VM has this name.
+    #[error("the name '{name}' is in use by a running VM{pid}: choose another --name, or stop that VM first")]
+    NameInUse {
+        /// The name.
+        name: String,
+        /// " (pid N)" if known.
+        pid: String,
+    },
+    /// No running VM has this name.
+    #[error("no running VM is named '{name}' (looked in {dir}): check the name, or $FERRY_STATE if the VM runs with another")]
+    NoSuchVm {
+        /// The name.
+        name: String,
+        /// The state directory searched.
+        dir: PathBuf,
+    },
+    /// Memory requested is below the recipe's minimum.
+    #[error(
+        "--memory-size {asked} is too small for recipe '{recipe}': it needs at least {min} MiB"
+    )]
+    MemoryTooSmall {
+        /// Requested MiB.
+        asked: u64,
+        /// Minimum MiB.
+        min: u64,
+        /// The recipe.
+        recipe: String,
+    },
+    /// A bad option value.
+    #[error("{0}")]
+    BadOption(String),
+    /// The agent never answered.
+    #[error("the guest agent did not answer within {secs} s: {detail}")]
+    AgentSilent {
+        /// Seconds waited.
+        secs: u64,
+        /// Console tail and hints.
+        detail: String,
+    },
+    /// The agent answered but the service never became live.
+    #[error("the service did not become live within {secs} s: {detail}")]
+    NotLive {
+        /// Seconds waited.
+        secs: u64,
+        /// Console tail and hints.
+        detail: String,
+    },
+    /// The VM stopped while ferry waited for it.
+    #[error("the VM stopped unexpectedly ({reason}){detail}")]
+    VmDied {
+        /// Why.
+        reason: String,
+        /// Console tail.
+        detail: String,
+    },
+    /// The agent reported an error or broke the protocol.
+    #[error("guest agent: {0}")]
+    Agent(String),
+    /// The control socket failed.
+    #[error("control socket {path}: {detail}")]
+    Control {
+        /// The socket.
+        path: PathBuf,
+        /// What happened.
+        detail: String,
+    },
+    /// Interrupted by a signal before the work was done.
+    #[error("interrupted")]
+    Interrupted,
+    /// An I/O error, with the path it concerns.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file or directory.
+        path: PathBuf,
+        /// The underlying error.
+        source: std::io::Error,
+    },
+}
+
+impl RuntimeError {
+    pub(crate) fn io(path: impl Into<PathBuf>) -> impl FnOnce(std::io::Error) -> Self {
+        let path = path.into();
+        move |source| RuntimeError::Io { path, source }
+    }
+}

@@ -1,0 +1,20 @@
+//! Running ferry VMs: the layer between the `ferry` commands and an
+//! [`ferry_engine::Engine`].
+//!
+//! - [`vmdir`]: every VM's name and state directory (locked while it runs).
+//! - [`agent`]: the host side of the guest agent protocol.
+//! - [`control`]: the per-VM control socket other commands talk to.
+//! - [`supervisor`]: a running VM with all of the above, cleaned up on drop.
+//! - [`ops`]: what each command does.
+#![warn(missing_docs)]
+
+pub mod agent;
+pub mod control;
+mod error;
+pub mod ops;
+mod paths;
+pub mod supervisor;
+pub mod vmdir;
+
+pub use error::RuntimeError;
+pub use paths::Paths;

@@ -1,0 +1,565 @@
+//! A running VM and everything ferry holds for it: the engine's VM, the state
+//! directory, the console log, the agent connection and the control socket.
+//! Dropping a [`RunningVm`] kills the guest and removes its state directory,
+//! so no error path can leave a stray engine process behind.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc::{channel, Receiver, RecvTimeoutError, Sender};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use ferry_agent_proto::{b64_encode, Identity, Reply, Request};
+use ferry_blueprint::Blueprint;
+use ferry_engine::{
+    Accel, DiskSpec, Engine, ExitReason, NetAttachment, SavedState, Vm, VmEvent, VmSpec,
+};
+
+use crate::agent::{AgentClient, AgentEvent};
+use crate::control::{
+    ControlHandler, ControlReply, ControlRequest, ControlServer, ExecOutput, VmStatus,
+    CONTROL_API_VERSION,
+};
+use crate::vmdir::{files, ConsoleLog, VmDir, CONSOLE_LOG_CAP};
+use crate::{Paths, RuntimeError};
+
+/// What the supervisor waits on, from every source, in one channel.
+#[derive(Debug)]
+pub enum SupervisorEvent {
+    /// The user asked ferry to stop (SIGINT/SIGTERM).
+    Signal(i32),
+    /// The VM stopped.
+    VmExited(ExitReason),
+    /// The agent said something unasked.
+    Agent(AgentEvent),
+}
+
+/// How to size and place a VM.
+#[derive(Debug, Clone)]
+pub struct VmConfig {
+    /// Its name.
+    pub name: String,
+    /// Guest memory in MiB.
+    pub memory_mib: u64,
+    /// vCPUs.
+    pub cpus: u32,
+    /// Accelerator.
+    pub accel: Accel,
+    /// Copy the console to standard error as well as the log.
+    pub echo_console: bool,
+}
+
+/// A VM ferry is running.
+pub struct RunningVm {
+    vm: Box<dyn Vm>,
+    dir: Option<VmDir>,
+    agent: Arc<Mutex<Option<Arc<AgentClient>>>>,
+    events: Receiver<SupervisorEvent>,
+    sender: Sender<SupervisorEvent>,
+    console: Arc<Mutex<ConsoleLog>>,
+    status: Arc<Mutex<VmStatus>>,
+    live: Arc<AtomicBool>,
+    agent_generation: Arc<AtomicU64>,
+    _control: Option<ControlServer>,
+}
+
+impl RunningVm {
+    /// Cold-boots `blueprint` as a new VM. Returns as soon as the engine runs
+    /// it; call [`RunningVm::wait_live`] next.
+    pub fn boot(
+        engine: &dyn Engine,
+        paths: &Paths,
+        blueprint: &Blueprint,
+        config: &VmConfig,
+    ) -> Result<Self, RuntimeError> {
+        Self::start(engine, paths, blueprint, config, None)
+    }
+
+    /// Starts a VM from a saved state (its disk overlay must already be in
+    /// the new VM's directory, or the blueprint's disk is used).
+    pub fn restore(
+        engine: &dyn Engine,
+        paths: &Paths,
+        blueprint: &Blueprint,
+        config: &VmConfig,
+        state: &SavedState,
+        prepare: impl FnOnce(&VmDir) -> Result<(), RuntimeError>,
+    ) -> Result<Self, RuntimeError> {
+        Self::start(
+            engine,
+            paths,
+            blueprint,
+            config,
+            Some((state, Box::new(prepare))),
+        )
+    }
+
+    #[allow(clippy::type_complexity)]
+    fn start(
+        engine: &dyn Engine,
+        paths: &Paths,
+        blueprint: &Blueprint,
+        config: &VmConfig,
+        restore: Option<(
+            &SavedState,
+            Box<dyn FnOnce(&VmDir) -> Result<(), RuntimeError> + '_>,
+        )>,
+    ) -> Result<Self, RuntimeError> {
+        let dir = VmDir::create(paths, &config.name)?;
+        let started = Instant::now();
+        let (sender, events) = channel();
+        let console_path = dir.path().join(files::CONSOLE);
+        let console = Arc::new(Mutex::new(ConsoleLog::open(
+            &console_path,
+            CONSOLE_LOG_CAP,
+        )?));
+        let restoring = restore.is_some();
+        let spec = VmSpec {
+            name: config.name.clone(),
+            kernel: blueprint.kernel(),
+            initramfs: blueprint.initramfs(),
+            cmdline: blueprint.manifest.cmdline.clone(),
+            disk: DiskSpec::CopyOnWrite {
+                base: blueprint.disk(),
+                overlay: dir.path().join(files::DISK),
+            },
+            memory_mib: config.memory_mib,
+            cpus: config.cpus,
+            memory_file: dir.path().join(files::MEMORY),
+            memory_shared: !restoring,
+            accel: config.accel,
+            net: NetAttachment::Isolated,
+            run_dir: dir.path().to_path_buf(),
+        };
+        let result = match restore {
+            None => engine.boot(&spec),
+            Some((state, prepare)) => {
+                if let Err(e) = prepare(&dir) {
+                    dir.remove();
+                    return Err(e);
+                }
+                let spec = VmSpec {
+                    memory_file: state
+                        .memory_file
+                        .clone()
+                        .unwrap_or(spec.memory_file.clone()),
+                    ..spec
+                };
+                engine.restore(&spec, state)
+            }
+        };
+        let mut vm = match result {
+            Ok(vm) => vm,
+            Err(e) => {
+                dir.remove();
+                return Err(e.into());
+            }
+        };
+        let status = Arc::new(Mutex::new(VmStatus {
+            api_version: CONTROL_API_VERSION,
+            name: config.name.clone(),
+            state: "booting".into(),
+            pid: std::process::id(),
+            engine_pid: vm.pid(),
+            accel: config.accel,
+            memory_mib: config.memory_mib,
+            cpus: config.cpus,
+            live: false,
+            uptime_s: 0,
+            source: blueprint.dir.display().to_string(),
+        }));
+        if let Some(events) = vm.take_events() {
+            pump_vm_events(events, console.clone(), sender.clone(), config.echo_console);
+        }
+        let mut running = RunningVm {
+            vm,
+            dir: Some(dir),
+            agent: Arc::default(),
+            events,
+            sender,
+            console,
+            status,
+            live: Arc::default(),
+            agent_generation: Arc::default(),
+            _control: None,
+        };
+        running.connect_agent()?;
+        let handler = Arc::new(Control {
+            agent: running.agent.clone(),
+            status: running.status.clone(),
+            live: running.live.clone(),
+            started,
+        });
+        let control_path = running.dir().path().join(files::CONTROL);
+        running._control = Some(ControlServer::start(&control_path, handler)?);
+        Ok(running)
+    }
+
+    /// (Re)connects to the guest agent's channel.
+    pub fn connect_agent(&mut self) -> Result<(), RuntimeError> {
+        // The engine serves one connection at a time: close the old one first.
+        self.agent.lock().expect("agent slot").take();
+        let stream = self.vm.agent_stream()?;
+        let sender = self.sender.clone();
+        // Only the newest connection's close matters; an old one closing
+        // (because we replaced it) must not trigger another reconnect.
+        let generation = self.agent_generation.fetch_add(1, Ordering::SeqCst) + 1;
+        let current = self.agent_generation.clone();
+        let client = AgentClient::new(stream, move |ev| {
+            if ev == AgentEvent::Disconnected && current.load(Ordering::SeqCst) != generation {
+                return;
+            }
+            let _ = sender.send(SupervisorEvent::Agent(ev));
+        })?;
+        *self.agent.lock().expect("agent slot") = Some(Arc::new(client));
+        Ok(())
+    }
+
+    /// The agent connection.
+    pub fn agent(&self) -> Arc<AgentClient> {
+        self.agent
+            .lock()
+            .expect("agent slot")
+            .clone()
+            .expect("the agent is connected while the VM runs")
+    }
+
+    /// The state directory.
+    pub fn dir(&self) -> &VmDir {
+        self.dir.as_ref().expect("present until drop")
+    }
+
+    /// The engine's VM, for pause, resume and save.
+    pub fn engine_vm(&mut self) -> &mut dyn Vm {
+        self.vm.as_mut()
+    }
+
+    /// A sender into this VM's event channel (for signal handlers).
+    pub fn event_sender(&self) -> Sender<SupervisorEvent> {
+        self.sender.clone()
+    }
+
+    /// The last lines the guest printed.
+    pub fn console_tail(&self, lines: usize) -> Vec<String> {
+        self.console.lock().expect("console").last_lines(lines)
+    }
+
+    /// Waits until the agent reports the service live: says hello (resending
+    /// until answered), then waits for the `live` event, checking status now
+    /// and then in case the event was lost. Fails early if the VM stops or a
+    /// signal arrives.
+    pub fn wait_live(&mut self, timeout: Duration) -> Result<(), RuntimeError> {
+        let deadline = Instant::now() + timeout;
+        let mut greeted = false;
+        let mut last_status = Instant::now();
+        loop {
+            while let Ok(ev) = self.events.try_recv() {
+                self.on_event(ev)?;
+            }
+            if self.live.load(Ordering::SeqCst) {
+                self.set_state("running");
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                return Err(self.not_live_error(greeted, timeout));
+            }
+            if !greeted {
+                let slice = Duration::from_millis(500).min(deadline - Instant::now());
+                match self.agent().hello(slice) {
+                    Ok((_, status)) => {
+                        greeted = true;
+                        if status.live {
+                            self.live.store(true, Ordering::SeqCst);
+                        }
+                    }
+                    Err(RuntimeError::Agent(m)) if m == "no answer to hello" => {}
+                    Err(RuntimeError::Agent(m)) if m.starts_with("cannot write") => {
+                        // Reconnect once the reader has seen the close.
+                        std::thread::sleep(Duration::from_millis(20));
+                    }
+                    Err(e) => return Err(e),
+                }
+                continue;
+            }
+            if last_status.elapsed() > Duration::from_secs(1) {
+                last_status = Instant::now();
+                if let Ok(Reply::Status(s)) = self
+                    .agent()
+                    .request(&Request::Status, Duration::from_secs(1))
+                {
+                    if s.live {
+                        self.live.store(true, Ordering::SeqCst);
+                    }
+                }
+                continue;
+            }
+            match self.events.recv_timeout(Duration::from_millis(50)) {
+                Ok(ev) => self.on_event(ev)?,
+                Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Disconnected) => unreachable!("we hold a sender"),
+            }
+        }
+    }
+
+    fn on_event(&mut self, ev: SupervisorEvent) -> Result<(), RuntimeError> {
+        match ev {
+            SupervisorEvent::Signal(_) => Err(RuntimeError::Interrupted),
+            SupervisorEvent::VmExited(reason) => Err(self.died(reason)),
+            SupervisorEvent::Agent(AgentEvent::Live { .. }) => {
+                self.live.store(true, Ordering::SeqCst);
+                Ok(())
+            }
+            SupervisorEvent::Agent(AgentEvent::Status(s)) => {
+                if s.live {
+                    self.live.store(true, Ordering::SeqCst);
+                }
+                Ok(())
+            }
+            SupervisorEvent::Agent(AgentEvent::Disconnected) => self.reconnect_agent(),
+        }
+    }
+
+    /// The engine dropped the agent connection while the VM runs (QEMU does
+    /// this, e.g. while the guest resets the serial device): connect again.
+    fn reconnect_agent(&mut self) -> Result<(), RuntimeError> {
+        if self.vm.wait_exit(Duration::from_millis(20)).is_some() {
+            return Ok(()); // the exit event follows and says why
+        }
+        tracing::info!("agent channel closed; reconnecting");
+        self.connect_agent()
+    }
+
+    fn died(&self, reason: ExitReason) -> RuntimeError {
+        // Let the console pump write what the guest said last.
+        std::thread::sleep(Duration::from_millis(50));
+        RuntimeError::VmDied {
+            reason: describe_exit(&reason),
+            detail: self.console_detail(),
+        }
+    }
+
+    fn console_detail(&self) -> String {
+        let tail = self.console_tail(5);
+        let log = self.dir().path().join(files::CONSOLE);
+        if tail.is_empty() {
+            format!(
+                "; the guest printed nothing (console log: {})",
+                log.display()
+            )
+        } else {
+            format!("; last console lines: {}", tail.join(" | "))
+        }
+    }
+
+    fn not_live_error(&self, greeted: bool, timeout: Duration) -> RuntimeError {
+        let secs = timeout.as_secs();
+        if greeted {
+            RuntimeError::NotLive {
+                secs,
+                detail: format!(
+                    "the agent runs but the liveness check has not passed; raise --live-timeout or check the recipe's service and liveness{}",
+                    self.console_detail()
+                ),
+            }
+        } else {
+            RuntimeError::AgentSilent {
+                secs,
+                detail: format!(
+                    "is ferry-agent in the guest image and the guest booting? raise --live-timeout on a slow host{}",
+                    self.console_detail()
+                ),
+            }
+        }
+    }
+
+    fn set_state(&self, state: &str) {
+        let mut s = self.status.lock().expect("status");
+        s.state = state.to_string();
+        s.live = self.live.load(Ordering::SeqCst);
+    }
+
+    /// Runs until a signal arrives (`Ok(signal)`) or the VM stops by itself
+    /// (`Err`, with the console tail).
+    pub fn wait_for_signal(&mut self) -> Result<i32, RuntimeError> {
+        loop {
+            match self.events.recv() {
+                Ok(SupervisorEvent::Signal(sig)) => return Ok(sig),
+                Ok(SupervisorEvent::VmExited(reason)) => return Err(self.died(reason)),
+                Ok(SupervisorEvent::Agent(AgentEvent::Disconnected)) => {
+                    // Exec requests fail until the channel is back.
+                    if let Err(e) = self.reconnect_agent() {
+                        tracing::warn!(error = %e, "cannot reconnect to the agent");
+                    }
+                }
+                Ok(SupervisorEvent::Agent(_)) => {}
+                Err(_) => unreachable!("we hold a sender"),
+            }
+        }
+    }
+
+    /// Tells the agent the guest was resumed: steps the clock to the host's,
+    /// reseeds its RNG, and optionally gives it a new identity.
+    pub fn after_resume(&self, identity: Option<Identity>) -> Result<Reply, RuntimeError> {
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_nanos() as u64;
+        let mut entropy = [0u8; 64];
+        fill_random(&mut entropy);
+        self.agent().request(
+            &Request::AfterResume {
+                unix_time_ns: now,
+                entropy_hex: hex::encode(entropy),
+                identity,
+            },
+            Duration::from_secs(10),
+        )
+    }
+
+    /// Shuts the guest down cleanly (through the agent, then the engine's
+    /// power button, then a kill) and removes its state directory.
+    pub fn shutdown(mut self) -> Result<ExitReason, RuntimeError> {
+        self.set_state("stopping");
+        let asked = self
+            .agent
+            .lock()
+            .expect("agent slot")
+            .clone()
+            .map(|a| a.request(&Request::Shutdown, Duration::from_secs(5)));
+        let reason = match asked {
+            Some(Ok(_)) => match self.vm.wait_exit(Duration::from_secs(20)) {
+                Some(r) => r,
+                None => self.vm.shutdown(Duration::from_secs(5))?,
+            },
+            _ => self.vm.shutdown(Duration::from_secs(5))?,
+        };
+        Ok(reason)
+    }
+}
+
+impl Drop for RunningVm {
+    fn drop(&mut self) {
+        self.agent_generation.fetch_add(1, Ordering::SeqCst);
+        self.agent.lock().expect("agent slot").take();
+        self.vm.kill();
+        self._control.take();
+        if let Some(dir) = self.dir.take() {
+            dir.remove();
+        }
+    }
+}
+
+/// Serves the control socket from the supervisor's shared state.
+struct Control {
+    agent: Arc<Mutex<Option<Arc<AgentClient>>>>,
+    status: Arc<Mutex<VmStatus>>,
+    live: Arc<AtomicBool>,
+    started: Instant,
+}
+
+impl ControlHandler for Control {
+    fn handle(&self, request: ControlRequest) -> ControlReply {
+        match request {
+            ControlRequest::Status => {
+                let mut s = self.status.lock().expect("status").clone();
+                s.live = self.live.load(Ordering::SeqCst);
+                s.uptime_s = self.started.elapsed().as_secs();
+                ControlReply::Status(s)
+            }
+            ControlRequest::Exec {
+                argv,
+                stdin_b64,
+                timeout_ms,
+            } => {
+                let Some(agent) = self.agent.lock().expect("agent slot").clone() else {
+                    return ControlReply::Error {
+                        message: "the VM has no agent connection right now; try again".into(),
+                    };
+                };
+                // Without a command timeout, wait as long as a user would.
+                let wait = Duration::from_millis(timeout_ms.unwrap_or(3_600_000) + 10_000);
+                let request = Request::Exec {
+                    argv,
+                    stdin_b64,
+                    timeout_ms,
+                };
+                match agent.request(&request, wait) {
+                    Ok(Reply::ExecResult {
+                        exit_code,
+                        stdout_b64,
+                        stderr_b64,
+                        truncated,
+                        timed_out,
+                    }) => ControlReply::Exec(ExecOutput {
+                        exit_code,
+                        stdout_b64,
+                        stderr_b64,
+                        truncated,
+                        timed_out,
+                    }),
+                    Ok(other) => ControlReply::Error {
+                        message: format!("unexpected agent answer: {other:?}"),
+                    },
+                    Err(e) => ControlReply::Error {
+                        message: e.to_string(),
+                    },
+                }
+            }
+        }
+    }
+}
+
+fn pump_vm_events(
+    events: Receiver<VmEvent>,
+    console: Arc<Mutex<ConsoleLog>>,
+    sender: Sender<SupervisorEvent>,
+    echo: bool,
+) {
+    std::thread::Builder::new()
+        .name("vm-events".into())
+        .spawn(move || {
+            for ev in events {
+                match ev {
+                    VmEvent::Console(bytes) => {
+                        console.lock().expect("console").write(&bytes);
+                        if echo {
+                            use std::io::Write;
+                            let _ = std::io::stderr().write_all(&bytes);
+                        }
+                    }
+                    VmEvent::Exited(reason) => {
+                        let _ = sender.send(SupervisorEvent::VmExited(reason));
+                    }
+                }
+            }
+        })
+        .expect("spawn thread");
+}
+
+/// One phrase for an exit reason.
+pub fn describe_exit(reason: &ExitReason) -> String {
+    match reason {
+        ExitReason::Poweroff => "the guest powered off".into(),
+        ExitReason::Reset => "the guest rebooted".into(),
+        ExitReason::Panic => "the guest kernel panicked".into(),
+        ExitReason::Stopped => "stopped by ferry".into(),
+        ExitReason::EngineFailed { detail } => format!("the engine failed: {detail}"),
+    }
+}
+
+/// Fills `buf` from the kernel's RNG.
+fn fill_random(buf: &mut [u8]) {
+    use std::io::Read;
+    if let Ok(mut f) = std::fs::File::open("/dev/urandom") {
+        if f.read_exact(buf).is_ok() {
+            return;
+        }
+    }
+    for b in buf.iter_mut() {
+        *b = rand::random();
+    }
+}
+
+/// Encodes stdin bytes for an exec request.
+pub fn stdin_payload(data: &[u8]) -> Option<String> {
+    (!data.is_empty()).then(|| b64_encode(data))
+}

@@ -1,0 +1,286 @@
+//! Every running VM has a name and a directory `$FERRY_STATE/vms/<name>/`
+//! holding its pid, engine sockets, console log and control socket.
+//!
+//! The VM's supervisor holds an exclusive `flock` on `<dir>/lock` for as long
+//! as it runs. That lock, not the pid file, says whether the name is in use:
+//! a lock dies with its process, so a crash never leaves a name taken, and a
+//! recycled pid can never make a dead VM look alive.
+
+use std::fs::File;
+use std::io::Write;
+use std::os::unix::io::AsRawFd;
+use std::path::{Path, PathBuf};
+
+use crate::{Paths, RuntimeError};
+
+/// Largest console log before it is rotated to `console.log.1`.
+pub const CONSOLE_LOG_CAP: u64 = 1 << 20;
+
+/// A VM's state directory, locked by this process.
+#[derive(Debug)]
+pub struct VmDir {
+    name: String,
+    path: PathBuf,
+    _lock: File,
+}
+
+impl VmDir {
+    /// Claims `name`: creates (or takes over a stale) state directory and
+    /// locks it. Fails if a running VM holds the name.
+    pub fn create(paths: &Paths, name: &str) -> Result<Self, RuntimeError> {
+        validate_name(name)?;
+        let vms = paths.vms();
+        std::fs::create_dir_all(&vms).map_err(RuntimeError::io(&vms))?;
+        let path = vms.join(name);
+        let fresh = match std::fs::create_dir(&path) {
+            Ok(()) => true,
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => false,
+            Err(e) => return Err(RuntimeError::io(&path)(e)),
+        };
+        let lock_path = path.join("lock");
+        let lock = File::options()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)
+            .map_err(RuntimeError::io(&lock_path))?;
+        if !try_lock(&lock, libc::LOCK_EX) {
+            let pid = std::fs::read_to_string(path.join("pid"))
+                .map(|p| format!(" (pid {})", p.trim()))
+                .unwrap_or_default();
+            return Err(RuntimeError::NameInUse {
+                name: name.to_string(),
+                pid,
+            });
+        }
+        if !fresh {
+            tracing::info!(
+                name,
+                "taking over the stale state directory of a VM that is gone"
+            );
+            for entry in std::fs::read_dir(&path)
+                .map_err(RuntimeError::io(&path))?
+                .flatten()
+            {
+                if entry.file_name() != "lock" {
+                    let p = entry.path();
+                    let _ = if p.is_dir() {
+                        std::fs::remove_dir_all(&p)
+                    } else {
+                        std::fs::remove_file(&p)
+                    };
+                }
+            }
+        }
+        let dir = VmDir {
+            name: name.to_string(),
+            path,
+            _lock: lock,
+        };
+        dir.write_file("pid", &format!("{}\n", std::process::id()))?;
+        Ok(dir)
+    }
+
+    /// The VM's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The directory.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Writes a small file in the directory atomically (temp + rename).
+    pub fn write_file(&self, file: &str, contents: &str) -> Result<(), RuntimeError> {
+        let tmp = self.path.join(format!(".{file}.tmp"));
+        let dest = self.path.join(file);
+        std::fs::write(&tmp, contents).map_err(RuntimeError::io(&tmp))?;
+        std::fs::rename(&tmp, &dest).map_err(RuntimeError::io(&dest))
+    }
+
+    /// Removes the directory; the lock goes with it.
+    pub fn remove(self) {
+        if let Err(e) = std::fs::remove_dir_all(&self.path) {
+            tracing::warn!(path = %self.path.display(), error = %e, "could not remove the VM's state directory");
+        }
+    }
+}
+
+/// Files inside a VM directory, named once here.
+pub mod files {
+    /// The control socket.
+    pub const CONTROL: &str = "control.sock";
+    /// The console log.
+    pub const CONSOLE: &str = "console.log";
+    /// Guest RAM.
+    pub const MEMORY: &str = "memory";
+    /// The disk overlay.
+    pub const DISK: &str = "disk.qcow2";
+    /// A JSON summary of the VM for `ps`.
+    pub const INFO: &str = "info.json";
+}
+
+/// The state directory of a running VM named `name`, for clients.
+pub fn running_vm_dir(paths: &Paths, name: &str) -> Result<PathBuf, RuntimeError> {
+    let path = paths.vms().join(name);
+    let running = validate_name(name).is_ok()
+        && File::open(path.join("lock"))
+            .map(|f| !try_lock(&f, libc::LOCK_SH))
+            .unwrap_or(false);
+    if running {
+        Ok(path)
+    } else {
+        Err(RuntimeError::NoSuchVm {
+            name: name.to_string(),
+            dir: paths.vms(),
+        })
+    }
+}
+
+fn try_lock(file: &File, op: libc::c_int) -> bool {
+    // SAFETY: flock on a file descriptor owned by `file`, which outlives the
+    // call; LOCK_NB makes it return at once.
+    unsafe { libc::flock(file.as_raw_fd(), op | libc::LOCK_NB) == 0 }
+}
+
+/// Checks a VM name: it becomes a directory name and, later, part of
+/// network namespace and interface names.
+pub fn validate_name(name: &str) -> Result<(), RuntimeError> {
+    let ok = !name.is_empty()
+        && name.len() <= 63
+        && name
+            .chars()
+            .next()
+            .is_some_and(|c| c.is_ascii_alphanumeric())
+        && name
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '-' | '_' | '.'));
+    if ok {
+        Ok(())
+    } else {
+        Err(RuntimeError::BadName(name.to_string()))
+    }
+}
+
+/// A generated name: the recipe's name and four random hex digits.
+pub fn generate_name(prefix: &str) -> String {
+    let suffix: u16 = rand::random();
+    format!("{prefix}-{suffix:04x}")
+}
+
+/// The console log: appended to, rotated to `console.log.1` at
+/// [`CONSOLE_LOG_CAP`], so a chatty guest cannot fill the disk.
+pub struct ConsoleLog {
+    path: PathBuf,
+    file: File,
+    written: u64,
+    cap: u64,
+    tail: Vec<u8>,
+}
+
+impl ConsoleLog {
+    /// Opens (creating) the log at `path`.
+    pub fn open(path: &Path, cap: u64) -> Result<Self, RuntimeError> {
+        let file = File::options()
+            .create(true)
+            .append(true)
+            .open(path)
+            .map_err(RuntimeError::io(path))?;
+        let written = file.metadata().map(|m| m.len()).unwrap_or(0);
+        Ok(Self {
+            path: path.to_path_buf(),
+            file,
+            written,
+            cap,
+            tail: Vec::new(),
+        })
+    }
+
+    /// Appends guest output.
+    pub fn write(&mut self, data: &[u8]) {
+        if self.written + data.len() as u64 > self.cap {
+            let rotated = self.path.with_extension("log.1");
+            let _ = std::fs::rename(&self.path, &rotated);
+            if let Ok(f) = File::options().create(true).append(true).open(&self.path) {
+                self.file = f;
+                self.written = 0;
+            }
+        }
+        if self.file.write_all(data).is_ok() {
+            self.written += data.len() as u64;
+        }
+        self.tail.extend_from_slice(data);
+        if self.tail.len() > 8192 {
+            self.tail.drain(..self.tail.len() - 8192);
+        }
+    }
+
+    /// The last `n` non-empty lines written, for error messages.
+    pub fn last_lines(&self, n: usize) -> Vec<String> {
+        last_lines(&self.tail, n)
+    }
+}
+
+/// The last `n` non-empty lines of `bytes`, without control characters.
+pub fn last_lines(bytes: &[u8], n: usize) -> Vec<String> {
+    let text = String::from_utf8_lossy(bytes);
+    let lines: Vec<String> = text
+        .lines()
+        .map(|l| l.chars().filter(|c| !c.is_control()).collect::<String>())
+        .filter(|l| !l.trim().is_empty())
+        .collect();
+    lines[lines.len().saturating_sub(n)..].to_vec()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn paths(dir: &Path) -> Paths {
+        Paths {
+            state: dir.to_path_buf(),
+            cache: dir.join("cache"),
+        }
+    }
+
+    #[test]
+    fn a_name_is_held_while_its_dir_is_locked() {
+        let tmp = tempfile::tempdir().unwrap();
+        let p = paths(tmp.path());
+        let first = VmDir::create(&p, "web-1").unwrap();
+        assert!(running_vm_dir(&p, "web-1").is_ok());
+        // flock is per open file description, so a second open conflicts even
+        // within one process, as it would between two ferry processes.
+        let e = VmDir::create(&p, "web-1").unwrap_err().to_string();
+        assert!(e.contains("in use by a running VM"), "{e}");
+        drop(first);
+        // The directory is stale now: it can be taken over.
+        assert!(running_vm_dir(&p, "web-1").is_err());
+        let again = VmDir::create(&p, "web-1").unwrap();
+        again.remove();
+        assert!(!tmp.path().join("vms/web-1").exists());
+    }
+
+    #[test]
+    fn names_are_checked() {
+        for bad in ["", "-x", "a/b", "UPPER", &"x".repeat(64)] {
+            assert!(validate_name(bad).is_err(), "{bad}");
+        }
+        validate_name("redis-1.a_b").unwrap();
+        validate_name(&generate_name("tiny")).unwrap();
+    }
+
+    #[test]
+    fn console_log_rotates() {
+        let tmp = tempfile::tempdir().unwrap();
+        let path = tmp.path().join("console.log");
+        let mut log = ConsoleLog::open(&path, 100).unwrap();
+        for i in 0..30 {
+            log.write(format!("line {i}\n").as_bytes());
+        }
+        assert!(std::fs::metadata(&path).unwrap().len() <= 100);
+        assert!(tmp.path().join("console.log.1").exists());
+        assert_eq!(log.last_lines(2), vec!["line 28", "line 29"]);
+    }
+}
