@@ -307,7 +307,7 @@ while [ ! -b /dev/vda ]; do
   usleep 10000
 done
 mount -t ext4 -o rw /dev/vda /newroot || fail "cannot mount /dev/vda"
-[ -x /newroot/ferry/init ] || fail "/ferry/init missing on the disk"
+[ -x /newroot/ferry/init ] || fail "/ferry/init is missing or not executable on the disk"
 umount /proc /sys
 mount --move /dev /newroot/dev
 exec switch_root /newroot /ferry/init

@@ -111,13 +111,13 @@ fn cache_file(cache_dir: &Path, qemu_version: &str, probe: &ProbeGuest) -> Optio
         .filter(|m| Path::new("/sys/module").join(m).exists())
         .map(|m| m.to_string())
         .collect();
-    let kernel = std::fs::metadata(&probe.kernel).ok()?;
+    // The kernel by content, not path: every blueprint of one kernel shares
+    // the verdict.
+    let kernel = hex::encode(sha2::Sha256::digest(std::fs::read(&probe.kernel).ok()?));
     let key = format!(
-        "{qemu_version}|{}|{cpu}|{}|{}|{}",
+        "{qemu_version}|{}|{cpu}|{}|{kernel}",
         uname.trim(),
         kvm_modules.join(","),
-        probe.kernel.display(),
-        kernel.len()
     );
     Some(cache_dir.join("accel").join(format!(
         "{}.json",
@@ -128,7 +128,7 @@ fn cache_file(cache_dir: &Path, qemu_version: &str, probe: &ProbeGuest) -> Optio
 /// Boots the probe guest under KVM; `Ok` once it prints the marker.
 fn probe_kvm(qemu: &Path, probe: &ProbeGuest) -> Result<(), String> {
     eprintln!(
-        "ferry: checking once whether KVM can boot a Linux guest on this host (up to {} s)",
+        "Checking once whether KVM can boot a Linux guest on this host (up to {} s)...",
         PROBE_STALL.as_secs()
     );
     let mut child = Command::new(qemu)

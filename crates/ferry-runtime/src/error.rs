@@ -95,7 +95,8 @@ pub enum RuntimeError {
 }
 
 impl RuntimeError {
-    pub(crate) fn io(path: impl Into<PathBuf>) -> impl FnOnce(std::io::Error) -> Self {
+    /// Wraps an I/O error with the path it concerns.
+    pub fn io(path: impl Into<PathBuf>) -> impl FnOnce(std::io::Error) -> Self {
         let path = path.into();
         move |source| RuntimeError::Io { path, source }
     }

@@ -1,0 +1,276 @@
+//! Every agent message against a real guest, and the engine's pause, save
+//! and restore: a VM restored from its saved state carries on where it was.
+
+use std::time::Duration;
+
+use ferry_agent_proto::{b64_decode, Identity, Reply, Request};
+use ferry_blueprint::Blueprint;
+use ferry_engine::{AccelChoice, Engine, ExitReason, ProbeGuest};
+use ferry_qemu::QemuEngine;
+use ferry_runtime::supervisor::{RunningVm, VmConfig};
+use ferry_runtime::vmdir::files;
+use ferry_runtime::Paths;
+use ferry_test_support::{blueprint, cache_dir, qemu_pids, vm_lock};
+
+struct Setup {
+    engine: QemuEngine,
+    paths: Paths,
+    blueprint: Blueprint,
+    _state: tempfile::TempDir,
+}
+
+fn setup() -> Setup {
+    let state = tempfile::tempdir().unwrap();
+    let paths = Paths {
+        state: state.path().to_path_buf(),
+        cache: cache_dir(),
+    };
+    let engine = QemuEngine::new("qemu-system-x86_64", &paths.cache).unwrap();
+    let blueprint = Blueprint::load(&blueprint("tiny")).unwrap();
+    Setup {
+        engine,
+        paths,
+        blueprint,
+        _state: state,
+    }
+}
+
+fn config(s: &Setup, name: &str) -> VmConfig {
+    let accel = s
+        .engine
+        .choose_accel(
+            AccelChoice::Auto,
+            &ProbeGuest {
+                kernel: s.blueprint.kernel(),
+                initramfs: s.blueprint.initramfs(),
+                cmdline: s.blueprint.manifest.cmdline.clone(),
+            },
+        )
+        .unwrap()
+        .accel;
+    VmConfig {
+        name: name.into(),
+        memory_mib: 256,
+        cpus: 1,
+        accel,
+        echo_console: false,
+    }
+}
+
+fn exec(vm: &RunningVm, argv: &[&str]) -> (i32, String) {
+    match vm
+        .agent()
+        .request(
+            &Request::Exec {
+                argv: argv.iter().map(|s| s.to_string()).collect(),
+                stdin_b64: None,
+                timeout_ms: Some(10_000),
+            },
+            Duration::from_secs(20),
+        )
+        .unwrap()
+    {
+        Reply::ExecResult {
+            exit_code,
+            stdout_b64,
+            ..
+        } => (
+            exit_code,
+            String::from_utf8(b64_decode(&stdout_b64).unwrap()).unwrap(),
+        ),
+        other => panic!("unexpected reply {other:?}"),
+    }
+}
+
+fn uptime_s(vm: &RunningVm) -> f64 {
+    let (_, out) = exec(vm, &["cat", "/proc/uptime"]);
+    out.split_whitespace().next().unwrap().parse().unwrap()
+}
+
+#[test]
+fn every_agent_message_against_a_real_guest() {
+    let _lock = vm_lock();
+    let s = setup();
+    let mut vm =
+        RunningVm::boot(&s.engine, &s.paths, &s.blueprint, &config(&s, "t-agent")).unwrap();
+    vm.wait_live(Duration::from_secs(120)).unwrap();
+    let agent = vm.agent();
+
+    // hello: version and status.
+    let (version, status) = agent.hello(Duration::from_secs(5)).unwrap();
+    assert_eq!(version, ferry_agent_proto::PROTOCOL_VERSION);
+    assert!(status.live);
+    assert_eq!(status.hostname, "ferry-tiny");
+
+    // status.
+    match agent
+        .request(&Request::Status, Duration::from_secs(5))
+        .unwrap()
+    {
+        Reply::Status(st) => assert!(st.live && st.uptime_ms > 0),
+        other => panic!("{other:?}"),
+    }
+
+    // exec.
+    assert_eq!(
+        exec(&vm, &["sh", "-c", "echo hi; exit 4"]),
+        (4, "hi\n".to_string())
+    );
+
+    // before-suspend: file systems synced (the agent answers once done).
+    match agent
+        .request(
+            &Request::BeforeSuspend { drop_caches: true },
+            Duration::from_secs(30),
+        )
+        .unwrap()
+    {
+        Reply::Quiesced { .. } => {}
+        other => panic!("{other:?}"),
+    }
+
+    // after-resume: clock stepped, RNG reseeded, new identity taken.
+    exec(&vm, &["date", "-s", "2001-01-01 00:00:00"]);
+    let reply = vm
+        .after_resume(Some(Identity {
+            hostname: "clone-7".into(),
+            machine_id: "0123456789abcdef0123456789abcdef".into(),
+        }))
+        .unwrap();
+    match reply {
+        Reply::Resumed {
+            clock_step_ms,
+            rng_reseeded,
+            status,
+        } => {
+            assert!(
+                clock_step_ms > 365 * 24 * 3600 * 1000,
+                "the clock was stepped forward: {clock_step_ms}"
+            );
+            assert!(rng_reseeded);
+            assert_eq!(status.hostname, "clone-7");
+        }
+        other => panic!("{other:?}"),
+    }
+    let (_, year) = exec(&vm, &["date", "+%Y"]);
+    assert!(
+        year.trim().parse::<u32>().unwrap() >= 2026,
+        "guest year {year}"
+    );
+    assert_eq!(exec(&vm, &["hostname"]).1, "clone-7\n");
+    assert_eq!(
+        exec(&vm, &["cat", "/etc/machine-id"]).1.trim(),
+        "0123456789abcdef0123456789abcdef"
+    );
+
+    // An unknown request type gets an error reply, not silence.
+    let err = agent
+        .request(
+            &Request::Exec {
+                argv: vec![],
+                stdin_b64: None,
+                timeout_ms: None,
+            },
+            Duration::from_secs(5),
+        )
+        .unwrap_err();
+    assert!(err.to_string().contains("guest agent"), "{err}");
+
+    // shutdown: the guest powers itself off.
+    drop(agent);
+    let reason = vm.shutdown().unwrap();
+    assert_eq!(reason, ExitReason::Poweroff);
+    assert!(qemu_pids("t-agent").is_empty());
+}
+
+#[test]
+fn pause_save_and_restore_carry_on_where_the_guest_was() {
+    let _lock = vm_lock();
+    let s = setup();
+    let saved = tempfile::tempdir().unwrap();
+    let cfg = config(&s, "t-save");
+    let mut vm = RunningVm::boot(&s.engine, &s.paths, &s.blueprint, &cfg).unwrap();
+    vm.wait_live(Duration::from_secs(120)).unwrap();
+    assert_eq!(
+        exec(
+            &vm,
+            &[
+                "sh",
+                "-c",
+                "echo kept > /tmp/marker; echo disk > /root/on-disk; sync"
+            ]
+        )
+        .0,
+        0
+    );
+    let before = uptime_s(&vm);
+
+    // Pause and resume.
+    vm.engine_vm().pause().unwrap();
+    vm.engine_vm().resume().unwrap();
+    assert_eq!(exec(&vm, &["cat", "/tmp/marker"]).1, "kept\n");
+
+    // Save: device state to a file; RAM is already in the memory file.
+    vm.agent()
+        .request(
+            &Request::BeforeSuspend { drop_caches: false },
+            Duration::from_secs(30),
+        )
+        .unwrap();
+    let mut state = vm
+        .engine_vm()
+        .save_state(&saved.path().join("device-state"))
+        .unwrap();
+    let dir = vm.dir().path().to_path_buf();
+    std::fs::copy(dir.join(files::MEMORY), saved.path().join("memory")).unwrap();
+    std::fs::copy(dir.join(files::DISK), saved.path().join("disk.qcow2")).unwrap();
+    state.memory_file = Some(saved.path().join("memory"));
+    assert_eq!(state.provenance.engine, "qemu");
+    drop(vm);
+    assert!(qemu_pids("t-save").is_empty());
+
+    // Restore into a new VM, private memory, the saved disk.
+    let disk = saved.path().join("disk.qcow2");
+    let vm = RunningVm::restore(&s.engine, &s.paths, &s.blueprint, &cfg, &state, |d| {
+        std::fs::copy(&disk, d.path().join(files::DISK))
+            .map(|_| ())
+            .map_err(ferry_runtime::RuntimeError::io(&disk))
+    })
+    .unwrap();
+    vm.after_resume(None).unwrap();
+    assert_eq!(
+        exec(&vm, &["cat", "/tmp/marker"]).1,
+        "kept\n",
+        "RAM (tmpfs) survived"
+    );
+    assert_eq!(
+        exec(&vm, &["cat", "/root/on-disk"]).1,
+        "disk\n",
+        "the disk survived"
+    );
+    let after = uptime_s(&vm);
+    assert!(after >= before, "no reboot: uptime {before} -> {after}");
+
+    // A state saved with other settings is refused, naming the mismatch.
+    let other = VmConfig {
+        memory_mib: 512,
+        name: "t-save-2".into(),
+        ..cfg.clone()
+    };
+    let err = RunningVm::restore(
+        &s.engine,
+        &s.paths,
+        &s.blueprint,
+        &other,
+        &state,
+        |_| Ok(()),
+    )
+    .err()
+    .expect("a memory mismatch is refused");
+    assert!(
+        err.to_string()
+            .contains("256 MiB of memory (asked for 512)"),
+        "{err}"
+    );
+    drop(vm);
+}

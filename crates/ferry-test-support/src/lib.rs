@@ -1,0 +1,248 @@
+//! Test helpers shared by ferry's integration tests.
+//!
+//! VM tests run one at a time across all test binaries ([`vm_lock`]): two
+//! TCG guests on a 2-core machine would slow each other past their
+//! timeouts. Blueprints are built once per checkout ([`blueprint`]) and the
+//! kernel download and accelerator verdict are cached in one test cache.
+#![warn(missing_docs)]
+
+use std::fs::File;
+use std::os::unix::io::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+/// The workspace root.
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .ancestors()
+        .nth(2)
+        .expect("crates/<name> is two levels down")
+        .to_path_buf()
+}
+
+/// Where tests keep what they share: blueprints, the cache, the lock.
+pub fn fixtures_dir() -> PathBuf {
+    let dir = std::env::var_os("FERRY_TEST_FIXTURES")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace_root().join("target/test-fixtures"));
+    std::fs::create_dir_all(&dir).expect("create the fixtures dir");
+    dir
+}
+
+/// The cache all tests share (kernel downloads, debootstrap trees, the
+/// accelerator verdict).
+pub fn cache_dir() -> PathBuf {
+    std::env::var_os("FERRY_TEST_CACHE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| fixtures_dir().join("cache"))
+}
+
+/// The static guest agent, built by `scripts/build.sh` (or named by
+/// `$FERRY_AGENT`).
+pub fn agent_path() -> PathBuf {
+    let p = std::env::var_os("FERRY_AGENT")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            workspace_root().join("target/agent/x86_64-unknown-linux-gnu/agent/ferry-agent")
+        });
+    assert!(
+        p.is_file(),
+        "the static agent {} is missing: run scripts/build.sh (or scripts/test.sh) first",
+        p.display()
+    );
+    p
+}
+
+/// An exclusive lock held for the life of the guard.
+pub struct LockGuard(#[allow(dead_code)] File);
+
+fn lock_file(path: &Path) -> LockGuard {
+    let f = File::options()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(path)
+        .expect("open lock file");
+    // SAFETY: flock on a descriptor owned by `f`, which the guard keeps open.
+    let rc = unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX) };
+    assert_eq!(rc, 0, "flock {}", path.display());
+    LockGuard(f)
+}
+
+/// Serialises VM tests across threads and test binaries.
+pub fn vm_lock() -> LockGuard {
+    lock_file(&fixtures_dir().join("vm.lock"))
+}
+
+/// The blueprint of a built-in recipe, built once and rebuilt when the
+/// agent, the recipe or the test binary (so: ferry's code) changed.
+pub fn blueprint(recipe: &str) -> PathBuf {
+    let dir = fixtures_dir().join(format!("blueprint-{recipe}"));
+    let _guard = lock_file(&fixtures_dir().join(format!("blueprint-{recipe}.lock")));
+    let agent = agent_path();
+    let stamp = dir.join(".built-from");
+    let recipe_file = workspace_root().join(format!("recipes/{recipe}.toml"));
+    let mtime = |p: &Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
+    let want = format!(
+        "{:?}|{:?}|{:?}",
+        mtime(&agent),
+        mtime(&recipe_file),
+        std::env::current_exe().ok().and_then(|p| mtime(&p)),
+    );
+    if std::fs::read_to_string(&stamp).ok().as_deref() == Some(want.as_str()) {
+        return dir;
+    }
+    let mut progress = ferry_blueprint::progress::StderrProgress::new(false);
+    ferry_blueprint::build(ferry_blueprint::BuildOptions {
+        recipe: ferry_blueprint::Recipe::find(recipe).expect("built-in recipe"),
+        out: dir.clone(),
+        cache_dir: cache_dir(),
+        agent,
+        force: true,
+        progress: &mut progress,
+    })
+    .unwrap_or_else(|e| panic!("building the {recipe} blueprint failed: {e}"));
+    std::fs::write(&stamp, want).expect("write stamp");
+    dir
+}
+
+/// A private `$FERRY_STATE` for one test, with the shared cache.
+pub struct FerryEnv {
+    /// The `ferry` binary.
+    pub ferry: PathBuf,
+    /// The private state directory.
+    pub state: tempfile::TempDir,
+}
+
+impl FerryEnv {
+    /// A new environment for the `ferry` binary at `ferry`.
+    pub fn new(ferry: &str) -> Self {
+        Self {
+            ferry: PathBuf::from(ferry),
+            state: tempfile::Builder::new()
+                .prefix("ferry-state-")
+                .tempdir()
+                .expect("temp state dir"),
+        }
+    }
+
+    /// A `ferry` command with this environment.
+    pub fn cmd(&self) -> Command {
+        let mut c = Command::new(&self.ferry);
+        c.env("FERRY_STATE", self.state.path())
+            .env("FERRY_CACHE", cache_dir())
+            .env("FERRY_AGENT", agent_path())
+            .env_remove("FERRY_LOG");
+        c
+    }
+
+    /// Runs `ferry ARGS` to completion.
+    pub fn run(&self, args: &[&str]) -> Output {
+        self.cmd().args(args).output().expect("run ferry")
+    }
+
+    /// The state directory of VM `name`.
+    pub fn vm_dir(&self, name: &str) -> PathBuf {
+        self.state.path().join("vms").join(name)
+    }
+}
+
+/// Polls `f` every 50 ms until it returns `Some`, or panics after `timeout`.
+pub fn wait_until<T>(timeout: Duration, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+    let start = Instant::now();
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(
+            start.elapsed() < timeout,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Pids of QEMU processes running the VM named `name`.
+pub fn qemu_pids(name: &str) -> Vec<u32> {
+    let out = Command::new("pgrep")
+        .args(["-f", &format!("ferry:{name} ")])
+        .output()
+        .expect("pgrep");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| l.trim().parse().ok())
+        .collect()
+}
+
+/// Standard output and error of a finished command, for assertion messages.
+pub fn describe(out: &Output) -> String {
+    format!(
+        "status {:?}\nstdout: {}\nstderr: {}",
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+/// Sends `signal` to `pid`.
+pub fn send_signal(pid: u32, signal: i32) {
+    // SAFETY: kill(2) has no memory-safety preconditions.
+    unsafe {
+        libc::kill(pid as libc::pid_t, signal);
+    }
+}
+
+/// Starts `ferry ARGS` (a `boot` without `--exit-when-live`, or later a
+/// `run`) and waits until it prints `live in N ms`. Returns the running
+/// child and what it printed so far; panics with its stderr if it exits first.
+pub fn spawn_until_live(
+    env: &FerryEnv,
+    args: &[&str],
+    timeout: Duration,
+) -> (std::process::Child, Vec<String>) {
+    use std::io::{BufRead, BufReader, Read};
+    use std::process::Stdio;
+    let mut child = env
+        .cmd()
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn ferry");
+    let stdout = child.stdout.take().expect("piped");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let start = Instant::now();
+    let mut lines = Vec::new();
+    loop {
+        match rx.recv_timeout(Duration::from_millis(200)) {
+            Ok(line) => {
+                let live = line.starts_with("live in ");
+                lines.push(line);
+                if live {
+                    return (child, lines);
+                }
+            }
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+                let _ = child.wait();
+                let mut err = String::new();
+                if let Some(mut e) = child.stderr.take() {
+                    let _ = e.read_to_string(&mut err);
+                }
+                panic!("ferry {args:?} exited before live: {lines:?} {err}");
+            }
+        }
+        if start.elapsed() > timeout {
+            let _ = child.kill();
+            panic!("ferry {args:?} was not live within {timeout:?}: {lines:?}");
+        }
+    }
+}
