@@ -245,6 +245,11 @@ pub fn add_overlay(stage: &Path, o: &Overlay<'_>) -> Result<(), BlueprintError> 
     write(&ferry.join("init"), &guest_init(o.network))?;
     set_mode(&ferry.join("init"), 0o755)?;
     write(&stage.join("etc/hostname"), &format!("{}\n", o.hostname))?;
+    // Every blueprint gets its own machine id; clones get fresh ones on resume.
+    write(
+        &stage.join("etc/machine-id"),
+        &format!("{}\n", random_machine_id()),
+    )?;
     for (path, contents) in o.files {
         let dest = stage.join(path.trim_start_matches('/'));
         if let Some(parent) = dest.parent() {
@@ -315,6 +320,16 @@ fail "switch_root failed"
 "#,
         modules = modules.join(" ")
     )
+}
+
+/// 32 random hex digits, from the kernel's RNG.
+fn random_machine_id() -> String {
+    use std::io::Read;
+    let mut bytes = [0u8; 16];
+    if let Ok(mut f) = std::fs::File::open("/dev/urandom") {
+        let _ = f.read_exact(&mut bytes);
+    }
+    hex::encode(bytes)
 }
 
 /// Whether an ELF executable needs a dynamic loader (has `PT_INTERP`).

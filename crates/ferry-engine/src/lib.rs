@@ -309,6 +309,13 @@ pub trait Vm: Send {
         Err(EngineError::Unsupported("saving state"))
     }
 
+    /// Writes the guest's disk as it is now (the pristine image plus the
+    /// VM's changes) to `dest` as a sparse raw image. Call it on a paused VM
+    /// whose state was just saved, so that disk and memory agree.
+    fn export_disk(&mut self, _dest: &std::path::Path) -> Result<(), EngineError> {
+        Err(EngineError::Unsupported("exporting the disk"))
+    }
+
     /// Asks the guest to power off (as a power button would), waits up to
     /// `timeout`, then kills it.
     fn shutdown(&mut self, timeout: Duration) -> Result<ExitReason, EngineError>;

@@ -45,6 +45,8 @@ pub struct QemuVm {
     /// Whether guest writes reach `memory_file` (shared mapping).
     memory_in_file: bool,
     memory_file: PathBuf,
+    /// The file QEMU writes the guest's disk to.
+    disk_file: PathBuf,
 }
 
 impl QemuVm {
@@ -118,6 +120,10 @@ impl QemuVm {
                 provenance,
                 memory_in_file: spec.memory_shared,
                 memory_file: spec.memory_file.clone(),
+                disk_file: match &spec.disk {
+                    DiskSpec::Raw(p) => p.clone(),
+                    DiskSpec::CopyOnWrite { overlay, .. } => overlay.clone(),
+                },
             },
             Err(e) => {
                 kill_pid(pid);
@@ -236,6 +242,28 @@ impl Vm for QemuVm {
             memory_file: self.memory_in_file.then(|| self.memory_file.clone()),
             provenance: self.provenance.clone(),
         })
+    }
+
+    fn export_disk(&mut self, dest: &Path) -> Result<(), EngineError> {
+        // Flush what the guest wrote; a no-op after a completed save.
+        let _ = self.cmd("stop", json!({}));
+        if disk_format(&self.disk_file) == "raw" {
+            return sparse_copy(&self.disk_file, dest);
+        }
+        // -U: QEMU holds the image lock; the VM is paused, so this is safe.
+        let out = Command::new("qemu-img")
+            .args(["convert", "-U", "-O", "raw", "-S", "4k", "-f", "qcow2"])
+            .arg(&self.disk_file)
+            .arg(dest)
+            .output()
+            .map_err(|e| io("running qemu-img convert".into(), e))?;
+        if !out.status.success() {
+            return Err(EngineError::Command {
+                command: "exporting the disk".into(),
+                detail: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+            });
+        }
+        Ok(())
     }
 
     fn shutdown(&mut self, timeout: Duration) -> Result<ExitReason, EngineError> {

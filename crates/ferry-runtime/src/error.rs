@@ -9,6 +9,25 @@ pub enum RuntimeError {
     /// A blueprint problem.
     #[error(transparent)]
     Blueprint(#[from] BlueprintError),
+    /// A package problem.
+    #[error(transparent)]
+    Package(#[from] ferry_package::PackageError),
+    /// Another `ferry run` holds the package.
+    #[error("the package {path} is in use by another 'ferry run' (pid {pid}): stop that one, or pass --clone to run a copy-on-write clone")]
+    PackageInUse {
+        /// The package.
+        path: PathBuf,
+        /// The holder's pid, if known.
+        pid: String,
+    },
+    /// The package needs more memory than the host has.
+    #[error("the package needs {need_mib} MiB of guest memory but this host has {have_mib} MiB in all: run it on a larger host")]
+    HostTooSmall {
+        /// Guest memory of the package.
+        need_mib: u64,
+        /// The host's total memory.
+        have_mib: u64,
+    },
     /// An engine problem.
     #[error(transparent)]
     Engine(#[from] EngineError),

@@ -12,6 +12,7 @@ pub mod agent;
 pub mod control;
 mod error;
 pub mod ops;
+pub mod package;
 mod paths;
 pub mod supervisor;
 pub mod vmdir;

@@ -48,20 +48,7 @@ pub fn boot(
     let blueprint = Blueprint::load(&opts.blueprint)?;
     blueprint.verify(Some(&paths.cache.join("verified")))?;
     let m = &blueprint.manifest;
-    let memory_mib = opts.memory_mib.unwrap_or(m.defaults.memory_mib);
-    if memory_mib < m.defaults.min_memory_mib {
-        return Err(RuntimeError::MemoryTooSmall {
-            asked: memory_mib,
-            min: m.defaults.min_memory_mib,
-            recipe: m.recipe.clone(),
-        });
-    }
-    let cpus = opts.cpus.unwrap_or(m.defaults.cpus);
-    if cpus == 0 || cpus > 64 {
-        return Err(RuntimeError::BadOption(format!(
-            "--cpus {cpus} is out of range: use 1 to 64"
-        )));
-    }
+    let (memory_mib, cpus) = plan_vm(&blueprint, opts.memory_mib, opts.cpus)?;
     let name = opts
         .name
         .clone()
@@ -83,7 +70,7 @@ pub fn boot(
         accel: decision.accel,
         echo_console: opts.echo_console,
     };
-    let mut vm = RunningVm::boot(engine, paths, &blueprint, &config)?;
+    let mut vm = RunningVm::boot(engine, paths, &(&blueprint).into(), &config)?;
     let _signals = forward_signals(&vm)?;
     let timeout = opts
         .live_timeout
@@ -110,6 +97,31 @@ pub fn boot(
         }
         Err(e) => Err(e),
     }
+}
+
+/// The memory and vCPUs a VM of `blueprint` gets: the user's choice or the
+/// blueprint's default, checked against the recipe's minimum.
+pub fn plan_vm(
+    blueprint: &Blueprint,
+    memory_mib: Option<u64>,
+    cpus: Option<u32>,
+) -> Result<(u64, u32), RuntimeError> {
+    let d = &blueprint.manifest.defaults;
+    let memory_mib = memory_mib.unwrap_or(d.memory_mib);
+    if memory_mib < d.min_memory_mib {
+        return Err(RuntimeError::MemoryTooSmall {
+            asked: memory_mib,
+            min: d.min_memory_mib,
+            recipe: blueprint.manifest.recipe.clone(),
+        });
+    }
+    let cpus = cpus.unwrap_or(d.cpus);
+    if cpus == 0 || cpus > 64 {
+        return Err(RuntimeError::BadOption(format!(
+            "--cpus {cpus} is out of range: use 1 to 64"
+        )));
+    }
+    Ok((memory_mib, cpus))
 }
 
 /// Forwards SIGINT and SIGTERM into the VM's event channel for as long as

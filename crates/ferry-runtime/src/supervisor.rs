@@ -13,6 +13,7 @@ use ferry_blueprint::Blueprint;
 use ferry_engine::{
     Accel, DiskSpec, Engine, ExitReason, NetAttachment, SavedState, Vm, VmEvent, VmSpec,
 };
+use std::path::PathBuf;
 
 use crate::agent::{AgentClient, AgentEvent};
 use crate::control::{
@@ -48,6 +49,45 @@ pub struct VmConfig {
     pub echo_console: bool,
 }
 
+/// What a VM boots from: kernel, initramfs, command line and the pristine
+/// disk its copy-on-write overlay sits on. Comes from a blueprint or from a
+/// package's extracted sections.
+#[derive(Debug, Clone)]
+pub struct BootImage {
+    /// Kernel image.
+    pub kernel: PathBuf,
+    /// Initramfs.
+    pub initramfs: PathBuf,
+    /// Kernel command line.
+    pub cmdline: String,
+    /// The pristine raw disk (never written).
+    pub disk: PathBuf,
+    /// Where it came from, for `status`.
+    pub source: String,
+}
+
+impl From<&Blueprint> for BootImage {
+    fn from(bp: &Blueprint) -> Self {
+        BootImage {
+            kernel: bp.kernel(),
+            initramfs: bp.initramfs(),
+            cmdline: bp.manifest.cmdline.clone(),
+            disk: bp.disk(),
+            source: bp.dir.display().to_string(),
+        }
+    }
+}
+
+/// How a restored VM maps the saved memory file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RestoreMemory {
+    /// Guest writes go to the file (the VM owns it; saving again is cheap).
+    Shared,
+    /// Guest writes stay private (the file is a shared, read-only cache:
+    /// clones of one package share its unchanged pages).
+    Private,
+}
+
 /// A VM ferry is running.
 pub struct RunningVm {
     vm: Box<dyn Vm>,
@@ -63,33 +103,37 @@ pub struct RunningVm {
 }
 
 impl RunningVm {
-    /// Cold-boots `blueprint` as a new VM. Returns as soon as the engine runs
+    /// Cold-boots `image` as a new VM. Returns as soon as the engine runs
     /// it; call [`RunningVm::wait_live`] next.
     pub fn boot(
         engine: &dyn Engine,
         paths: &Paths,
-        blueprint: &Blueprint,
+        image: &BootImage,
         config: &VmConfig,
     ) -> Result<Self, RuntimeError> {
-        Self::start(engine, paths, blueprint, config, None)
+        Self::start(engine, paths, image, config, None)
     }
 
-    /// Starts a VM from a saved state (its disk overlay must already be in
-    /// the new VM's directory, or the blueprint's disk is used).
+    /// Starts a VM from a saved state. `prepare` runs once the VM's
+    /// directory exists and before the engine starts: it can put the saved
+    /// device state, disk overlay or memory file in place. Without an overlay
+    /// in the directory, the VM's disk is a fresh overlay on the image's disk.
+    #[allow(clippy::too_many_arguments)]
     pub fn restore(
         engine: &dyn Engine,
         paths: &Paths,
-        blueprint: &Blueprint,
+        image: &BootImage,
         config: &VmConfig,
         state: &SavedState,
+        memory: RestoreMemory,
         prepare: impl FnOnce(&VmDir) -> Result<(), RuntimeError>,
     ) -> Result<Self, RuntimeError> {
         Self::start(
             engine,
             paths,
-            blueprint,
+            image,
             config,
-            Some((state, Box::new(prepare))),
+            Some((state, memory, Box::new(prepare))),
         )
     }
 
@@ -97,10 +141,11 @@ impl RunningVm {
     fn start(
         engine: &dyn Engine,
         paths: &Paths,
-        blueprint: &Blueprint,
+        image: &BootImage,
         config: &VmConfig,
         restore: Option<(
             &SavedState,
+            RestoreMemory,
             Box<dyn FnOnce(&VmDir) -> Result<(), RuntimeError> + '_>,
         )>,
     ) -> Result<Self, RuntimeError> {
@@ -115,11 +160,11 @@ impl RunningVm {
         let restoring = restore.is_some();
         let spec = VmSpec {
             name: config.name.clone(),
-            kernel: blueprint.kernel(),
-            initramfs: blueprint.initramfs(),
-            cmdline: blueprint.manifest.cmdline.clone(),
+            kernel: image.kernel.clone(),
+            initramfs: image.initramfs.clone(),
+            cmdline: image.cmdline.clone(),
             disk: DiskSpec::CopyOnWrite {
-                base: blueprint.disk(),
+                base: image.disk.clone(),
                 overlay: dir.path().join(files::DISK),
             },
             memory_mib: config.memory_mib,
@@ -132,7 +177,7 @@ impl RunningVm {
         };
         let result = match restore {
             None => engine.boot(&spec),
-            Some((state, prepare)) => {
+            Some((state, memory, prepare)) => {
                 if let Err(e) = prepare(&dir) {
                     dir.remove();
                     return Err(e);
@@ -142,6 +187,7 @@ impl RunningVm {
                         .memory_file
                         .clone()
                         .unwrap_or(spec.memory_file.clone()),
+                    memory_shared: memory == RestoreMemory::Shared,
                     ..spec
                 };
                 engine.restore(&spec, state)
@@ -165,7 +211,7 @@ impl RunningVm {
             cpus: config.cpus,
             live: false,
             uptime_s: 0,
-            source: blueprint.dir.display().to_string(),
+            source: image.source.clone(),
         }));
         if let Some(events) = vm.take_events() {
             pump_vm_events(events, console.clone(), sender.clone(), config.echo_console);

@@ -7,7 +7,7 @@ use ferry_agent_proto::{b64_decode, Identity, Reply, Request};
 use ferry_blueprint::Blueprint;
 use ferry_engine::{AccelChoice, Engine, ExitReason, ProbeGuest};
 use ferry_qemu::QemuEngine;
-use ferry_runtime::supervisor::{RunningVm, VmConfig};
+use ferry_runtime::supervisor::{RestoreMemory, RunningVm, VmConfig};
 use ferry_runtime::vmdir::files;
 use ferry_runtime::Paths;
 use ferry_test_support::{blueprint, cache_dir, qemu_pids, vm_lock};
@@ -91,8 +91,13 @@ fn uptime_s(vm: &RunningVm) -> f64 {
 fn every_agent_message_against_a_real_guest() {
     let _lock = vm_lock();
     let s = setup();
-    let mut vm =
-        RunningVm::boot(&s.engine, &s.paths, &s.blueprint, &config(&s, "t-agent")).unwrap();
+    let mut vm = RunningVm::boot(
+        &s.engine,
+        &s.paths,
+        &(&s.blueprint).into(),
+        &config(&s, "t-agent"),
+    )
+    .unwrap();
     vm.wait_live(Duration::from_secs(120)).unwrap();
     let agent = vm.agent();
 
@@ -189,7 +194,7 @@ fn pause_save_and_restore_carry_on_where_the_guest_was() {
     let s = setup();
     let saved = tempfile::tempdir().unwrap();
     let cfg = config(&s, "t-save");
-    let mut vm = RunningVm::boot(&s.engine, &s.paths, &s.blueprint, &cfg).unwrap();
+    let mut vm = RunningVm::boot(&s.engine, &s.paths, &(&s.blueprint).into(), &cfg).unwrap();
     vm.wait_live(Duration::from_secs(120)).unwrap();
     assert_eq!(
         exec(
@@ -231,11 +236,19 @@ fn pause_save_and_restore_carry_on_where_the_guest_was() {
 
     // Restore into a new VM, private memory, the saved disk.
     let disk = saved.path().join("disk.qcow2");
-    let vm = RunningVm::restore(&s.engine, &s.paths, &s.blueprint, &cfg, &state, |d| {
-        std::fs::copy(&disk, d.path().join(files::DISK))
-            .map(|_| ())
-            .map_err(ferry_runtime::RuntimeError::io(&disk))
-    })
+    let vm = RunningVm::restore(
+        &s.engine,
+        &s.paths,
+        &(&s.blueprint).into(),
+        &cfg,
+        &state,
+        RestoreMemory::Private,
+        |d| {
+            std::fs::copy(&disk, d.path().join(files::DISK))
+                .map(|_| ())
+                .map_err(ferry_runtime::RuntimeError::io(&disk))
+        },
+    )
     .unwrap();
     vm.after_resume(None).unwrap();
     assert_eq!(
@@ -260,9 +273,10 @@ fn pause_save_and_restore_carry_on_where_the_guest_was() {
     let err = RunningVm::restore(
         &s.engine,
         &s.paths,
-        &s.blueprint,
+        &(&s.blueprint).into(),
         &other,
         &state,
+        RestoreMemory::Private,
         |_| Ok(()),
     )
     .err()

@@ -200,7 +200,7 @@ pub fn spawn_until_live(
     env: &FerryEnv,
     args: &[&str],
     timeout: Duration,
-) -> (std::process::Child, Vec<String>) {
+) -> (KillOnDrop, Vec<String>) {
     use std::io::{BufRead, BufReader, Read};
     use std::process::Stdio;
     let mut child = env
@@ -227,7 +227,7 @@ pub fn spawn_until_live(
                 let live = line.starts_with("live in ");
                 lines.push(line);
                 if live {
-                    return (child, lines);
+                    return (KillOnDrop::new(child), lines);
                 }
             }
             Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
@@ -243,6 +243,46 @@ pub fn spawn_until_live(
         if start.elapsed() > timeout {
             let _ = child.kill();
             panic!("ferry {args:?} was not live within {timeout:?}: {lines:?}");
+        }
+    }
+}
+
+/// A child process that is killed if the test panics before it is done
+/// with it, so a failing test leaves no ferry (and so no QEMU) behind.
+pub struct KillOnDrop(Option<std::process::Child>);
+
+impl KillOnDrop {
+    /// Guards `child`.
+    pub fn new(child: std::process::Child) -> Self {
+        Self(Some(child))
+    }
+
+    /// Takes the child back, unguarded.
+    pub fn into_inner(mut self) -> std::process::Child {
+        self.0.take().expect("present until dropped")
+    }
+}
+
+impl std::ops::Deref for KillOnDrop {
+    type Target = std::process::Child;
+    fn deref(&self) -> &Self::Target {
+        self.0.as_ref().expect("present until dropped")
+    }
+}
+
+impl std::ops::DerefMut for KillOnDrop {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        self.0.as_mut().expect("present until dropped")
+    }
+}
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        if let Some(child) = self.0.as_mut() {
+            if let Ok(None) = child.try_wait() {
+                let _ = child.kill();
+                let _ = child.wait();
+            }
         }
     }
 }

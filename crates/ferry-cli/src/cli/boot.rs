@@ -4,7 +4,6 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
-use ferry_engine::AccelChoice;
 use ferry_runtime::ops::{boot, BootOptions};
 use ferry_runtime::Paths;
 
@@ -24,7 +23,7 @@ pub struct Args {
     cpus: Option<u32>,
     /// Accelerator: auto uses KVM only where it really boots a Linux guest.
     #[arg(long, value_enum, default_value = "auto")]
-    accel: Accel,
+    accel: super::AccelArg,
     /// Shut down as soon as the service is live.
     #[arg(long = "exit-when-live")]
     exit_when_live: bool,
@@ -36,13 +35,6 @@ pub struct Args {
     console: bool,
 }
 
-#[derive(clap::ValueEnum, Clone, Copy, Debug)]
-enum Accel {
-    Auto,
-    Kvm,
-    Tcg,
-}
-
 pub fn run(args: Args, paths: &Paths, started: Instant) -> anyhow::Result<ExitCode> {
     let engine = super::engine(paths)?;
     let opts = BootOptions {
@@ -50,11 +42,7 @@ pub fn run(args: Args, paths: &Paths, started: Instant) -> anyhow::Result<ExitCo
         name: args.name,
         memory_mib: args.memory_size,
         cpus: args.cpus,
-        accel: match args.accel {
-            Accel::Auto => AccelChoice::Auto,
-            Accel::Kvm => AccelChoice::Kvm,
-            Accel::Tcg => AccelChoice::Tcg,
-        },
+        accel: args.accel.into(),
         exit_when_live: args.exit_when_live,
         live_timeout: args.live_timeout.map(Duration::from_secs),
         echo_console: args.console,

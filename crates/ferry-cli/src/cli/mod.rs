@@ -7,6 +7,9 @@
 mod blueprint;
 mod boot;
 mod exec;
+mod inspect;
+mod package;
+mod run;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -36,6 +39,33 @@ enum Command {
     Boot(boot::Args),
     /// Run a command inside a running VM.
     Exec(exec::Args),
+    /// Boot a blueprint, wait until its service is live, snapshot it into a package.
+    Package(package::Args),
+    /// Resume a package; Ctrl-C suspends it back into the package.
+    Run(run::Args),
+    /// Show what a package holds; --verify checks every chunk.
+    Inspect(inspect::Args),
+}
+
+/// `--accel` values.
+#[derive(clap::ValueEnum, Clone, Copy, Debug)]
+pub enum AccelArg {
+    /// KVM only where it really boots a Linux guest, else TCG.
+    Auto,
+    /// Hardware virtualisation.
+    Kvm,
+    /// Software emulation.
+    Tcg,
+}
+
+impl From<AccelArg> for ferry_engine::AccelChoice {
+    fn from(a: AccelArg) -> Self {
+        match a {
+            AccelArg::Auto => ferry_engine::AccelChoice::Auto,
+            AccelArg::Kvm => ferry_engine::AccelChoice::Kvm,
+            AccelArg::Tcg => ferry_engine::AccelChoice::Tcg,
+        }
+    }
 }
 
 /// Runs the parsed command.
@@ -45,6 +75,9 @@ pub fn run(cli: Cli, started: Instant) -> anyhow::Result<ExitCode> {
         Command::Blueprint(args) => blueprint::run(args, &paths),
         Command::Boot(args) => boot::run(args, &paths, started),
         Command::Exec(args) => exec::run(args, &paths),
+        Command::Package(args) => package::run(args, &paths),
+        Command::Run(args) => run::run(args, &paths, started),
+        Command::Inspect(args) => inspect::run(args),
     }
 }
 
@@ -64,7 +97,10 @@ pub fn exit_code(e: &anyhow::Error) -> ExitCode {
             | RuntimeError::NameInUse { .. }
             | RuntimeError::NoSuchVm { .. }
             | RuntimeError::MemoryTooSmall { .. }
-            | RuntimeError::BadOption(_) => 3,
+            | RuntimeError::BadOption(_)
+            | RuntimeError::Package(_)
+            | RuntimeError::PackageInUse { .. }
+            | RuntimeError::HostTooSmall { .. } => 3,
             RuntimeError::AgentSilent { .. }
             | RuntimeError::NotLive { .. }
             | RuntimeError::VmDied { .. }

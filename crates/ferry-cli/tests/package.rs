@@ -1,0 +1,440 @@
+//! `ferry package`, `ferry run`, `ferry inspect` with real QEMU: snapshot a
+//! live guest, resume it without a reboot, suspend it back, and refuse bad
+//! packages without ever changing them.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Output};
+use std::time::Duration;
+
+use ferry_package::{Package, PackageWriter, SectionKind, DEFAULT_CHUNK_SIZE};
+use ferry_test_support::{
+    blueprint, describe, fixtures_dir, qemu_pids, send_signal, spawn_until_live, vm_lock,
+    wait_until, FerryEnv, KillOnDrop,
+};
+
+fn env() -> FerryEnv {
+    FerryEnv::new(env!("CARGO_BIN_EXE_ferry"))
+}
+
+/// A package of the tiny blueprint, made once per test binary run.
+fn tiny_package(env: &FerryEnv) -> PathBuf {
+    let path = fixtures_dir().join("tiny.ferry");
+    let bp = blueprint("tiny");
+    let stamp = fixtures_dir().join("tiny.ferry.from");
+    let want = format!(
+        "{:?}",
+        std::fs::metadata(bp.join("blueprint.toml"))
+            .and_then(|m| m.modified())
+            .ok()
+    );
+    if !path.exists() || std::fs::read_to_string(&stamp).ok().as_deref() != Some(want.as_str()) {
+        let out = env.run(&[
+            "package",
+            "--blueprint",
+            bp.to_str().unwrap(),
+            "--out",
+            path.to_str().unwrap(),
+        ]);
+        assert!(out.status.success(), "{}", describe(&out));
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(stdout.contains("packaged "), "{stdout}");
+        std::fs::write(&stamp, want).unwrap();
+    }
+    path
+}
+
+/// A private copy of the tiny package for a test that changes it.
+fn copy_of_package(env: &FerryEnv, name: &str) -> PathBuf {
+    let src = tiny_package(env);
+    let dst = env.state.path().join(name);
+    std::fs::copy(&src, &dst).unwrap();
+    dst
+}
+
+fn exec(env: &FerryEnv, vm: &str, script: &str) -> String {
+    let out = env.run(&["exec", vm, "--", "sh", "-c", script]);
+    assert!(out.status.success(), "{}", describe(&out));
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+fn uptime(env: &FerryEnv, vm: &str) -> f64 {
+    exec(env, vm, "cut -d' ' -f1 /proc/uptime").parse().unwrap()
+}
+
+fn stop(child: &mut Child) -> Output {
+    send_signal(child.id(), libc::SIGINT);
+    wait_until(Duration::from_secs(60), "ferry to exit", || {
+        child.try_wait().unwrap()
+    });
+    let mut stdout = String::new();
+    let mut stderr = String::new();
+    use std::io::Read;
+    if let Some(mut s) = child.stdout.take() {
+        let _ = s.read_to_string(&mut stdout);
+    }
+    if let Some(mut s) = child.stderr.take() {
+        let _ = s.read_to_string(&mut stderr);
+    }
+    let status = child.wait().unwrap();
+    Output {
+        status,
+        stdout: stdout.into_bytes(),
+        stderr: stderr.into_bytes(),
+    }
+}
+
+fn error_line(out: &Output) -> String {
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    stderr
+        .lines()
+        .rfind(|l| l.starts_with("ferry: "))
+        .unwrap_or_else(|| panic!("no error line: {}", describe(out)))
+        .to_string()
+}
+
+#[test]
+fn package_run_suspend_and_run_again_keeps_everything() {
+    let _lock = vm_lock();
+    let env = env();
+    let pkg = copy_of_package(&env, "p.ferry");
+
+    let out = env.run(&["inspect", pkg.to_str().unwrap(), "--verify"]);
+    assert!(out.status.success(), "{}", describe(&out));
+    let text = String::from_utf8_lossy(&out.stdout);
+    for section in [
+        "config",
+        "device-state",
+        "memory",
+        "kernel",
+        "initramfs",
+        "disk",
+        "verify:    ok",
+    ] {
+        assert!(text.contains(section), "inspect shows {section}: {text}");
+    }
+
+    let args = ["run", "--package", pkg.to_str().unwrap(), "--name", "p1"];
+    let (mut run, lines) = spawn_until_live(&env, &args, Duration::from_secs(120));
+    assert!(
+        lines.iter().any(|l| l.starts_with("resumed in ")),
+        "{lines:?}"
+    );
+    // The service answers at once: it was live when packaged.
+    assert_eq!(
+        exec(&env, "p1", "wget -qO- http://127.0.0.1:8080/"),
+        "hello from a ferry tiny guest"
+    );
+    let up1 = uptime(&env, "p1");
+    exec(
+        &env,
+        "p1",
+        "echo in-ram > /tmp/ram-note; echo on-disk > /root/disk-note; sync",
+    );
+
+    // One run per package; a clone is fine and gets its own identity.
+    let out = env.run(&[
+        "run",
+        "--package",
+        pkg.to_str().unwrap(),
+        "--name",
+        "p-second",
+    ]);
+    assert_eq!(out.status.code(), Some(3), "{}", describe(&out));
+    assert!(
+        error_line(&out).contains("in use by another 'ferry run'"),
+        "{}",
+        describe(&out)
+    );
+    let before_clone = std::fs::read(&pkg).unwrap();
+    let (mut clone, _) = spawn_until_live(
+        &env,
+        &[
+            "run",
+            "--package",
+            pkg.to_str().unwrap(),
+            "--clone",
+            "--name",
+            "c1",
+        ],
+        Duration::from_secs(120),
+    );
+    assert_eq!(exec(&env, "c1", "hostname"), "c1");
+    assert_ne!(
+        exec(&env, "c1", "cat /etc/machine-id"),
+        exec(&env, "p1", "cat /etc/machine-id")
+    );
+    assert!(exec(&env, "c1", "cat /tmp/ram-note 2>/dev/null || echo absent") == "absent");
+    let out = stop(&mut clone);
+    assert!(out.status.success(), "{}", describe(&out));
+    assert!(
+        std::fs::read(&pkg).unwrap() == before_clone,
+        "a clone never changes the package"
+    );
+    assert!(qemu_pids("c1").is_empty());
+
+    // Ctrl-C suspends into the package.
+    let out = stop(&mut run);
+    assert!(out.status.success(), "{}", describe(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("suspending into"),
+        "{}",
+        describe(&out)
+    );
+    assert!(qemu_pids("p1").is_empty());
+    let out = env.run(&["inspect", pkg.to_str().unwrap(), "--verify"]);
+    assert!(out.status.success(), "{}", describe(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("generation 1"),
+        "{}",
+        describe(&out)
+    );
+
+    // Run again: memory and disk are where they were, and no reboot.
+    let (mut run, _) = spawn_until_live(&env, &args, Duration::from_secs(120));
+    assert_eq!(exec(&env, "p1", "cat /tmp/ram-note"), "in-ram");
+    assert_eq!(exec(&env, "p1", "cat /root/disk-note"), "on-disk");
+    let up2 = uptime(&env, "p1");
+    assert!(up2 >= up1, "uptime continues: {up1} -> {up2}");
+    let out = stop(&mut run);
+    assert!(out.status.success(), "{}", describe(&out));
+}
+
+/// Rewrites a package through the library: `edit` changes its metadata,
+/// `skip` leaves a section out.
+fn rewrite(
+    src: &Path,
+    dst: &Path,
+    edit: impl FnOnce(&mut serde_json::Value),
+    skip: Option<SectionKind>,
+) {
+    let pkg = Package::open(src).unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let mut w = PackageWriter::create(dst).unwrap();
+    for s in pkg.sections() {
+        if Some(s.kind) == skip {
+            continue;
+        }
+        let f = tmp.path().join(s.kind.to_string());
+        pkg.extract(s.kind, &f, &mut |_, _| {}).unwrap();
+        w.add_file(s.kind, &f, DEFAULT_CHUNK_SIZE, None, &mut |_, _| {})
+            .unwrap();
+    }
+    let mut meta = pkg.metadata().clone();
+    edit(&mut meta);
+    w.commit(meta).unwrap();
+}
+
+fn run_fails(env: &FerryEnv, pkg: &Path) -> Output {
+    let before = std::fs::read(pkg).unwrap();
+    let child = env
+        .cmd()
+        .args(["run", "--package", pkg.to_str().unwrap(), "--name", "t-bad"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut child = KillOnDrop::new(child);
+    wait_until(
+        Duration::from_secs(60),
+        "ferry run to refuse the package",
+        || child.try_wait().unwrap(),
+    );
+    let out = child.into_inner().wait_with_output().unwrap();
+    assert!(!out.status.success(), "{}", describe(&out));
+    assert!(
+        std::fs::read(pkg).unwrap() == before,
+        "the package is byte-for-byte unchanged"
+    );
+    assert!(qemu_pids("t-bad").is_empty());
+    assert!(!env.vm_dir("t-bad").exists());
+    out
+}
+
+#[test]
+fn bad_packages_are_refused_and_left_unchanged() {
+    let _lock = vm_lock();
+    let env = env();
+    let good = tiny_package(&env);
+    let len = std::fs::metadata(&good).unwrap().len();
+
+    // Truncated.
+    let p = env.state.path().join("truncated.ferry");
+    let bytes = std::fs::read(&good).unwrap();
+    std::fs::write(&p, &bytes[..(len as usize) / 2]).unwrap();
+    let out = run_fails(&env, &p);
+    assert_eq!(out.status.code(), Some(3), "{}", describe(&out));
+    assert!(
+        error_line(&out).to_lowercase().contains("truncated")
+            || error_line(&out).contains("corrupt"),
+        "{}",
+        describe(&out)
+    );
+
+    // A flipped byte inside a chunk: inspect --verify finds it, run refuses.
+    let p = env.state.path().join("flipped.ferry");
+    let pkg = Package::open(&good).unwrap();
+    let chunk = pkg
+        .section(SectionKind::Kernel)
+        .unwrap()
+        .chunks
+        .iter()
+        .flatten()
+        .next()
+        .unwrap()
+        .clone();
+    let mut bytes = std::fs::read(&good).unwrap();
+    bytes[(chunk.offset + chunk.stored_len / 2) as usize] ^= 0x55;
+    std::fs::write(&p, &bytes).unwrap();
+    let out = env.run(&["inspect", "--verify", p.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(3), "{}", describe(&out));
+    assert!(error_line(&out).contains("kernel"), "{}", describe(&out));
+    let out = run_fails(&env, &p);
+    assert!(error_line(&out).contains("corrupt"), "{}", describe(&out));
+
+    // Not a package at all.
+    let p = env.state.path().join("junk.ferry");
+    std::fs::write(&p, b"this is not a package").unwrap();
+    let out = run_fails(&env, &p);
+    assert_eq!(out.status.code(), Some(3), "{}", describe(&out));
+
+    // Another engine version.
+    let p = env.state.path().join("other-engine.ferry");
+    rewrite(
+        &good,
+        &p,
+        |m| m["provenance"]["engine_version"] = "0.9.0".into(),
+        None,
+    );
+    let out = run_fails(&env, &p);
+    assert!(
+        error_line(&out).contains("QEMU 0.9.0"),
+        "{}",
+        describe(&out)
+    );
+
+    // Another CPU model.
+    let p = env.state.path().join("other-cpu.ferry");
+    rewrite(
+        &good,
+        &p,
+        |m| m["provenance"]["cpu_model"] = "some-other-cpu".into(),
+        None,
+    );
+    let out = run_fails(&env, &p);
+    assert!(
+        error_line(&out).contains("CPU model 'some-other-cpu'"),
+        "{}",
+        describe(&out)
+    );
+
+    // More memory than the host has.
+    let p = env.state.path().join("huge.ferry");
+    rewrite(
+        &good,
+        &p,
+        |m| m["provenance"]["memory_mib"] = (64u64 << 20).into(),
+        None,
+    );
+    let out = run_fails(&env, &p);
+    assert!(
+        error_line(&out).contains("MiB of guest memory but this host has"),
+        "{}",
+        describe(&out)
+    );
+
+    // A missing section.
+    let p = env.state.path().join("no-disk.ferry");
+    rewrite(&good, &p, |_| {}, Some(SectionKind::Disk));
+    let out = run_fails(&env, &p);
+    assert!(error_line(&out).contains("disk"), "{}", describe(&out));
+}
+
+/// Ctrl-C with the package on a read-only mount, or on a full disk: a clear
+/// error, the package unchanged, and the VM still running.
+#[test]
+fn write_back_failures_keep_the_package_and_the_vm() {
+    let _lock = vm_lock();
+    let env = env();
+    let good = tiny_package(&env);
+    let size_mib = std::fs::metadata(&good).unwrap().len().div_ceil(1 << 20);
+
+    for case in ["read-only", "full"] {
+        let mnt = env.state.path().join(format!("mnt-{case}"));
+        std::fs::create_dir_all(&mnt).unwrap();
+        let sh = |cmd: &str| {
+            let ok = std::process::Command::new("sh")
+                .arg("-c")
+                .arg(cmd)
+                .status()
+                .unwrap()
+                .success();
+            assert!(ok, "{cmd}");
+        };
+        let m = mnt.display();
+        if case == "read-only" {
+            let src = env.state.path().join("rw");
+            std::fs::create_dir_all(&src).unwrap();
+            std::fs::copy(&good, src.join("p.ferry")).unwrap();
+            sh(&format!(
+                "mount --bind {} {m} && mount -o remount,ro,bind {m}",
+                src.display()
+            ));
+        } else {
+            sh(&format!(
+                "mount -t tmpfs -o size={}m tmpfs {m}",
+                size_mib + 1
+            ));
+            std::fs::copy(&good, mnt.join("p.ferry")).unwrap();
+        }
+        let pkg = mnt.join("p.ferry");
+        let before = std::fs::read(&pkg).unwrap();
+        let (mut run, _) = spawn_until_live(
+            &env,
+            &["run", "--package", pkg.to_str().unwrap(), "--name", "t-wb"],
+            Duration::from_secs(120),
+        );
+        send_signal(run.id(), libc::SIGINT);
+        // The VM keeps serving after the failed write-back.
+        wait_until(
+            Duration::from_secs(60),
+            "the VM to answer after the failed write-back",
+            || {
+                std::thread::sleep(Duration::from_millis(500));
+                let out = env.run(&["exec", "t-wb", "--", "cat", "/srv/www/index.html"]);
+                out.status.success().then_some(())
+            },
+        );
+        assert!(run.try_wait().unwrap().is_none(), "ferry run keeps running");
+        send_signal(run.id(), libc::SIGKILL);
+        let _ = run.wait();
+        let out = {
+            use std::io::Read;
+            let mut err = String::new();
+            run.stderr.take().unwrap().read_to_string(&mut err).unwrap();
+            err
+        };
+        assert!(
+            out.contains("could not suspend into") && out.contains("the package is unchanged"),
+            "{case}: {out}"
+        );
+        wait_until(Duration::from_secs(10), "QEMU to go", || {
+            qemu_pids("t-wb").is_empty().then_some(())
+        });
+        assert!(
+            std::fs::read(&pkg).unwrap() == before,
+            "{case}: the package is byte-for-byte unchanged"
+        );
+        let leftovers: Vec<_> = std::fs::read_dir(&mnt)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        sh(&format!("umount {m}"));
+        assert_eq!(
+            leftovers.len(),
+            1,
+            "{case}: no temp files left: {leftovers:?}"
+        );
+        // The killed supervisor left its state dir; the next start takes it over.
+        let _ = std::fs::remove_dir_all(env.vm_dir("t-wb"));
+    }
+}

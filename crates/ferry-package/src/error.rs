@@ -1,0 +1,159 @@
+use std::path::PathBuf;
+
+use crate::table::SectionKind;
+use crate::{FORMAT_MAJOR, FORMAT_MINOR};
+
+/// Everything that can go wrong writing, opening or reading a package. Each
+/// message names the cause and, where there is one, the fix.
+#[derive(Debug, thiserror::Error)]
+pub enum PackageError {
+    /// An I/O error, with the path it concerns.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file or directory.
+        path: PathBuf,
+        /// The underlying error.
+        source: std::io::Error,
+    },
+    /// A write failed because the file system is full.
+    #[error("{path}: no space left on the device: free some space (or write the package elsewhere) and retry")]
+    NoSpace {
+        /// The file being written.
+        path: PathBuf,
+    },
+    /// The file ends before the data its header or table describes.
+    #[error("{path} is truncated ({detail}): the copy is incomplete; fetch it again or rebuild it with ferry package")]
+    Truncated {
+        /// The package file.
+        path: PathBuf,
+        /// What is missing.
+        detail: String,
+    },
+    /// The file does not start with the package magic.
+    #[error("{0} is not a ferry package (it does not start with FERRYPKG): check the path")]
+    NotAPackage(PathBuf),
+    /// The package uses a format version this ferry cannot read.
+    #[error(
+        "{path}: package format {major}.{minor} is not supported by this ferry (reads {}): {}",
+        supported_versions(),
+        version_fix(*.major, *.minor)
+    )]
+    UnsupportedVersion {
+        /// The package file.
+        path: PathBuf,
+        /// The package's format major version.
+        major: u16,
+        /// The package's format minor version.
+        minor: u16,
+    },
+    /// The fixed header fails its checksum or holds impossible values.
+    #[error("{path}: the package header is corrupt ({detail}): the package is damaged; fetch or rebuild it")]
+    HeaderCorrupt {
+        /// The package file.
+        path: PathBuf,
+        /// What is wrong.
+        detail: String,
+    },
+    /// The section table fails its checksum, does not parse or is inconsistent.
+    #[error("{path}: the section table is corrupt ({detail}): the package is damaged; fetch or rebuild it")]
+    TableCorrupt {
+        /// The package file.
+        path: PathBuf,
+        /// What is wrong.
+        detail: String,
+    },
+    /// A chunk does not decompress or does not match its sha256.
+    #[error("chunk {index} of section {section} (file offset {offset}) is corrupt: the package is damaged; fetch or rebuild it")]
+    ChunkCorrupt {
+        /// The section holding the chunk.
+        section: SectionKind,
+        /// The chunk's index within the section.
+        index: usize,
+        /// Where the chunk's stored bytes start in the package file.
+        offset: u64,
+    },
+    /// The package lacks a section the caller needs.
+    #[error("{path}: the package has no {kind} section: it is incomplete; rebuild it with ferry package")]
+    MissingSection {
+        /// The package file.
+        path: PathBuf,
+        /// The section asked for.
+        kind: SectionKind,
+    },
+    /// A chunk index past the end of its section was asked for.
+    #[error("section {section} has {count} chunks: there is no chunk {index}")]
+    ChunkOutOfRange {
+        /// The section.
+        section: SectionKind,
+        /// The index asked for.
+        index: usize,
+        /// How many chunks the section has.
+        count: usize,
+    },
+    /// A section was added twice to one package.
+    #[error("section {0} was already added: a package holds each section once")]
+    DuplicateSection(SectionKind),
+    /// The chunk size is outside what the format allows.
+    #[error("chunk size {0} is not supported: use a multiple of 4096 from 4 KiB to 64 MiB (the default is 2 MiB)")]
+    InvalidChunkSize(u64),
+    /// The section table would exceed the format's size cap.
+    #[error("the section table would be {size} bytes, more than the limit of {limit}: use a larger chunk size")]
+    TableTooLarge {
+        /// The table's size.
+        size: u64,
+        /// The cap.
+        limit: u64,
+    },
+    /// A section is too large to be read into memory.
+    #[error("section {kind} is {size} bytes, too large to read into memory: extract it to a file instead")]
+    SectionTooLarge {
+        /// The section.
+        kind: SectionKind,
+        /// Its uncompressed size.
+        size: u64,
+    },
+    /// The destination of a package has no file name.
+    #[error("{0} does not name a file: give the path of the package file to write")]
+    InvalidDestination(PathBuf),
+}
+
+fn supported_versions() -> String {
+    if FORMAT_MINOR == 0 {
+        format!("{FORMAT_MAJOR}.0")
+    } else {
+        format!("{FORMAT_MAJOR}.0 to {FORMAT_MAJOR}.{FORMAT_MINOR}")
+    }
+}
+
+fn version_fix(major: u16, minor: u16) -> &'static str {
+    if (major, minor) > (FORMAT_MAJOR, FORMAT_MINOR) {
+        "upgrade ferry"
+    } else {
+        "rebuild the package with this ferry"
+    }
+}
+
+impl PackageError {
+    /// Maps an error from a write to `path`: a full disk becomes
+    /// [`PackageError::NoSpace`].
+    pub(crate) fn write(path: impl Into<PathBuf>) -> impl FnOnce(std::io::Error) -> Self {
+        let path = path.into();
+        move |source| {
+            use std::io::ErrorKind;
+            if matches!(
+                source.kind(),
+                ErrorKind::StorageFull | ErrorKind::QuotaExceeded
+            ) {
+                PackageError::NoSpace { path }
+            } else {
+                PackageError::Io { path, source }
+            }
+        }
+    }
+
+    /// Maps an error from any other operation on `path`.
+    pub(crate) fn io(path: impl Into<PathBuf>) -> impl FnOnce(std::io::Error) -> Self {
+        let path = path.into();
+        move |source| PackageError::Io { path, source }
+    }
+}
