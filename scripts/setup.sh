@@ -2,11 +2,12 @@
 # Installs what ferry needs on a Debian bookworm machine, idempotently:
 # QEMU and its image tool, busybox-static and e2fsprogs for blueprints,
 # debootstrap for Debian-based recipes, redis-tools for the demo and tests,
-# iproute2 and iptables for networking. Needs root.
+# iproute2 and iptables for networking, kmod and cpio for the KVM lab VM
+# (../shared/tools/kvm-lab.sh). Needs root.
 set -euo pipefail
 [ "$(id -u)" = 0 ] || { echo "setup: run as root (apt-get install needs it)" >&2; exit 1; }
 pkgs=(qemu-system-x86 qemu-utils busybox-static e2fsprogs debootstrap redis-tools
-      iproute2 iptables procps ca-certificates)
+      iproute2 iptables procps ca-certificates kmod cpio)
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -303,6 +303,18 @@ impl PackageWriter {
                 let s = i * chunk_size;
                 (s, (size - s).min(chunk_size))
             };
+            // Chunks that lie wholly in a hole of a sparse file are zero:
+            // they are neither read nor scanned (a 1 GiB disk image is mostly
+            // holes).
+            let holes: Vec<bool> = match source {
+                Source::Bytes(_) => vec![false; (last - first) as usize],
+                Source::File { file, .. } => (first..last)
+                    .map(|i| {
+                        let (s, n) = range(i);
+                        is_hole(file, s, n)
+                    })
+                    .collect(),
+            };
             let items: Vec<(usize, &[u8])> = match source {
                 Source::Bytes(data) => (first..last)
                     .map(|i| {
@@ -312,7 +324,11 @@ impl PackageWriter {
                     .collect(),
                 Source::File { file, path } => {
                     bufs.resize_with((last - first) as usize, Vec::new);
-                    for (buf, i) in bufs.iter_mut().zip(first..last) {
+                    for ((buf, i), hole) in bufs.iter_mut().zip(first..last).zip(&holes) {
+                        if *hole {
+                            buf.clear();
+                            continue;
+                        }
                         let (s, n) = range(i);
                         buf.resize(n as usize, 0);
                         file.read_exact_at(buf, s).map_err(|e| {
@@ -332,12 +348,23 @@ impl PackageWriter {
                     }
                     (first..last)
                         .zip(&bufs)
-                        .map(|(i, b)| (i as usize, &b[..]))
+                        .zip(&holes)
+                        .filter(|(_, hole)| !**hole)
+                        .map(|((i, b), _)| (i as usize, &b[..]))
                         .collect()
                 }
             };
             let results = chunk::par_map(&items, threads, |&(i, data)| process(i, data, old));
-            for ((_, data), result) in items.iter().zip(results) {
+            let mut results = items.iter().zip(results);
+            for (i, hole) in (first..last).zip(&holes) {
+                if *hole {
+                    stats.input_bytes += range(i).1;
+                    stats.zero_chunks += 1;
+                    chunks.push(None);
+                    shas.push(None);
+                    continue;
+                }
+                let ((_, data), result) = results.next().expect("one result per data chunk");
                 stats.input_bytes += data.len() as u64;
                 match result {
                     Processed::Zero => {
@@ -384,6 +411,23 @@ impl PackageWriter {
             chunks,
         })
     }
+}
+
+/// Whether `len` bytes at `start` of `file` are all in a hole (read as zero
+/// without being stored). Any doubt (no SEEK_DATA support) says no.
+fn is_hole(file: &File, start: u64, len: u64) -> bool {
+    use std::os::unix::io::AsRawFd;
+    let Ok(offset) = libc::off_t::try_from(start) else {
+        return false;
+    };
+    // SAFETY: lseek on a descriptor owned by `file`, which outlives the call;
+    // it only moves the file offset, which positioned reads ignore.
+    let next_data = unsafe { libc::lseek(file.as_raw_fd(), offset, libc::SEEK_DATA) };
+    if next_data < 0 {
+        // ENXIO: no data at or after `start`; anything else: unknown.
+        return std::io::Error::last_os_error().raw_os_error() == Some(libc::ENXIO);
+    }
+    next_data as u64 >= start + len
 }
 
 /// Decides how to store chunk `index` (whose bytes are `data`), reusing the

@@ -138,12 +138,16 @@ pub fn package(
 /// Quiesces the guest and saves its device state; returns the provenance
 /// to record. Leaves the VM paused.
 fn saved_provenance(vm: &mut RunningVm, engine: &dyn Engine) -> Result<Provenance, RuntimeError> {
+    let t = Instant::now();
     vm.agent().request(
         &Request::BeforeSuspend { drop_caches: true },
         Duration::from_secs(60),
     )?;
+    tracing::info!(ms = t.elapsed().as_millis() as u64, "guest quiesced");
+    let t = Instant::now();
     let dir = vm.dir().path().to_path_buf();
     let state = vm.engine_vm().save_state(&dir.join(DEVICE_STATE_OUT))?;
+    tracing::info!(ms = t.elapsed().as_millis() as u64, "device state saved");
     let mut provenance = state.provenance;
     provenance.engine = engine.name().to_string();
     Ok(provenance)
@@ -166,7 +170,9 @@ fn write_package(
 ) -> Result<(), RuntimeError> {
     let dir = vm.dir().path().to_path_buf();
     let disk = dir.join(DISK_EXPORT);
+    let t = Instant::now();
     vm.engine_vm().export_disk(&disk)?;
+    tracing::info!(ms = t.elapsed().as_millis() as u64, "disk exported");
     let mut writer = PackageWriter::create(dest)?;
     let config = serde_json::to_vec_pretty(meta).expect("metadata serialises");
     writer.add_bytes(SectionKind::Config, &config)?;
@@ -193,7 +199,9 @@ fn write_package(
             "section written"
         );
     }
+    let t = Instant::now();
     writer.commit(serde_json::to_value(meta).expect("metadata serialises"))?;
+    tracing::info!(ms = t.elapsed().as_millis() as u64, "package committed");
     let _ = std::fs::remove_file(&disk);
     Ok(())
 }
@@ -235,11 +243,17 @@ pub fn run(
     ] {
         pkg.section(kind)?;
     }
-    // Every chunk is checked before anything runs: a damaged package is
-    // refused even where the section cache could have stood in for it.
-    let t = Instant::now();
-    pkg.verify(&mut |_, _| {})?;
-    tracing::info!(ms = t.elapsed().as_millis() as u64, "package verified");
+    // Every chunk is checked, so that a damaged package is refused even
+    // where the section cache could stand in for it. The check runs beside
+    // the engine's start-up and is awaited before the VM is declared up.
+    let verifier = {
+        let path = opts.package.clone();
+        std::thread::spawn(move || -> Result<u128, ferry_package::PackageError> {
+            let t = Instant::now();
+            Package::open(&path)?.verify(&mut |_, _| {})?;
+            Ok(t.elapsed().as_millis())
+        })
+    };
     let _lock = if opts.clone {
         None
     } else {
@@ -311,6 +325,15 @@ pub fn run(
         Reply::Resumed { status, .. } => status.live,
         _ => false,
     };
+    match verifier.join() {
+        Ok(Ok(ms)) => tracing::info!(ms = ms as u64, "package verified"),
+        Ok(Err(e)) => return Err(e.into()),
+        Err(_) => {
+            return Err(RuntimeError::BadOption(
+                "package verification panicked".into(),
+            ))
+        }
+    }
     say(&format!(
         "resumed in {} ms",
         opts.started.elapsed().as_millis()
