@@ -1,7 +1,7 @@
 //! Every bad input gets a one-line error that names the cause and the fix,
 //! a non-zero exit code, and leaves nothing behind.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Output;
 
 use ferry_test_support::{
@@ -26,6 +26,33 @@ fn error_line(out: &Output) -> String {
         describe(out)
     );
     lines[0].to_string()
+}
+
+/// Builds a blueprint from a variant of the tiny recipe named `name`.
+fn tiny_variant(env: &FerryEnv, name: &str, edit: impl FnOnce(String) -> String) -> PathBuf {
+    let text = std::fs::read_to_string(workspace_root().join("recipes/tiny.toml"))
+        .unwrap()
+        .replace("name = \"tiny\"", &format!("name = \"{name}\""));
+    let recipe = fixtures_dir().join(format!("{name}.toml"));
+    std::fs::write(&recipe, edit(text)).unwrap();
+    let bp = env.state.path().join(name);
+    let out = env.run(&[
+        "blueprint",
+        "build",
+        "--quiet",
+        "--recipe",
+        recipe.to_str().unwrap(),
+        "--out",
+        bp.to_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "{}", describe(&out));
+    bp
+}
+
+/// The failed VM left neither its state dir nor its QEMU behind.
+fn assert_cleaned_up(env: &FerryEnv, vm: &str) {
+    assert!(!env.vm_dir(vm).exists(), "state dir of {vm} is removed");
+    assert!(qemu_pids(vm).is_empty(), "no QEMU of {vm} is left");
 }
 
 fn copy_dir(from: &Path, to: &Path) {
@@ -227,23 +254,7 @@ fn memory_too_small_and_bad_names() {
 fn service_never_live() {
     let _lock = vm_lock();
     let env = env();
-    let text = std::fs::read_to_string(workspace_root().join("recipes/tiny.toml"))
-        .unwrap()
-        .replace("name = \"tiny\"", "name = \"never-live\"")
-        .replace("port = 8080", "port = 9");
-    let recipe = fixtures_dir().join("never-live.toml");
-    std::fs::write(&recipe, text).unwrap();
-    let bp = env.state.path().join("never-live");
-    let out = env.run(&[
-        "blueprint",
-        "build",
-        "--quiet",
-        "--recipe",
-        recipe.to_str().unwrap(),
-        "--out",
-        bp.to_str().unwrap(),
-    ]);
-    assert!(out.status.success(), "{}", describe(&out));
+    let bp = tiny_variant(&env, "never-live", |t| t.replace("port = 8080", "port = 9"));
 
     let out = env.run(&[
         "boot",
@@ -261,8 +272,7 @@ fn service_never_live() {
         line.contains("did not become live within 25 s") && line.contains("--live-timeout"),
         "{line}"
     );
-    assert!(!env.vm_dir("t-never").exists());
-    assert!(qemu_pids("t-never").is_empty());
+    assert_cleaned_up(&env, "t-never");
 }
 
 /// Too short a timeout for the agent to even start: reported as a silent
@@ -288,8 +298,7 @@ fn agent_silent() {
         line.contains("guest agent did not answer within 1 s") && line.contains("--live-timeout"),
         "{line}"
     );
-    assert!(!env.vm_dir("t-silent").exists());
-    assert!(qemu_pids("t-silent").is_empty());
+    assert_cleaned_up(&env, "t-silent");
 }
 
 /// A guest whose init cannot start stops; ferry says so with the guest's
@@ -298,23 +307,12 @@ fn agent_silent() {
 fn guest_crash_is_reported() {
     let _lock = vm_lock();
     let env = env();
-    let text = std::fs::read_to_string(workspace_root().join("recipes/tiny.toml"))
-        .unwrap()
-        .replace("name = \"tiny\"", "name = \"broken\"")
-        .replace("[files]", "[files]\n\"/ferry/init\" = \"#!/ferry/bin/busybox sh\\necho ferry-test: init is broken\\nexit 1\\n\"");
-    let recipe = fixtures_dir().join("broken.toml");
-    std::fs::write(&recipe, text).unwrap();
-    let bp = env.state.path().join("broken");
-    let out = env.run(&[
-        "blueprint",
-        "build",
-        "--quiet",
-        "--recipe",
-        recipe.to_str().unwrap(),
-        "--out",
-        bp.to_str().unwrap(),
-    ]);
-    assert!(out.status.success(), "{}", describe(&out));
+    let bp = tiny_variant(&env, "broken", |t| {
+        t.replace(
+            "[files]",
+            "[files]\n\"/ferry/init\" = \"#!/ferry/bin/busybox sh\\necho ferry-test: init is broken\\nexit 1\\n\"",
+        )
+    });
     let out = env.run(&[
         "boot",
         "--blueprint",
@@ -331,6 +329,5 @@ fn guest_crash_is_reported() {
         line.contains("stopped unexpectedly") && line.contains("ferry-init: /ferry/init"),
         "{line}"
     );
-    assert!(!env.vm_dir("t-broken").exists());
-    assert!(qemu_pids("t-broken").is_empty());
+    assert_cleaned_up(&env, "t-broken");
 }

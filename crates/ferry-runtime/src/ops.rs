@@ -45,8 +45,7 @@ pub fn boot(
     opts: &BootOptions,
     say: &mut dyn FnMut(&str),
 ) -> Result<(), RuntimeError> {
-    let blueprint = Blueprint::load(&opts.blueprint)?;
-    blueprint.verify(Some(&paths.cache.join("verified")))?;
+    let blueprint = load_verified(paths, &opts.blueprint)?;
     let m = &blueprint.manifest;
     let (memory_mib, cpus) = plan_vm(&blueprint, opts.memory_mib, opts.cpus)?;
     let name = opts
@@ -97,6 +96,14 @@ pub fn boot(
         }
         Err(e) => Err(e),
     }
+}
+
+/// Loads a blueprint and checks its files against their sha256 sums (a
+/// file unchanged since its last check is not hashed again).
+pub fn load_verified(paths: &Paths, dir: &std::path::Path) -> Result<Blueprint, RuntimeError> {
+    let blueprint = Blueprint::load(dir)?;
+    blueprint.verify(Some(&paths.cache.join("verified")))?;
+    Ok(blueprint)
 }
 
 /// The memory and vCPUs a VM of `blueprint` gets: the user's choice or the

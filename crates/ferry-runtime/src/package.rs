@@ -19,12 +19,12 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use ferry_agent_proto::{Identity, Liveness, Reply, Request};
-use ferry_blueprint::{Blueprint, NetworkConfig};
+use ferry_blueprint::NetworkConfig;
 use ferry_engine::{AccelChoice, Engine, ProbeGuest, Provenance, SavedState};
 use ferry_package::{Package, PackageWriter, SectionKind, DEFAULT_CHUNK_SIZE};
 use serde::{Deserialize, Serialize};
 
-use crate::ops::{forward_signals, plan_vm};
+use crate::ops::{forward_signals, load_verified, plan_vm};
 use crate::supervisor::{BootImage, RestoreMemory, RunningVm, VmConfig};
 use crate::vmdir::{files, generate_name, validate_name};
 use crate::{Paths, RuntimeError};
@@ -83,8 +83,7 @@ pub fn package(
     say: &mut dyn FnMut(&str),
 ) -> Result<(), RuntimeError> {
     let started = Instant::now();
-    let blueprint = Blueprint::load(&opts.blueprint)?;
-    blueprint.verify(Some(&paths.cache.join("verified")))?;
+    let blueprint = load_verified(paths, &opts.blueprint)?;
     let m = &blueprint.manifest;
     let (memory_mib, cpus) = plan_vm(&blueprint, opts.memory_mib, opts.cpus)?;
     let decision = engine.choose_accel(opts.accel, &probe_of(&(&blueprint).into()))?;
