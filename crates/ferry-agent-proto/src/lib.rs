@@ -189,6 +189,15 @@ pub struct GuestConfig {
     pub env: Vec<(String, String)>,
     /// How liveness is judged.
     pub liveness: Liveness,
+    /// Run a shell on the serial console (when the agent is PID 1), so that
+    /// a host forwarding its terminal to the console (`--enable-input`)
+    /// reaches something.
+    #[serde(default = "default_true")]
+    pub console_shell: bool,
+}
+
+fn default_true() -> bool {
+    true
 }
 
 /// Errors decoding a frame.

@@ -13,7 +13,7 @@ use crate::cli::Options;
 use crate::outbox::Outbox;
 use crate::port::{self, PortReader};
 use crate::reaper::{lock, Reaper};
-use crate::{handlers, service, sys};
+use crate::{console, handlers, service, sys};
 
 /// `PATH` for every child, before the configuration's own environment
 /// (which may override it). `/ferry/bin` holds tools shipped with ferry.
@@ -101,6 +101,8 @@ pub fn run(options: Options) {
                 service: None,
                 env: Vec::new(),
                 liveness: Liveness::None,
+                // A console to look around on is what a broken guest needs.
+                console_shell: true,
             };
             (fallback, Some(e))
         }
@@ -143,6 +145,9 @@ pub fn run(options: Options) {
     if agent.config_error.is_none() {
         service::start(&agent);
         service::watch_liveness(&agent);
+    }
+    if sys::is_pid1() && agent.config.console_shell {
+        console::start(&agent);
     }
 
     // The port loop restarts after a panic or a dead port: without it the
@@ -225,6 +230,7 @@ mod tests {
             service: Some(vec!["redis-server".into(), "--port".into(), "6379".into()]),
             env: Vec::new(),
             liveness: Liveness::Tcp { port: 6379 },
+            console_shell: false,
         };
         assert_eq!(
             summary(&config),

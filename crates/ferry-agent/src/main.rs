@@ -21,6 +21,7 @@ mod log;
 
 mod agent;
 mod cli;
+mod console;
 mod exec;
 mod handlers;
 mod outbox;

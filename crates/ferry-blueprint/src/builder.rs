@@ -103,6 +103,7 @@ pub fn build(opts: BuildOptions<'_>) -> Result<Blueprint, BlueprintError> {
             .map(|s| s.env.iter().map(|(k, v)| (k.clone(), v.clone())).collect())
             .unwrap_or_default(),
         liveness: recipe.liveness.check.clone(),
+        console_shell: recipe.console_shell,
     };
     let applets = rootfs::busybox_applets(&busybox)?;
     let hostname = format!("ferry-{}", recipe.name);

@@ -44,6 +44,13 @@ pub struct Recipe {
     /// Extra files to write into the root file system: path → contents.
     #[serde(default)]
     pub files: BTreeMap<String, String>,
+    /// Keep a shell on the serial console (for `--enable-input`).
+    #[serde(default = "default_console_shell")]
+    pub console_shell: bool,
+}
+
+fn default_console_shell() -> bool {
+    true
 }
 
 /// The guest kernel.

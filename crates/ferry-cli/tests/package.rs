@@ -438,3 +438,41 @@ fn write_back_failures_keep_the_package_and_the_vm() {
         let _ = std::fs::remove_dir_all(env.vm_dir("t-wb"));
     }
 }
+
+/// `--enable-input`: what is typed reaches the shell on the guest's console.
+#[test]
+fn enable_input_reaches_the_guest_console() {
+    let _lock = vm_lock();
+    let env = env();
+    let pkg = tiny_package(&env);
+    let (mut run, _) = spawn_until_live(
+        &env,
+        &[
+            "run",
+            "--package",
+            pkg.to_str().unwrap(),
+            "--clone",
+            "--enable-input",
+            "--name",
+            "t-input",
+        ],
+        Duration::from_secs(120),
+    );
+    use std::io::Write;
+    let mut stdin = run.stdin.take().unwrap();
+    stdin
+        .write_all(b"echo typed-$((40+2)) on $(hostname)\n")
+        .unwrap();
+    stdin.flush().unwrap();
+    let log = env.vm_dir("t-input").join("console.log");
+    wait_until(
+        Duration::from_secs(30),
+        "the typed command's output on the console",
+        || {
+            let text = std::fs::read_to_string(&log).unwrap_or_default();
+            text.contains("typed-42 on t-input").then_some(())
+        },
+    );
+    let out = stop(&mut run);
+    assert!(out.status.success(), "{}", describe(&out));
+}

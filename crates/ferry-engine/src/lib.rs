@@ -293,6 +293,12 @@ pub trait Vm: Send {
     /// any, is closed by the engine.
     fn agent_stream(&self) -> Result<UnixStream, EngineError>;
 
+    /// A writer into the guest's serial console (what a user would type), or
+    /// `None` after the first call or if the engine has none.
+    fn take_console_input(&mut self) -> Option<Box<dyn std::io::Write + Send>> {
+        None
+    }
+
     /// Stops the vCPUs.
     fn pause(&mut self) -> Result<(), EngineError> {
         Err(EngineError::Unsupported("pause"))

@@ -39,7 +39,8 @@ pub struct QemuVm {
     qmp: Qmp,
     watch: Arc<Watch>,
     events: Option<Receiver<VmEvent>>,
-    _stdin: Option<ChildStdin>,
+    /// QEMU's standard input is the serial console's input.
+    stdin: Option<ChildStdin>,
     agent_socket: PathBuf,
     provenance: Provenance,
     /// Whether guest writes reach `memory_file` (shared mapping).
@@ -115,7 +116,7 @@ impl QemuVm {
                 qmp,
                 watch,
                 events: Some(rx),
-                _stdin: stdin,
+                stdin,
                 agent_socket,
                 provenance,
                 memory_in_file: spec.memory_shared,
@@ -221,6 +222,12 @@ impl Vm for QemuVm {
                 e,
             )
         })
+    }
+
+    fn take_console_input(&mut self) -> Option<Box<dyn std::io::Write + Send>> {
+        self.stdin
+            .take()
+            .map(|s| Box::new(s) as Box<dyn std::io::Write + Send>)
     }
 
     fn pause(&mut self) -> Result<(), EngineError> {

@@ -218,6 +218,8 @@ pub struct RunOptions {
     pub accel: AccelChoice,
     /// Copy the guest console to standard error.
     pub echo_console: bool,
+    /// Forward standard input to the guest's serial console.
+    pub enable_input: bool,
     /// When the command started, for the `resumed in N ms` figure.
     pub started: Instant,
 }
@@ -302,7 +304,7 @@ pub fn run(
         memory_mib: meta.provenance.memory_mib,
         cpus: meta.provenance.cpus,
         accel: decision.accel,
-        echo_console: opts.echo_console,
+        echo_console: opts.echo_console || opts.enable_input,
     };
     let mut vm = RunningVm::restore(engine, paths, &image, &config, &state, memory_mode, |d| {
         pkg.extract(
@@ -316,6 +318,9 @@ pub fn run(
         Ok(())
     })?;
     let _signals = forward_signals(&vm)?;
+    if opts.enable_input {
+        vm.forward_stdin()?;
+    }
     let identity = opts.clone.then(|| Identity {
         hostname: name.clone(),
         machine_id: random_hex(16),

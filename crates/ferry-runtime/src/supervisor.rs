@@ -279,6 +279,32 @@ impl RunningVm {
         self.vm.as_mut()
     }
 
+    /// Forwards this process's standard input to the guest's serial console
+    /// (`--enable-input`), line by line as the terminal delivers it; Ctrl-C
+    /// stays with ferry (it suspends or stops the VM).
+    pub fn forward_stdin(&mut self) -> Result<(), RuntimeError> {
+        let Some(mut console) = self.vm.take_console_input() else {
+            return Err(RuntimeError::BadOption(
+                "this engine cannot take console input".into(),
+            ));
+        };
+        std::thread::Builder::new()
+            .name("console-input".into())
+            .spawn(move || {
+                use std::io::{Read, Write};
+                let mut buf = [0u8; 4096];
+                let mut stdin = std::io::stdin();
+                while let Ok(n) = stdin.read(&mut buf) {
+                    if n == 0 || console.write_all(&buf[..n]).is_err() {
+                        break;
+                    }
+                    let _ = console.flush();
+                }
+            })
+            .map_err(RuntimeError::io("console input thread"))?;
+        Ok(())
+    }
+
     /// A sender into this VM's event channel (for signal handlers).
     pub fn event_sender(&self) -> Sender<SupervisorEvent> {
         self.sender.clone()

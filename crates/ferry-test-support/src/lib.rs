@@ -195,7 +195,8 @@ pub fn send_signal(pid: u32, signal: i32) {
 
 /// Starts `ferry ARGS` (a `boot` without `--exit-when-live`, or later a
 /// `run`) and waits until it prints `live in N ms`. Returns the running
-/// child and what it printed so far; panics with its stderr if it exits first.
+/// child (its standard input a pipe the test may write to) and what it
+/// printed so far; panics with its stderr if it exits first.
 pub fn spawn_until_live(
     env: &FerryEnv,
     args: &[&str],
@@ -206,6 +207,7 @@ pub fn spawn_until_live(
     let mut child = env
         .cmd()
         .args(args)
+        .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()

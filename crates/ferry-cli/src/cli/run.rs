@@ -26,6 +26,10 @@ pub struct Args {
     /// Copy the guest's console to standard error.
     #[arg(long)]
     console: bool,
+    /// Forward this terminal to the guest's serial console (a shell runs
+    /// there); shows the console too. Ctrl-C still suspends the VM.
+    #[arg(long = "enable-input")]
+    enable_input: bool,
 }
 
 pub fn run(args: Args, paths: &Paths, started: Instant) -> anyhow::Result<ExitCode> {
@@ -36,6 +40,7 @@ pub fn run(args: Args, paths: &Paths, started: Instant) -> anyhow::Result<ExitCo
         clone: args.clone,
         accel: args.accel.into(),
         echo_console: args.console,
+        enable_input: args.enable_input,
         started,
     };
     run_package(&engine, paths, &opts, &mut |line| println!("{line}"))?;
