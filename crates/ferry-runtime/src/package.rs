@@ -201,7 +201,6 @@ fn write_package(
     let t = Instant::now();
     writer.commit(serde_json::to_value(meta).expect("metadata serialises"))?;
     tracing::info!(ms = t.elapsed().as_millis() as u64, "package committed");
-    let _ = std::fs::remove_file(&disk);
     Ok(())
 }
 
@@ -288,6 +287,11 @@ pub fn run(
     }
     say(&decision.to_string());
     let memory_cache = cache.get(&pkg, SectionKind::Memory)?;
+    let old_digests: std::collections::BTreeMap<SectionKind, String> =
+        [SectionKind::Memory, SectionKind::Disk]
+            .into_iter()
+            .filter_map(|k| Some((k, pkg.section(k).ok()?.digest.clone())))
+            .collect();
     let vm_dir = paths.vms().join(&name);
     let (memory_file, memory_mode) = if opts.clone {
         (memory_cache.clone(), RestoreMemory::Private)
@@ -313,7 +317,9 @@ pub fn run(
             &mut |_, _| {},
         )?;
         if !opts.clone {
+            let t = Instant::now();
             copy_sparse(&memory_cache, &memory_file)?;
+            tracing::info!(ms = t.elapsed().as_millis() as u64, "memory copied");
         }
         Ok(())
     })?;
@@ -329,6 +335,12 @@ pub fn run(
         Reply::Resumed { status, .. } => status.live,
         _ => false,
     };
+    say(&format!(
+        "resumed in {} ms",
+        opts.started.elapsed().as_millis()
+    ));
+    // The guest runs from verified cache entries already; a damaged package
+    // still stops it here, before it is called live or written back.
     match verifier.join() {
         Ok(Ok(ms)) => tracing::info!(ms = ms as u64, "package verified"),
         Ok(Err(e)) => return Err(e.into()),
@@ -338,10 +350,6 @@ pub fn run(
             ))
         }
     }
-    say(&format!(
-        "resumed in {} ms",
-        opts.started.elapsed().as_millis()
-    ));
     if !live {
         vm.wait_live(Duration::from_secs(60))?;
     }
@@ -374,15 +382,24 @@ pub fn run(
                     opts.package.display(),
                     t.elapsed().as_millis()
                 ));
-                let new_digest = Package::open(&opts.package).ok().and_then(|p| {
-                    p.section(SectionKind::Memory)
-                        .ok()
-                        .map(|s| s.digest.to_string())
-                });
-                if let Some(digest) = new_digest {
-                    // The VM's memory file is exactly the new memory section:
-                    // keep it as the cache entry, so the next run starts warm.
-                    cache.adopt(SectionKind::Memory, &digest, &memory_file);
+                // The VM's memory file and exported disk are exactly the new
+                // sections: they become the cache entries, so the next run
+                // starts warm, and the entries of the old contents go.
+                if let Ok(new) = Package::open(&opts.package) {
+                    let disk = vm.dir().path().join(DISK_EXPORT);
+                    for (kind, file) in [
+                        (SectionKind::Memory, &memory_file),
+                        (SectionKind::Disk, &disk),
+                    ] {
+                        let (Some(old), Ok(now)) = (old_digests.get(&kind), new.section(kind))
+                        else {
+                            continue;
+                        };
+                        if *old != now.digest {
+                            cache.adopt(kind, &now.digest, file);
+                            cache.forget(kind, old);
+                        }
+                    }
                 }
                 drop(vm);
                 return Ok(());
@@ -540,6 +557,12 @@ impl SectionCache {
             tracing::info!(section = %kind, ms = t.elapsed().as_millis() as u64, "extracted into the cache");
         }
         Ok(path)
+    }
+
+    /// Removes the entry of an old content (a clone still running from it
+    /// keeps its open file; later runs extract again).
+    fn forget(&self, kind: SectionKind, digest: &str) {
+        let _ = std::fs::remove_file(self.path(kind, digest));
     }
 
     /// Moves `file` (whose content is section `kind` with `digest`) into the
