@@ -49,6 +49,24 @@ fn tiny_variant(env: &FerryEnv, name: &str, edit: impl FnOnce(String) -> String)
     bp
 }
 
+/// Boots `bp` as VM `name` (with `extra` flags), expects it to fail as a VM
+/// failure (exit 5) leaving nothing behind, and returns the error line.
+fn failed_boot(env: &FerryEnv, bp: &Path, name: &str, extra: &[&str]) -> String {
+    let mut args = vec![
+        "boot",
+        "--blueprint",
+        bp.to_str().unwrap(),
+        "--name",
+        name,
+        "--exit-when-live",
+    ];
+    args.extend_from_slice(extra);
+    let out = env.run(&args);
+    assert_eq!(out.status.code(), Some(5), "{}", describe(&out));
+    assert_cleaned_up(env, name);
+    error_line(&out)
+}
+
 /// The failed VM left neither its state dir nor its QEMU behind.
 fn assert_cleaned_up(env: &FerryEnv, vm: &str) {
     assert!(!env.vm_dir(vm).exists(), "state dir of {vm} is removed");
@@ -256,23 +274,11 @@ fn service_never_live() {
     let env = env();
     let bp = tiny_variant(&env, "never-live", |t| t.replace("port = 8080", "port = 9"));
 
-    let out = env.run(&[
-        "boot",
-        "--blueprint",
-        bp.to_str().unwrap(),
-        "--name",
-        "t-never",
-        "--live-timeout",
-        "25",
-        "--exit-when-live",
-    ]);
-    assert_eq!(out.status.code(), Some(5), "{}", describe(&out));
-    let line = error_line(&out);
+    let line = failed_boot(&env, &bp, "t-never", &["--live-timeout", "25"]);
     assert!(
         line.contains("did not become live within 25 s") && line.contains("--live-timeout"),
         "{line}"
     );
-    assert_cleaned_up(&env, "t-never");
 }
 
 /// Too short a timeout for the agent to even start: reported as a silent
@@ -282,23 +288,11 @@ fn agent_silent() {
     let _lock = vm_lock();
     let env = env();
     let bp = blueprint("tiny");
-    let out = env.run(&[
-        "boot",
-        "--blueprint",
-        bp.to_str().unwrap(),
-        "--name",
-        "t-silent",
-        "--live-timeout",
-        "1",
-        "--exit-when-live",
-    ]);
-    assert_eq!(out.status.code(), Some(5), "{}", describe(&out));
-    let line = error_line(&out);
+    let line = failed_boot(&env, &bp, "t-silent", &["--live-timeout", "1"]);
     assert!(
         line.contains("guest agent did not answer within 1 s") && line.contains("--live-timeout"),
         "{line}"
     );
-    assert_cleaned_up(&env, "t-silent");
 }
 
 /// A guest whose init cannot start stops; ferry says so with the guest's
@@ -313,21 +307,11 @@ fn guest_crash_is_reported() {
             "[files]\n\"/ferry/init\" = \"#!/ferry/bin/busybox sh\\necho ferry-test: init is broken\\nexit 1\\n\"",
         )
     });
-    let out = env.run(&[
-        "boot",
-        "--blueprint",
-        bp.to_str().unwrap(),
-        "--name",
-        "t-broken",
-        "--exit-when-live",
-    ]);
-    assert_eq!(out.status.code(), Some(5), "{}", describe(&out));
-    let line = error_line(&out);
+    let line = failed_boot(&env, &bp, "t-broken", &[]);
     // The recipe's file replaces /ferry/init without its execute bit, so the
     // initramfs refuses to switch to it and powers the guest off.
     assert!(
         line.contains("stopped unexpectedly") && line.contains("ferry-init: /ferry/init"),
         "{line}"
     );
-    assert_cleaned_up(&env, "t-broken");
 }
