@@ -18,7 +18,7 @@ if [ ! -f "$C/rootfs.img" ] || [ ! -f "$C/initrd.gz" ]; then
   # needed here, so its boot is given little time.
   echo "kvm-lab: building the lab image with $lab (once, minutes)" >&2
   timeout 1200 bash "$lab" --share "$(mktemp -d)" -- true >/dev/null 2>&1 || true
-  pkill -f 'cpu max,+svm' 2>/dev/null || true
+  pkill -f 'cpu max,[+]svm' 2>/dev/null || true
 fi
 [ -f "$C/rootfs.img" ] && [ -f "$C/initrd.gz" ] || { echo "kvm-lab: no lab image in $C" >&2; exit 125; }
 kernel=$(ls "$C"/kernel/boot/vmlinuz-* | head -1)

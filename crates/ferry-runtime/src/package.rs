@@ -249,6 +249,13 @@ pub fn run(
     let verifier = {
         let path = opts.package.clone();
         std::thread::spawn(move || -> Result<u128, ferry_package::PackageError> {
+            // Lower priority for this thread and the workers it starts (they
+            // inherit it): the engine's start-up comes first.
+            // SAFETY: setpriority(2) on the calling thread (who = 0); no
+            // memory is involved.
+            unsafe {
+                libc::setpriority(libc::PRIO_PROCESS, 0, 10);
+            }
             let t = Instant::now();
             Package::open(&path)?.verify(&mut |_, _| {})?;
             Ok(t.elapsed().as_millis())
