@@ -46,35 +46,25 @@ pub fn boot(
     say: &mut dyn FnMut(&str),
 ) -> Result<(), RuntimeError> {
     let blueprint = load_verified(paths, &opts.blueprint)?;
-    let m = &blueprint.manifest;
-    let (memory_mib, cpus) = plan_vm(&blueprint, opts.memory_mib, opts.cpus)?;
     let name = opts
         .name
         .clone()
-        .unwrap_or_else(|| generate_name(&m.recipe));
-    crate::vmdir::validate_name(&name)?;
-    let decision = engine.choose_accel(
-        opts.accel,
-        &ProbeGuest {
-            kernel: blueprint.kernel(),
-            initramfs: blueprint.initramfs(),
-            cmdline: m.cmdline.clone(),
+        .unwrap_or_else(|| generate_name(&blueprint.manifest.recipe));
+    let (mut vm, _signals) = boot_until_live(
+        engine,
+        paths,
+        &blueprint,
+        &LiveBoot {
+            name: name.clone(),
+            memory_mib: opts.memory_mib,
+            cpus: opts.cpus,
+            accel: opts.accel,
+            echo_console: opts.echo_console,
+            live_timeout: opts.live_timeout,
         },
+        say,
     )?;
-    say(&decision.to_string());
-    let config = VmConfig {
-        name: name.clone(),
-        memory_mib,
-        cpus,
-        accel: decision.accel,
-        echo_console: opts.echo_console,
-    };
-    let mut vm = RunningVm::boot(engine, paths, &(&blueprint).into(), &config)?;
-    let _signals = forward_signals(&vm)?;
-    let timeout = opts
-        .live_timeout
-        .unwrap_or(Duration::from_secs(m.live_timeout_s));
-    vm.wait_live(timeout)?;
+    let (memory_mib, cpus) = (vm.status().memory_mib, vm.status().cpus);
     say(&format!(
         "live in {} ms",
         opts.started.elapsed().as_millis()
@@ -96,6 +86,61 @@ pub fn boot(
         }
         Err(e) => Err(e),
     }
+}
+
+/// What [`boot_until_live`] needs besides the blueprint.
+#[derive(Debug, Clone)]
+pub struct LiveBoot {
+    /// The VM's name.
+    pub name: String,
+    /// Guest memory; the blueprint's default if `None`.
+    pub memory_mib: Option<u64>,
+    /// vCPUs; the blueprint's default if `None`.
+    pub cpus: Option<u32>,
+    /// Accelerator choice.
+    pub accel: AccelChoice,
+    /// Copy the guest console to standard error.
+    pub echo_console: bool,
+    /// How long to wait for live; the blueprint's if `None`.
+    pub live_timeout: Option<Duration>,
+}
+
+/// Sizes the VM, chooses (and says) the accelerator, cold-boots the
+/// blueprint with Ctrl-C wired to the VM, and waits until the service is
+/// live: the common start of `ferry boot` and `ferry package`.
+pub fn boot_until_live(
+    engine: &dyn Engine,
+    paths: &Paths,
+    blueprint: &Blueprint,
+    opts: &LiveBoot,
+    say: &mut dyn FnMut(&str),
+) -> Result<(RunningVm, SignalForwarder), RuntimeError> {
+    let m = &blueprint.manifest;
+    let (memory_mib, cpus) = plan_vm(blueprint, opts.memory_mib, opts.cpus)?;
+    crate::vmdir::validate_name(&opts.name)?;
+    let decision = engine.choose_accel(
+        opts.accel,
+        &ProbeGuest {
+            kernel: blueprint.kernel(),
+            initramfs: blueprint.initramfs(),
+            cmdline: m.cmdline.clone(),
+        },
+    )?;
+    say(&decision.to_string());
+    let config = VmConfig {
+        name: opts.name.clone(),
+        memory_mib,
+        cpus,
+        accel: decision.accel,
+        echo_console: opts.echo_console,
+    };
+    let mut vm = RunningVm::boot(engine, paths, &blueprint.into(), &config)?;
+    let signals = forward_signals(&vm)?;
+    vm.wait_live(
+        opts.live_timeout
+            .unwrap_or(Duration::from_secs(m.live_timeout_s)),
+    )?;
+    Ok((vm, signals))
 }
 
 /// Loads a blueprint and checks its files against their sha256 sums (a

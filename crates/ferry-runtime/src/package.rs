@@ -24,7 +24,7 @@ use ferry_engine::{AccelChoice, Engine, ProbeGuest, Provenance, SavedState};
 use ferry_package::{Package, PackageWriter, SectionKind, DEFAULT_CHUNK_SIZE};
 use serde::{Deserialize, Serialize};
 
-use crate::ops::{forward_signals, load_verified, plan_vm};
+use crate::ops::{boot_until_live, forward_signals, load_verified, LiveBoot};
 use crate::supervisor::{BootImage, RestoreMemory, RunningVm, VmConfig};
 use crate::vmdir::{files, generate_name, validate_name};
 use crate::{Paths, RuntimeError};
@@ -85,23 +85,21 @@ pub fn package(
     let started = Instant::now();
     let blueprint = load_verified(paths, &opts.blueprint)?;
     let m = &blueprint.manifest;
-    let (memory_mib, cpus) = plan_vm(&blueprint, opts.memory_mib, opts.cpus)?;
-    let decision = engine.choose_accel(opts.accel, &probe_of(&(&blueprint).into()))?;
-    say(&decision.to_string());
-    let name = generate_name(&format!("pkg-{}", m.recipe));
-    let config = VmConfig {
-        name,
-        memory_mib,
-        cpus,
-        accel: decision.accel,
-        echo_console: opts.echo_console,
-    };
-    let mut vm = RunningVm::boot(engine, paths, &(&blueprint).into(), &config)?;
-    let _signals = forward_signals(&vm)?;
-    vm.wait_live(
-        opts.live_timeout
-            .unwrap_or(Duration::from_secs(m.live_timeout_s)),
+    let (mut vm, _signals) = boot_until_live(
+        engine,
+        paths,
+        &blueprint,
+        &LiveBoot {
+            name: generate_name(&format!("pkg-{}", m.recipe)),
+            memory_mib: opts.memory_mib,
+            cpus: opts.cpus,
+            accel: opts.accel,
+            echo_console: opts.echo_console,
+            live_timeout: opts.live_timeout,
+        },
+        say,
     )?;
+    let memory_mib = vm.status().memory_mib;
     eprintln!(
         "==> service live after {} ms; snapshotting",
         started.elapsed().as_millis()
@@ -233,14 +231,7 @@ pub fn run(
 ) -> Result<(), RuntimeError> {
     let pkg = Package::open(&opts.package)?;
     let meta = read_meta(&pkg)?;
-    for kind in [
-        SectionKind::Config,
-        SectionKind::DeviceState,
-        SectionKind::Memory,
-        SectionKind::Kernel,
-        SectionKind::Initramfs,
-        SectionKind::Disk,
-    ] {
+    for kind in SectionKind::ALL {
         pkg.section(kind)?;
     }
     // Every chunk is checked, so that a damaged package is refused even

@@ -269,6 +269,11 @@ impl RunningVm {
             .expect("the agent is connected while the VM runs")
     }
 
+    /// What `status` on the control socket reports now.
+    pub fn status(&self) -> VmStatus {
+        self.status.lock().expect("status").clone()
+    }
+
     /// The state directory.
     pub fn dir(&self) -> &VmDir {
         self.dir.as_ref().expect("present until drop")
