@@ -108,11 +108,13 @@ pub enum NetAttachment {
     /// The device exists (so snapshots are portable) but is connected to
     /// nothing.
     Isolated,
-    /// A tap device, already created, in the engine process's network
-    /// namespace.
+    /// A tap device, already created, in network namespace `netns` (the
+    /// engine process runs there) or in the caller's own.
     Tap {
         /// The tap's interface name.
         ifname: String,
+        /// The namespace's nsfs path (e.g. `/run/netns/NAME`).
+        netns: Option<PathBuf>,
     },
 }
 

@@ -1,6 +1,7 @@
 //! One QEMU process running one guest.
 
 use std::io::Read;
+use std::os::unix::io::AsRawFd;
 use std::os::unix::net::UnixStream;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -78,13 +79,30 @@ impl QemuVm {
         cmd.stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
+        // QEMU runs inside the VM's network namespace, where its tap is.
+        let netns = match &spec.net {
+            NetAttachment::Tap {
+                netns: Some(path), ..
+            } => Some(
+                std::fs::File::open(path)
+                    .map_err(|e| io(format!("opening network namespace {}", path.display()), e))?,
+            ),
+            _ => None,
+        };
+        let netns_fd = netns.as_ref().map(|f| f.as_raw_fd());
         // SAFETY: the closure runs in the child between fork and exec and only
-        // calls prctl, which is async-signal-safe.
+        // calls prctl and setns, which are async-signal-safe; the namespace
+        // file stays open until after the spawn.
         unsafe {
-            cmd.pre_exec(|| {
+            cmd.pre_exec(move || {
                 // QEMU must not outlive the ferry process that owns it.
                 if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
                     return Err(std::io::Error::last_os_error());
+                }
+                if let Some(fd) = netns_fd {
+                    if libc::setns(fd, libc::CLONE_NEWNET) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
                 }
                 Ok(())
             });
@@ -92,6 +110,7 @@ impl QemuVm {
         let mut child = cmd
             .spawn()
             .map_err(|e| io(format!("starting {}", qemu.display()), e))?;
+        drop(netns);
         let pid = child.id();
         let stdin = child.stdin.take();
         let stdout = child.stdout.take().expect("piped");
@@ -372,7 +391,7 @@ fn qemu_args(spec: &VmSpec, qmp: &Path, agent: &Path, incoming: bool) -> Vec<Str
     push(&["-device", "virtio-blk-device,drive=disk0"]);
     match &spec.net {
         NetAttachment::Isolated => push(&["-netdev", "hubport,id=net0,hubid=0"]),
-        NetAttachment::Tap { ifname } => push(&[
+        NetAttachment::Tap { ifname, .. } => push(&[
             "-netdev",
             &format!("tap,id=net0,ifname={ifname},script=no,downscript=no"),
         ]),

@@ -75,6 +75,12 @@ pub struct VmStatus {
     pub uptime_s: u64,
     /// Where it came from (a blueprint directory, later a package).
     pub source: String,
+    /// Its network namespace, if it has a network.
+    #[serde(default)]
+    pub netns: Option<String>,
+    /// Its exposed ports.
+    #[serde(default)]
+    pub exposes: Vec<ferry_net::ExposeSpec>,
 }
 
 /// A finished command.

@@ -28,6 +28,9 @@ pub enum RuntimeError {
         /// The host's total memory.
         have_mib: u64,
     },
+    /// A networking problem.
+    #[error(transparent)]
+    Net(#[from] ferry_net::NetError),
     /// An engine problem.
     #[error(transparent)]
     Engine(#[from] EngineError),

@@ -9,7 +9,7 @@ use ferry_blueprint::Blueprint;
 use ferry_engine::{AccelChoice, Engine, ProbeGuest};
 
 use crate::control::{call, ControlReply, ControlRequest, ExecOutput};
-use crate::supervisor::{describe_exit, RunningVm, SupervisorEvent, VmConfig};
+use crate::supervisor::{describe_exit, NetChoice, RunningVm, SupervisorEvent, VmConfig};
 use crate::vmdir::{files, generate_name, running_vm_dir};
 use crate::{Paths, RuntimeError};
 
@@ -34,6 +34,8 @@ pub struct BootOptions {
     pub echo_console: bool,
     /// When the command started, for the `live in N ms` figure.
     pub started: Instant,
+    /// Its network.
+    pub net: NetChoice,
 }
 
 /// `ferry boot`: cold-boots a blueprint, waits for its service, then either
@@ -61,6 +63,7 @@ pub fn boot(
             accel: opts.accel,
             echo_console: opts.echo_console,
             live_timeout: opts.live_timeout,
+            net: opts.net.clone(),
         },
         say,
     )?;
@@ -69,6 +72,9 @@ pub fn boot(
         "live in {} ms",
         opts.started.elapsed().as_millis()
     ));
+    if let Some(line) = vm.network_summary() {
+        say(&line);
+    }
     if opts.exit_when_live {
         vm.shutdown()?;
         return Ok(());
@@ -103,6 +109,8 @@ pub struct LiveBoot {
     pub echo_console: bool,
     /// How long to wait for live; the blueprint's if `None`.
     pub live_timeout: Option<Duration>,
+    /// Its network.
+    pub net: NetChoice,
 }
 
 /// Sizes the VM, chooses (and says) the accelerator, cold-boots the
@@ -133,6 +141,7 @@ pub fn boot_until_live(
         cpus,
         accel: decision.accel,
         echo_console: opts.echo_console,
+        net: opts.net.clone(),
     };
     let mut vm = RunningVm::boot(engine, paths, &blueprint.into(), &config)?;
     let signals = forward_signals(&vm)?;

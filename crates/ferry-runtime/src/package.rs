@@ -25,7 +25,7 @@ use ferry_package::{Package, PackageWriter, SectionKind, DEFAULT_CHUNK_SIZE};
 use serde::{Deserialize, Serialize};
 
 use crate::ops::{boot_until_live, forward_signals, load_verified, LiveBoot};
-use crate::supervisor::{BootImage, RestoreMemory, RunningVm, VmConfig};
+use crate::supervisor::{BootImage, NetChoice, RestoreMemory, RunningVm, VmConfig};
 use crate::vmdir::{files, generate_name, validate_name};
 use crate::{Paths, RuntimeError};
 
@@ -72,6 +72,9 @@ pub struct PackageOptions {
     pub live_timeout: Option<Duration>,
     /// Copy the guest console to standard error.
     pub echo_console: bool,
+    /// The network the VM is packaged in (what the guest sees is the same
+    /// in every namespace, so this does not change the package).
+    pub net: NetChoice,
 }
 
 /// `ferry package`: boots a blueprint, waits for live, snapshots it into one
@@ -96,6 +99,7 @@ pub fn package(
             accel: opts.accel,
             echo_console: opts.echo_console,
             live_timeout: opts.live_timeout,
+            net: opts.net.clone(),
         },
         say,
     )?;
@@ -219,6 +223,8 @@ pub struct RunOptions {
     pub enable_input: bool,
     /// When the command started, for the `resumed in N ms` figure.
     pub started: Instant,
+    /// Its network.
+    pub net: NetChoice,
 }
 
 /// `ferry run`: resumes a package; Ctrl-C suspends it back into the package
@@ -273,6 +279,7 @@ pub fn run(
         cmdline: meta.cmdline.clone(),
         disk: cache.get(&pkg, SectionKind::Disk)?,
         source: opts.package.display().to_string(),
+        network: meta.network.clone(),
     };
     let decision = engine.choose_accel(opts.accel, &probe_of(&image))?;
     if decision.accel != meta.provenance.accel {
@@ -307,6 +314,7 @@ pub fn run(
         cpus: meta.provenance.cpus,
         accel: decision.accel,
         echo_console: opts.echo_console || opts.enable_input,
+        net: opts.net.clone(),
     };
     let mut vm = RunningVm::restore(engine, paths, &image, &config, &state, memory_mode, |d| {
         pkg.extract(
@@ -337,6 +345,9 @@ pub fn run(
         "resumed in {} ms",
         opts.started.elapsed().as_millis()
     ));
+    if let Some(line) = vm.network_summary() {
+        say(&line);
+    }
     // The guest runs from verified cache entries already; a damaged package
     // still stops it here, before it is called live or written back.
     match verifier.join() {

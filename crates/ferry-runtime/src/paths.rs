@@ -11,6 +11,9 @@ pub struct Paths {
     pub state: PathBuf,
     /// Cache: kernels, debootstrap trees, accelerator verdicts.
     pub cache: PathBuf,
+    /// VMs without `--netns` get a private namespace `<net_prefix>-<name>`
+    /// (`$FERRY_NET_PREFIX`, default `ferry`).
+    pub net_prefix: String,
 }
 
 impl Paths {
@@ -27,7 +30,12 @@ impl Paths {
                     .unwrap_or_else(|| "/root".into());
                 home.join(".cache/ferry")
             });
-        Self { state, cache }
+        let net_prefix = std::env::var("FERRY_NET_PREFIX").unwrap_or_else(|_| "ferry".into());
+        Self {
+            state,
+            cache,
+            net_prefix,
+        }
     }
 
     /// The directory holding one directory per VM.

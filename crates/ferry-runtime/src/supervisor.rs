@@ -15,6 +15,8 @@ use ferry_engine::{
 };
 use std::path::PathBuf;
 
+use serde::{Deserialize, Serialize};
+
 use crate::agent::{AgentClient, AgentEvent};
 use crate::control::{
     ControlHandler, ControlReply, ControlRequest, ControlServer, ExecOutput, VmStatus,
@@ -34,6 +36,41 @@ pub enum SupervisorEvent {
     Agent(AgentEvent),
 }
 
+/// How a VM is networked.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NetChoice {
+    /// A network device connected to nothing (`--net none`): no root needed.
+    None,
+    /// In a VM namespace: `netns` (used, or created and later removed) or
+    /// a private one named after the VM; `exposes` proxied from the host.
+    Namespace {
+        /// `--netns`.
+        netns: Option<String>,
+        /// `--expose`.
+        exposes: Vec<ferry_net::ExposeSpec>,
+    },
+}
+
+impl Default for NetChoice {
+    fn default() -> Self {
+        NetChoice::Namespace {
+            netns: None,
+            exposes: Vec::new(),
+        }
+    }
+}
+
+/// What a VM's state directory says about its network (`net.json`).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct NetInfo {
+    /// The namespace.
+    pub netns: String,
+    /// Whether ferry created it for this VM (and must remove it).
+    pub created_netns: bool,
+    /// Exposed ports.
+    pub exposes: Vec<ferry_net::ExposeSpec>,
+}
+
 /// How to size and place a VM.
 #[derive(Debug, Clone)]
 pub struct VmConfig {
@@ -47,6 +84,8 @@ pub struct VmConfig {
     pub accel: Accel,
     /// Copy the console to standard error as well as the log.
     pub echo_console: bool,
+    /// Its network.
+    pub net: NetChoice,
 }
 
 /// What a VM boots from: kernel, initramfs, command line and the pristine
@@ -64,6 +103,8 @@ pub struct BootImage {
     pub disk: PathBuf,
     /// Where it came from, for `status`.
     pub source: String,
+    /// The guest's addressing.
+    pub network: ferry_blueprint::NetworkConfig,
 }
 
 impl From<&Blueprint> for BootImage {
@@ -74,6 +115,7 @@ impl From<&Blueprint> for BootImage {
             cmdline: bp.manifest.cmdline.clone(),
             disk: bp.disk(),
             source: bp.dir.display().to_string(),
+            network: bp.manifest.network.clone(),
         }
     }
 }
@@ -91,6 +133,7 @@ pub enum RestoreMemory {
 /// A VM ferry is running.
 pub struct RunningVm {
     vm: Box<dyn Vm>,
+    network: Option<ferry_net::VmNetwork>,
     dir: Option<VmDir>,
     agent: Arc<Mutex<Option<Arc<AgentClient>>>>,
     events: Receiver<SupervisorEvent>,
@@ -158,6 +201,13 @@ impl RunningVm {
             CONSOLE_LOG_CAP,
         )?));
         let restoring = restore.is_some();
+        let network = match attach_network(paths, image, config, &dir) {
+            Ok(n) => n,
+            Err(e) => {
+                dir.remove();
+                return Err(e);
+            }
+        };
         let spec = VmSpec {
             name: config.name.clone(),
             kernel: image.kernel.clone(),
@@ -172,13 +222,20 @@ impl RunningVm {
             memory_file: dir.path().join(files::MEMORY),
             memory_shared: !restoring,
             accel: config.accel,
-            net: NetAttachment::Isolated,
+            net: match &network {
+                Some(n) => NetAttachment::Tap {
+                    ifname: n.tap().to_string(),
+                    netns: Some(n.netns_path()),
+                },
+                None => NetAttachment::Isolated,
+            },
             run_dir: dir.path().to_path_buf(),
         };
         let result = match restore {
             None => engine.boot(&spec),
             Some((state, memory, prepare)) => {
                 if let Err(e) = prepare(&dir) {
+                    drop(network);
                     dir.remove();
                     return Err(e);
                 }
@@ -196,6 +253,7 @@ impl RunningVm {
         let mut vm = match result {
             Ok(vm) => vm,
             Err(e) => {
+                drop(network);
                 dir.remove();
                 return Err(e.into());
             }
@@ -212,12 +270,18 @@ impl RunningVm {
             live: false,
             uptime_s: 0,
             source: image.source.clone(),
+            netns: network.as_ref().map(|n| n.netns_name().to_string()),
+            exposes: network
+                .as_ref()
+                .map(|n| n.exposes().to_vec())
+                .unwrap_or_default(),
         }));
         if let Some(events) = vm.take_events() {
             pump_vm_events(events, console.clone(), sender.clone(), config.echo_console);
         }
         let mut running = RunningVm {
             vm,
+            network,
             dir: Some(dir),
             agent: Arc::default(),
             events,
@@ -238,6 +302,21 @@ impl RunningVm {
         let control_path = running.dir().path().join(files::CONTROL);
         running._control = Some(ControlServer::start(&control_path, handler)?);
         Ok(running)
+    }
+
+    /// One line on where the VM's network is: its namespace and what is
+    /// exposed where. `None` without a network.
+    pub fn network_summary(&self) -> Option<String> {
+        let n = self.network.as_ref()?;
+        let mut line = format!("network: namespace {}", n.netns_name());
+        for e in n.exposes() {
+            line.push_str(&format!(
+                "; {} -> guest port {}",
+                e.host_addr(),
+                e.guest_port
+            ));
+        }
+        Some(line)
     }
 
     /// (Re)connects to the guest agent's channel.
@@ -519,6 +598,8 @@ impl Drop for RunningVm {
         self.agent.lock().expect("agent slot").take();
         self.vm.kill();
         self._control.take();
+        // After the engine: the tap and namespace are in use until it exits.
+        self.network.take();
         if let Some(dir) = self.dir.take() {
             dir.remove();
         }
@@ -639,4 +720,71 @@ fn fill_random(buf: &mut [u8]) {
 /// Encodes stdin bytes for an exec request.
 pub fn stdin_payload(data: &[u8]) -> Option<String> {
     (!data.is_empty()).then(|| b64_encode(data))
+}
+
+/// Sets up the VM's network (if it has one) and records it in its state
+/// directory.
+fn attach_network(
+    paths: &Paths,
+    image: &BootImage,
+    config: &VmConfig,
+    dir: &VmDir,
+) -> Result<Option<ferry_net::VmNetwork>, RuntimeError> {
+    let NetChoice::Namespace { netns, exposes } = &config.net else {
+        return Ok(None);
+    };
+    let bad = |what: &str, value: &str| {
+        RuntimeError::BadOption(format!(
+            "the guest's network setting {what} '{value}' is not an IPv4 address: fix the recipe's [network]"
+        ))
+    };
+    let n = &image.network;
+    let guest = ferry_net::GuestNet {
+        guest: n
+            .guest_address
+            .parse()
+            .map_err(|_| bad("guest_address", &n.guest_address))?,
+        gateway: n.gateway.parse().map_err(|_| bad("gateway", &n.gateway))?,
+        prefix: n.prefix_len,
+    };
+    let vms = paths.vms();
+    let network = ferry_net::VmNetwork::attach(ferry_net::VmNetOptions {
+        vm_name: config.name.clone(),
+        netns: netns.clone(),
+        private_prefix: paths.net_prefix.clone(),
+        exposes: exposes.clone(),
+        resolve: Some(Arc::new(move |port| exposed_host_addr(&vms, port))),
+        guest,
+    })?;
+    let info = NetInfo {
+        netns: network.netns_name().to_string(),
+        created_netns: network.created_namespace(),
+        exposes: network.exposes().to_vec(),
+    };
+    let path = dir.path().join(files::NET);
+    std::fs::write(
+        &path,
+        serde_json::to_vec_pretty(&info).expect("serialisable"),
+    )
+    .map_err(RuntimeError::io(&path))?;
+    Ok(Some(network))
+}
+
+/// Where a guest that dials its gateway on `port` is sent: the host address
+/// of the VM that exposes `port` (loopback for a wildcard address, or if no
+/// VM of this state directory exposes it).
+fn exposed_host_addr(vms: &std::path::Path, port: u16) -> std::net::SocketAddr {
+    let found = std::fs::read_dir(vms)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| std::fs::read(e.path().join(files::NET)).ok())
+        .filter_map(|b| serde_json::from_slice::<NetInfo>(&b).ok())
+        .flat_map(|info| info.exposes)
+        .find(|e| e.host_port == port);
+    match found {
+        Some(e) if !e.host.is_unspecified() => e.host_addr(),
+        Some(e) if e.host.is_ipv6() => (std::net::Ipv6Addr::LOCALHOST, port).into(),
+        _ => (std::net::Ipv4Addr::LOCALHOST, port).into(),
+    }
 }

@@ -119,6 +119,9 @@ pub mod files {
     pub const DISK: &str = "disk.qcow2";
     /// A JSON summary of the VM for `ps`.
     pub const INFO: &str = "info.json";
+    /// The VM's network namespace and exposures (JSON), for other VMs'
+    /// gateways and for cleaning up after a crash.
+    pub const NET: &str = "net.json";
 }
 
 /// The state directory of a running VM named `name`, for clients.
@@ -241,6 +244,7 @@ mod tests {
         Paths {
             state: dir.to_path_buf(),
             cache: dir.join("cache"),
+            net_prefix: "ferry".into(),
         }
     }
 

@@ -24,6 +24,7 @@ fn setup() -> Setup {
     let paths = Paths {
         state: state.path().to_path_buf(),
         cache: cache_dir(),
+        net_prefix: "ferry".into(),
     };
     let engine = QemuEngine::new("qemu-system-x86_64", &paths.cache).unwrap();
     let blueprint = Blueprint::load(&blueprint("tiny")).unwrap();
@@ -54,6 +55,7 @@ fn config(s: &Setup, name: &str) -> VmConfig {
         cpus: 1,
         accel,
         echo_console: false,
+        net: ferry_runtime::supervisor::NetChoice::None,
     }
 }
 

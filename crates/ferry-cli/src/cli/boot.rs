@@ -33,10 +33,13 @@ pub struct Args {
     /// Copy the guest's console to standard error.
     #[arg(long)]
     console: bool,
+    #[command(flatten)]
+    net: super::NetArgs,
 }
 
 pub fn run(args: Args, paths: &Paths, started: Instant) -> anyhow::Result<ExitCode> {
     let engine = super::engine(paths)?;
+    let net = args.net.choice()?;
     let opts = BootOptions {
         blueprint: args.blueprint,
         name: args.name,
@@ -47,6 +50,7 @@ pub fn run(args: Args, paths: &Paths, started: Instant) -> anyhow::Result<ExitCo
         live_timeout: args.live_timeout.map(Duration::from_secs),
         echo_console: args.console,
         started,
+        net,
     };
     boot(&engine, paths, &opts, &mut |line| println!("{line}"))?;
     Ok(ExitCode::SUCCESS)

@@ -8,6 +8,7 @@ mod blueprint;
 mod boot;
 mod exec;
 mod inspect;
+mod net;
 mod package;
 mod run;
 
@@ -18,6 +19,7 @@ use std::time::Instant;
 use clap::{Parser, Subcommand};
 use ferry_blueprint::BlueprintError;
 use ferry_engine::EngineError;
+use ferry_runtime::supervisor::NetChoice;
 use ferry_runtime::{Paths, RuntimeError};
 
 /// ferry: build a microVM from a recipe, boot it, snapshot it, ship it.
@@ -45,6 +47,8 @@ enum Command {
     Run(run::Args),
     /// Show what a package holds; --verify checks every chunk.
     Inspect(inspect::Args),
+    /// Pre-made VM network namespaces with NAT to a host interface.
+    Net(net::Args),
 }
 
 /// `--accel` values.
@@ -78,6 +82,53 @@ pub fn run(cli: Cli, started: Instant) -> anyhow::Result<ExitCode> {
         Command::Package(args) => package::run(args, &paths),
         Command::Run(args) => run::run(args, &paths, started),
         Command::Inspect(args) => inspect::run(args),
+        Command::Net(args) => net::run(args, &paths),
+    }
+}
+
+/// `--net`, `--netns` and `--expose`: where a VM's network lives.
+#[derive(clap::Args, Debug, Clone)]
+pub struct NetArgs {
+    /// Network: `namespace` (the VM gets a network namespace, needs root)
+    /// or `none` (a network device connected to nothing).
+    #[arg(long, value_enum, default_value = "namespace")]
+    net: NetMode,
+    /// Put the VM in this network namespace, created (and later removed)
+    /// if missing. Default: a private namespace named after the VM.
+    #[arg(long, value_name = "NAME")]
+    netns: Option<String>,
+    /// Make a guest port reachable on the host, and from every ferry guest
+    /// at 172.100.100.1:HOSTPORT. HOSTADDR defaults to 127.0.0.1. Repeatable.
+    #[arg(long, value_name = "[HOSTADDR:]HOSTPORT:GUESTPORT")]
+    expose: Vec<String>,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+enum NetMode {
+    Namespace,
+    None,
+}
+
+impl NetArgs {
+    /// The runtime's view, or a bad-option error.
+    pub fn choice(&self) -> Result<NetChoice, RuntimeError> {
+        let exposes = self
+            .expose
+            .iter()
+            .map(|s| s.parse::<ferry_net::ExposeSpec>())
+            .collect::<Result<Vec<_>, _>>()?;
+        match self.net {
+            NetMode::None if self.netns.is_some() || !exposes.is_empty() => Err(
+                RuntimeError::BadOption(
+                    "--net none gives the VM no network: drop --netns and --expose, or use --net namespace".into(),
+                ),
+            ),
+            NetMode::None => Ok(NetChoice::None),
+            NetMode::Namespace => Ok(NetChoice::Namespace {
+                netns: self.netns.clone(),
+                exposes,
+            }),
+        }
     }
 }
 
@@ -107,11 +158,14 @@ pub fn exit_code(e: &anyhow::Error) -> ExitCode {
             | RuntimeError::Agent(_) => 5,
             RuntimeError::Interrupted => 130,
             RuntimeError::Control { .. } | RuntimeError::Io { .. } => 1,
+            RuntimeError::Net(n) => net_code(n),
         }
     } else if let Some(b) = e.downcast_ref::<BlueprintError>() {
         blueprint_code(b)
     } else if let Some(en) = e.downcast_ref::<EngineError>() {
         engine_code(en)
+    } else if let Some(n) = e.downcast_ref::<ferry_net::NetError>() {
+        net_code(n)
     } else {
         1
     };
@@ -123,6 +177,16 @@ fn blueprint_code(e: &BlueprintError) -> u8 {
         BlueprintError::MissingTool { .. } => 4,
         BlueprintError::Io { .. } | BlueprintError::ToolFailed { .. } => 1,
         _ => 3,
+    }
+}
+
+fn net_code(e: &ferry_net::NetError) -> u8 {
+    if e.is_bad_input() {
+        3
+    } else if e.is_missing_software() {
+        4
+    } else {
+        1
     }
 }
 

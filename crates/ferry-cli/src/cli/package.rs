@@ -32,10 +32,13 @@ pub struct Args {
     /// Copy the guest's console to standard error.
     #[arg(long)]
     console: bool,
+    #[command(flatten)]
+    net: super::NetArgs,
 }
 
 pub fn run(args: Args, paths: &Paths) -> anyhow::Result<ExitCode> {
     let engine = super::engine(paths)?;
+    let net = args.net.choice()?;
     let opts = PackageOptions {
         blueprint: args.blueprint,
         out: args.out,
@@ -44,6 +47,7 @@ pub fn run(args: Args, paths: &Paths) -> anyhow::Result<ExitCode> {
         accel: args.accel.into(),
         live_timeout: args.live_timeout.map(Duration::from_secs),
         echo_console: args.console,
+        net,
     };
     package(&engine, paths, &opts, &mut |line| println!("{line}"))?;
     Ok(ExitCode::SUCCESS)

@@ -30,10 +30,13 @@ pub struct Args {
     /// there); shows the console too. Ctrl-C still suspends the VM.
     #[arg(long = "enable-input")]
     enable_input: bool,
+    #[command(flatten)]
+    net: super::NetArgs,
 }
 
 pub fn run(args: Args, paths: &Paths, started: Instant) -> anyhow::Result<ExitCode> {
     let engine = super::engine(paths)?;
+    let net = args.net.choice()?;
     let opts = RunOptions {
         package: args.package,
         name: args.name,
@@ -42,6 +45,7 @@ pub fn run(args: Args, paths: &Paths, started: Instant) -> anyhow::Result<ExitCo
         echo_console: args.console,
         enable_input: args.enable_input,
         started,
+        net,
     };
     run_package(&engine, paths, &opts, &mut |line| println!("{line}"))?;
     Ok(ExitCode::SUCCESS)

@@ -1,0 +1,343 @@
+//! `--expose [HOSTADDR:]HOSTPORT:GUESTPORT`: a userspace TCP proxy from a
+//! host address into the VM namespace.
+//!
+//! A proxy rather than DNAT: DNAT of `127.0.0.1` needs `route_localnet` and
+//! a MASQUERADE on the host, and a proxy can dial whichever namespace the VM
+//! is in now, so exposure survives suspend, resume and moving the VM.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::io::{Read, Write};
+use std::net::{IpAddr, Ipv4Addr, Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::os::unix::io::AsRawFd;
+use std::str::FromStr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::NetError;
+
+/// How long a proxy waits to reach the other side before giving up on a
+/// client.
+const DIAL_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// One `--expose` value.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExposeSpec {
+    /// Host address to listen on (default `127.0.0.1`).
+    pub host: IpAddr,
+    /// Host port.
+    pub host_port: u16,
+    /// Guest port.
+    pub guest_port: u16,
+}
+
+impl ExposeSpec {
+    /// The host socket address.
+    pub fn host_addr(&self) -> SocketAddr {
+        SocketAddr::new(self.host, self.host_port)
+    }
+}
+
+impl std::fmt::Display for ExposeSpec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}:{}", self.host_addr(), self.guest_port)
+    }
+}
+
+impl FromStr for ExposeSpec {
+    type Err = NetError;
+
+    fn from_str(s: &str) -> Result<Self, NetError> {
+        let bad = |why: &str| {
+            NetError::BadOption(format!(
+                "--expose '{s}': {why}; use [HOSTADDR:]HOSTPORT:GUESTPORT, e.g. 127.0.0.1:16379:6379"
+            ))
+        };
+        let (host_part, ports) = match s.rsplitn(3, ':').collect::<Vec<_>>()[..] {
+            [guest, host_port] => ("", (host_port, guest)),
+            [guest, host_port, addr] => (addr, (host_port, guest)),
+            _ => return Err(bad("expected two or three ':'-separated parts")),
+        };
+        let port = |p: &str, which: &str| -> Result<u16, NetError> {
+            match p.parse::<u16>() {
+                Ok(n) if n > 0 => Ok(n),
+                _ => Err(bad(&format!("{which} '{p}' is not a port (1-65535)"))),
+            }
+        };
+        let host = if host_part.is_empty() || host_part == "localhost" {
+            IpAddr::V4(Ipv4Addr::LOCALHOST)
+        } else {
+            host_part
+                .trim_start_matches('[')
+                .trim_end_matches(']')
+                .parse()
+                .map_err(|_| bad(&format!("'{host_part}' is not an IP address")))?
+        };
+        Ok(ExposeSpec {
+            host,
+            host_port: port(ports.0, "host port")?,
+            guest_port: port(ports.1, "guest port")?,
+        })
+    }
+}
+
+/// Checks a list of exposures for clashes among themselves.
+pub fn check_distinct(specs: &[ExposeSpec]) -> Result<(), NetError> {
+    for (i, a) in specs.iter().enumerate() {
+        if specs[..i].iter().any(|b| b.host_port == a.host_port) {
+            return Err(NetError::BadOption(format!(
+                "--expose: host port {} is given twice",
+                a.host_port
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Binds a listener, turning "address in use" into a clear error.
+pub(crate) fn bind(addr: SocketAddr) -> Result<TcpListener, NetError> {
+    TcpListener::bind(addr).map_err(|e| match e.kind() {
+        std::io::ErrorKind::AddrInUse => NetError::PortInUse { addr },
+        std::io::ErrorKind::AddrNotAvailable => NetError::BadOption(format!(
+            "--expose: {} is not an address of this host",
+            addr.ip()
+        )),
+        std::io::ErrorKind::PermissionDenied => NetError::NotRoot {
+            what: format!("listen on {addr}"),
+            hint: String::new(),
+        },
+        _ => NetError::io(format!("listening on {addr}"))(e),
+    })
+}
+
+/// Where a proxy sends an accepted client: it returns the stream to pipe
+/// to, dialled from whichever namespace it must be.
+pub(crate) type Dialer = Arc<dyn Fn(&TcpStream) -> std::io::Result<TcpStream> + Send + Sync>;
+
+/// A running proxy: accept loop plus one pair of copy threads per client.
+/// Dropping it closes the listener and every client connection.
+pub(crate) struct Proxy {
+    listener: TcpListener,
+    stopping: Arc<AtomicBool>,
+    conns: Arc<Mutex<HashMap<u64, (TcpStream, TcpStream)>>>,
+    accept: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Proxy {
+    /// Starts proxying `listener` through `dial`. `label` names it in logs.
+    pub fn start(listener: TcpListener, label: String, dial: Dialer) -> Result<Proxy, NetError> {
+        let stopping = Arc::new(AtomicBool::new(false));
+        let conns: Arc<Mutex<HashMap<u64, (TcpStream, TcpStream)>>> = Arc::default();
+        let accept_listener = listener
+            .try_clone()
+            .map_err(NetError::io("cloning a listener"))?;
+        let (stop, table) = (stopping.clone(), conns.clone());
+        let accept = std::thread::Builder::new()
+            .name(format!("proxy {label}"))
+            .spawn(move || accept_loop(accept_listener, label, dial, stop, table))
+            .map_err(NetError::io("starting a proxy thread"))?;
+        Ok(Proxy {
+            listener,
+            stopping,
+            conns,
+            accept: Some(accept),
+        })
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        self.stopping.store(true, Ordering::SeqCst);
+        // SAFETY: shutdown on our own listening socket wakes the blocked
+        // accept (Linux returns EINVAL from it).
+        unsafe { libc::shutdown(self.listener.as_raw_fd(), libc::SHUT_RDWR) };
+        if let Some(t) = self.accept.take() {
+            let _ = t.join();
+        }
+        for (_, (a, b)) in self.conns.lock().expect("conns").drain() {
+            let _ = a.shutdown(Shutdown::Both);
+            let _ = b.shutdown(Shutdown::Both);
+        }
+    }
+}
+
+fn accept_loop(
+    listener: TcpListener,
+    label: String,
+    dial: Dialer,
+    stopping: Arc<AtomicBool>,
+    conns: Arc<Mutex<HashMap<u64, (TcpStream, TcpStream)>>>,
+) {
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    loop {
+        let client = match listener.accept() {
+            Ok((c, _)) => c,
+            Err(_) if stopping.load(Ordering::SeqCst) => return,
+            Err(e) => {
+                tracing::warn!("proxy {label}: accept failed: {e}");
+                std::thread::sleep(Duration::from_millis(50));
+                continue;
+            }
+        };
+        let (dial, label, conns, stopping) =
+            (dial.clone(), label.clone(), conns.clone(), stopping.clone());
+        let _ = std::thread::Builder::new()
+            .name(format!("conn {label}"))
+            .spawn(move || {
+                let upstream = match dial(&client) {
+                    Ok(s) => s,
+                    Err(e) => {
+                        tracing::info!("proxy {label}: could not reach the other side: {e}");
+                        return;
+                    }
+                };
+                let _ = client.set_nodelay(true);
+                let _ = upstream.set_nodelay(true);
+                let id = NEXT.fetch_add(1, Ordering::Relaxed);
+                match (client.try_clone(), upstream.try_clone()) {
+                    (Ok(a), Ok(b)) => {
+                        if stopping.load(Ordering::SeqCst) {
+                            return;
+                        }
+                        conns.lock().expect("conns").insert(id, (a, b));
+                    }
+                    _ => return,
+                }
+                pipe(client, upstream);
+                conns.lock().expect("conns").remove(&id);
+            });
+    }
+}
+
+/// Copies both ways until both directions are closed.
+fn pipe(a: TcpStream, b: TcpStream) {
+    let (a2, b2) = match (a.try_clone(), b.try_clone()) {
+        (Ok(a2), Ok(b2)) => (a2, b2),
+        _ => return,
+    };
+    let back = std::thread::spawn(move || copy_half(b2, a2));
+    copy_half(a, b);
+    let _ = back.join();
+}
+
+fn copy_half(mut from: TcpStream, mut to: TcpStream) {
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        match from.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => {
+                if to.write_all(&buf[..n]).is_err() {
+                    break;
+                }
+            }
+        }
+    }
+    let _ = to.shutdown(Shutdown::Write);
+}
+
+/// Connects to `addr` from inside the namespace `ns` (the calling thread
+/// is moved there: call it on a connection's own thread).
+pub(crate) fn dial_in(ns: &File, addr: SocketAddr) -> std::io::Result<TcpStream> {
+    // SAFETY: setns on a valid descriptor; only this thread moves.
+    if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    TcpStream::connect_timeout(&addr, DIAL_TIMEOUT)
+}
+
+/// The destination a REDIRECTed connection was originally sent to.
+pub(crate) fn original_dst(stream: &TcpStream) -> std::io::Result<SocketAddr> {
+    const SO_ORIGINAL_DST: libc::c_int = 80;
+    // SAFETY: getsockopt fills a sockaddr_in we own, of the length we pass.
+    unsafe {
+        let mut addr: libc::sockaddr_in = std::mem::zeroed();
+        let mut len = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
+        if libc::getsockopt(
+            stream.as_raw_fd(),
+            libc::SOL_IP,
+            SO_ORIGINAL_DST,
+            &mut addr as *mut _ as *mut libc::c_void,
+            &mut len,
+        ) != 0
+        {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(SocketAddr::new(
+            IpAddr::V4(Ipv4Addr::from(u32::from_be(addr.sin_addr.s_addr))),
+            u16::from_be(addr.sin_port),
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_expose_forms() {
+        let s: ExposeSpec = "16379:6379".parse().unwrap();
+        assert_eq!(s.host_addr(), "127.0.0.1:16379".parse().unwrap());
+        assert_eq!(s.guest_port, 6379);
+        let s: ExposeSpec = "0.0.0.0:8080:80".parse().unwrap();
+        assert_eq!(s.host_addr(), "0.0.0.0:8080".parse().unwrap());
+        let s: ExposeSpec = "[::1]:8080:80".parse().unwrap();
+        assert_eq!(s.host_addr(), "[::1]:8080".parse().unwrap());
+        for bad in ["6379", "a:1:2", "1:0", "70000:1", "x.y:1:2", "1:2:3:4:5"] {
+            let e = bad.parse::<ExposeSpec>().unwrap_err().to_string();
+            assert!(e.contains("--expose"), "{bad}: {e}");
+        }
+    }
+
+    #[test]
+    fn refuses_duplicate_host_ports() {
+        let a: ExposeSpec = "1000:1".parse().unwrap();
+        let b: ExposeSpec = "0.0.0.0:1000:2".parse().unwrap();
+        assert!(check_distinct(&[a, b]).is_err());
+    }
+
+    #[test]
+    fn port_in_use_is_named() {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        let e = bind(addr).err().unwrap();
+        assert_eq!(
+            e.to_string(),
+            format!("{addr} is already in use: pick another host port for --expose (or stop what listens there)")
+        );
+    }
+
+    #[test]
+    fn proxy_pipes_both_ways_and_closes_on_drop() {
+        let echo = TcpListener::bind("127.0.0.1:0").unwrap();
+        let echo_addr = echo.local_addr().unwrap();
+        std::thread::spawn(move || {
+            for s in echo.incoming().flatten() {
+                std::thread::spawn(move || {
+                    let mut r = s.try_clone().unwrap();
+                    let mut w = s;
+                    let _ = std::io::copy(&mut r, &mut w);
+                });
+            }
+        });
+        let front = bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let front_addr = front.local_addr().unwrap();
+        let dial: Dialer = Arc::new(move |_| TcpStream::connect(echo_addr));
+        let proxy = Proxy::start(front, "test".into(), dial).unwrap();
+        let mut c = TcpStream::connect(front_addr).unwrap();
+        c.write_all(b"hello").unwrap();
+        let mut buf = [0u8; 5];
+        c.read_exact(&mut buf).unwrap();
+        assert_eq!(&buf, b"hello");
+        drop(proxy);
+        c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let n = c.read(&mut buf).unwrap_or(0);
+        assert_eq!(n, 0, "the client connection is closed when the proxy stops");
+        assert!(
+            TcpStream::connect(front_addr).is_err(),
+            "the listener is closed"
+        );
+    }
+}

@@ -1,0 +1,252 @@
+//! One VM's network: its namespace (used or created), the tap the engine
+//! attaches to, the gateway forwarder that lets the guest reach any exposed
+//! service at `172.100.100.1:HOSTPORT`, and its own exposures. Dropping a
+//! [`VmNetwork`] removes exactly what it created, in reverse order.
+
+use std::fs::File;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpStream};
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use crate::expose::{self, Dialer, ExposeSpec, Proxy};
+use crate::iptables::Chain;
+use crate::ns::Netns;
+use crate::plumbing::{self, FileLock};
+use crate::{nl, tap, GuestNet, NetError, TAP_MAC, TAP_NAME};
+
+/// Where per-namespace "in use" locks live (host-wide, like the names).
+const NS_LOCK_DIR: &str = "/run/ferry/netns";
+
+/// Finds the host address behind an exposed host port, for guests that
+/// dial `172.100.100.1:PORT`.
+pub type PortResolver = Arc<dyn Fn(u16) -> SocketAddr + Send + Sync>;
+
+/// How to attach a VM.
+pub struct VmNetOptions {
+    /// The VM's name.
+    pub vm_name: String,
+    /// `--netns`: use (or create) this namespace; `None`: a private one.
+    pub netns: Option<String>,
+    /// Private namespaces are named `<prefix>-<vm name>`.
+    pub private_prefix: String,
+    /// `--expose` values.
+    pub exposes: Vec<ExposeSpec>,
+    /// Where a guest's `172.100.100.1:PORT` goes; `None`: `127.0.0.1:PORT`.
+    pub resolve: Option<PortResolver>,
+    /// The guest's addressing (from the blueprint).
+    pub guest: GuestNet,
+}
+
+/// A VM's network, live until dropped.
+pub struct VmNetwork {
+    ns: Arc<Netns>,
+    created: Option<crate::NamespaceRecord>,
+    made_tap: bool,
+    gateway_chain: Option<Chain>,
+    proxies: Vec<Proxy>,
+    exposes: Vec<ExposeSpec>,
+    _lock: FileLock,
+}
+
+impl std::fmt::Debug for VmNetwork {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VmNetwork")
+            .field("netns", &self.ns.name())
+            .field("created", &self.created.is_some())
+            .field("exposes", &self.exposes)
+            .finish()
+    }
+}
+
+impl VmNetwork {
+    /// Sets up the VM's network before its engine starts. Host ports are
+    /// bound first, so a port in use fails before anything is created.
+    pub fn attach(opts: VmNetOptions) -> Result<VmNetwork, NetError> {
+        if !crate::is_root() {
+            return Err(NetError::NotRoot {
+                what: "give the VM a network (namespace, tap, NAT)".into(),
+                hint: "; or pass --net none for a VM without a network".into(),
+            });
+        }
+        expose::check_distinct(&opts.exposes)?;
+        let listeners = opts
+            .exposes
+            .iter()
+            .map(|e| expose::bind(e.host_addr()))
+            .collect::<Result<Vec<_>, _>>()?;
+        let name = match &opts.netns {
+            Some(n) => n.clone(),
+            None => format!("{}-{}", opts.private_prefix, opts.vm_name),
+        };
+        crate::ns::validate_name(&name)?;
+        let holder = format!("VM '{}' (pid {})", opts.vm_name, std::process::id());
+        let lock = match plumbing::try_lock(
+            &PathBuf::from(NS_LOCK_DIR).join(format!("{name}.lock")),
+            &holder,
+        )? {
+            Ok(lock) => lock,
+            Err(held_by) => {
+                return Err(NetError::NamespaceInUse {
+                    name,
+                    holder: if held_by.is_empty() {
+                        "another VM".into()
+                    } else {
+                        held_by
+                    },
+                })
+            }
+        };
+        let (ns, created) = match Netns::open(&name)? {
+            Some(ns) if opts.netns.is_some() => (ns, None),
+            existing => {
+                // A private namespace that exists while its lock is free is
+                // a crashed run's leftover: start clean.
+                if existing.is_some() {
+                    tracing::info!("removing the stale namespace {name}");
+                    drop(existing);
+                    plumbing::unprovision(&name)?;
+                }
+                let (ns, rec) = plumbing::provision(&name)?;
+                (ns, Some(rec))
+            }
+        };
+        let net = VmNetwork {
+            ns: Arc::new(ns),
+            created,
+            made_tap: false,
+            gateway_chain: None,
+            proxies: Vec::new(),
+            exposes: opts.exposes.clone(),
+            _lock: lock,
+        };
+        // An existing namespace: a crashed VM's tap may still be there.
+        if net.created.is_none() && nl::link_exists(Some(&net.ns), TAP_NAME)? {
+            nl::delete_link(Some(&net.ns), TAP_NAME)?;
+        }
+        finish(net, listeners, opts)
+    }
+
+    /// The namespace's name.
+    pub fn netns_name(&self) -> &str {
+        self.ns.name()
+    }
+
+    /// Its path, for the engine to enter.
+    pub fn netns_path(&self) -> PathBuf {
+        self.ns.path()
+    }
+
+    /// The tap the engine attaches the guest to.
+    pub fn tap(&self) -> &str {
+        TAP_NAME
+    }
+
+    /// The exposures in effect.
+    pub fn exposes(&self) -> &[ExposeSpec] {
+        &self.exposes
+    }
+
+    /// Whether ferry created the namespace for this VM.
+    pub fn created_namespace(&self) -> bool {
+        self.created.is_some()
+    }
+
+    fn teardown(&mut self) -> Result<(), NetError> {
+        self.proxies.clear();
+        if self.created.take().is_some() {
+            let name = self.ns.name().to_string();
+            // Everything inside goes with the namespace.
+            return plumbing::unprovision(&name);
+        }
+        if let Some(chain) = self.gateway_chain.take() {
+            chain.remove(Some(&self.ns))?;
+        }
+        if std::mem::take(&mut self.made_tap) {
+            nl::delete_link(Some(&self.ns), TAP_NAME)?;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for VmNetwork {
+    fn drop(&mut self) {
+        if let Err(e) = self.teardown() {
+            tracing::warn!("removing the network of namespace {}: {e}", self.ns.name());
+        }
+    }
+}
+
+/// Tap, gateway forwarder and exposures, in a namespace that exists. On
+/// failure `net` is dropped, which removes what was made so far.
+fn finish(
+    mut net: VmNetwork,
+    listeners: Vec<std::net::TcpListener>,
+    opts: VmNetOptions,
+) -> Result<VmNetwork, NetError> {
+    tap::create(&net.ns, TAP_NAME)?;
+    net.made_tap = true;
+    let g = opts.guest;
+    nl::configure(Some(&net.ns), TAP_NAME, Some(TAP_MAC), g.gateway, g.prefix)?;
+
+    // The gateway forwarder: every TCP connection from the guest to its
+    // gateway is redirected to one listener, which dials the host port
+    // the guest asked for from the host namespace.
+    let gateway = net
+        .ns
+        .run(|| expose::bind(SocketAddr::new(IpAddr::V4(g.gateway), 0)))??;
+    let gw_port = gateway
+        .local_addr()
+        .map_err(NetError::io("reading the gateway listener's port"))?
+        .port()
+        .to_string();
+    let chain = Chain {
+        table: "nat",
+        parent: "PREROUTING",
+        name: "FERRY-GW".into(),
+    };
+    net.gateway_chain = Some(chain.clone());
+    chain.install(Some(&net.ns))?;
+    let gw = format!("{}/32", g.gateway);
+    chain.append(
+        Some(&net.ns),
+        &[
+            "-i",
+            TAP_NAME,
+            "-d",
+            &gw,
+            "-p",
+            "tcp",
+            "-j",
+            "REDIRECT",
+            "--to-ports",
+            &gw_port,
+        ],
+    )?;
+    let host_ns = Arc::new(crate::ns::current()?);
+    let resolve = opts
+        .resolve
+        .unwrap_or_else(|| Arc::new(|port| SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), port)));
+    let dial_host: Dialer = Arc::new(move |client: &TcpStream| {
+        let port = expose::original_dst(client)?.port();
+        expose::dial_in(&host_ns, resolve(port))
+    });
+    net.proxies.push(Proxy::start(
+        gateway,
+        format!("gateway of {}", net.ns.name()),
+        dial_host,
+    )?);
+
+    for (spec, listener) in opts.exposes.iter().zip(listeners) {
+        let ns_file: Arc<File> = Arc::new(
+            net.ns
+                .file()
+                .try_clone()
+                .map_err(NetError::io("duplicating the namespace handle"))?,
+        );
+        let guest = SocketAddr::new(IpAddr::V4(g.guest), spec.guest_port);
+        let dial: Dialer = Arc::new(move |_| expose::dial_in(&ns_file, guest));
+        net.proxies
+            .push(Proxy::start(listener, format!("{spec}"), dial)?);
+    }
+    Ok(net)
+}
