@@ -2,95 +2,17 @@
 //! live guest, resume it without a reboot, suspend it back, and refuse bad
 //! packages without ever changing them.
 
-use std::path::{Path, PathBuf};
-use std::process::{Child, Output};
+use std::path::Path;
+use std::process::Output;
 use std::time::Duration;
 
 use ferry_package::{Package, PackageWriter, SectionKind, DEFAULT_CHUNK_SIZE};
 use ferry_test_support::{
-    blueprint, describe, fixtures_dir, qemu_pids, send_signal, spawn_until_live, vm_lock,
-    wait_until, FerryEnv, KillOnDrop,
+    describe, qemu_pids, send_signal, spawn_until_live, vm_lock, wait_until, FerryEnv, KillOnDrop,
 };
 
-fn env() -> FerryEnv {
-    FerryEnv::new(env!("CARGO_BIN_EXE_ferry"))
-}
-
-/// A package of the tiny blueprint, made once per test binary run.
-fn tiny_package(env: &FerryEnv) -> PathBuf {
-    let path = fixtures_dir().join("tiny.ferry");
-    let bp = blueprint("tiny");
-    let stamp = fixtures_dir().join("tiny.ferry.from");
-    let want = format!(
-        "{:?}",
-        std::fs::metadata(bp.join("blueprint.toml"))
-            .and_then(|m| m.modified())
-            .ok()
-    );
-    if !path.exists() || std::fs::read_to_string(&stamp).ok().as_deref() != Some(want.as_str()) {
-        let out = env.run(&[
-            "package",
-            "--blueprint",
-            bp.to_str().unwrap(),
-            "--out",
-            path.to_str().unwrap(),
-        ]);
-        assert!(out.status.success(), "{}", describe(&out));
-        let stdout = String::from_utf8_lossy(&out.stdout);
-        assert!(stdout.contains("packaged "), "{stdout}");
-        std::fs::write(&stamp, want).unwrap();
-    }
-    path
-}
-
-/// A private copy of the tiny package for a test that changes it.
-fn copy_of_package(env: &FerryEnv, name: &str) -> PathBuf {
-    let src = tiny_package(env);
-    let dst = env.state.path().join(name);
-    std::fs::copy(&src, &dst).unwrap();
-    dst
-}
-
-fn exec(env: &FerryEnv, vm: &str, script: &str) -> String {
-    let out = env.run(&["exec", vm, "--", "sh", "-c", script]);
-    assert!(out.status.success(), "{}", describe(&out));
-    String::from_utf8_lossy(&out.stdout).trim().to_string()
-}
-
-fn uptime(env: &FerryEnv, vm: &str) -> f64 {
-    exec(env, vm, "cut -d' ' -f1 /proc/uptime").parse().unwrap()
-}
-
-fn stop(child: &mut Child) -> Output {
-    send_signal(child.id(), libc::SIGINT);
-    wait_until(Duration::from_secs(60), "ferry to exit", || {
-        child.try_wait().unwrap()
-    });
-    let mut stdout = String::new();
-    let mut stderr = String::new();
-    use std::io::Read;
-    if let Some(mut s) = child.stdout.take() {
-        let _ = s.read_to_string(&mut stdout);
-    }
-    if let Some(mut s) = child.stderr.take() {
-        let _ = s.read_to_string(&mut stderr);
-    }
-    let status = child.wait().unwrap();
-    Output {
-        status,
-        stdout: stdout.into_bytes(),
-        stderr: stderr.into_bytes(),
-    }
-}
-
-fn error_line(out: &Output) -> String {
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    stderr
-        .lines()
-        .rfind(|l| l.starts_with("ferry: "))
-        .unwrap_or_else(|| panic!("no error line: {}", describe(out)))
-        .to_string()
-}
+mod common;
+use common::{copy_of_package, env, error_line, exec, stop, tiny_package, uptime};
 
 #[test]
 fn package_run_suspend_and_run_again_keeps_everything() {
@@ -434,9 +356,25 @@ fn write_back_failures_keep_the_package_and_the_vm() {
             1,
             "{case}: no temp files left: {leftovers:?}"
         );
-        // The killed supervisor left its state dir; the next start takes it over.
-        let _ = std::fs::remove_dir_all(env.vm_dir("t-wb"));
+        // The killed supervisor left its state dir and namespace; the next
+        // start under its name takes both over.
     }
+    // The last killed supervisor's leftovers go with the next start too.
+    let bp = ferry_test_support::blueprint("tiny");
+    let out = env.run(&[
+        "boot",
+        "--blueprint",
+        bp.to_str().unwrap(),
+        "--name",
+        "t-wb",
+        "--exit-when-live",
+    ]);
+    assert!(out.status.success(), "{}", describe(&out));
+    assert!(!env.vm_dir("t-wb").exists());
+    assert!(
+        !std::path::Path::new("/run/netns/ferry-t-wb").exists(),
+        "the dead VM's namespace is gone"
+    );
 }
 
 /// `--enable-input`: what is typed reaches the shell on the guest's console.

@@ -168,6 +168,22 @@ impl VmNetwork {
     }
 }
 
+/// Removes namespace `name` that ferry created for a VM whose supervisor
+/// died (SIGKILL, host crash), unless a running VM holds it. Returns
+/// whether it removed anything.
+pub fn remove_leftover_namespace(name: &str) -> Result<bool, NetError> {
+    crate::ns::validate_name(name)?;
+    let lock_path = PathBuf::from(NS_LOCK_DIR).join(format!("{name}.lock"));
+    let Ok(_lock) = plumbing::try_lock(&lock_path, "ferry cleaning up")? else {
+        return Ok(false);
+    };
+    if !crate::ns::exists(name) {
+        return Ok(false);
+    }
+    plumbing::unprovision(name)?;
+    Ok(true)
+}
+
 impl Drop for VmNetwork {
     fn drop(&mut self) {
         if let Err(e) = self.teardown() {

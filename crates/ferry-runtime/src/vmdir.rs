@@ -58,6 +58,7 @@ impl VmDir {
                 name,
                 "taking over the stale state directory of a VM that is gone"
             );
+            remove_leftover_network(&path);
             for entry in std::fs::read_dir(&path)
                 .map_err(RuntimeError::io(&path))?
                 .flatten()
@@ -103,6 +104,24 @@ impl VmDir {
     pub fn remove(self) {
         if let Err(e) = std::fs::remove_dir_all(&self.path) {
             tracing::warn!(path = %self.path.display(), error = %e, "could not remove the VM's state directory");
+        }
+    }
+}
+
+/// A VM whose supervisor was killed leaves the namespace ferry made for
+/// it; whoever takes its directory over removes it.
+fn remove_leftover_network(dir: &Path) {
+    let Ok(bytes) = std::fs::read(dir.join(files::NET)) else {
+        return;
+    };
+    let Ok(info) = serde_json::from_slice::<crate::supervisor::NetInfo>(&bytes) else {
+        return;
+    };
+    if info.created_netns {
+        match ferry_net::vmnet::remove_leftover_namespace(&info.netns) {
+            Ok(true) => tracing::info!(netns = %info.netns, "removed a dead VM's namespace"),
+            Ok(false) => {}
+            Err(e) => tracing::warn!(netns = %info.netns, "removing a dead VM's namespace: {e}"),
         }
     }
 }

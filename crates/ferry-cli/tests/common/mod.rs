@@ -1,0 +1,94 @@
+//! Helpers shared by the tests that run packages.
+#![allow(dead_code)]
+
+use std::path::PathBuf;
+use std::process::{Child, Output};
+use std::time::Duration;
+
+use ferry_test_support::{blueprint, describe, fixtures_dir, send_signal, wait_until, FerryEnv};
+
+pub fn env() -> FerryEnv {
+    FerryEnv::new(env!("CARGO_BIN_EXE_ferry"))
+}
+
+/// A package of the tiny blueprint, made once per checkout.
+pub fn tiny_package(env: &FerryEnv) -> PathBuf {
+    recipe_package(env, "tiny")
+}
+
+/// A package of `recipe`'s test blueprint, made once per checkout (again
+/// when the blueprint changes).
+pub fn recipe_package(env: &FerryEnv, recipe: &str) -> PathBuf {
+    let path = fixtures_dir().join(format!("{recipe}.ferry"));
+    let bp = blueprint(recipe);
+    let stamp = fixtures_dir().join(format!("{recipe}.ferry.from"));
+    let want = format!(
+        "{:?}",
+        std::fs::metadata(bp.join("blueprint.toml"))
+            .and_then(|m| m.modified())
+            .ok()
+    );
+    if !path.exists() || std::fs::read_to_string(&stamp).ok().as_deref() != Some(want.as_str()) {
+        let out = env.run(&[
+            "package",
+            "--blueprint",
+            bp.to_str().unwrap(),
+            "--out",
+            path.to_str().unwrap(),
+        ]);
+        assert!(out.status.success(), "{}", describe(&out));
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(stdout.contains("packaged "), "{stdout}");
+        std::fs::write(&stamp, want).unwrap();
+    }
+    path
+}
+
+/// A private copy of the tiny package for a test that changes it.
+pub fn copy_of_package(env: &FerryEnv, name: &str) -> PathBuf {
+    let src = tiny_package(env);
+    let dst = env.state.path().join(name);
+    std::fs::copy(&src, &dst).unwrap();
+    dst
+}
+
+pub fn exec(env: &FerryEnv, vm: &str, script: &str) -> String {
+    let out = env.run(&["exec", vm, "--", "sh", "-c", script]);
+    assert!(out.status.success(), "{}", describe(&out));
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+pub fn uptime(env: &FerryEnv, vm: &str) -> f64 {
+    exec(env, vm, "cut -d' ' -f1 /proc/uptime").parse().unwrap()
+}
+
+pub fn stop(child: &mut Child) -> Output {
+    send_signal(child.id(), libc::SIGINT);
+    wait_until(Duration::from_secs(60), "ferry to exit", || {
+        child.try_wait().unwrap()
+    });
+    let mut stdout = String::new();
+    let mut stderr = String::new();
+    use std::io::Read;
+    if let Some(mut s) = child.stdout.take() {
+        let _ = s.read_to_string(&mut stdout);
+    }
+    if let Some(mut s) = child.stderr.take() {
+        let _ = s.read_to_string(&mut stderr);
+    }
+    let status = child.wait().unwrap();
+    Output {
+        status,
+        stdout: stdout.into_bytes(),
+        stderr: stderr.into_bytes(),
+    }
+}
+
+pub fn error_line(out: &Output) -> String {
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    stderr
+        .lines()
+        .rfind(|l| l.starts_with("ferry: "))
+        .unwrap_or_else(|| panic!("no error line: {}", describe(out)))
+        .to_string()
+}
