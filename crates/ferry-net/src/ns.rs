@@ -1,7 +1,8 @@
 //! Named network namespaces, compatible with `ip netns`: a namespace named
 //! N is a bind mount of its nsfs file on `/run/netns/N`.
 //!
-//! The bind mount is made in the mount namespace of PID 1, not ferry's own.
+//! The bind mount is made in the outermost mount namespace ferry can reach
+//! (PID 1's, or else its outermost accessible ancestor's), not its own.
 //! `ip netns exec` (how tests and users run ferry inside a "host"
 //! namespace) gives its child a private, slave mount namespace: a mount made
 //! there would be invisible to every other process, so a namespace created
@@ -68,7 +69,7 @@ impl Netns {
             .map_err(NetError::io(format!("creating {}", path.display())))?;
         let target = cstring(&path);
         let dir = cstring(Path::new(NETNS_DIR));
-        let root_mnt = File::open("/proc/1/ns/mnt").ok();
+        let root_mnt = outer_mount_ns();
         let root_fd = root_mnt.as_ref().map(|f| f.as_raw_fd()).unwrap_or(-1);
         let result = in_child(|| {
             // SAFETY: only raw system calls on pointers to CStrings made
@@ -219,7 +220,7 @@ pub fn remove(name: &str) -> Result<(), NetError> {
     validate_name(name)?;
     let path = path_of(name);
     let target = cstring(&path);
-    let root_mnt = File::open("/proc/1/ns/mnt").ok();
+    let root_mnt = outer_mount_ns();
     let root_fd = root_mnt.as_ref().map(|f| f.as_raw_fd()).unwrap_or(-1);
     let _ = in_child(|| {
         // SAFETY: raw system calls on a CString made before the fork.
@@ -239,6 +240,77 @@ pub fn remove(name: &str) -> Result<(), NetError> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
         Err(e) => Err(NetError::io(format!("removing {}", path.display()))(e)),
     }
+}
+
+/// The mount namespace to make namespace mounts in, so that every process
+/// sees them: PID 1's if it is readable. Otherwise (PID 1 may be off limits
+/// in containers and sandboxes), if ferry's `/run/netns` is a slave of a
+/// peer group (`ip netns exec` makes it one), a process's namespace where
+/// that peer group is shared, not slave; failing that, the highest ancestor's
+/// that is readable.
+fn outer_mount_ns() -> Option<File> {
+    if let Ok(f) = File::open("/proc/1/ns/mnt") {
+        return Some(f);
+    }
+    let ours = netns_mount_tags("self");
+    if let Some((_, Some(master))) = ours {
+        let pids = std::fs::read_dir("/proc").into_iter().flatten().flatten();
+        for entry in pids {
+            let pid = entry.file_name();
+            let Some(pid) = pid.to_str().filter(|p| p.bytes().all(|b| b.is_ascii_digit())) else {
+                continue;
+            };
+            if netns_mount_tags(pid) == Some((Some(master), None)) {
+                if let Ok(f) = File::open(format!("/proc/{pid}/ns/mnt")) {
+                    return Some(f);
+                }
+            }
+        }
+    }
+    let mut best = None;
+    // SAFETY: getppid has no preconditions.
+    let mut pid = unsafe { libc::getppid() } as u32;
+    for _ in 0..64 {
+        if pid <= 1 {
+            break;
+        }
+        if let Ok(f) = File::open(format!("/proc/{pid}/ns/mnt")) {
+            best = Some(f);
+        }
+        pid = match parent_of(pid) {
+            Some(p) => p,
+            None => break,
+        };
+    }
+    best
+}
+
+/// The `shared:N` and `master:N` peer groups of the `/run/netns` mount in
+/// process `pid`'s mount namespace, if it is a mount point there.
+fn netns_mount_tags(pid: &str) -> Option<(Option<u32>, Option<u32>)> {
+    let info = std::fs::read_to_string(format!("/proc/{pid}/mountinfo")).ok()?;
+    let line = info
+        .lines()
+        .filter(|l| l.split(' ').nth(4) == Some(NETNS_DIR))
+        .last()?;
+    let optional = line.split(' ').skip(6).take_while(|f| *f != "-");
+    let (mut shared, mut master) = (None, None);
+    for field in optional {
+        if let Some(n) = field.strip_prefix("shared:") {
+            shared = n.parse().ok();
+        } else if let Some(n) = field.strip_prefix("master:") {
+            master = n.parse().ok();
+        }
+    }
+    Some((shared, master))
+}
+
+/// A process's parent, from `/proc/PID/stat` (the field after the
+/// parenthesised command name, which may itself hold spaces).
+fn parent_of(pid: u32) -> Option<u32> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let rest = &stat[stat.rfind(')')? + 1..];
+    rest.split_whitespace().nth(1)?.parse().ok()
 }
 
 fn path_of(name: &str) -> PathBuf {
