@@ -291,8 +291,7 @@ fn netns_mount_tags(pid: &str) -> Option<(Option<u32>, Option<u32>)> {
     let info = std::fs::read_to_string(format!("/proc/{pid}/mountinfo")).ok()?;
     let line = info
         .lines()
-        .filter(|l| l.split(' ').nth(4) == Some(NETNS_DIR))
-        .last()?;
+        .rfind(|l| l.split(' ').nth(4) == Some(NETNS_DIR))?;
     let optional = line.split(' ').skip(6).take_while(|f| *f != "-");
     let (mut shared, mut master) = (None, None);
     for field in optional {
