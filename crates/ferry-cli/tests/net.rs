@@ -7,10 +7,13 @@ use std::net::{TcpListener, TcpStream};
 use std::process::Output;
 use std::time::Duration;
 
-use ferry_test_support::{describe, qemu_pids, spawn_until_live, vm_lock};
+use ferry_test_support::{
+    describe, qemu_pids, spawn_until, spawn_until_live, vm_lock, FerryEnv, Host, KillOnDrop,
+    TestHosts,
+};
 
 mod common;
-use common::{copy_of_package, env, error_line, exec, stop, tiny_package};
+use common::{copy_of_package, env, error_line, exec, recipe_package, stop, tiny_package};
 
 /// What networking looks like from the host: namespaces, interface names
 /// and the ruleset (without packet counters).
@@ -31,30 +34,54 @@ fn sh(cmd: &str) -> String {
 }
 
 fn snapshot() -> NetSnapshot {
+    snapshot_with("ip -o link", "iptables-save")
+}
+
+fn snapshot_with(links_cmd: &str, rules_cmd: &str) -> NetSnapshot {
     let mut netns: Vec<String> = sh("ip netns list")
         .lines()
         .map(|l| l.split_whitespace().next().unwrap_or("").to_string())
         .collect();
     netns.sort();
-    let mut links: Vec<String> = sh("ip -o link")
+    let mut links: Vec<String> = sh(links_cmd)
         .lines()
         .filter_map(|l| l.split(": ").nth(1))
         .map(|n| n.split('@').next().unwrap().to_string())
         .collect();
     links.sort();
-    let rules = sh("iptables-save")
-        .lines()
-        .filter(|l| !l.starts_with('#'))
-        .map(|l| match l.find(" [") {
-            Some(i) if l.starts_with(':') => l[..i].to_string(),
-            _ => l.to_string(),
-        })
-        .collect();
+    let rules = normalise_rules(&sh(rules_cmd));
     NetSnapshot {
         netns,
         links,
         rules,
     }
+}
+
+/// `iptables-save` output without comments and packet counters, and
+/// without tables that hold no rule and only built-in chains that accept:
+/// iptables (nf_tables) creates a table the first time a command names it,
+/// and an empty table filters nothing.
+fn normalise_rules(text: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut table: Vec<String> = Vec::new();
+    for line in text.lines().filter(|l| !l.starts_with('#')) {
+        let line = match line.find(" [") {
+            Some(i) if line.starts_with(':') => &line[..i],
+            _ => line,
+        };
+        table.push(line.to_string());
+        if line == "COMMIT" {
+            let empty = table
+                .iter()
+                .all(|l| l.starts_with('*') || l == "COMMIT" || l.ends_with(" ACCEPT"));
+            if !empty {
+                out.append(&mut table);
+            }
+            table.clear();
+        }
+    }
+    out.append(&mut table);
+    out
 }
 
 fn free_port() -> u16 {
@@ -336,4 +363,266 @@ fn bad_network_input_is_refused_and_leaves_nothing_behind() {
     ]);
     fails(&out, 4, "or pass --net none for a VM without a network");
     assert_eq!(snapshot(), before);
+}
+
+/// What networking looks like inside test host `host`: the machine's
+/// namespaces, the host's interfaces, ruleset and forwarding switch.
+fn host_snapshot(host: &Host) -> NetSnapshot {
+    let ns = host.name();
+    let mut snap = snapshot_with(
+        &format!("ip -n {ns} -o link"),
+        &format!("ip netns exec {ns} iptables-save"),
+    );
+    snap.rules.push(sh(&format!(
+        "ip netns exec {ns} cat /proc/sys/net/ipv4/ip_forward"
+    )));
+    snap
+}
+
+fn run_in(host: &Host, env: &FerryEnv, args: &[&str]) -> Output {
+    host.ferry(env).args(args).output().unwrap()
+}
+
+#[test]
+fn net_up_is_idempotent_and_down_cleans_up_after_a_crash() {
+    let _lock = vm_lock();
+    let hosts = TestHosts::create(&["a"]);
+    let a = &hosts["a"];
+    let env = a.ferry_env(env!("CARGO_BIN_EXE_ferry"));
+    let before = host_snapshot(a);
+    // Named after the test host, so that its clean-up finds them too.
+    let prefix = format!("{}-", a.name());
+    let ns0 = format!("{prefix}0");
+    let up_args = [
+        "net",
+        "up",
+        "--host-interface",
+        "eth0",
+        "--namespaces",
+        "2",
+        "--prefix",
+        &prefix,
+    ];
+    let up = || {
+        let mut cmd = a.ferry(&env);
+        cmd.args(up_args);
+        spawn_until(cmd, "ready: ", Duration::from_secs(30))
+    };
+
+    let (mut first, lines) = up();
+    assert_eq!(lines.len(), 3, "{lines:?}");
+    assert!(
+        lines[0].starts_with(&format!("{ns0}  host link fy")),
+        "{lines:?}"
+    );
+    let during = host_snapshot(a);
+    assert!(during.netns.contains(&ns0) && during.netns.contains(&format!("{prefix}1")));
+    let rules = during.rules.join("\n");
+    assert!(
+        rules.contains(&format!("-A POSTROUTING -j ferry-{prefix}-nat")),
+        "{rules}"
+    );
+    assert!(
+        rules.contains(&format!("-A FORWARD -j ferry-{prefix}-fwd")),
+        "{rules}"
+    );
+    // Each namespace is a VM namespace: a veth end with its own /30, and NAT.
+    let inner = sh(&format!("ip netns exec {ns0} iptables-save -t nat"));
+    assert!(
+        inner.contains("-A FERRY-NAT -o veth0 -j MASQUERADE"),
+        "{inner}"
+    );
+    assert!(sh(&format!("ip -n {ns0} -4 addr show veth0")).contains("/30"));
+
+    // One `up` per prefix at a time.
+    let out = run_in(a, &env, &up_args);
+    fails(
+        &out,
+        3,
+        &format!("'ferry net up --prefix {prefix}' is already running"),
+    );
+
+    // A crash leaves everything; `up` again adopts it, Ctrl-C removes it.
+    first.kill().unwrap();
+    first.wait().unwrap();
+    assert_eq!(
+        host_snapshot(a),
+        during,
+        "a killed 'net up' removes nothing"
+    );
+    let (mut second, _) = up();
+    assert_eq!(host_snapshot(a), during, "re-running 'up' changes nothing");
+    let out = stop(&mut second);
+    assert!(out.status.success(), "{}", describe(&out));
+    assert_eq!(
+        host_snapshot(a),
+        before,
+        "Ctrl-C removed exactly what 'up' made"
+    );
+
+    // After another crash, `net down` removes it; twice is harmless.
+    let (mut third, _) = up();
+    third.kill().unwrap();
+    third.wait().unwrap();
+    let out = run_in(a, &env, &["net", "down", "--prefix", &prefix]);
+    assert!(out.status.success(), "{}", describe(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("removed 2 namespaces"),
+        "{}",
+        describe(&out)
+    );
+    assert_eq!(host_snapshot(a), before);
+    let out = run_in(a, &env, &["net", "down", "--prefix", &prefix]);
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("nothing to remove"),
+        "{}",
+        describe(&out)
+    );
+    // A namespace of that name that ferry did not make is not taken over.
+    sh(&format!("ip netns add {ns0}"));
+    let out = run_in(a, &env, &up_args);
+    fails(
+        &out,
+        3,
+        &format!("exists but was not made by 'ferry net up --prefix {prefix}'"),
+    );
+    sh(&format!("ip netns delete {ns0}"));
+    assert_eq!(host_snapshot(a), before);
+
+    // One whose record is lost (another $FERRY_STATE) but that ferry made
+    // here is started clean by a new `up`.
+    let (mut fourth, _) = up();
+    fourth.kill().unwrap();
+    fourth.wait().unwrap();
+    let other = a.ferry_env(env!("CARGO_BIN_EXE_ferry"));
+    let mut cmd = a.ferry(&other);
+    cmd.args(up_args);
+    let (mut fifth, _) = spawn_until(cmd, "ready: ", Duration::from_secs(30));
+    let out = stop(&mut fifth);
+    assert!(out.status.success(), "{}", describe(&out));
+    assert_eq!(host_snapshot(a), before);
+}
+
+/// The networking issue's acceptance scenario, on a test host: three clones
+/// of one Redis package in `net up` namespaces, each exposed on its own
+/// port, reaching each other at their gateways and the outside through NAT.
+#[test]
+fn three_redis_clones_in_net_up_namespaces() {
+    let _lock = vm_lock();
+    let pkg = recipe_package(&env(), "redis");
+    let pkg = pkg.to_str().unwrap();
+    let hosts = TestHosts::create(&["h", "outside"]);
+    let (h, outside) = (&hosts["h"], &hosts["outside"]);
+    let env = h.ferry_env(env!("CARGO_BIN_EXE_ferry"));
+    let before = host_snapshot(h);
+
+    let prefix = format!("{}-", h.name());
+    let mut up_cmd = h.ferry(&env);
+    up_cmd.args([
+        "net",
+        "up",
+        "--host-interface",
+        "eth0",
+        "--namespaces",
+        "3",
+        "--prefix",
+        &prefix,
+    ]);
+    let (mut up, _) = spawn_until(up_cmd, "ready: ", Duration::from_secs(30));
+
+    let ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
+    let mut vms = Vec::new();
+    for (i, port) in ports.iter().enumerate() {
+        let (name, netns, expose) = (
+            format!("r{i}"),
+            format!("{prefix}{i}"),
+            format!("{port}:6379"),
+        );
+        let mut cmd = h.ferry(&env);
+        cmd.args([
+            "run",
+            "--package",
+            pkg,
+            "--clone",
+            "--name",
+            &name,
+            "--netns",
+            &netns,
+            "--expose",
+            &expose,
+        ]);
+        vms.push(spawn_until(cmd, "live in ", Duration::from_secs(120)).0);
+    }
+    for port in &ports {
+        let out = h
+            .cmd("redis-cli")
+            .args(["-p", &port.to_string(), "PING"])
+            .output()
+            .unwrap();
+        assert_eq!(
+            String::from_utf8_lossy(&out.stdout).trim(),
+            "PONG",
+            "{}",
+            describe(&out)
+        );
+    }
+    // From inside r0, the other VMs at r0's own gateway.
+    for port in &ports[1..] {
+        let out = run_in(
+            h,
+            &env,
+            &[
+                "exec",
+                "r0",
+                "--",
+                "redis-cli",
+                "-h",
+                "172.100.100.1",
+                "-p",
+                &port.to_string(),
+                "PING",
+            ],
+        );
+        assert_eq!(
+            String::from_utf8_lossy(&out.stdout).trim(),
+            "PONG",
+            "{}",
+            describe(&out)
+        );
+    }
+    // And beyond host h, through `net up`'s NAT out of eth0.
+    let mut server = KillOnDrop::new(
+        outside
+            .cmd("python3")
+            .args([
+                "-m",
+                "http.server",
+                "8000",
+                "--bind",
+                &outside.addr().to_string(),
+            ])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let script = format!(
+        "for i in 1 2 3 4 5 6 7 8 9 10; do exec 3<>/dev/tcp/{}/8000 && break; sleep 0.5; done; printf 'GET / HTTP/1.0\\r\\n\\r\\n' >&3; head -n 1 <&3",
+        outside.addr()
+    );
+    let out = run_in(h, &env, &["exec", "r2", "--", "bash", "-c", &script]);
+    assert!(
+        String::from_utf8_lossy(&out.stdout).starts_with("HTTP/1.0 200"),
+        "{}",
+        describe(&out)
+    );
+    server.kill().unwrap();
+
+    for vm in &mut vms {
+        let out = stop(vm);
+        assert!(out.status.success(), "{}", describe(&out));
+    }
+    let out = stop(&mut up);
+    assert!(out.status.success(), "{}", describe(&out));
+    assert_eq!(host_snapshot(h), before);
 }

@@ -80,6 +80,16 @@ fn chains(prefix: &str) -> [Chain; 2] {
     ]
 }
 
+/// Whether namespace `name` has ferry's veth to this host (named after it,
+/// with the alias ferry gives it), so ferry made it here.
+fn made_by_ferry(name: &str) -> Result<bool, NetError> {
+    let veth = plumbing::host_veth_name(name);
+    let alias = format!("ferry:{name}");
+    Ok(crate::nl::host_links()?
+        .iter()
+        .any(|(n, a)| *n == veth && a.as_deref() == Some(alias.as_str())))
+}
+
 fn record_path(dir: &Path, prefix: &str) -> PathBuf {
     dir.join(format!("{prefix}.json"))
 }
@@ -183,6 +193,15 @@ impl HostNet {
             let ours = self.record.namespaces.iter().any(|r| r.name == name);
             if crate::ns::exists(&name) {
                 if ours {
+                    continue;
+                }
+                if made_by_ferry(&name)? {
+                    // A crashed run whose record is gone (e.g. another
+                    // $FERRY_STATE): ferry's veth still names it. Start clean.
+                    plumbing::unprovision(&name)?;
+                    let (_ns, rec) = plumbing::provision(&name)?;
+                    self.record.namespaces.push(rec);
+                    save(&self.path, &self.record)?;
                     continue;
                 }
                 return Err(NetError::BadOption(format!(

@@ -257,7 +257,10 @@ fn outer_mount_ns() -> Option<File> {
         let pids = std::fs::read_dir("/proc").into_iter().flatten().flatten();
         for entry in pids {
             let pid = entry.file_name();
-            let Some(pid) = pid.to_str().filter(|p| p.bytes().all(|b| b.is_ascii_digit())) else {
+            let Some(pid) = pid
+                .to_str()
+                .filter(|p| p.bytes().all(|b| b.is_ascii_digit()))
+            else {
                 continue;
             };
             if netns_mount_tags(pid) == Some((Some(master), None)) {

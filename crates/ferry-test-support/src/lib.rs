@@ -6,6 +6,9 @@
 //! kernel download and accelerator verdict are cached in one test cache.
 #![warn(missing_docs)]
 
+pub mod hosts;
+pub use hosts::{Host, TestHosts};
+
 use std::fs::File;
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
@@ -202,11 +205,22 @@ pub fn spawn_until_live(
     args: &[&str],
     timeout: Duration,
 ) -> (KillOnDrop, Vec<String>) {
+    let mut cmd = env.cmd();
+    cmd.args(args);
+    spawn_until(cmd, "live in ", timeout)
+}
+
+/// Starts `cmd` and waits until a line of its standard output starts with
+/// `ready` (e.g. a ferry command run inside a test host, see
+/// [`Host::ferry`]). Returns as [`spawn_until_live`] does.
+pub fn spawn_until(mut cmd: Command, ready: &str, timeout: Duration) -> (KillOnDrop, Vec<String>) {
     use std::io::{BufRead, BufReader, Read};
     use std::process::Stdio;
-    let mut child = env
-        .cmd()
-        .args(args)
+    let args: Vec<_> = cmd
+        .get_args()
+        .map(|a| a.to_string_lossy().into_owned())
+        .collect();
+    let mut child = cmd
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -226,7 +240,7 @@ pub fn spawn_until_live(
     loop {
         match rx.recv_timeout(Duration::from_millis(200)) {
             Ok(line) => {
-                let live = line.starts_with("live in ");
+                let live = line.starts_with(ready);
                 lines.push(line);
                 if live {
                     return (KillOnDrop::new(child), lines);
