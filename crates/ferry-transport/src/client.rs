@@ -198,7 +198,7 @@ impl Http {
             .with_config()
             .limit(MAX_LISTING)
             .read_to_vec()
-            .map_err(|e| not_registry(format!("reading it failed: {e}")))?;
+            .map_err(|e| not_registry(format!("reading it failed: {}", describe(&e))))?;
         self.count(body.len() as u64);
         let listing: Listing = serde_json::from_slice(&body)
             .map_err(|e| not_registry(format!("not a JSON package list: {e}")))?;
@@ -358,21 +358,19 @@ impl Http {
                     format!("the server answered {}", r.status())
                 }
                 Ok(r) => return Ok(r),
-                Err(e) if transient(&e) && attempt < ATTEMPTS => e.to_string(),
+                Err(e) if transient(&e) && attempt < ATTEMPTS => describe(&e),
                 Err(e) if transient(&e) => {
                     return Err(TransportError::Connect {
                         url: self.url.clone(),
                         attempts: attempt,
-                        detail: e.to_string(),
+                        detail: describe(&e),
                     })
                 }
                 Err(e) => {
-                    return Err(TransportError::Interrupted {
+                    return Err(TransportError::Request {
                         url: self.url.clone(),
                         what: what.to_string(),
-                        got: 0,
-                        expected: range.map_or(0, |(f, l)| l - f + 1),
-                        detail: e.to_string(),
+                        detail: describe(&e),
                     })
                 }
             };
@@ -452,6 +450,15 @@ fn transient(e: &ureq::Error) -> bool {
                 | K::TimedOut
         ),
         _ => false,
+    }
+}
+
+/// An error of the HTTP client in words (without its "io: " prefixes).
+fn describe(e: &ureq::Error) -> String {
+    match e {
+        ureq::Error::Io(io) => io.to_string(),
+        ureq::Error::Timeout(t) => format!("timed out: {t}"),
+        other => other.to_string(),
     }
 }
 

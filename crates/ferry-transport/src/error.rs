@@ -74,6 +74,17 @@ pub enum TransportError {
         /// The last error.
         detail: String,
     },
+    /// A request failed before an answer came, for another reason than the
+    /// connection (a timeout, a malformed answer).
+    #[error("{url}: the request for {what} failed ({detail}): check that the server is running and serves HTTP")]
+    Request {
+        /// The URL.
+        url: String,
+        /// What was asked for.
+        what: String,
+        /// The underlying error.
+        detail: String,
+    },
     /// The server wants a token, or refused the one sent.
     #[error("{url}: 401 Unauthorized: {}", if *token_sent { "the registry refused the token: check --token or --token-file" } else { "the registry needs a token: pass --token or --token-file" })]
     Unauthorized {
