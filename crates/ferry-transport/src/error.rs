@@ -28,7 +28,7 @@ pub enum TransportError {
         second: PathBuf,
     },
     /// The token cannot be used in an `Authorization` header.
-    #[error("the registry token {0}: use printable ASCII without spaces (for instance `openssl rand -hex 32`)")]
+    #[error("the registry token {0}: give one of printable ASCII without spaces (for instance from `openssl rand -hex 32`)")]
     BadToken(&'static str),
     /// The listening socket could not be bound.
     #[error("cannot listen on {addr}: {source}: pick another address with --listen (is another registry running there?)")]

@@ -1,7 +1,7 @@
 //! Argument parsing and dispatch. Exit codes are stable, per failure class:
 //! 0 success, 1 other errors, 2 usage, 3 bad input (blueprint, recipe, name,
-//! option), 4 missing host software or accelerator, 5 the VM failed (died,
-//! agent silent, service not live), 130 interrupted. `ferry exec` exits with
+//! option, package, listen address), 4 missing host software or accelerator,
+//! 5 the VM failed (died, agent silent, service not live), 130 interrupted. `ferry exec` exits with
 //! the guest command's own code.
 
 mod blueprint;
@@ -9,6 +9,7 @@ mod boot;
 mod exec;
 mod inspect;
 mod package;
+mod registry;
 mod run;
 
 use std::path::PathBuf;
@@ -19,6 +20,7 @@ use clap::{Parser, Subcommand};
 use ferry_blueprint::BlueprintError;
 use ferry_engine::EngineError;
 use ferry_runtime::{Paths, RuntimeError};
+use ferry_transport::TransportError;
 
 /// ferry: build a microVM from a recipe, boot it, snapshot it, ship it.
 #[derive(Parser, Debug)]
@@ -45,6 +47,8 @@ enum Command {
     Run(run::Args),
     /// Show what a package holds; --verify checks every chunk.
     Inspect(inspect::Args),
+    /// Serve packages over HTTP (read-only, byte ranges) until Ctrl-C.
+    Registry(registry::Args),
 }
 
 /// `--accel` values.
@@ -78,6 +82,7 @@ pub fn run(cli: Cli, started: Instant) -> anyhow::Result<ExitCode> {
         Command::Package(args) => package::run(args, &paths),
         Command::Run(args) => run::run(args, &paths, started),
         Command::Inspect(args) => inspect::run(args),
+        Command::Registry(args) => registry::run(args),
     }
 }
 
@@ -112,6 +117,8 @@ pub fn exit_code(e: &anyhow::Error) -> ExitCode {
         blueprint_code(b)
     } else if let Some(en) = e.downcast_ref::<EngineError>() {
         engine_code(en)
+    } else if let Some(t) = e.downcast_ref::<TransportError>() {
+        transport_code(t)
     } else {
         1
     };
@@ -123,6 +130,36 @@ fn blueprint_code(e: &BlueprintError) -> u8 {
         BlueprintError::MissingTool { .. } => 4,
         BlueprintError::Io { .. } | BlueprintError::ToolFailed { .. } => 1,
         _ => 3,
+    }
+}
+
+fn transport_code(e: &TransportError) -> u8 {
+    use TransportError as T;
+    match e {
+        // What the user gave: packages, names, token, address, URL.
+        T::NoPackages
+        | T::OpenPackage(_)
+        | T::BadPackageName(_)
+        | T::DuplicateName { .. }
+        | T::BadToken(_)
+        | T::Bind { .. }
+        | T::BadUrl { .. }
+        | T::Unauthorized { .. }
+        | T::NotFound { .. }
+        | T::NotARegistry { .. }
+        | T::EmptyRegistry { .. }
+        | T::AmbiguousRegistry { .. }
+        | T::Package(_)
+        | T::ChunkCorrupt { .. } => 3,
+        T::Setup { .. }
+        | T::Serve { .. }
+        | T::Connect { .. }
+        | T::Request { .. }
+        | T::Status { .. }
+        | T::RangeUnsupported { .. }
+        | T::BadResponse { .. }
+        | T::Interrupted { .. }
+        | T::Changed { .. } => 1,
     }
 }
 
