@@ -157,12 +157,9 @@ impl RemotePackage {
             return Ok(section.decode_chunk(index, &[])?);
         };
         let what = format!("chunk {index} of section {kind}");
-        let stored = self.http.fetch(
-            entry.offset,
-            entry.stored_len,
-            &what,
-            Some(self.file_size()),
-        )?;
+        let stored = self
+            .http
+            .fetch(entry.offset, entry.stored_len, &what, self.file_size())?;
         section.decode_chunk(index, &stored).map_err(|e| match e {
             PackageError::ChunkCorrupt {
                 section,
@@ -246,7 +243,7 @@ impl Http {
             table.start,
             table.end - table.start,
             "the section table",
-            Some(file_len),
+            file_len,
         )?;
         Ok(PackageIndex::from_parts(
             source,
@@ -263,7 +260,7 @@ impl Http {
         start: u64,
         len: u64,
         what: &str,
-        file_len: Option<u64>,
+        file_len: u64,
     ) -> Result<Vec<u8>, TransportError> {
         if len == 0 {
             return Ok(Vec::new());
@@ -283,7 +280,7 @@ impl Http {
             }
         }
         let (first, got_last, total) = self.content_range(&response, what)?;
-        if let Some(file_len) = file_len.filter(|&l| l != total) {
+        if total != file_len {
             return Err(TransportError::Changed {
                 url: self.url.clone(),
                 detail: format!("it was {file_len} bytes, now {total}"),

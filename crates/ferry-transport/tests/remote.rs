@@ -359,8 +359,9 @@ fn a_server_killed_mid_read_is_a_clear_error() {
     let dir = tempfile::tempdir().unwrap();
     let size = 4 << 20;
     make_big_package(dir.path(), "big.ferry", size);
-    // 64 KiB per 20 ms: the 4 MiB chunk takes over a second.
-    let mut server = range_server(dir.path(), 0.02);
+    // 64 KiB per 30 ms: the 4 MiB chunk takes about two seconds, so a kill
+    // after 400 ms lands mid-transfer even on a busy host.
+    let mut server = range_server(dir.path(), 0.03);
     let url = server.url("big.ferry");
     let remote = RemotePackage::open(&url, None).unwrap();
     let pid = server.child.id();
