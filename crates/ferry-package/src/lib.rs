@@ -30,11 +30,13 @@
 mod chunk;
 mod error;
 mod header;
+mod index;
 mod reader;
 mod table;
 mod writer;
 
 pub use error::PackageError;
+pub use index::PackageIndex;
 pub use reader::{Package, VerifyReport};
 pub use table::{ChunkEntry, Compression, SectionInfo, SectionKind};
 pub use writer::{PackageWriter, WriteStats};

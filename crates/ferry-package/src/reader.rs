@@ -7,12 +7,10 @@ use std::io::ErrorKind;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
-use sha2::{Digest, Sha256};
-
 use crate::chunk;
 use crate::error::PackageError;
-use crate::header::Header;
-use crate::table::{self, ChunkEntry, SectionInfo, SectionKind, Table};
+use crate::index::PackageIndex;
+use crate::table::{ChunkEntry, SectionInfo, SectionKind};
 use crate::writer::create_temp;
 use crate::HEADER_SIZE;
 
@@ -26,10 +24,7 @@ const BATCH_BYTES: u64 = 64 << 20;
 pub struct Package {
     path: PathBuf,
     file: File,
-    file_len: u64,
-    version: (u16, u16),
-    metadata: serde_json::Value,
-    sections: Vec<SectionInfo>,
+    index: PackageIndex,
 }
 
 /// What [`Package::verify`] checked.
@@ -58,31 +53,15 @@ impl Package {
         let file_len = file.metadata().map_err(PackageError::io(path))?.len();
         let mut head = vec![0u8; file_len.min(HEADER_SIZE) as usize];
         read_at(&file, path, &mut head, 0)?;
-        let header = Header::decode(path, &head, file_len)?;
-
-        let corrupt = |detail: String| PackageError::TableCorrupt {
-            path: path.to_path_buf(),
-            detail,
-        };
+        let range = PackageIndex::table_range(path, &head, file_len)?;
         // The header checks bounded the length by MAX_TABLE_LEN.
-        let mut json = vec![0u8; header.table_len as usize];
-        read_at(&file, path, &mut json, header.table_offset)?;
-        if Sha256::digest(&json)[..] != header.table_sha256 {
-            return Err(corrupt(
-                "its checksum does not match the one in the header".into(),
-            ));
-        }
-        let table: Table =
-            serde_json::from_slice(&json).map_err(|e| corrupt(format!("bad JSON: {e}")))?;
-        table::validate(&table, header.table_offset).map_err(corrupt)?;
-
+        let mut table = vec![0u8; (range.end - range.start) as usize];
+        read_at(&file, path, &mut table, range.start)?;
+        let index = PackageIndex::from_parts(path, &head, &table, file_len)?;
         Ok(Package {
             path: path.to_path_buf(),
             file,
-            file_len,
-            version: (header.major, header.minor),
-            metadata: table.metadata,
-            sections: table.sections,
+            index,
         })
     }
 
@@ -93,17 +72,17 @@ impl Package {
 
     /// The package's format version (major, minor).
     pub fn format_version(&self) -> (u16, u16) {
-        self.version
+        self.index.format_version()
     }
 
     /// The metadata the writer recorded (provenance and such).
     pub fn metadata(&self) -> &serde_json::Value {
-        &self.metadata
+        self.index.metadata()
     }
 
     /// All sections, in the order they were written.
     pub fn sections(&self) -> &[SectionInfo] {
-        &self.sections
+        self.index.sections()
     }
 
     /// The section of kind `kind`.
@@ -111,18 +90,25 @@ impl Package {
     /// # Errors
     /// [`PackageError::MissingSection`] if the package has none.
     pub fn section(&self, kind: SectionKind) -> Result<&SectionInfo, PackageError> {
-        self.sections
-            .iter()
-            .find(|s| s.kind == kind)
-            .ok_or_else(|| PackageError::MissingSection {
-                path: self.path.clone(),
-                kind,
-            })
+        self.index.section(kind)
     }
 
     /// Size of the package file (what a registry sends).
     pub fn file_size(&self) -> u64 {
-        self.file_len
+        self.index.file_len()
+    }
+
+    /// The checked header and table: what a registry lists and derives its
+    /// `ETag` from ([`PackageIndex::table_sha256`]).
+    pub fn index(&self) -> &PackageIndex {
+        &self.index
+    }
+
+    /// The open file, for positioned reads (`pread`) of its bytes as they
+    /// are: a registry serves the file it checked at open even if the path is
+    /// later replaced by another package.
+    pub fn file(&self) -> &File {
+        &self.file
     }
 
     /// Reads and verifies chunk `index` of section `kind`: its uncompressed
@@ -228,13 +214,14 @@ impl Package {
     /// # Errors
     /// The first [`PackageError::ChunkCorrupt`] (or read error) met.
     pub fn verify(&self, progress: &mut dyn FnMut(u64, u64)) -> Result<VerifyReport, PackageError> {
-        let total: u64 = self.sections.iter().map(SectionInfo::stored_bytes).sum();
+        let sections = self.index.sections();
+        let total: u64 = sections.iter().map(SectionInfo::stored_bytes).sum();
         let mut report = VerifyReport {
-            sections: self.sections.len(),
+            sections: sections.len(),
             ..VerifyReport::default()
         };
         progress(0, total);
-        for section in &self.sections {
+        for section in sections {
             self.for_each_chunk(section, |entry, _, _| {
                 match entry {
                     Some(e) => {

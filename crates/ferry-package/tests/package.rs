@@ -7,8 +7,8 @@ use std::path::{Path, PathBuf};
 
 use common::*;
 use ferry_package::{
-    Compression, Package, PackageError, PackageWriter, SectionKind, DEFAULT_CHUNK_SIZE,
-    FORMAT_MAJOR, FORMAT_MINOR, HEADER_SIZE, MAGIC,
+    Compression, Package, PackageError, PackageIndex, PackageWriter, SectionKind,
+    DEFAULT_CHUNK_SIZE, FORMAT_MAJOR, FORMAT_MINOR, HEADER_SIZE, MAGIC,
 };
 use serde_json::json;
 
@@ -473,6 +473,44 @@ fn a_chunk_verifies_alone_from_its_byte_range() {
             assert!(s.decode_chunk(i, &stored[1..]).is_err());
         }
     }
+}
+
+/// The index built from the header and table bytes alone (as a remote reader
+/// does) is the one `Package::open` builds, and it refuses the same damage.
+#[test]
+fn an_index_decodes_from_header_and_table_bytes() {
+    let (_dir, path, _) = sample();
+    let p = Package::open(&path).unwrap();
+    let bytes = std::fs::read(&path).unwrap();
+    let len = bytes.len() as u64;
+    let head = &bytes[..HEADER_SIZE as usize];
+    let range = PackageIndex::table_range(Path::new("remote"), head, len).unwrap();
+    assert_eq!(range.end, len);
+    let table = &bytes[range.start as usize..];
+    let index = PackageIndex::from_parts(Path::new("remote"), head, table, len).unwrap();
+    assert_eq!(index.sections(), p.sections());
+    assert_eq!(index.metadata(), p.metadata());
+    assert_eq!(index.format_version(), p.format_version());
+    assert_eq!(index.file_len(), p.file_size());
+    assert_eq!(index.table_sha256(), p.index().table_sha256());
+    assert_eq!(index.source(), Path::new("remote"));
+    assert_eq!(index.table_sha256().len(), 64);
+
+    let e = PackageIndex::from_parts(Path::new("remote"), head, &table[1..], len).unwrap_err();
+    assert!(matches!(e, PackageError::TableCorrupt { .. }), "{e}");
+    assert!(
+        e.to_string()
+            .starts_with("remote: the section table is corrupt"),
+        "{e}"
+    );
+    let mut bad = table.to_vec();
+    bad[10] ^= 1;
+    let e = PackageIndex::from_parts(Path::new("remote"), head, &bad, len).unwrap_err();
+    assert!(matches!(e, PackageError::TableCorrupt { .. }), "{e}");
+    let e = PackageIndex::table_range(Path::new("remote"), &head[..100], len).unwrap_err();
+    assert!(matches!(e, PackageError::Truncated { .. }), "{e}");
+    let e = PackageIndex::table_range(Path::new("remote"), head, len + 1).unwrap_err();
+    assert!(matches!(e, PackageError::HeaderCorrupt { .. }), "{e}");
 }
 
 #[test]

@@ -1,7 +1,7 @@
 //! Argument parsing and dispatch. Exit codes are stable, per failure class:
 //! 0 success, 1 other errors, 2 usage, 3 bad input (blueprint, recipe, name,
-//! option), 4 missing host software or accelerator, 5 the VM failed (died,
-//! agent silent, service not live), 130 interrupted. `ferry exec` exits with
+//! option, package, listen address), 4 missing host software or accelerator,
+//! 5 the VM failed (died, agent silent, service not live), 130 interrupted. `ferry exec` exits with
 //! the guest command's own code.
 
 mod blueprint;
@@ -10,6 +10,7 @@ mod exec;
 mod inspect;
 mod net;
 mod package;
+mod registry;
 mod run;
 
 use std::path::PathBuf;
@@ -21,6 +22,7 @@ use ferry_blueprint::BlueprintError;
 use ferry_engine::EngineError;
 use ferry_runtime::supervisor::NetChoice;
 use ferry_runtime::{Paths, RuntimeError};
+use ferry_transport::TransportError;
 
 /// ferry: build a microVM from a recipe, boot it, snapshot it, ship it.
 #[derive(Parser, Debug)]
@@ -49,6 +51,8 @@ enum Command {
     Inspect(inspect::Args),
     /// Pre-made VM network namespaces with NAT to a host interface.
     Net(net::Args),
+    /// Serve packages over HTTP (read-only, byte ranges) until Ctrl-C.
+    Registry(registry::Args),
 }
 
 /// `--accel` values.
@@ -83,6 +87,7 @@ pub fn run(cli: Cli, started: Instant) -> anyhow::Result<ExitCode> {
         Command::Run(args) => run::run(args, &paths, started),
         Command::Inspect(args) => inspect::run(args),
         Command::Net(args) => net::run(args, &paths),
+        Command::Registry(args) => registry::run(args),
     }
 }
 
@@ -166,6 +171,8 @@ pub fn exit_code(e: &anyhow::Error) -> ExitCode {
         engine_code(en)
     } else if let Some(n) = e.downcast_ref::<ferry_net::NetError>() {
         net_code(n)
+    } else if let Some(t) = e.downcast_ref::<TransportError>() {
+        transport_code(t)
     } else {
         1
     };
@@ -187,6 +194,36 @@ fn net_code(e: &ferry_net::NetError) -> u8 {
         4
     } else {
         1
+    }
+}
+
+fn transport_code(e: &TransportError) -> u8 {
+    use TransportError as T;
+    match e {
+        // What the user gave: packages, names, token, address, URL.
+        T::NoPackages
+        | T::OpenPackage(_)
+        | T::BadPackageName(_)
+        | T::DuplicateName { .. }
+        | T::BadToken(_)
+        | T::Bind { .. }
+        | T::BadUrl { .. }
+        | T::Unauthorized { .. }
+        | T::NotFound { .. }
+        | T::NotARegistry { .. }
+        | T::EmptyRegistry { .. }
+        | T::AmbiguousRegistry { .. }
+        | T::Package(_)
+        | T::ChunkCorrupt { .. } => 3,
+        T::Setup { .. }
+        | T::Serve { .. }
+        | T::Connect { .. }
+        | T::Request { .. }
+        | T::Status { .. }
+        | T::RangeUnsupported { .. }
+        | T::BadResponse { .. }
+        | T::Interrupted { .. }
+        | T::Changed { .. } => 1,
     }
 }
 

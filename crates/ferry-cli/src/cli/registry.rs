@@ -1,0 +1,66 @@
+//! `ferry registry`.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use ferry_runtime::RuntimeError;
+use ferry_transport::{Registry, RegistryConfig};
+
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    /// A package file to serve as /packages/<file name> (repeat, or list
+    /// several, for more).
+    #[arg(long = "package", value_name = "FILE", required = true, num_args = 1..)]
+    packages: Vec<PathBuf>,
+    /// The address to listen on (port 0 picks a free port).
+    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:7070")]
+    listen: SocketAddr,
+    /// Require `Authorization: Bearer TOKEN` on every request. Other users
+    /// of this host can see it in the process list: prefer --token-file.
+    #[arg(long, value_name = "TOKEN", conflicts_with = "token_file")]
+    token: Option<String>,
+    /// Read the token from FILE (surrounding whitespace is ignored).
+    #[arg(long = "token-file", value_name = "FILE")]
+    token_file: Option<PathBuf>,
+}
+
+pub fn run(args: Args) -> anyhow::Result<ExitCode> {
+    let token = match (args.token, args.token_file) {
+        (Some(token), _) => Some(token),
+        (None, Some(file)) => Some(read_token(&file)?),
+        (None, None) => None,
+    };
+    let guarded = token.is_some();
+    let registry = Registry::bind(RegistryConfig {
+        packages: args.packages,
+        listen: args.listen,
+        token,
+    })?;
+    registry.run_until_signal(|registry| {
+        for p in registry.packages() {
+            println!(
+                "serving {} ({} bytes, table sha256 {}) as {}",
+                p.path.display(),
+                p.entry.size,
+                p.entry.table_sha256,
+                p.entry.url
+            );
+        }
+        if guarded {
+            println!("every request needs the token (Authorization: Bearer)");
+        }
+        println!("listening on http://{}", registry.local_addr());
+    })?;
+    Ok(ExitCode::SUCCESS)
+}
+
+fn read_token(file: &Path) -> Result<String, RuntimeError> {
+    let text = std::fs::read_to_string(file).map_err(|e| {
+        RuntimeError::BadOption(format!(
+            "cannot read the token file {}: {e}: check --token-file",
+            file.display()
+        ))
+    })?;
+    Ok(text.trim().to_string())
+}

@@ -1,0 +1,304 @@
+//! `ferry registry` as a user runs it: it says what it serves and where,
+//! answers over HTTP, refuses a taken port or a damaged package with one
+//! line and exit code 3, and stops cleanly on SIGINT or SIGTERM. No VM is
+//! booted.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+use ferry_package::{PackageWriter, SectionKind};
+use ferry_test_support::{describe, send_signal, KillOnDrop};
+
+fn ferry() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_ferry"));
+    c.env_remove("FERRY_LOG");
+    c
+}
+
+/// A small package `dir/name`.
+fn package(dir: &Path, name: &str) -> PathBuf {
+    let dest = dir.join(name);
+    let mut w = PackageWriter::create(&dest).unwrap();
+    w.add_bytes(SectionKind::Config, br#"{"vcpus":1}"#).unwrap();
+    w.add_bytes(SectionKind::Memory, &vec![7u8; 100_000])
+        .unwrap();
+    w.commit(serde_json::json!({"test": name})).unwrap();
+    dest
+}
+
+/// `ferry registry ARGS` running, with the lines it printed up to
+/// `listening on http://ADDR`.
+struct Running {
+    child: KillOnDrop,
+    lines: Vec<String>,
+    addr: SocketAddr,
+}
+
+fn start(args: &[&str]) -> Running {
+    let mut child = ferry()
+        .arg("registry")
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn ferry");
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let mut child = KillOnDrop::new(child);
+    let mut lines = Vec::new();
+    loop {
+        match rx.recv_timeout(Duration::from_secs(20)) {
+            Ok(line) => {
+                let addr = line
+                    .strip_prefix("listening on http://")
+                    .map(|a| a.parse().expect("an address"));
+                lines.push(line);
+                if let Some(addr) = addr {
+                    return Running { child, lines, addr };
+                }
+            }
+            Err(e) => {
+                let _ = child.kill();
+                let mut err = String::new();
+                if let Some(mut s) = child.stderr.take() {
+                    let _ = s.read_to_string(&mut err);
+                }
+                panic!("ferry registry {args:?} did not start ({e}): {lines:?} {err}");
+            }
+        }
+    }
+}
+
+impl Running {
+    /// Sends `signal` and waits for the exit.
+    fn stop(self, signal: i32) -> Output {
+        send_signal(self.child.id(), signal);
+        self.child.into_inner().wait_with_output().unwrap()
+    }
+}
+
+/// `GET path` over a plain socket: the status and body.
+fn get(addr: SocketAddr, path: &str, auth: Option<&str>) -> (u16, Vec<u8>) {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let auth = auth.map_or(String::new(), |t| format!("Authorization: Bearer {t}\r\n"));
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\n{auth}Connection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw).unwrap();
+    let split = raw
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .expect("end of headers");
+    let head = String::from_utf8_lossy(&raw[..split]);
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap();
+    (status, raw[split + 4..].to_vec())
+}
+
+/// The one `ferry: ` error line of a failed run.
+fn error_line(out: &Output) -> String {
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let lines: Vec<&str> = stderr
+        .lines()
+        .filter(|l| l.starts_with("ferry: "))
+        .collect();
+    assert_eq!(lines.len(), 1, "one error line: {}", describe(out));
+    lines[0].to_string()
+}
+
+#[test]
+fn serves_and_stops_on_sigint() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = package(dir.path(), "a.ferry");
+    let b = package(dir.path(), "b.ferry");
+    let r = start(&[
+        "--package",
+        a.to_str().unwrap(),
+        "--package",
+        b.to_str().unwrap(),
+        "--listen",
+        "127.0.0.1:0",
+    ]);
+    assert_eq!(r.lines.len(), 3, "{:?}", r.lines);
+    assert!(
+        r.lines[0].starts_with(&format!("serving {} (", a.display()))
+            && r.lines[0].ends_with(" as /packages/a.ferry"),
+        "{:?}",
+        r.lines
+    );
+    assert!(
+        r.lines[1].ends_with(" as /packages/b.ferry"),
+        "{:?}",
+        r.lines
+    );
+
+    let (status, body) = get(r.addr, "/", None);
+    assert_eq!(status, 200);
+    let listing: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    let names: Vec<_> = listing["packages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["name"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(names, ["a.ferry", "b.ferry"]);
+    let (status, body) = get(r.addr, "/packages/b.ferry", None);
+    assert_eq!(status, 200);
+    assert_eq!(body, std::fs::read(&b).unwrap());
+
+    let addr = r.addr;
+    let out = r.stop(libc::SIGINT);
+    assert_eq!(out.status.code(), Some(0), "{}", describe(&out));
+    assert!(TcpStream::connect(addr).is_err(), "it no longer listens");
+}
+
+#[test]
+fn token_file_is_trimmed_and_sigterm_stops() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = package(dir.path(), "a.ferry");
+    let token = dir.path().join("token");
+    std::fs::write(&token, "  tok-42\n").unwrap();
+    let r = start(&[
+        "--package",
+        a.to_str().unwrap(),
+        "--listen",
+        "127.0.0.1:0",
+        "--token-file",
+        token.to_str().unwrap(),
+    ]);
+    assert_eq!(get(r.addr, "/", None).0, 401);
+    assert_eq!(get(r.addr, "/", Some("tok")).0, 401);
+    assert_eq!(get(r.addr, "/", Some("tok-42")).0, 200);
+    let out = r.stop(libc::SIGTERM);
+    assert_eq!(out.status.code(), Some(0), "{}", describe(&out));
+}
+
+#[test]
+fn a_taken_port_is_bad_input() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = package(dir.path(), "a.ferry");
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    let out = ferry()
+        .args([
+            "registry",
+            "--package",
+            a.to_str().unwrap(),
+            "--listen",
+            &addr,
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(3), "{}", describe(&out));
+    let line = error_line(&out);
+    assert!(
+        line.starts_with(&format!("ferry: cannot listen on {addr}: ")),
+        "{line}"
+    );
+    assert!(
+        line.contains("pick another address with --listen"),
+        "{line}"
+    );
+    assert!(out.stdout.is_empty(), "{}", describe(&out));
+}
+
+#[test]
+fn a_damaged_package_is_bad_input() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = package(dir.path(), "a.ferry");
+    let mut bytes = std::fs::read(&a).unwrap();
+    let n = bytes.len();
+    bytes[n - 5] ^= 1; // inside the section table
+    std::fs::write(&a, bytes).unwrap();
+    let out = ferry()
+        .args([
+            "registry",
+            "--package",
+            a.to_str().unwrap(),
+            "--listen",
+            "127.0.0.1:0",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(3), "{}", describe(&out));
+    assert_eq!(
+        error_line(&out),
+        format!(
+            "ferry: cannot serve a package: {}: the section table is corrupt (its checksum does not match the one in the header): the package is damaged; fetch or rebuild it",
+            a.display()
+        )
+    );
+
+    let out = ferry()
+        .args(["registry", "--package", "/nonexistent/x.ferry"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(3), "{}", describe(&out));
+    assert!(error_line(&out).contains("/nonexistent/x.ferry"));
+}
+
+#[test]
+fn usage_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = package(dir.path(), "a.ferry");
+    let a = a.to_str().unwrap();
+    for args in [
+        vec!["registry"],
+        vec![
+            "registry",
+            "--package",
+            a,
+            "--token",
+            "t",
+            "--token-file",
+            "f",
+        ],
+        vec!["registry", "--package", a, "--listen", "nowhere"],
+    ] {
+        let out = ferry().args(&args).output().unwrap();
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {}", describe(&out));
+    }
+    let out = ferry()
+        .args([
+            "registry",
+            "--package",
+            a,
+            "--token-file",
+            "/nonexistent/token",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(3), "{}", describe(&out));
+    assert!(error_line(&out).contains("cannot read the token file /nonexistent/token"));
+    let empty = dir.path().join("empty-token");
+    std::fs::write(&empty, "\n").unwrap();
+    let out = ferry()
+        .args(["registry", "--package", a, "--token-file"])
+        .arg(&empty)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(3), "{}", describe(&out));
+    assert!(
+        error_line(&out).contains("token is empty"),
+        "{}",
+        describe(&out)
+    );
+}

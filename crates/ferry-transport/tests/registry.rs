@@ -1,0 +1,359 @@
+//! The registry server over real HTTP on loopback: listing, whole files,
+//! ranges, HEAD, conditional requests, unknown names and traversal, tokens,
+//! start-up errors and concurrent clients.
+
+mod common;
+
+use std::path::PathBuf;
+
+use common::*;
+use ferry_package::Package;
+use ferry_transport::{Listing, Registry, RegistryConfig, TransportError};
+
+fn two_packages() -> (tempfile::TempDir, PathBuf, PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let a = make_package(dir.path(), "a.ferry", 1);
+    let b = make_package(dir.path(), "b v2.ferry", 2);
+    (dir, a, b)
+}
+
+fn etag(path: &std::path::Path) -> String {
+    format!(
+        "\"{}\"",
+        Package::open(path).unwrap().index().table_sha256()
+    )
+}
+
+#[test]
+fn listing_names_every_package() {
+    let (_dir, a, b) = two_packages();
+    let reg = serve(&[&a, &b], None);
+    let r = get(reg.local_addr(), "/");
+    assert_eq!(r.status, 200);
+    assert_eq!(r.header("content-type"), Some("application/json"));
+    let listing: Listing = serde_json::from_slice(&r.body).unwrap();
+    let names: Vec<_> = listing.packages.iter().map(|p| p.name.as_str()).collect();
+    assert_eq!(names, ["a.ferry", "b v2.ferry"]);
+    for (p, path) in listing.packages.iter().zip([&a, &b]) {
+        let pkg = Package::open(path).unwrap();
+        assert_eq!(p.size, std::fs::metadata(path).unwrap().len());
+        assert_eq!(p.table_sha256, pkg.index().table_sha256());
+    }
+    assert_eq!(listing.packages[0].url, "/packages/a.ferry");
+    assert_eq!(listing.packages[1].url, "/packages/b%20v2.ferry");
+    // The listed URL works as given.
+    let r = get(reg.local_addr(), &listing.packages[1].url);
+    assert_eq!(r.status, 200);
+    assert_eq!(r.body, std::fs::read(&b).unwrap());
+}
+
+#[test]
+fn full_get_returns_the_file() {
+    let (_dir, a, _) = two_packages();
+    let bytes = std::fs::read(&a).unwrap();
+    let reg = serve(&[&a], None);
+    let r = get(reg.local_addr(), "/packages/a.ferry");
+    assert_eq!(r.status, 200);
+    assert_eq!(r.body, bytes);
+    assert_eq!(
+        r.header("content-length"),
+        Some(bytes.len().to_string().as_str())
+    );
+    assert_eq!(r.header("accept-ranges"), Some("bytes"));
+    assert_eq!(r.header("etag"), Some(etag(&a).as_str()));
+    assert_eq!(r.header("content-type"), Some("application/octet-stream"));
+    assert_eq!(r.header("content-range"), None);
+}
+
+#[test]
+fn ranges() {
+    let (_dir, a, _) = two_packages();
+    let bytes = std::fs::read(&a).unwrap();
+    let len = bytes.len();
+    let reg = serve(&[&a], None);
+    let addr = reg.local_addr();
+    let range = |spec: &str| request(addr, "GET", "/packages/a.ferry", &[("Range", spec)]);
+
+    for (spec, first, last) in [
+        ("bytes=0-9".to_string(), 0, 9),
+        ("bytes=4096-8191".to_string(), 4096, 8191),
+        (format!("bytes={}-", len - 100), len - 100, len - 1),
+        ("bytes=-50".to_string(), len - 50, len - 1),
+        (format!("bytes=10-{}", len * 2), 10, len - 1),
+        (format!("bytes=-{}", len * 3), 0, len - 1),
+        (format!("bytes={}-{}", len - 1, len - 1), len - 1, len - 1),
+    ] {
+        let r = range(&spec);
+        assert_eq!(r.status, 206, "{spec}");
+        assert_eq!(r.body, &bytes[first..=last], "{spec}");
+        assert_eq!(
+            r.header("content-range"),
+            Some(format!("bytes {first}-{last}/{len}").as_str()),
+            "{spec}"
+        );
+        assert_eq!(
+            r.header("content-length"),
+            Some((last - first + 1).to_string().as_str()),
+            "{spec}"
+        );
+        assert_eq!(r.header("etag"), Some(etag(&a).as_str()));
+    }
+
+    for spec in [
+        format!("bytes={len}-"),
+        format!("bytes={len}-{}", len + 10),
+        "bytes=-0".into(),
+    ] {
+        let r = range(&spec);
+        assert_eq!(r.status, 416, "{spec}");
+        assert!(r.body.is_empty());
+        assert_eq!(
+            r.header("content-range"),
+            Some(format!("bytes */{len}").as_str())
+        );
+    }
+
+    // Several ranges, other units and bad syntax get the whole file.
+    for spec in ["bytes=0-1,5-6", "items=0-5", "bytes=9-2", "bytes=x-"] {
+        let r = range(spec);
+        assert_eq!(r.status, 200, "{spec}");
+        assert_eq!(r.body, bytes, "{spec}");
+    }
+
+    // If-Range: the range only holds for the current ETag.
+    let tag = etag(&a);
+    let r = request(
+        addr,
+        "GET",
+        "/packages/a.ferry",
+        &[("Range", "bytes=0-9"), ("If-Range", &tag)],
+    );
+    assert_eq!((r.status, r.body.len()), (206, 10));
+    let r = request(
+        addr,
+        "GET",
+        "/packages/a.ferry",
+        &[("Range", "bytes=0-9"), ("If-Range", "\"stale\"")],
+    );
+    assert_eq!((r.status, r.body.len()), (200, len));
+
+    // If-None-Match: the client has it.
+    let r = request(addr, "GET", "/packages/a.ferry", &[("If-None-Match", &tag)]);
+    assert_eq!(r.status, 304);
+    assert!(r.body.is_empty());
+    assert_eq!(r.header("etag"), Some(tag.as_str()));
+}
+
+#[test]
+fn head_has_the_headers_and_no_body() {
+    let (_dir, a, _) = two_packages();
+    let len = std::fs::metadata(&a).unwrap().len();
+    let reg = serve(&[&a], None);
+    let r = request(reg.local_addr(), "HEAD", "/packages/a.ferry", &[]);
+    assert_eq!(r.status, 200);
+    assert!(r.body.is_empty());
+    assert_eq!(r.header("content-length"), Some(len.to_string().as_str()));
+    assert_eq!(r.header("accept-ranges"), Some("bytes"));
+    assert_eq!(r.header("etag"), Some(etag(&a).as_str()));
+
+    let r = request(
+        reg.local_addr(),
+        "HEAD",
+        "/packages/a.ferry",
+        &[("Range", "bytes=-10")],
+    );
+    assert_eq!(r.status, 206);
+    assert!(r.body.is_empty());
+    assert_eq!(r.header("content-length"), Some("10"));
+    assert_eq!(
+        r.header("content-range"),
+        Some(format!("bytes {}-{}/{len}", len - 10, len - 1).as_str())
+    );
+}
+
+#[test]
+fn unknown_names_are_404() {
+    let (_dir, a, _) = two_packages();
+    let reg = serve(&[&a], None);
+    for path in [
+        "/packages/nope.ferry",
+        "/packages/",
+        "/packages",
+        "/nope",
+        "/a.ferry",
+    ] {
+        let r = get(reg.local_addr(), path);
+        assert_eq!(r.status, 404, "{path}");
+        assert!(r.body.is_empty(), "{path}");
+    }
+    let r = request(reg.local_addr(), "POST", "/packages/a.ferry", &[]);
+    assert_eq!(r.status, 405);
+}
+
+#[test]
+fn traversal_is_refused() {
+    let (dir, a, _) = two_packages();
+    // Files beside and above the served one must stay unreachable.
+    std::fs::write(dir.path().join("secret.txt"), "SECRET").unwrap();
+    let reg = serve(&[&a], None);
+    for path in [
+        "/packages/secret.txt",
+        "/packages/../secret.txt",
+        "/packages/..%2Fsecret.txt",
+        "/packages/%2E%2E%2Fsecret.txt",
+        "/packages/..",
+        "/packages/.",
+        "/packages/a.ferry/../secret.txt",
+        "/packages/%2Fetc%2Fpasswd",
+        "/../../../../etc/passwd",
+        "/packages/..%5Csecret.txt",
+    ] {
+        let r = get(reg.local_addr(), path);
+        assert_eq!(r.status, 404, "{path}");
+        assert!(r.body.is_empty(), "{path}");
+    }
+}
+
+#[test]
+fn token_is_required() {
+    let (_dir, a, _) = two_packages();
+    let reg = serve(&[&a], Some("s3cret-token"));
+    let addr = reg.local_addr();
+    for path in ["/", "/packages/a.ferry", "/packages/nope", "/x"] {
+        for auth in [
+            None,
+            Some("Bearer wrong"),
+            Some("Bearer s3cret-toke"),
+            Some("Bearer s3cret-token2"),
+            Some("Basic s3cret-token"),
+        ] {
+            let headers: Vec<(&str, &str)> =
+                auth.map(|v| ("Authorization", v)).into_iter().collect();
+            let r = request(addr, "GET", path, &headers);
+            assert_eq!(r.status, 401, "{path} {auth:?}");
+            assert!(r.body.is_empty(), "{path} {auth:?}");
+            assert_eq!(r.header("content-length"), Some("0"));
+            assert!(r
+                .header("www-authenticate")
+                .is_some_and(|v| v.starts_with("Bearer")));
+        }
+    }
+    let ok = [("Authorization", "Bearer s3cret-token")];
+    assert_eq!(request(addr, "GET", "/", &ok).status, 200);
+    let r = request(addr, "GET", "/packages/a.ferry", &ok);
+    assert_eq!(r.status, 200);
+    assert_eq!(r.body, std::fs::read(&a).unwrap());
+    assert_eq!(request(addr, "GET", "/packages/nope", &ok).status, 404);
+}
+
+fn bind(packages: Vec<PathBuf>, listen: &str, token: Option<&str>) -> TransportError {
+    Registry::bind(RegistryConfig {
+        packages,
+        listen: listen.parse().unwrap(),
+        token: token.map(str::to_string),
+    })
+    .unwrap_err()
+}
+
+#[test]
+fn start_up_errors_are_clear() {
+    let (dir, a, _) = two_packages();
+
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    let e = bind(vec![a.clone()], &addr, None);
+    assert!(matches!(e, TransportError::Bind { .. }), "{e}");
+    let msg = e.to_string();
+    assert!(
+        msg.starts_with(&format!("cannot listen on {addr}: ")),
+        "{msg}"
+    );
+    assert!(msg.contains("in use"), "{msg}");
+
+    let copy = dir.path().join("sub");
+    std::fs::create_dir(&copy).unwrap();
+    let a2 = copy.join("a.ferry");
+    std::fs::copy(&a, &a2).unwrap();
+    let e = bind(vec![a.clone(), a2.clone()], "127.0.0.1:0", None);
+    assert_eq!(
+        e.to_string(),
+        format!(
+            "two packages are named a.ferry ({} and {}): the registry serves packages by file name; rename one",
+            a.display(),
+            a2.display()
+        )
+    );
+
+    let bad = dir.path().join("bad.ferry");
+    std::fs::copy(&a, &bad).unwrap();
+    flip(&bad, 70); // inside the header checksum
+    let e = bind(vec![a.clone(), bad.clone()], "127.0.0.1:0", None);
+    assert!(matches!(e, TransportError::OpenPackage(_)), "{e}");
+    assert!(
+        e.to_string().starts_with(&format!(
+            "cannot serve a package: {}: the package header is corrupt",
+            bad.display()
+        )),
+        "{e}"
+    );
+
+    let e = bind(vec![dir.path().join("missing.ferry")], "127.0.0.1:0", None);
+    assert!(e.to_string().contains("missing.ferry"), "{e}");
+
+    let e = bind(vec![], "127.0.0.1:0", None);
+    assert!(matches!(e, TransportError::NoPackages), "{e}");
+    let e = bind(vec![a.clone()], "127.0.0.1:0", Some(""));
+    assert!(matches!(e, TransportError::BadToken(_)), "{e}");
+    let e = bind(vec![a], "127.0.0.1:0", Some("two words"));
+    assert!(matches!(e, TransportError::BadToken(_)), "{e}");
+}
+
+#[test]
+fn many_clients_at_once() {
+    let (_dir, a, b) = two_packages();
+    let (ba, bb) = (std::fs::read(&a).unwrap(), std::fs::read(&b).unwrap());
+    let reg = serve(&[&a, &b], None);
+    let addr = reg.local_addr();
+    std::thread::scope(|s| {
+        for t in 0..16 {
+            let (ba, bb) = (&ba, &bb);
+            s.spawn(move || {
+                for i in 0..5 {
+                    let r = get(addr, "/packages/a.ferry");
+                    assert_eq!(r.body, *ba, "thread {t} round {i}");
+                    let first = (t * 997 + i * 131) % (bb.len() - 10);
+                    let r = request(
+                        addr,
+                        "GET",
+                        "/packages/b%20v2.ferry",
+                        &[("Range", &format!("bytes={first}-{}", first + 9))],
+                    );
+                    assert_eq!(r.body, bb[first..first + 10], "thread {t} round {i}");
+                }
+            });
+        }
+    });
+}
+
+#[test]
+fn the_served_file_is_the_one_checked_at_start() {
+    let (dir, a, _) = two_packages();
+    let before = std::fs::read(&a).unwrap();
+    let reg = serve(&[&a], None);
+    // Replacing the package (as `ferry package` does, by rename) does not
+    // change what is served: the bytes keep matching the ETag.
+    make_package(dir.path(), "a.ferry", 42);
+    assert_ne!(std::fs::read(&a).unwrap(), before);
+    let r = get(reg.local_addr(), "/packages/a.ferry");
+    assert_eq!(r.body, before);
+}
+
+#[test]
+fn stop_ends_the_server() {
+    let (_dir, a, _) = two_packages();
+    let reg = serve(&[&a], None);
+    let addr = reg.local_addr();
+    assert_eq!(get(addr, "/").status, 200);
+    reg.stop().unwrap();
+    assert!(std::net::TcpStream::connect(addr).is_err());
+}
