@@ -7,7 +7,7 @@
 set -euo pipefail
 [ "$(id -u)" = 0 ] || { echo "setup: run as root (apt-get install needs it)" >&2; exit 1; }
 pkgs=(qemu-system-x86 qemu-utils busybox-static e2fsprogs debootstrap redis-tools
-      iproute2 iptables procps ca-certificates kmod cpio)
+      iproute2 iptables procps ca-certificates kmod cpio python3)
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
