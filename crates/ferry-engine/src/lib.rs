@@ -281,6 +281,66 @@ pub trait Engine: Send + Sync {
 
     /// Starts a VM from a saved state; it runs when this returns.
     fn restore(&self, spec: &VmSpec, state: &SavedState) -> Result<Box<dyn Vm>, EngineError>;
+
+    /// Starts the receiving end of a live move: a VM that stays paused
+    /// while another engine fills its disk (exported, writable, on
+    /// `incoming.disk_socket`) and sends its running state (read from
+    /// `incoming.state_socket`). `provenance` is the sender's, checked as a
+    /// restore's is. Then [`Vm::wait_received`], [`Vm::end_disk_export`]
+    /// and [`Vm::resume`] make it run here.
+    fn receive(
+        &self,
+        _spec: &VmSpec,
+        _provenance: &Provenance,
+        _incoming: &Incoming,
+    ) -> Result<Box<dyn Vm>, EngineError> {
+        Err(EngineError::Unsupported("receiving a live VM"))
+    }
+}
+
+/// Where a VM being received live gets its disk and state from.
+#[derive(Debug, Clone)]
+pub struct Incoming {
+    /// Unix socket the engine listens on for the running state.
+    pub state_socket: PathBuf,
+    /// Unix socket where the engine serves the (empty, writable) disk for
+    /// the sender to fill, as NBD export [`DISK_EXPORT_NAME`].
+    pub disk_socket: PathBuf,
+}
+
+/// The NBD export name of a disk being received.
+pub const DISK_EXPORT_NAME: &str = "disk0";
+
+/// Limits for sending a running VM.
+#[derive(Debug, Clone, Copy)]
+pub struct LiveLimits {
+    /// The longest pause the engine may plan for the final copy.
+    pub max_downtime: Duration,
+    /// Bytes per second at most.
+    pub max_bandwidth: u64,
+    /// Give up after this long.
+    pub timeout: Duration,
+}
+
+impl Default for LiveLimits {
+    fn default() -> Self {
+        LiveLimits {
+            max_downtime: Duration::from_millis(50),
+            max_bandwidth: 10 << 30,
+            timeout: Duration::from_secs(600),
+        }
+    }
+}
+
+/// What sending a running VM took, as the engine measured it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LiveStats {
+    /// From start to the VM paused here, state all sent.
+    pub total_ms: u64,
+    /// The engine's own figure for how long the VM was paused.
+    pub downtime_ms: u64,
+    /// Bytes of running state (RAM and devices) sent.
+    pub state_bytes: u64,
 }
 
 /// A running VM. Dropping it kills the VM: nothing outlives its owner.
@@ -322,6 +382,48 @@ pub trait Vm: Send {
     /// whose state was just saved, so that disk and memory agree.
     fn export_disk(&mut self, _dest: &std::path::Path) -> Result<(), EngineError> {
         Err(EngineError::Unsupported("exporting the disk"))
+    }
+
+    /// Starts copying the disk, as the guest sees it, to the NBD export
+    /// [`DISK_EXPORT_NAME`] on `target_socket` (the receiver's
+    /// [`Incoming::disk_socket`], or a tunnel to it), and keeps later guest
+    /// writes flowing there. Returns once the copy has caught up.
+    fn start_disk_copy(&mut self, _target_socket: &std::path::Path) -> Result<(), EngineError> {
+        Err(EngineError::Unsupported("copying the disk live"))
+    }
+
+    /// Sends the running state to `socket` (the receiver's
+    /// [`Incoming::state_socket`], or a tunnel to it) while the guest runs,
+    /// then pauses it for the last pass. Returns with the VM paused here.
+    fn send_state(
+        &mut self,
+        _socket: &std::path::Path,
+        _limits: &LiveLimits,
+    ) -> Result<LiveStats, EngineError> {
+        Err(EngineError::Unsupported("sending the state live"))
+    }
+
+    /// After [`Vm::send_state`]: flushes the last disk writes to the target
+    /// and stops copying.
+    fn finish_disk_copy(&mut self) -> Result<(), EngineError> {
+        Err(EngineError::Unsupported("copying the disk live"))
+    }
+
+    /// Cancels a state send and disk copy in progress (the VM stays here;
+    /// call [`Vm::resume`] if it was paused).
+    fn abort_send(&mut self) -> Result<(), EngineError> {
+        Err(EngineError::Unsupported("sending the state live"))
+    }
+
+    /// On the receiving end: waits until the whole state has arrived.
+    fn wait_received(&mut self, _timeout: Duration) -> Result<(), EngineError> {
+        Err(EngineError::Unsupported("receiving a live VM"))
+    }
+
+    /// On the receiving end: stops serving the disk to the sender, so that
+    /// nothing but this VM writes it from now on.
+    fn end_disk_export(&mut self) -> Result<(), EngineError> {
+        Err(EngineError::Unsupported("receiving a live VM"))
     }
 
     /// Asks the guest to power off (as a power button would), waits up to

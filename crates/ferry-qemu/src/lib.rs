@@ -113,12 +113,50 @@ impl Engine for QemuEngine {
     fn boot(&self, spec: &VmSpec) -> Result<Box<dyn Vm>, EngineError> {
         let provenance = self.provenance(spec)?;
         Ok(Box::new(vm::QemuVm::start(
-            &self.qemu, spec, None, provenance,
+            &self.qemu,
+            spec,
+            vm::Start::Boot,
+            provenance,
         )?))
     }
 
     fn restore(&self, spec: &VmSpec, state: &SavedState) -> Result<Box<dyn Vm>, EngineError> {
-        let p = &state.provenance;
+        self.check_provenance(spec, &state.provenance, "saved")?;
+        let provenance = self.provenance(spec)?;
+        Ok(Box::new(vm::QemuVm::start(
+            &self.qemu,
+            spec,
+            vm::Start::Restore(state),
+            provenance,
+        )?))
+    }
+
+    fn receive(
+        &self,
+        spec: &VmSpec,
+        provenance: &Provenance,
+        incoming: &ferry_engine::Incoming,
+    ) -> Result<Box<dyn Vm>, EngineError> {
+        self.check_provenance(spec, provenance, "started")?;
+        let provenance = self.provenance(spec)?;
+        Ok(Box::new(vm::QemuVm::start(
+            &self.qemu,
+            spec,
+            vm::Start::Receive(incoming),
+            provenance,
+        )?))
+    }
+}
+
+impl QemuEngine {
+    /// Refuses a state made by another engine, version, CPU model,
+    /// accelerator or size: QEMU would fail on it, less clearly.
+    fn check_provenance(
+        &self,
+        spec: &VmSpec,
+        p: &Provenance,
+        verb: &str,
+    ) -> Result<(), EngineError> {
         let version = self.version()?;
         let cpu = self.cpu_model(spec.accel);
         let mismatch = [
@@ -152,20 +190,12 @@ impl Engine for QemuEngine {
         ];
         if let Some((_, what)) = mismatch.iter().find(|(bad, _)| *bad) {
             return Err(EngineError::Incompatible(format!(
-                "it was saved with {what}"
+                "it was {verb} with {what}"
             )));
         }
-        let provenance = self.provenance(spec)?;
-        Ok(Box::new(vm::QemuVm::start(
-            &self.qemu,
-            spec,
-            Some(state),
-            provenance,
-        )?))
+        Ok(())
     }
-}
 
-impl QemuEngine {
     fn provenance(&self, spec: &VmSpec) -> Result<Provenance, EngineError> {
         Ok(Provenance {
             engine: self.name().to_string(),

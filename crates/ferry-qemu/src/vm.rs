@@ -11,8 +11,8 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use ferry_engine::{
-    Accel, DiskSpec, EngineError, ExitReason, NetAttachment, Provenance, SavedState, Vm, VmEvent,
-    VmSpec,
+    Accel, DiskSpec, EngineError, ExitReason, Incoming, LiveLimits, LiveStats, NetAttachment,
+    Provenance, SavedState, Vm, VmEvent, VmSpec, DISK_EXPORT_NAME,
 };
 use serde_json::{json, Value};
 
@@ -51,12 +51,28 @@ pub struct QemuVm {
     disk_file: PathBuf,
 }
 
+/// How a QEMU process starts.
+pub enum Start<'a> {
+    /// A cold boot.
+    Boot,
+    /// From a saved state; runs once loaded.
+    Restore(&'a SavedState),
+    /// Paused, waiting for a live VM's disk and state.
+    Receive(&'a Incoming),
+}
+
+/// The disk's format node: what an NBD export names.
+const DISK_NODE: &str = "disk0-format";
+
+/// The block job that copies the disk to a receiver.
+const MIRROR_JOB: &str = "ferry-mirror";
+
 impl QemuVm {
-    /// Starts QEMU for `spec`; with `restore`, from that saved state.
+    /// Starts QEMU for `spec`, as `start` says.
     pub fn start(
         qemu: &Path,
         spec: &VmSpec,
-        restore: Option<&SavedState>,
+        start: Start<'_>,
         provenance: Provenance,
     ) -> Result<Self, EngineError> {
         std::fs::create_dir_all(&spec.run_dir)
@@ -74,7 +90,8 @@ impl QemuVm {
             spec,
             &qmp_socket,
             &agent_socket,
-            restore.is_some(),
+            !matches!(start, Start::Boot),
+            matches!(start, Start::Receive(_)),
         ));
         cmd.stdin(Stdio::piped())
             .stdout(Stdio::piped())
@@ -91,12 +108,17 @@ impl QemuVm {
         };
         let netns_fd = netns.as_ref().map(|f| f.as_raw_fd());
         // SAFETY: the closure runs in the child between fork and exec and only
-        // calls prctl and setns, which are async-signal-safe; the namespace
+        // calls prctl, setpgid and setns, which are async-signal-safe; the namespace
         // file stays open until after the spawn.
         unsafe {
             cmd.pre_exec(move || {
                 // QEMU must not outlive the ferry process that owns it.
                 if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                // Its own process group: a Ctrl-C in ferry's terminal goes to
+                // ferry, which suspends or stops the VM, not straight to QEMU.
+                if libc::setpgid(0, 0) != 0 {
                     return Err(std::io::Error::last_os_error());
                 }
                 if let Some(fd) = netns_fd {
@@ -155,13 +177,85 @@ impl QemuVm {
                 }));
             }
         };
-        if let Some(state) = restore {
-            if let Err(e) = vm.incoming(state) {
-                vm.kill();
-                return Err(e);
-            }
+        let prepared = match start {
+            Start::Boot => Ok(()),
+            Start::Restore(state) => vm.incoming(state),
+            Start::Receive(incoming) => vm.prepare_receive(incoming),
+        };
+        if let Err(e) = prepared {
+            vm.kill();
+            return Err(e);
         }
         Ok(vm)
+    }
+
+    /// Exports the (empty) disk for the sender and listens for its state.
+    /// The VM was started with `-S`: it stays paused after the state is in.
+    fn prepare_receive(&mut self, incoming: &Incoming) -> Result<(), EngineError> {
+        self.set_ignore_shared(false)?;
+        let _ = std::fs::remove_file(&incoming.disk_socket);
+        let _ = std::fs::remove_file(&incoming.state_socket);
+        self.cmd(
+            "nbd-server-start",
+            json!({ "addr": { "type": "unix", "data": {
+                "path": incoming.disk_socket.display().to_string() } } }),
+        )?;
+        self.cmd(
+            "block-export-add",
+            json!({ "type": "nbd", "id": "ferry-incoming-disk", "node-name": DISK_NODE,
+                    "name": DISK_EXPORT_NAME, "writable": true }),
+        )?;
+        let uri = format!("unix:{}", incoming.state_socket.display());
+        self.cmd("migrate-incoming", json!({ "uri": uri }))?;
+        Ok(())
+    }
+
+    /// The mirror job's `query-block-jobs` entry, if it still exists.
+    fn mirror_job(&self) -> Result<Option<Value>, EngineError> {
+        let jobs = self.cmd("query-block-jobs", json!({}))?;
+        Ok(jobs
+            .as_array()
+            .and_then(|a| a.iter().find(|j| j["device"] == MIRROR_JOB).cloned()))
+    }
+
+    /// Polls the mirror job until `done` says so, failing if it stops with
+    /// an error, vanishes, the VM dies or `timeout` passes.
+    fn wait_mirror(
+        &self,
+        what: &str,
+        timeout: Duration,
+        done: impl Fn(Option<&Value>) -> bool,
+    ) -> Result<(), EngineError> {
+        let started = Instant::now();
+        loop {
+            let job = self.mirror_job()?;
+            if done(job.as_ref()) {
+                return Ok(());
+            }
+            let failed = match &job {
+                None => Some("the disk copy ended early".to_string()),
+                Some(j) if j["status"] == "concluded" || j["status"] == "aborting" => Some(
+                    j["error"]
+                        .as_str()
+                        .unwrap_or("the disk copy stopped")
+                        .to_string(),
+                ),
+                _ => None,
+            };
+            if let Some(detail) = failed {
+                return Err(EngineError::Command {
+                    command: what.into(),
+                    detail,
+                });
+            }
+            if let Some(reason) = self.watch.exit.lock().expect("watch").clone() {
+                return Err(EngineError::NotRunning(describe(&reason)));
+            }
+            if started.elapsed() > timeout {
+                return Err(EngineError::Timeout(what.into()));
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
     }
 
     /// Loads a saved state into a QEMU started with `-incoming defer`, then
@@ -292,6 +386,95 @@ impl Vm for QemuVm {
         Ok(())
     }
 
+    fn start_disk_copy(&mut self, target_socket: &Path) -> Result<(), EngineError> {
+        let target = format!(
+            "nbd+unix:///{DISK_EXPORT_NAME}?socket={}",
+            target_socket.display()
+        );
+        self.cmd(
+            "drive-mirror",
+            json!({ "device": "disk0", "job-id": MIRROR_JOB, "target": target,
+                    "format": "raw", "sync": "full", "mode": "existing",
+                    "auto-dismiss": false }),
+        )?;
+        self.wait_mirror("copying the disk", Duration::from_secs(600), |job| {
+            job.is_some_and(|j| j["ready"] == true)
+        })
+    }
+
+    fn send_state(&mut self, socket: &Path, limits: &LiveLimits) -> Result<LiveStats, EngineError> {
+        self.set_ignore_shared(false)?;
+        self.cmd(
+            "migrate-set-parameters",
+            json!({ "downtime-limit": limits.max_downtime.as_millis() as u64,
+                    "max-bandwidth": limits.max_bandwidth }),
+        )?;
+        let uri = format!("unix:{}", socket.display());
+        self.cmd("migrate", json!({ "uri": uri }))?;
+        self.wait_migration("sending the VM", limits.timeout)?;
+        let info = self.cmd("query-migrate", json!({}))?;
+        Ok(LiveStats {
+            total_ms: info["total-time"].as_u64().unwrap_or(0),
+            downtime_ms: info["downtime"].as_u64().unwrap_or(0),
+            state_bytes: info["ram"]["transferred"].as_u64().unwrap_or(0),
+        })
+    }
+
+    fn finish_disk_copy(&mut self) -> Result<(), EngineError> {
+        // Cancelling a mirror that is ready completes it: everything
+        // written so far reaches the target, and the VM keeps its own disk.
+        self.cmd("block-job-cancel", json!({ "device": MIRROR_JOB }))?;
+        self.wait_mirror("finishing the disk copy", Duration::from_secs(60), |job| {
+            job.is_none_or(|j| j["status"] == "concluded")
+        })?;
+        if let Some(job) = self.mirror_job()? {
+            let error = job["error"].as_str().map(String::from);
+            self.cmd("job-dismiss", json!({ "id": MIRROR_JOB }))?;
+            if let Some(detail) = error {
+                return Err(EngineError::Command {
+                    command: "finishing the disk copy".into(),
+                    detail,
+                });
+            }
+        }
+        Ok(())
+    }
+
+    fn abort_send(&mut self) -> Result<(), EngineError> {
+        let _ = self.cmd("migrate_cancel", json!({}));
+        if self.mirror_job()?.is_some() {
+            let _ = self.cmd(
+                "block-job-cancel",
+                json!({ "device": MIRROR_JOB, "force": true }),
+            );
+            let _ = self.wait_mirror("cancelling the disk copy", Duration::from_secs(30), |job| {
+                job.is_none_or(|j| j["status"] == "concluded")
+            });
+            let _ = self.cmd("job-dismiss", json!({ "id": MIRROR_JOB }));
+        }
+        // Let the migration settle before the caller resumes the VM.
+        let started = Instant::now();
+        while started.elapsed() < Duration::from_secs(10) {
+            let info = self.cmd("query-migrate", json!({}))?;
+            match info["status"].as_str().unwrap_or("none") {
+                "active" | "cancelling" | "setup" | "device" | "pre-switchover" => {
+                    std::thread::sleep(Duration::from_millis(5))
+                }
+                _ => break,
+            }
+        }
+        Ok(())
+    }
+
+    fn wait_received(&mut self, timeout: Duration) -> Result<(), EngineError> {
+        self.wait_migration("receiving the VM", timeout)
+    }
+
+    fn end_disk_export(&mut self) -> Result<(), EngineError> {
+        self.cmd("block-export-del", json!({ "id": "ferry-incoming-disk" }))?;
+        self.cmd("nbd-server-stop", json!({})).map(|_| ())
+    }
+
     fn shutdown(&mut self, timeout: Duration) -> Result<ExitReason, EngineError> {
         if let Some(r) = self.watch.exit.lock().expect("watch").clone() {
             return Ok(r);
@@ -336,7 +519,7 @@ impl Drop for QemuVm {
     }
 }
 
-fn qemu_args(spec: &VmSpec, qmp: &Path, agent: &Path, incoming: bool) -> Vec<String> {
+fn qemu_args(spec: &VmSpec, qmp: &Path, agent: &Path, incoming: bool, paused: bool) -> Vec<String> {
     let mut a: Vec<String> = Vec::new();
     let mut push = |items: &[&str]| a.extend(items.iter().map(|s| s.to_string()));
     let (accel, cpu) = match spec.accel {
@@ -384,7 +567,7 @@ fn qemu_args(spec: &VmSpec, qmp: &Path, agent: &Path, incoming: bool) -> Vec<Str
     push(&[
         "-drive",
         &format!(
-            "id=disk0,file={},format={format},if=none,cache=writeback,discard=unmap",
+            "id=disk0,node-name={DISK_NODE},file={},format={format},if=none,cache=writeback,discard=unmap",
             file.display()
         ),
     ]);
@@ -415,6 +598,9 @@ fn qemu_args(spec: &VmSpec, qmp: &Path, agent: &Path, incoming: bool) -> Vec<Str
     ]);
     if incoming {
         push(&["-incoming", "defer"]);
+    }
+    if paused {
+        push(&["-S"]);
     }
     a
 }

@@ -28,6 +28,22 @@ pub enum RuntimeError {
         /// The host's total memory.
         have_mib: u64,
     },
+    /// A problem fetching a package over HTTP.
+    #[error(transparent)]
+    Transport(#[from] ferry_transport::TransportError),
+    /// A problem talking to another peer.
+    #[error(transparent)]
+    Migration(#[from] ferry_transport::migration::MigrationError),
+    /// A live migration did not happen; the VM stays where it was.
+    #[error("the migration {direction} {peer} failed: {detail}")]
+    MigrationFailed {
+        /// "to" or "from".
+        direction: &'static str,
+        /// The other peer.
+        peer: String,
+        /// Why, and what happened to the VM.
+        detail: String,
+    },
     /// A networking problem.
     #[error(transparent)]
     Net(#[from] ferry_net::NetError),

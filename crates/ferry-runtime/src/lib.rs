@@ -9,11 +9,13 @@
 #![warn(missing_docs)]
 
 pub mod agent;
+mod cache;
 pub mod control;
 mod error;
 pub mod ops;
 pub mod package;
 mod paths;
+pub mod peer;
 pub mod supervisor;
 pub mod vmdir;
 

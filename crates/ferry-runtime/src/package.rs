@@ -24,6 +24,7 @@ use ferry_engine::{AccelChoice, Engine, ProbeGuest, Provenance, SavedState};
 use ferry_package::{Package, PackageWriter, SectionKind, DEFAULT_CHUNK_SIZE};
 use serde::{Deserialize, Serialize};
 
+use crate::cache::SectionCache;
 use crate::ops::{boot_until_live, forward_signals, load_verified, LiveBoot};
 use crate::supervisor::{BootImage, NetChoice, RestoreMemory, RunningVm, VmConfig};
 use crate::vmdir::{files, generate_name, validate_name};
@@ -51,8 +52,8 @@ pub struct PackageMeta {
     pub liveness: Liveness,
 }
 
-const DEVICE_STATE_IN: &str = "device-state.in";
-const DEVICE_STATE_OUT: &str = "device-state";
+pub(crate) const DEVICE_STATE_IN: &str = "device-state.in";
+pub(crate) const DEVICE_STATE_OUT: &str = "device-state";
 const DISK_EXPORT: &str = "disk.raw";
 
 /// Options of `ferry package`.
@@ -138,7 +139,10 @@ pub fn package(
 
 /// Quiesces the guest and saves its device state; returns the provenance
 /// to record. Leaves the VM paused.
-fn saved_provenance(vm: &mut RunningVm, engine: &dyn Engine) -> Result<Provenance, RuntimeError> {
+pub(crate) fn saved_provenance(
+    vm: &mut RunningVm,
+    engine: &dyn Engine,
+) -> Result<Provenance, RuntimeError> {
     let t = Instant::now();
     vm.agent().request(
         &Request::BeforeSuspend { drop_caches: true },
@@ -155,14 +159,14 @@ fn saved_provenance(vm: &mut RunningVm, engine: &dyn Engine) -> Result<Provenanc
 }
 
 /// Kernel and initramfs files to put into a package.
-struct Sources {
-    kernel: PathBuf,
-    initramfs: PathBuf,
+pub(crate) struct Sources {
+    pub(crate) kernel: PathBuf,
+    pub(crate) initramfs: PathBuf,
 }
 
 /// Writes the paused, saved VM into `dest` (atomically), reusing unchanged
 /// chunks of `old`.
-fn write_package(
+pub(crate) fn write_package(
     vm: &mut RunningVm,
     dest: &Path,
     meta: &PackageMeta,
@@ -453,7 +457,7 @@ fn suspend_into(
 
 /// Fails early, before the guest is paused, if the package's directory
 /// cannot take a new file (e.g. a read-only mount).
-fn check_writable(path: &Path) -> Result<(), RuntimeError> {
+pub(crate) fn check_writable(path: &Path) -> Result<(), RuntimeError> {
     let dir = path
         .parent()
         .filter(|p| !p.as_os_str().is_empty())
@@ -480,7 +484,7 @@ fn read_meta(pkg: &Package) -> Result<PackageMeta, RuntimeError> {
     })
 }
 
-fn probe_of(image: &BootImage) -> ProbeGuest {
+pub(crate) fn probe_of(image: &BootImage) -> ProbeGuest {
     ProbeGuest {
         kernel: image.kernel.clone(),
         initramfs: image.initramfs.clone(),
@@ -539,57 +543,9 @@ pub fn inspect(path: &Path, verify: bool, say: &mut dyn FnMut(&str)) -> Result<(
     Ok(())
 }
 
-/// Extracted package sections, by digest, under `$FERRY_CACHE/sections`.
-struct SectionCache {
-    dir: PathBuf,
-}
-
-impl SectionCache {
-    fn new(cache: &Path) -> Self {
-        Self {
-            dir: cache.join("sections"),
-        }
-    }
-
-    fn path(&self, kind: SectionKind, digest: &str) -> PathBuf {
-        self.dir.join(format!("{kind}-{digest}"))
-    }
-
-    /// The section as a file, extracting (and verifying) it the first time.
-    fn get(&self, pkg: &Package, kind: SectionKind) -> Result<PathBuf, RuntimeError> {
-        let digest = pkg.section(kind)?.digest.clone();
-        let path = self.path(kind, &digest);
-        if !path.exists() {
-            std::fs::create_dir_all(&self.dir).map_err(RuntimeError::io(&self.dir))?;
-            let t = Instant::now();
-            pkg.extract(kind, &path, &mut |_, _| {})?;
-            tracing::info!(section = %kind, ms = t.elapsed().as_millis() as u64, "extracted into the cache");
-        }
-        Ok(path)
-    }
-
-    /// Removes the entry of an old content (a clone still running from it
-    /// keeps its open file; later runs extract again).
-    fn forget(&self, kind: SectionKind, digest: &str) {
-        let _ = std::fs::remove_file(self.path(kind, digest));
-    }
-
-    /// Moves `file` (whose content is section `kind` with `digest`) into the
-    /// cache, if it is not there yet.
-    fn adopt(&self, kind: SectionKind, digest: &str, file: &Path) {
-        let path = self.path(kind, digest);
-        if !path.exists() && std::fs::rename(file, &path).is_err() {
-            tracing::debug!(
-                "cache on another file system: not adopting {}",
-                file.display()
-            );
-        }
-    }
-}
-
 /// Copies a file, keeping holes (and sharing blocks where the file system
 /// can).
-fn copy_sparse(from: &Path, to: &Path) -> Result<(), RuntimeError> {
+pub(crate) fn copy_sparse(from: &Path, to: &Path) -> Result<(), RuntimeError> {
     let status = std::process::Command::new("cp")
         .args(["--sparse=always", "--reflink=auto"])
         .arg(from)
@@ -642,7 +598,7 @@ impl PackageLock {
     }
 }
 
-fn check_host_memory(memory_mib: u64) -> Result<(), RuntimeError> {
+pub(crate) fn check_host_memory(memory_mib: u64) -> Result<(), RuntimeError> {
     let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
     let total_mib = meminfo
         .lines()
@@ -658,7 +614,7 @@ fn check_host_memory(memory_mib: u64) -> Result<(), RuntimeError> {
     }
 }
 
-fn now_unix() -> u64 {
+pub(crate) fn now_unix() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .unwrap_or_default()

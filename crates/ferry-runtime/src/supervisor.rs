@@ -26,7 +26,6 @@ use crate::vmdir::{files, ConsoleLog, VmDir, CONSOLE_LOG_CAP};
 use crate::{Paths, RuntimeError};
 
 /// What the supervisor waits on, from every source, in one channel.
-#[derive(Debug)]
 pub enum SupervisorEvent {
     /// The user asked ferry to stop (SIGINT/SIGTERM).
     Signal(i32),
@@ -34,6 +33,49 @@ pub enum SupervisorEvent {
     VmExited(ExitReason),
     /// The agent said something unasked.
     Agent(AgentEvent),
+    /// A peer asks to take this VM over (see [`crate::peer`]).
+    Migration(Box<ferry_transport::migration::Incoming>),
+}
+
+/// Puts files into a VM's new directory before its engine starts.
+type Prepare<'a> = Box<dyn FnOnce(&VmDir) -> Result<(), RuntimeError> + 'a>;
+
+/// How [`RunningVm::start`] starts the engine.
+enum StartKind<'a> {
+    Boot,
+    Restore(&'a SavedState, RestoreMemory, Prepare<'a>),
+    Receive {
+        provenance: &'a ferry_engine::Provenance,
+        disk_size: u64,
+    },
+}
+
+/// What [`RunningVm::wait_for_request`] returns.
+pub enum Wake {
+    /// SIGINT or SIGTERM.
+    Signal(i32),
+    /// A peer asks to take the VM over.
+    Migration(Box<ferry_transport::migration::Incoming>),
+}
+
+impl std::fmt::Debug for Wake {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Wake::Signal(s) => write!(f, "Signal({s})"),
+            Wake::Migration(m) => write!(f, "Migration({})", m.control.peer()),
+        }
+    }
+}
+
+impl std::fmt::Debug for SupervisorEvent {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            SupervisorEvent::Signal(s) => write!(f, "Signal({s})"),
+            SupervisorEvent::VmExited(r) => write!(f, "VmExited({r:?})"),
+            SupervisorEvent::Agent(e) => write!(f, "Agent({e:?})"),
+            SupervisorEvent::Migration(m) => write!(f, "Migration({})", m.control.peer()),
+        }
+    }
 }
 
 /// How a VM is networked.
@@ -154,7 +196,36 @@ impl RunningVm {
         image: &BootImage,
         config: &VmConfig,
     ) -> Result<Self, RuntimeError> {
-        Self::start(engine, paths, image, config, None)
+        Self::start(engine, paths, image, config, StartKind::Boot)
+    }
+
+    /// Starts the receiving end of a live migration: a paused VM with an
+    /// empty raw disk of `disk_size` bytes, its state and disk sockets in its
+    /// directory ([`RunningVm::incoming_sockets`]).
+    pub fn receive(
+        engine: &dyn Engine,
+        paths: &Paths,
+        image: &BootImage,
+        config: &VmConfig,
+        provenance: &ferry_engine::Provenance,
+        disk_size: u64,
+    ) -> Result<Self, RuntimeError> {
+        Self::start(
+            engine,
+            paths,
+            image,
+            config,
+            StartKind::Receive {
+                provenance,
+                disk_size,
+            },
+        )
+    }
+
+    /// Where a VM started by [`RunningVm::receive`] takes its state and
+    /// serves its disk.
+    pub fn incoming_sockets(&self) -> ferry_engine::Incoming {
+        incoming_of(self.dir().path())
     }
 
     /// Starts a VM from a saved state. `prepare` runs once the VM's
@@ -176,21 +247,16 @@ impl RunningVm {
             paths,
             image,
             config,
-            Some((state, memory, Box::new(prepare))),
+            StartKind::Restore(state, memory, Box::new(prepare)),
         )
     }
 
-    #[allow(clippy::type_complexity)]
     fn start(
         engine: &dyn Engine,
         paths: &Paths,
         image: &BootImage,
         config: &VmConfig,
-        restore: Option<(
-            &SavedState,
-            RestoreMemory,
-            Box<dyn FnOnce(&VmDir) -> Result<(), RuntimeError> + '_>,
-        )>,
+        kind: StartKind<'_>,
     ) -> Result<Self, RuntimeError> {
         let dir = VmDir::create(paths, &config.name)?;
         let started = Instant::now();
@@ -200,7 +266,7 @@ impl RunningVm {
             &console_path,
             CONSOLE_LOG_CAP,
         )?));
-        let restoring = restore.is_some();
+        let restoring = !matches!(kind, StartKind::Boot);
         let network = match attach_network(paths, image, config, &dir) {
             Ok(n) => n,
             Err(e) => {
@@ -231,9 +297,28 @@ impl RunningVm {
             },
             run_dir: dir.path().to_path_buf(),
         };
-        let result = match restore {
-            None => engine.boot(&spec),
-            Some((state, memory, prepare)) => {
+        let result = match kind {
+            StartKind::Boot => engine.boot(&spec),
+            StartKind::Receive {
+                provenance,
+                disk_size,
+            } => {
+                let disk = dir.path().join(files::RECEIVED_DISK);
+                let made = std::fs::File::create(&disk).and_then(|f| f.set_len(disk_size));
+                if let Err(e) = made {
+                    drop(network);
+                    dir.remove();
+                    return Err(RuntimeError::io(&disk)(e));
+                }
+                let spec = VmSpec {
+                    disk: DiskSpec::Raw(disk),
+                    // Shared: a later suspend writes no RAM copy.
+                    memory_shared: true,
+                    ..spec
+                };
+                engine.receive(&spec, provenance, &incoming_of(dir.path()))
+            }
+            StartKind::Restore(state, memory, prepare) => {
                 if let Err(e) = prepare(&dir) {
                     drop(network);
                     dir.remove();
@@ -471,6 +556,10 @@ impl RunningVm {
                 Ok(())
             }
             SupervisorEvent::Agent(AgentEvent::Disconnected) => self.reconnect_agent(),
+            SupervisorEvent::Migration(m) => {
+                refuse(*m, "the VM is not live yet");
+                Ok(())
+            }
         }
     }
 
@@ -537,8 +626,20 @@ impl RunningVm {
     /// (`Err`, with the console tail).
     pub fn wait_for_signal(&mut self) -> Result<i32, RuntimeError> {
         loop {
+            match self.wait_for_request()? {
+                Wake::Signal(sig) => return Ok(sig),
+                Wake::Migration(m) => refuse(*m, "this VM does not take migrations"),
+            }
+        }
+    }
+
+    /// Waits for the user to stop ferry, or for a peer's migration request;
+    /// fails if the VM dies. Reconnects the agent if its channel drops.
+    pub fn wait_for_request(&mut self) -> Result<Wake, RuntimeError> {
+        loop {
             match self.events.recv() {
-                Ok(SupervisorEvent::Signal(sig)) => return Ok(sig),
+                Ok(SupervisorEvent::Signal(sig)) => return Ok(Wake::Signal(sig)),
+                Ok(SupervisorEvent::Migration(m)) => return Ok(Wake::Migration(m)),
                 Ok(SupervisorEvent::VmExited(reason)) => return Err(self.died(reason)),
                 Ok(SupervisorEvent::Agent(AgentEvent::Disconnected)) => {
                     // Exec requests fail until the channel is back.
@@ -550,6 +651,29 @@ impl RunningVm {
                 Err(_) => unreachable!("we hold a sender"),
             }
         }
+    }
+
+    /// An event that arrived, without waiting: `Err` if the VM died, and
+    /// `Ok(Some(signal))` if the user asked ferry to stop. Migration
+    /// requests that arrive meanwhile are refused.
+    pub fn poll_stop(&mut self) -> Result<Option<i32>, RuntimeError> {
+        loop {
+            match self.events.try_recv() {
+                Ok(SupervisorEvent::Signal(sig)) => return Ok(Some(sig)),
+                Ok(SupervisorEvent::VmExited(reason)) => return Err(self.died(reason)),
+                Ok(SupervisorEvent::Migration(m)) => refuse(*m, "this VM is busy"),
+                Ok(SupervisorEvent::Agent(AgentEvent::Disconnected)) => {
+                    let _ = self.reconnect_agent();
+                }
+                Ok(SupervisorEvent::Agent(_)) => {}
+                Err(_) => return Ok(None),
+            }
+        }
+    }
+
+    /// Records the VM's state for `status` (`running`, `in-doubt`, ...).
+    pub fn mark(&self, state: &str) {
+        self.set_state(state);
     }
 
     /// Tells the agent the guest was resumed: steps the clock to the host's,
@@ -787,4 +911,21 @@ fn exposed_host_addr(vms: &std::path::Path, port: u16) -> std::net::SocketAddr {
         Some(e) if e.host.is_ipv6() => (std::net::Ipv6Addr::LOCALHOST, port).into(),
         _ => (std::net::Ipv4Addr::LOCALHOST, port).into(),
     }
+}
+
+/// The sockets of a VM being received, in its directory.
+fn incoming_of(dir: &std::path::Path) -> ferry_engine::Incoming {
+    ferry_engine::Incoming {
+        state_socket: dir.join(files::INCOMING_STATE),
+        disk_socket: dir.join(files::INCOMING_DISK),
+    }
+}
+
+/// Turns a migration request away, telling the peer why.
+fn refuse(mut m: ferry_transport::migration::Incoming, reason: &str) {
+    let _ = m
+        .control
+        .send(&ferry_transport::migration::SourceMsg::Refused {
+            reason: reason.to_string(),
+        });
 }

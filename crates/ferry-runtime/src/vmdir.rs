@@ -138,6 +138,12 @@ pub mod files {
     pub const DISK: &str = "disk.qcow2";
     /// A JSON summary of the VM for `ps`.
     pub const INFO: &str = "info.json";
+    /// The raw disk of a VM received by live migration.
+    pub const RECEIVED_DISK: &str = "disk-received.raw";
+    /// Where a VM being received reads its state.
+    pub const INCOMING_STATE: &str = "incoming-state.sock";
+    /// Where a VM being received serves its disk.
+    pub const INCOMING_DISK: &str = "incoming-disk.sock";
     /// The VM's network namespace and exposures (JSON), for other VMs'
     /// gateways and for cleaning up after a crash.
     pub const NET: &str = "net.json";

@@ -39,6 +39,7 @@
 
 mod client;
 mod error;
+pub mod migration;
 mod range;
 mod server;
 

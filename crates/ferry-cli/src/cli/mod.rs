@@ -1,8 +1,9 @@
 //! Argument parsing and dispatch. Exit codes are stable, per failure class:
 //! 0 success, 1 other errors, 2 usage, 3 bad input (blueprint, recipe, name,
 //! option, package, listen address), 4 missing host software or accelerator,
-//! 5 the VM failed (died, agent silent, service not live), 130 interrupted. `ferry exec` exits with
-//! the guest command's own code.
+//! 5 the VM failed (died, agent silent, service not live), 6 a live
+//! migration did not happen (the VM stays where it was, or is in doubt),
+//! 130 interrupted. `ferry exec` exits with the guest command's own code.
 
 mod blueprint;
 mod boot;
@@ -10,6 +11,7 @@ mod exec;
 mod inspect;
 mod net;
 mod package;
+mod peer;
 mod registry;
 mod run;
 
@@ -53,6 +55,8 @@ enum Command {
     Net(net::Args),
     /// Serve packages over HTTP (read-only, byte ranges) until Ctrl-C.
     Registry(registry::Args),
+    /// Resume a VM from a registry, or live-migrate one from another peer.
+    Peer(peer::Args),
 }
 
 /// `--accel` values.
@@ -88,6 +92,7 @@ pub fn run(cli: Cli, started: Instant) -> anyhow::Result<ExitCode> {
         Command::Inspect(args) => inspect::run(args),
         Command::Net(args) => net::run(args, &paths),
         Command::Registry(args) => registry::run(args),
+        Command::Peer(args) => peer::run(args, &paths, started),
     }
 }
 
@@ -164,6 +169,9 @@ pub fn exit_code(e: &anyhow::Error) -> ExitCode {
             RuntimeError::Interrupted => 130,
             RuntimeError::Control { .. } | RuntimeError::Io { .. } => 1,
             RuntimeError::Net(n) => net_code(n),
+            RuntimeError::Transport(t) => transport_code(t),
+            RuntimeError::Migration(m) => migration_code(m),
+            RuntimeError::MigrationFailed { .. } => 6,
         }
     } else if let Some(b) = e.downcast_ref::<BlueprintError>() {
         blueprint_code(b)
@@ -184,6 +192,14 @@ fn blueprint_code(e: &BlueprintError) -> u8 {
         BlueprintError::MissingTool { .. } => 4,
         BlueprintError::Io { .. } | BlueprintError::ToolFailed { .. } => 1,
         _ => 3,
+    }
+}
+
+fn migration_code(e: &ferry_transport::migration::MigrationError) -> u8 {
+    use ferry_transport::migration::MigrationError as M;
+    match e {
+        M::Refused { .. } | M::Bind { .. } => 3,
+        _ => 6,
     }
 }
 

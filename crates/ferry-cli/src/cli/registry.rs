@@ -55,7 +55,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-fn read_token(file: &Path) -> Result<String, RuntimeError> {
+pub(super) fn read_token(file: &Path) -> Result<String, RuntimeError> {
     let text = std::fs::read_to_string(file).map_err(|e| {
         RuntimeError::BadOption(format!(
             "cannot read the token file {}: {e}: check --token-file",

@@ -1,0 +1,106 @@
+//! The section cache: package sections extracted once, by digest, under
+//! `$FERRY_CACHE/sections`, shared by every run of every package with that
+//! content (and by clones, which map the memory section privately).
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use ferry_package::{Package, SectionKind};
+use ferry_transport::RemotePackage;
+
+use crate::RuntimeError;
+
+/// Extracted package sections, by digest, under `$FERRY_CACHE/sections`.
+pub(crate) struct SectionCache {
+    dir: PathBuf,
+}
+
+impl SectionCache {
+    pub(crate) fn new(cache: &Path) -> Self {
+        Self {
+            dir: cache.join("sections"),
+        }
+    }
+
+    pub(crate) fn path(&self, kind: SectionKind, digest: &str) -> PathBuf {
+        self.dir.join(format!("{kind}-{digest}"))
+    }
+
+    /// The section as a file, extracting (and verifying) it the first time.
+    pub(crate) fn get(&self, pkg: &Package, kind: SectionKind) -> Result<PathBuf, RuntimeError> {
+        let digest = pkg.section(kind)?.digest.clone();
+        let path = self.path(kind, &digest);
+        if !path.exists() {
+            std::fs::create_dir_all(&self.dir).map_err(RuntimeError::io(&self.dir))?;
+            let t = Instant::now();
+            pkg.extract(kind, &path, &mut |_, _| {})?;
+            tracing::info!(section = %kind, ms = t.elapsed().as_millis() as u64, "extracted into the cache");
+        }
+        Ok(path)
+    }
+
+    /// Removes the entry of an old content (a clone still running from it
+    /// keeps its open file; later runs extract again).
+    pub(crate) fn forget(&self, kind: SectionKind, digest: &str) {
+        let _ = std::fs::remove_file(self.path(kind, digest));
+    }
+
+    /// Moves `file` (whose content is section `kind` with `digest`) into the
+    /// cache, if it is not there yet.
+    pub(crate) fn adopt(&self, kind: SectionKind, digest: &str, file: &Path) {
+        let path = self.path(kind, digest);
+        if !path.exists() && std::fs::rename(file, &path).is_err() {
+            tracing::debug!(
+                "cache on another file system: not adopting {}",
+                file.display()
+            );
+        }
+    }
+}
+
+impl SectionCache {
+    /// The section of a remote package as a file: fetched chunk by chunk
+    /// (each checked against its sha256) into a temporary file beside the
+    /// entry, then renamed, the first time. `progress` gets bytes done and
+    /// the total.
+    pub(crate) fn get_remote(
+        &self,
+        pkg: &RemotePackage,
+        kind: SectionKind,
+        progress: &mut dyn FnMut(u64, u64),
+    ) -> Result<PathBuf, RuntimeError> {
+        use std::io::{Seek, SeekFrom, Write};
+        let info = pkg.section(kind)?;
+        let path = self.path(kind, &info.digest);
+        if path.exists() {
+            return Ok(path);
+        }
+        std::fs::create_dir_all(&self.dir).map_err(RuntimeError::io(&self.dir))?;
+        let part = path.with_extension(format!("part-{}", std::process::id()));
+        let t = Instant::now();
+        let result = (|| -> Result<(), RuntimeError> {
+            let mut file = std::fs::File::create(&part).map_err(RuntimeError::io(&part))?;
+            file.set_len(info.size).map_err(RuntimeError::io(&part))?;
+            let mut done = 0u64;
+            for index in 0..info.chunk_count() {
+                let len = info.chunk_len(index).unwrap_or(0);
+                if info.chunks[index].is_some() {
+                    let bytes = pkg.read_chunk(kind, index)?;
+                    file.seek(SeekFrom::Start(index as u64 * info.chunk_size))
+                        .and_then(|_| file.write_all(&bytes))
+                        .map_err(RuntimeError::io(&part))?;
+                }
+                done += len;
+                progress(done, info.size);
+            }
+            file.sync_all().map_err(RuntimeError::io(&part))?;
+            std::fs::rename(&part, &path).map_err(RuntimeError::io(&path))
+        })();
+        if result.is_err() {
+            let _ = std::fs::remove_file(&part);
+        }
+        result?;
+        tracing::info!(section = %kind, ms = t.elapsed().as_millis() as u64, "fetched into the cache");
+        Ok(path)
+    }
+}

@@ -1,0 +1,707 @@
+//! The wire protocol between peers for live migration (see
+//! `docs/migration-protocol.md`): one authenticated TCP control connection
+//! from the destination to the source's `--listen` address, and two data
+//! channels (the VM's running state, and its disk as NBD) that the
+//! destination opens to the same address and the source ties to its engine.
+//!
+//! Every connection starts with one JSON line, a [`Hello`], carrying the
+//! bearer token; the source checks it (in constant time) before it sends
+//! anything, and never sends memory to an unauthenticated caller. Control
+//! messages are JSON lines; a [`SourceMsg::Blob`] is followed by that many
+//! raw bytes. Links are not encrypted yet.
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{channel, Receiver, Sender};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+use subtle::ConstantTimeEq;
+
+/// The protocol version; a peer refuses another major version.
+pub const PROTOCOL_VERSION: u32 = 1;
+
+/// How long a new connection has to say hello.
+const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Migration protocol errors.
+#[derive(Debug, thiserror::Error)]
+pub enum MigrationError {
+    /// The peer refused us (bad token, busy, version).
+    #[error("the peer at {addr} refused the migration: {reason}")]
+    Refused {
+        /// The peer.
+        addr: String,
+        /// What it said.
+        reason: String,
+    },
+    /// The connection failed or broke.
+    #[error("{what}: {source}")]
+    Io {
+        /// What was being done.
+        what: String,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The peer said something out of turn or unreadable.
+    #[error("the peer broke the migration protocol: {0}")]
+    Protocol(String),
+    /// The peer closed the connection.
+    #[error("the peer closed the connection ({0})")]
+    Closed(String),
+    /// Nothing arrived in time.
+    #[error("timed out {0}")]
+    Timeout(String),
+    /// Binding the listen address failed.
+    #[error("cannot listen on {addr}: {source}: pick another --listen address")]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl MigrationError {
+    fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> MigrationError {
+        let what = what.into();
+        move |source| MigrationError::Io { what, source }
+    }
+}
+
+/// The first line on every connection.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "kebab-case")]
+pub enum Hello {
+    /// The control connection of a new migration.
+    Control {
+        /// [`PROTOCOL_VERSION`].
+        v: u32,
+        /// The bearer token.
+        token: String,
+    },
+    /// A data channel of migration `session`.
+    Channel {
+        /// [`PROTOCOL_VERSION`].
+        v: u32,
+        /// The bearer token.
+        token: String,
+        /// The session the source named in its offer.
+        session: String,
+        /// Which channel.
+        channel: ChannelKind,
+    },
+}
+
+/// The data channels.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ChannelKind {
+    /// The VM's running state (RAM and devices), source to destination.
+    State,
+    /// The disk, as NBD: the source's engine is the client.
+    Disk,
+}
+
+/// Source to destination, on the control connection.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "kebab-case")]
+pub enum SourceMsg {
+    /// The hello was accepted; what is on offer.
+    Offer {
+        /// Names the data channels.
+        session: String,
+        /// The VM, as the runtime describes it.
+        vm: serde_json::Value,
+    },
+    /// No migration (bad token, busy, wrong version).
+    Refused {
+        /// Why.
+        reason: String,
+    },
+    /// The bytes of a file asked for with [`DestMsg::Fetch`] follow.
+    Blob {
+        /// Its name.
+        name: String,
+        /// How many bytes follow.
+        len: u64,
+    },
+    /// Disk and state are all sent and the VM is paused here: the
+    /// destination may take over (the commit point is its resume).
+    Switch {
+        /// The engine's figures, as the runtime reports them.
+        stats: serde_json::Value,
+    },
+    /// The source gave up before the switch; it keeps the VM.
+    Failed {
+        /// Why.
+        reason: String,
+    },
+}
+
+/// Destination to source, on the control connection.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "kebab-case")]
+pub enum DestMsg {
+    /// Send a file from the offer (e.g. the kernel) as a [`SourceMsg::Blob`].
+    Fetch {
+        /// Its name.
+        name: String,
+    },
+    /// The receiving VM waits and both data channels are open: go.
+    Ready,
+    /// The VM runs here now; the source may let it go.
+    Committed,
+    /// The destination gives up (before the switch).
+    Abort {
+        /// Why.
+        reason: String,
+    },
+}
+
+/// One end of a control connection: JSON lines plus raw blobs.
+pub struct Control {
+    reader: BufReader<TcpStream>,
+    writer: TcpStream,
+    peer: String,
+}
+
+impl Control {
+    fn new(stream: TcpStream) -> Result<Control, MigrationError> {
+        let peer = stream
+            .peer_addr()
+            .map(|a| a.to_string())
+            .unwrap_or_else(|_| "?".into());
+        let _ = stream.set_nodelay(true);
+        let writer = stream
+            .try_clone()
+            .map_err(MigrationError::io("cloning the control connection"))?;
+        Ok(Control {
+            reader: BufReader::new(stream),
+            writer,
+            peer,
+        })
+    }
+
+    /// The other end's address.
+    pub fn peer(&self) -> &str {
+        &self.peer
+    }
+
+    /// Sends one message.
+    pub fn send<T: Serialize>(&mut self, msg: &T) -> Result<(), MigrationError> {
+        let mut line = serde_json::to_vec(msg).expect("serialisable");
+        line.push(b'\n');
+        self.writer
+            .write_all(&line)
+            .map_err(MigrationError::io(format!("writing to {}", self.peer)))
+    }
+
+    /// Receives one message, waiting up to `timeout` (`None`: forever).
+    pub fn recv<T: for<'de> Deserialize<'de>>(
+        &mut self,
+        timeout: Option<Duration>,
+    ) -> Result<T, MigrationError> {
+        let _ = self.reader.get_ref().set_read_timeout(timeout);
+        let mut line = String::new();
+        match self.reader.read_line(&mut line) {
+            Ok(0) => Err(MigrationError::Closed(self.peer.clone())),
+            Ok(_) => serde_json::from_str(&line)
+                .map_err(|e| MigrationError::Protocol(format!("{e}: {}", line.trim()))),
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                Err(MigrationError::Timeout(format!(
+                    "waiting for {}",
+                    self.peer
+                )))
+            }
+            Err(e) => Err(MigrationError::io(format!("reading from {}", self.peer))(e)),
+        }
+    }
+
+    /// Sends a file as a [`SourceMsg::Blob`].
+    pub fn send_blob(&mut self, name: &str, path: &Path) -> Result<(), MigrationError> {
+        let mut file = std::fs::File::open(path)
+            .map_err(MigrationError::io(format!("opening {}", path.display())))?;
+        let len = file
+            .metadata()
+            .map_err(MigrationError::io(format!("reading {}", path.display())))?
+            .len();
+        self.send(&SourceMsg::Blob {
+            name: name.to_string(),
+            len,
+        })?;
+        std::io::copy(&mut file, &mut self.writer).map_err(MigrationError::io(format!(
+            "sending {name} to {}",
+            self.peer
+        )))?;
+        Ok(())
+    }
+
+    /// Receives a blob's `len` bytes (after its [`SourceMsg::Blob`]) into
+    /// `dest`.
+    pub fn recv_blob_into(&mut self, len: u64, dest: &Path) -> Result<(), MigrationError> {
+        let _ = self
+            .reader
+            .get_ref()
+            .set_read_timeout(Some(Duration::from_secs(60)));
+        let mut file = std::fs::File::create(dest)
+            .map_err(MigrationError::io(format!("creating {}", dest.display())))?;
+        let copied = std::io::copy(&mut (&mut self.reader).take(len), &mut file)
+            .map_err(MigrationError::io(format!("receiving from {}", self.peer)))?;
+        if copied != len {
+            return Err(MigrationError::Closed(self.peer.clone()));
+        }
+        file.sync_all()
+            .map_err(MigrationError::io(format!("writing {}", dest.display())))
+    }
+}
+
+/// The destination's side: connects, says hello, reads the offer.
+pub fn connect(
+    addr: &str,
+    token: &str,
+) -> Result<(Control, String, serde_json::Value), MigrationError> {
+    let stream = dial(addr)?;
+    let mut control = Control::new(stream)?;
+    control.send(&Hello::Control {
+        v: PROTOCOL_VERSION,
+        token: token.to_string(),
+    })?;
+    match control.recv::<SourceMsg>(Some(Duration::from_secs(30)))? {
+        SourceMsg::Offer { session, vm } => Ok((control, session, vm)),
+        SourceMsg::Refused { reason } => Err(MigrationError::Refused {
+            addr: addr.to_string(),
+            reason,
+        }),
+        other => Err(MigrationError::Protocol(format!(
+            "expected an offer, got {other:?}"
+        ))),
+    }
+}
+
+/// The destination's side: opens data channel `kind` of `session`.
+pub fn open_channel(
+    addr: &str,
+    token: &str,
+    session: &str,
+    kind: ChannelKind,
+) -> Result<TcpStream, MigrationError> {
+    let mut stream = dial(addr)?;
+    let mut hello = serde_json::to_vec(&Hello::Channel {
+        v: PROTOCOL_VERSION,
+        token: token.to_string(),
+        session: session.to_string(),
+        channel: kind,
+    })
+    .expect("serialisable");
+    hello.push(b'\n');
+    stream
+        .write_all(&hello)
+        .map_err(MigrationError::io(format!("opening a channel to {addr}")))?;
+    Ok(stream)
+}
+
+fn dial(addr: &str) -> Result<TcpStream, MigrationError> {
+    use std::net::ToSocketAddrs;
+    let addrs: Vec<SocketAddr> = addr
+        .to_socket_addrs()
+        .map_err(MigrationError::io(format!("resolving {addr}")))?
+        .collect();
+    let mut last = None;
+    for a in addrs {
+        match TcpStream::connect_timeout(&a, Duration::from_secs(10)) {
+            Ok(s) => {
+                let _ = s.set_nodelay(true);
+                return Ok(s);
+            }
+            Err(e) => last = Some(e),
+        }
+    }
+    Err(MigrationError::io(format!(
+        "connecting to the peer at {addr}"
+    ))(
+        last.unwrap_or_else(|| std::io::Error::other("no address")),
+    ))
+}
+
+/// A new migration asked of the source: its control connection, and where
+/// its data channels will arrive.
+pub struct Incoming {
+    /// The control connection (hello already checked).
+    pub control: Control,
+    /// The session name to put in the offer.
+    pub session: String,
+    channels: Receiver<(ChannelKind, TcpStream)>,
+    server: Arc<ServerShared>,
+}
+
+impl Incoming {
+    /// Waits for data channel `kind` (the destination opens both before it
+    /// says [`DestMsg::Ready`]).
+    pub fn channel(
+        &mut self,
+        kind: ChannelKind,
+        timeout: Duration,
+    ) -> Result<TcpStream, MigrationError> {
+        let deadline = Instant::now() + timeout;
+        let mut parked = self.server.parked.lock().expect("parked");
+        if let Some(s) = parked.remove(&(self.session.clone(), kind)) {
+            return Ok(s);
+        }
+        drop(parked);
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.channels.recv_timeout(left) {
+                Ok((k, s)) if k == kind => return Ok(s),
+                Ok((k, s)) => {
+                    self.server
+                        .parked
+                        .lock()
+                        .expect("parked")
+                        .insert((self.session.clone(), k), s);
+                }
+                Err(_) => {
+                    if let Some(s) = self
+                        .server
+                        .parked
+                        .lock()
+                        .expect("parked")
+                        .remove(&(self.session.clone(), kind))
+                    {
+                        return Ok(s);
+                    }
+                    return Err(MigrationError::Timeout(format!(
+                        "waiting for the {kind:?} channel"
+                    )));
+                }
+            }
+        }
+    }
+}
+
+impl Drop for Incoming {
+    fn drop(&mut self) {
+        self.server
+            .sessions
+            .lock()
+            .expect("sessions")
+            .remove(&self.session);
+        self.server
+            .parked
+            .lock()
+            .expect("parked")
+            .retain(|(s, _), _| *s != self.session);
+    }
+}
+
+struct ServerShared {
+    token: String,
+    sessions: Mutex<HashMap<String, Sender<(ChannelKind, TcpStream)>>>,
+    parked: Mutex<HashMap<(String, ChannelKind), TcpStream>>,
+    stopping: AtomicBool,
+}
+
+/// The source's listener: authenticates every connection and hands new
+/// migrations to `on_migration`. Stops on drop.
+pub struct Server {
+    listener: TcpListener,
+    shared: Arc<ServerShared>,
+    addr: SocketAddr,
+}
+
+impl Server {
+    /// Listens on `addr`. Every caller must present `token`.
+    pub fn bind(
+        addr: SocketAddr,
+        token: &str,
+        on_migration: impl Fn(Incoming) + Send + Sync + 'static,
+    ) -> Result<Server, MigrationError> {
+        let listener =
+            TcpListener::bind(addr).map_err(|source| MigrationError::Bind { addr, source })?;
+        let local = listener
+            .local_addr()
+            .map_err(MigrationError::io("reading the listen address"))?;
+        let shared = Arc::new(ServerShared {
+            token: token.to_string(),
+            sessions: Mutex::default(),
+            parked: Mutex::default(),
+            stopping: AtomicBool::new(false),
+        });
+        let accept = listener
+            .try_clone()
+            .map_err(MigrationError::io("cloning the listener"))?;
+        let s = shared.clone();
+        std::thread::Builder::new()
+            .name("migration listener".into())
+            .spawn(move || accept_loop(accept, s, on_migration))
+            .map_err(MigrationError::io("starting the migration listener"))?;
+        Ok(Server {
+            listener,
+            shared,
+            addr: local,
+        })
+    }
+
+    /// The address it listens on.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.shared.stopping.store(true, Ordering::SeqCst);
+        // Wakes the blocked accept (Linux returns EINVAL from it).
+        let _ = shutdown_listener(&self.listener);
+    }
+}
+
+fn shutdown_listener(l: &TcpListener) -> std::io::Result<()> {
+    use std::os::unix::io::AsRawFd;
+    // SAFETY: shutdown(2) on a socket we own; no memory is passed.
+    let rc = unsafe { libc::shutdown(l.as_raw_fd(), libc::SHUT_RDWR) };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+fn accept_loop(
+    listener: TcpListener,
+    shared: Arc<ServerShared>,
+    on_migration: impl Fn(Incoming) + Send + Sync + 'static,
+) {
+    let on_migration = Arc::new(on_migration);
+    for stream in listener.incoming() {
+        if shared.stopping.load(Ordering::SeqCst) {
+            return;
+        }
+        let Ok(stream) = stream else { continue };
+        let (shared, on_migration) = (shared.clone(), on_migration.clone());
+        let _ = std::thread::Builder::new()
+            .name("migration hello".into())
+            .spawn(move || {
+                if let Err(e) = greet(stream, &shared, &*on_migration) {
+                    tracing::info!("refused a migration connection: {e}");
+                }
+            });
+    }
+}
+
+fn greet(
+    mut stream: TcpStream,
+    shared: &Arc<ServerShared>,
+    on_migration: &dyn Fn(Incoming),
+) -> Result<(), MigrationError> {
+    let peer = stream
+        .peer_addr()
+        .map(|a| a.to_string())
+        .unwrap_or_else(|_| "?".into());
+    // Read exactly the hello line: on a data channel, the channel's bytes
+    // (e.g. an NBD server's greeting) may follow at once.
+    let line = read_hello_line(&mut stream)?;
+    let hello: Hello = serde_json::from_str(&line)
+        .map_err(|e| MigrationError::Protocol(format!("bad hello from {peer}: {e}")))?;
+    let (v, token) = match &hello {
+        Hello::Control { v, token } | Hello::Channel { v, token, .. } => (*v, token),
+    };
+    let refuse = |mut stream: &TcpStream, reason: &str| {
+        let mut line = serde_json::to_vec(&SourceMsg::Refused {
+            reason: reason.to_string(),
+        })
+        .expect("serialisable");
+        line.push(b'\n');
+        let _ = stream.write_all(&line);
+        let _ = stream.shutdown(Shutdown::Both);
+        Err(MigrationError::Refused {
+            addr: peer.clone(),
+            reason: reason.to_string(),
+        })
+    };
+    if !bool::from(token.as_bytes().ct_eq(shared.token.as_bytes())) {
+        return refuse(&stream, "wrong token: pass the source's --token");
+    }
+    if v != PROTOCOL_VERSION {
+        return refuse(
+            &stream,
+            &format!(
+            "protocol version {v} is not {PROTOCOL_VERSION}: use the same ferry version on both peers"
+            ),
+        );
+    }
+    match hello {
+        Hello::Control { .. } => {
+            if shared.stopping.load(Ordering::SeqCst) {
+                return refuse(&stream, "this peer is shutting down");
+            }
+            let _ = stream.set_read_timeout(None);
+            let control = Control::new(stream)?;
+            let session = random_session();
+            let (tx, rx) = channel();
+            shared
+                .sessions
+                .lock()
+                .expect("sessions")
+                .insert(session.clone(), tx);
+            on_migration(Incoming {
+                control,
+                session,
+                channels: rx,
+                server: shared.clone(),
+            });
+            Ok(())
+        }
+        Hello::Channel {
+            session, channel, ..
+        } => {
+            let _ = stream.set_read_timeout(None);
+            let sender = shared
+                .sessions
+                .lock()
+                .expect("sessions")
+                .get(&session)
+                .cloned();
+            match sender {
+                Some(tx) => {
+                    let _ = tx.send((channel, stream));
+                    Ok(())
+                }
+                None => refuse(&stream, &format!("unknown session {session}")),
+            }
+        }
+    }
+}
+
+/// Reads one line, byte by byte, so that nothing after it is consumed.
+fn read_hello_line(stream: &mut TcpStream) -> Result<String, MigrationError> {
+    let _ = stream.set_read_timeout(Some(HELLO_TIMEOUT));
+    let mut line = Vec::new();
+    let mut byte = [0u8; 1];
+    loop {
+        match stream.read(&mut byte) {
+            Ok(0) => return Err(MigrationError::Closed("before its hello".into())),
+            Ok(_) if byte[0] == b'\n' => break,
+            Ok(_) => {
+                line.push(byte[0]);
+                if line.len() > 64 * 1024 {
+                    return Err(MigrationError::Protocol("hello line too long".into()));
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(MigrationError::io("reading a hello")(e)),
+        }
+    }
+    String::from_utf8(line).map_err(|_| MigrationError::Protocol("hello is not UTF-8".into()))
+}
+
+fn random_session() -> String {
+    let mut b = [0u8; 16];
+    if let Ok(mut f) = std::fs::File::open("/dev/urandom") {
+        let _ = f.read_exact(&mut b);
+    }
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+/// Ties a TCP data channel to a Unix socket on this side.
+pub enum Tunnel {
+    /// Connect to an existing Unix socket (the engine listens there).
+    Dial(PathBuf),
+    /// Listen on a Unix socket and take one connection (the engine dials).
+    Listen(PathBuf),
+}
+
+/// A running tunnel; dropping it closes both sides.
+pub struct TunnelHandle {
+    tcp: TcpStream,
+    done: Receiver<()>,
+}
+
+impl TunnelHandle {
+    /// Waits until both directions are closed, up to `timeout`.
+    pub fn wait(&self, timeout: Duration) -> bool {
+        self.done.recv_timeout(timeout).is_ok()
+    }
+}
+
+impl Drop for TunnelHandle {
+    fn drop(&mut self) {
+        let _ = self.tcp.shutdown(Shutdown::Both);
+    }
+}
+
+impl Tunnel {
+    /// Starts copying between `tcp` and the Unix side, both ways.
+    pub fn start(self, tcp: TcpStream) -> Result<TunnelHandle, MigrationError> {
+        let (tx, rx) = channel();
+        let keep = tcp
+            .try_clone()
+            .map_err(MigrationError::io("cloning a data channel"))?;
+        match self {
+            Tunnel::Dial(path) => {
+                let unix = UnixStream::connect(&path).map_err(MigrationError::io(format!(
+                    "connecting to {}",
+                    path.display()
+                )))?;
+                spawn_pipe(tcp, unix, tx)?;
+            }
+            Tunnel::Listen(path) => {
+                let _ = std::fs::remove_file(&path);
+                let listener = UnixListener::bind(&path).map_err(MigrationError::io(format!(
+                    "listening on {}",
+                    path.display()
+                )))?;
+                std::thread::Builder::new()
+                    .name("tunnel accept".into())
+                    .spawn(move || {
+                        if let Ok((unix, _)) = listener.accept() {
+                            let _ = spawn_pipe(tcp, unix, tx);
+                        }
+                        let _ = std::fs::remove_file(&path);
+                    })
+                    .map_err(MigrationError::io("starting a tunnel"))?;
+            }
+        }
+        Ok(TunnelHandle {
+            tcp: keep,
+            done: rx,
+        })
+    }
+}
+
+fn spawn_pipe(tcp: TcpStream, unix: UnixStream, done: Sender<()>) -> Result<(), MigrationError> {
+    let tcp2 = tcp
+        .try_clone()
+        .map_err(MigrationError::io("cloning a channel"))?;
+    let unix2 = unix
+        .try_clone()
+        .map_err(MigrationError::io("cloning a socket"))?;
+    std::thread::Builder::new()
+        .name("tunnel".into())
+        .spawn(move || {
+            let back = std::thread::spawn(move || {
+                let (mut from, mut to) = (unix2, tcp2);
+                let _ = std::io::copy(&mut from, &mut to);
+                let _ = to.shutdown(Shutdown::Write);
+            });
+            let (mut from, mut to) = (tcp, unix);
+            let _ = std::io::copy(&mut from, &mut to);
+            let _ = to.shutdown(Shutdown::Write);
+            let _ = back.join();
+            let _ = done.send(());
+        })
+        .map_err(MigrationError::io("starting a tunnel"))?;
+    Ok(())
+}
