@@ -73,6 +73,8 @@ pub struct PeerOptions {
     pub save: Option<PathBuf>,
     /// When the command started.
     pub started: Instant,
+    /// Cap on the bandwidth of a migration out, bytes per second.
+    pub max_bandwidth: Option<u64>,
 }
 
 /// What a source offers a destination.
@@ -169,7 +171,13 @@ pub fn peer(
         pvm.name,
         save.display()
     );
-    serve(engine, pvm, &save, say)
+    let limits = LiveLimits {
+        max_bandwidth: opts
+            .max_bandwidth
+            .unwrap_or(LiveLimits::default().max_bandwidth),
+        ..LiveLimits::default()
+    };
+    serve(engine, pvm, &save, &limits, say)
 }
 
 /// Waits for Ctrl-C (suspend into `save`) or a migration request.
@@ -177,6 +185,7 @@ fn serve(
     engine: &dyn Engine,
     mut pvm: PeerVm,
     save: &Path,
+    limits: &LiveLimits,
     say: &mut dyn FnMut(&str),
 ) -> Result<(), RuntimeError> {
     let mut in_doubt = false;
@@ -219,7 +228,7 @@ fn serve(
                     continue;
                 }
                 say(&format!("migrating VM '{}' to {to}", pvm.name));
-                match migrate_out(&mut pvm, &mut incoming) {
+                match migrate_out(&mut pvm, &mut incoming, limits) {
                     Outcome::Moved(stats) => {
                         say(&format!(
                             "moved VM '{}' to {to}: {} ms in all, {} ms paused (engine's figure), {} MiB of state sent; exiting",
@@ -593,7 +602,11 @@ fn sha256_of(path: &Path) -> Result<String, RuntimeError> {
 }
 
 /// Hands the VM to the destination that sent `incoming`.
-fn migrate_out(pvm: &mut PeerVm, incoming: &mut migration::Incoming) -> Outcome {
+fn migrate_out(
+    pvm: &mut PeerVm,
+    incoming: &mut migration::Incoming,
+    limits: &LiveLimits,
+) -> Outcome {
     let offer = match offer_of(pvm) {
         Ok(o) => o,
         Err(e) => {
@@ -662,7 +675,7 @@ fn migrate_out(pvm: &mut PeerVm, incoming: &mut migration::Incoming) -> Outcome 
     let sent = (|| -> Result<LiveStats, RuntimeError> {
         let e = pvm.vm.engine_vm();
         e.start_disk_copy(&disk_sock)?;
-        let stats = e.send_state(&state_sock, &LiveLimits::default())?;
+        let stats = e.send_state(&state_sock, limits)?;
         e.finish_disk_copy()?;
         Ok(stats)
     })();

@@ -43,6 +43,10 @@ pub struct Args {
     /// Copy the guest's console to standard error.
     #[arg(long)]
     console: bool,
+    /// Cap a migration out of this peer at MIB MiB/s (default: no cap
+    /// beyond 10 GiB/s).
+    #[arg(long = "max-bandwidth", value_name = "MIB", value_parser = clap::value_parser!(u64).range(1..))]
+    max_bandwidth: Option<u64>,
     #[command(flatten)]
     net: super::NetArgs,
 }
@@ -66,6 +70,7 @@ pub fn run(args: Args, paths: &Paths, started: Instant) -> anyhow::Result<ExitCo
         enable_input: args.enable_input,
         save: args.save,
         started,
+        max_bandwidth: args.max_bandwidth.map(|m| m << 20),
     };
     peer(&engine, paths, &opts, &mut |line| println!("{line}"))?;
     Ok(ExitCode::SUCCESS)

@@ -1,0 +1,385 @@
+//! Registry, peers and live migration on test hosts (network namespaces with
+//! their own addresses): a registry on R, a peer on A from it, then A → B →
+//! C → A while a client writes to Redis without pause; every acknowledged
+//! write must be there at the end. Then the failures: the destination or
+//! the source killed mid-migration, a wrong token, a damaged chunk.
+
+use std::io::{BufRead, BufReader, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::Path;
+use std::process::{Command, Output};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use ferry_test_support::{
+    describe, send_signal, spawn_until, vm_lock, wait_until, FerryEnv, Host, KillOnDrop,
+    TestHosts,
+};
+
+mod common;
+use common::{env, recipe_package, stop};
+
+const TOKEN: &str = "test-token-1";
+const REDIS_PORT: u16 = 16379;
+const PEER_PORT: u16 = 7100;
+const REGISTRY_PORT: u16 = 7070;
+
+/// Runs `f` on a thread inside network namespace `ns`.
+fn in_netns<T: Send + 'static>(ns: &str, f: impl FnOnce() -> T + Send + 'static) -> std::thread::JoinHandle<T> {
+    let path = format!("/run/netns/{ns}");
+    std::thread::spawn(move || {
+        let file = std::fs::File::open(&path).unwrap();
+        use std::os::unix::io::AsRawFd;
+        // SAFETY: setns on an open namespace file; only this thread moves.
+        assert_eq!(unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) }, 0);
+        f()
+    })
+}
+
+/// `ferry ARGS` inside `host`, started and awaited until a line starts with
+/// `ready`.
+fn start(host: &Host, env: &FerryEnv, args: &[&str], ready: &str) -> (KillOnDrop, Vec<String>) {
+    let mut cmd = host.ferry(env);
+    cmd.args(args);
+    spawn_until(cmd, ready, Duration::from_secs(180))
+}
+
+fn registry(r: &Host, env: &FerryEnv, pkg: &Path) -> KillOnDrop {
+    let listen = format!("0.0.0.0:{REGISTRY_PORT}");
+    start(
+        r,
+        env,
+        &["registry", "--package", pkg.to_str().unwrap(), "--listen", &listen, "--token", TOKEN],
+        "listening on ",
+    )
+    .0
+}
+
+fn peer_args<'a>(from: &'a str, name: &'a str, listen: &'a str, expose: &'a str) -> Vec<&'a str> {
+    vec![
+        "peer", "--from", from, "--name", name, "--token", TOKEN, "--listen", listen, "--expose",
+        expose,
+    ]
+}
+
+/// A Redis client speaking RESP over one connection.
+struct Redis {
+    r: BufReader<TcpStream>,
+    w: TcpStream,
+}
+
+impl Redis {
+    fn connect(addr: SocketAddr) -> std::io::Result<Redis> {
+        let s = TcpStream::connect_timeout(&addr, Duration::from_millis(500))?;
+        s.set_read_timeout(Some(Duration::from_secs(2)))?;
+        s.set_nodelay(true)?;
+        Ok(Redis {
+            r: BufReader::new(s.try_clone()?),
+            w: s,
+        })
+    }
+
+    fn send(&mut self, args: &[&str]) -> std::io::Result<()> {
+        let mut buf = format!("*{}\r\n", args.len());
+        for a in args {
+            buf.push_str(&format!("${}\r\n{a}\r\n", a.len()));
+        }
+        self.w.write_all(buf.as_bytes())
+    }
+
+    /// One reply line (bulk strings: their value; nil: None).
+    fn reply(&mut self) -> std::io::Result<Option<String>> {
+        let mut line = String::new();
+        if self.r.read_line(&mut line)? == 0 {
+            return Err(std::io::Error::other("closed"));
+        }
+        let line = line.trim_end().to_string();
+        match line.as_bytes().first() {
+            Some(b'+') | Some(b':') => Ok(Some(line[1..].to_string())),
+            Some(b'$') if line == "$-1" => Ok(None),
+            Some(b'$') => {
+                let mut v = String::new();
+                self.r.read_line(&mut v)?;
+                Ok(Some(v.trim_end().to_string()))
+            }
+            _ => Err(std::io::Error::other(format!("redis said {line}"))),
+        }
+    }
+}
+
+/// What the writer saw.
+#[derive(Default)]
+struct Writes {
+    acked: Vec<u64>,
+    longest_gap: Duration,
+    reconnects: u32,
+}
+
+/// Writes `key:N = N` for N = 0, 1, ... to whichever host answers, one at a
+/// time, reconnecting on any error, until `stop`.
+fn writer(hosts: Vec<SocketAddr>, stop: Arc<AtomicBool>, out: Arc<Mutex<Writes>>) {
+    let mut conn: Option<Redis> = None;
+    let mut next = 0u64;
+    let mut last_ack = Instant::now();
+    let mut which = 0usize;
+    while !stop.load(Ordering::SeqCst) {
+        if conn.is_none() {
+            let addr = hosts[which % hosts.len()];
+            which += 1;
+            match Redis::connect(addr) {
+                Ok(c) => conn = Some(c),
+                Err(_) => {
+                    std::thread::sleep(Duration::from_millis(5));
+                    continue;
+                }
+            }
+            out.lock().unwrap().reconnects += 1;
+        }
+        let c = conn.as_mut().unwrap();
+        let key = format!("key:{next}");
+        let val = next.to_string();
+        let ok = c.send(&["SET", &key, &val]).and_then(|_| c.reply());
+        match ok {
+            Ok(Some(r)) if r == "OK" => {
+                let mut o = out.lock().unwrap();
+                o.acked.push(next);
+                let gap = last_ack.elapsed();
+                if gap > o.longest_gap {
+                    o.longest_gap = gap;
+                }
+                last_ack = Instant::now();
+                next += 1;
+            }
+            // Not acknowledged: the same key is written again, elsewhere.
+            _ => conn = None,
+        }
+    }
+}
+
+/// Reads every acknowledged key back; returns the missing ones.
+fn missing(addr: SocketAddr, acked: &[u64]) -> Vec<u64> {
+    let mut c = Redis::connect(addr).unwrap();
+    let mut lost = Vec::new();
+    for chunk in acked.chunks(500) {
+        for n in chunk {
+            c.send(&["GET", &format!("key:{n}")]).unwrap();
+        }
+        for n in chunk {
+            if c.reply().unwrap().as_deref() != Some(n.to_string().as_str()) {
+                lost.push(*n);
+            }
+        }
+    }
+    lost
+}
+
+fn wait_exit(child: &mut KillOnDrop, secs: u64) -> std::process::ExitStatus {
+    wait_until(Duration::from_secs(secs), "the peer to exit", || {
+        child.try_wait().unwrap()
+    })
+}
+
+fn stderr_of(child: &mut KillOnDrop) -> String {
+    use std::io::Read;
+    let mut s = String::new();
+    if let Some(mut e) = child.stderr.take() {
+        let _ = e.read_to_string(&mut s);
+    }
+    s
+}
+
+fn qemu_in(ns: &str) -> usize {
+    let out = Command::new("ip").args(["netns", "pids", ns]).output().unwrap();
+    let pids = String::from_utf8_lossy(&out.stdout).into_owned();
+    pids.lines()
+        .filter(|p| {
+            std::fs::read_to_string(format!("/proc/{p}/comm"))
+                .map(|c| c.starts_with("qemu"))
+                .unwrap_or(false)
+        })
+        .count()
+}
+
+#[test]
+fn registry_peer_and_a_migration_chain_lose_no_acknowledged_write() {
+    let _lock = vm_lock();
+    let pkg = recipe_package(&env(), "redis");
+    let hosts = TestHosts::create(&["r", "a", "b", "c", "client"]);
+    let (r, a, b, c) = (&hosts["r"], &hosts["a"], &hosts["b"], &hosts["c"]);
+    let bin = env!("CARGO_BIN_EXE_ferry");
+    let (er, ea, eb, ec) = (r.ferry_env(bin), a.ferry_env(bin), b.ferry_env(bin), c.ferry_env(bin));
+    let _registry = registry(r, &er, &pkg);
+    let listen = format!("0.0.0.0:{PEER_PORT}");
+    let expose = format!("0.0.0.0:{REDIS_PORT}:6379");
+    let url = format!("http://{}:{REGISTRY_PORT}/", r.addr());
+
+    let (mut on_a, lines) = start(a, &ea, &peer_args(&url, "kv", &listen, &expose), "serving VM");
+    assert!(lines.iter().any(|l| l.starts_with("live in ")), "{lines:?}");
+
+    let addrs: Vec<SocketAddr> = [a, b, c]
+        .iter()
+        .map(|h| SocketAddr::new(h.addr().into(), REDIS_PORT))
+        .collect();
+    let stop_flag = Arc::new(AtomicBool::new(false));
+    let writes = Arc::new(Mutex::new(Writes::default()));
+    let w = {
+        let (addrs, stop_flag, writes) = (addrs.clone(), stop_flag.clone(), writes.clone());
+        in_netns(hosts["client"].name(), move || writer(addrs, stop_flag, writes))
+    };
+    let acked = || writes.lock().unwrap().acked.len();
+    wait_until(Duration::from_secs(30), "the first writes", || (acked() > 50).then_some(()));
+
+    // A → B → C → A, each hop while the writer writes.
+    let mut current = on_a;
+    let mut chain = Vec::new();
+    for (host, env, from) in [(b, &eb, a), (c, &ec, b), (a, &ea, c)] {
+        let before = acked();
+        let from_addr = format!("{}:{PEER_PORT}", from.addr());
+        let (next, lines) = start(host, env, &peer_args(&from_addr, "kv", &listen, &expose), "serving VM");
+        assert!(
+            lines.iter().any(|l| l.starts_with("migrated VM 'kv' from")),
+            "{lines:?}"
+        );
+        let status = wait_exit(&mut current, 60);
+        assert!(status.success(), "the source exits 0 after the move: {}", stderr_of(&mut current));
+        assert_eq!(qemu_in(from.name()), 0, "no QEMU left on {}", from.label());
+        wait_until(Duration::from_secs(60), "writes on the new host", || {
+            (acked() > before + 50).then_some(())
+        });
+        chain.push(lines);
+        current = next;
+    }
+    on_a = current;
+
+    stop_flag.store(true, Ordering::SeqCst);
+    w.join().unwrap();
+    let w = std::mem::take(&mut *writes.lock().unwrap());
+    let lost = in_netns(hosts["client"].name(), {
+        let (addr, acked) = (addrs[0], w.acked.clone());
+        move || missing(addr, &acked)
+    })
+    .join()
+    .unwrap();
+    eprintln!(
+        "{} writes acknowledged, longest gap {:?}, {} connections; chain: {:?}",
+        w.acked.len(),
+        w.longest_gap,
+        w.reconnects,
+        chain
+    );
+    assert!(lost.is_empty(), "{} acknowledged writes lost: {:?}", lost.len(), &lost[..lost.len().min(20)]);
+
+    // Ctrl-C on the last peer saves the VM into a package there.
+    let out = stop(&mut on_a);
+    assert!(out.status.success(), "{}", describe(&out));
+    let saved = ea.state.path().parent().unwrap().join("kv.ferry");
+    let _ = saved;
+}
+
+#[test]
+fn failures_around_a_migration() {
+    let _lock = vm_lock();
+    let pkg = recipe_package(&env(), "redis");
+    let hosts = TestHosts::create(&["r", "a", "b"]);
+    let (r, a, b) = (&hosts["r"], &hosts["a"], &hosts["b"]);
+    let bin = env!("CARGO_BIN_EXE_ferry");
+    let (er, ea, eb) = (r.ferry_env(bin), a.ferry_env(bin), b.ferry_env(bin));
+    let _registry = registry(r, &er, &pkg);
+    let listen = format!("0.0.0.0:{PEER_PORT}");
+    let expose = format!("0.0.0.0:{REDIS_PORT}:6379");
+    let url = format!("http://{}:{REGISTRY_PORT}/", r.addr());
+    let from_a = format!("{}:{PEER_PORT}", a.addr());
+    let redis_on = |h: &Host| {
+        let out = h
+            .cmd("redis-cli")
+            .args(["-h", &h.addr().to_string(), "-p", &REDIS_PORT.to_string(), "PING"])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    };
+    // A slow link (1 MiB/s) keeps each migration in flight long enough.
+    let mut args_a = peer_args(&url, "kv", &listen, &expose);
+    args_a.extend(["--max-bandwidth", "1"]);
+    let (mut on_a, _) = start(a, &ea, &args_a, "serving VM");
+
+    // A wrong token: refused before anything is sent, nothing made on B.
+    let out: Output = b
+        .ferry(&eb)
+        .args(["peer", "--from", &from_a, "--token", "wrong", "--name", "kv"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(3), "{}", describe(&out));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("wrong token"), "{}", describe(&out));
+    assert!(!eb.vm_dir("kv").exists());
+    assert_eq!(qemu_in(b.name()), 0);
+
+    // The destination killed mid-migration: the source keeps serving.
+    let mut cmd = b.ferry(&eb);
+    cmd.args(peer_args(&from_a, "kv", &listen, &expose));
+    let (mut on_b, _) = spawn_until(cmd, "receiving VM", Duration::from_secs(120));
+    std::thread::sleep(Duration::from_millis(500));
+    on_b.kill().unwrap();
+    on_b.wait().unwrap();
+    wait_until(Duration::from_secs(60), "the source to resume", || {
+        (redis_on(a) == "PONG").then_some(())
+    });
+    assert!(on_a.try_wait().unwrap().is_none(), "the source still runs");
+    assert_eq!(qemu_in(a.name()), 1);
+
+    // The source killed mid-migration: the destination cleans up, exits 6.
+    let mut cmd = b.ferry(&eb);
+    cmd.args(peer_args(&from_a, "kv2", &listen, &expose));
+    let (mut on_b, _) = spawn_until(cmd, "receiving VM", Duration::from_secs(120));
+    std::thread::sleep(Duration::from_millis(500));
+    on_a.kill().unwrap();
+    on_a.wait().unwrap();
+    let status = wait_exit(&mut on_b, 60);
+    let err = stderr_of(&mut on_b);
+    assert_eq!(status.code(), Some(6), "{err}");
+    assert!(err.contains("before the switchover"), "{err}");
+    assert_eq!(qemu_in(b.name()), 0, "no half-started VM on B");
+    assert!(!eb.vm_dir("kv2").exists());
+    let _ = send_signal;
+}
+
+#[test]
+fn a_damaged_chunk_from_the_registry_is_named() {
+    let _lock = vm_lock();
+    let pkg = recipe_package(&env(), "tiny");
+    let hosts = TestHosts::create(&["r", "a"]);
+    let (r, a) = (&hosts["r"], &hosts["a"]);
+    let bin = env!("CARGO_BIN_EXE_ferry");
+    let (er, ea) = (r.ferry_env(bin), a.ferry_env(bin));
+    // Damage one stored chunk of the memory section (not the header or the
+    // table, which the registry checks when it starts).
+    let damaged = er.state.path().join("damaged.ferry");
+    std::fs::copy(&pkg, &damaged).unwrap();
+    let p = ferry_package::Package::open(&damaged).unwrap();
+    let mem = p.section(ferry_package::SectionKind::Memory).unwrap();
+    let (index, chunk) = mem
+        .chunks
+        .iter()
+        .enumerate()
+        .find_map(|(i, c)| c.as_ref().map(|c| (i, c.clone())))
+        .unwrap();
+    drop(p);
+    let mut bytes = std::fs::read(&damaged).unwrap();
+    bytes[chunk.offset as usize + 10] ^= 0xff;
+    std::fs::write(&damaged, bytes).unwrap();
+    let _registry = registry(r, &er, &damaged);
+    let url = format!("http://{}:{REGISTRY_PORT}/packages/damaged.ferry", r.addr());
+    let out = a
+        .ferry(&ea)
+        .args(["peer", "--from", &url, "--token", TOKEN, "--name", "bad"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(3), "{}", describe(&out));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("memory") && err.contains(&format!("chunk {index}")),
+        "{err}"
+    );
+    assert!(!ea.vm_dir("bad").exists());
+    assert_eq!(qemu_in(a.name()), 0);
+}
