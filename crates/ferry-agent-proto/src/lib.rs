@@ -7,11 +7,23 @@
 //! frame carries the protocol version `v`; see `docs/agent-protocol.md`.
 #![warn(missing_docs)]
 
+use std::collections::BTreeMap;
+
 use base64::Engine as _;
 use serde::{Deserialize, Serialize};
 
-/// Version of this protocol. A peer refuses frames of any other version.
+/// Version of this protocol (its major number, carried in every frame as
+/// `v`). A peer refuses frames of any other version.
 pub const PROTOCOL_VERSION: u32 = 1;
+
+/// Minor version: additions that older peers can live without (new request
+/// types, optional fields). The agent reports it in [`Reply::Hello`] so that
+/// a host can tell whether a request is understood before sending it; an
+/// agent that predates a request answers it with [`Reply::Error`] anyway.
+///
+/// * 0: the original set of requests.
+/// * 1: [`Request::SetFleet`].
+pub const PROTOCOL_MINOR: u32 = 1;
 
 /// Name of the virtio-serial port the agent listens on.
 pub const PORT_NAME: &str = "ferry.agent";
@@ -24,6 +36,14 @@ pub const MAX_EXEC_OUTPUT: usize = 4 * 1024 * 1024;
 
 /// Where the guest configuration lives inside the guest's root filesystem.
 pub const GUEST_CONFIG_PATH: &str = "/ferry/agent.json";
+
+/// Where the agent writes the fleet ([`FleetFile`]) on [`Request::SetFleet`].
+/// This file is how programs in the guest find the other members of their
+/// fleet; it lives on `/run` (tmpfs), so a cold boot starts without one.
+pub const FLEET_FILE_PATH: &str = "/run/ferry/fleet.json";
+
+/// Most members a fleet may have.
+pub const MAX_FLEET_MEMBERS: usize = 1024;
 
 /// A request from the host to the agent.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -66,6 +86,100 @@ pub enum Request {
     },
     /// Stops the service, syncs and powers the guest off.
     Shutdown,
+    /// Tells the guest which fleet it belongs to; the agent writes it to
+    /// [`FLEET_FILE_PATH`] and answers [`Reply::FleetSet`]. Each request
+    /// replaces the whole list. Since minor version 1.
+    SetFleet {
+        /// The guest's own name in the fleet.
+        self_name: String,
+        /// The members (the guest itself may be one of them), each with the
+        /// address the guest reaches it at, normally `172.100.100.1:PORT`.
+        members: Vec<FleetMember>,
+    },
+}
+
+/// One member of a fleet, as sent in [`Request::SetFleet`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FleetMember {
+    /// The member's name (a ferry VM name).
+    pub name: String,
+    /// Numeric `IP:PORT` at which the guest reaches the member's service.
+    pub addr: String,
+}
+
+/// The fleet as the agent writes it to [`FLEET_FILE_PATH`]:
+/// `{"self": "...", "members": {"name": "addr", ...}, "updated_unix": N}`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FleetFile {
+    /// The guest's own name.
+    #[serde(rename = "self")]
+    pub self_name: String,
+    /// Member name → `IP:PORT`, sorted by name.
+    pub members: BTreeMap<String, String>,
+    /// When the agent wrote the file, seconds since the Unix epoch (guest
+    /// clock).
+    pub updated_unix: u64,
+}
+
+impl FleetFile {
+    /// Checks a [`Request::SetFleet`] and turns it into the file's contents.
+    ///
+    /// # Errors
+    /// A one-line message if a name is not a ferry VM name (1-63 characters
+    /// of lowercase letters, digits, `-`, `_` and `.`, starting with a letter
+    /// or digit), a name appears twice, an address is not a numeric
+    /// `IP:PORT` (the guest never resolves names), or there are more than
+    /// [`MAX_FLEET_MEMBERS`] members.
+    pub fn from_request(
+        self_name: &str,
+        members: &[FleetMember],
+        updated_unix: u64,
+    ) -> Result<Self, String> {
+        check_member_name(self_name).map_err(|e| format!("self_name: {e}"))?;
+        if members.len() > MAX_FLEET_MEMBERS {
+            return Err(format!(
+                "{} members is more than the {MAX_FLEET_MEMBERS} a fleet may have",
+                members.len()
+            ));
+        }
+        let mut map = BTreeMap::new();
+        for member in members {
+            check_member_name(&member.name)?;
+            let addr: std::net::SocketAddr = member.addr.parse().map_err(|_| {
+                format!(
+                    "member '{}': '{}' is not a numeric IP:PORT address",
+                    member.name, member.addr
+                )
+            })?;
+            if addr.port() == 0 {
+                return Err(format!("member '{}': port 0 is not a port", member.name));
+            }
+            if map.insert(member.name.clone(), addr.to_string()).is_some() {
+                return Err(format!("member '{}' is listed twice", member.name));
+            }
+        }
+        Ok(Self {
+            self_name: self_name.to_owned(),
+            members: map,
+            updated_unix,
+        })
+    }
+}
+
+/// Checks a fleet member name: the rule for ferry VM names.
+fn check_member_name(name: &str) -> Result<(), String> {
+    let ok = (1..=63).contains(&name.len())
+        && name.starts_with(|c: char| c.is_ascii_alphanumeric())
+        && name
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '-' | '_' | '.'));
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "'{name}' is not a VM name (1-63 of a-z, 0-9, '-', '_', '.', starting with a letter or digit)"
+        ))
+    }
 }
 
 /// Identity a guest takes after resume (clones get a fresh one).
@@ -86,6 +200,10 @@ pub enum Reply {
     Hello {
         /// Protocol version the agent speaks.
         protocol_version: u32,
+        /// Its minor version ([`PROTOCOL_MINOR`]); 0 from agents that
+        /// predate minor versions.
+        #[serde(default)]
+        protocol_minor: u32,
         /// The agent's own version.
         agent_version: String,
         /// Current state of the guest.
@@ -127,6 +245,8 @@ pub enum Reply {
     },
     /// Answer to [`Request::Shutdown`]; the guest powers off next.
     ShuttingDown,
+    /// Answer to [`Request::SetFleet`]: the fleet file is written.
+    FleetSet,
     /// The request failed.
     Error {
         /// What went wrong, in one line.
@@ -333,6 +453,13 @@ mod tests {
                 }),
             },
             Request::Shutdown,
+            Request::SetFleet {
+                self_name: "a".into(),
+                members: vec![FleetMember {
+                    name: "b".into(),
+                    addr: "172.100.100.1:18001".into(),
+                }],
+            },
         ];
         for (i, r) in requests.into_iter().enumerate() {
             let line = encode(i as u64, &r);
@@ -340,6 +467,84 @@ mod tests {
             let frame: Frame<Request> = decode(&line[..line.len() - 1]).unwrap();
             assert_eq!(frame.id, i as u64);
             assert_eq!(frame.body, r);
+        }
+    }
+
+    #[test]
+    fn set_fleet_has_the_documented_shape() {
+        let request = Request::SetFleet {
+            self_name: "web-1".into(),
+            members: vec![FleetMember {
+                name: "web-2".into(),
+                addr: "172.100.100.1:18002".into(),
+            }],
+        };
+        let line = encode(3, &request);
+        assert_eq!(
+            std::str::from_utf8(&line).unwrap(),
+            "{\"v\":1,\"id\":3,\"body\":{\"type\":\"set-fleet\",\"self_name\":\"web-1\",\"members\":[{\"name\":\"web-2\",\"addr\":\"172.100.100.1:18002\"}]}}\n"
+        );
+        let reply = encode(3, &Reply::FleetSet);
+        assert_eq!(
+            std::str::from_utf8(&reply).unwrap(),
+            "{\"v\":1,\"id\":3,\"body\":{\"type\":\"fleet-set\"}}\n"
+        );
+    }
+
+    #[test]
+    fn a_hello_from_an_older_agent_has_minor_zero() {
+        let line = br#"{"v":1,"id":1,"body":{"type":"hello","protocol_version":1,"agent_version":"0.1.0","status":{"live":false,"uptime_ms":1,"hostname":"h"}}}"#;
+        let frame: Frame<Reply> = decode(line).unwrap();
+        assert!(matches!(
+            frame.body,
+            Reply::Hello {
+                protocol_minor: 0,
+                ..
+            }
+        ));
+    }
+
+    #[test]
+    fn fleet_file_from_a_request() {
+        let member = |name: &str, addr: &str| FleetMember {
+            name: name.into(),
+            addr: addr.into(),
+        };
+        let file = FleetFile::from_request(
+            "a",
+            &[
+                member("c", "172.100.100.1:18003"),
+                member("a", "172.100.100.1:18001"),
+            ],
+            42,
+        )
+        .unwrap();
+        assert_eq!(
+            serde_json::to_string(&file).unwrap(),
+            r#"{"self":"a","members":{"a":"172.100.100.1:18001","c":"172.100.100.1:18003"},"updated_unix":42}"#
+        );
+        assert_eq!(
+            FleetFile::from_request("a", &[], 1).unwrap().members.len(),
+            0
+        );
+
+        let bad = [
+            ("A", vec![]),
+            ("", vec![]),
+            ("a", vec![member("b c", "1.2.3.4:5")]),
+            ("a", vec![member("b", "web-2:80")]),
+            ("a", vec![member("b", "1.2.3.4")]),
+            ("a", vec![member("b", "1.2.3.4:0")]),
+            (
+                "a",
+                vec![member("b", "1.2.3.4:5"), member("b", "1.2.3.4:6")],
+            ),
+        ];
+        for (self_name, members) in bad {
+            assert!(
+                FleetFile::from_request(self_name, &members, 1).is_err(),
+                "{self_name} {members:?}"
+            );
         }
     }
 

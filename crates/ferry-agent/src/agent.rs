@@ -2,7 +2,7 @@
 
 use std::io::{ErrorKind, Read};
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
@@ -49,6 +49,8 @@ pub struct Agent {
     pub service_exited: Condvar,
     /// Set once shutdown has begun, so that it runs only once.
     pub shutting_down: AtomicBool,
+    /// Where `set-fleet` writes the fleet file.
+    pub fleet_file: PathBuf,
 }
 
 impl Agent {
@@ -140,6 +142,7 @@ pub fn run(options: Options) {
         service: Mutex::new(ServiceState::default()),
         service_exited: Condvar::new(),
         shutting_down: AtomicBool::new(false),
+        fleet_file: options.fleet_file.clone(),
     });
 
     if agent.config_error.is_none() {

@@ -1,16 +1,19 @@
 //! Command-line parsing. Hand-written rather than clap: the agent is a
-//! static binary copied into every guest, and three flags do not justify the
+//! static binary copied into every guest, and four flags do not justify the
 //! size.
 
 use std::ffi::OsString;
 use std::path::PathBuf;
 
 /// The usage text for `--help` and argument errors.
-pub const USAGE: &str = "usage: ferry-agent [--config PATH] [--port PATH] [--debug]\n\
-  --config PATH  guest configuration (default: /ferry/agent.json)\n\
-  --port PATH    device, FIFO or Unix socket to talk on (default: the\n\
-                 virtio-serial port named ferry.agent, found in sysfs)\n\
-  --debug        log every request (also FERRY_AGENT_DEBUG=1)";
+pub const USAGE: &str =
+    "usage: ferry-agent [--config PATH] [--port PATH] [--fleet-file PATH] [--debug]\n\
+  --config PATH      guest configuration (default: /ferry/agent.json)\n\
+  --port PATH        device, FIFO or Unix socket to talk on (default: the\n\
+                     virtio-serial port named ferry.agent, found in sysfs)\n\
+  --fleet-file PATH  where set-fleet writes the fleet (default:\n\
+                     /run/ferry/fleet.json)\n\
+  --debug            log every request (also FERRY_AGENT_DEBUG=1)";
 
 /// What the command line asks for.
 #[derive(Debug, PartialEq, Eq)]
@@ -30,6 +33,9 @@ pub struct Options {
     pub config: PathBuf,
     /// Explicit port path; `None` means discover the virtio-serial port.
     pub port: Option<PathBuf>,
+    /// Where `set-fleet` writes the fleet file; tests point it elsewhere
+    /// than the host's own `/run`.
+    pub fleet_file: PathBuf,
     /// Log every request.
     pub debug: bool,
 }
@@ -39,6 +45,7 @@ impl Default for Options {
         Self {
             config: PathBuf::from(ferry_agent_proto::GUEST_CONFIG_PATH),
             port: None,
+            fleet_file: PathBuf::from(ferry_agent_proto::FLEET_FILE_PATH),
             debug: false,
         }
     }
@@ -69,6 +76,7 @@ pub fn parse(args: impl IntoIterator<Item = OsString>) -> Result<Command, String
         match flag.as_str() {
             "--config" => options.config = value()?,
             "--port" => options.port = Some(value()?),
+            "--fleet-file" => options.fleet_file = value()?,
             "--debug" => options.debug = true,
             "-h" | "--help" => return Ok(Command::Help),
             "-V" | "--version" => return Ok(Command::Version),
@@ -93,12 +101,19 @@ mod tests {
 
     #[test]
     fn takes_separate_and_inline_values() {
-        let Ok(Command::Run(o)) = parse_strs(&["--config", "/c.json", "--port=/p", "--debug"])
-        else {
+        let Ok(Command::Run(o)) = parse_strs(&[
+            "--config",
+            "/c.json",
+            "--port=/p",
+            "--fleet-file",
+            "/f.json",
+            "--debug",
+        ]) else {
             panic!("did not parse");
         };
         assert_eq!(o.config, PathBuf::from("/c.json"));
         assert_eq!(o.port, Some(PathBuf::from("/p")));
+        assert_eq!(o.fleet_file, PathBuf::from("/f.json"));
         assert!(o.debug);
     }
 

@@ -11,12 +11,13 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use ferry_agent_proto::{
-    b64_decode, b64_encode, decode, DecodeError, Identity, Reply, Request, PROTOCOL_VERSION,
+    b64_decode, b64_encode, decode, DecodeError, Identity, Reply, Request, PROTOCOL_MINOR,
+    PROTOCOL_VERSION,
 };
 
 use crate::agent::Agent;
 use crate::exec::{self, ExecRequest};
-use crate::{service, sys};
+use crate::{fleet, service, sys};
 
 /// How long the service gets to stop on shutdown before SIGKILL.
 const SERVICE_STOP_GRACE: Duration = Duration::from_secs(5);
@@ -73,6 +74,7 @@ fn dispatch(agent: &Arc<Agent>, id: u64, epoch: u64, request: Request) {
             debug!("request {id}: hello from ferry {host_version}");
             let reply = Reply::Hello {
                 protocol_version: PROTOCOL_VERSION,
+                protocol_minor: PROTOCOL_MINOR,
                 agent_version: env!("CARGO_PKG_VERSION").to_owned(),
                 status: agent.status(),
             };
@@ -115,6 +117,12 @@ fn dispatch(agent: &Arc<Agent>, id: u64, epoch: u64, request: Request) {
                     return Deferred::Then(reply, Box::new(move || service::announce_live(&agent)));
                 }
                 Deferred::Now(reply)
+            });
+        }
+        Request::SetFleet { self_name, members } => {
+            debug!("request {id}: set-fleet ({} member(s))", members.len());
+            in_thread(agent, id, epoch, "fleet", move |agent| {
+                fleet::set(&agent.fleet_file, &self_name, &members)
             });
         }
         Request::Shutdown => {

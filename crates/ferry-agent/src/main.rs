@@ -14,7 +14,8 @@
 //! The work is split by concern: [`port`] finds and opens the virtio-serial
 //! port, [`outbox`] owns every write to it, [`handlers`] answers requests,
 //! [`service`] runs the guest's service and its liveness check, [`exec`] runs
-//! commands for the host, and [`sys`] wraps the few raw system calls.
+//! commands for the host, [`fleet`] writes the fleet file, and [`sys`] wraps
+//! the few raw system calls.
 
 #[macro_use]
 mod log;
@@ -23,6 +24,7 @@ mod agent;
 mod cli;
 mod console;
 mod exec;
+mod fleet;
 mod handlers;
 mod outbox;
 mod port;

@@ -10,7 +10,8 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use ferry_agent_proto::{
-    b64_decode, decode, encode, Decoder, Frame, Reply, Request, PROTOCOL_VERSION,
+    b64_decode, decode, encode, Decoder, FleetFile, FleetMember, Frame, Reply, Request,
+    PROTOCOL_MINOR, PROTOCOL_VERSION,
 };
 
 const TIMEOUT: Duration = Duration::from_secs(10);
@@ -44,6 +45,8 @@ impl Harness {
             .arg(&config_path)
             .arg("--port")
             .arg(&socket)
+            .arg("--fleet-file")
+            .arg(dir.join("run/ferry/fleet.json"))
             .arg("--debug")
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
@@ -219,11 +222,13 @@ fn hello_live_exec_and_shutdown() {
                 1,
                 Reply::Hello {
                     protocol_version,
+                    protocol_minor,
                     agent_version,
                     ..
                 },
             ) => {
                 assert_eq!(protocol_version, PROTOCOL_VERSION);
+                assert_eq!(protocol_minor, PROTOCOL_MINOR);
                 assert_eq!(agent_version, env!("CARGO_PKG_VERSION"));
                 saw_hello = true;
             }
@@ -394,4 +399,76 @@ fn service_exit_is_reported() {
         Reply::Status(status) => assert_eq!(status.service_exit, Some(7)),
         other => panic!("expected status, got {other:?}"),
     }
+}
+
+#[test]
+fn set_fleet_writes_the_fleet_file() {
+    let mut h = Harness::start("fleet", Some(CONFIG));
+    let fleet_path = h.path("run/ferry/fleet.json");
+    let member = |name: &str, port: u16| FleetMember {
+        name: name.into(),
+        addr: format!("172.100.100.1:{port}"),
+    };
+    h.send(
+        1,
+        &Request::SetFleet {
+            self_name: "w1".into(),
+            members: vec![member("w1", 18001), member("w2", 18002)],
+        },
+    );
+    assert_eq!(h.reply(1), Reply::FleetSet);
+    let text = std::fs::read_to_string(&fleet_path).unwrap();
+    let value: serde_json::Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(value["self"], "w1");
+    assert_eq!(
+        value["members"],
+        serde_json::json!({"w1": "172.100.100.1:18001", "w2": "172.100.100.1:18002"})
+    );
+    let updated = value["updated_unix"].as_u64().unwrap();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    assert!(updated <= now && now - updated < 60, "{updated} vs {now}");
+
+    // A new list replaces the old one whole.
+    h.send(
+        2,
+        &Request::SetFleet {
+            self_name: "w1".into(),
+            members: vec![member("w3", 18003)],
+        },
+    );
+    assert_eq!(h.reply(2), Reply::FleetSet);
+    let file: FleetFile =
+        serde_json::from_str(&std::fs::read_to_string(&fleet_path).unwrap()).unwrap();
+    assert_eq!(file.self_name, "w1");
+    assert_eq!(
+        file.members.keys().collect::<Vec<_>>(),
+        vec![&"w3".to_string()]
+    );
+
+    // A bad list is refused and leaves the file as it was.
+    let before = std::fs::read(&fleet_path).unwrap();
+    h.send(
+        3,
+        &Request::SetFleet {
+            self_name: "w1".into(),
+            members: vec![FleetMember {
+                name: "w2".into(),
+                addr: "web-2:8000".into(),
+            }],
+        },
+    );
+    match h.reply(3) {
+        Reply::Error { message } => assert!(message.contains("web-2:8000"), "{message}"),
+        other => panic!("expected error, got {other:?}"),
+    }
+    assert_eq!(std::fs::read(&fleet_path).unwrap(), before);
+    // Nothing but the file is left beside it (no temporary files).
+    let names: Vec<_> = std::fs::read_dir(fleet_path.parent().unwrap())
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(names, vec![std::ffi::OsString::from("fleet.json")]);
 }

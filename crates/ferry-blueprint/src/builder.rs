@@ -13,7 +13,7 @@ use crate::manifest::{FileEntry, Manifest, FORMAT_VERSION, MANIFEST};
 use crate::progress::Progress;
 use crate::rootfs::{self, Overlay};
 use crate::tools::{require, run};
-use crate::{kernel, modules, sha256_file, Blueprint, BlueprintError, Recipe};
+use crate::{kernel, modules, sha256_file, Blueprint, BlueprintError, HostBinaries, Recipe};
 
 /// What to build and where.
 pub struct BuildOptions<'a> {
@@ -25,6 +25,8 @@ pub struct BuildOptions<'a> {
     pub cache_dir: PathBuf,
     /// The static `ferry-agent` binary to put into the guest.
     pub agent: PathBuf,
+    /// Where the binaries the recipe names in `[binaries]` are found.
+    pub binaries: HostBinaries,
     /// Replace an existing output directory.
     pub force: bool,
     /// Where progress goes.
@@ -61,6 +63,14 @@ pub fn build(opts: BuildOptions<'_>) -> Result<Blueprint, BlueprintError> {
     )?;
     require("mkfs.ext4", "e2fsprogs")?;
     let recipe = &opts.recipe;
+    // Before any download: a missing binary is the user's to fix at once.
+    let binaries = recipe
+        .binaries
+        .iter()
+        .map(|(guest_path, name)| {
+            Ok((guest_path.clone(), opts.binaries.resolve(name, guest_path)?))
+        })
+        .collect::<Result<Vec<_>, BlueprintError>>()?;
     let progress = opts.progress;
 
     // Cheap check first: even the smallest build needs its disk's metadata.
@@ -117,8 +127,12 @@ pub fn build(opts: BuildOptions<'_>) -> Result<Blueprint, BlueprintError> {
             network: &recipe.network,
             hostname: &hostname,
             files: &recipe.files,
+            binaries: &binaries,
         },
     )?;
+    for (guest_path, host_path) in &binaries {
+        progress.detail(&format!("{guest_path} from {}", host_path.display()));
+    }
 
     let used_mib = du_mib(&stage)?;
     if used_mib + 16 > recipe.disk.size_mib {
@@ -148,6 +162,13 @@ pub fn build(opts: BuildOptions<'_>) -> Result<Blueprint, BlueprintError> {
             .arg(&stage)
             .arg(&disk_file),
     )?;
+    let binary_sums = binaries
+        .iter()
+        .map(|(guest_path, _)| {
+            let (sha256, _) = sha256_file(&stage.join(guest_path.trim_start_matches('/')))?;
+            Ok((guest_path.clone(), sha256))
+        })
+        .collect::<Result<_, BlueprintError>>()?;
     std::fs::remove_dir_all(&stage).map_err(BlueprintError::io(&stage))?;
 
     progress.step("writing the manifest");
@@ -171,6 +192,7 @@ pub fn build(opts: BuildOptions<'_>) -> Result<Blueprint, BlueprintError> {
         liveness: recipe.liveness.check.clone(),
         live_timeout_s: recipe.liveness.timeout_s,
         agent_protocol: PROTOCOL_VERSION,
+        binaries: binary_sums,
         kernel: entry("kernel")?,
         initramfs: entry("initramfs")?,
         disk: entry("disk.ext4")?,

@@ -57,6 +57,19 @@ pub enum BlueprintError {
     /// The guest agent binary is missing or unusable.
     #[error("guest agent: {0}")]
     Agent(String),
+    /// A host-built binary the recipe names (`[binaries]`) is missing or
+    /// unusable.
+    #[error("recipe binary '{name}' (for {guest_path}): {problem}: {fix}")]
+    Binary {
+        /// The binary's name in the recipe.
+        name: String,
+        /// Where the recipe puts it in the guest.
+        guest_path: String,
+        /// What is wrong.
+        problem: String,
+        /// How to supply it.
+        fix: String,
+    },
     /// A blueprint directory lacks a file.
     #[error("blueprint {dir}: {file} is missing: rebuild it with 'ferry blueprint build'")]
     MissingFile {

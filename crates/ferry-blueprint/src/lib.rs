@@ -8,6 +8,7 @@
 //! made with `mkfs.ext4 -d`, without mounting anything.
 #![warn(missing_docs)]
 
+mod binaries;
 mod builder;
 mod cpio;
 mod error;
@@ -20,6 +21,7 @@ mod recipe;
 mod rootfs;
 mod tools;
 
+pub use binaries::{HostBinaries, STATIC_TARGET_SUBDIR};
 pub use builder::{build, BuildOptions};
 pub use error::BlueprintError;
 pub use hash::sha256_file;

@@ -1,5 +1,6 @@
 //! `blueprint.toml`: what a blueprint holds and how to boot it.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use ferry_agent_proto::Liveness;
@@ -40,6 +41,10 @@ pub struct Manifest {
     pub live_timeout_s: u64,
     /// The agent protocol version baked into the guest.
     pub agent_protocol: u32,
+    /// Host-built binaries copied into the disk (recipe `[binaries]`):
+    /// guest path → SHA-256, to tell which build went in.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub binaries: BTreeMap<String, String>,
     /// The kernel image.
     pub kernel: FileEntry,
     /// The initramfs.

@@ -9,11 +9,12 @@ use ferry_agent_proto::Liveness;
 use serde::{Deserialize, Serialize};
 
 use crate::manifest::NetworkConfig;
-use crate::BlueprintError;
+use crate::{binaries, BlueprintError};
 
 const BUILTIN: &[(&str, &str)] = &[
     ("tiny", include_str!("../../../recipes/tiny.toml")),
     ("redis", include_str!("../../../recipes/redis.toml")),
+    ("web", include_str!("../../../recipes/web.toml")),
 ];
 
 /// A recipe, as written in a recipe `.toml` file.
@@ -44,6 +45,10 @@ pub struct Recipe {
     /// Extra files to write into the root file system: path → contents.
     #[serde(default)]
     pub files: BTreeMap<String, String>,
+    /// Host-built static binaries to put into the root file system: guest
+    /// path → binary name, found by [`crate::HostBinaries`].
+    #[serde(default)]
+    pub binaries: BTreeMap<String, String>,
     /// Keep a shell on the serial console (for `--enable-input`).
     #[serde(default = "default_console_shell")]
     pub console_shell: bool,
@@ -163,11 +168,19 @@ impl Recipe {
             path: origin.to_string(),
             message: e.to_string().replace('\n', " "),
         })?;
+        let bad = |message: String| BlueprintError::BadRecipe {
+            path: origin.to_string(),
+            message,
+        };
         if recipe.defaults.min_memory_mib > recipe.defaults.memory_mib {
-            return Err(BlueprintError::BadRecipe {
-                path: origin.to_string(),
-                message: "defaults.min_memory_mib is larger than defaults.memory_mib".into(),
-            });
+            return Err(bad(
+                "defaults.min_memory_mib is larger than defaults.memory_mib".into(),
+            ));
+        }
+        for (guest_path, name) in &recipe.binaries {
+            binaries::check_guest_path(guest_path)
+                .and_then(|()| binaries::check_name(name))
+                .map_err(|e| bad(format!("[binaries]: {e}")))?;
         }
         Ok(recipe)
     }
@@ -185,13 +198,30 @@ mod tests {
         }
         let redis = Recipe::find("redis").unwrap();
         assert_eq!(redis.liveness.check, Liveness::Tcp { port: 6379 });
+        let web = Recipe::find("web").unwrap();
+        assert_eq!(web.liveness.check, Liveness::Tcp { port: 8000 });
+        assert_eq!(web.binaries["/usr/local/bin/ferry-web"], "ferry-web");
+    }
+
+    #[test]
+    fn bad_binaries_are_reported() {
+        let base = include_str!("../../../recipes/tiny.toml");
+        for (entry, complaint) in [
+            (r#""usr/bin/x" = "x""#, "absolute"),
+            (r#""/ferry/x" = "x""#, "outside /ferry"),
+            (r#""/bin/x" = "../x""#, "file name"),
+        ] {
+            let text = format!("{base}\n[binaries]\n{entry}\n");
+            let e = Recipe::parse(&text, "x.toml").unwrap_err().to_string();
+            assert!(e.contains("[binaries]") && e.contains(complaint), "{e}");
+        }
     }
 
     #[test]
     fn unknown_recipe_names_the_known_ones() {
         let e = Recipe::find("nginx").unwrap_err().to_string();
         assert!(e.contains("unknown recipe 'nginx'"), "{e}");
-        assert!(e.contains("tiny, redis"), "{e}");
+        assert!(e.contains("tiny, redis, web"), "{e}");
     }
 
     #[test]

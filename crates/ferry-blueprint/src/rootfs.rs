@@ -222,6 +222,8 @@ pub struct Overlay<'a> {
     pub hostname: &'a str,
     /// Extra files from the recipe.
     pub files: &'a std::collections::BTreeMap<String, String>,
+    /// Host-built binaries from the recipe: (guest path, host path).
+    pub binaries: &'a [(String, PathBuf)],
 }
 
 /// Adds `/ferry` and the files every ferry guest needs to a staged tree.
@@ -256,6 +258,14 @@ pub fn add_overlay(stage: &Path, o: &Overlay<'_>) -> Result<(), BlueprintError> 
             mkdir(parent)?;
         }
         write(&dest, contents)?;
+    }
+    for (guest_path, host_path) in o.binaries {
+        let dest = stage.join(guest_path.trim_start_matches('/'));
+        if let Some(parent) = dest.parent() {
+            mkdir(parent)?;
+        }
+        copy(host_path, &dest)?;
+        set_mode(&dest, 0o755)?;
     }
     Ok(())
 }

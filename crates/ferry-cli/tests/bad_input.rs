@@ -105,6 +105,54 @@ fn unknown_recipe() {
 }
 
 #[test]
+fn a_missing_or_dynamic_recipe_binary_names_the_fix() {
+    let env = env();
+    let out_dir = env.state.path().join("bp");
+    let build = |binary: &str| {
+        env.run(&[
+            "blueprint",
+            "build",
+            "--recipe",
+            "web",
+            "--out",
+            out_dir.to_str().unwrap(),
+            "--binary",
+            &format!("ferry-web={binary}"),
+        ])
+    };
+    let out = build("/nonexistent/ferry-web");
+    assert_eq!(out.status.code(), Some(3), "{}", describe(&out));
+    let line = error_line(&out);
+    assert!(
+        line.contains("recipe binary 'ferry-web' (for /usr/local/bin/ferry-web)")
+            && line.contains("/nonexistent/ferry-web (from --binary ferry-web)")
+            && line.contains("scripts/build.sh")
+            && line.contains("FERRY_BIN_FERRY_WEB"),
+        "{line}"
+    );
+    // ferry itself is dynamically linked: no use in a guest.
+    let out = build(env!("CARGO_BIN_EXE_ferry"));
+    assert_eq!(out.status.code(), Some(3), "{}", describe(&out));
+    assert!(
+        error_line(&out).contains("is dynamically linked"),
+        "{}",
+        describe(&out)
+    );
+    let out = env.run(&[
+        "blueprint",
+        "build",
+        "--recipe",
+        "web",
+        "--out",
+        "x",
+        "--binary",
+        "ferry-web",
+    ]);
+    assert_eq!(out.status.code(), Some(2), "{}", describe(&out));
+    assert!(!out_dir.exists());
+}
+
+#[test]
 fn existing_output_is_not_overwritten_without_force() {
     let env = env();
     let out_dir = env.state.path().join("bp");

@@ -165,6 +165,7 @@ fn request_name(r: &Request) -> &'static str {
         Request::BeforeSuspend { .. } => "before-suspend",
         Request::AfterResume { .. } => "after-resume",
         Request::Shutdown => "shutdown",
+        Request::SetFleet { .. } => "set-fleet",
     }
 }
 

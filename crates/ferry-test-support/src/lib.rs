@@ -4,6 +4,8 @@
 //! TCG guests on a 2-core machine would slow each other past their
 //! timeouts. Blueprints are built once per checkout ([`blueprint`]) and the
 //! kernel download and accelerator verdict are cached in one test cache.
+//! Static guest binaries that recipes name are built on demand
+//! ([`guest_binary`]).
 #![warn(missing_docs)]
 
 pub mod hosts;
@@ -57,6 +59,74 @@ pub fn agent_path() -> PathBuf {
     p
 }
 
+/// Where `scripts/build.sh` leaves static guest binary `name`.
+fn static_build_path(name: &str) -> PathBuf {
+    workspace_root()
+        .join("target")
+        .join(ferry_blueprint::STATIC_TARGET_SUBDIR)
+        .join(name)
+}
+
+/// A static guest binary of this workspace that a recipe's `[binaries]`
+/// names (e.g. `ferry-web`): `$FERRY_BIN_<NAME>` if set, else built here
+/// the way `scripts/build.sh` builds it (static glibc, profile `agent`),
+/// once per test process so that a changed source is never tested stale.
+/// The build is a no-op when `scripts/build.sh` already ran.
+pub fn guest_binary(name: &str) -> PathBuf {
+    use std::collections::HashSet;
+    use std::sync::Mutex;
+    static BUILT: Mutex<Option<HashSet<String>>> = Mutex::new(None);
+
+    if let Some(p) = std::env::var_os(ferry_blueprint::HostBinaries::env_var(name)) {
+        let p = PathBuf::from(p);
+        assert!(
+            p.is_file(),
+            "{} names {}, which is missing",
+            ferry_blueprint::HostBinaries::env_var(name),
+            p.display()
+        );
+        return p;
+    }
+    let path = static_build_path(name);
+    let mut built = BUILT.lock().unwrap_or_else(|p| p.into_inner());
+    if built
+        .get_or_insert_with(HashSet::new)
+        .insert(name.to_owned())
+    {
+        // One cargo at a time across test binaries.
+        let _guard = lock_file(&fixtures_dir().join("static-build.lock"));
+        let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+        let out = Command::new(cargo)
+            .args(["build", "-q", "--profile", "agent", "-p", name])
+            .args(["--target", "x86_64-unknown-linux-gnu", "--target-dir"])
+            .arg(workspace_root().join("target/agent"))
+            .current_dir(workspace_root())
+            .env("RUSTFLAGS", "-C target-feature=+crt-static")
+            .env_remove("CARGO_ENCODED_RUSTFLAGS")
+            .env_remove("CARGO_BUILD_RUSTFLAGS")
+            .output()
+            .expect("run cargo");
+        assert!(
+            out.status.success() && path.is_file(),
+            "building the static {name} failed (try scripts/build.sh): {}",
+            describe(&out)
+        );
+    }
+    path
+}
+
+/// The binary names the built-in recipes' `[binaries]` use.
+fn recipe_binary_names() -> Vec<String> {
+    let mut names: Vec<String> = ferry_blueprint::Recipe::builtin_names()
+        .into_iter()
+        .filter_map(|r| ferry_blueprint::Recipe::find(r).ok())
+        .flat_map(|r| r.binaries.into_values())
+        .collect();
+    names.sort();
+    names.dedup();
+    names
+}
+
 /// An exclusive lock held for the life of the guard.
 pub struct LockGuard(#[allow(dead_code)] File);
 
@@ -87,21 +157,31 @@ pub fn blueprint(recipe: &str) -> PathBuf {
     let stamp = dir.join(".built-from");
     let recipe_file = workspace_root().join(format!("recipes/{recipe}.toml"));
     let mtime = |p: &Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
+    let found = ferry_blueprint::Recipe::find(recipe).expect("built-in recipe");
+    let mut binaries = ferry_blueprint::HostBinaries::new();
+    let mut binary_mtimes = Vec::new();
+    for name in found.binaries.values() {
+        let path = guest_binary(name);
+        binary_mtimes.push(mtime(&path));
+        binaries.set(name, path);
+    }
     let want = format!(
-        "{:?}|{:?}|{:?}",
+        "{:?}|{:?}|{:?}|{:?}",
         mtime(&agent),
         mtime(&recipe_file),
         std::env::current_exe().ok().and_then(|p| mtime(&p)),
+        binary_mtimes,
     );
     if std::fs::read_to_string(&stamp).ok().as_deref() == Some(want.as_str()) {
         return dir;
     }
     let mut progress = ferry_blueprint::progress::StderrProgress::new(false);
     ferry_blueprint::build(ferry_blueprint::BuildOptions {
-        recipe: ferry_blueprint::Recipe::find(recipe).expect("built-in recipe"),
+        recipe: found,
         out: dir.clone(),
         cache_dir: cache_dir(),
         agent,
+        binaries,
         force: true,
         progress: &mut progress,
     })
@@ -137,6 +217,17 @@ impl FerryEnv {
             .env("FERRY_CACHE", cache_dir())
             .env("FERRY_AGENT", agent_path())
             .env_remove("FERRY_LOG");
+        // So that `ferry blueprint build` finds the recipes' other binaries
+        // where `scripts/build.sh` or [`guest_binary`] left them.
+        for name in recipe_binary_names() {
+            let var = ferry_blueprint::HostBinaries::env_var(&name);
+            let path = std::env::var_os(&var)
+                .map(PathBuf::from)
+                .unwrap_or_else(|| static_build_path(&name));
+            if path.is_file() {
+                c.env(var, path);
+            }
+        }
         c
     }
 

@@ -5,7 +5,7 @@ use std::process::ExitCode;
 
 use clap::Subcommand;
 use ferry_blueprint::progress::StderrProgress;
-use ferry_blueprint::{build, Blueprint, BuildOptions, Recipe};
+use ferry_blueprint::{build, Blueprint, BuildOptions, HostBinaries, Recipe};
 use ferry_runtime::Paths;
 
 #[derive(clap::Args, Debug)]
@@ -18,7 +18,7 @@ pub struct Args {
 enum Command {
     /// Build a blueprint (kernel, initramfs, disk.ext4, blueprint.toml) from a recipe.
     Build {
-        /// A built-in recipe (tiny, redis) or the path of a recipe .toml file.
+        /// A built-in recipe (tiny, redis, web) or the path of a recipe .toml file.
         #[arg(long)]
         recipe: String,
         /// The blueprint directory to create.
@@ -30,6 +30,11 @@ enum Command {
         /// The static ferry-agent binary (default: beside ferry, or $FERRY_AGENT).
         #[arg(long)]
         agent: Option<PathBuf>,
+        /// A static binary the recipe's [binaries] names, as NAME=PATH
+        /// (default: $FERRY_BIN_<NAME>, else beside ferry or where
+        /// scripts/build.sh leaves it). Repeatable.
+        #[arg(long = "binary", value_name = "NAME=PATH", value_parser = HostBinaries::parse_flag)]
+        binaries: Vec<(String, PathBuf)>,
         /// Print nothing but errors.
         #[arg(short, long)]
         quiet: bool,
@@ -48,10 +53,15 @@ pub fn run(args: Args, paths: &Paths) -> anyhow::Result<ExitCode> {
             out,
             force,
             agent,
+            binaries: given,
             quiet,
         } => {
             let recipe = Recipe::find(&recipe)?;
             let agent = super::find_agent(agent)?;
+            let mut binaries = HostBinaries::for_current_exe();
+            for (name, path) in given {
+                binaries.set(&name, path);
+            }
             let mut progress = StderrProgress::new(quiet);
             let started = std::time::Instant::now();
             let bp = build(BuildOptions {
@@ -59,6 +69,7 @@ pub fn run(args: Args, paths: &Paths) -> anyhow::Result<ExitCode> {
                 out,
                 cache_dir: paths.cache.clone(),
                 agent,
+                binaries,
                 force,
                 progress: &mut progress,
             })?;

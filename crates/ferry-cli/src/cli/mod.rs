@@ -271,14 +271,13 @@ pub fn find_agent(explicit: Option<PathBuf>) -> Result<PathBuf, BlueprintError> 
         return Ok(p);
     }
     let exe = std::env::current_exe().map_err(|e| BlueprintError::Agent(e.to_string()))?;
-    let dir = exe.parent().unwrap_or(std::path::Path::new("."));
     // Beside ferry in an install; in a source tree, `cargo build` also leaves
-    // a dynamic ferry-agent beside it, so only a static one counts.
-    let candidates = [
-        dir.join("ferry-agent"),
-        dir.join("../agent/x86_64-unknown-linux-gnu/agent/ferry-agent"),
-        dir.join("../../agent/x86_64-unknown-linux-gnu/agent/ferry-agent"),
-    ];
+    // a dynamic ferry-agent beside it, so only a static one counts. The same
+    // places as for the recipes' other host-built binaries.
+    let candidates: Vec<PathBuf> = ferry_blueprint::HostBinaries::search_dirs(&exe)
+        .into_iter()
+        .map(|dir| dir.join("ferry-agent"))
+        .collect();
     candidates
         .iter()
         .find(|p| ferry_blueprint::is_static_executable(p))
