@@ -13,8 +13,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use ferry_test_support::{
-    describe, send_signal, spawn_until, vm_lock, wait_until, FerryEnv, Host, KillOnDrop,
-    TestHosts,
+    describe, send_signal, spawn_until, vm_lock, wait_until, FerryEnv, Host, KillOnDrop, TestHosts,
 };
 
 mod common;
@@ -26,13 +25,17 @@ const PEER_PORT: u16 = 7100;
 const REGISTRY_PORT: u16 = 7070;
 
 /// Runs `f` on a thread inside network namespace `ns`.
-fn in_netns<T: Send + 'static>(ns: &str, f: impl FnOnce() -> T + Send + 'static) -> std::thread::JoinHandle<T> {
+fn in_netns<T: Send + 'static>(
+    ns: &str,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> std::thread::JoinHandle<T> {
     let path = format!("/run/netns/{ns}");
     std::thread::spawn(move || {
         let file = std::fs::File::open(&path).unwrap();
         use std::os::unix::io::AsRawFd;
         // SAFETY: setns on an open namespace file; only this thread moves.
-        assert_eq!(unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) }, 0);
+        let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
+        assert_eq!(rc, 0, "entering {path}");
         f()
     })
 }
@@ -50,7 +53,15 @@ fn registry(r: &Host, env: &FerryEnv, pkg: &Path) -> KillOnDrop {
     start(
         r,
         env,
-        &["registry", "--package", pkg.to_str().unwrap(), "--listen", &listen, "--token", TOKEN],
+        &[
+            "registry",
+            "--package",
+            pkg.to_str().unwrap(),
+            "--listen",
+            &listen,
+            "--token",
+            TOKEN,
+        ],
         "listening on ",
     )
     .0
@@ -189,8 +200,14 @@ fn stderr_of(child: &mut KillOnDrop) -> String {
     s
 }
 
-fn qemu_in(ns: &str) -> usize {
-    let out = Command::new("ip").args(["netns", "pids", ns]).output().unwrap();
+/// QEMU processes of VM `vm` run by ferry on `host` (in the VM's private
+/// namespace, `<host namespace>-<vm>`).
+fn qemu_in(host: &Host, vm: &str) -> usize {
+    let ns = format!("{}-{vm}", host.name());
+    let out = Command::new("ip")
+        .args(["netns", "pids", &ns])
+        .output()
+        .unwrap();
     let pids = String::from_utf8_lossy(&out.stdout).into_owned();
     pids.lines()
         .filter(|p| {
@@ -208,13 +225,23 @@ fn registry_peer_and_a_migration_chain_lose_no_acknowledged_write() {
     let hosts = TestHosts::create(&["r", "a", "b", "c", "client"]);
     let (r, a, b, c) = (&hosts["r"], &hosts["a"], &hosts["b"], &hosts["c"]);
     let bin = env!("CARGO_BIN_EXE_ferry");
-    let (er, ea, eb, ec) = (r.ferry_env(bin), a.ferry_env(bin), b.ferry_env(bin), c.ferry_env(bin));
+    let (er, ea, eb, ec) = (
+        r.ferry_env(bin),
+        a.ferry_env(bin),
+        b.ferry_env(bin),
+        c.ferry_env(bin),
+    );
     let _registry = registry(r, &er, &pkg);
     let listen = format!("0.0.0.0:{PEER_PORT}");
     let expose = format!("0.0.0.0:{REDIS_PORT}:6379");
     let url = format!("http://{}:{REGISTRY_PORT}/", r.addr());
 
-    let (mut on_a, lines) = start(a, &ea, &peer_args(&url, "kv", &listen, &expose), "serving VM");
+    let (mut on_a, lines) = start(
+        a,
+        &ea,
+        &peer_args(&url, "kv", &listen, &expose),
+        "serving VM",
+    );
     assert!(lines.iter().any(|l| l.starts_with("live in ")), "{lines:?}");
 
     let addrs: Vec<SocketAddr> = [a, b, c]
@@ -225,10 +252,14 @@ fn registry_peer_and_a_migration_chain_lose_no_acknowledged_write() {
     let writes = Arc::new(Mutex::new(Writes::default()));
     let w = {
         let (addrs, stop_flag, writes) = (addrs.clone(), stop_flag.clone(), writes.clone());
-        in_netns(hosts["client"].name(), move || writer(addrs, stop_flag, writes))
+        in_netns(hosts["client"].name(), move || {
+            writer(addrs, stop_flag, writes)
+        })
     };
     let acked = || writes.lock().unwrap().acked.len();
-    wait_until(Duration::from_secs(30), "the first writes", || (acked() > 50).then_some(()));
+    wait_until(Duration::from_secs(30), "the first writes", || {
+        (acked() > 50).then_some(())
+    });
 
     // A → B → C → A, each hop while the writer writes.
     let mut current = on_a;
@@ -236,14 +267,23 @@ fn registry_peer_and_a_migration_chain_lose_no_acknowledged_write() {
     for (host, env, from) in [(b, &eb, a), (c, &ec, b), (a, &ea, c)] {
         let before = acked();
         let from_addr = format!("{}:{PEER_PORT}", from.addr());
-        let (next, lines) = start(host, env, &peer_args(&from_addr, "kv", &listen, &expose), "serving VM");
+        let (next, lines) = start(
+            host,
+            env,
+            &peer_args(&from_addr, "kv", &listen, &expose),
+            "serving VM",
+        );
         assert!(
             lines.iter().any(|l| l.starts_with("migrated VM 'kv' from")),
             "{lines:?}"
         );
         let status = wait_exit(&mut current, 60);
-        assert!(status.success(), "the source exits 0 after the move: {}", stderr_of(&mut current));
-        assert_eq!(qemu_in(from.name()), 0, "no QEMU left on {}", from.label());
+        assert!(
+            status.success(),
+            "the source exits 0 after the move: {}",
+            stderr_of(&mut current)
+        );
+        assert_eq!(qemu_in(from, "kv"), 0, "no QEMU left on {}", from.label());
         wait_until(Duration::from_secs(60), "writes on the new host", || {
             (acked() > before + 50).then_some(())
         });
@@ -268,7 +308,12 @@ fn registry_peer_and_a_migration_chain_lose_no_acknowledged_write() {
         w.reconnects,
         chain
     );
-    assert!(lost.is_empty(), "{} acknowledged writes lost: {:?}", lost.len(), &lost[..lost.len().min(20)]);
+    assert!(
+        lost.is_empty(),
+        "{} acknowledged writes lost: {:?}",
+        lost.len(),
+        &lost[..lost.len().min(20)]
+    );
 
     // Ctrl-C on the last peer saves the VM into a package there.
     let out = stop(&mut on_a);
@@ -293,7 +338,13 @@ fn failures_around_a_migration() {
     let redis_on = |h: &Host| {
         let out = h
             .cmd("redis-cli")
-            .args(["-h", &h.addr().to_string(), "-p", &REDIS_PORT.to_string(), "PING"])
+            .args([
+                "-h",
+                &h.addr().to_string(),
+                "-p",
+                &REDIS_PORT.to_string(),
+                "PING",
+            ])
             .output()
             .unwrap();
         String::from_utf8_lossy(&out.stdout).trim().to_string()
@@ -306,13 +357,19 @@ fn failures_around_a_migration() {
     // A wrong token: refused before anything is sent, nothing made on B.
     let out: Output = b
         .ferry(&eb)
-        .args(["peer", "--from", &from_a, "--token", "wrong", "--name", "kv"])
+        .args([
+            "peer", "--from", &from_a, "--token", "wrong", "--name", "kv",
+        ])
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(3), "{}", describe(&out));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("wrong token"), "{}", describe(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("wrong token"),
+        "{}",
+        describe(&out)
+    );
     assert!(!eb.vm_dir("kv").exists());
-    assert_eq!(qemu_in(b.name()), 0);
+    assert_eq!(qemu_in(b, "kv"), 0);
 
     // The destination killed mid-migration: the source keeps serving.
     let mut cmd = b.ferry(&eb);
@@ -325,7 +382,7 @@ fn failures_around_a_migration() {
         (redis_on(a) == "PONG").then_some(())
     });
     assert!(on_a.try_wait().unwrap().is_none(), "the source still runs");
-    assert_eq!(qemu_in(a.name()), 1);
+    assert_eq!(qemu_in(a, "kv"), 1);
 
     // The source killed mid-migration: the destination cleans up, exits 6.
     let mut cmd = b.ferry(&eb);
@@ -338,7 +395,7 @@ fn failures_around_a_migration() {
     let err = stderr_of(&mut on_b);
     assert_eq!(status.code(), Some(6), "{err}");
     assert!(err.contains("before the switchover"), "{err}");
-    assert_eq!(qemu_in(b.name()), 0, "no half-started VM on B");
+    assert_eq!(qemu_in(b, "kv2"), 0, "no half-started VM on B");
     assert!(!eb.vm_dir("kv2").exists());
     let _ = send_signal;
 }
@@ -381,5 +438,5 @@ fn a_damaged_chunk_from_the_registry_is_named() {
         "{err}"
     );
     assert!(!ea.vm_dir("bad").exists());
-    assert_eq!(qemu_in(a.name()), 0);
+    assert_eq!(qemu_in(a, "bad"), 0);
 }

@@ -341,6 +341,9 @@ pub struct LiveStats {
     pub downtime_ms: u64,
     /// Bytes of running state (RAM and devices) sent.
     pub state_bytes: u64,
+    /// Bytes on the wire in all (state and disk), if the caller counted.
+    #[serde(default)]
+    pub wire_bytes: u64,
 }
 
 /// A running VM. Dropping it kills the VM: nothing outlives its owner.

@@ -231,11 +231,12 @@ fn serve(
                 match migrate_out(&mut pvm, &mut incoming, limits) {
                     Outcome::Moved(stats) => {
                         say(&format!(
-                            "moved VM '{}' to {to}: {} ms in all, {} ms paused (engine's figure), {} MiB of state sent; exiting",
+                            "moved VM '{}' to {to}: {} ms in all, {} ms paused (engine's figure; under TCG the whole copy), {} MiB of memory and devices sent, {} MiB on the wire with the disk; exiting",
                             pvm.name,
                             stats.total_ms,
                             stats.downtime_ms,
-                            stats.state_bytes >> 20
+                            stats.state_bytes >> 20,
+                            stats.wire_bytes >> 20
                         ));
                         pvm.vm.mark("moved");
                         // Dropping the VM removes what is left here.
@@ -300,7 +301,7 @@ fn from_registry(
     let memory = fetched(SectionKind::Memory)?;
     let device_state = fetched(SectionKind::DeviceState)?;
     eprintln!(
-        "==> fetched {} MiB from {}",
+        "==> fetched {} MiB from {} (sections already in the cache are not fetched again)",
         remote.bytes_fetched() >> 20,
         opts.from
     );
@@ -661,7 +662,7 @@ fn migrate_out(
         ))
     })();
     let control = &mut incoming.control;
-    let _tunnels = match tunnels {
+    let tunnels = match tunnels {
         Ok(t) => t,
         Err(e) => {
             let _ = control.send(&SourceMsg::Failed {
@@ -679,7 +680,7 @@ fn migrate_out(
         e.finish_disk_copy()?;
         Ok(stats)
     })();
-    let stats = match sent {
+    let mut stats = match sent {
         Ok(s) => s,
         Err(e) => {
             let e2 = pvm.vm.engine_vm().abort_send();
@@ -694,6 +695,8 @@ fn migrate_out(
             return Outcome::Failed(e.to_string());
         }
     };
+    // Everything the engine sent went through the two tunnels.
+    stats.wire_bytes = tunnels.0.bytes() + tunnels.1.bytes();
     if let Err(e) = control.send(&SourceMsg::Switch {
         stats: serde_json::to_value(&stats).expect("serialisable"),
     }) {

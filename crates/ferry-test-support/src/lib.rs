@@ -320,10 +320,10 @@ pub fn spawn_until(mut cmd: Command, ready: &str, timeout: Duration) -> (KillOnD
     let stdout = child.stdout.take().expect("piped");
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
+        // Keep reading after the caller stopped listening: a closed pipe
+        // would make ferry's next line fail.
         for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            if tx.send(line).is_err() {
-                break;
-            }
+            let _ = tx.send(line);
         }
     });
     let start = Instant::now();

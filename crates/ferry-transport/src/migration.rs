@@ -15,7 +15,7 @@ use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{channel, Receiver, Sender};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -627,12 +627,18 @@ pub enum Tunnel {
 pub struct TunnelHandle {
     tcp: TcpStream,
     done: Receiver<()>,
+    bytes: Arc<AtomicU64>,
 }
 
 impl TunnelHandle {
     /// Waits until both directions are closed, up to `timeout`.
     pub fn wait(&self, timeout: Duration) -> bool {
         self.done.recv_timeout(timeout).is_ok()
+    }
+
+    /// Bytes carried so far, both directions together.
+    pub fn bytes(&self) -> u64 {
+        self.bytes.load(Ordering::Relaxed)
     }
 }
 
@@ -646,6 +652,8 @@ impl Tunnel {
     /// Starts copying between `tcp` and the Unix side, both ways.
     pub fn start(self, tcp: TcpStream) -> Result<TunnelHandle, MigrationError> {
         let (tx, rx) = channel();
+        let bytes = Arc::new(AtomicU64::new(0));
+        let counter = bytes.clone();
         let keep = tcp
             .try_clone()
             .map_err(MigrationError::io("cloning a data channel"))?;
@@ -655,7 +663,7 @@ impl Tunnel {
                     "connecting to {}",
                     path.display()
                 )))?;
-                spawn_pipe(tcp, unix, tx)?;
+                spawn_pipe(tcp, unix, tx, counter)?;
             }
             Tunnel::Listen(path) => {
                 let _ = std::fs::remove_file(&path);
@@ -667,7 +675,7 @@ impl Tunnel {
                     .name("tunnel accept".into())
                     .spawn(move || {
                         if let Ok((unix, _)) = listener.accept() {
-                            let _ = spawn_pipe(tcp, unix, tx);
+                            let _ = spawn_pipe(tcp, unix, tx, counter);
                         }
                         let _ = std::fs::remove_file(&path);
                     })
@@ -677,11 +685,18 @@ impl Tunnel {
         Ok(TunnelHandle {
             tcp: keep,
             done: rx,
+            bytes,
         })
     }
 }
 
-fn spawn_pipe(tcp: TcpStream, unix: UnixStream, done: Sender<()>) -> Result<(), MigrationError> {
+fn spawn_pipe(
+    tcp: TcpStream,
+    unix: UnixStream,
+    done: Sender<()>,
+    bytes: Arc<AtomicU64>,
+) -> Result<(), MigrationError> {
+    let bytes2 = bytes.clone();
     let tcp2 = tcp
         .try_clone()
         .map_err(MigrationError::io("cloning a channel"))?;
@@ -693,15 +708,31 @@ fn spawn_pipe(tcp: TcpStream, unix: UnixStream, done: Sender<()>) -> Result<(), 
         .spawn(move || {
             let back = std::thread::spawn(move || {
                 let (mut from, mut to) = (unix2, tcp2);
-                let _ = std::io::copy(&mut from, &mut to);
+                counted_copy(&mut from, &mut to, &bytes2);
                 let _ = to.shutdown(Shutdown::Write);
             });
             let (mut from, mut to) = (tcp, unix);
-            let _ = std::io::copy(&mut from, &mut to);
+            counted_copy(&mut from, &mut to, &bytes);
             let _ = to.shutdown(Shutdown::Write);
             let _ = back.join();
             let _ = done.send(());
         })
         .map_err(MigrationError::io("starting a tunnel"))?;
     Ok(())
+}
+
+/// Copies until EOF or an error, adding what it moved to `bytes` as it goes.
+fn counted_copy(from: &mut impl Read, to: &mut impl Write, bytes: &AtomicU64) {
+    let mut buf = vec![0u8; 256 * 1024];
+    loop {
+        match from.read(&mut buf) {
+            Ok(0) | Err(_) => return,
+            Ok(n) => {
+                if to.write_all(&buf[..n]).is_err() {
+                    return;
+                }
+                bytes.fetch_add(n as u64, Ordering::Relaxed);
+            }
+        }
+    }
 }

@@ -52,6 +52,6 @@ pub fn run(args: Args, paths: &Paths, started: Instant) -> anyhow::Result<ExitCo
         started,
         net,
     };
-    boot(&engine, paths, &opts, &mut |line| println!("{line}"))?;
+    boot(&engine, paths, &opts, &mut super::say)?;
     Ok(ExitCode::SUCCESS)
 }

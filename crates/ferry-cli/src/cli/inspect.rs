@@ -15,6 +15,6 @@ pub struct Args {
 }
 
 pub fn run(args: Args) -> anyhow::Result<ExitCode> {
-    inspect(&args.file, args.verify, &mut |line| println!("{line}"))?;
+    inspect(&args.file, args.verify, &mut super::say)?;
     Ok(ExitCode::SUCCESS)
 }

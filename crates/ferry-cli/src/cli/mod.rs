@@ -142,6 +142,16 @@ impl NetArgs {
     }
 }
 
+/// Prints one line of a command's results on standard output. A closed
+/// stdout (`ferry peer | head -1`) must not take the VM down with a panic:
+/// the line is dropped instead.
+pub fn say(line: &str) {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "{line}");
+    let _ = out.flush();
+}
+
 /// The engine ferry uses: QEMU, or the program `$FERRY_QEMU` names.
 pub fn engine(paths: &Paths) -> Result<ferry_qemu::QemuEngine, EngineError> {
     let qemu = std::env::var("FERRY_QEMU").unwrap_or_else(|_| ferry_qemu::DEFAULT_QEMU.into());

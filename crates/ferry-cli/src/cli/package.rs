@@ -49,6 +49,6 @@ pub fn run(args: Args, paths: &Paths) -> anyhow::Result<ExitCode> {
         echo_console: args.console,
         net,
     };
-    package(&engine, paths, &opts, &mut |line| println!("{line}"))?;
+    package(&engine, paths, &opts, &mut super::say)?;
     Ok(ExitCode::SUCCESS)
 }

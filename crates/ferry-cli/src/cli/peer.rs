@@ -72,6 +72,6 @@ pub fn run(args: Args, paths: &Paths, started: Instant) -> anyhow::Result<ExitCo
         started,
         max_bandwidth: args.max_bandwidth.map(|m| m << 20),
     };
-    peer(&engine, paths, &opts, &mut |line| println!("{line}"))?;
+    peer(&engine, paths, &opts, &mut super::say)?;
     Ok(ExitCode::SUCCESS)
 }

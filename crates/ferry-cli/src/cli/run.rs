@@ -47,6 +47,6 @@ pub fn run(args: Args, paths: &Paths, started: Instant) -> anyhow::Result<ExitCo
         started,
         net,
     };
-    run_package(&engine, paths, &opts, &mut |line| println!("{line}"))?;
+    run_package(&engine, paths, &opts, &mut super::say)?;
     Ok(ExitCode::SUCCESS)
 }
