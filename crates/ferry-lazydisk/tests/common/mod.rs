@@ -37,7 +37,7 @@ pub fn block(i: usize) -> Vec<u8> {
     let per_chunk = CHUNK as usize / BLOCK;
     if i / per_chunk == ZERO_CHUNK || (200..204).contains(&i) {
         vec![0; BLOCK]
-    } else if i % 2 == 0 {
+    } else if i.is_multiple_of(2) {
         vec![pattern(i); BLOCK]
     } else {
         random_bytes(i as u64, BLOCK)
