@@ -402,3 +402,53 @@ fn several_clients_at_once() {
     assert_eq!(f.nbd.live_connections(), 0);
     assert_eq!(f.nbd.connections_accepted(), 4);
 }
+
+#[test]
+fn qemu_system_takes_the_export_as_a_drive() {
+    // QEMU itself (paused, no guest runs) with the export as the backend of
+    // a virtio-blk device, in the three spellings; its monitor's qemu-io
+    // reads through the device's block backend.
+    let f = Fixture::new(false);
+    let sock = f.nbd.socket_path().to_str().unwrap().to_string();
+    let check = format!("read -P {:#x} 0 64k", pattern(0));
+    for backend in [
+        vec![
+            "-blockdev".to_string(),
+            format!("driver=raw,node-name=d0,file.driver=nbd,file.server.type=unix,file.server.path={sock}"),
+        ],
+        vec![
+            "-drive".to_string(),
+            format!("id=d0,if=none,driver=raw,file.driver=nbd,file.server.type=unix,file.server.path={sock}"),
+        ],
+        vec![
+            "-drive".to_string(),
+            format!("id=d0,if=none,format=raw,file=nbd+unix:///?socket={sock}"),
+        ],
+    ] {
+        let mut child = std::process::Command::new("qemu-system-x86_64")
+            .args(["-M", "microvm", "-accel", "tcg", "-S", "-nodefaults"])
+            .args(["-display", "none", "-monitor", "stdio"])
+            .args(&backend)
+            .args(["-device", "virtio-blk-device,drive=d0"])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("qemu-system-x86_64 runs");
+        use std::io::Write;
+        let script = format!("info block\nqemu-io d0 \"{check}\"\nquit\n");
+        child
+            .stdin
+            .as_mut()
+            .unwrap()
+            .write_all(script.as_bytes())
+            .unwrap();
+        let out = child.wait_with_output().unwrap();
+        let t = text(&out);
+        assert!(out.status.success(), "{backend:?}: {t}");
+        assert!(t.contains(&format!("nbd+unix://?socket={sock} (raw)")), "{backend:?}: {t}");
+        assert!(t.contains("read 65536/65536 bytes at offset 0"), "{backend:?}: {t}");
+        assert!(!t.contains("Pattern verification failed"), "{backend:?}: {t}");
+    }
+    assert_eq!(f.disk.status().chunks_fetched, 1);
+}
