@@ -3,7 +3,7 @@
 //!
 //! ```text
 //! -blockdev driver=raw,node-name=d0,file.driver=nbd,file.server.type=unix,file.server.path=SOCKET
-//! -drive driver=raw,file.driver=nbd,file.server.type=unix,file.server.path=SOCKET,if=none,id=d0
+//! -drive id=d0,if=none,driver=raw,file.driver=nbd,file.server.type=unix,file.server.path=SOCKET
 //! qemu-img / qemu-io:  nbd+unix:///?socket=SOCKET
 //! ```
 //!
