@@ -100,6 +100,12 @@ pub enum DiskSpec {
         /// Where the changes go.
         overlay: PathBuf,
     },
+    /// A raw disk served by a block server (NBD) on this Unix socket, e.g.
+    /// one that fetches it lazily while the VM runs. Writes go there too.
+    Nbd {
+        /// The server's socket.
+        socket: PathBuf,
+    },
 }
 
 /// How the guest's network device is attached on the host.

@@ -49,6 +49,8 @@ pub struct QemuVm {
     memory_file: PathBuf,
     /// The file QEMU writes the guest's disk to.
     disk_file: PathBuf,
+    /// `disk_file` is an NBD server's socket, not an image.
+    disk_is_nbd: bool,
 }
 
 /// How a QEMU process starts.
@@ -169,6 +171,11 @@ impl QemuVm {
                 disk_file: match &spec.disk {
                     DiskSpec::Raw(p) => p.clone(),
                     DiskSpec::CopyOnWrite { overlay, .. } => overlay.clone(),
+                    DiskSpec::Nbd { socket } => socket.clone(),
+                },
+                disk_is_nbd: match &spec.disk {
+                    DiskSpec::Nbd { .. } => true,
+                    _ => false,
                 },
             },
             Err(e) => {
@@ -371,13 +378,19 @@ impl Vm for QemuVm {
     fn export_disk(&mut self, dest: &Path) -> Result<(), EngineError> {
         // Flush what the guest wrote; a no-op after a completed save.
         let _ = self.cmd("stop", json!({}));
-        if disk_format(&self.disk_file) == "raw" {
+        let source = if self.disk_is_nbd {
+            // The block server takes a second client.
+            format!("nbd+unix:///?socket={}", self.disk_file.display())
+        } else if disk_format(&self.disk_file) == "raw" {
             return sparse_copy(&self.disk_file, dest);
-        }
+        } else {
+            self.disk_file.display().to_string()
+        };
+        let format = if self.disk_is_nbd { "raw" } else { "qcow2" };
         // -U: QEMU holds the image lock; the VM is paused, so this is safe.
         let out = Command::new("qemu-img")
-            .args(["convert", "-U", "-O", "raw", "-S", "4k", "-f", "qcow2"])
-            .arg(&self.disk_file)
+            .args(["convert", "-U", "-O", "raw", "-S", "4k", "-f", format])
+            .arg(&source)
             .arg(dest)
             .output()
             .map_err(|e| io("running qemu-img convert".into(), e))?;
@@ -608,16 +621,19 @@ fn qemu_args(spec: &VmSpec, qmp: &Path, agent: &Path, incoming: bool, paused: bo
     push(&["-kernel", &spec.kernel.display().to_string()]);
     push(&["-initrd", &spec.initramfs.display().to_string()]);
     push(&["-append", &guest_cmdline(spec)]);
-    let (file, format) = match &spec.disk {
-        DiskSpec::Raw(p) => (p, "raw"),
-        DiskSpec::CopyOnWrite { overlay, .. } => (overlay, disk_format(overlay)),
+    let source = match &spec.disk {
+        DiskSpec::Raw(p) => format!("file={},format=raw", p.display()),
+        DiskSpec::CopyOnWrite { overlay, .. } => {
+            format!("file={},format={}", overlay.display(), disk_format(overlay))
+        }
+        DiskSpec::Nbd { socket } => format!(
+            "driver=raw,file.driver=nbd,file.server.type=unix,file.server.path={}",
+            socket.display()
+        ),
     };
     push(&[
         "-drive",
-        &format!(
-            "id=disk0,node-name={DISK_NODE},file={},format={format},if=none,cache=writeback,discard=unmap",
-            file.display()
-        ),
+        &format!("id=disk0,node-name={DISK_NODE},{source},if=none,cache=writeback,discard=unmap"),
     ]);
     push(&["-device", "virtio-blk-device,drive=disk0"]);
     match &spec.net {

@@ -44,6 +44,12 @@ pub enum RuntimeError {
         /// Why, and what happened to the VM.
         detail: String,
     },
+    /// A problem with a disk fetched lazily.
+    #[error(transparent)]
+    LazyDisk(#[from] ferry_lazydisk::LazyDiskError),
+    /// A problem serving a lazy disk to the engine.
+    #[error(transparent)]
+    DiskServer(#[from] ferry_lazydisk::NbdError),
     /// A networking problem.
     #[error(transparent)]
     Net(#[from] ferry_net::NetError),

@@ -284,6 +284,7 @@ pub fn run(
         disk: cache.get(&pkg, SectionKind::Disk)?,
         source: opts.package.display().to_string(),
         network: meta.network.clone(),
+        disk_server: None,
     };
     let decision = engine.choose_accel(opts.accel, &probe_of(&image))?;
     if decision.accel != meta.provenance.accel {

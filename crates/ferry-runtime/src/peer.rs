@@ -29,11 +29,13 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use ferry_engine::{AccelChoice, Engine, LiveLimits, LiveStats, SavedState};
+use ferry_lazydisk::{LazyDisk, LazyDiskOptions, NbdServer, RemoteSection};
 use ferry_package::SectionKind;
 use ferry_transport::migration::{self, ChannelKind, DestMsg, MigrationError, SourceMsg, Tunnel};
 use ferry_transport::RemotePackage;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
+use std::sync::Arc;
 
 use crate::cache::SectionCache;
 use crate::ops::{forward_signals, SignalForwarder};
@@ -101,7 +103,18 @@ pub struct Blob {
     pub size: u64,
 }
 
-/// A VM this peer runs and can hand on.
+/// Where a peer's lazy disk is served from: kept until after the VM.
+struct LazyServed {
+    disk: Arc<LazyDisk>,
+    _server: NbdServer,
+}
+
+/// The lazy disk's file and socket in the VM's directory.
+const LAZY_DISK_FILE: &str = "disk-lazy.raw";
+const LAZY_DISK_SOCKET: &str = "disk-lazy.sock";
+
+/// A VM this peer runs and can hand on. Fields drop in order: the VM
+/// first, then what serves its disk.
 struct PeerVm {
     vm: RunningVm,
     name: String,
@@ -114,6 +127,8 @@ struct PeerVm {
     _listener: Option<migration::Server>,
     /// Ctrl-C and SIGTERM go to the VM's channel while this lives.
     _signals: SignalForwarder,
+    /// The lazy disk, for a VM resumed from a registry.
+    _lazy: Option<LazyServed>,
 }
 
 /// What became of a migration out.
@@ -272,7 +287,7 @@ fn from_registry(
     opts: &PeerOptions,
     say: &mut dyn FnMut(&str),
 ) -> Result<PeerVm, RuntimeError> {
-    let remote = RemotePackage::open(&opts.from, opts.token.as_deref())?;
+    let remote = Arc::new(RemotePackage::open(&opts.from, opts.token.as_deref())?);
     let meta: PackageMeta = serde_json::from_value(remote.metadata().clone()).map_err(|e| {
         RuntimeError::BadOption(format!(
             "{} is a package but not a ferry VM package this version understands ({e})",
@@ -297,7 +312,6 @@ fn from_registry(
     };
     let kernel = fetched(SectionKind::Kernel)?;
     let initramfs = fetched(SectionKind::Initramfs)?;
-    let disk = fetched(SectionKind::Disk)?;
     let memory = fetched(SectionKind::Memory)?;
     let device_state = fetched(SectionKind::DeviceState)?;
     eprintln!(
@@ -305,16 +319,22 @@ fn from_registry(
         remote.bytes_fetched() >> 20,
         opts.from
     );
+    let vm_dir = paths.vms().join(&name);
+    // The disk is not fetched first: it is served to the engine from a
+    // local file that fills chunk by chunk, on demand, then in the
+    // background once the service is live.
+    let disk_socket = vm_dir.join(LAZY_DISK_SOCKET);
     let image = BootImage {
         kernel: kernel.clone(),
         initramfs: initramfs.clone(),
         cmdline: meta.cmdline.clone(),
-        disk: disk.clone(),
+        disk: PathBuf::new(),
         source: opts.from.clone(),
         network: meta.network.clone(),
+        disk_server: Some(disk_socket.clone()),
     };
     let config = vm_config(engine, opts, &name, &meta, &image, say)?;
-    let vm_dir = paths.vms().join(&name);
+    let mut lazy: Option<LazyServed> = None;
     // The VM owns a copy of the memory (holes kept), mapped shared, so
     // that suspending it again writes no second copy.
     let memory_file = vm_dir.join(crate::vmdir::files::MEMORY);
@@ -333,9 +353,25 @@ fn from_registry(
         |d| {
             std::fs::copy(&device_state, d.path().join(DEVICE_STATE_IN))
                 .map_err(RuntimeError::io(d.path().join(DEVICE_STATE_IN)))?;
-            copy_sparse(&memory, &memory_file)
+            copy_sparse(&memory, &memory_file)?;
+            let source = RemoteSection::new(remote.clone(), SectionKind::Disk)?;
+            let disk = Arc::new(LazyDisk::open(
+                &d.path().join(LAZY_DISK_FILE),
+                source,
+                LazyDiskOptions {
+                    prefetch: false,
+                    ..LazyDiskOptions::default()
+                },
+            )?);
+            let server = NbdServer::serve(&disk_socket, disk.clone())?;
+            lazy = Some(LazyServed {
+                disk,
+                _server: server,
+            });
+            Ok(())
         },
     )?;
+    let lazy = lazy.expect("prepared before the engine started");
     let signals = forward_signals(&vm)?;
     let live = matches!(
         vm.after_resume(None)?,
@@ -355,9 +391,15 @@ fn from_registry(
         "live in {} ms",
         opts.started.elapsed().as_millis()
     ));
-    let disk_size = std::fs::metadata(&disk)
-        .map_err(RuntimeError::io(&disk))?
-        .len();
+    let status = lazy.disk.status();
+    let disk_size = lazy.disk.size();
+    say(&format!(
+        "disk: {} of {} MiB fetched when live ({}%); the rest follows in the background",
+        status.bytes_fetched >> 20,
+        disk_size >> 20,
+        status.bytes_fetched * 100 / disk_size.max(1)
+    ));
+    lazy.disk.resume_prefetch();
     Ok(PeerVm {
         vm,
         name,
@@ -367,6 +409,7 @@ fn from_registry(
         disk_size,
         _listener: None,
         _signals: signals,
+        _lazy: Some(lazy),
     })
 }
 
@@ -445,6 +488,7 @@ fn migrate_in(
         disk: PathBuf::new(),
         source: format!("peer {addr}"),
         network: offer.meta.network.clone(),
+        disk_server: None,
     };
     let config = match vm_config(engine, opts, &name, &offer.meta, &image, say) {
         Ok(c) => c,
@@ -558,6 +602,7 @@ fn migrate_in(
         disk_size: offer.disk_size,
         _listener: None,
         _signals: signals,
+        _lazy: None,
     })
 }
 

@@ -147,6 +147,9 @@ pub struct BootImage {
     pub source: String,
     /// The guest's addressing.
     pub network: ferry_blueprint::NetworkConfig,
+    /// When set, the disk is served over NBD on this Unix socket (a lazy
+    /// disk) and `disk` is not used.
+    pub disk_server: Option<PathBuf>,
 }
 
 impl From<&Blueprint> for BootImage {
@@ -158,6 +161,7 @@ impl From<&Blueprint> for BootImage {
             disk: bp.disk(),
             source: bp.dir.display().to_string(),
             network: bp.manifest.network.clone(),
+            disk_server: None,
         }
     }
 }
@@ -279,9 +283,14 @@ impl RunningVm {
             kernel: image.kernel.clone(),
             initramfs: image.initramfs.clone(),
             cmdline: image.cmdline.clone(),
-            disk: DiskSpec::CopyOnWrite {
-                base: image.disk.clone(),
-                overlay: dir.path().join(files::DISK),
+            disk: match &image.disk_server {
+                Some(socket) => DiskSpec::Nbd {
+                    socket: socket.clone(),
+                },
+                None => DiskSpec::CopyOnWrite {
+                    base: image.disk.clone(),
+                    overlay: dir.path().join(files::DISK),
+                },
             },
             memory_mib: config.memory_mib,
             cpus: config.cpus,

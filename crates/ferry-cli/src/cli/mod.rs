@@ -182,6 +182,7 @@ pub fn exit_code(e: &anyhow::Error) -> ExitCode {
             RuntimeError::Transport(t) => transport_code(t),
             RuntimeError::Migration(m) => migration_code(m),
             RuntimeError::MigrationFailed { .. } => 6,
+            RuntimeError::LazyDisk(_) | RuntimeError::DiskServer(_) => 1,
         }
     } else if let Some(b) = e.downcast_ref::<BlueprintError>() {
         blueprint_code(b)
