@@ -173,10 +173,7 @@ impl QemuVm {
                     DiskSpec::CopyOnWrite { overlay, .. } => overlay.clone(),
                     DiskSpec::Nbd { socket } => socket.clone(),
                 },
-                disk_is_nbd: match &spec.disk {
-                    DiskSpec::Nbd { .. } => true,
-                    _ => false,
-                },
+                disk_is_nbd: matches!(spec.disk, DiskSpec::Nbd { .. }),
             },
             Err(e) => {
                 kill_pid(pid);
