@@ -146,6 +146,13 @@ impl VmNetwork {
         &self.exposes
     }
 
+    /// Stops the `--expose` proxies now and closes their clients'
+    /// connections (the gateway forwarder stays).
+    pub fn close_exposures(&mut self) {
+        // The gateway forwarder is the first proxy; the exposures follow.
+        self.proxies.truncate(1);
+    }
+
     /// Whether ferry created the namespace for this VM.
     pub fn created_namespace(&self) -> bool {
         self.created.is_some()

@@ -245,6 +245,9 @@ fn serve(
                 say(&format!("migrating VM '{}' to {to}", pvm.name));
                 match migrate_out(&mut pvm, &mut incoming, limits) {
                     Outcome::Moved(stats) => {
+                        // Clients connected here learn at once that the
+                        // VM is gone, and reconnect to where it runs now.
+                        pvm.vm.close_exposures();
                         say(&format!(
                             "moved VM '{}' to {to}: {} ms in all, {} ms paused (engine's figure; under TCG the whole copy), {} MiB of memory and devices sent, {} MiB on the wire with the disk; exiting",
                             pvm.name,
@@ -720,9 +723,15 @@ fn migrate_out(
     // Before the switch the VM is ours: any failure resumes it here.
     let sent = (|| -> Result<LiveStats, RuntimeError> {
         let e = pvm.vm.engine_vm();
+        let t = Instant::now();
         e.start_disk_copy(&disk_sock)?;
+        tracing::info!(ms = t.elapsed().as_millis() as u64, "disk copy in sync");
+        let t = Instant::now();
         let stats = e.send_state(&state_sock, limits)?;
+        tracing::info!(ms = t.elapsed().as_millis() as u64, "state sent");
+        let t = Instant::now();
         e.finish_disk_copy()?;
+        tracing::info!(ms = t.elapsed().as_millis() as u64, "disk copy finished");
         Ok(stats)
     })();
     let mut stats = match sent {

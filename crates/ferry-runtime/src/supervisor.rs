@@ -398,6 +398,14 @@ impl RunningVm {
         Ok(running)
     }
 
+    /// Stops the exposure proxies and closes their client connections (the
+    /// VM moved away; its clients should reconnect elsewhere).
+    pub fn close_exposures(&mut self) {
+        if let Some(n) = self.network.as_mut() {
+            n.close_exposures();
+        }
+    }
+
     /// One line on where the VM's network is: its namespace and what is
     /// exposed where. `None` without a network.
     pub fn network_summary(&self) -> Option<String> {
