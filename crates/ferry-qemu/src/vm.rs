@@ -619,7 +619,10 @@ fn qemu_args(spec: &VmSpec, qmp: &Path, agent: &Path, incoming: bool, paused: bo
     push(&["-initrd", &spec.initramfs.display().to_string()]);
     push(&["-append", &guest_cmdline(spec)]);
     let source = match &spec.disk {
-        DiskSpec::Raw(p) => format!("file={},format=raw", p.display()),
+        // Zeros written to a raw disk (a disk being received is filled with
+        // them) become holes: the file stays sparse, and the next move of
+        // the VM skips them.
+        DiskSpec::Raw(p) => format!("file={},format=raw,detect-zeroes=unmap", p.display()),
         DiskSpec::CopyOnWrite { overlay, .. } => {
             format!("file={},format={}", overlay.display(), disk_format(overlay))
         }
