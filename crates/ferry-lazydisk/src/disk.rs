@@ -87,6 +87,18 @@ pub enum ChunkState {
     Failed,
 }
 
+/// A run of disk bytes that all read as zeros, or may not: what
+/// [`LazyDisk::extents`] reports, so an NBD client can skip zero regions
+/// without reading (or fetching) them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Extent {
+    /// Bytes in the run.
+    pub len: u64,
+    /// They read as zeros (a hole in the file, or a chunk the source says
+    /// is all zeros). `false` means "not known to be zeros".
+    pub zero: bool,
+}
+
 /// The last fetch that failed.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ChunkFailure {
@@ -542,6 +554,51 @@ impl LazyDisk {
         Ok(())
     }
 
+    /// Which parts of `len` bytes at `offset` are known to read as zeros,
+    /// without fetching anything: the runs cover the range exactly, in
+    /// order, and neighbours differ.
+    ///
+    /// A chunk not here yet is zeros if the source says so
+    /// ([`ChunkSource::is_zero`]), else "maybe data" (finding out would mean
+    /// fetching it). A chunk here is zeros where the file has holes
+    /// (`SEEK_HOLE`), which is where zero chunks, zero blocks of fetched
+    /// chunks, trims and write-zeroes leave it. Where the file system
+    /// cannot tell, present chunks are reported as data, which is always
+    /// correct. A chunk being fetched or overwritten is reported as data.
+    ///
+    /// # Errors
+    /// [`LazyDiskError::OutOfRange`] past the end.
+    pub fn extents(&self, offset: u64, len: u64) -> Result<Vec<Extent>, LazyDiskError> {
+        let s = &self.shared;
+        s.check(offset, len)?;
+        let chunks = s.chunks_of(offset, len);
+        let states: Vec<ChunkState> = {
+            let st = s.lock();
+            st.slots[chunks.clone()].iter().map(Slot::state).collect()
+        };
+        let end = offset + len;
+        let mut out: Vec<Extent> = Vec::new();
+        let mut push = |len: u64, zero: bool| match out.last_mut() {
+            Some(last) if last.zero == zero => last.len += len,
+            _ if len > 0 => out.push(Extent { len, zero }),
+            _ => {}
+        };
+        for (index, state) in chunks.zip(states) {
+            let b = s.bounds(index);
+            let (from, to) = (b.start.max(offset), b.end.min(end));
+            match state {
+                ChunkState::Present => {
+                    for (len, zero) in s.file_extents(from, to) {
+                        push(len, zero);
+                    }
+                }
+                ChunkState::Absent | ChunkState::Failed => push(to - from, s.source.is_zero(index)),
+                ChunkState::Fetching => push(to - from, false),
+            }
+        }
+        Ok(out)
+    }
+
     /// Fetches the chunks under `len` bytes at `offset` now, as a read
     /// would, without reading them.
     ///
@@ -933,6 +990,38 @@ impl Shared {
             at += n as u64;
         }
         Ok(())
+    }
+
+    /// The holes (zero: true) and data of the file between `from` and
+    /// `to`, as `(len, zero)` runs; all data if the file system cannot say.
+    fn file_extents(&self, from: u64, to: u64) -> Vec<(u64, bool)> {
+        let mut runs = Vec::new();
+        let mut at = from;
+        while at < to {
+            let data = match sys::seek_data(&self.file, at) {
+                Ok(d) => d.map_or(to, |d| d.min(to)),
+                Err(e) => {
+                    debug!(disk = %self.path.display(), "SEEK_DATA failed ({e}): reporting data");
+                    runs.push((to - at, false));
+                    return runs;
+                }
+            };
+            if data > at {
+                runs.push((data - at, true));
+                at = data;
+                continue;
+            }
+            let hole = match sys::seek_hole(&self.file, at) {
+                Ok(h) => h.clamp(at + 1, to),
+                Err(e) => {
+                    debug!(disk = %self.path.display(), "SEEK_HOLE failed ({e}): reporting data");
+                    to
+                }
+            };
+            runs.push((hole - at, false));
+            at = hole;
+        }
+        runs
     }
 
     /// Punches a hole over every run of absent chunks.

@@ -42,7 +42,7 @@ mod present;
 mod source;
 mod sys;
 
-pub use disk::{ChunkFailure, ChunkState, LazyDisk, LazyDiskOptions, LazyDiskStatus};
+pub use disk::{ChunkFailure, ChunkState, Extent, LazyDisk, LazyDiskOptions, LazyDiskStatus};
 pub use error::{LazyDiskError, NbdError, SharedError};
 pub use nbd::{NbdOptions, NbdServer, MAX_PAYLOAD};
 pub use source::{ChunkSource, LocalSection, RemoteSection};

@@ -84,3 +84,32 @@ pub(crate) fn poll_readable(
         }
     }
 }
+
+/// Where the next data at or after `offset` starts (`lseek(SEEK_DATA)`),
+/// `None` if only a hole follows. The lazy disk reads and writes with
+/// `pread`/`pwrite`, so moving the shared file offset disturbs nobody.
+pub(crate) fn seek_data(file: &File, offset: u64) -> io::Result<Option<u64>> {
+    match seek(file, offset, libc::SEEK_DATA) {
+        Err(e) if e.raw_os_error() == Some(libc::ENXIO) => Ok(None),
+        other => other.map(Some),
+    }
+}
+
+/// Where the hole at or after `offset` starts (`lseek(SEEK_HOLE)`); the
+/// end of the file counts as a hole.
+pub(crate) fn seek_hole(file: &File, offset: u64) -> io::Result<u64> {
+    seek(file, offset, libc::SEEK_HOLE)
+}
+
+fn seek(file: &File, offset: u64, whence: libc::c_int) -> io::Result<u64> {
+    let Ok(off) = libc::off_t::try_from(offset) else {
+        return Err(io::Error::from(io::ErrorKind::InvalidInput));
+    };
+    // SAFETY: lseek(2) on a descriptor we own (borrowed from a live File);
+    // it touches no memory of ours.
+    let rc = unsafe { libc::lseek(file.as_raw_fd(), off, whence) };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(rc as u64)
+}

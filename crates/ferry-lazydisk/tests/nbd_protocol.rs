@@ -29,10 +29,12 @@ const OPT_STARTTLS: u32 = 5;
 const OPT_INFO: u32 = 6;
 const OPT_GO: u32 = 7;
 const OPT_STRUCTURED_REPLY: u32 = 8;
+const OPT_LIST_META_CONTEXT: u32 = 9;
 const OPT_SET_META_CONTEXT: u32 = 10;
 const REP_ACK: u32 = 1;
 const REP_SERVER: u32 = 2;
 const REP_INFO: u32 = 3;
+const REP_META_CONTEXT: u32 = 4;
 const REP_ERR_UNSUP: u32 = 0x8000_0001;
 const REP_ERR_INVALID: u32 = 0x8000_0003;
 const REP_ERR_UNKNOWN: u32 = 0x8000_0006;
@@ -45,7 +47,15 @@ const CMD_FLUSH: u16 = 3;
 const CMD_TRIM: u16 = 4;
 const CMD_CACHE: u16 = 5;
 const CMD_WRITE_ZEROES: u16 = 6;
+const CMD_BLOCK_STATUS: u16 = 7;
 const FLAG_FUA: u16 = 1;
+const FLAG_REQ_ONE: u16 = 8;
+const STRUCTURED_MAGIC: u32 = 0x668e33ef;
+const REPLY_FLAG_DONE: u16 = 1;
+const REPLY_TYPE_OFFSET_DATA: u16 = 1;
+const REPLY_TYPE_BLOCK_STATUS: u16 = 5;
+const REPLY_TYPE_ERROR: u16 = 0x8001;
+const STATE_HOLE_ZERO: u32 = 3;
 const EPERM: u32 = 1;
 const EINVAL: u32 = 22;
 const ENOSPC: u32 = 28;
@@ -124,10 +134,14 @@ impl Client {
         self.s.write_all(b).unwrap();
     }
 
-    /// Whether the server closed the connection (EOF within the timeout).
+    /// Whether the server closed the connection (EOF within the timeout,
+    /// or a reset: a Unix socket closed with our bytes unread resets).
     fn closed(&mut self) -> bool {
         let mut b = [0u8; 1];
-        matches!(self.s.read(&mut b), Ok(0))
+        match self.s.read(&mut b) {
+            Ok(n) => n == 0,
+            Err(e) => e.kind() == std::io::ErrorKind::ConnectionReset,
+        }
     }
 
     fn option(&mut self, option: u32, data: &[u8]) {
@@ -222,6 +236,69 @@ impl Client {
         }
     }
 
+    /// One structured reply chunk: (flags, type, cookie, payload).
+    fn chunk(&mut self) -> (u16, u16, u64, Vec<u8>) {
+        let h = self.read(20);
+        assert_eq!(
+            u32::from_be_bytes(h[..4].try_into().unwrap()),
+            STRUCTURED_MAGIC
+        );
+        let flags = u16::from_be_bytes([h[4], h[5]]);
+        let kind = u16::from_be_bytes([h[6], h[7]]);
+        let cookie = u64::from_be_bytes(h[8..16].try_into().unwrap());
+        let len = u32::from_be_bytes(h[16..20].try_into().unwrap());
+        (flags, kind, cookie, self.read(len as usize))
+    }
+
+    /// Sends LIST or SET_META_CONTEXT; returns the contexts' (id, name)
+    /// and the final reply type.
+    fn meta(&mut self, option: u32, name: &str, queries: &[&str]) -> (Vec<(u32, String)>, u32) {
+        let mut d = (name.len() as u32).to_be_bytes().to_vec();
+        d.extend_from_slice(name.as_bytes());
+        d.extend_from_slice(&(queries.len() as u32).to_be_bytes());
+        for q in queries {
+            d.extend_from_slice(&(q.len() as u32).to_be_bytes());
+            d.extend_from_slice(q.as_bytes());
+        }
+        self.option(option, &d);
+        let mut got = Vec::new();
+        loop {
+            let (opt, kind, data) = self.reply();
+            assert_eq!(opt, option);
+            if kind != REP_META_CONTEXT {
+                return (got, kind);
+            }
+            let id = u32::from_be_bytes(data[..4].try_into().unwrap());
+            got.push((id, String::from_utf8(data[4..].to_vec()).unwrap()));
+        }
+    }
+
+    /// BLOCK_STATUS in one structured chunk: (context id, [(len, flags)]),
+    /// or the error of an error chunk.
+    fn block_status(
+        &mut self,
+        flags: u16,
+        offset: u64,
+        len: u32,
+    ) -> Result<(u32, Vec<(u32, u32)>), u32> {
+        self.request(flags, CMD_BLOCK_STATUS, 13, offset, len);
+        let (rflags, kind, cookie, data) = self.chunk();
+        assert_eq!((rflags, cookie), (REPLY_FLAG_DONE, 13));
+        let be32 = |at: usize| u32::from_be_bytes(data[at..at + 4].try_into().unwrap());
+        match kind {
+            REPLY_TYPE_BLOCK_STATUS => {
+                assert_eq!(data.len() % 8, 4);
+                let extents = (4..data.len())
+                    .step_by(8)
+                    .map(|at| (be32(at), be32(at + 4)))
+                    .collect();
+                Ok((be32(0), extents))
+            }
+            REPLY_TYPE_ERROR => Err(be32(0)),
+            other => panic!("reply type {other}"),
+        }
+    }
+
     fn write_at(&mut self, offset: u64, data: &[u8]) -> u32 {
         self.request(0, CMD_WRITE, 11, offset, data.len() as u32);
         self.write(data);
@@ -244,13 +321,8 @@ fn negotiation_options() {
     c.option(OPT_LIST, b"x");
     assert_eq!(c.reply().1, REP_ERR_INVALID);
 
-    // No TLS, no structured replies, no metadata contexts: simple replies.
-    for opt in [
-        OPT_STARTTLS,
-        OPT_STRUCTURED_REPLY,
-        OPT_SET_META_CONTEXT,
-        4242,
-    ] {
+    // No TLS, nor options this server does not know.
+    for opt in [OPT_STARTTLS, 4242] {
         c.option(opt, &[]);
         let (o, kind, _) = c.reply();
         assert_eq!((o, kind), (opt, REP_ERR_UNSUP));
@@ -481,4 +553,117 @@ fn stopping_closes_connections_and_removes_the_socket() {
     assert_eq!(c.read_at(0, 512).unwrap(), t.image[..512]);
     drop(s1);
     assert!(c.closed());
+}
+
+#[test]
+fn structured_replies_and_block_status() {
+    let t = Setup::new(NbdOptions::default());
+    let mut c = Client::connect(&t.socket(), 3);
+    // Metadata contexts need structured replies first; listing is allowed.
+    let (got, end) = c.meta(OPT_SET_META_CONTEXT, "", &["base:allocation"]);
+    assert_eq!((got.len(), end), (0, REP_ERR_INVALID));
+    c.option(OPT_STRUCTURED_REPLY, b"x");
+    assert_eq!(c.reply().1, REP_ERR_INVALID);
+    c.option(OPT_STRUCTURED_REPLY, &[]);
+    assert_eq!(c.reply(), (OPT_STRUCTURED_REPLY, REP_ACK, Vec::new()));
+
+    // Listing: every context with no query or the `base:` wildcard;
+    // unknown namespaces are ignored.
+    for queries in [&[][..], &["base:"], &["x-other:thing", "base:allocation"]] {
+        let (got, end) = c.meta(OPT_LIST_META_CONTEXT, "", queries);
+        assert_eq!(end, REP_ACK);
+        let names: Vec<_> = got.iter().map(|(_, n)| n.as_str()).collect();
+        assert_eq!(names, ["base:allocation"], "{queries:?}");
+    }
+    let (got, end) = c.meta(OPT_LIST_META_CONTEXT, "", &["qemu:dirty-bitmap:x"]);
+    assert_eq!((got.len(), end), (0, REP_ACK));
+    let (_, end) = c.meta(OPT_LIST_META_CONTEXT, "other", &[]);
+    assert_eq!(end, REP_ERR_UNKNOWN);
+    c.option(OPT_SET_META_CONTEXT, &[0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0, 9]);
+    assert_eq!(c.reply().1, REP_ERR_INVALID);
+    // `base:` selects nothing; `base:allocation` selects the context.
+    let (got, end) = c.meta(OPT_SET_META_CONTEXT, "ferry", &["base:"]);
+    assert_eq!((got.len(), end), (0, REP_ACK));
+    let (got, end) = c.meta(OPT_SET_META_CONTEXT, "", &["x-a:b", "base:allocation"]);
+    assert_eq!(end, REP_ACK);
+    assert_eq!(got.len(), 1);
+    let (id, name) = got[0].clone();
+    assert_eq!(name, "base:allocation");
+    let (_, end) = c.info(OPT_GO, "", &[]);
+    assert_eq!(end, REP_ACK);
+
+    // The whole disk, nothing fetched yet: the zero chunk is a hole that
+    // reads as zeros, every other chunk "data" (and not fetched to say so).
+    let (got_id, extents) = c.block_status(0, 0, SIZE as u32).unwrap();
+    assert_eq!(got_id, id);
+    let z = ZERO_CHUNK as u32;
+    let chunk = CHUNK as u32;
+    assert_eq!(
+        extents,
+        vec![
+            (z * chunk, 0),
+            (chunk, STATE_HOLE_ZERO),
+            (SIZE as u32 - (z + 1) * chunk, 0)
+        ]
+    );
+    assert_eq!(t.disk.status().chunks_fetched, 0);
+    // REQ_ONE: one extent, within the request.
+    let (_, extents) = c
+        .block_status(FLAG_REQ_ONE, z as u64 * CHUNK + 4096, 2 * chunk)
+        .unwrap();
+    assert_eq!(extents, vec![(chunk - 4096, STATE_HOLE_ZERO)]);
+    let (_, extents) = c.block_status(FLAG_REQ_ONE, 0, 2 * chunk).unwrap();
+    assert_eq!(extents, vec![(2 * chunk, 0)]);
+
+    // A read is one OFFSET_DATA chunk, flagged done.
+    let offset = 6 * CHUNK;
+    c.request(0, CMD_READ, 21, offset, chunk);
+    let (flags, kind, cookie, data) = c.chunk();
+    assert_eq!(
+        (flags, kind, cookie),
+        (REPLY_FLAG_DONE, REPLY_TYPE_OFFSET_DATA, 21)
+    );
+    assert_eq!(u64::from_be_bytes(data[..8].try_into().unwrap()), offset);
+    assert!(data[8..] == t.image[offset as usize..(offset + CHUNK) as usize]);
+    // Chunk 6 is here now, its zero blocks (200..204) left as holes.
+    let (_, extents) = c.block_status(0, offset, chunk).unwrap();
+    let zeros_at = (200 * BLOCK) as u32 - offset as u32;
+    assert_eq!(
+        extents,
+        vec![
+            (zeros_at, 0),
+            (4 * BLOCK as u32, STATE_HOLE_ZERO),
+            (chunk - zeros_at - 4 * BLOCK as u32, 0)
+        ]
+    );
+    // A trimmed chunk and written zeros read as zeros, unfetched. Other
+    // requests are answered with a NONE chunk, flagged done.
+    for (kind, at) in [(CMD_TRIM, CHUNK), (CMD_WRITE_ZEROES, 2 * CHUNK)] {
+        c.request(0, kind, 22, at, chunk);
+        assert_eq!(c.chunk(), (REPLY_FLAG_DONE, 0, 22, Vec::new()));
+    }
+    let (_, extents) = c.block_status(0, 0, 4 * chunk).unwrap();
+    assert_eq!(extents, vec![(chunk, 0), (3 * chunk, STATE_HOLE_ZERO)]);
+    assert_eq!(t.disk.status().chunks_fetched, 1);
+
+    // Errors are error chunks.
+    assert_eq!(c.block_status(0, SIZE - 512, 1024), Err(EINVAL));
+    assert_eq!(c.block_status(0, 0, 0), Err(EINVAL));
+    c.request(0, CMD_READ, 23, SIZE, 1);
+    let (flags, kind, cookie, data) = c.chunk();
+    assert_eq!(
+        (flags, kind, cookie),
+        (REPLY_FLAG_DONE, REPLY_TYPE_ERROR, 23)
+    );
+    assert_eq!(data, [&EINVAL.to_be_bytes()[..], &[0, 0]].concat());
+
+    // Without a selected context, BLOCK_STATUS is refused.
+    let mut plain = Client::connect(&t.socket(), 3);
+    plain.option(OPT_STRUCTURED_REPLY, &[]);
+    assert_eq!(plain.reply().1, REP_ACK);
+    assert_eq!(plain.info(OPT_GO, "", &[]).1, REP_ACK);
+    assert_eq!(plain.block_status(0, 0, 4096), Err(EINVAL));
+    // And without structured replies, too (as a simple reply).
+    let (mut simple, _, _) = Client::go(&t.socket());
+    assert_eq!(simple.call(0, CMD_BLOCK_STATUS, 0, 4096), EINVAL);
 }

@@ -43,6 +43,34 @@ fn qemu_img_convert_reads_the_whole_disk() {
 }
 
 #[test]
+fn qemu_img_map_sees_zero_chunks_without_fetching() {
+    let f = Fixture::new(false);
+    let o = qemu_img(&["map", "--output=json", "-f", "raw", &f.uri()]);
+    assert!(o.status.success(), "{}", text(&o));
+    let map: Vec<serde_json::Value> = serde_json::from_slice(&o.stdout).unwrap();
+    eprintln!("{}", String::from_utf8_lossy(&o.stdout));
+    // Each byte's (zero, data) from the map.
+    let at = |offset: u64| {
+        let e = map
+            .iter()
+            .find(|e| {
+                let start = e["start"].as_u64().unwrap();
+                start <= offset && offset < start + e["length"].as_u64().unwrap()
+            })
+            .expect("the map covers the disk");
+        (e["zero"].as_bool().unwrap(), e["data"].as_bool().unwrap())
+    };
+    let zero = ZERO_CHUNK as u64 * CHUNK;
+    assert_eq!(at(zero), (true, false));
+    assert_eq!(at(zero + CHUNK - 1), (true, false));
+    assert_eq!(at(zero - 1), (false, true));
+    assert_eq!(at(zero + CHUNK), (false, true));
+    assert_eq!(at(0), (false, true));
+    // Answering it fetched nothing.
+    assert_eq!(f.disk.status().chunks_fetched, 0);
+}
+
+#[test]
 fn a_first_read_fetches_one_chunk_not_the_disk() {
     let f = Fixture::new(false);
     let before = f.remote.bytes_fetched();

@@ -12,24 +12,37 @@ use tracing::{debug, warn};
 use super::proto::*;
 use super::{NbdOptions, MAX_PAYLOAD};
 use crate::disk::StoreError;
-use crate::{LazyDisk, LazyDiskError};
+use crate::{Extent, LazyDisk, LazyDiskError};
 
 /// Longest option accepted in the handshake (names are at most 4 KiB).
 const MAX_OPTION_LEN: u32 = 64 << 10;
 /// Preferred block size advertised: a page. Smaller writes work, they are
 /// a read-modify-write in the page cache.
 const PREFERRED_BLOCK: u32 = 4096;
+/// Context ID of `base:allocation` once selected (any value would do).
+const ALLOCATION_ID: u32 = 1;
+/// Most extents in one block status reply, as the protocol asks; the
+/// client asks again from where the reply stops.
+const MAX_EXTENTS: usize = 1 << 20;
+
+/// What the client negotiated, for the transmission phase.
+#[derive(Debug, Clone, Copy, Default)]
+struct Session {
+    /// Structured replies (`NBD_OPT_STRUCTURED_REPLY`).
+    structured: bool,
+    /// `base:allocation` is selected, so BLOCK_STATUS may be asked.
+    allocation: bool,
+}
 
 /// Serves one client until it disconnects, breaks the protocol, or the
 /// server shuts the connection's reading side.
 pub(super) fn serve(stream: UnixStream, disk: &LazyDisk, options: &NbdOptions, id: u64) {
-    let result = handshake(&stream, disk, options).and_then(|go| {
-        if go {
-            debug!(connection = id, "NBD client in transmission");
-            transmission(&stream, disk, options)
-        } else {
-            Ok(())
+    let result = handshake(&stream, disk, options).and_then(|go| match go {
+        Some(session) => {
+            debug!(connection = id, ?session, "NBD client in transmission");
+            transmission(&stream, disk, options, session)
         }
+        None => Ok(()),
     });
     match result {
         Ok(()) => debug!(connection = id, "NBD client disconnected"),
@@ -70,9 +83,13 @@ fn transmission_flags(options: &NbdOptions) -> u16 {
     flags
 }
 
-/// Fixed newstyle negotiation. Returns whether the client entered
-/// transmission (false: it aborted).
-fn handshake(mut s: &UnixStream, disk: &LazyDisk, options: &NbdOptions) -> io::Result<bool> {
+/// Fixed newstyle negotiation. Returns what the client negotiated if it
+/// entered transmission (`None`: it aborted).
+fn handshake(
+    mut s: &UnixStream,
+    disk: &LazyDisk,
+    options: &NbdOptions,
+) -> io::Result<Option<Session>> {
     let mut hello = Vec::with_capacity(18);
     hello.extend_from_slice(&NBDMAGIC.to_be_bytes());
     hello.extend_from_slice(&IHAVEOPT.to_be_bytes());
@@ -86,6 +103,7 @@ fn handshake(mut s: &UnixStream, disk: &LazyDisk, options: &NbdOptions) -> io::R
     let name = options.export_name.as_bytes();
     let known = |asked: &[u8]| asked.is_empty() || asked == name;
     let flags = transmission_flags(options);
+    let mut session = Session::default();
     loop {
         let magic = read_u64(s)?;
         if magic != IHAVEOPT {
@@ -117,12 +135,12 @@ fn handshake(mut s: &UnixStream, disk: &LazyDisk, options: &NbdOptions) -> io::R
                     out.extend_from_slice(&[0u8; 124]);
                 }
                 s.write_all(&out)?;
-                return Ok(true);
+                return Ok(Some(session));
             }
             OPT_ABORT => {
                 // The client may already be gone; that is fine.
                 let _ = s.write_all(&reply(REP_ACK, &[]));
-                return Ok(false);
+                return Ok(None);
             }
             OPT_LIST if !data.is_empty() => {
                 s.write_all(&error(REP_ERR_INVALID, "NBD_OPT_LIST takes no data"))?
@@ -170,15 +188,72 @@ fn handshake(mut s: &UnixStream, disk: &LazyDisk, options: &NbdOptions) -> io::R
                 out.extend(reply(REP_ACK, &[]));
                 s.write_all(&out)?;
                 if option == OPT_GO {
-                    return Ok(true);
+                    return Ok(Some(session));
                 }
+            }
+            OPT_STRUCTURED_REPLY if !data.is_empty() => s.write_all(&error(
+                REP_ERR_INVALID,
+                "NBD_OPT_STRUCTURED_REPLY takes no data",
+            ))?,
+            OPT_STRUCTURED_REPLY => {
+                session.structured = true;
+                s.write_all(&reply(REP_ACK, &[]))?;
+            }
+            OPT_LIST_META_CONTEXT | OPT_SET_META_CONTEXT => {
+                let set = option == OPT_SET_META_CONTEXT;
+                if set {
+                    // A set replaces the selection even when it fails.
+                    session.allocation = false;
+                }
+                let Some((asked, queries)) = parse_meta_request(&data) else {
+                    s.write_all(&error(
+                        REP_ERR_INVALID,
+                        "malformed metadata context request",
+                    ))?;
+                    continue;
+                };
+                if set && !session.structured {
+                    s.write_all(&error(
+                        REP_ERR_INVALID,
+                        "negotiate structured replies before metadata contexts",
+                    ))?;
+                    continue;
+                }
+                if !known(asked) {
+                    let msg = format!(
+                        "no export {:?}: this server exports {:?}",
+                        String::from_utf8_lossy(asked),
+                        options.export_name
+                    );
+                    s.write_all(&error(REP_ERR_UNKNOWN, &msg))?;
+                    continue;
+                }
+                // `base:allocation` is the only context. Listing takes
+                // the `base:` wildcard and no queries at all as "every
+                // context"; other namespaces and leaves are ignored.
+                let exact = |q: &&[u8]| *q == BASE_ALLOCATION.as_bytes();
+                let found = if set {
+                    queries.iter().any(exact)
+                } else {
+                    queries.is_empty() || queries.iter().any(|q| exact(q) || *q == b"base:")
+                };
+                let mut out = Vec::new();
+                if found {
+                    let id = if set { ALLOCATION_ID } else { 0 };
+                    let mut context = id.to_be_bytes().to_vec();
+                    context.extend_from_slice(BASE_ALLOCATION.as_bytes());
+                    out.extend(reply(REP_META_CONTEXT, &context));
+                    session.allocation |= set;
+                }
+                out.extend(reply(REP_ACK, &[]));
+                s.write_all(&out)?;
             }
             OPT_STARTTLS => s.write_all(&error(
                 REP_ERR_UNSUP,
                 "this server does not offer TLS (it listens on a local socket only)",
             ))?,
-            // Structured replies, metadata contexts and anything newer:
-            // the client falls back to simple replies.
+            // Extended headers and anything newer: the client does
+            // without.
             _ => s.write_all(&error(REP_ERR_UNSUP, "option not supported"))?,
         }
     }
@@ -191,7 +266,12 @@ struct Job {
 }
 
 /// The transmission phase: reads requests here and hands them to workers.
-fn transmission(stream: &UnixStream, disk: &LazyDisk, options: &NbdOptions) -> io::Result<()> {
+fn transmission(
+    stream: &UnixStream,
+    disk: &LazyDisk,
+    options: &NbdOptions,
+    session: Session,
+) -> io::Result<()> {
     let writer = Mutex::new(stream.try_clone()?);
     let mut reader = BufReader::with_capacity(64 << 10, stream);
     // A rendezvous channel: a request is read only when a worker is free,
@@ -200,7 +280,7 @@ fn transmission(stream: &UnixStream, disk: &LazyDisk, options: &NbdOptions) -> i
     let rx = Mutex::new(rx);
     std::thread::scope(|scope| {
         for _ in 0..options.workers_per_connection.max(1) {
-            scope.spawn(|| worker(&rx, &writer, disk, options));
+            scope.spawn(|| worker(&rx, &writer, disk, options, session));
         }
         let result = read_requests(&mut reader, &tx);
         // Workers finish the requests already read, then stop.
@@ -246,19 +326,19 @@ fn worker(
     writer: &Mutex<UnixStream>,
     disk: &LazyDisk,
     options: &NbdOptions,
+    session: Session,
 ) {
     loop {
         let job = rx.lock().unwrap_or_else(PoisonError::into_inner).recv();
         let Ok(job) = job else { return };
-        let cookie = job.req.cookie;
-        let (error, data) = match execute(&job, disk, options) {
-            Ok(data) => (0, data),
-            Err(e) => (e, Vec::new()),
+        let result = execute(&job, disk, options, session);
+        let reply = if session.structured {
+            structured_reply(&job.req, result)
+        } else {
+            simple(job.req.cookie, result)
         };
         let mut w = writer.lock().unwrap_or_else(PoisonError::into_inner);
-        let sent = w
-            .write_all(&simple_reply(error, cookie))
-            .and_then(|()| w.write_all(&data));
+        let sent = reply.iter().try_for_each(|part| w.write_all(part));
         if let Err(e) = sent {
             debug!("NBD reply not sent ({e}): closing the connection");
             // The reader stops too; the remaining requests still run.
@@ -267,8 +347,69 @@ fn worker(
     }
 }
 
-/// Runs one request; the data of a read, or an NBD error number.
-fn execute(job: &Job, disk: &LazyDisk, options: &NbdOptions) -> Result<Vec<u8>, u32> {
+/// What a request answers with when it succeeds.
+enum Answer {
+    /// Nothing (writes, flush, trim...).
+    Done,
+    /// The bytes of a read.
+    Data(Vec<u8>),
+    /// Extents of `base:allocation`, for BLOCK_STATUS.
+    Extents(Vec<Extent>),
+}
+
+/// A simple reply, in parts to write one after the other (the data of a
+/// read is not copied). Without structured replies there are no extents:
+/// BLOCK_STATUS needs a metadata context, which needs structured replies.
+fn simple(cookie: u64, result: Result<Answer, u32>) -> Vec<Vec<u8>> {
+    match result {
+        Ok(Answer::Data(data)) => vec![simple_reply(0, cookie).to_vec(), data],
+        Ok(_) => vec![simple_reply(0, cookie).to_vec()],
+        Err(e) => vec![simple_reply(e, cookie).to_vec()],
+    }
+}
+
+/// A structured reply: always a single chunk, flagged DONE, since each
+/// request is answered whole once it has run.
+fn structured_reply(req: &Request, result: Result<Answer, u32>) -> Vec<Vec<u8>> {
+    let chunk = |kind: u16, payload: Vec<u8>| {
+        let head = structured_header(REPLY_FLAG_DONE, kind, req.cookie, payload.len() as u32);
+        vec![head.to_vec(), payload]
+    };
+    match result {
+        Ok(Answer::Data(data)) if !data.is_empty() => {
+            let mut payload = Vec::with_capacity(8 + data.len());
+            payload.extend_from_slice(&req.offset.to_be_bytes());
+            payload.extend_from_slice(&data);
+            chunk(REPLY_TYPE_OFFSET_DATA, payload)
+        }
+        Ok(Answer::Extents(extents)) => {
+            let mut payload = Vec::with_capacity(4 + 8 * extents.len());
+            payload.extend_from_slice(&ALLOCATION_ID.to_be_bytes());
+            for e in extents {
+                let flags = if e.zero { STATE_HOLE | STATE_ZERO } else { 0 };
+                // Extents lie within the request, whose length is a u32.
+                payload.extend_from_slice(&(e.len as u32).to_be_bytes());
+                payload.extend_from_slice(&flags.to_be_bytes());
+            }
+            chunk(REPLY_TYPE_BLOCK_STATUS, payload)
+        }
+        // A zero-length read has no data to send: OFFSET_DATA needs a byte.
+        Ok(_) => chunk(REPLY_TYPE_NONE, Vec::new()),
+        Err(e) => {
+            let mut payload = e.to_be_bytes().to_vec();
+            payload.extend_from_slice(&0u16.to_be_bytes());
+            chunk(REPLY_TYPE_ERROR, payload)
+        }
+    }
+}
+
+/// Runs one request; what it answers, or an NBD error number.
+fn execute(
+    job: &Job,
+    disk: &LazyDisk,
+    options: &NbdOptions,
+    session: Session,
+) -> Result<Answer, u32> {
     let Request {
         flags,
         kind,
@@ -278,10 +419,10 @@ fn execute(job: &Job, disk: &LazyDisk, options: &NbdOptions) -> Result<Vec<u8>, 
     } = job.req;
     let len64 = u64::from(len);
     let allowed = CMD_FLAG_FUA
-        | if kind == CMD_WRITE_ZEROES {
-            CMD_FLAG_NO_HOLE
-        } else {
-            0
+        | match kind {
+            CMD_WRITE_ZEROES => CMD_FLAG_NO_HOLE,
+            CMD_BLOCK_STATUS => CMD_FLAG_REQ_ONE,
+            _ => 0,
         };
     if flags & !allowed != 0 {
         return Err(EINVAL);
@@ -293,7 +434,7 @@ fn execute(job: &Job, disk: &LazyDisk, options: &NbdOptions) -> Result<Vec<u8>, 
     }
     if kind == CMD_FLUSH {
         // Offset and length are reserved (zero) for a flush.
-        return flush(disk).map(|()| Vec::new());
+        return flush(disk).map(|()| Answer::Done);
     }
     // Writes past the end are "no space", other requests "invalid".
     if offset
@@ -305,20 +446,33 @@ fn execute(job: &Job, disk: &LazyDisk, options: &NbdOptions) -> Result<Vec<u8>, 
             _ => EINVAL,
         });
     }
+    let done = |()| Answer::Done;
     let result = match kind {
         CMD_READ => {
             if len > MAX_PAYLOAD {
                 return Err(EINVAL);
             }
             let mut buf = vec![0u8; len as usize];
-            disk.read_at(&mut buf, offset).map(|()| buf)
+            disk.read_at(&mut buf, offset).map(|()| Answer::Data(buf))
         }
-        CMD_WRITE => disk.write_at(&job.payload, offset).map(|()| Vec::new()),
-        CMD_TRIM => disk.trim(offset, len64).map(|()| Vec::new()),
+        CMD_WRITE => disk.write_at(&job.payload, offset).map(done),
+        CMD_TRIM => disk.trim(offset, len64).map(done),
         CMD_WRITE_ZEROES => disk
             .write_zeroes(offset, len64, flags & CMD_FLAG_NO_HOLE == 0)
-            .map(|()| Vec::new()),
-        CMD_CACHE => disk.cache(offset, len64).map(|()| Vec::new()),
+            .map(done),
+        CMD_CACHE => disk.cache(offset, len64).map(done),
+        // Without a selected context (or with nothing to describe) the
+        // protocol has no answer to give.
+        CMD_BLOCK_STATUS if !session.allocation || len == 0 => return Err(EINVAL),
+        CMD_BLOCK_STATUS => disk.extents(offset, len64).map(|mut extents| {
+            let keep = if flags & CMD_FLAG_REQ_ONE != 0 {
+                1
+            } else {
+                MAX_EXTENTS
+            };
+            extents.truncate(keep);
+            Answer::Extents(extents)
+        }),
         _ => return Err(EINVAL),
     };
     let data = result.map_err(|e| errno(&e, kind))?;

@@ -8,10 +8,13 @@
 //! ```
 //!
 //! It speaks fixed newstyle negotiation (`NBD_OPT_EXPORT_NAME`, `NBD_OPT_GO`,
-//! `NBD_OPT_INFO`, `NBD_OPT_LIST`, `NBD_OPT_ABORT`; every other option,
-//! TLS and structured replies included, is answered `NBD_REP_ERR_UNSUP`) and
-//! simple replies, with the commands READ, WRITE (and FUA), FLUSH, TRIM,
-//! WRITE_ZEROES, CACHE and DISC. Each connection reads requests on one
+//! `NBD_OPT_INFO`, `NBD_OPT_LIST`, `NBD_OPT_ABORT`, `NBD_OPT_STRUCTURED_REPLY`
+//! and the `base:allocation` metadata context; every other option, TLS
+//! included, is answered `NBD_REP_ERR_UNSUP`), simple or structured replies,
+//! and the commands READ, WRITE (and FUA), FLUSH, TRIM, WRITE_ZEROES, CACHE,
+//! BLOCK_STATUS and DISC. BLOCK_STATUS is there so that clients copying the
+//! disk (`qemu-img convert`, a `drive-mirror` migration) skip zero chunks
+//! instead of reading them, which would fetch them. Each connection reads requests on one
 //! thread and runs them on a few workers, so a request waiting for a chunk
 //! from the registry does not hold up requests for chunks already here;
 //! replies go out as requests finish, which simple replies allow.
