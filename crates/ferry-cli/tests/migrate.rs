@@ -44,7 +44,9 @@ fn in_netns<T: Send + 'static>(
 /// `ready`.
 fn start(host: &Host, env: &FerryEnv, args: &[&str], ready: &str) -> (KillOnDrop, Vec<String>) {
     let mut cmd = host.ferry(env);
-    cmd.args(args);
+    // Ctrl-C saves a peer's VM into ./<name>.ferry: keep it in the test's
+    // own state directory.
+    cmd.args(args).current_dir(env.state.path());
     spawn_until(cmd, ready, Duration::from_secs(180))
 }
 
@@ -318,8 +320,9 @@ fn registry_peer_and_a_migration_chain_lose_no_acknowledged_write() {
     // Ctrl-C on the last peer saves the VM into a package there.
     let out = stop(&mut on_a);
     assert!(out.status.success(), "{}", describe(&out));
-    let saved = ea.state.path().parent().unwrap().join("kv.ferry");
-    let _ = saved;
+    let saved = ea.state.path().join("kv.ferry");
+    let out = ea.run(&["inspect", saved.to_str().unwrap(), "--verify"]);
+    assert!(out.status.success(), "{}", describe(&out));
 }
 
 #[test]
