@@ -76,7 +76,7 @@ stop_all() {
 }
 trap stop_all EXIT
 wait_serving() { # $1: log of a peer
-  until grep -q '^serving VM' "$1"; do
+  until grep -q '^serving VM' "$1" 2>/dev/null; do
     kill -0 "${peers[-1]}" 2>/dev/null || { echo "demo: ferry peer failed:" >&2; cat "$1" "$1.err" >&2; exit 1; }
     sleep 0.2
   done
