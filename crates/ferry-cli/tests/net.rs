@@ -7,6 +7,7 @@ use std::net::{TcpListener, TcpStream};
 use std::process::Output;
 use std::time::Duration;
 
+use ferry_test_support::netsnap::{sh, snapshot, snapshot_with, NetSnapshot};
 use ferry_test_support::{
     describe, qemu_pids, spawn_until, spawn_until_live, vm_lock, FerryEnv, Host, KillOnDrop,
     TestHosts,
@@ -14,75 +15,6 @@ use ferry_test_support::{
 
 mod common;
 use common::{copy_of_package, env, error_line, exec, recipe_package, stop, tiny_package};
-
-/// What networking looks like from the host: namespaces, interface names
-/// and the ruleset (without packet counters).
-#[derive(Debug, PartialEq, Eq)]
-struct NetSnapshot {
-    netns: Vec<String>,
-    links: Vec<String>,
-    rules: Vec<String>,
-}
-
-fn sh(cmd: &str) -> String {
-    let out = std::process::Command::new("sh")
-        .args(["-c", cmd])
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{cmd}: {}", describe(&out));
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-fn snapshot() -> NetSnapshot {
-    snapshot_with("ip -o link", "iptables-save")
-}
-
-fn snapshot_with(links_cmd: &str, rules_cmd: &str) -> NetSnapshot {
-    let mut netns: Vec<String> = sh("ip netns list")
-        .lines()
-        .map(|l| l.split_whitespace().next().unwrap_or("").to_string())
-        .collect();
-    netns.sort();
-    let mut links: Vec<String> = sh(links_cmd)
-        .lines()
-        .filter_map(|l| l.split(": ").nth(1))
-        .map(|n| n.split('@').next().unwrap().to_string())
-        .collect();
-    links.sort();
-    let rules = normalise_rules(&sh(rules_cmd));
-    NetSnapshot {
-        netns,
-        links,
-        rules,
-    }
-}
-
-/// `iptables-save` output without comments and packet counters, and
-/// without tables that hold no rule and only built-in chains that accept:
-/// iptables (nf_tables) creates a table the first time a command names it,
-/// and an empty table filters nothing.
-fn normalise_rules(text: &str) -> Vec<String> {
-    let mut out = Vec::new();
-    let mut table: Vec<String> = Vec::new();
-    for line in text.lines().filter(|l| !l.starts_with('#')) {
-        let line = match line.find(" [") {
-            Some(i) if line.starts_with(':') => &line[..i],
-            _ => line,
-        };
-        table.push(line.to_string());
-        if line == "COMMIT" {
-            let empty = table
-                .iter()
-                .all(|l| l.starts_with('*') || l == "COMMIT" || l.ends_with(" ACCEPT"));
-            if !empty {
-                out.append(&mut table);
-            }
-            table.clear();
-        }
-    }
-    out.append(&mut table);
-    out
-}
 
 fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")

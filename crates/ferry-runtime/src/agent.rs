@@ -130,6 +130,26 @@ impl AgentClient {
         result
     }
 
+    /// Tells the guest its fleet (`set-fleet`, protocol minor 1): the agent
+    /// writes it to `/run/ferry/fleet.json` and answers once it is there.
+    pub fn set_fleet(
+        &self,
+        self_name: &str,
+        members: Vec<ferry_agent_proto::FleetMember>,
+        timeout: Duration,
+    ) -> Result<(), RuntimeError> {
+        let request = Request::SetFleet {
+            self_name: self_name.to_string(),
+            members,
+        };
+        match self.request(&request, timeout)? {
+            Reply::FleetSet => Ok(()),
+            other => Err(RuntimeError::Agent(format!(
+                "unexpected answer to set-fleet: {other:?}"
+            ))),
+        }
+    }
+
     fn send(&self, request: &Request, reply_to: Sender<Reply>) -> Result<u64, RuntimeError> {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         self.pending

@@ -1,5 +1,5 @@
 //! The control socket, `<vm dir>/control.sock`: how other ferry commands
-//! (`ferry exec`, later `ps`, `stop`) reach a VM's supervisor. One JSON
+//! (`ferry exec`, `ps`, `stop`) reach a VM's supervisor. One JSON
 //! request per line, one JSON reply per line; see `docs/control-api.md`.
 
 use std::io::{BufRead, BufReader, Write};
@@ -33,6 +33,15 @@ pub enum ControlRequest {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         timeout_ms: Option<u64>,
     },
+    /// Stops the VM: suspends it into a package (its state is kept and
+    /// `ferry start` resumes it), or with `discard` shuts it down and drops
+    /// its state. Answered once done. Only detached VMs' supervisors
+    /// (`ferry up`, `run --detach`, `start`) know it; others answer `error`.
+    Stop {
+        /// Shut down and drop the state instead of suspending.
+        #[serde(default)]
+        discard: bool,
+    },
 }
 
 /// A supervisor's answer.
@@ -43,6 +52,16 @@ pub enum ControlReply {
     Status(VmStatus),
     /// Answer to `exec`.
     Exec(ExecOutput),
+    /// Answer to `stop`: done; the supervisor exits next.
+    Stopped {
+        /// `suspended` or `discarded`.
+        state: String,
+        /// How long it took.
+        ms: u64,
+        /// Where a suspended VM's state is.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        saved: Option<String>,
+    },
     /// The request failed.
     Error {
         /// One line saying why.

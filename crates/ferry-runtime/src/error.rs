@@ -67,6 +67,58 @@ pub enum RuntimeError {
         /// " (pid N)" if known.
         pid: String,
     },
+    /// A suspended or stopped VM keeps this name.
+    #[error("the name '{name}' belongs to a {state} VM: resume it with 'ferry start {name}', or delete its state with 'ferry rm {name}'")]
+    NameHeld {
+        /// The name.
+        name: String,
+        /// Its state.
+        state: crate::record::RecordState,
+    },
+    /// No VM, running or not, has this name.
+    #[error("no VM is named '{name}' (looked in {dir}): 'ferry ps' lists them")]
+    UnknownVm {
+        /// The name.
+        name: String,
+        /// The state directory searched.
+        dir: PathBuf,
+    },
+    /// `ferry up -n N` asks for more clones than the host's memory holds.
+    #[error("{asked} clones do not fit: each may use up to {per_clone_mib} MiB ({guest_mib} MiB of guest memory, plus QEMU), and this host has {available_mib} MiB available (keeping {reserve_mib} MiB for itself): at most {fit} fit; start fewer")]
+    TooManyClones {
+        /// `-n`.
+        asked: u64,
+        /// How many fit.
+        fit: u64,
+        /// Guest memory of each clone.
+        guest_mib: u64,
+        /// Guest memory plus the engine's own.
+        per_clone_mib: u64,
+        /// `MemAvailable`.
+        available_mib: u64,
+        /// Left for the host.
+        reserve_mib: u64,
+    },
+    /// A detached VM's supervisor could not start it.
+    #[error("{name}: {message}")]
+    DetachedStart {
+        /// The VM.
+        name: String,
+        /// The supervisor's error, on one line.
+        message: String,
+        /// The exit code the supervisor gave it (`ferry`'s classes).
+        code: u8,
+    },
+    /// Some of the VMs a command worked on failed; each line says which and why.
+    #[error("{summary}: {}", failures.join("; "))]
+    Several {
+        /// What happened as a whole.
+        summary: String,
+        /// One line per failed VM.
+        failures: Vec<String>,
+        /// The exit code (the first failure's).
+        code: u8,
+    },
     /// No running VM has this name.
     #[error("no running VM is named '{name}' (looked in {dir}): check the name, or $FERRY_STATE if the VM runs with another")]
     NoSuchVm {

@@ -264,7 +264,13 @@ pub fn exec(
             truncated,
             timed_out,
         }),
-        ControlReply::Error { message } => Err(RuntimeError::Agent(message)),
+        // The supervisor's message may be an agent error already.
+        ControlReply::Error { message } => Err(RuntimeError::Agent(
+            message
+                .strip_prefix("guest agent: ")
+                .map(String::from)
+                .unwrap_or(message),
+        )),
         other => Err(RuntimeError::Agent(format!("unexpected reply: {other:?}"))),
     }
 }

@@ -50,6 +50,12 @@ pub struct PackageMeta {
     pub network: NetworkConfig,
     /// How the agent judges the service live.
     pub liveness: Liveness,
+    /// Guest RAM is in the device state, not the memory section (which is
+    /// then all zero): how a copy-on-write clone, whose changed pages are
+    /// private to its engine and in no file, is saved (`ferry stop` of a
+    /// fleet VM). Restoring such a package loads RAM from the device state.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub memory_in_state: bool,
 }
 
 pub(crate) const DEVICE_STATE_IN: &str = "device-state.in";
@@ -119,6 +125,7 @@ pub fn package(
         cmdline: m.cmdline.clone(),
         network: m.network.clone(),
         liveness: m.liveness.clone(),
+        memory_in_state: false,
     };
     let sources = Sources {
         kernel: blueprint.kernel(),
@@ -310,7 +317,9 @@ pub fn run(
     };
     let state = SavedState {
         device_state: vm_dir.join(DEVICE_STATE_IN),
-        memory_file: Some(memory_file.clone()),
+        // With RAM in the device state, the engine loads it from there
+        // into the (zero) memory file.
+        memory_file: (!meta.memory_in_state).then(|| memory_file.clone()),
         provenance: meta.provenance.clone(),
     };
     let config = VmConfig {
@@ -447,6 +456,8 @@ fn suspend_into(
         written_unix: now_unix(),
         generation: meta.generation + 1,
         provenance,
+        // The VM ran from a shared memory file: RAM is in it again.
+        memory_in_state: false,
         ..meta.clone()
     };
     let sources = Sources {
@@ -476,7 +487,7 @@ pub(crate) fn check_writable(path: &Path) -> Result<(), RuntimeError> {
     }
 }
 
-fn read_meta(pkg: &Package) -> Result<PackageMeta, RuntimeError> {
+pub(crate) fn read_meta(pkg: &Package) -> Result<PackageMeta, RuntimeError> {
     serde_json::from_value(pkg.metadata().clone()).map_err(|e| {
         RuntimeError::BadOption(format!(
             "{} is a package but not a ferry VM package this version understands ({e})",
@@ -566,10 +577,10 @@ pub(crate) fn copy_sparse(from: &Path, to: &Path) -> Result<(), RuntimeError> {
 /// One `ferry run` per package: an exclusive lock under `$FERRY_STATE/locks`,
 /// named after the package's real path. It lives outside the package's own
 /// directory so that packages on read-only mounts can still be run.
-struct PackageLock(#[allow(dead_code)] File);
+pub(crate) struct PackageLock(#[allow(dead_code)] File);
 
 impl PackageLock {
-    fn acquire(paths: &Paths, package: &Path) -> Result<Self, RuntimeError> {
+    pub(crate) fn acquire(paths: &Paths, package: &Path) -> Result<Self, RuntimeError> {
         use sha2::Digest;
         let canon = std::fs::canonicalize(package).map_err(RuntimeError::io(package))?;
         let dir = paths.state.join("locks");

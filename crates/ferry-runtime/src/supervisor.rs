@@ -189,7 +189,12 @@ pub struct RunningVm {
     live: Arc<AtomicBool>,
     agent_generation: Arc<AtomicU64>,
     _control: Option<ControlServer>,
+    control_extension: Extension,
 }
+
+/// Answers the control requests the supervisor itself does not (`stop`),
+/// once a detached VM's supervisor installs it.
+type Extension = Arc<Mutex<Option<Arc<dyn ControlHandler>>>>;
 
 impl RunningVm {
     /// Cold-boots `image` as a new VM. Returns as soon as the engine runs
@@ -255,6 +260,24 @@ impl RunningVm {
         )
     }
 
+    /// Like [`RunningVm::restore`], in a directory the caller has claimed
+    /// already: [`VmDir::resume`] keeps a suspended VM's record, saved
+    /// package and logs, which a new directory would not have.
+    #[allow(clippy::too_many_arguments)]
+    pub fn restore_in(
+        dir: VmDir,
+        engine: &dyn Engine,
+        paths: &Paths,
+        image: &BootImage,
+        config: &VmConfig,
+        state: &SavedState,
+        memory: RestoreMemory,
+        prepare: impl FnOnce(&VmDir) -> Result<(), RuntimeError>,
+    ) -> Result<Self, RuntimeError> {
+        let kind = StartKind::Restore(state, memory, Box::new(prepare));
+        Self::start_in(dir, engine, paths, image, config, kind)
+    }
+
     fn start(
         engine: &dyn Engine,
         paths: &Paths,
@@ -263,6 +286,17 @@ impl RunningVm {
         kind: StartKind<'_>,
     ) -> Result<Self, RuntimeError> {
         let dir = VmDir::create(paths, &config.name)?;
+        Self::start_in(dir, engine, paths, image, config, kind)
+    }
+
+    fn start_in(
+        dir: VmDir,
+        engine: &dyn Engine,
+        paths: &Paths,
+        image: &BootImage,
+        config: &VmConfig,
+        kind: StartKind<'_>,
+    ) -> Result<Self, RuntimeError> {
         let started = Instant::now();
         let (sender, events) = channel();
         let console_path = dir.path().join(files::CONSOLE);
@@ -385,6 +419,7 @@ impl RunningVm {
             live: Arc::default(),
             agent_generation: Arc::default(),
             _control: None,
+            control_extension: Arc::default(),
         };
         running.connect_agent()?;
         let handler = Arc::new(Control {
@@ -392,6 +427,7 @@ impl RunningVm {
             status: running.status.clone(),
             live: running.live.clone(),
             started,
+            extension: running.control_extension.clone(),
         });
         let control_path = running.dir().path().join(files::CONTROL);
         running._control = Some(ControlServer::start(&control_path, handler)?);
@@ -693,6 +729,23 @@ impl RunningVm {
         self.set_state(state);
     }
 
+    /// Hands the control requests this supervisor does not answer itself
+    /// (`stop`) to `handler`.
+    pub fn set_control_extension(&self, handler: Arc<dyn ControlHandler>) {
+        *self.control_extension.lock().expect("extension") = Some(handler);
+    }
+
+    /// Tells the guest its fleet (`set-fleet`): it writes the list to
+    /// `/run/ferry/fleet.json`.
+    pub fn set_fleet(
+        &self,
+        self_name: &str,
+        members: Vec<ferry_agent_proto::FleetMember>,
+    ) -> Result<(), RuntimeError> {
+        self.agent()
+            .set_fleet(self_name, members, Duration::from_secs(5))
+    }
+
     /// Tells the agent the guest was resumed: steps the clock to the host's,
     /// reseeds its RNG, and optionally gives it a new identity.
     pub fn after_resume(&self, identity: Option<Identity>) -> Result<Reply, RuntimeError> {
@@ -753,6 +806,7 @@ struct Control {
     status: Arc<Mutex<VmStatus>>,
     live: Arc<AtomicBool>,
     started: Instant,
+    extension: Extension,
 }
 
 impl ControlHandler for Control {
@@ -803,6 +857,12 @@ impl ControlHandler for Control {
                     },
                 }
             }
+            other => match self.extension.lock().expect("extension").clone() {
+                Some(handler) => handler.handle(other),
+                None => ControlReply::Error {
+                    message: "this VM's supervisor cannot do that: it runs in the foreground (ferry boot or ferry run without --detach); stop it there with Ctrl-C".into(),
+                },
+            },
         }
     }
 }

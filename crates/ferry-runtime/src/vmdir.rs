@@ -11,6 +11,7 @@ use std::io::Write;
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 
+use crate::record::{RecordState, VmRecord};
 use crate::{Paths, RuntimeError};
 
 /// Largest console log before it is rotated to `console.log.1`.
@@ -26,8 +27,20 @@ pub struct VmDir {
 
 impl VmDir {
     /// Claims `name`: creates (or takes over a stale) state directory and
-    /// locks it. Fails if a running VM holds the name.
+    /// locks it. Fails if a running VM holds the name, or a suspended or
+    /// stopped VM whose state the directory keeps.
     pub fn create(paths: &Paths, name: &str) -> Result<Self, RuntimeError> {
+        Self::claim(paths, name, false)
+    }
+
+    /// Claims the directory of the suspended (or stopped, or crashed) VM
+    /// `name` to run it again: like [`VmDir::create`], but keeps what
+    /// [`KEPT`] names (its record, saved package and logs).
+    pub fn resume(paths: &Paths, name: &str) -> Result<Self, RuntimeError> {
+        Self::claim(paths, name, true)
+    }
+
+    fn claim(paths: &Paths, name: &str, resume: bool) -> Result<Self, RuntimeError> {
         validate_name(name)?;
         let vms = paths.vms();
         std::fs::create_dir_all(&vms).map_err(RuntimeError::io(&vms))?;
@@ -44,7 +57,17 @@ impl VmDir {
             .write(true)
             .open(&lock_path)
             .map_err(RuntimeError::io(&lock_path))?;
-        if !try_lock(&lock, libc::LOCK_EX) {
+        // Others test the lock with a brief shared lock (`running_vm_dir`,
+        // the fleet watchers): a conflict that short is not a running VM.
+        let mut locked = try_lock(&lock, libc::LOCK_EX);
+        for _ in 0..20 {
+            if locked {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(5));
+            locked = try_lock(&lock, libc::LOCK_EX);
+        }
+        if !locked {
             let pid = std::fs::read_to_string(path.join("pid"))
                 .map(|p| format!(" (pid {})", p.trim()))
                 .unwrap_or_default();
@@ -53,25 +76,21 @@ impl VmDir {
                 pid,
             });
         }
+        if !fresh && !resume {
+            if let Some(state) = held_state(&path) {
+                return Err(RuntimeError::NameHeld {
+                    name: name.to_string(),
+                    state,
+                });
+            }
+        }
         if !fresh {
             tracing::info!(
                 name,
                 "taking over the stale state directory of a VM that is gone"
             );
             remove_leftover_network(&path);
-            for entry in std::fs::read_dir(&path)
-                .map_err(RuntimeError::io(&path))?
-                .flatten()
-            {
-                if entry.file_name() != "lock" {
-                    let p = entry.path();
-                    let _ = if p.is_dir() {
-                        std::fs::remove_dir_all(&p)
-                    } else {
-                        std::fs::remove_file(&p)
-                    };
-                }
-            }
+            clear(&path, if resume { KEPT } else { &["lock"] })?;
         }
         let dir = VmDir {
             name: name.to_string(),
@@ -100,17 +119,84 @@ impl VmDir {
         std::fs::rename(&tmp, &dest).map_err(RuntimeError::io(&dest))
     }
 
-    /// Removes the directory; the lock goes with it.
-    pub fn remove(self) {
+    /// Removes the directory and everything in it, state or not (`ferry
+    /// rm`, `ferry clean`).
+    pub fn remove_all(self) {
         if let Err(e) = std::fs::remove_dir_all(&self.path) {
+            tracing::warn!(path = %self.path.display(), error = %e, "could not remove the VM's state directory");
+        }
+    }
+
+    /// Removes the directory; the lock goes with it. A directory that holds
+    /// a VM's state (a saved package, or the record of a VM that is
+    /// suspended, stopped or crashed) keeps what [`KEPT`] names: no path
+    /// that drops a VM deletes a user's data, only `ferry rm`, `ferry stop
+    /// --discard` and `ferry clean` do, on purpose.
+    pub fn remove(self) {
+        let result = if holds_state(&self.path) {
+            clear(&self.path, KEPT)
+        } else {
+            std::fs::remove_dir_all(&self.path).map_err(RuntimeError::io(&self.path))
+        };
+        if let Err(e) = result {
             tracing::warn!(path = %self.path.display(), error = %e, "could not remove the VM's state directory");
         }
     }
 }
 
+/// What a directory whose VM is not running keeps of it: the lock (so the
+/// name can be claimed again), its record, its saved package and its logs.
+pub const KEPT: &[&str] = &[
+    "lock",
+    files::RECORD,
+    files::SAVED,
+    files::CONSOLE,
+    files::CONSOLE_OLD,
+    files::SUPERVISOR_LOG,
+];
+
+/// Removes everything in `dir` but the files named in `keep`.
+fn clear(dir: &Path, keep: &[&str]) -> Result<(), RuntimeError> {
+    for entry in std::fs::read_dir(dir)
+        .map_err(RuntimeError::io(dir))?
+        .flatten()
+    {
+        if keep.iter().any(|k| entry.file_name() == *k) {
+            continue;
+        }
+        let p = entry.path();
+        let _ = if p.is_dir() {
+            std::fs::remove_dir_all(&p)
+        } else {
+            std::fs::remove_file(&p)
+        };
+    }
+    Ok(())
+}
+
+/// Whether a directory holds state that outlives its VM's process.
+fn holds_state(dir: &Path) -> bool {
+    dir.join(files::SAVED).exists()
+        || VmRecord::load(dir).is_some_and(|r| r.state != RecordState::Running)
+}
+
+/// If the (unlocked) directory belongs to a VM that keeps its name while
+/// it is not running, that VM's state: a suspended or stopped VM, or one
+/// with a saved package (which `ferry start` can resume). A crashed VM
+/// without one holds no name: whoever claims it takes the directory over.
+pub fn held_state(dir: &Path) -> Option<RecordState> {
+    let record = VmRecord::load(dir);
+    match record.as_ref().map(|r| r.state) {
+        Some(s @ (RecordState::Suspended | RecordState::Stopped)) => Some(s),
+        _ if dir.join(files::SAVED).exists() => Some(RecordState::Suspended),
+        _ if record.as_ref().is_some_and(VmRecord::resumable) => Some(RecordState::Suspended),
+        _ => None,
+    }
+}
+
 /// A VM whose supervisor was killed leaves the namespace ferry made for
-/// it; whoever takes its directory over removes it.
-fn remove_leftover_network(dir: &Path) {
+/// it; whoever takes its directory over (or `ferry clean`) removes it.
+pub fn remove_leftover_network(dir: &Path) {
     let Ok(bytes) = std::fs::read(dir.join(files::NET)) else {
         return;
     };
@@ -132,6 +218,17 @@ pub mod files {
     pub const CONTROL: &str = "control.sock";
     /// The console log.
     pub const CONSOLE: &str = "console.log";
+    /// The console log before its last rotation.
+    pub const CONSOLE_OLD: &str = "console.log.1";
+    /// A detached VM's record ([`crate::record::VmRecord`]).
+    pub const RECORD: &str = "vm.json";
+    /// The package a suspended clone is saved in.
+    pub const SAVED: &str = "saved.ferry";
+    /// What a detached VM's supervisor (ferry itself) logs.
+    pub const SUPERVISOR_LOG: &str = "supervisor.log";
+    /// The pristine disk a resumed VM's overlay sits on, extracted from
+    /// its own package.
+    pub const BASE_DISK: &str = "base.raw";
     /// Guest RAM.
     pub const MEMORY: &str = "memory";
     /// The disk overlay.

@@ -9,6 +9,7 @@
 #![warn(missing_docs)]
 
 pub mod hosts;
+pub mod netsnap;
 pub use hosts::{Host, TestHosts};
 
 use std::fs::File;

@@ -7,13 +7,22 @@
 
 mod blueprint;
 mod boot;
+mod clean;
 mod exec;
 mod inspect;
+mod logs;
 mod net;
 mod package;
 mod peer;
+mod ps;
 mod registry;
+mod restart;
+mod rm;
 mod run;
+mod start;
+mod stop;
+mod supervise;
+mod up;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -57,6 +66,25 @@ enum Command {
     Registry(registry::Args),
     /// Resume a VM from a registry, or live-migrate one from another peer.
     Peer(peer::Args),
+    /// Start N copy-on-write clones of a package as a fleet of detached VMs.
+    Up(up::Args),
+    /// List VMs: running, suspended, stopped and crashed.
+    Ps(ps::Args),
+    /// Print a VM's console log; -f follows it.
+    Logs(logs::Args),
+    /// Suspend a VM (or every VM) keeping its state; --discard drops it.
+    Stop(stop::Args),
+    /// Resume a suspended VM, detached, with the ports and fleet it had.
+    Start(start::Args),
+    /// Suspend and resume a VM (or every running VM).
+    Restart(restart::Args),
+    /// Delete the state of a VM that is not running.
+    Rm(rm::Args),
+    /// Remove what crashed VMs left: state directories, namespaces, links, rules.
+    Clean(clean::Args),
+    /// The supervisor of one detached VM (started by ferry itself).
+    #[command(hide = true)]
+    Supervise(supervise::Args),
 }
 
 /// `--accel` values.
@@ -93,6 +121,23 @@ pub fn run(cli: Cli, started: Instant) -> anyhow::Result<ExitCode> {
         Command::Net(args) => net::run(args, &paths),
         Command::Registry(args) => registry::run(args),
         Command::Peer(args) => peer::run(args, &paths, started),
+        Command::Up(args) => up::run(args, &paths),
+        Command::Ps(args) => ps::run(args, &paths),
+        Command::Logs(args) => logs::run(args, &paths),
+        Command::Stop(args) => stop::run(args, &paths),
+        Command::Start(args) => start::run(args, &paths),
+        Command::Restart(args) => restart::run(args, &paths),
+        Command::Rm(args) => rm::run(args, &paths),
+        Command::Clean(args) => clean::run(args, &paths),
+        Command::Supervise(args) => supervise::run(args, &paths),
+    }
+}
+
+/// `NAME` or `--all` (clap makes sure there is exactly one).
+pub fn target(name: Option<String>, all: bool) -> ferry_runtime::fleet::Target {
+    match name {
+        Some(n) if !all => ferry_runtime::fleet::Target::One(n),
+        _ => ferry_runtime::fleet::Target::All,
     }
 }
 
@@ -160,7 +205,12 @@ pub fn engine(paths: &Paths) -> Result<ferry_qemu::QemuEngine, EngineError> {
 
 /// The stable exit code for an error.
 pub fn exit_code(e: &anyhow::Error) -> ExitCode {
-    let code = if let Some(r) = e.downcast_ref::<RuntimeError>() {
+    ExitCode::from(exit_number(e))
+}
+
+/// [`exit_code`] as a number (what a detached VM's supervisor reports).
+pub fn exit_number(e: &anyhow::Error) -> u8 {
+    if let Some(r) = e.downcast_ref::<RuntimeError>() {
         match r {
             RuntimeError::Blueprint(b) => blueprint_code(b),
             RuntimeError::Engine(en) => engine_code(en),
@@ -171,7 +221,11 @@ pub fn exit_code(e: &anyhow::Error) -> ExitCode {
             | RuntimeError::BadOption(_)
             | RuntimeError::Package(_)
             | RuntimeError::PackageInUse { .. }
-            | RuntimeError::HostTooSmall { .. } => 3,
+            | RuntimeError::HostTooSmall { .. }
+            | RuntimeError::NameHeld { .. }
+            | RuntimeError::UnknownVm { .. }
+            | RuntimeError::TooManyClones { .. } => 3,
+            RuntimeError::DetachedStart { code, .. } | RuntimeError::Several { code, .. } => *code,
             RuntimeError::AgentSilent { .. }
             | RuntimeError::NotLive { .. }
             | RuntimeError::VmDied { .. }
@@ -194,8 +248,7 @@ pub fn exit_code(e: &anyhow::Error) -> ExitCode {
         transport_code(t)
     } else {
         1
-    };
-    ExitCode::from(code)
+    }
 }
 
 fn blueprint_code(e: &BlueprintError) -> u8 {

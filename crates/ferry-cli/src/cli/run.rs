@@ -2,10 +2,14 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
+use ferry_runtime::fleet::{run_detached, started_line, RunDetachedOptions};
 use ferry_runtime::package::{run as run_package, RunOptions};
-use ferry_runtime::Paths;
+use ferry_runtime::record::NetSpec;
+use ferry_runtime::supervisor::NetChoice;
+use ferry_runtime::vmdir::generate_name;
+use ferry_runtime::{Paths, RuntimeError};
 
 use super::AccelArg;
 
@@ -28,15 +32,23 @@ pub struct Args {
     console: bool,
     /// Forward this terminal to the guest's serial console (a shell runs
     /// there); shows the console too. Ctrl-C still suspends the VM.
-    #[arg(long = "enable-input")]
+    #[arg(long = "enable-input", conflicts_with = "detach")]
     enable_input: bool,
+    /// Run in the background, owned by a supervisor process of its own;
+    /// returns once the VM is live. 'ferry stop NAME' suspends it (a clone
+    /// into a package of its own), 'ferry logs NAME' shows its console.
+    #[arg(short, long)]
+    detach: bool,
     #[command(flatten)]
     net: super::NetArgs,
 }
 
 pub fn run(args: Args, paths: &Paths, started: Instant) -> anyhow::Result<ExitCode> {
-    let engine = super::engine(paths)?;
     let net = args.net.choice()?;
+    if args.detach {
+        return detached(args, net, paths);
+    }
+    let engine = super::engine(paths)?;
     let opts = RunOptions {
         package: args.package,
         name: args.name,
@@ -48,5 +60,44 @@ pub fn run(args: Args, paths: &Paths, started: Instant) -> anyhow::Result<ExitCo
         net,
     };
     run_package(&engine, paths, &opts, &mut super::say)?;
+    Ok(ExitCode::SUCCESS)
+}
+
+fn detached(args: Args, net: NetChoice, paths: &Paths) -> anyhow::Result<ExitCode> {
+    if args.console {
+        anyhow::bail!(RuntimeError::BadOption(
+            "--console shows the console of a VM in the foreground: with --detach, use 'ferry logs NAME -f'".into()
+        ));
+    }
+    let name = match args.name {
+        Some(n) => n,
+        None => {
+            let pkg = ferry_package::Package::open(&args.package)?;
+            let recipe = pkg.metadata()["recipe"]
+                .as_str()
+                .unwrap_or("vm")
+                .to_string();
+            generate_name(&recipe)
+        }
+    };
+    let opts = RunDetachedOptions {
+        package: args.package,
+        name: name.clone(),
+        clone: args.clone,
+        accel: args.accel.into(),
+        net: NetSpec::from_choice(&net),
+        live_timeout: Duration::from_secs(60),
+        ferry: std::env::current_exe()?,
+    };
+    let started = run_detached(paths, &opts)?;
+    println!("{}", started_line(&name, Some(&started)));
+    println!(
+        "VM '{name}' runs detached; 'ferry stop {name}' suspends it{}, 'ferry logs {name}' shows its console",
+        if args.clone {
+            " into a package of its own"
+        } else {
+            " back into the package"
+        }
+    );
     Ok(ExitCode::SUCCESS)
 }

@@ -1,0 +1,14 @@
+//! `ferry clean`.
+
+use std::process::ExitCode;
+
+use ferry_runtime::fleet::clean;
+use ferry_runtime::Paths;
+
+#[derive(clap::Args, Debug)]
+pub struct Args {}
+
+pub fn run(_args: Args, paths: &Paths) -> anyhow::Result<ExitCode> {
+    clean(paths, &mut |line| println!("{line}"))?;
+    Ok(ExitCode::SUCCESS)
+}

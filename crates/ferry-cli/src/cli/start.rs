@@ -1,0 +1,28 @@
+//! `ferry start`.
+
+use std::process::ExitCode;
+use std::time::Duration;
+
+use ferry_runtime::fleet::{start, started_line};
+use ferry_runtime::Paths;
+
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    /// The suspended VM to resume.
+    name: String,
+    /// Seconds it may take to be live.
+    #[arg(long = "live-timeout", value_name = "S", default_value_t = 60)]
+    live_timeout: u64,
+}
+
+pub fn run(args: Args, paths: &Paths) -> anyhow::Result<ExitCode> {
+    let ferry = std::env::current_exe()?;
+    let started = start(
+        paths,
+        &ferry,
+        &args.name,
+        Duration::from_secs(args.live_timeout),
+    )?;
+    println!("{}", started_line(&args.name, started.as_ref()));
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,70 @@
+//! `ferry supervise` (hidden): the supervisor of one detached VM, started
+//! by `ferry up`, `run --detach` and `start`, never by hand. It reads its
+//! spec as JSON on standard input and reports on the descriptor
+//! `--ready-fd` names (see `ferry_runtime::detach`).
+
+use std::io::Read;
+use std::process::ExitCode;
+
+use ferry_runtime::detach::{supervise, DetachSpec, ReadyMsg, ReadyPipe};
+use ferry_runtime::{Paths, RuntimeError};
+
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    /// The pipe to report readiness (or the error) on.
+    #[arg(long = "ready-fd", value_name = "FD")]
+    ready_fd: i32,
+    /// The VM's name (also in the spec; here for `ps` of the host).
+    name: String,
+}
+
+pub fn run(args: Args, paths: &Paths) -> anyhow::Result<ExitCode> {
+    let mut ready = ReadyPipe::from_fd(args.ready_fd)?;
+    let result = read_spec(&args.name).and_then(|spec| {
+        let engine = super::engine(paths)?;
+        Ok(supervise(&engine, paths, &spec, &mut ready)?)
+    });
+    match result {
+        Ok(_) => Ok(ExitCode::SUCCESS),
+        Err(e) => {
+            let code = super::exit_code(&e);
+            if !ready.sent() {
+                ready.send(&ReadyMsg::Failed {
+                    code: exit_number(&e),
+                    message: super::one_line(&e),
+                });
+            }
+            eprintln!("ferry: {}", super::one_line(&e));
+            Ok(code)
+        }
+    }
+}
+
+/// The spec from standard input, which is then `/dev/null`: a supervisor
+/// has no terminal and reads nothing else.
+fn read_spec(name: &str) -> anyhow::Result<DetachSpec> {
+    let mut text = String::new();
+    std::io::stdin().read_to_string(&mut text)?;
+    if let Ok(null) = std::fs::File::open("/dev/null") {
+        use std::os::fd::AsRawFd;
+        // SAFETY: dup2(2) of a descriptor `null` keeps open onto stdin.
+        unsafe {
+            libc::dup2(null.as_raw_fd(), 0);
+        }
+    }
+    let spec: DetachSpec = serde_json::from_str(&text)
+        .map_err(|e| RuntimeError::BadOption(format!("the supervisor's spec is not valid: {e}")))?;
+    if spec.name != name {
+        return Err(RuntimeError::BadOption(format!(
+            "the spec names '{}' but the supervisor was started for '{name}'",
+            spec.name
+        ))
+        .into());
+    }
+    Ok(spec)
+}
+
+/// The exit code number for an error (what [`super::exit_code`] returns).
+fn exit_number(e: &anyhow::Error) -> u8 {
+    super::exit_number(e)
+}

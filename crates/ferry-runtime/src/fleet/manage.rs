@@ -1,0 +1,504 @@
+//! `ferry stop`, `start`, `restart`, `rm`, `clean` and `logs`: one VM or
+//! all of them, several at the same time, one line each.
+
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::path::Path;
+use std::sync::atomic::AtomicBool;
+use std::time::{Duration, Instant};
+
+use crate::control::{call, ControlReply, ControlRequest};
+use crate::detach::{choice_of, launch, DetachSpec, StartFrom, Started};
+use crate::record::{RecordState, VmRecord};
+use crate::vmdir::{files, remove_leftover_network, running_vm_dir, VmDir};
+use crate::{Paths, RuntimeError};
+
+use super::ps::{crash_note, list, state_of};
+use super::{StartedLine, READY_TIMEOUT};
+
+/// Which VMs a command works on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Target {
+    /// One, by name.
+    One(String),
+    /// Every VM (`--all`).
+    All,
+}
+
+/// `ferry stop NAME|--all [--discard]`: suspends running VMs (state kept,
+/// `ferry start` resumes them), or with `discard` shuts them down and drops
+/// their state — also the saved state of suspended and stopped VMs, and
+/// what crashed ones left. One line per VM; fails if any failed.
+pub fn stop(
+    paths: &Paths,
+    target: &Target,
+    discard: bool,
+    say: &mut dyn FnMut(&str),
+) -> Result<(), RuntimeError> {
+    let names = match target {
+        Target::One(n) => {
+            if state_of(paths, n).is_none() {
+                return Err(unknown(paths, n));
+            }
+            vec![n.clone()]
+        }
+        Target::All => list(paths).into_iter().map(|v| v.name).collect(),
+    };
+    if names.is_empty() {
+        say("no VMs");
+        return Ok(());
+    }
+    let mut failures = Vec::new();
+    let mut code = 0;
+    for (name, line) in names.iter().zip(stop_all(paths, names.clone(), discard)) {
+        match line {
+            Ok(l) => say(&l),
+            Err(e) => {
+                if code == 0 {
+                    code = error_code(&e);
+                }
+                failures.push(named(name, &e));
+            }
+        }
+    }
+    several(failures, names.len(), "stop", code)
+}
+
+/// `NAME: error`, unless the error names the VM already.
+fn named(name: &str, e: &RuntimeError) -> String {
+    let text = e.to_string();
+    if text.starts_with(&format!("{name}: ")) {
+        text
+    } else {
+        format!("{name}: {text}")
+    }
+}
+
+/// Fails with one error naming every failure, if there are any.
+fn several(failures: Vec<String>, of: usize, what: &str, code: u8) -> Result<(), RuntimeError> {
+    if failures.is_empty() {
+        return Ok(());
+    }
+    Err(RuntimeError::Several {
+        summary: format!("could not {what} {} of {of} VMs", failures.len()),
+        failures,
+        code,
+    })
+}
+
+/// The exit code class of errors that commands on several VMs collect.
+fn error_code(e: &RuntimeError) -> u8 {
+    match e {
+        RuntimeError::DetachedStart { code, .. } | RuntimeError::Several { code, .. } => *code,
+        RuntimeError::UnknownVm { .. }
+        | RuntimeError::NameInUse { .. }
+        | RuntimeError::NameHeld { .. }
+        | RuntimeError::BadOption(_) => 3,
+        RuntimeError::VmDied { .. } | RuntimeError::Agent(_) => 5,
+        _ => 1,
+    }
+}
+
+pub(super) fn unknown(paths: &Paths, name: &str) -> RuntimeError {
+    RuntimeError::UnknownVm {
+        name: name.to_string(),
+        dir: paths.vms(),
+    }
+}
+
+/// Stops each of `names` at the same time; one result per name, in order.
+pub(super) fn stop_all(
+    paths: &Paths,
+    names: Vec<String>,
+    discard: bool,
+) -> Vec<Result<String, RuntimeError>> {
+    std::thread::scope(|scope| {
+        let handles: Vec<_> = names
+            .iter()
+            .map(|n| scope.spawn(move || stop_one(paths, n, discard)))
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| {
+                h.join()
+                    .unwrap_or_else(|_| Err(RuntimeError::BadOption("stopping panicked".into())))
+            })
+            .collect()
+    })
+}
+
+fn stop_one(paths: &Paths, name: &str, discard: bool) -> Result<String, RuntimeError> {
+    let Some((state, record)) = state_of(paths, name) else {
+        return Err(unknown(paths, name));
+    };
+    let dir = paths.vms().join(name);
+    match state {
+        RecordState::Running => {}
+        RecordState::Suspended | RecordState::Stopped if discard => {
+            remove_state(paths, name)?;
+            return Ok(format!("{name}: was {state}; its state is deleted"));
+        }
+        RecordState::Suspended | RecordState::Stopped => {
+            return Ok(format!("{name}: already {state}"));
+        }
+        RecordState::Crashed if discard => {
+            remove_state(paths, name)?;
+            return Ok(format!("{name}: had crashed; what it left is removed"));
+        }
+        RecordState::Crashed => {
+            let resumable = record.as_ref().is_some_and(VmRecord::resumable);
+            return Ok(format!(
+                "{name}: crashed, nothing to stop ({}'ferry clean' removes what it left{})",
+                record
+                    .as_ref()
+                    .and_then(|r| r.note.as_deref())
+                    .map(|n| format!("{n}; "))
+                    .unwrap_or_default(),
+                if resumable {
+                    "; 'ferry start' resumes its last suspended state"
+                } else {
+                    ""
+                }
+            ));
+        }
+    }
+    let control = dir.join(files::CONTROL);
+    let t = Instant::now();
+    let reply = call(
+        &control,
+        &ControlRequest::Stop { discard },
+        Duration::from_secs(900),
+    );
+    match reply {
+        Ok(ControlReply::Stopped { state, ms, saved }) => {
+            wait_not_running(paths, name, Duration::from_secs(60))?;
+            Ok(match saved {
+                Some(s) => format!("{name}: {state} in {ms} ms (state kept in {s})"),
+                None => format!("{name}: {state} in {ms} ms"),
+            })
+        }
+        Ok(ControlReply::Error { message }) if message.contains("runs in the foreground") => {
+            stop_foreground(paths, name, &control)
+        }
+        Ok(ControlReply::Error { message }) => Err(RuntimeError::Control {
+            path: control,
+            detail: message,
+        }),
+        Ok(other) => Err(RuntimeError::Control {
+            path: control,
+            detail: format!("unexpected reply {other:?}"),
+        }),
+        Err(e) => {
+            // The supervisor may have finished and exited before its answer
+            // went out: the directory says what happened.
+            wait_not_running(paths, name, Duration::from_secs(30)).map_err(|_| e)?;
+            let ms = t.elapsed().as_millis();
+            Ok(match state_of(paths, name) {
+                None => format!("{name}: discarded in {ms} ms"),
+                Some((s, _)) => format!("{name}: {s} in {ms} ms"),
+            })
+        }
+    }
+}
+
+/// A VM that runs in the foreground (`ferry boot`, `ferry run`) is
+/// stopped the way Ctrl-C stops it there: SIGTERM to its ferry process.
+fn stop_foreground(paths: &Paths, name: &str, control: &Path) -> Result<String, RuntimeError> {
+    let pid = match call(control, &ControlRequest::Status, Duration::from_secs(5))? {
+        ControlReply::Status(s) => s.pid,
+        other => {
+            return Err(RuntimeError::Control {
+                path: control.to_path_buf(),
+                detail: format!("unexpected reply {other:?}"),
+            })
+        }
+    };
+    // SAFETY: kill(2) has no memory-safety preconditions.
+    unsafe {
+        libc::kill(pid as libc::pid_t, libc::SIGTERM);
+    }
+    wait_not_running(paths, name, Duration::from_secs(300))?;
+    Ok(format!(
+        "{name}: ran in the foreground; its ferry process (pid {pid}) was sent SIGTERM and did what Ctrl-C does there"
+    ))
+}
+
+/// Waits until VM `name` no longer runs and its directory is settled: gone,
+/// or kept (a lock file that nobody holds). A directory without its lock
+/// file is still being removed by the VM's process.
+fn wait_not_running(paths: &Paths, name: &str, timeout: Duration) -> Result<(), RuntimeError> {
+    let t = Instant::now();
+    let dir = paths.vms().join(name);
+    let settled =
+        || running_vm_dir(paths, name).is_err() && (!dir.exists() || dir.join("lock").exists());
+    while !settled() {
+        if t.elapsed() > timeout {
+            return Err(RuntimeError::BadOption(format!(
+                "'{name}' still runs {} s after it was asked to stop; see {}",
+                timeout.as_secs(),
+                paths.vms().join(name).join(files::SUPERVISOR_LOG).display()
+            )));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Ok(())
+}
+
+/// Deletes the directory of a VM that is not running: its record, its own
+/// saved package, its logs, and the namespace a crash left. Never a
+/// package of the user's.
+pub(super) fn remove_state(paths: &Paths, name: &str) -> Result<(), RuntimeError> {
+    let dir = VmDir::resume(paths, name)?;
+    dir.remove_all();
+    Ok(())
+}
+
+/// `ferry start NAME`: resumes a suspended VM, detached, with the network
+/// and fleet it had.
+pub fn start(
+    paths: &Paths,
+    ferry: &Path,
+    name: &str,
+    live_timeout: Duration,
+) -> Result<Option<Started>, RuntimeError> {
+    let Some((state, record)) = state_of(paths, name) else {
+        return Err(unknown(paths, name));
+    };
+    if state == RecordState::Running {
+        return Ok(None);
+    }
+    let Some(record) = record else {
+        return Err(RuntimeError::BadOption(format!(
+            "'{name}' ran in the foreground and left no saved state here; 'ferry clean' removes what it left"
+        )));
+    };
+    if !record.resumable() {
+        return Err(RuntimeError::BadOption(format!(
+            "'{name}' is {state} with no saved state to resume ({}); 'ferry rm {name}' removes it",
+            record.note.as_deref().unwrap_or("it never was suspended")
+        )));
+    }
+    let spec = DetachSpec {
+        name: name.to_string(),
+        from: StartFrom::Saved,
+        accel: choice_of(record.accel),
+        net: record.net.clone(),
+        fleet: record.fleet.clone(),
+        live_timeout_s: live_timeout.as_secs(),
+    };
+    let never = AtomicBool::new(false);
+    launch(ferry, paths, &spec)?
+        .wait(READY_TIMEOUT, &never)
+        .map(Some)
+}
+
+/// One line for a started (or already running) VM.
+pub fn started_line(name: &str, started: Option<&Started>) -> String {
+    match started {
+        Some(s) => StartedLine(s).to_string(),
+        None => format!("{name}: already running"),
+    }
+}
+
+/// `ferry restart NAME|--all`: suspends each running VM and resumes it
+/// (suspended VMs are just started). With `--all`, every running VM, at
+/// the same time.
+pub fn restart(
+    paths: &Paths,
+    ferry: &Path,
+    target: &Target,
+    live_timeout: Duration,
+    say: &mut dyn FnMut(&str),
+) -> Result<(), RuntimeError> {
+    let names: Vec<String> = match target {
+        Target::One(n) => {
+            if state_of(paths, n).is_none() {
+                return Err(unknown(paths, n));
+            }
+            vec![n.clone()]
+        }
+        Target::All => list(paths)
+            .into_iter()
+            .filter(|v| v.state == RecordState::Running)
+            .map(|v| v.name)
+            .collect(),
+    };
+    if names.is_empty() {
+        say("no running VMs");
+        return Ok(());
+    }
+    let results: Vec<Result<String, RuntimeError>> = std::thread::scope(|scope| {
+        let handles: Vec<_> = names
+            .iter()
+            .map(|n| {
+                scope.spawn(move || -> Result<String, RuntimeError> {
+                    if matches!(state_of(paths, n), Some((RecordState::Running, _))) {
+                        stop_one(paths, n, false)?;
+                    }
+                    let started = start(paths, ferry, n, live_timeout)?;
+                    Ok(started_line(n, started.as_ref()))
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| {
+                h.join()
+                    .unwrap_or_else(|_| Err(RuntimeError::BadOption("restart panicked".into())))
+            })
+            .collect()
+    });
+    let mut failures = Vec::new();
+    let mut code = 0;
+    for (name, r) in names.iter().zip(results) {
+        match r {
+            Ok(line) => say(&line),
+            Err(e) => {
+                if code == 0 {
+                    code = error_code(&e);
+                }
+                failures.push(named(name, &e));
+            }
+        }
+    }
+    several(failures, names.len(), "restart", code)
+}
+
+/// `ferry rm NAME`: deletes the state of a VM that is not running (its
+/// record, its own saved package, its logs). A package of the user's that
+/// a `run --detach` VM suspended into is left alone.
+pub fn rm(paths: &Paths, name: &str) -> Result<String, RuntimeError> {
+    let Some((state, record)) = state_of(paths, name) else {
+        return Err(unknown(paths, name));
+    };
+    if state == RecordState::Running {
+        return Err(RuntimeError::BadOption(format!(
+            "'{name}' is running: stop it first ('ferry stop {name}'), or drop it at once with 'ferry stop {name} --discard'"
+        )));
+    }
+    let dir = paths.vms().join(name);
+    let kept = record
+        .as_ref()
+        .filter(|r| !r.owns_saved(&dir))
+        .and_then(|r| r.saved.clone());
+    remove_state(paths, name)?;
+    Ok(match kept {
+        Some(p) => format!(
+            "removed {name} ({state}); its package {} is yours and stays",
+            p.display()
+        ),
+        None => format!("removed {name} ({state})"),
+    })
+}
+
+/// `ferry clean`: removes what crashed VMs left (state directories,
+/// namespaces with their links and rules). A crashed VM that still has a
+/// saved state (it crashed after `ferry start`) is turned back into a
+/// suspended one instead. Never touches a running, suspended or stopped VM.
+pub fn clean(paths: &Paths, say: &mut dyn FnMut(&str)) -> Result<(), RuntimeError> {
+    let mut cleaned = 0;
+    for v in list(paths) {
+        if v.state != RecordState::Crashed {
+            continue;
+        }
+        let name = &v.name;
+        let dir = match VmDir::resume(paths, name) {
+            Ok(d) => d,
+            Err(RuntimeError::NameInUse { .. }) => continue, // started meanwhile
+            Err(e) => return Err(e),
+        };
+        // What a crash mid-start leaves before net.json exists.
+        if !dir.path().join(files::NET).exists() {
+            let ns = format!("{}-{name}", paths.net_prefix);
+            if let Ok(true) = ferry_net::vmnet::remove_leftover_namespace(&ns) {
+                tracing::info!(netns = ns, "removed a namespace left without a record");
+            }
+        }
+        remove_leftover_network(dir.path());
+        let record = VmRecord::load(dir.path());
+        let why = crash_note(record.as_ref());
+        match record.filter(VmRecord::resumable) {
+            Some(mut record) => {
+                record.state = RecordState::Suspended;
+                record.note = Some(format!(
+                    "crashed after its last start ({why}); suspended again as it was before that start"
+                ));
+                record.save(dir.path())?;
+                say(&format!(
+                    "{name}: crashed; its leftovers are removed and it is suspended as it was before its last start: 'ferry start {name}' resumes it"
+                ));
+            }
+            None => {
+                dir.remove_all();
+                say(&format!("{name}: removed (crashed: {why})"));
+            }
+        }
+        cleaned += 1;
+    }
+    if cleaned == 0 {
+        say("nothing to clean");
+    }
+    Ok(())
+}
+
+/// `ferry logs NAME [-f]`: writes the VM's console log (or, with
+/// `supervisor`, what its supervisor logged) to `out`; with `follow`, keeps
+/// writing what comes while the VM runs.
+pub fn logs(
+    paths: &Paths,
+    name: &str,
+    follow: bool,
+    supervisor: bool,
+    out: &mut dyn Write,
+) -> Result<(), RuntimeError> {
+    if state_of(paths, name).is_none() {
+        return Err(unknown(paths, name));
+    }
+    let dir = paths.vms().join(name);
+    let (current, old) = if supervisor {
+        (dir.join(files::SUPERVISOR_LOG), None)
+    } else {
+        (dir.join(files::CONSOLE), Some(dir.join(files::CONSOLE_OLD)))
+    };
+    let io_out = |e| RuntimeError::io("standard output")(e);
+    if let Some(old) = old {
+        if let Ok(bytes) = std::fs::read(&old) {
+            out.write_all(&bytes).map_err(io_out)?;
+        }
+    }
+    let mut offset = 0u64;
+    let mut inode = None;
+    loop {
+        use std::os::unix::fs::MetadataExt;
+        if let Ok(mut f) = std::fs::File::open(&current) {
+            let meta = f.metadata().map_err(RuntimeError::io(&current))?;
+            if inode != Some(meta.ino()) || meta.len() < offset {
+                // New or rotated: from its start.
+                inode = Some(meta.ino());
+                offset = 0;
+            }
+            f.seek(SeekFrom::Start(offset))
+                .map_err(RuntimeError::io(&current))?;
+            let mut bytes = Vec::new();
+            f.read_to_end(&mut bytes)
+                .map_err(RuntimeError::io(&current))?;
+            offset += bytes.len() as u64;
+            out.write_all(&bytes).map_err(io_out)?;
+            out.flush().map_err(io_out)?;
+        }
+        if !follow {
+            return Ok(());
+        }
+        let running = running_vm_dir(paths, name).is_ok();
+        if !running {
+            // One more read catches what came before it stopped.
+            if let Ok(meta) = std::fs::metadata(&current) {
+                use std::os::unix::fs::MetadataExt;
+                if Some(meta.ino()) == inode && meta.len() > offset {
+                    continue;
+                }
+            }
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
