@@ -421,7 +421,15 @@ impl RunningVm {
             _control: None,
             control_extension: Arc::default(),
         };
-        running.connect_agent()?;
+        if let Err(e) = running.connect_agent() {
+            // A guest that stops at once takes the engine (and its agent
+            // socket) with it: say why it stopped, not that the socket is
+            // missing.
+            if let Some(reason) = running.vm.wait_exit(Duration::from_millis(500)) {
+                return Err(running.died(reason));
+            }
+            return Err(e);
+        }
         let handler = Arc::new(Control {
             agent: running.agent.clone(),
             status: running.status.clone(),
