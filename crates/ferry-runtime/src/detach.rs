@@ -47,7 +47,7 @@ use crate::cache::SectionCache;
 use crate::control::{ControlHandler, ControlReply, ControlRequest};
 use crate::ops::forward_signals;
 use crate::package::{
-    check_host_memory, check_writable, now_unix, probe_of, read_meta, saved_provenance,
+    check_host_memory, check_writable, choose_saved_accel, now_unix, read_meta, saved_provenance,
     write_package, PackageLock, PackageMeta, Sources, DEVICE_STATE_IN,
 };
 use crate::record::{FleetSpec, NetSpec, RecordState, VmRecord};
@@ -694,15 +694,7 @@ fn start_vm(
         network: meta.network.clone(),
         disk_server: None,
     };
-    let decision = engine.choose_accel(spec.accel, &probe_of(&image))?;
-    if decision.accel != meta.provenance.accel {
-        return Err(RuntimeError::Engine(ferry_engine::EngineError::Incompatible(format!(
-            "the package was made with accelerator {} but this host runs {} ({}); rebuild the package here with 'ferry package'",
-            meta.provenance.accel,
-            decision.accel,
-            decision.reason.as_deref().unwrap_or("chosen")
-        ))));
-    }
+    let decision = choose_saved_accel(engine, spec.accel, &image, meta.provenance.accel)?;
     let state = SavedState {
         device_state: vm_dir.join(DEVICE_STATE_IN),
         memory_file: (!meta.memory_in_state).then(|| memory_file.clone()),

@@ -293,15 +293,7 @@ pub fn run(
         network: meta.network.clone(),
         disk_server: None,
     };
-    let decision = engine.choose_accel(opts.accel, &probe_of(&image))?;
-    if decision.accel != meta.provenance.accel {
-        return Err(RuntimeError::Engine(ferry_engine::EngineError::Incompatible(format!(
-            "the package was made with accelerator {} but this host runs {} ({}); rebuild the package here with 'ferry package'",
-            meta.provenance.accel,
-            decision.accel,
-            decision.reason.as_deref().unwrap_or("chosen")
-        ))));
-    }
+    let decision = choose_saved_accel(engine, opts.accel, &image, meta.provenance.accel)?;
     say(&decision.to_string());
     let memory_cache = cache.get(&pkg, SectionKind::Memory)?;
     let old_digests: std::collections::BTreeMap<SectionKind, String> =
@@ -494,6 +486,26 @@ pub(crate) fn read_meta(pkg: &Package) -> Result<PackageMeta, RuntimeError> {
             pkg.path().display()
         ))
     })
+}
+
+/// Chooses the accelerator for a package's VM: it can only resume on the
+/// one it was saved with.
+pub(crate) fn choose_saved_accel(
+    engine: &dyn Engine,
+    choice: AccelChoice,
+    image: &BootImage,
+    saved: ferry_engine::Accel,
+) -> Result<ferry_engine::AccelDecision, RuntimeError> {
+    let decision = engine.choose_accel(choice, &probe_of(image))?;
+    if decision.accel != saved {
+        return Err(RuntimeError::Engine(ferry_engine::EngineError::Incompatible(format!(
+            "the package was made with accelerator {} but this host runs {} ({}); rebuild the package here with 'ferry package'",
+            saved,
+            decision.accel,
+            decision.reason.as_deref().unwrap_or("chosen")
+        ))));
+    }
+    Ok(decision)
 }
 
 pub(crate) fn probe_of(image: &BootImage) -> ProbeGuest {
