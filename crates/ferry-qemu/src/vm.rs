@@ -43,6 +43,9 @@ pub struct QemuVm {
     /// QEMU's standard input is the serial console's input.
     stdin: Option<ChildStdin>,
     agent_socket: PathBuf,
+    /// The agent connection made before a cold-booted guest ran, handed
+    /// out by the first [`Vm::agent_stream`].
+    first_agent: Mutex<Option<UnixStream>>,
     provenance: Provenance,
     /// Whether guest writes reach `memory_file` (shared mapping).
     memory_in_file: bool,
@@ -97,7 +100,10 @@ impl QemuVm {
             &qmp_socket,
             &agent_socket,
             !matches!(start, Start::Boot),
-            matches!(start, Start::Receive(_)),
+            // A cold boot starts paused so that the agent socket is
+            // connected before the guest can run (and stop, taking the
+            // socket with it).
+            matches!(start, Start::Receive(_) | Start::Boot),
         ));
         cmd.stdin(Stdio::piped())
             .stdout(Stdio::piped())
@@ -165,6 +171,7 @@ impl QemuVm {
                 events: Some(rx),
                 stdin,
                 agent_socket,
+                first_agent: Mutex::default(),
                 provenance,
                 memory_in_file: spec.memory_shared,
                 memory_file: spec.memory_file.clone(),
@@ -186,7 +193,7 @@ impl QemuVm {
             }
         };
         let prepared = match start {
-            Start::Boot => Ok(()),
+            Start::Boot => vm.connect_agent_then_run(),
             Start::Restore(state) => vm.incoming(state),
             Start::Receive(incoming) => vm.prepare_receive(incoming),
         };
@@ -195,6 +202,27 @@ impl QemuVm {
             return Err(e);
         }
         Ok(vm)
+    }
+
+    /// Connects the agent socket of a paused, cold-booted guest, then lets
+    /// it run: a guest that stops at once is then seen stopping by the
+    /// agent connection, not as a missing socket.
+    fn connect_agent_then_run(&mut self) -> Result<(), EngineError> {
+        let stream = self.connect_agent_socket()?;
+        *self.first_agent.lock().expect("first agent") = Some(stream);
+        self.cmd("cont", json!({})).map(|_| ())
+    }
+
+    fn connect_agent_socket(&self) -> Result<UnixStream, EngineError> {
+        UnixStream::connect(&self.agent_socket).map_err(|e| {
+            io(
+                format!(
+                    "connecting to the agent socket {}",
+                    self.agent_socket.display()
+                ),
+                e,
+            )
+        })
     }
 
     /// Exports the (empty) disk for the sender and listens for its state.
@@ -334,15 +362,10 @@ impl Vm for QemuVm {
     }
 
     fn agent_stream(&self) -> Result<UnixStream, EngineError> {
-        UnixStream::connect(&self.agent_socket).map_err(|e| {
-            io(
-                format!(
-                    "connecting to the agent socket {}",
-                    self.agent_socket.display()
-                ),
-                e,
-            )
-        })
+        match self.first_agent.lock().expect("first agent").take() {
+            Some(stream) => Ok(stream),
+            None => self.connect_agent_socket(),
+        }
     }
 
     fn take_console_input(&mut self) -> Option<Box<dyn std::io::Write + Send>> {
