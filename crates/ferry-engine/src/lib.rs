@@ -179,8 +179,20 @@ pub struct Provenance {
     pub accel: Accel,
     /// Guest memory in MiB.
     pub memory_mib: u64,
+    /// Memory the engine added beyond `memory_mib`, in KiB, for its own
+    /// reasons (a restore must give the guest exactly the same size).
+    /// Absent in states written before engines could add any.
+    #[serde(default)]
+    pub memory_extra_kib: u64,
     /// Number of vCPUs.
     pub cpus: u32,
+}
+
+impl Provenance {
+    /// The guest's memory size in bytes, extra included.
+    pub fn memory_bytes(&self) -> u64 {
+        (self.memory_mib << 20) + (self.memory_extra_kib << 10)
+    }
 }
 
 /// Why a VM stopped.

@@ -111,7 +111,7 @@ impl Engine for QemuEngine {
     }
 
     fn boot(&self, spec: &VmSpec) -> Result<Box<dyn Vm>, EngineError> {
-        let provenance = self.provenance(spec)?;
+        let provenance = self.provenance(spec, vm::memory_extra_kib(spec.accel))?;
         Ok(Box::new(vm::QemuVm::start(
             &self.qemu,
             spec,
@@ -122,7 +122,7 @@ impl Engine for QemuEngine {
 
     fn restore(&self, spec: &VmSpec, state: &SavedState) -> Result<Box<dyn Vm>, EngineError> {
         self.check_provenance(spec, &state.provenance, "saved")?;
-        let provenance = self.provenance(spec)?;
+        let provenance = self.provenance(spec, state.provenance.memory_extra_kib)?;
         Ok(Box::new(vm::QemuVm::start(
             &self.qemu,
             spec,
@@ -138,7 +138,7 @@ impl Engine for QemuEngine {
         incoming: &ferry_engine::Incoming,
     ) -> Result<Box<dyn Vm>, EngineError> {
         self.check_provenance(spec, provenance, "started")?;
-        let provenance = self.provenance(spec)?;
+        let provenance = self.provenance(spec, provenance.memory_extra_kib)?;
         Ok(Box::new(vm::QemuVm::start(
             &self.qemu,
             spec,
@@ -196,13 +196,16 @@ impl QemuEngine {
         Ok(())
     }
 
-    fn provenance(&self, spec: &VmSpec) -> Result<Provenance, EngineError> {
+    /// What a VM started now from `spec` is made with; `memory_extra_kib`
+    /// is kept from the saved state on a restore, so the size matches.
+    fn provenance(&self, spec: &VmSpec, memory_extra_kib: u64) -> Result<Provenance, EngineError> {
         Ok(Provenance {
             engine: self.name().to_string(),
             engine_version: self.version()?,
             cpu_model: self.cpu_model(spec.accel),
             accel: spec.accel,
             memory_mib: spec.memory_mib,
+            memory_extra_kib,
             cpus: spec.cpus,
         })
     }

@@ -70,6 +70,27 @@ pub enum Start<'a> {
 /// vCPUs stopped, before the last pass (see `send_state`).
 const DRAIN_MS: u64 = 10;
 
+/// Guest memory added under TCG, so that the RAM block's length is not a
+/// multiple of 64 pages.
+///
+/// QEMU before 9.0 has a fast path for syncing the migration dirty bitmap of
+/// a RAM block whose length is a multiple of 64 pages, and that path forgets
+/// to re-arm TCG's write tracking ("physmem: Fix migration dirty bitmap
+/// coherency with TCG memory access", QEMU commit of 2024-02). Guest writes
+/// made during a live copy are then lost: the guest arrives with corrupt
+/// kernel lists. Two extra pages make QEMU take its exact per-page path.
+/// KVM's dirty log is not affected, so KVM guests get exactly what they ask.
+pub const TCG_MEMORY_EXTRA_KIB: u64 = 8;
+
+/// The memory an engine adds for `accel` on a cold boot (see
+/// [`TCG_MEMORY_EXTRA_KIB`]).
+pub fn memory_extra_kib(accel: Accel) -> u64 {
+    match accel {
+        Accel::Tcg => TCG_MEMORY_EXTRA_KIB,
+        Accel::Kvm => 0,
+    }
+}
+
 /// The disk's format node: what an NBD export names.
 const DISK_NODE: &str = "disk0-format";
 
@@ -97,6 +118,7 @@ impl QemuVm {
         let mut cmd = Command::new(qemu);
         cmd.args(qemu_args(
             spec,
+            provenance.memory_bytes() >> 10,
             &qmp_socket,
             &agent_socket,
             !matches!(start, Start::Boot),
@@ -202,6 +224,11 @@ impl QemuVm {
             return Err(e);
         }
         Ok(vm)
+    }
+
+    /// Whether QEMU tracks every guest write during a live copy here.
+    fn live_copy_is_exact(&self) -> bool {
+        self.provenance.accel == Accel::Kvm || self.provenance.memory_extra_kib > 0
     }
 
     /// Connects the agent socket of a paused, cold-booted guest, then lets
@@ -455,12 +482,12 @@ impl Vm for QemuVm {
             "migrate-set-capabilities",
             json!({ "capabilities": [{ "capability": "pause-before-switchover", "state": true }] }),
         )?;
-        // Under TCG, QEMU 7.2 loses guest writes made while memory is
-        // pre-copied (seen here: a guest dirtying memory during the copy
-        // arrives with corrupt kernel lists and panics; an idle one does
-        // not). Until that is fixed, a TCG guest is paused for the whole
-        // copy: slower, never wrong. KVM's dirty log is exact: live.
-        if self.provenance.accel == Accel::Tcg {
+        // A TCG guest started without the extra memory (an older state)
+        // would lose writes made during a live copy (see
+        // TCG_MEMORY_EXTRA_KIB): it is paused for the whole copy instead,
+        // slower but never wrong.
+        let paused_copy = !self.live_copy_is_exact();
+        if paused_copy {
             self.cmd("stop", json!({}))?;
         }
         let uri = format!("unix:{}", socket.display());
@@ -490,8 +517,7 @@ impl Vm for QemuVm {
         let total_ms = info["total-time"].as_u64().unwrap_or(0);
         Ok(LiveStats {
             total_ms,
-            // Paused for the whole copy under TCG (see above).
-            downtime_ms: if self.provenance.accel == Accel::Tcg {
+            downtime_ms: if paused_copy {
                 total_ms
             } else {
                 info["downtime"].as_u64().unwrap_or(0)
@@ -600,7 +626,14 @@ impl Drop for QemuVm {
     }
 }
 
-fn qemu_args(spec: &VmSpec, qmp: &Path, agent: &Path, incoming: bool, paused: bool) -> Vec<String> {
+fn qemu_args(
+    spec: &VmSpec,
+    memory_kib: u64,
+    qmp: &Path,
+    agent: &Path,
+    incoming: bool,
+    paused: bool,
+) -> Vec<String> {
     let mut a: Vec<String> = Vec::new();
     let mut push = |items: &[&str]| a.extend(items.iter().map(|s| s.to_string()));
     let (accel, cpu) = match spec.accel {
@@ -612,15 +645,14 @@ fn qemu_args(spec: &VmSpec, qmp: &Path, agent: &Path, incoming: bool, paused: bo
     push(&["-accel", accel, "-cpu", cpu]);
     push(&[
         "-m",
-        &format!("{}M", spec.memory_mib),
+        &format!("{memory_kib}K"),
         "-smp",
         &spec.cpus.to_string(),
     ]);
     push(&[
         "-object",
         &format!(
-            "memory-backend-file,id=mem,size={}M,mem-path={},share={}",
-            spec.memory_mib,
+            "memory-backend-file,id=mem,size={memory_kib}K,mem-path={},share={}",
             spec.memory_file.display(),
             if spec.memory_shared { "on" } else { "off" }
         ),

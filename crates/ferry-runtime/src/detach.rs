@@ -856,7 +856,7 @@ impl Supervised {
             // holes, of the guest's size.
             let path = dir.join(files::MEMORY);
             File::create(&path)
-                .and_then(|f| f.set_len(self.meta.provenance.memory_mib << 20))
+                .and_then(|f| f.set_len(self.meta.provenance.memory_bytes()))
                 .map_err(RuntimeError::io(&path))?;
         }
         let old = Package::open(&self.base_package)?;
