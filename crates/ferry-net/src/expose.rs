@@ -187,8 +187,15 @@ fn accept_loop(
         let _ = std::thread::Builder::new()
             .name(format!("conn {label}"))
             .spawn(move || {
+                let t = std::time::Instant::now();
                 let upstream = match dial(&client) {
-                    Ok(s) => s,
+                    Ok(s) => {
+                        tracing::debug!(
+                            ms = t.elapsed().as_millis() as u64,
+                            "proxy {label}: connected a client"
+                        );
+                        s
+                    }
                     Err(e) => {
                         tracing::info!("proxy {label}: could not reach the other side: {e}");
                         return;
