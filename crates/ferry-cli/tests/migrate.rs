@@ -451,6 +451,80 @@ fn failures_around_a_migration() {
     let _ = send_signal;
 }
 
+/// The destination dies after the source sent *switch* and before it said
+/// *committed*: the source cannot know whether the VM runs there, so it
+/// stays paused (never resumed on a guess), and Ctrl-C saves it with every
+/// write it had acknowledged.
+#[test]
+fn a_destination_lost_after_the_switch_leaves_the_source_in_doubt() {
+    let _lock = vm_lock();
+    let pkg = recipe_package(&env(), "redis");
+    let hosts = TestHosts::create(&["r", "a", "b"]);
+    let (r, a, b) = (&hosts["r"], &hosts["a"], &hosts["b"]);
+    let bin = env!("CARGO_BIN_EXE_ferry");
+    let (er, ea, eb) = (r.ferry_env(bin), a.ferry_env(bin), b.ferry_env(bin));
+    let _registry = registry(r, &er, &pkg);
+    let listen = format!("0.0.0.0:{PEER_PORT}");
+    let expose = format!("0.0.0.0:{REDIS_PORT}:6379");
+    let url = format!("http://{}:{REGISTRY_PORT}/", r.addr());
+    let redis = |args: &[&str]| {
+        let out = a
+            .cmd("timeout")
+            .args(["3", "redis-cli", "-h", &a.addr().to_string()])
+            .args(["-p", &REDIS_PORT.to_string()])
+            .args(args)
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    };
+    let (mut on_a, _) = start(
+        a,
+        &ea,
+        &peer_args(&url, "kv", &listen, &expose),
+        "serving VM",
+    );
+    assert_eq!(redis(&["SET", "before", "kept"]), "OK");
+
+    // B takes the whole state, then dies without resuming or answering.
+    let from_a = format!("{}:{PEER_PORT}", a.addr());
+    let out = b
+        .ferry(&eb)
+        .env("FERRY_FAULT", "exit-after-switch")
+        .args(peer_args(&from_a, "kv", &listen, &expose))
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(99), "{}", describe(&out));
+    assert_eq!(qemu_in(b, "kv"), 0, "B's engine went with it");
+
+    // A neither resumes nor exits.
+    std::thread::sleep(Duration::from_secs(3));
+    assert!(on_a.try_wait().unwrap().is_none(), "the source still runs");
+    assert_eq!(qemu_in(a, "kv"), 1);
+    assert_eq!(redis(&["PING"]), "", "an in-doubt VM stays paused");
+
+    // Ctrl-C saves it; the saved VM has the acknowledged write.
+    let out = stop(&mut on_a);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("is in doubt"), "{}", describe(&out));
+    assert!(out.status.success(), "{}", describe(&out));
+    assert_eq!(qemu_in(a, "kv"), 0);
+    let saved = ea.state.path().join("kv.ferry");
+    let out = ea.run(&["inspect", saved.to_str().unwrap(), "--verify"]);
+    assert!(out.status.success(), "{}", describe(&out));
+    let mut cmd = a.ferry(&ea);
+    cmd.args([
+        "run",
+        "--package",
+        saved.to_str().unwrap(),
+        "--expose",
+        &expose,
+    ]);
+    let (mut run, _) = spawn_until(cmd, "live in", Duration::from_secs(120));
+    assert_eq!(redis(&["GET", "before"]), "kept");
+    let out = stop(&mut run);
+    assert!(out.status.success(), "{}", describe(&out));
+}
+
 #[test]
 fn a_damaged_chunk_from_the_registry_is_named() {
     let _lock = vm_lock();

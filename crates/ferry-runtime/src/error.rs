@@ -142,6 +142,14 @@ pub enum RuntimeError {
     /// A bad option value.
     #[error("{0}")]
     BadOption(String),
+    /// A VM in doubt after a migration, whose sent state was not kept here.
+    #[error("VM '{name}' is in doubt after its migration and cannot be saved here ({detail}); it stays paused: ask the destination whether it runs the VM")]
+    InDoubtUnsaved {
+        /// The VM.
+        name: String,
+        /// Why it cannot be saved.
+        detail: String,
+    },
     /// The agent never answered.
     #[error("the guest agent did not answer within {secs} s: {detail}")]
     AgentSilent {

@@ -267,6 +267,7 @@ fn serve(
                         return Ok(());
                     }
                     Outcome::Failed(why) => {
+                        let _ = std::fs::remove_file(pvm.vm.dir().path().join(SENT_STATE));
                         eprintln!(
                             "ferry: migration to {to} failed: {why}; VM '{}' keeps running here",
                             pvm.name
@@ -541,7 +542,16 @@ fn migrate_in(
     say(&format!("receiving VM '{}' from {addr}", offer.name));
     let stats = loop {
         match control.recv::<SourceMsg>(Some(Duration::from_millis(500))) {
-            Ok(SourceMsg::Switch { stats }) => break stats,
+            Ok(SourceMsg::Switch { stats }) => {
+                // For tests: a destination that dies at the worst moment,
+                // after *switch* and before *committed*, which a test
+                // cannot time from outside.
+                if std::env::var("FERRY_FAULT").as_deref() == Ok("exit-after-switch") {
+                    eprintln!("ferry: FERRY_FAULT=exit-after-switch: exiting");
+                    std::process::exit(99);
+                }
+                break stats;
+            }
             Ok(SourceMsg::Failed { reason }) => {
                 return Err(failed(format!(
                     "the source gave up ({reason}); it keeps the VM, nothing runs here"
@@ -663,6 +673,10 @@ fn sha256_of(path: &Path) -> Result<String, RuntimeError> {
 /// to the destination's first answer.
 const TEARDOWN_GRACE: Duration = Duration::from_secs(1);
 
+/// The copy of the state sent in the last migration out, in the VM's
+/// directory (see `migrate_out`).
+const SENT_STATE: &str = "sent-state";
+
 /// Runs the rest of this process (this thread, and `engine` if given) at the
 /// lowest CPU priority: what is left to do here is tear-down, which can wait.
 fn lower_priority(engine: Option<u32>) {
@@ -739,7 +753,10 @@ fn migrate_out(
         let state = incoming.channel(ChannelKind::State, Duration::from_secs(10))?;
         Ok((
             Tunnel::Listen(disk_sock.clone()).start(disk)?,
-            Tunnel::Listen(state_sock.clone()).start(state)?,
+            // A copy of what is sent stays here until the switch is
+            // confirmed: QEMU will not save a VM it has sent, so it is the
+            // only way to save a VM left in doubt.
+            Tunnel::Listen(state_sock.clone()).start_recording(state, &dir.join(SENT_STATE))?,
         ))
     })();
     let control = &mut incoming.control;
@@ -837,11 +854,20 @@ fn suspend_to(
     eprintln!("==> suspending into {}", save.display());
     check_writable(save)?;
     let provenance = if in_doubt {
+        // QEMU refuses to save a VM it has sent; what it sent was kept.
         let dir = pvm.vm.dir().path().to_path_buf();
-        let state = pvm.vm.engine_vm().save_state(&dir.join(DEVICE_STATE_OUT))?;
-        let mut p = state.provenance;
-        p.engine = engine.name().to_string();
-        p
+        let sent = dir.join(SENT_STATE);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !sent.exists() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        std::fs::rename(&sent, dir.join(DEVICE_STATE_OUT)).map_err(|e| {
+            RuntimeError::InDoubtUnsaved {
+                name: pvm.name.clone(),
+                detail: format!("the copy of the state it sent is missing: {e}"),
+            }
+        })?;
+        pvm.meta.provenance.clone()
     } else {
         saved_provenance(&mut pvm.vm, engine)?
     };
@@ -850,6 +876,8 @@ fn suspend_to(
         written_unix: now_unix(),
         generation: pvm.meta.generation + 1,
         provenance,
+        // The sent stream carries the RAM as well.
+        memory_in_state: in_doubt,
         ..pvm.meta.clone()
     };
     let sources = Sources {

@@ -651,6 +651,40 @@ impl Drop for TunnelHandle {
 impl Tunnel {
     /// Starts copying between `tcp` and the Unix side, both ways.
     pub fn start(self, tcp: TcpStream) -> Result<TunnelHandle, MigrationError> {
+        self.start_with(tcp, None)
+    }
+
+    /// As [`Tunnel::start`], and also keeps what the engine sends in a file
+    /// at `record`: written beside as `<record>.partial` and renamed once
+    /// the engine closed its side after a complete stream, so `record`
+    /// exists only if it holds everything. A failure to write it (a full
+    /// disk) stops the recording, not the tunnel.
+    pub fn start_recording(
+        self,
+        tcp: TcpStream,
+        record: &Path,
+    ) -> Result<TunnelHandle, MigrationError> {
+        let partial = partial_path(record);
+        let file = std::fs::File::create(&partial).map_err(MigrationError::io(format!(
+            "creating {}",
+            partial.display()
+        )))?;
+        let _ = std::fs::remove_file(record);
+        self.start_with(
+            tcp,
+            Some(Recording {
+                file,
+                partial,
+                done: record.to_path_buf(),
+            }),
+        )
+    }
+
+    fn start_with(
+        self,
+        tcp: TcpStream,
+        record: Option<Recording>,
+    ) -> Result<TunnelHandle, MigrationError> {
         let (tx, rx) = channel();
         let bytes = Arc::new(AtomicU64::new(0));
         let counter = bytes.clone();
@@ -663,7 +697,7 @@ impl Tunnel {
                     "connecting to {}",
                     path.display()
                 )))?;
-                spawn_pipe(tcp, unix, tx, counter)?;
+                spawn_pipe(tcp, unix, tx, counter, record)?;
             }
             Tunnel::Listen(path) => {
                 let _ = std::fs::remove_file(&path);
@@ -675,7 +709,7 @@ impl Tunnel {
                     .name("tunnel accept".into())
                     .spawn(move || {
                         if let Ok((unix, _)) = listener.accept() {
-                            let _ = spawn_pipe(tcp, unix, tx, counter);
+                            let _ = spawn_pipe(tcp, unix, tx, counter, record);
                         }
                         let _ = std::fs::remove_file(&path);
                     })
@@ -690,11 +724,56 @@ impl Tunnel {
     }
 }
 
+/// Where a tunnel keeps a copy of what its engine sent.
+struct Recording {
+    file: std::fs::File,
+    partial: PathBuf,
+    done: PathBuf,
+}
+
+impl Recording {
+    /// Adds `data`; on failure the recording is dropped (and says so once).
+    fn write(slot: &mut Option<Recording>, data: &[u8]) {
+        if let Some(r) = slot {
+            if let Err(e) = r.file.write_all(data) {
+                tracing::warn!(
+                    "could not keep a copy of the sent state in {}: {e}",
+                    r.partial.display()
+                );
+                let _ = std::fs::remove_file(&r.partial);
+                *slot = None;
+            }
+        }
+    }
+
+    /// The engine closed its side after a whole stream: the copy is kept.
+    fn finish(self) {
+        let kept = self
+            .file
+            .sync_data()
+            .and_then(|_| std::fs::rename(&self.partial, &self.done));
+        if let Err(e) = kept {
+            tracing::warn!(
+                "could not keep a copy of the sent state in {}: {e}",
+                self.done.display()
+            );
+            let _ = std::fs::remove_file(&self.partial);
+        }
+    }
+}
+
+fn partial_path(record: &Path) -> PathBuf {
+    let mut name = record.as_os_str().to_owned();
+    name.push(".partial");
+    PathBuf::from(name)
+}
+
 fn spawn_pipe(
     tcp: TcpStream,
     unix: UnixStream,
     done: Sender<()>,
     bytes: Arc<AtomicU64>,
+    mut record: Option<Recording>,
 ) -> Result<(), MigrationError> {
     let bytes2 = bytes.clone();
     let tcp2 = tcp
@@ -708,11 +787,18 @@ fn spawn_pipe(
         .spawn(move || {
             let back = std::thread::spawn(move || {
                 let (mut from, mut to) = (unix2, tcp2);
-                counted_copy(&mut from, &mut to, &bytes2);
+                let whole = counted_copy(&mut from, &mut to, &bytes2, &mut record);
                 let _ = to.shutdown(Shutdown::Write);
+                match record {
+                    Some(r) if whole => r.finish(),
+                    Some(r) => {
+                        let _ = std::fs::remove_file(&r.partial);
+                    }
+                    None => {}
+                }
             });
             let (mut from, mut to) = (tcp, unix);
-            counted_copy(&mut from, &mut to, &bytes);
+            counted_copy(&mut from, &mut to, &bytes, &mut None);
             let _ = to.shutdown(Shutdown::Write);
             let _ = back.join();
             let _ = done.send(());
@@ -721,17 +807,25 @@ fn spawn_pipe(
     Ok(())
 }
 
-/// Copies until EOF or an error, adding what it moved to `bytes` as it goes.
-fn counted_copy(from: &mut impl Read, to: &mut impl Write, bytes: &AtomicU64) {
+/// Copies until EOF or an error, adding what it moved to `bytes` (and to
+/// `record`) as it goes. True if it ended at EOF with everything delivered.
+fn counted_copy(
+    from: &mut impl Read,
+    to: &mut impl Write,
+    bytes: &AtomicU64,
+    record: &mut Option<Recording>,
+) -> bool {
     let mut buf = vec![0u8; 256 * 1024];
     loop {
         match from.read(&mut buf) {
-            Ok(0) | Err(_) => return,
+            Ok(0) => return true,
+            Err(_) => return false,
             Ok(n) => {
                 if to.write_all(&buf[..n]).is_err() {
-                    return;
+                    return false;
                 }
                 bytes.fetch_add(n as u64, Ordering::Relaxed);
+                Recording::write(record, &buf[..n]);
             }
         }
     }

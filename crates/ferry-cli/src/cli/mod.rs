@@ -235,7 +235,7 @@ pub fn exit_number(e: &anyhow::Error) -> u8 {
             RuntimeError::Net(n) => net_code(n),
             RuntimeError::Transport(t) => transport_code(t),
             RuntimeError::Migration(m) => migration_code(m),
-            RuntimeError::MigrationFailed { .. } => 6,
+            RuntimeError::MigrationFailed { .. } | RuntimeError::InDoubtUnsaved { .. } => 6,
             RuntimeError::LazyDisk(_) | RuntimeError::DiskServer(_) => 1,
         }
     } else if let Some(b) = e.downcast_ref::<BlueprintError>() {

@@ -1,0 +1,98 @@
+//! A migration tunnel between a real TCP connection and a real Unix socket,
+//! and the copy it keeps of what the engine sent.
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::os::unix::net::UnixStream;
+use std::time::{Duration, Instant};
+
+use ferry_transport::migration::Tunnel;
+
+/// A connected TCP pair: (the tunnel's end, the far end).
+fn tcp_pair() -> (TcpStream, TcpStream) {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let far = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+    let (near, _) = l.accept().unwrap();
+    (near, far)
+}
+
+fn connect_when_ready(path: &std::path::Path) -> UnixStream {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        match UnixStream::connect(path) {
+            Ok(s) => return s,
+            Err(e) if Instant::now() > deadline => panic!("{}: {e}", path.display()),
+            Err(_) => std::thread::sleep(Duration::from_millis(10)),
+        }
+    }
+}
+
+fn wait_for(path: &std::path::Path) -> bool {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while Instant::now() < deadline {
+        if path.exists() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    false
+}
+
+#[test]
+fn a_recording_holds_exactly_what_the_engine_sent_once_it_closed() {
+    let dir = tempfile::tempdir().unwrap();
+    let (sock, record) = (dir.path().join("state.sock"), dir.path().join("sent"));
+    let (near, mut far) = tcp_pair();
+    let handle = Tunnel::Listen(sock.clone())
+        .start_recording(near, &record)
+        .unwrap();
+    let mut engine = connect_when_ready(&sock);
+    let data: Vec<u8> = (0..3_000_000u32).map(|i| (i * 7 % 251) as u8).collect();
+    engine.write_all(&data[..1_000_000]).unwrap();
+    let mut got = vec![0u8; 1_000_000];
+    far.read_exact(&mut got).unwrap();
+    assert!(!record.exists(), "no recording before the stream is whole");
+
+    engine.write_all(&data[1_000_000..]).unwrap();
+    engine.shutdown(std::net::Shutdown::Write).unwrap();
+    let mut rest = Vec::new();
+    far.read_to_end(&mut rest).unwrap();
+    got.extend(rest);
+    assert!(got == data, "the far end got the stream");
+    drop(far);
+    assert!(wait_for(&record), "kept once the engine closed its side");
+    assert!(std::fs::read(&record).unwrap() == data, "the copy is exact");
+    assert!(handle.wait(Duration::from_secs(5)));
+    assert_eq!(handle.bytes(), data.len() as u64);
+}
+
+#[test]
+fn a_stream_cut_short_leaves_no_recording() {
+    let dir = tempfile::tempdir().unwrap();
+    let (sock, record) = (dir.path().join("state.sock"), dir.path().join("sent"));
+    let (near, far) = tcp_pair();
+    let handle = Tunnel::Listen(sock.clone())
+        .start_recording(near, &record)
+        .unwrap();
+    let mut engine = connect_when_ready(&sock);
+    // The far end goes away: the tunnel cannot deliver the stream.
+    drop(far);
+    let chunk = vec![1u8; 1 << 20];
+    for _ in 0..64 {
+        if engine.write_all(&chunk).is_err() {
+            break;
+        }
+    }
+    drop(engine);
+    assert!(handle.wait(Duration::from_secs(10)));
+    std::thread::sleep(Duration::from_millis(100));
+    assert!(!record.exists(), "an undelivered stream is not kept");
+    let left: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert!(
+        !left.iter().any(|n| n.to_string_lossy().contains("partial")),
+        "no partial copy is left: {left:?}"
+    );
+}
