@@ -525,6 +525,88 @@ fn a_destination_lost_after_the_switch_leaves_the_source_in_doubt() {
     assert!(out.status.success(), "{}", describe(&out));
 }
 
+/// `peer --detach`: returns once the VM runs, is listed by `ps`, shows its
+/// console in `logs`, serves a migration (into another detached peer),
+/// and `stop` saves it into its --save package.
+#[test]
+fn a_detached_peer_is_managed_like_a_detached_vm() {
+    let _lock = vm_lock();
+    let pkg = recipe_package(&env(), "redis");
+    let hosts = TestHosts::create(&["r", "a", "b"]);
+    let (r, a, b) = (&hosts["r"], &hosts["a"], &hosts["b"]);
+    let bin = env!("CARGO_BIN_EXE_ferry");
+    let (er, ea, eb) = (r.ferry_env(bin), a.ferry_env(bin), b.ferry_env(bin));
+    let _registry = registry(r, &er, &pkg);
+    let listen = format!("0.0.0.0:{PEER_PORT}");
+    let expose = format!("0.0.0.0:{REDIS_PORT}:6379");
+    let url = format!("http://{}:{REGISTRY_PORT}/", r.addr());
+    let redis = |h: &Host, args: &[&str]| {
+        let out = h
+            .cmd("timeout")
+            .args(["5", "redis-cli", "-h", &h.addr().to_string()])
+            .args(["-p", &REDIS_PORT.to_string()])
+            .args(args)
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    };
+    let running = |h: &Host, e: &FerryEnv| -> Vec<String> {
+        let out = h.ferry(e).args(["ps", "--json"]).output().unwrap();
+        assert!(out.status.success(), "{}", describe(&out));
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        v.as_array()
+            .unwrap()
+            .iter()
+            .filter(|vm| vm["state"] == "running")
+            .map(|vm| vm["name"].as_str().unwrap().to_string())
+            .collect()
+    };
+    let detached = |h: &Host, e: &FerryEnv, from: &str, save: &Path| -> Output {
+        let mut args = peer_args(from, "kv", &listen, &expose);
+        args.extend(["--detach", "--save", save.to_str().unwrap()]);
+        let out = h.ferry(e).args(&args).output().unwrap();
+        assert!(out.status.success(), "{}", describe(&out));
+        assert!(
+            String::from_utf8_lossy(&out.stdout).contains("VM 'kv' runs detached"),
+            "{}",
+            describe(&out)
+        );
+        out
+    };
+
+    let save_a = ea.state.path().join("kv-a.ferry");
+    detached(a, &ea, &url, &save_a);
+    assert_eq!(running(a, &ea), ["kv"]);
+    assert_eq!(redis(a, &["SET", "k", "v"]), "OK");
+    // Its console (quiet since the resume, but there).
+    let out = a.ferry(&ea).args(["logs", "kv"]).output().unwrap();
+    assert!(out.status.success(), "{}", describe(&out));
+
+    // A detached peer hands its VM on, and its process ends by itself.
+    let save_b = eb.state.path().join("kv-b.ferry");
+    let out = detached(b, &eb, &format!("{}:{PEER_PORT}", a.addr()), &save_b);
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("migrated VM 'kv' from"),
+        "{}",
+        describe(&out)
+    );
+    wait_until(Duration::from_secs(60), "A's peer to end", || {
+        (running(a, &ea).is_empty() && qemu_in(a, "kv") == 0).then_some(())
+    });
+    assert!(!save_a.exists(), "a VM that moved on is not saved on A");
+    assert_eq!(running(b, &eb), ["kv"]);
+    assert_eq!(redis(b, &["GET", "k"]), "v");
+    assert!(eb.state.path().join("logs/peer-kv.log").exists());
+
+    // `stop` saves it, as Ctrl-C would.
+    let out = b.ferry(&eb).args(["stop", "kv"]).output().unwrap();
+    assert!(out.status.success(), "{}", describe(&out));
+    assert!(running(b, &eb).is_empty());
+    assert_eq!(qemu_in(b, "kv"), 0);
+    let out = eb.run(&["inspect", save_b.to_str().unwrap(), "--verify"]);
+    assert!(out.status.success(), "{}", describe(&out));
+}
+
 #[test]
 fn a_damaged_chunk_from_the_registry_is_named() {
     let _lock = vm_lock();

@@ -21,6 +21,7 @@ pub mod ops;
 pub mod package;
 mod paths;
 pub mod peer;
+pub mod peer_detach;
 pub mod record;
 pub mod supervisor;
 pub mod vmdir;

@@ -218,7 +218,7 @@ fn stop_foreground(paths: &Paths, name: &str, control: &Path) -> Result<String, 
     }
     wait_not_running(paths, name, Duration::from_secs(300))?;
     Ok(format!(
-        "{name}: ran in the foreground; its ferry process (pid {pid}) was sent SIGTERM and did what Ctrl-C does there"
+        "{name}: had no supervisor of its own (a foreground run, or a peer); its ferry process (pid {pid}) was sent SIGTERM and did what Ctrl-C does there"
     ))
 }
 
