@@ -666,11 +666,10 @@ fn sha256_of(path: &Path) -> Result<String, RuntimeError> {
     Ok(hex::encode(hasher.finalize()))
 }
 
-/// Hands the VM to the destination that sent `incoming`.
 /// How long a source waits after a migration before tearing its copy down.
-/// Measured with bench/migrate on one 2-core host: tearing down at once
-/// (the engine's exit, the namespace, the firewall rules) added about 100 ms
-/// to the destination's first answer.
+/// In bench/migrate on this 2-core host (while it was busy with other work
+/// too), tearing down at once (the engine's exit, the namespace, the
+/// firewall rules) delayed the destination's first answer by about 100 ms.
 const TEARDOWN_GRACE: Duration = Duration::from_secs(1);
 
 /// The copy of the state sent in the last migration out, in the VM's
@@ -698,6 +697,7 @@ fn lower_priority(engine: Option<u32>) {
     }
 }
 
+/// Hands the VM to the destination that sent `incoming`.
 fn migrate_out(
     pvm: &mut PeerVm,
     incoming: &mut migration::Incoming,
