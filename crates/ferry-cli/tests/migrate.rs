@@ -373,41 +373,74 @@ fn registry_peer_and_a_migration_chain_lose_no_acknowledged_write() {
     assert!(out.status.success(), "{}", describe(&out));
 }
 
+/// A registry host `r` serving the redis package, and two peer hosts `a`
+/// and `b`, with the addresses every peer here uses.
+struct Lab {
+    // Dropped before the hosts it runs in.
+    _registry: KillOnDrop,
+    hosts: TestHosts,
+    ea: FerryEnv,
+    eb: FerryEnv,
+    listen: String,
+    expose: String,
+    url: String,
+}
+
+impl Lab {
+    fn new() -> Lab {
+        let pkg = recipe_package(&env(), "redis");
+        let hosts = TestHosts::create(&["r", "a", "b"]);
+        let bin = env!("CARGO_BIN_EXE_ferry");
+        let r = &hosts["r"];
+        let registry = registry(r, &r.ferry_env(bin), &pkg);
+        Lab {
+            _registry: registry,
+            ea: hosts["a"].ferry_env(bin),
+            eb: hosts["b"].ferry_env(bin),
+            listen: format!("0.0.0.0:{PEER_PORT}"),
+            expose: format!("0.0.0.0:{REDIS_PORT}:6379"),
+            url: format!("http://{}:{REGISTRY_PORT}/", r.addr()),
+            hosts,
+        }
+    }
+
+    fn a(&self) -> &Host {
+        &self.hosts["a"]
+    }
+
+    fn b(&self) -> &Host {
+        &self.hosts["b"]
+    }
+}
+
+/// `redis-cli ARGS` against the VM exposed on `h` (given up after 5 s: a
+/// paused VM answers nothing); its output, trimmed.
+fn redis_cli(h: &Host, args: &[&str]) -> String {
+    let out = h
+        .cmd("timeout")
+        .args(["5", "redis-cli", "-h", &h.addr().to_string()])
+        .args(["-p", &REDIS_PORT.to_string()])
+        .args(args)
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
 #[test]
 fn failures_around_a_migration() {
     let _lock = vm_lock();
-    let pkg = recipe_package(&env(), "redis");
-    let hosts = TestHosts::create(&["r", "a", "b"]);
-    let (r, a, b) = (&hosts["r"], &hosts["a"], &hosts["b"]);
-    let bin = env!("CARGO_BIN_EXE_ferry");
-    let (er, ea, eb) = (r.ferry_env(bin), a.ferry_env(bin), b.ferry_env(bin));
-    let _registry = registry(r, &er, &pkg);
-    let listen = format!("0.0.0.0:{PEER_PORT}");
-    let expose = format!("0.0.0.0:{REDIS_PORT}:6379");
-    let url = format!("http://{}:{REGISTRY_PORT}/", r.addr());
+    let lab = Lab::new();
+    let (a, b, ea, eb) = (lab.a(), lab.b(), &lab.ea, &lab.eb);
+    let (listen, expose, url) = (&lab.listen, &lab.expose, &lab.url);
     let from_a = format!("{}:{PEER_PORT}", a.addr());
-    let redis_on = |h: &Host| {
-        let out = h
-            .cmd("redis-cli")
-            .args([
-                "-h",
-                &h.addr().to_string(),
-                "-p",
-                &REDIS_PORT.to_string(),
-                "PING",
-            ])
-            .output()
-            .unwrap();
-        String::from_utf8_lossy(&out.stdout).trim().to_string()
-    };
     // A slow link (1 MiB/s) keeps each migration in flight long enough.
-    let mut args_a = peer_args(&url, "kv", &listen, &expose);
+    let mut args_a = peer_args(url, "kv", listen, expose);
     args_a.extend(["--max-bandwidth", "1"]);
-    let (mut on_a, _) = start(a, &ea, &args_a, "serving VM");
+    let (mut on_a, _) = start(a, ea, &args_a, "serving VM");
 
     // A wrong token: refused before anything is sent, nothing made on B.
     let out: Output = b
-        .ferry(&eb)
+        .ferry(eb)
         .args([
             "peer", "--from", &from_a, "--token", "wrong", "--name", "kv",
         ])
@@ -423,21 +456,21 @@ fn failures_around_a_migration() {
     assert_eq!(qemu_in(b, "kv"), 0);
 
     // The destination killed mid-migration: the source keeps serving.
-    let mut cmd = b.ferry(&eb);
-    cmd.args(peer_args(&from_a, "kv", &listen, &expose));
+    let mut cmd = b.ferry(eb);
+    cmd.args(peer_args(&from_a, "kv", listen, expose));
     let (mut on_b, _) = spawn_until(cmd, "receiving VM", Duration::from_secs(120));
     std::thread::sleep(Duration::from_millis(500));
     on_b.kill().unwrap();
     on_b.wait().unwrap();
     wait_until(Duration::from_secs(60), "the source to resume", || {
-        (redis_on(a) == "PONG").then_some(())
+        (redis_cli(a, &["PING"]) == "PONG").then_some(())
     });
     assert!(on_a.try_wait().unwrap().is_none(), "the source still runs");
     assert_eq!(qemu_in(a, "kv"), 1);
 
     // The source killed mid-migration: the destination cleans up, exits 6.
-    let mut cmd = b.ferry(&eb);
-    cmd.args(peer_args(&from_a, "kv2", &listen, &expose));
+    let mut cmd = b.ferry(eb);
+    cmd.args(peer_args(&from_a, "kv2", listen, expose));
     let (mut on_b, _) = spawn_until(cmd, "receiving VM", Duration::from_secs(120));
     std::thread::sleep(Duration::from_millis(500));
     on_a.kill().unwrap();
@@ -458,39 +491,18 @@ fn failures_around_a_migration() {
 #[test]
 fn a_destination_lost_after_the_switch_leaves_the_source_in_doubt() {
     let _lock = vm_lock();
-    let pkg = recipe_package(&env(), "redis");
-    let hosts = TestHosts::create(&["r", "a", "b"]);
-    let (r, a, b) = (&hosts["r"], &hosts["a"], &hosts["b"]);
-    let bin = env!("CARGO_BIN_EXE_ferry");
-    let (er, ea, eb) = (r.ferry_env(bin), a.ferry_env(bin), b.ferry_env(bin));
-    let _registry = registry(r, &er, &pkg);
-    let listen = format!("0.0.0.0:{PEER_PORT}");
-    let expose = format!("0.0.0.0:{REDIS_PORT}:6379");
-    let url = format!("http://{}:{REGISTRY_PORT}/", r.addr());
-    let redis = |args: &[&str]| {
-        let out = a
-            .cmd("timeout")
-            .args(["3", "redis-cli", "-h", &a.addr().to_string()])
-            .args(["-p", &REDIS_PORT.to_string()])
-            .args(args)
-            .output()
-            .unwrap();
-        String::from_utf8_lossy(&out.stdout).trim().to_string()
-    };
-    let (mut on_a, _) = start(
-        a,
-        &ea,
-        &peer_args(&url, "kv", &listen, &expose),
-        "serving VM",
-    );
-    assert_eq!(redis(&["SET", "before", "kept"]), "OK");
+    let lab = Lab::new();
+    let (a, b, ea, eb) = (lab.a(), lab.b(), &lab.ea, &lab.eb);
+    let (listen, expose, url) = (&lab.listen, &lab.expose, &lab.url);
+    let (mut on_a, _) = start(a, ea, &peer_args(url, "kv", listen, expose), "serving VM");
+    assert_eq!(redis_cli(a, &["SET", "before", "kept"]), "OK");
 
     // B takes the whole state, then dies without resuming or answering.
     let from_a = format!("{}:{PEER_PORT}", a.addr());
     let out = b
-        .ferry(&eb)
+        .ferry(eb)
         .env("FERRY_FAULT", "exit-after-switch")
-        .args(peer_args(&from_a, "kv", &listen, &expose))
+        .args(peer_args(&from_a, "kv", listen, expose))
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(99), "{}", describe(&out));
@@ -500,7 +512,7 @@ fn a_destination_lost_after_the_switch_leaves_the_source_in_doubt() {
     std::thread::sleep(Duration::from_secs(3));
     assert!(on_a.try_wait().unwrap().is_none(), "the source still runs");
     assert_eq!(qemu_in(a, "kv"), 1);
-    assert_eq!(redis(&["PING"]), "", "an in-doubt VM stays paused");
+    assert_eq!(redis_cli(a, &["PING"]), "", "an in-doubt VM stays paused");
 
     // Ctrl-C saves it; the saved VM has the acknowledged write.
     let out = stop(&mut on_a);
@@ -511,16 +523,16 @@ fn a_destination_lost_after_the_switch_leaves_the_source_in_doubt() {
     let saved = ea.state.path().join("kv.ferry");
     let out = ea.run(&["inspect", saved.to_str().unwrap(), "--verify"]);
     assert!(out.status.success(), "{}", describe(&out));
-    let mut cmd = a.ferry(&ea);
+    let mut cmd = a.ferry(ea);
     cmd.args([
         "run",
         "--package",
         saved.to_str().unwrap(),
         "--expose",
-        &expose,
+        expose,
     ]);
     let (mut run, _) = spawn_until(cmd, "live in", Duration::from_secs(120));
-    assert_eq!(redis(&["GET", "before"]), "kept");
+    assert_eq!(redis_cli(a, &["GET", "before"]), "kept");
     let out = stop(&mut run);
     assert!(out.status.success(), "{}", describe(&out));
 }
@@ -531,25 +543,9 @@ fn a_destination_lost_after_the_switch_leaves_the_source_in_doubt() {
 #[test]
 fn a_detached_peer_is_managed_like_a_detached_vm() {
     let _lock = vm_lock();
-    let pkg = recipe_package(&env(), "redis");
-    let hosts = TestHosts::create(&["r", "a", "b"]);
-    let (r, a, b) = (&hosts["r"], &hosts["a"], &hosts["b"]);
-    let bin = env!("CARGO_BIN_EXE_ferry");
-    let (er, ea, eb) = (r.ferry_env(bin), a.ferry_env(bin), b.ferry_env(bin));
-    let _registry = registry(r, &er, &pkg);
-    let listen = format!("0.0.0.0:{PEER_PORT}");
-    let expose = format!("0.0.0.0:{REDIS_PORT}:6379");
-    let url = format!("http://{}:{REGISTRY_PORT}/", r.addr());
-    let redis = |h: &Host, args: &[&str]| {
-        let out = h
-            .cmd("timeout")
-            .args(["5", "redis-cli", "-h", &h.addr().to_string()])
-            .args(["-p", &REDIS_PORT.to_string()])
-            .args(args)
-            .output()
-            .unwrap();
-        String::from_utf8_lossy(&out.stdout).trim().to_string()
-    };
+    let lab = Lab::new();
+    let (a, b, ea, eb) = (lab.a(), lab.b(), &lab.ea, &lab.eb);
+    let (listen, expose, url) = (&lab.listen, &lab.expose, &lab.url);
     let running = |h: &Host, e: &FerryEnv| -> Vec<String> {
         let out = h.ferry(e).args(["ps", "--json"]).output().unwrap();
         assert!(out.status.success(), "{}", describe(&out));
@@ -562,7 +558,7 @@ fn a_detached_peer_is_managed_like_a_detached_vm() {
             .collect()
     };
     let detached = |h: &Host, e: &FerryEnv, from: &str, save: &Path| -> Output {
-        let mut args = peer_args(from, "kv", &listen, &expose);
+        let mut args = peer_args(from, "kv", listen, expose);
         args.extend(["--detach", "--save", save.to_str().unwrap()]);
         let out = h.ferry(e).args(&args).output().unwrap();
         assert!(out.status.success(), "{}", describe(&out));
@@ -575,33 +571,33 @@ fn a_detached_peer_is_managed_like_a_detached_vm() {
     };
 
     let save_a = ea.state.path().join("kv-a.ferry");
-    detached(a, &ea, &url, &save_a);
-    assert_eq!(running(a, &ea), ["kv"]);
-    assert_eq!(redis(a, &["SET", "k", "v"]), "OK");
+    detached(a, ea, url, &save_a);
+    assert_eq!(running(a, ea), ["kv"]);
+    assert_eq!(redis_cli(a, &["SET", "k", "v"]), "OK");
     // Its console (quiet since the resume, but there).
-    let out = a.ferry(&ea).args(["logs", "kv"]).output().unwrap();
+    let out = a.ferry(ea).args(["logs", "kv"]).output().unwrap();
     assert!(out.status.success(), "{}", describe(&out));
 
     // A detached peer hands its VM on, and its process ends by itself.
     let save_b = eb.state.path().join("kv-b.ferry");
-    let out = detached(b, &eb, &format!("{}:{PEER_PORT}", a.addr()), &save_b);
+    let out = detached(b, eb, &format!("{}:{PEER_PORT}", a.addr()), &save_b);
     assert!(
         String::from_utf8_lossy(&out.stdout).contains("migrated VM 'kv' from"),
         "{}",
         describe(&out)
     );
     wait_until(Duration::from_secs(60), "A's peer to end", || {
-        (running(a, &ea).is_empty() && qemu_in(a, "kv") == 0).then_some(())
+        (running(a, ea).is_empty() && qemu_in(a, "kv") == 0).then_some(())
     });
     assert!(!save_a.exists(), "a VM that moved on is not saved on A");
-    assert_eq!(running(b, &eb), ["kv"]);
-    assert_eq!(redis(b, &["GET", "k"]), "v");
+    assert_eq!(running(b, eb), ["kv"]);
+    assert_eq!(redis_cli(b, &["GET", "k"]), "v");
     assert!(eb.state.path().join("logs/peer-kv.log").exists());
 
     // `stop` saves it, as Ctrl-C would.
-    let out = b.ferry(&eb).args(["stop", "kv"]).output().unwrap();
+    let out = b.ferry(eb).args(["stop", "kv"]).output().unwrap();
     assert!(out.status.success(), "{}", describe(&out));
-    assert!(running(b, &eb).is_empty());
+    assert!(running(b, eb).is_empty());
     assert_eq!(qemu_in(b, "kv"), 0);
     let out = eb.run(&["inspect", save_b.to_str().unwrap(), "--verify"]);
     assert!(out.status.success(), "{}", describe(&out));
