@@ -747,12 +747,11 @@ impl Recording {
     }
 
     /// The engine closed its side after a whole stream: the copy is kept.
+    /// Not synced to disk: it only serves the process that wrote it (a
+    /// source whose engine is gone has nothing to save it for), and a sync
+    /// would put the whole stream's I/O at the moment of the switch.
     fn finish(self) {
-        let kept = self
-            .file
-            .sync_data()
-            .and_then(|_| std::fs::rename(&self.partial, &self.done));
-        if let Err(e) = kept {
+        if let Err(e) = std::fs::rename(&self.partial, &self.done) {
             tracing::warn!(
                 "could not keep a copy of the sent state in {}: {e}",
                 self.done.display()
