@@ -1,5 +1,6 @@
 //! `ferry`: the command-line front end. Each subcommand lives in
-//! `cli/<verb>.rs`, turns its arguments into options and calls the library.
+//! `cli/<verb>.rs`, turns its arguments into options and calls the library;
+//! `cli/render.rs` turns the library's events into lines.
 
 mod cli;
 
@@ -19,12 +20,15 @@ fn main() -> ExitCode {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_target(false)
         .init();
-    match cli::run(args, started) {
+    let ctx = cli::Ctx::new(args.json);
+    match cli::run(args, started, &ctx) {
         Ok(code) => code,
         Err(e) => {
-            let code = cli::exit_code(&e);
-            eprintln!("ferry: {}", cli::one_line(&e));
-            code
+            let class = cli::exit_class(&e);
+            let message = cli::one_line(&e);
+            eprintln!("ferry: {message}");
+            ctx.render.error(class.name(), class.code(), &message);
+            ExitCode::from(class.code())
         }
     }
 }

@@ -127,8 +127,8 @@ fn cache_file(cache_dir: &Path, qemu_version: &str, probe: &ProbeGuest) -> Optio
 
 /// Boots the probe guest under KVM; `Ok` once it prints the marker.
 fn probe_kvm(qemu: &Path, probe: &ProbeGuest) -> Result<(), String> {
-    eprintln!(
-        "Checking once whether KVM can boot a Linux guest on this host (up to {} s)...",
+    tracing::warn!(
+        "checking once whether KVM can boot a Linux guest on this host (up to {} s)",
         PROBE_STALL.as_secs()
     );
     let mut child = Command::new(qemu)

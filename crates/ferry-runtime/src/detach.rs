@@ -1,61 +1,47 @@
-//! Detached VMs (`ferry up`, `run --detach`, `start`): each VM is owned by
-//! its own supervisor, a `ferry supervise NAME` process that the starting
-//! command spawns in a new session, with standard input `/dev/null` once
-//! it has read its [`DetachSpec`], and standard output and error appended
-//! to `<vm dir>/supervisor.log` once its directory exists. The supervisor
-//! holds QEMU (which dies with it: `PR_SET_PDEATHSIG`), the exposure
-//! proxies and the control socket, exactly as a foreground `ferry run`
-//! does, and answers one more control request, `stop`.
+//! Detached VMs (`ferry up`, `run --detach`, `peer --detach`, `start`):
+//! each VM is owned by its own supervisor, a `ferry supervise NAME` process
+//! that the starting command spawns in a new session, with standard input
+//! `/dev/null` once it has read its [`DetachSpec`], and standard output and
+//! error appended to its log (`<vm dir>/supervisor.log`; a peer's,
+//! `$FERRY_STATE/logs/peer-NAME.log`, which outlives a VM that moves on).
+//! The supervisor runs the same start pipeline ([`crate::start`]) and the
+//! same owner ([`crate::owner`]) as a foreground command; QEMU dies with it
+//! (`PR_SET_PDEATHSIG`).
 //!
-//! Readiness comes back over a pipe ([`launch`] / [`ReadyPipe`]): one JSON
-//! line, either the VM is live or the one-line error and exit code that a
-//! foreground command would have printed. A supervisor that dies before it
-//! says either closes the pipe, and the starting command says so and
-//! where its log is.
+//! Readiness comes back over a pipe ([`launch`] / [`ReadyPipe`]): the
+//! start's events, one JSON line each, then one line saying either that
+//! the VM is live or the one-line error and exit code that a foreground
+//! command would have printed. A supervisor that dies before it says
+//! either closes the pipe, and the starting command says so and where its
+//! log is.
 //!
 //! Stopping: `ferry stop` (or SIGTERM/SIGINT to the supervisor) suspends
 //! the VM into a package — its own `<vm dir>/saved.ferry` for a clone, the
-//! package it runs from otherwise — and the directory keeps that package,
-//! the record and the logs ([`crate::vmdir::KEPT`]); `stop --discard` shuts
-//! the guest down and removes everything. A clone's changed memory is
-//! private to its QEMU and in no file, so its first suspend saves RAM in the
-//! device state (see [`PackageMeta::memory_in_state`]); from then on it runs
-//! from a memory file of its own, like any resumed package.
-//!
-//! Fleets: a supervisor whose VM has a [`FleetSpec`] looks at the state
-//! directory twice a second and, whenever the set of running members
-//! changes, sends the guest the new list (`set-fleet`), which the agent
-//! writes to `/run/ferry/fleet.json`.
+//! package it runs from otherwise, `--save` for a peer — and the directory
+//! keeps that package, the record and the logs ([`crate::vmdir::KEPT`]);
+//! `stop --discard` drops the VM and removes everything.
 
 use std::fs::File;
 use std::io::{Read, Write};
+use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc::{channel, Sender};
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use ferry_agent_proto::{FleetMember, Identity, Reply};
-use ferry_engine::{Accel, AccelChoice, Engine, SavedState};
-use ferry_package::{Package, SectionKind};
+use ferry_engine::{Accel, AccelChoice, Engine};
 use serde::{Deserialize, Serialize};
 
-use crate::cache::SectionCache;
-use crate::control::{ControlHandler, ControlReply, ControlRequest};
-use crate::ops::forward_signals;
-use crate::package::{
-    check_host_memory, check_writable, choose_saved_accel, now_unix, read_meta, saved_provenance,
-    write_package, PackageLock, PackageMeta, Sources, DEVICE_STATE_IN,
-};
+use crate::events::{Event, EventSink};
+use crate::ops::peer::PeerOptions;
+use crate::owner::{own, Outcome, OwnedVm, OwnerOptions};
 use crate::record::{FleetSpec, NetSpec, RecordState, VmRecord};
-use crate::supervisor::{
-    describe_exit, BootImage, RestoreMemory, RunningVm, SupervisorEvent, VmConfig,
-};
+use crate::start::package::{self, Detached, Mode, PackageStart};
+use crate::start::StartPlan;
 use crate::vmdir::{files, VmDir};
-use crate::{Paths, RuntimeError};
+use crate::{Cancel, Paths, RuntimeError};
 
 /// What a detached VM's supervisor is asked to run.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -97,6 +83,24 @@ pub enum StartFrom {
     /// The VM's own saved state (`ferry start` of a suspended VM); its
     /// network and fleet come from its record.
     Saved,
+    /// A peer's VM (`ferry peer --detach`): from a registry or another
+    /// peer, served on `listen`, saved into `save` by `ferry stop`.
+    Peer {
+        /// `http(s)://…` or `HOST:PORT`.
+        source: String,
+        /// The token for the source and `listen` (the spec travels over a
+        /// pipe, never on a command line).
+        #[serde(default)]
+        token: Option<String>,
+        /// Serve the VM to the next peer here.
+        #[serde(default)]
+        listen: Option<SocketAddr>,
+        /// Where a stop saves it (an absolute path).
+        save: PathBuf,
+        /// Cap on a migration out, bytes per second.
+        #[serde(default)]
+        max_bandwidth: Option<u64>,
+    },
 }
 
 /// A supervisor's report once its VM is live.
@@ -116,10 +120,13 @@ pub struct Started {
     pub exposes: Vec<ferry_net::ExposeSpec>,
 }
 
-/// The one line a supervisor writes to its ready pipe.
+/// A line a supervisor writes to its ready pipe: events, then `live` or
+/// `failed`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "result", rename_all = "kebab-case")]
 pub enum ReadyMsg {
+    /// Something happened while the VM was starting.
+    Event(Event),
     /// The VM is live.
     Live(Started),
     /// It could not be started.
@@ -190,7 +197,12 @@ pub fn launch(ferry: &Path, paths: &Paths, spec: &DetachSpec) -> Result<Launch, 
         name: spec.name.clone(),
         child,
         ready: File::from(read),
-        log: paths.vms().join(&spec.name).join(files::SUPERVISOR_LOG),
+        log: match &spec.from {
+            StartFrom::Peer { .. } => {
+                crate::vmdir::peer_logs_dir(paths).join(format!("peer-{}.log", spec.name))
+            }
+            _ => paths.vms().join(&spec.name).join(files::SUPERVISOR_LOG),
+        },
     })
 }
 
@@ -200,13 +212,20 @@ impl Launch {
         &self.name
     }
 
-    /// Waits up to `timeout` for the supervisor's report. If `interrupted`
-    /// becomes true meanwhile, or the time is up, the supervisor is told to
-    /// stop (SIGTERM: a VM that is not live yet is dropped) and this fails.
+    /// The supervisor's log.
+    pub fn log(&self) -> &Path {
+        &self.log
+    }
+
+    /// Waits up to `timeout` for the supervisor's report, passing the
+    /// start's events on to `events` if given. If `cancel` is tripped
+    /// meanwhile, or the time is up, the supervisor is told to stop
+    /// (SIGTERM: a VM that is not live yet is dropped) and this fails.
     pub fn wait(
         mut self,
         timeout: Duration,
-        interrupted: &AtomicBool,
+        cancel: &Cancel,
+        events: Option<&dyn EventSink>,
     ) -> Result<Started, RuntimeError> {
         let deadline = Instant::now() + timeout;
         let mut line = Vec::new();
@@ -227,8 +246,8 @@ impl Launch {
             let _ = child.wait();
             why.to_string()
         };
-        loop {
-            if interrupted.load(Ordering::SeqCst) {
+        let report = loop {
+            if cancel.is_cancelled() {
                 let why = stopped(&mut self.child, "interrupted");
                 return Err(self.failed(&why, 130));
             }
@@ -261,11 +280,27 @@ impl Launch {
                 return Err(self.failed(&why, 5));
             }
             line.extend_from_slice(&buf[..n]);
-            if line.contains(&b'\n') {
-                break;
+            let mut report = None;
+            while let Some(end) = line.iter().position(|b| *b == b'\n') {
+                let one: Vec<u8> = line.drain(..=end).collect();
+                match serde_json::from_slice::<ReadyMsg>(&one) {
+                    Ok(ReadyMsg::Event(e)) => {
+                        if let Some(sink) = events {
+                            sink.emit(e);
+                        }
+                    }
+                    other => {
+                        report = Some(other);
+                        break;
+                    }
+                }
             }
-        }
-        match serde_json::from_slice::<ReadyMsg>(&line) {
+            if let Some(r) = report {
+                break r;
+            }
+        };
+        match report {
+            Ok(ReadyMsg::Event(_)) => unreachable!("events are passed on above"),
             Ok(ReadyMsg::Live(started)) => Ok(started),
             Ok(ReadyMsg::Failed { code, message }) => {
                 // It exits right after saying so.
@@ -350,38 +385,38 @@ impl ReadyPipe {
     }
 }
 
-/// How a supervisor's VM ended.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Outcome {
-    /// Suspended into its package.
-    Suspended,
-    /// Shut down and its state dropped.
-    Discarded,
-}
-
 /// `ferry supervise`: starts the VM `spec` describes, reports to `ready`
-/// once it is live, then runs it until `ferry stop` (or SIGTERM/SIGINT,
-/// which suspend it too), or until it dies (`Err`; its record then says
-/// `crashed` or `stopped` and why).
+/// once it is live (the start's events go there too), then owns it until
+/// `ferry stop`, a cancel (SIGTERM/SIGINT, which suspend it too), a move
+/// to another peer, or its death (`Err`; its record then says `crashed` or
+/// `stopped` and why). Events after the start go to `events`.
 pub fn supervise(
     engine: &dyn Engine,
     paths: &Paths,
     spec: &DetachSpec,
     ready: &mut ReadyPipe,
+    events: &dyn EventSink,
+    cancel: &Cancel,
 ) -> Result<Outcome, RuntimeError> {
     let t0 = Instant::now();
-    // SIGTERM/SIGINT before the VM's own signal forwarding is in place (the
-    // starting command gave up on it) must not kill this process midway,
-    // which would leave a namespace behind: noted here, acted on as soon as
-    // the VM exists.
-    let early = Arc::new(AtomicBool::new(false));
-    for sig in [libc::SIGTERM, libc::SIGINT] {
-        signal_hook::flag::register(sig, early.clone())
-            .map_err(RuntimeError::io("signal handler"))?;
-    }
-    let mut sup = start_vm(engine, paths, spec, &early)?;
-    let status = sup.vm.status();
-    let started = Started {
+    let name = &spec.name;
+    let log = match &spec.from {
+        StartFrom::Peer { .. } => {
+            let dir = crate::vmdir::peer_logs_dir(paths);
+            std::fs::create_dir_all(&dir).map_err(RuntimeError::io(&dir))?;
+            dir.join(format!("peer-{name}.log"))
+        }
+        _ => paths.vms().join(name).join(files::SUPERVISOR_LOG),
+    };
+    let start_events = ReadySink {
+        pipe: Mutex::new(ready.0.take()),
+        also: events,
+    };
+    let started = start(engine, paths, spec, &log, &start_events, cancel);
+    ready.0 = start_events.pipe.into_inner().expect("pipe");
+    let (owned, owner) = started?;
+    let status = owned.vm.status();
+    let report = Started {
         name: spec.name.clone(),
         pid: std::process::id(),
         engine_pid: status.engine_pid,
@@ -389,511 +424,192 @@ pub fn supervise(
         ms: t0.elapsed().as_millis() as u64,
         exposes: status.exposes.clone(),
     };
-    tracing::info!(ms = started.ms, "live");
-    ready.send(&ReadyMsg::Live(started));
-
-    let inbox = sup.inbox.clone();
-    let watcher = sup.record.fleet.clone().map(|fleet| {
-        FleetWatcher::start(
-            paths.clone(),
-            spec.name.clone(),
-            fleet,
-            sup.meta.network.gateway.clone(),
-            inbox.clone(),
-        )
-    });
-
-    let (outcome, reply) = loop {
-        let signal = match sup.vm.wait_for_signal() {
-            Ok(sig) => sig,
-            Err(e) => return Err(sup.died(e)),
-        };
-        let mut jobs = inbox.take();
-        if signal != WAKE {
-            tracing::info!(signal, "signalled: suspending, as 'ferry stop' does");
-            jobs.push(Job::Stop {
-                discard: false,
-                reply: None,
-            });
-        }
-        let mut done = None;
-        for job in jobs {
-            match job {
-                Job::Fleet(members) if done.is_none() => {
-                    let n = members.len();
-                    match sup.vm.set_fleet(&spec.name, members) {
-                        Ok(()) => tracing::info!(members = n, "fleet sent to the guest"),
-                        Err(e) => {
-                            tracing::warn!(error = %e, "could not send the fleet to the guest; trying again");
-                            if let Some(w) = &watcher {
-                                w.resend.store(true, Ordering::SeqCst);
-                            }
-                        }
-                    }
-                }
-                Job::Fleet(_) => {}
-                Job::Stop { discard, reply } if done.is_none() => match sup.stop(engine, discard) {
-                    Ok(reply_msg) => done = Some((discard, reply, reply_msg)),
-                    Err(e) => {
-                        tracing::warn!(error = %e, "stopping failed; the VM keeps running");
-                        if let Some(r) = reply {
-                            let _ = r.send(ControlReply::Error {
-                                message: e.to_string(),
-                            });
-                        }
-                    }
-                },
-                Job::Stop { reply, .. } => {
-                    if let Some(r) = reply {
-                        let _ = r.send(ControlReply::Error {
-                            message: "the VM is being stopped already".into(),
-                        });
-                    }
-                }
-            }
-        }
-        if let Some((discard, reply, msg)) = done {
-            let outcome = if discard {
-                Outcome::Discarded
-            } else {
-                Outcome::Suspended
-            };
-            break (outcome, reply.map(|r| (r, msg)));
-        }
-    };
-    if let Some(w) = watcher {
-        w.stop.store(true, Ordering::SeqCst);
-    }
-    let t = Instant::now();
-    let answer = |reply: Option<(Sender<ControlReply>, ControlReply)>| {
-        if let Some((r, msg)) = reply {
-            let _ = r.send(msg);
-            // Let the control thread write it before this process exits.
-            std::thread::sleep(Duration::from_millis(100));
-        }
-    };
-    // The package first: once the directory is unlocked, 'ferry start'
-    // may resume the VM at once, from the same package.
-    drop(sup.package_lock);
-    match outcome {
-        Outcome::Suspended => {
-            drop(sup.vm);
-            answer(reply);
-        }
-        Outcome::Discarded => {
-            match sup.vm.shutdown() {
-                Ok(reason) => tracing::info!(reason = describe_exit(&reason), "shut down"),
-                Err(e) => tracing::warn!(error = %e, "shutting down"),
-            }
-            // The time it took includes the guest's shutdown.
-            let reply = reply.map(|(r, msg)| match msg {
-                ControlReply::Stopped { state, ms, saved } => (
-                    r,
-                    ControlReply::Stopped {
-                        state,
-                        ms: ms + t.elapsed().as_millis() as u64,
-                        saved,
-                    },
-                ),
-                other => (r, other),
-            });
-            answer(reply);
-        }
-    }
-    tracing::info!(
-        ms = t.elapsed().as_millis() as u64,
-        ?outcome,
-        "supervisor done"
-    );
+    tracing::info!(ms = report.ms, "live");
+    ready.send(&ReadyMsg::Live(report));
+    let outcome = own(engine, paths, owned, owner, events)?;
+    tracing::info!(?outcome, "supervisor done");
     Ok(outcome)
 }
 
-/// A control wake-up rather than a real signal (`Signal(0)`).
-const WAKE: i32 = 0;
-
-/// Work for the supervisor's main loop, from control connections and the
-/// fleet watcher.
-enum Job {
-    Stop {
-        discard: bool,
-        reply: Option<Sender<ControlReply>>,
-    },
-    Fleet(Vec<FleetMember>),
-}
-
-struct Inbox {
-    jobs: Mutex<Vec<Job>>,
-    wake: Sender<SupervisorEvent>,
-}
-
-impl Inbox {
-    fn push(&self, job: Job) {
-        self.jobs.lock().expect("inbox").push(job);
-        let _ = self.wake.send(SupervisorEvent::Signal(WAKE));
-    }
-
-    fn take(&self) -> Vec<Job> {
-        std::mem::take(&mut *self.jobs.lock().expect("inbox"))
-    }
-}
-
-/// Answers `stop` on the control socket by handing it to the main loop.
-struct StopHandler(Arc<Inbox>);
-
-impl ControlHandler for StopHandler {
-    fn handle(&self, request: ControlRequest) -> ControlReply {
-        match request {
-            ControlRequest::Stop { discard } => {
-                let (tx, rx) = channel();
-                self.0.push(Job::Stop {
-                    discard,
-                    reply: Some(tx),
-                });
-                rx.recv_timeout(Duration::from_secs(900))
-                    .unwrap_or_else(|_| ControlReply::Error {
-                        message: "the supervisor ended without finishing the stop; 'ferry ps' shows what is left".into(),
-                    })
-            }
-            other => ControlReply::Error {
-                message: format!("unexpected request {other:?}"),
-            },
-        }
-    }
-}
-
-/// Sends the guest its fleet whenever the set of running members changes.
-struct FleetWatcher {
-    stop: Arc<AtomicBool>,
-    resend: Arc<AtomicBool>,
-}
-
-impl FleetWatcher {
-    fn start(
-        paths: Paths,
-        me: String,
-        fleet: FleetSpec,
-        gateway: String,
-        inbox: Arc<Inbox>,
-    ) -> FleetWatcher {
-        let stop = Arc::new(AtomicBool::new(false));
-        let resend = Arc::new(AtomicBool::new(false));
-        let (s, r) = (stop.clone(), resend.clone());
-        let spawned = std::thread::Builder::new()
-            .name("fleet-watch".into())
-            .spawn(move || {
-                let mut last: Option<Vec<FleetMember>> = None;
-                while !s.load(Ordering::SeqCst) {
-                    let members = crate::fleet::fleet_members(&paths, &fleet, &gateway);
-                    if last.as_ref() != Some(&members) || r.swap(false, Ordering::SeqCst) {
-                        tracing::debug!(me, ?members, "fleet changed");
-                        inbox.push(Job::Fleet(members.clone()));
-                        last = Some(members);
-                    }
-                    std::thread::sleep(Duration::from_millis(500));
-                }
-            });
-        if let Err(e) = spawned {
-            tracing::warn!(error = %e, "cannot watch the fleet");
-        }
-        FleetWatcher { stop, resend }
-    }
-}
-
-/// A detached VM and what its supervisor needs to suspend it.
-struct Supervised {
-    vm: RunningVm,
-    record: VmRecord,
-    meta: PackageMeta,
-    sources: Sources,
-    /// Where unchanged chunks are copied from when suspending: the package
-    /// the VM last resumed from.
-    base_package: PathBuf,
-    /// Whether its memory is a private mapping (a clone that never
-    /// suspended): its RAM is then saved in the device state.
-    private_memory: bool,
-    package_lock: Option<PackageLock>,
-    /// Work for the main loop.
-    inbox: Arc<Inbox>,
-    _signals: crate::ops::SignalForwarder,
-}
-
-/// Resumes the VM `spec` describes and waits until it is live.
-fn start_vm(
+/// Starts the VM of `spec` and says how its owner treats it.
+fn start(
     engine: &dyn Engine,
     paths: &Paths,
     spec: &DetachSpec,
-    early: &AtomicBool,
-) -> Result<Supervised, RuntimeError> {
+    log: &Path,
+    events: &dyn EventSink,
+    cancel: &Cancel,
+) -> Result<(OwnedVm, OwnerOptions), RuntimeError> {
     let name = &spec.name;
-    let (package, clone, verified, claimed, previous) = match &spec.from {
-        StartFrom::Clone { package, verified } => (package.clone(), true, *verified, None, None),
-        StartFrom::Package { package } => (package.clone(), false, false, None, None),
+    let started = Instant::now();
+    let live_timeout = Duration::from_secs(spec.live_timeout_s);
+    let package_start = |package: PathBuf, mode, verified, detached| PackageStart {
+        package,
+        name: name.clone(),
+        mode,
+        accel: spec.accel,
+        console: None,
+        net: spec.net.clone(),
+        live_timeout,
+        verified,
+        started,
+        detached: Some(detached),
+    };
+    let redirect = |_: &crate::vmdir::VmDir| -> Result<(), RuntimeError> {
+        redirect_output(log);
+        Ok(())
+    };
+    let mut owner = OwnerOptions {
+        fleet: spec.fleet.clone(),
+        ..OwnerOptions::default()
+    };
+    let plan = match &spec.from {
+        StartFrom::Clone { package, verified } => package::plan(
+            engine,
+            paths,
+            package_start(
+                package.clone(),
+                Mode::Clone,
+                *verified,
+                Detached {
+                    fleet: spec.fleet.clone(),
+                    previous: None,
+                },
+            ),
+        )?,
+        StartFrom::Package { package } => package::plan(
+            engine,
+            paths,
+            package_start(
+                package.clone(),
+                Mode::Own,
+                false,
+                Detached {
+                    fleet: spec.fleet.clone(),
+                    previous: None,
+                },
+            ),
+        )?,
         StartFrom::Saved => {
             let dir = VmDir::resume(paths, name)?;
+            redirect_output(log);
             let Some(record) = VmRecord::load(dir.path()) else {
-                let err = RuntimeError::BadOption(format!(
-                    "'{name}' has no record ({}): it was not started detached, so there is nothing to resume",
-                    dir.path().join(files::RECORD).display()
-                ));
+                let err = RuntimeError::NothingToResume {
+                    name: name.clone(),
+                    why: format!(
+                        "it has no record ({}): it was not started detached",
+                        dir.path().join(files::RECORD).display()
+                    ),
+                };
                 dir.remove();
                 return Err(err);
             };
-            let saved = record.saved.clone().filter(|p| p.exists()).ok_or_else(|| {
-                RuntimeError::BadOption(format!(
-                    "'{name}' has no saved state to resume ({}); 'ferry rm {name}' removes it",
-                    record.note.as_deref().unwrap_or("it never was suspended")
-                ))
-            })?;
-            (saved, false, false, Some(dir), Some(record))
-        }
-    };
-    let (net, fleet) = match &previous {
-        Some(r) => (r.net.clone(), r.fleet.clone()),
-        None => (spec.net.clone(), spec.fleet.clone()),
-    };
-    // A package the VM writes back into is its alone while it runs.
-    let owns_package = previous
-        .as_ref()
-        .is_some_and(|r| claimed.as_ref().is_some_and(|d| r.owns_saved(d.path())));
-    let lock = if clone || owns_package {
-        None
-    } else {
-        Some(PackageLock::acquire(paths, &package)?)
-    };
-    let pkg = Package::open(&package)?;
-    let meta = read_meta(&pkg)?;
-    for kind in SectionKind::ALL {
-        pkg.section(kind)?;
-    }
-    if !verified {
-        let t = Instant::now();
-        pkg.verify(&mut |_, _| {})?;
-        tracing::info!(ms = t.elapsed().as_millis() as u64, "package verified");
-    }
-    check_host_memory(meta.provenance.memory_mib)?;
-    let vm_dir = paths.vms().join(name);
-    let cache = SectionCache::new(&paths.cache);
-    let kernel = cache.get(&pkg, SectionKind::Kernel)?;
-    let initramfs = cache.get(&pkg, SectionKind::Initramfs)?;
-    // A clone runs from the shared cache; a VM that writes back owns its
-    // memory and disk, extracted into its directory.
-    let (disk, memory_file) = if clone {
-        (
-            cache.get(&pkg, SectionKind::Disk)?,
-            cache.get(&pkg, SectionKind::Memory)?,
-        )
-    } else {
-        (vm_dir.join(files::BASE_DISK), vm_dir.join(files::MEMORY))
-    };
-    let image = BootImage {
-        kernel: kernel.clone(),
-        initramfs: initramfs.clone(),
-        cmdline: meta.cmdline.clone(),
-        disk,
-        source: package.display().to_string(),
-        network: meta.network.clone(),
-        disk_server: None,
-    };
-    let decision = choose_saved_accel(engine, spec.accel, &image, meta.provenance.accel)?;
-    let state = SavedState {
-        device_state: vm_dir.join(DEVICE_STATE_IN),
-        memory_file: (!meta.memory_in_state).then(|| memory_file.clone()),
-        provenance: meta.provenance.clone(),
-    };
-    let config = VmConfig {
-        name: name.clone(),
-        memory_mib: meta.provenance.memory_mib,
-        cpus: meta.provenance.cpus,
-        accel: decision.accel,
-        echo_console: false,
-        net: net.choice(),
-    };
-    let record = VmRecord {
-        name: name.clone(),
-        state: RecordState::Running,
-        package: previous
-            .as_ref()
-            .map(|r| r.package.clone())
-            .unwrap_or(package.clone()),
-        clone: previous.as_ref().map(|r| r.clone).unwrap_or(clone),
-        saved: if clone { None } else { Some(package.clone()) },
-        fleet,
-        net,
-        accel: decision.accel,
-        memory_mib: meta.provenance.memory_mib,
-        supervisor_pid: std::process::id(),
-        started_unix: now_unix(),
-        note: None,
-    };
-    let resuming = previous.is_some();
-    let prepare = |d: &VmDir| -> Result<(), RuntimeError> {
-        redirect_output(&d.path().join(files::SUPERVISOR_LOG));
-        tracing::info!(package = %package.display(), clone, "starting");
-        // A suspended VM's record keeps saying so until it is live again:
-        // if this start fails, it is still suspended.
-        if !resuming {
-            record.save(d.path())?;
-        }
-        pkg.extract(
-            SectionKind::DeviceState,
-            &d.path().join(DEVICE_STATE_IN),
-            &mut |_, _| {},
-        )?;
-        if !clone {
-            let t = Instant::now();
-            pkg.extract(SectionKind::Memory, &memory_file, &mut |_, _| {})?;
-            pkg.extract(
-                SectionKind::Disk,
-                &d.path().join(files::BASE_DISK),
-                &mut |_, _| {},
-            )?;
-            tracing::info!(
-                ms = t.elapsed().as_millis() as u64,
-                "memory and disk extracted"
+            let Some(saved) = record.saved.clone().filter(|p| p.exists()) else {
+                return Err(RuntimeError::NothingToResume {
+                    name: name.clone(),
+                    why: record
+                        .note
+                        .clone()
+                        .unwrap_or_else(|| "it never was suspended".into()),
+                });
+            };
+            owner.fleet = record.fleet.clone();
+            // What it saved into is its own to write back into.
+            let mut opts = package_start(
+                saved,
+                Mode::Own,
+                false,
+                Detached {
+                    fleet: record.fleet.clone(),
+                    previous: None,
+                },
             );
+            opts.net = record.net.clone();
+            opts.detached = Some(Detached {
+                fleet: record.fleet.clone(),
+                previous: Some((record, dir)),
+            });
+            package::plan(engine, paths, opts)?
         }
-        Ok(())
-    };
-    let memory = if clone {
-        RestoreMemory::Private
-    } else {
-        RestoreMemory::Shared
-    };
-    let mut vm = match claimed {
-        Some(dir) => {
-            RunningVm::restore_in(dir, engine, paths, &image, &config, &state, memory, prepare)?
+        StartFrom::Peer {
+            source,
+            token,
+            listen,
+            save,
+            max_bandwidth,
+        } => {
+            redirect_output(log);
+            let opts = PeerOptions {
+                from: source.clone(),
+                name: Some(name.clone()),
+                net: spec.net.choice(),
+                listen: *listen,
+                token: token.clone(),
+                accel: spec.accel,
+                console: None,
+                input: None,
+                save: Some(save.clone()),
+                started,
+                max_bandwidth: *max_bandwidth,
+            };
+            let mut owned = crate::ops::peer::take(engine, paths, &opts, events, cancel)?;
+            let status = owned.vm.status();
+            let record = VmRecord {
+                name: name.clone(),
+                state: RecordState::Running,
+                package: save.clone(),
+                clone: false,
+                saved: Some(save.clone()),
+                fleet: None,
+                net: spec.net.clone(),
+                accel: status.accel,
+                memory_mib: status.memory_mib,
+                supervisor_pid: std::process::id(),
+                started_unix: crate::save::now_unix(),
+                note: None,
+            };
+            record.save(owned.vm.dir().path())?;
+            owned.record = Some(record);
+            return Ok((owned, crate::ops::peer::owner_options(&opts, name)));
         }
-        None => RunningVm::restore(engine, paths, &image, &config, &state, memory, prepare)?,
     };
-    // From here a signal reaches the VM's event channel (and interrupts the
-    // wait for live); one that came earlier stops the start now.
-    let signals = forward_signals(&vm)?;
-    if early.load(Ordering::SeqCst) {
-        return Err(RuntimeError::Interrupted);
-    }
-    // A `stop` that comes before the VM is live waits for it.
-    let inbox = Arc::new(Inbox {
-        jobs: Mutex::default(),
-        wake: vm.event_sender(),
-    });
-    vm.set_control_extension(Arc::new(StopHandler(inbox.clone())));
-    let identity = clone.then(|| Identity {
-        hostname: name.clone(),
-        machine_id: random_hex(16),
-    });
-    let live =
-        matches!(vm.after_resume(identity)?, Reply::Resumed { ref status, .. } if status.live);
-    if !live {
-        vm.wait_live(Duration::from_secs(spec.live_timeout_s))?;
-    }
-    vm.mark("running");
-    record.save(vm.dir().path())?;
-    Ok(Supervised {
-        vm,
-        record,
-        meta,
-        sources: Sources { kernel, initramfs },
-        base_package: package,
-        private_memory: clone,
-        package_lock: lock,
-        inbox,
-        _signals: signals,
-    })
+    let plan = StartPlan {
+        prepare: chain(plan.prepare, Box::new(redirect)),
+        ..plan
+    };
+    let owned = crate::start::execute(engine, paths, plan, events, cancel)?;
+    Ok((owned, owner))
 }
 
-impl Supervised {
-    /// Suspends (or, with `discard`, prepares to drop) the VM; the caller
-    /// then drops or shuts it down. On `Err` the VM runs on.
-    fn stop(&mut self, engine: &dyn Engine, discard: bool) -> Result<ControlReply, RuntimeError> {
-        let t = Instant::now();
-        let dir = self.vm.dir().path().to_path_buf();
-        if discard {
-            self.vm.mark("stopping");
-            // Without its record and own package, the directory goes whole.
-            if self.record.owns_saved(&dir) {
-                let _ = std::fs::remove_file(dir.join(files::SAVED));
-            }
-            let _ = std::fs::remove_file(dir.join(files::RECORD));
-            return Ok(ControlReply::Stopped {
-                state: "discarded".into(),
-                ms: t.elapsed().as_millis() as u64,
-                saved: None,
-            });
+/// Runs `first` (output redirected) before `then`.
+fn chain<'a>(
+    then: Option<crate::start::Prepare<'a>>,
+    first: crate::start::Prepare<'a>,
+) -> Option<crate::start::Prepare<'a>> {
+    Some(Box::new(move |d| {
+        first(d)?;
+        match then {
+            Some(t) => t(d),
+            None => Ok(()),
         }
-        self.vm.mark("suspending");
-        let target = self
-            .record
-            .saved
-            .clone()
-            .unwrap_or_else(|| dir.join(files::SAVED));
-        match self.suspend(engine, &target) {
-            Ok(()) => {}
-            Err(e) => {
-                let _ = self.vm.engine_vm().resume();
-                let _ = self.vm.after_resume(None);
-                self.vm.mark("running");
-                return Err(e);
-            }
-        }
-        self.record.state = RecordState::Suspended;
-        self.record.saved = Some(target.clone());
-        self.record.save(&dir)?;
-        let ms = t.elapsed().as_millis() as u64;
-        tracing::info!(ms, saved = %target.display(), "suspended");
-        Ok(ControlReply::Stopped {
-            state: "suspended".into(),
-            ms,
-            saved: Some(target.display().to_string()),
-        })
-    }
+    }))
+}
 
-    fn suspend(&mut self, engine: &dyn Engine, target: &Path) -> Result<(), RuntimeError> {
-        check_writable(target)?;
-        let provenance = saved_provenance(&mut self.vm, engine)?;
-        let dir = self.vm.dir().path().to_path_buf();
-        if self.private_memory {
-            // RAM went into the device state; the memory section is all
-            // holes, of the guest's size.
-            let path = dir.join(files::MEMORY);
-            File::create(&path)
-                .and_then(|f| f.set_len(self.meta.provenance.memory_bytes()))
-                .map_err(RuntimeError::io(&path))?;
-        }
-        let old = Package::open(&self.base_package)?;
-        let meta = PackageMeta {
-            ferry_version: env!("CARGO_PKG_VERSION").into(),
-            written_unix: now_unix(),
-            generation: self.meta.generation + 1,
-            provenance,
-            memory_in_state: self.private_memory,
-            ..self.meta.clone()
-        };
-        write_package(&mut self.vm, target, &meta, &self.sources, Some(&old))
-    }
+/// Sends the start's events over the ready pipe, for the starting command
+/// to render as a foreground one would, and to the supervisor's own sink.
+struct ReadySink<'a> {
+    pipe: Mutex<Option<File>>,
+    also: &'a dyn EventSink,
+}
 
-    /// Records how the VM died (a guest that powered off is `stopped`,
-    /// anything else `crashed`), then lets it go: the directory keeps the
-    /// record and the logs for `ferry ps` and `ferry logs`.
-    fn died(mut self, e: RuntimeError) -> RuntimeError {
-        let powered_off = matches!(&e, RuntimeError::VmDied { reason, .. }
-            if *reason == describe_exit(&ferry_engine::ExitReason::Poweroff));
-        self.record.state = if powered_off {
-            RecordState::Stopped
-        } else {
-            RecordState::Crashed
-        };
-        // The console lines are in the log, where `ps` and `logs` read them.
-        self.record.note = Some(match &e {
-            RuntimeError::VmDied { reason, .. } if powered_off => reason.clone(),
-            RuntimeError::VmDied { reason, .. } => format!("the VM stopped unexpectedly: {reason}"),
-            other => other.to_string(),
-        });
-        tracing::warn!(error = %e, "the VM ended");
-        if let Err(err) = self.record.save(self.vm.dir().path()) {
-            tracing::warn!(error = %err, "cannot record how the VM ended");
+impl EventSink for ReadySink<'_> {
+    fn emit(&self, event: Event) {
+        self.also.emit(event.clone());
+        if let Some(f) = self.pipe.lock().expect("pipe").as_mut() {
+            let mut line = serde_json::to_vec(&ReadyMsg::Event(event)).expect("events serialise");
+            line.push(b'\n');
+            let _ = f.write_all(&line);
         }
-        drop(self.vm);
-        e
     }
 }
 
@@ -909,12 +625,6 @@ fn redirect_output(log: &Path) {
             libc::dup2(file.as_raw_fd(), fd);
         }
     }
-}
-
-fn random_hex(bytes: usize) -> String {
-    (0..bytes)
-        .map(|_| format!("{:02x}", rand::random::<u8>()))
-        .collect()
 }
 
 /// The accelerator choice that gets `accel` again.

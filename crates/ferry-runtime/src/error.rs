@@ -1,3 +1,9 @@
+//! What can go wrong running VMs, and the class of each failure
+//! ([`ExitClass`]), which the `ferry` binary turns into its exit code: the
+//! mapping lives here, beside the errors, so that every caller (the CLI, a
+//! daemon, a detached supervisor) classifies a failure the same way. An
+//! internal failure is [`RuntimeError::Internal`], never "bad input".
+
 use std::path::PathBuf;
 
 use ferry_blueprint::BlueprintError;
@@ -139,9 +145,29 @@ pub enum RuntimeError {
         /// The recipe.
         recipe: String,
     },
-    /// A bad option value.
+    /// A bad option value (what the user gave; never an internal failure).
     #[error("{0}")]
     BadOption(String),
+    /// A file is a package, but not one of a VM this version understands.
+    #[error("{package} is a package but not a ferry VM package this version understands ({detail}): make it again with 'ferry package'")]
+    NotAVmPackage {
+        /// The package (path or URL).
+        package: String,
+        /// What is wrong, e.g. a missing field.
+        detail: String,
+    },
+    /// A VM has no saved state to resume.
+    #[error("'{name}' has nothing to resume ({why}); 'ferry rm {name}' removes it")]
+    NothingToResume {
+        /// The VM.
+        name: String,
+        /// Why.
+        why: String,
+    },
+    /// A failure inside ferry (a bug or a broken invariant), never the
+    /// user's input.
+    #[error("internal error: {0}")]
+    Internal(String),
     /// A VM in doubt after a migration, whose sent state was not kept here.
     #[error("VM '{name}' is in doubt after its migration and cannot be saved here ({detail}); it stays paused: ask the destination whether it runs the VM")]
     InDoubtUnsaved {
@@ -198,10 +224,164 @@ pub enum RuntimeError {
     },
 }
 
+/// The class of a failure, which the `ferry` binary turns into its exit
+/// code: each error variant maps to exactly one class.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExitClass {
+    /// 1: anything else (I/O, a failed tool, an internal error).
+    Other = 1,
+    /// 3: bad input (blueprint, recipe, name, option, package, address).
+    BadInput = 3,
+    /// 4: missing host software or accelerator.
+    MissingHost = 4,
+    /// 5: the VM failed (died, agent silent, service not live).
+    VmFailed = 5,
+    /// 6: a live migration did not happen (the VM stays where it was, or
+    /// is in doubt).
+    Migration = 6,
+    /// 130: interrupted.
+    Interrupted = 130,
+}
+
+impl ExitClass {
+    /// The exit code.
+    pub fn code(self) -> u8 {
+        self as u8
+    }
+
+    /// The class of an exit code another ferry process reported.
+    pub fn from_code(code: u8) -> Self {
+        match code {
+            3 => ExitClass::BadInput,
+            4 => ExitClass::MissingHost,
+            5 => ExitClass::VmFailed,
+            6 => ExitClass::Migration,
+            130 => ExitClass::Interrupted,
+            _ => ExitClass::Other,
+        }
+    }
+
+    /// Its name in JSON (`{"type":"error","exit_class":...}`).
+    pub fn name(self) -> &'static str {
+        match self {
+            ExitClass::Other => "other",
+            ExitClass::BadInput => "bad-input",
+            ExitClass::MissingHost => "missing-host-software",
+            ExitClass::VmFailed => "vm-failed",
+            ExitClass::Migration => "migration-failed",
+            ExitClass::Interrupted => "interrupted",
+        }
+    }
+}
+
 impl RuntimeError {
+    /// The class of this failure.
+    pub fn exit_class(&self) -> ExitClass {
+        use ExitClass::*;
+        match self {
+            RuntimeError::Blueprint(b) => blueprint_class(b),
+            RuntimeError::Engine(en) => engine_class(en),
+            RuntimeError::BadName(_)
+            | RuntimeError::NameInUse { .. }
+            | RuntimeError::NoSuchVm { .. }
+            | RuntimeError::MemoryTooSmall { .. }
+            | RuntimeError::BadOption(_)
+            | RuntimeError::NotAVmPackage { .. }
+            | RuntimeError::NothingToResume { .. }
+            | RuntimeError::Package(_)
+            | RuntimeError::PackageInUse { .. }
+            | RuntimeError::HostTooSmall { .. }
+            | RuntimeError::NameHeld { .. }
+            | RuntimeError::UnknownVm { .. }
+            | RuntimeError::TooManyClones { .. } => BadInput,
+            RuntimeError::DetachedStart { code, .. } | RuntimeError::Several { code, .. } => {
+                ExitClass::from_code(*code)
+            }
+            RuntimeError::AgentSilent { .. }
+            | RuntimeError::NotLive { .. }
+            | RuntimeError::VmDied { .. }
+            | RuntimeError::Agent(_) => VmFailed,
+            RuntimeError::Interrupted => Interrupted,
+            RuntimeError::Control { .. } | RuntimeError::Io { .. } | RuntimeError::Internal(_) => {
+                Other
+            }
+            RuntimeError::Net(n) => net_class(n),
+            RuntimeError::Transport(t) => transport_class(t),
+            RuntimeError::Migration(m) => match m {
+                ferry_transport::migration::MigrationError::Refused { .. }
+                | ferry_transport::migration::MigrationError::Bind { .. } => BadInput,
+                _ => Migration,
+            },
+            RuntimeError::MigrationFailed { .. } | RuntimeError::InDoubtUnsaved { .. } => Migration,
+            RuntimeError::LazyDisk(_) | RuntimeError::DiskServer(_) => Other,
+        }
+    }
+
     /// Wraps an I/O error with the path it concerns.
     pub fn io(path: impl Into<PathBuf>) -> impl FnOnce(std::io::Error) -> Self {
         let path = path.into();
         move |source| RuntimeError::Io { path, source }
+    }
+}
+
+/// The class of a blueprint error.
+pub fn blueprint_class(e: &BlueprintError) -> ExitClass {
+    match e {
+        BlueprintError::MissingTool { .. } => ExitClass::MissingHost,
+        BlueprintError::Io { .. } | BlueprintError::ToolFailed { .. } => ExitClass::Other,
+        _ => ExitClass::BadInput,
+    }
+}
+
+/// The class of an engine error.
+pub fn engine_class(e: &EngineError) -> ExitClass {
+    match e {
+        EngineError::NotInstalled { .. } | EngineError::AccelUnavailable { .. } => {
+            ExitClass::MissingHost
+        }
+        EngineError::Incompatible(_) => ExitClass::BadInput,
+        _ => ExitClass::VmFailed,
+    }
+}
+
+/// The class of a networking error.
+pub fn net_class(e: &ferry_net::NetError) -> ExitClass {
+    if e.is_bad_input() {
+        ExitClass::BadInput
+    } else if e.is_missing_software() {
+        ExitClass::MissingHost
+    } else {
+        ExitClass::Other
+    }
+}
+
+/// The class of a transport error.
+pub fn transport_class(e: &ferry_transport::TransportError) -> ExitClass {
+    use ferry_transport::TransportError as T;
+    match e {
+        // What the user gave: packages, names, token, address, URL.
+        T::NoPackages
+        | T::OpenPackage(_)
+        | T::BadPackageName(_)
+        | T::DuplicateName { .. }
+        | T::BadToken(_)
+        | T::Bind { .. }
+        | T::BadUrl { .. }
+        | T::Unauthorized { .. }
+        | T::NotFound { .. }
+        | T::NotARegistry { .. }
+        | T::EmptyRegistry { .. }
+        | T::AmbiguousRegistry { .. }
+        | T::Package(_)
+        | T::ChunkCorrupt { .. } => ExitClass::BadInput,
+        T::Setup { .. }
+        | T::Serve { .. }
+        | T::Connect { .. }
+        | T::Request { .. }
+        | T::Status { .. }
+        | T::RangeUnsupported { .. }
+        | T::BadResponse { .. }
+        | T::Interrupted { .. }
+        | T::Changed { .. } => ExitClass::Other,
     }
 }

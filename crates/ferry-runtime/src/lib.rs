@@ -1,30 +1,42 @@
-//! Running ferry VMs: the layer between the `ferry` commands and an
-//! [`ferry_engine::Engine`].
+//! Running ferry VMs, as a library: the layer between the `ferry` commands
+//! (or a daemon, or a test) and an [`ferry_engine::Engine`]. It returns
+//! data, reports progress as typed [`Event`]s to a sink the caller gives,
+//! takes a [`Cancel`] from the caller for long work, and never prints,
+//! installs a signal handler or exits the process.
 //!
-//! - [`vmdir`]: every VM's name and state directory (locked while it runs).
-//! - [`agent`]: the host side of the guest agent protocol.
-//! - [`control`]: the per-VM control socket other commands talk to.
-//! - [`supervisor`]: a running VM with all of the above, cleaned up on drop.
-//! - [`ops`]: what each command does.
+//! - [`ops`]: what each command does, one module per verb.
+//! - [`start`]: the one start pipeline (a plan from any source, executed
+//!   one way).
+//! - [`owner`]: the one owner of a running VM (cancel, stop, migrations,
+//!   fleets), in the foreground or detached.
+//! - [`save`]: the one save path (every package written from a VM).
 //! - [`detach`]: VMs owned by a supervisor process of their own.
-//! - [`record`]: what a detached VM's directory says about it.
 //! - [`fleet`]: `ferry up`, `ps`, `stop`, `start`, `restart`, `rm`, `clean`, `logs`.
+//! - [`vm`]: a running VM and the resources it holds.
+//! - [`vmdir`], [`record`], [`control`], [`agent`]: its directory, its
+//!   record, its control socket, its guest agent.
+//! - [`events`]: events and cancellation.
 #![warn(missing_docs)]
 
 pub mod agent;
 mod cache;
 pub mod control;
 pub mod detach;
-mod error;
+pub mod error;
+pub mod events;
 pub mod fleet;
+pub mod locks;
 pub mod ops;
-pub mod package;
+pub mod owner;
+pub mod package_meta;
 mod paths;
-pub mod peer;
-pub mod peer_detach;
 pub mod record;
-pub mod supervisor;
+pub mod save;
+pub mod start;
+pub mod vm;
 pub mod vmdir;
 
-pub use error::RuntimeError;
+pub use error::{ExitClass, RuntimeError};
+pub use events::{Cancel, Event, EventSink};
+pub use package_meta::PackageMeta;
 pub use paths::Paths;

@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use ferry_engine::Accel;
 use serde::{Deserialize, Serialize};
 
-use crate::supervisor::NetChoice;
+use crate::vm::NetChoice;
 use crate::vmdir::files;
 use crate::RuntimeError;
 

@@ -200,7 +200,7 @@ pub fn remove_leftover_network(dir: &Path) {
     let Ok(bytes) = std::fs::read(dir.join(files::NET)) else {
         return;
     };
-    let Ok(info) = serde_json::from_slice::<crate::supervisor::NetInfo>(&bytes) else {
+    let Ok(info) = serde_json::from_slice::<crate::vm::NetInfo>(&bytes) else {
         return;
     };
     if info.created_netns {
@@ -356,6 +356,12 @@ pub fn last_lines(bytes: &[u8], n: usize) -> Vec<String> {
         .filter(|l| !l.trim().is_empty())
         .collect();
     lines[lines.len().saturating_sub(n)..].to_vec()
+}
+
+/// Where detached peers' logs are: outside their VM directories, so that
+/// why a peer ended (it may have moved its VM on) can still be read.
+pub fn peer_logs_dir(paths: &Paths) -> PathBuf {
+    paths.state.join("logs")
 }
 
 #[cfg(test)]

@@ -7,7 +7,7 @@ use ferry_agent_proto::{b64_decode, Identity, Reply, Request};
 use ferry_blueprint::Blueprint;
 use ferry_engine::{AccelChoice, Engine, ExitReason, ProbeGuest};
 use ferry_qemu::QemuEngine;
-use ferry_runtime::supervisor::{RestoreMemory, RunningVm, VmConfig};
+use ferry_runtime::vm::{RestoreMemory, RunningVm, VmConfig};
 use ferry_runtime::vmdir::files;
 use ferry_runtime::Paths;
 use ferry_test_support::{blueprint, cache_dir, qemu_pids, vm_lock};
@@ -54,8 +54,8 @@ fn config(s: &Setup, name: &str) -> VmConfig {
         memory_mib: 256,
         cpus: 1,
         accel,
-        echo_console: false,
-        net: ferry_runtime::supervisor::NetChoice::None,
+        console: None,
+        net: ferry_runtime::vm::NetChoice::None,
     }
 }
 

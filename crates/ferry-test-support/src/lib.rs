@@ -176,7 +176,8 @@ pub fn blueprint(recipe: &str) -> PathBuf {
     if std::fs::read_to_string(&stamp).ok().as_deref() == Some(want.as_str()) {
         return dir;
     }
-    let mut progress = ferry_blueprint::progress::StderrProgress::new(false);
+    let mut progress =
+        ferry_blueprint::progress::LineProgress::new(false, |l: &str| eprintln!("{l}"));
     ferry_blueprint::build(ferry_blueprint::BuildOptions {
         recipe: found,
         out: dir.clone(),

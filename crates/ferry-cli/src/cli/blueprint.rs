@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Subcommand;
-use ferry_blueprint::progress::StderrProgress;
+use ferry_blueprint::progress::LineProgress;
 use ferry_blueprint::{build, Blueprint, BuildOptions, HostBinaries, Recipe};
 use ferry_runtime::Paths;
 
@@ -62,7 +62,7 @@ pub fn run(args: Args, paths: &Paths) -> anyhow::Result<ExitCode> {
             for (name, path) in given {
                 binaries.set(&name, path);
             }
-            let mut progress = StderrProgress::new(quiet);
+            let mut progress = LineProgress::new(quiet, |l: &str| eprintln!("{l}"));
             let started = std::time::Instant::now();
             let bp = build(BuildOptions {
                 recipe,

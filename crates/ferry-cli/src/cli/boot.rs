@@ -7,6 +7,8 @@ use std::time::{Duration, Instant};
 use ferry_runtime::ops::{boot, BootOptions};
 use ferry_runtime::Paths;
 
+use super::Ctx;
+
 #[derive(clap::Args, Debug)]
 pub struct Args {
     /// The blueprint directory (from 'ferry blueprint build').
@@ -37,7 +39,7 @@ pub struct Args {
     net: super::NetArgs,
 }
 
-pub fn run(args: Args, paths: &Paths, started: Instant) -> anyhow::Result<ExitCode> {
+pub fn run(args: Args, paths: &Paths, started: Instant, ctx: &Ctx) -> anyhow::Result<ExitCode> {
     let engine = super::engine(paths)?;
     let net = args.net.choice()?;
     let opts = BootOptions {
@@ -48,10 +50,10 @@ pub fn run(args: Args, paths: &Paths, started: Instant) -> anyhow::Result<ExitCo
         accel: args.accel.into(),
         exit_when_live: args.exit_when_live,
         live_timeout: args.live_timeout.map(Duration::from_secs),
-        echo_console: args.console,
+        console: super::console(args.console),
         started,
         net,
     };
-    boot(&engine, paths, &opts, &mut super::say)?;
+    boot(&engine, paths, &opts, &ctx.render, &ctx.cancel()?)?;
     Ok(ExitCode::SUCCESS)
 }

@@ -16,9 +16,11 @@ mod package;
 mod peer;
 mod ps;
 mod registry;
+pub mod render;
 mod restart;
 mod rm;
 mod run;
+mod signals;
 mod start;
 mod stop;
 mod supervise;
@@ -31,8 +33,8 @@ use std::time::Instant;
 use clap::{Parser, Subcommand};
 use ferry_blueprint::BlueprintError;
 use ferry_engine::EngineError;
-use ferry_runtime::supervisor::NetChoice;
-use ferry_runtime::{Paths, RuntimeError};
+use ferry_runtime::vm::NetChoice;
+use ferry_runtime::{Cancel, Paths, RuntimeError};
 use ferry_transport::TransportError;
 
 /// ferry: build a microVM from a recipe, boot it, snapshot it, ship it.
@@ -42,6 +44,10 @@ pub struct Cli {
     /// Log what ferry does (or set FERRY_LOG=debug).
     #[arg(short, long, global = true)]
     pub verbose: bool,
+    /// Machine-readable output: JSON lines on standard output, one object
+    /// per event (`docs/events.md`); `ps` prints one JSON array.
+    #[arg(long, global = true)]
+    pub json: bool,
     #[command(subcommand)]
     command: Command,
 }
@@ -108,24 +114,52 @@ impl From<AccelArg> for ferry_engine::AccelChoice {
     }
 }
 
+/// What every command gets besides its arguments: the event renderer and
+/// the cancel handle (Ctrl-C), installed on first use.
+pub struct Ctx {
+    /// Renders events (human lines or JSON lines).
+    pub render: render::Render,
+    cancel: std::sync::OnceLock<Cancel>,
+}
+
+impl Ctx {
+    /// A context rendering JSON lines if `json`.
+    pub fn new(json: bool) -> Self {
+        Ctx {
+            render: render::Render::new(json),
+            cancel: std::sync::OnceLock::new(),
+        }
+    }
+
+    /// The cancel handle, tripped by SIGINT and SIGTERM from the first call
+    /// on (commands that do not ask keep the default: Ctrl-C ends them).
+    pub fn cancel(&self) -> anyhow::Result<Cancel> {
+        if let Some(c) = self.cancel.get() {
+            return Ok(c.clone());
+        }
+        let c = signals::cancel_on_signals()?;
+        Ok(self.cancel.get_or_init(|| c).clone())
+    }
+}
+
 /// Runs the parsed command.
-pub fn run(cli: Cli, started: Instant) -> anyhow::Result<ExitCode> {
+pub fn run(cli: Cli, started: Instant, ctx: &Ctx) -> anyhow::Result<ExitCode> {
     let paths = Paths::from_env();
     match cli.command {
         Command::Blueprint(args) => blueprint::run(args, &paths),
-        Command::Boot(args) => boot::run(args, &paths, started),
+        Command::Boot(args) => boot::run(args, &paths, started, ctx),
         Command::Exec(args) => exec::run(args, &paths),
-        Command::Package(args) => package::run(args, &paths),
-        Command::Run(args) => run::run(args, &paths, started),
+        Command::Package(args) => package::run(args, &paths, ctx),
+        Command::Run(args) => run::run(args, &paths, started, ctx),
         Command::Inspect(args) => inspect::run(args),
         Command::Net(args) => net::run(args, &paths),
-        Command::Registry(args) => registry::run(args),
-        Command::Peer(args) => peer::run(args, &paths, started),
-        Command::Up(args) => up::run(args, &paths),
-        Command::Ps(args) => ps::run(args, &paths),
+        Command::Registry(args) => registry::run(args, ctx),
+        Command::Peer(args) => peer::run(args, &paths, started, ctx),
+        Command::Up(args) => up::run(args, &paths, ctx),
+        Command::Ps(args) => ps::run(args, &paths, cli.json),
         Command::Logs(args) => logs::run(args, &paths),
         Command::Stop(args) => stop::run(args, &paths),
-        Command::Start(args) => start::run(args, &paths),
+        Command::Start(args) => start::run(args, &paths, ctx),
         Command::Restart(args) => restart::run(args, &paths),
         Command::Rm(args) => rm::run(args, &paths),
         Command::Clean(args) => clean::run(args, &paths),
@@ -187,14 +221,14 @@ impl NetArgs {
     }
 }
 
-/// Prints one line of a command's results on standard output. A closed
-/// stdout (`ferry peer | head -1`) must not take the VM down with a panic:
-/// the line is dropped instead.
-pub fn say(line: &str) {
-    use std::io::Write;
-    let mut out = std::io::stdout().lock();
-    let _ = writeln!(out, "{line}");
-    let _ = out.flush();
+/// Where `--console` copies the guest's console: standard error.
+pub fn console(on: bool) -> Option<ferry_runtime::vm::ConsoleSink> {
+    on.then(|| {
+        std::sync::Arc::new(|bytes: &[u8]| {
+            use std::io::Write;
+            let _ = std::io::stderr().write_all(bytes);
+        }) as ferry_runtime::vm::ConsoleSink
+    })
 }
 
 /// The engine ferry uses: QEMU, or the program `$FERRY_QEMU` names.
@@ -203,115 +237,30 @@ pub fn engine(paths: &Paths) -> Result<ferry_qemu::QemuEngine, EngineError> {
     ferry_qemu::QemuEngine::new(&qemu, &paths.cache)
 }
 
-/// The stable exit code for an error.
-pub fn exit_code(e: &anyhow::Error) -> ExitCode {
-    ExitCode::from(exit_number(e))
-}
-
-/// [`exit_code`] as a number (what a detached VM's supervisor reports).
+/// The exit code for an error (also what a detached VM's supervisor reports).
 pub fn exit_number(e: &anyhow::Error) -> u8 {
+    exit_class(e).code()
+}
+
+/// The class of an error: the runtime's own mapping, for its errors and
+/// those of the crates below it.
+pub fn exit_class(e: &anyhow::Error) -> ferry_runtime::ExitClass {
+    use ferry_runtime::ExitClass;
     if let Some(r) = e.downcast_ref::<RuntimeError>() {
-        match r {
-            RuntimeError::Blueprint(b) => blueprint_code(b),
-            RuntimeError::Engine(en) => engine_code(en),
-            RuntimeError::BadName(_)
-            | RuntimeError::NameInUse { .. }
-            | RuntimeError::NoSuchVm { .. }
-            | RuntimeError::MemoryTooSmall { .. }
-            | RuntimeError::BadOption(_)
-            | RuntimeError::Package(_)
-            | RuntimeError::PackageInUse { .. }
-            | RuntimeError::HostTooSmall { .. }
-            | RuntimeError::NameHeld { .. }
-            | RuntimeError::UnknownVm { .. }
-            | RuntimeError::TooManyClones { .. } => 3,
-            RuntimeError::DetachedStart { code, .. } | RuntimeError::Several { code, .. } => *code,
-            RuntimeError::AgentSilent { .. }
-            | RuntimeError::NotLive { .. }
-            | RuntimeError::VmDied { .. }
-            | RuntimeError::Agent(_) => 5,
-            RuntimeError::Interrupted => 130,
-            RuntimeError::Control { .. } | RuntimeError::Io { .. } => 1,
-            RuntimeError::Net(n) => net_code(n),
-            RuntimeError::Transport(t) => transport_code(t),
-            RuntimeError::Migration(m) => migration_code(m),
-            RuntimeError::MigrationFailed { .. } | RuntimeError::InDoubtUnsaved { .. } => 6,
-            RuntimeError::LazyDisk(_) | RuntimeError::DiskServer(_) => 1,
-        }
+        r.exit_class()
     } else if let Some(b) = e.downcast_ref::<BlueprintError>() {
-        blueprint_code(b)
+        ferry_runtime::error::blueprint_class(b)
     } else if let Some(en) = e.downcast_ref::<EngineError>() {
-        engine_code(en)
+        ferry_runtime::error::engine_class(en)
     } else if let Some(n) = e.downcast_ref::<ferry_net::NetError>() {
-        net_code(n)
+        ferry_runtime::error::net_class(n)
     } else if let Some(t) = e.downcast_ref::<TransportError>() {
-        transport_code(t)
+        ferry_runtime::error::transport_class(t)
+    } else if let Some(p) = e.downcast_ref::<ferry_package::PackageError>() {
+        let _ = p;
+        ExitClass::BadInput
     } else {
-        1
-    }
-}
-
-fn blueprint_code(e: &BlueprintError) -> u8 {
-    match e {
-        BlueprintError::MissingTool { .. } => 4,
-        BlueprintError::Io { .. } | BlueprintError::ToolFailed { .. } => 1,
-        _ => 3,
-    }
-}
-
-fn migration_code(e: &ferry_transport::migration::MigrationError) -> u8 {
-    use ferry_transport::migration::MigrationError as M;
-    match e {
-        M::Refused { .. } | M::Bind { .. } => 3,
-        _ => 6,
-    }
-}
-
-fn net_code(e: &ferry_net::NetError) -> u8 {
-    if e.is_bad_input() {
-        3
-    } else if e.is_missing_software() {
-        4
-    } else {
-        1
-    }
-}
-
-fn transport_code(e: &TransportError) -> u8 {
-    use TransportError as T;
-    match e {
-        // What the user gave: packages, names, token, address, URL.
-        T::NoPackages
-        | T::OpenPackage(_)
-        | T::BadPackageName(_)
-        | T::DuplicateName { .. }
-        | T::BadToken(_)
-        | T::Bind { .. }
-        | T::BadUrl { .. }
-        | T::Unauthorized { .. }
-        | T::NotFound { .. }
-        | T::NotARegistry { .. }
-        | T::EmptyRegistry { .. }
-        | T::AmbiguousRegistry { .. }
-        | T::Package(_)
-        | T::ChunkCorrupt { .. } => 3,
-        T::Setup { .. }
-        | T::Serve { .. }
-        | T::Connect { .. }
-        | T::Request { .. }
-        | T::Status { .. }
-        | T::RangeUnsupported { .. }
-        | T::BadResponse { .. }
-        | T::Interrupted { .. }
-        | T::Changed { .. } => 1,
-    }
-}
-
-fn engine_code(e: &EngineError) -> u8 {
-    match e {
-        EngineError::NotInstalled { .. } | EngineError::AccelUnavailable { .. } => 4,
-        EngineError::Incompatible(_) => 3,
-        _ => 5,
+        ExitClass::Other
     }
 }
 

@@ -4,8 +4,10 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use ferry_runtime::package::{package, PackageOptions};
+use ferry_runtime::ops::{package, PackageOptions};
 use ferry_runtime::Paths;
+
+use super::Ctx;
 
 use super::AccelArg;
 
@@ -36,7 +38,7 @@ pub struct Args {
     net: super::NetArgs,
 }
 
-pub fn run(args: Args, paths: &Paths) -> anyhow::Result<ExitCode> {
+pub fn run(args: Args, paths: &Paths, ctx: &Ctx) -> anyhow::Result<ExitCode> {
     let engine = super::engine(paths)?;
     let net = args.net.choice()?;
     let opts = PackageOptions {
@@ -46,9 +48,9 @@ pub fn run(args: Args, paths: &Paths) -> anyhow::Result<ExitCode> {
         cpus: args.cpus,
         accel: args.accel.into(),
         live_timeout: args.live_timeout.map(Duration::from_secs),
-        echo_console: args.console,
+        console: super::console(args.console),
         net,
     };
-    package(&engine, paths, &opts, &mut super::say)?;
+    package(&engine, paths, &opts, &ctx.render, &ctx.cancel()?)?;
     Ok(ExitCode::SUCCESS)
 }

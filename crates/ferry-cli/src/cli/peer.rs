@@ -5,9 +5,13 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
-use ferry_runtime::peer::{peer, PeerOptions};
-use ferry_runtime::peer_detach::detach_peer;
-use ferry_runtime::Paths;
+use ferry_runtime::detach::{launch, DetachSpec, StartFrom};
+use ferry_runtime::ops::{peer, PeerOptions};
+use ferry_runtime::record::NetSpec;
+use ferry_runtime::{Paths, RuntimeError};
+
+use super::render::out;
+use super::Ctx;
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
@@ -62,52 +66,92 @@ pub struct Args {
 /// fetched from a registry, or a long migration).
 const DETACHED_READY: Duration = Duration::from_secs(1800);
 
-pub fn run(args: Args, paths: &Paths, started: Instant) -> anyhow::Result<ExitCode> {
+pub fn run(args: Args, paths: &Paths, started: Instant, ctx: &Ctx) -> anyhow::Result<ExitCode> {
     let net = args.net.choice()?;
-    if args.detach {
-        return detached(paths);
-    }
-    let token = match (args.token, args.token_file) {
-        (Some(t), _) => Some(t),
-        (None, Some(f)) => Some(super::registry::read_token(&f)?),
+    let token = match (&args.token, &args.token_file) {
+        (Some(t), _) => Some(t.clone()),
+        (None, Some(f)) => Some(super::registry::read_token(f)?),
         (None, None) => None,
     };
-    let engine = super::engine(paths)?;
     let opts = PeerOptions {
-        from: args.from,
-        name: args.name,
+        from: args.from.clone(),
+        name: args.name.clone(),
         net,
         listen: args.listen,
         token,
         accel: args.accel.into(),
-        echo_console: args.console,
-        enable_input: args.enable_input,
-        save: args.save,
+        console: super::console(args.console || args.enable_input),
+        input: args
+            .enable_input
+            .then(|| Box::new(std::io::stdin()) as Box<dyn std::io::Read + Send>),
+        save: args.save.clone(),
         started,
         max_bandwidth: args.max_bandwidth.map(|m| m << 20),
     };
-    peer(&engine, paths, &opts, &mut super::say)?;
+    opts.check()?;
+    if args.detach {
+        return detached(opts, args.accel, paths, ctx);
+    }
+    let engine = super::engine(paths)?;
+    peer(&engine, paths, opts, &ctx.render, &ctx.cancel()?)?;
     Ok(ExitCode::SUCCESS)
 }
 
-/// `peer --detach`: this very command line without `--detach`, run by a
-/// process of its own.
-fn detached(paths: &Paths) -> anyhow::Result<ExitCode> {
-    let args: Vec<std::ffi::OsString> = std::env::args_os()
-        .skip(1)
-        .filter(|a| a != "--detach" && a != "-d")
-        .collect();
-    let peer = detach_peer(&std::env::current_exe()?, paths, &args, DETACHED_READY)?;
-    // Its own "Ctrl-C suspends it" line is the foreground's; the last line
-    // below says how to stop it now.
-    for line in peer.lines.iter().filter(|l| !l.contains("Ctrl-C")) {
-        super::say(line);
+/// `peer --detach`: the same peer, owned by a supervisor process of its
+/// own, started like every detached VM.
+fn detached(
+    opts: PeerOptions,
+    accel: super::AccelArg,
+    paths: &Paths,
+    ctx: &Ctx,
+) -> anyhow::Result<ExitCode> {
+    let name = match &opts.name {
+        Some(n) => n.clone(),
+        None if opts.from_registry() => {
+            let remote = ferry_transport::RemotePackage::open(&opts.from, opts.token.as_deref())?;
+            let meta = ferry_runtime::package_meta::from_json(remote.metadata(), &opts.from)?;
+            ferry_runtime::vmdir::generate_name(&meta.recipe)
+        }
+        None => {
+            return Err(RuntimeError::BadOption(
+                "peer --detach from another peer needs --name NAME (the supervisor is named before the VM arrives)".into(),
+            )
+            .into())
+        }
+    };
+    ferry_runtime::vmdir::validate_name(&name)?;
+    // The supervisor runs in '/': every path it gets is absolute.
+    let save = std::path::absolute(
+        opts.save
+            .clone()
+            .unwrap_or_else(|| PathBuf::from(format!("{name}.ferry"))),
+    )?;
+    let spec = DetachSpec {
+        name: name.clone(),
+        from: StartFrom::Peer {
+            source: opts.from.clone(),
+            token: opts.token.clone(),
+            listen: opts.listen,
+            save,
+            max_bandwidth: opts.max_bandwidth,
+        },
+        accel: accel.into(),
+        net: NetSpec::from_choice(&opts.net),
+        fleet: None,
+        live_timeout_s: DETACHED_READY.as_secs(),
+    };
+    let launch = launch(&std::env::current_exe()?, paths, &spec)?;
+    let log = launch.log().to_path_buf();
+    let started = launch.wait(DETACHED_READY, &ctx.cancel()?, Some(&ctx.render))?;
+    if ctx.render.json() {
+        use ferry_runtime::EventSink;
+        ctx.render.emit(ferry_runtime::Event::Started(started));
+        return Ok(ExitCode::SUCCESS);
     }
-    super::say(&format!(
+    out(&format!(
         "VM '{name}' runs detached (peer pid {pid}); 'ferry stop {name}' saves it as Ctrl-C would, 'ferry logs {name}' shows its console, the peer's log is {log}",
-        name = peer.name,
-        pid = peer.pid,
-        log = peer.log.display()
+        pid = started.pid,
+        log = log.display()
     ));
     Ok(ExitCode::SUCCESS)
 }

@@ -6,18 +6,15 @@ use ferry_runtime::fleet::{list, PsJson, VmInfo};
 use ferry_runtime::record::RecordState;
 use ferry_runtime::Paths;
 
+/// With the global `--json`: a JSON array, one object per VM with the
+/// keys name, state, pid, accel, uptime_s, memory_mib, unique_memory_mib
+/// and exposes ([{host, guest}]); null where a value does not apply.
 #[derive(clap::Args, Debug)]
-pub struct Args {
-    /// Print a JSON array: one object per VM with the keys name, state,
-    /// pid, accel, uptime_s, memory_mib, unique_memory_mib and exposes
-    /// ([{host, guest}]); null where a value does not apply.
-    #[arg(long)]
-    json: bool,
-}
+pub struct Args {}
 
-pub fn run(args: Args, paths: &Paths) -> anyhow::Result<ExitCode> {
+pub fn run(_args: Args, paths: &Paths, json: bool) -> anyhow::Result<ExitCode> {
     let vms = list(paths);
-    if args.json {
+    if json {
         let rows: Vec<PsJson> = vms.iter().map(PsJson::from).collect();
         println!("{}", serde_json::to_string_pretty(&rows)?);
         return Ok(ExitCode::SUCCESS);

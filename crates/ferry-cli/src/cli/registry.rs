@@ -25,7 +25,8 @@ pub struct Args {
     token_file: Option<PathBuf>,
 }
 
-pub fn run(args: Args) -> anyhow::Result<ExitCode> {
+pub fn run(args: Args, ctx: &super::Ctx) -> anyhow::Result<ExitCode> {
+    use ferry_runtime::{Event, EventSink};
     let token = match (args.token, args.token_file) {
         (Some(token), _) => Some(token),
         (None, Some(file)) => Some(read_token(&file)?),
@@ -37,21 +38,30 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         listen: args.listen,
         token,
     })?;
-    registry.run_until_signal(|registry| {
-        for p in registry.packages() {
-            println!(
-                "serving {} ({} bytes, table sha256 {}) as {}",
-                p.path.display(),
-                p.entry.size,
-                p.entry.table_sha256,
-                p.entry.url
-            );
-        }
-        if guarded {
-            println!("every request needs the token (Authorization: Bearer)");
-        }
-        println!("listening on http://{}", registry.local_addr());
-    })?;
+    let cancel = ctx.cancel()?;
+    for p in registry.packages() {
+        ctx.render.emit(Event::RegistryPackage {
+            path: p.path.clone(),
+            size: p.entry.size,
+            table_sha256: p.entry.table_sha256.clone(),
+            url: p.entry.url.clone(),
+        });
+    }
+    let url = format!("http://{}", registry.local_addr());
+    let running = registry.spawn()?;
+    ctx.render.emit(Event::Listening {
+        url,
+        token_required: guarded,
+    });
+    // Serve until Ctrl-C (SIGINT) or SIGTERM.
+    let (tx, rx) = std::sync::mpsc::channel();
+    let _guard = cancel.on_cancel(move || {
+        let _ = tx.send(());
+    });
+    if !cancel.is_cancelled() {
+        let _ = rx.recv();
+    }
+    running.stop()?;
     Ok(ExitCode::SUCCESS)
 }
 

@@ -4,14 +4,15 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
-use ferry_runtime::fleet::{run_detached, started_line, RunDetachedOptions};
-use ferry_runtime::package::{run as run_package, RunOptions};
+use ferry_runtime::fleet::{run_detached, RunDetachedOptions};
+use ferry_runtime::ops::{run as run_package, RunOptions};
 use ferry_runtime::record::NetSpec;
-use ferry_runtime::supervisor::NetChoice;
+use ferry_runtime::vm::NetChoice;
 use ferry_runtime::vmdir::generate_name;
-use ferry_runtime::{Paths, RuntimeError};
+use ferry_runtime::{Event, EventSink, Paths, RuntimeError};
 
-use super::AccelArg;
+use super::render::out;
+use super::{AccelArg, Ctx};
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
@@ -43,10 +44,10 @@ pub struct Args {
     net: super::NetArgs,
 }
 
-pub fn run(args: Args, paths: &Paths, started: Instant) -> anyhow::Result<ExitCode> {
+pub fn run(args: Args, paths: &Paths, started: Instant, ctx: &Ctx) -> anyhow::Result<ExitCode> {
     let net = args.net.choice()?;
     if args.detach {
-        return detached(args, net, paths);
+        return detached(args, net, paths, ctx);
     }
     let engine = super::engine(paths)?;
     let opts = RunOptions {
@@ -54,16 +55,18 @@ pub fn run(args: Args, paths: &Paths, started: Instant) -> anyhow::Result<ExitCo
         name: args.name,
         clone: args.clone,
         accel: args.accel.into(),
-        echo_console: args.console,
-        enable_input: args.enable_input,
+        console: super::console(args.console || args.enable_input),
+        input: args
+            .enable_input
+            .then(|| Box::new(std::io::stdin()) as Box<dyn std::io::Read + Send>),
         started,
         net,
     };
-    run_package(&engine, paths, &opts, &mut super::say)?;
+    run_package(&engine, paths, opts, &ctx.render, &ctx.cancel()?)?;
     Ok(ExitCode::SUCCESS)
 }
 
-fn detached(args: Args, net: NetChoice, paths: &Paths) -> anyhow::Result<ExitCode> {
+fn detached(args: Args, net: NetChoice, paths: &Paths, ctx: &Ctx) -> anyhow::Result<ExitCode> {
     if args.console {
         anyhow::bail!(RuntimeError::BadOption(
             "--console shows the console of a VM in the foreground: with --detach, use 'ferry logs NAME -f'".into()
@@ -73,11 +76,7 @@ fn detached(args: Args, net: NetChoice, paths: &Paths) -> anyhow::Result<ExitCod
         Some(n) => n,
         None => {
             let pkg = ferry_package::Package::open(&args.package)?;
-            let recipe = pkg.metadata()["recipe"]
-                .as_str()
-                .unwrap_or("vm")
-                .to_string();
-            generate_name(&recipe)
+            generate_name(&ferry_runtime::package_meta::read(&pkg)?.recipe)
         }
     };
     let opts = RunDetachedOptions {
@@ -89,15 +88,24 @@ fn detached(args: Args, net: NetChoice, paths: &Paths) -> anyhow::Result<ExitCod
         live_timeout: Duration::from_secs(60),
         ferry: std::env::current_exe()?,
     };
-    let started = run_detached(paths, &opts)?;
-    println!("{}", started_line(&name, Some(&started)));
-    println!(
+    if ctx.render.json() {
+        run_detached(paths, &opts, &ctx.render, &ctx.cancel()?)?;
+        return Ok(ExitCode::SUCCESS);
+    }
+    // A person sees one line for the start, as for every detached VM.
+    let only_started = |e: Event| {
+        if matches!(e, Event::Started(_)) {
+            ctx.render.emit(e);
+        }
+    };
+    run_detached(paths, &opts, &only_started, &ctx.cancel()?)?;
+    out(&format!(
         "VM '{name}' runs detached; 'ferry stop {name}' suspends it{}, 'ferry logs {name}' shows its console",
         if args.clone {
             " into a package of its own"
         } else {
             " back into the package"
         }
-    );
+    ));
     Ok(ExitCode::SUCCESS)
 }

@@ -6,6 +6,8 @@ use std::time::Duration;
 use ferry_runtime::fleet::{start, started_line};
 use ferry_runtime::Paths;
 
+use super::Ctx;
+
 #[derive(clap::Args, Debug)]
 pub struct Args {
     /// The suspended VM to resume.
@@ -15,14 +17,21 @@ pub struct Args {
     live_timeout: u64,
 }
 
-pub fn run(args: Args, paths: &Paths) -> anyhow::Result<ExitCode> {
+pub fn run(args: Args, paths: &Paths, ctx: &Ctx) -> anyhow::Result<ExitCode> {
     let ferry = std::env::current_exe()?;
     let started = start(
         paths,
         &ferry,
         &args.name,
         Duration::from_secs(args.live_timeout),
+        &ctx.cancel()?,
     )?;
-    println!("{}", started_line(&args.name, started.as_ref()));
+    match started {
+        Some(s) if ctx.render.json() => {
+            use ferry_runtime::EventSink;
+            ctx.render.emit(ferry_runtime::Event::Started(s));
+        }
+        s => super::render::out(&started_line(&args.name, s.as_ref())),
+    }
     Ok(ExitCode::SUCCESS)
 }

@@ -1,13 +1,15 @@
 //! `ferry supervise` (hidden): the supervisor of one detached VM, started
-//! by `ferry up`, `run --detach` and `start`, never by hand. It reads its
-//! spec as JSON on standard input and reports on the descriptor
-//! `--ready-fd` names (see `ferry_runtime::detach`).
+//! by `ferry up`, `run --detach`, `peer --detach` and `start`, never by
+//! hand. It reads its spec as JSON on standard input and reports on the
+//! descriptor `--ready-fd` names (see `ferry_runtime::detach`).
 
 use std::io::Read;
 use std::process::ExitCode;
 
 use ferry_runtime::detach::{supervise, DetachSpec, ReadyMsg, ReadyPipe};
 use ferry_runtime::{Paths, RuntimeError};
+
+use super::render::Render;
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
@@ -20,22 +22,27 @@ pub struct Args {
 
 pub fn run(args: Args, paths: &Paths) -> anyhow::Result<ExitCode> {
     let mut ready = ReadyPipe::from_fd(args.ready_fd)?;
+    // SIGTERM/SIGINT from the start on: a stop before the VM is live must
+    // not kill this process midway, which would leave a namespace behind.
+    let cancel = super::signals::cancel_on_signals()?;
+    // Its standard output and error are its log once the VM has a place.
+    let log = Render::new(false);
     let result = read_spec(&args.name).and_then(|spec| {
         let engine = super::engine(paths)?;
-        Ok(supervise(&engine, paths, &spec, &mut ready)?)
+        Ok(supervise(&engine, paths, &spec, &mut ready, &log, &cancel)?)
     });
     match result {
         Ok(_) => Ok(ExitCode::SUCCESS),
         Err(e) => {
-            let code = super::exit_code(&e);
+            let code = super::exit_number(&e);
             if !ready.sent() {
                 ready.send(&ReadyMsg::Failed {
-                    code: exit_number(&e),
+                    code,
                     message: super::one_line(&e),
                 });
             }
             eprintln!("ferry: {}", super::one_line(&e));
-            Ok(code)
+            Ok(ExitCode::from(code))
         }
     }
 }
@@ -53,18 +60,13 @@ fn read_spec(name: &str) -> anyhow::Result<DetachSpec> {
         }
     }
     let spec: DetachSpec = serde_json::from_str(&text)
-        .map_err(|e| RuntimeError::BadOption(format!("the supervisor's spec is not valid: {e}")))?;
+        .map_err(|e| RuntimeError::Internal(format!("the supervisor's spec is not valid: {e}")))?;
     if spec.name != name {
-        return Err(RuntimeError::BadOption(format!(
+        return Err(RuntimeError::Internal(format!(
             "the spec names '{}' but the supervisor was started for '{name}'",
             spec.name
         ))
         .into());
     }
     Ok(spec)
-}
-
-/// The exit code number for an error (what [`super::exit_code`] returns).
-fn exit_number(e: &anyhow::Error) -> u8 {
-    super::exit_number(e)
 }

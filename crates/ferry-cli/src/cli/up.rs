@@ -8,7 +8,7 @@ use std::time::Duration;
 use ferry_runtime::fleet::{up, UpOptions};
 use ferry_runtime::Paths;
 
-use super::AccelArg;
+use super::{AccelArg, Ctx};
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
@@ -44,7 +44,7 @@ pub struct Args {
     live_timeout: u64,
 }
 
-pub fn run(args: Args, paths: &Paths) -> anyhow::Result<ExitCode> {
+pub fn run(args: Args, paths: &Paths, ctx: &Ctx) -> anyhow::Result<ExitCode> {
     let opts = UpOptions {
         package: args.package,
         count: args.count,
@@ -56,6 +56,6 @@ pub fn run(args: Args, paths: &Paths) -> anyhow::Result<ExitCode> {
         live_timeout: Duration::from_secs(args.live_timeout),
         ferry: std::env::current_exe()?,
     };
-    up(paths, &opts, &mut |line| println!("{line}"))?;
+    up(paths, &opts, &ctx.render, &ctx.cancel()?)?;
     Ok(ExitCode::SUCCESS)
 }

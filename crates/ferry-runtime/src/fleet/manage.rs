@@ -3,14 +3,13 @@
 
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::Path;
-use std::sync::atomic::AtomicBool;
 use std::time::{Duration, Instant};
 
 use crate::control::{call, ControlReply, ControlRequest};
 use crate::detach::{choice_of, launch, DetachSpec, StartFrom, Started};
 use crate::record::{RecordState, VmRecord};
 use crate::vmdir::{files, remove_leftover_network, running_vm_dir, VmDir};
-use crate::{Paths, RuntimeError};
+use crate::{Cancel, Paths, RuntimeError};
 
 use super::ps::{crash_note, list, state_of};
 use super::{StartedLine, READY_TIMEOUT};
@@ -87,15 +86,7 @@ fn several(failures: Vec<String>, of: usize, what: &str, code: u8) -> Result<(),
 
 /// The exit code class of errors that commands on several VMs collect.
 fn error_code(e: &RuntimeError) -> u8 {
-    match e {
-        RuntimeError::DetachedStart { code, .. } | RuntimeError::Several { code, .. } => *code,
-        RuntimeError::UnknownVm { .. }
-        | RuntimeError::NameInUse { .. }
-        | RuntimeError::NameHeld { .. }
-        | RuntimeError::BadOption(_) => 3,
-        RuntimeError::VmDied { .. } | RuntimeError::Agent(_) => 5,
-        _ => 1,
-    }
+    e.exit_class().code()
 }
 
 pub(super) fn unknown(paths: &Paths, name: &str) -> RuntimeError {
@@ -259,6 +250,7 @@ pub fn start(
     ferry: &Path,
     name: &str,
     live_timeout: Duration,
+    cancel: &Cancel,
 ) -> Result<Option<Started>, RuntimeError> {
     let Some((state, record)) = state_of(paths, name) else {
         return Err(unknown(paths, name));
@@ -267,15 +259,19 @@ pub fn start(
         return Ok(None);
     }
     let Some(record) = record else {
-        return Err(RuntimeError::BadOption(format!(
-            "'{name}' ran in the foreground and left no saved state here; 'ferry clean' removes what it left"
-        )));
+        return Err(RuntimeError::NothingToResume {
+            name: name.to_string(),
+            why: "it ran in the foreground and left no saved state here; 'ferry clean' removes what it left".into(),
+        });
     };
     if !record.resumable() {
-        return Err(RuntimeError::BadOption(format!(
-            "'{name}' is {state} with no saved state to resume ({}); 'ferry rm {name}' removes it",
-            record.note.as_deref().unwrap_or("it never was suspended")
-        )));
+        return Err(RuntimeError::NothingToResume {
+            name: name.to_string(),
+            why: format!(
+                "it is {state} with no saved state: {}",
+                record.note.as_deref().unwrap_or("it never was suspended")
+            ),
+        });
     }
     let spec = DetachSpec {
         name: name.to_string(),
@@ -285,9 +281,8 @@ pub fn start(
         fleet: record.fleet.clone(),
         live_timeout_s: live_timeout.as_secs(),
     };
-    let never = AtomicBool::new(false);
     launch(ferry, paths, &spec)?
-        .wait(READY_TIMEOUT, &never)
+        .wait(READY_TIMEOUT, cancel, None)
         .map(Some)
 }
 
@@ -334,7 +329,7 @@ pub fn restart(
                     if matches!(state_of(paths, n), Some((RecordState::Running, _))) {
                         stop_one(paths, n, false)?;
                     }
-                    let started = start(paths, ferry, n, live_timeout)?;
+                    let started = start(paths, ferry, n, live_timeout, &Cancel::new())?;
                     Ok(started_line(n, started.as_ref()))
                 })
             })
@@ -343,7 +338,7 @@ pub fn restart(
             .into_iter()
             .map(|h| {
                 h.join()
-                    .unwrap_or_else(|_| Err(RuntimeError::BadOption("restart panicked".into())))
+                    .unwrap_or_else(|_| Err(RuntimeError::Internal("restart panicked".into())))
             })
             .collect()
     });

@@ -22,8 +22,6 @@ pub use ps::*;
 
 use std::net::{IpAddr, SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::AtomicBool;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use ferry_agent_proto::{FleetMember, Liveness};
@@ -33,10 +31,11 @@ use ferry_package::{Package, SectionKind};
 
 use crate::cache::SectionCache;
 use crate::detach::{launch, DetachSpec, Launch, StartFrom, Started};
-use crate::package::read_meta;
+use crate::events::{Event, EventSink};
+use crate::package_meta::read as read_meta;
 use crate::record::{FleetSpec, NetSpec, RecordState, VmRecord};
 use crate::vmdir::{running_vm_dir, validate_name};
-use crate::{Paths, RuntimeError};
+use crate::{Cancel, Paths, RuntimeError};
 
 use manage::{remove_state, stop_all, unknown};
 
@@ -83,8 +82,10 @@ pub struct UpOptions {
 pub fn up(
     paths: &Paths,
     opts: &UpOptions,
-    say: &mut (dyn FnMut(&str) + Send),
+    events: &dyn EventSink,
+    cancel: &Cancel,
 ) -> Result<Vec<Started>, RuntimeError> {
+    let say = |message: String| events.emit(Event::Notice { message });
     let t0 = Instant::now();
     if opts.count == 0 {
         return Err(RuntimeError::BadOption(
@@ -122,7 +123,7 @@ pub fn up(
 
     // Every chunk checked once here, and every section extracted into the
     // cache once, rather than by N supervisors at the same time.
-    say(&format!(
+    say(format!(
         "checking {} and preparing {} clone{}",
         package.display(),
         opts.count,
@@ -164,13 +165,13 @@ pub fn up(
             live_timeout_s: opts.live_timeout.as_secs(),
         })
         .collect();
-    say(&format!(
+    say(format!(
         "starting {} ({} MiB guest memory each, guest port {guest_port} exposed on {})",
         span(&names),
         meta.provenance.memory_mib,
         port_span(opts.host, &ports)
     ));
-    let results = start_all(paths, &opts.ferry, specs, say)?;
+    let results = start_all(paths, &opts.ferry, specs, events, cancel);
     // A supervisor killed mid-start (it did not stop when asked) leaves a
     // crashed directory and namespace: not part of what `up` leaves.
     for (name, r) in names.iter().zip(&results) {
@@ -181,7 +182,7 @@ pub fn up(
     let (started, failed): (Vec<_>, Vec<_>) = results.into_iter().partition(|r| r.is_ok());
     let started: Vec<Started> = started.into_iter().map(|r| r.expect("ok")).collect();
     if failed.is_empty() {
-        say(&format!(
+        say(format!(
             "fleet '{prefix}': {} VM{} running after {} ms; 'ferry ps' lists them, 'ferry stop --all' suspends them",
             started.len(),
             if started.len() == 1 { "" } else { "s" },
@@ -191,7 +192,7 @@ pub fn up(
     }
     let errors: Vec<RuntimeError> = failed.into_iter().map(|r| r.expect_err("err")).collect();
     if !started.is_empty() {
-        say(&format!(
+        say(format!(
             "{} of {} clones failed: discarding the {} that started, so that no half fleet is left running",
             errors.len(),
             names.len(),
@@ -203,12 +204,12 @@ pub fn up(
             true,
         ) {
             match line {
-                Ok(l) => say(&l),
-                Err(e) => say(&format!("could not discard: {e}")),
+                Ok(l) => say(l),
+                Err(e) => say(format!("could not discard: {e}")),
             }
         }
     }
-    let code = errors.first().map(exit_class).unwrap_or(1);
+    let code = errors.first().map(|e| e.exit_class().code()).unwrap_or(1);
     Err(RuntimeError::Several {
         summary: format!(
             "{} of {} clones did not start and nothing of fleet '{prefix}' is left running",
@@ -220,23 +221,16 @@ pub fn up(
     })
 }
 
-/// Launches every spec's supervisor and waits for all, saying each one's
-/// outcome as it comes. Ctrl-C (SIGINT/SIGTERM) stops the ones still
-/// starting; their results are then errors.
+/// Launches every spec's supervisor and waits for all, reporting each
+/// one's outcome as it comes. A cancel stops the ones still starting;
+/// their results are then errors.
 fn start_all(
     paths: &Paths,
     ferry: &Path,
     specs: Vec<DetachSpec>,
-    say: &mut (dyn FnMut(&str) + Send),
-) -> Result<Vec<Result<Started, RuntimeError>>, RuntimeError> {
-    let interrupted = Arc::new(AtomicBool::new(false));
-    let mut ids = Vec::new();
-    for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
-        ids.push(
-            signal_hook::flag::register(sig, interrupted.clone())
-                .map_err(RuntimeError::io("signal handler"))?,
-        );
-    }
+    events: &dyn EventSink,
+    cancel: &Cancel,
+) -> Vec<Result<Started, RuntimeError>> {
     let mut launches: Vec<Result<Launch, (String, RuntimeError)>> = Vec::new();
     for spec in &specs {
         launches.push(launch(ferry, paths, spec).map_err(|e| (spec.name.clone(), e)));
@@ -247,10 +241,9 @@ fn start_all(
     std::thread::scope(|scope| {
         for (i, l) in launches.into_iter().enumerate() {
             let tx = tx.clone();
-            let interrupted = interrupted.clone();
             scope.spawn(move || {
                 let result = match l {
-                    Ok(l) => l.wait(READY_TIMEOUT, &interrupted),
+                    Ok(l) => l.wait(READY_TIMEOUT, cancel, None),
                     Err((_, e)) => Err(e),
                 };
                 let _ = tx.send((i, result));
@@ -259,22 +252,25 @@ fn start_all(
         drop(tx);
         for (i, result) in rx {
             match &result {
-                Ok(s) => say(&format!("{}", StartedLine(s))),
+                Ok(s) => events.emit(Event::Started(s.clone())),
                 Err(RuntimeError::DetachedStart { name, message, .. }) => {
-                    say(&format!("{name}: failed: {message}"))
+                    events.emit(Event::StartFailed {
+                        name: name.clone(),
+                        message: message.clone(),
+                    })
                 }
-                Err(e) => say(&format!("{}: failed: {e}", specs[i].name)),
+                Err(e) => events.emit(Event::StartFailed {
+                    name: specs[i].name.clone(),
+                    message: e.to_string(),
+                }),
             }
             results[i] = Some(result);
         }
     });
-    for id in ids {
-        signal_hook::low_level::unregister(id);
-    }
-    Ok(results
+    results
         .into_iter()
         .map(|r| r.expect("every start reports"))
-        .collect())
+        .collect()
 }
 
 /// `web-0: live in 812 ms (pid 1234, 127.0.0.1:18100 -> 8000)`.
@@ -416,14 +412,6 @@ fn host_ports(host: IpAddr, base: Option<u16>, names: &[String]) -> Result<Vec<u
     }
 }
 
-/// The exit-code class of an error from a supervisor.
-fn exit_class(e: &RuntimeError) -> u8 {
-    match e {
-        RuntimeError::DetachedStart { code, .. } | RuntimeError::Several { code, .. } => *code,
-        _ => 1,
-    }
-}
-
 /// The running members of `fleet` in this state directory, each at
 /// `gateway:HOSTPORT` (the host port its fleet port is exposed on), sorted
 /// by name. What every member's guest is told.
@@ -476,7 +464,12 @@ pub struct RunDetachedOptions {
 
 /// `ferry run --detach`: starts the package (or a clone of it) as a
 /// detached VM and returns once it is live.
-pub fn run_detached(paths: &Paths, opts: &RunDetachedOptions) -> Result<Started, RuntimeError> {
+pub fn run_detached(
+    paths: &Paths,
+    opts: &RunDetachedOptions,
+    events: &dyn EventSink,
+    cancel: &Cancel,
+) -> Result<Started, RuntimeError> {
     validate_name(&opts.name)?;
     read_meta(&Package::open(&opts.package)?)?;
     let package = std::fs::canonicalize(&opts.package).map_err(RuntimeError::io(&opts.package))?;
@@ -508,8 +501,9 @@ pub fn run_detached(paths: &Paths, opts: &RunDetachedOptions) -> Result<Started,
         fleet: None,
         live_timeout_s: opts.live_timeout.as_secs(),
     };
-    let never = AtomicBool::new(false);
-    launch(&opts.ferry, paths, &spec)?.wait(READY_TIMEOUT, &never)
+    let started = launch(&opts.ferry, paths, &spec)?.wait(READY_TIMEOUT, cancel, Some(events))?;
+    events.emit(Event::Started(started.clone()));
+    Ok(started)
 }
 
 #[cfg(test)]

@@ -1,7 +1,9 @@
 //! A running VM and everything ferry holds for it: the engine's VM, the state
-//! directory, the console log, the agent connection and the control socket.
-//! Dropping a [`RunningVm`] kills the guest and removes its state directory,
-//! so no error path can leave a stray engine process behind.
+//! directory, the console log, the agent connection, the network and the
+//! control socket. Dropping a [`RunningVm`] kills the guest and removes its
+//! state directory, so no error path can leave a stray engine process
+//! behind. It is made by the start pipeline ([`crate::start`]) and driven
+//! by its one owner ([`crate::owner`]).
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{channel, Receiver, RecvTimeoutError, Sender};
@@ -27,23 +29,25 @@ use crate::{Paths, RuntimeError};
 
 /// What the supervisor waits on, from every source, in one channel.
 pub enum SupervisorEvent {
-    /// The user asked ferry to stop (SIGINT/SIGTERM).
-    Signal(i32),
+    /// The caller tripped its [`crate::Cancel`] (Ctrl-C, SIGTERM).
+    Cancel,
+    /// Work was queued for the owner (`stop` on the control socket, a
+    /// fleet change).
+    Jobs,
     /// The VM stopped.
     VmExited(ExitReason),
     /// The agent said something unasked.
     Agent(AgentEvent),
-    /// A peer asks to take this VM over (see [`crate::peer`]).
+    /// A peer asks to take this VM over (see [`crate::owner`]).
     Migration(Box<ferry_transport::migration::Incoming>),
 }
 
-/// Puts files into a VM's new directory before its engine starts.
-type Prepare<'a> = Box<dyn FnOnce(&VmDir) -> Result<(), RuntimeError> + 'a>;
+use crate::start::Prepare;
 
-/// How [`RunningVm::start`] starts the engine.
+/// How [`RunningVm::start_in`] starts the engine.
 enum StartKind<'a> {
-    Boot,
-    Restore(&'a SavedState, RestoreMemory, Prepare<'a>),
+    Boot(Option<Prepare<'a>>),
+    Restore(&'a SavedState, RestoreMemory, Option<Prepare<'a>>),
     Receive {
         provenance: &'a ferry_engine::Provenance,
         disk_size: u64,
@@ -52,8 +56,10 @@ enum StartKind<'a> {
 
 /// What [`RunningVm::wait_for_request`] returns.
 pub enum Wake {
-    /// SIGINT or SIGTERM.
-    Signal(i32),
+    /// The caller's cancel.
+    Cancel,
+    /// Work was queued for the owner.
+    Jobs,
     /// A peer asks to take the VM over.
     Migration(Box<ferry_transport::migration::Incoming>),
 }
@@ -61,7 +67,8 @@ pub enum Wake {
 impl std::fmt::Debug for Wake {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            Wake::Signal(s) => write!(f, "Signal({s})"),
+            Wake::Cancel => write!(f, "Cancel"),
+            Wake::Jobs => write!(f, "Jobs"),
             Wake::Migration(m) => write!(f, "Migration({})", m.control.peer()),
         }
     }
@@ -70,7 +77,8 @@ impl std::fmt::Debug for Wake {
 impl std::fmt::Debug for SupervisorEvent {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            SupervisorEvent::Signal(s) => write!(f, "Signal({s})"),
+            SupervisorEvent::Cancel => write!(f, "Cancel"),
+            SupervisorEvent::Jobs => write!(f, "Jobs"),
             SupervisorEvent::VmExited(r) => write!(f, "VmExited({r:?})"),
             SupervisorEvent::Agent(e) => write!(f, "Agent({e:?})"),
             SupervisorEvent::Migration(m) => write!(f, "Migration({})", m.control.peer()),
@@ -113,8 +121,11 @@ pub struct NetInfo {
     pub exposes: Vec<ferry_net::ExposeSpec>,
 }
 
+/// Takes the guest's console output as it comes.
+pub type ConsoleSink = Arc<dyn Fn(&[u8]) + Send + Sync>;
+
 /// How to size and place a VM.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct VmConfig {
     /// Its name.
     pub name: String,
@@ -124,10 +135,31 @@ pub struct VmConfig {
     pub cpus: u32,
     /// Accelerator.
     pub accel: Accel,
-    /// Copy the console to standard error as well as the log.
-    pub echo_console: bool,
+    /// Where to copy the guest's console besides its log (`--console`).
+    pub console: Option<ConsoleSink>,
     /// Its network.
     pub net: NetChoice,
+}
+
+impl VmConfig {
+    /// The config of a saved VM: sized as its provenance says (a restore
+    /// must give it exactly what it was saved with).
+    pub fn saved(
+        name: &str,
+        provenance: &ferry_engine::Provenance,
+        accel: Accel,
+        console: Option<ConsoleSink>,
+        net: NetChoice,
+    ) -> Self {
+        VmConfig {
+            name: name.to_string(),
+            memory_mib: provenance.memory_mib,
+            cpus: provenance.cpus,
+            accel,
+            console,
+            net,
+        }
+    }
 }
 
 /// What a VM boots from: kernel, initramfs, command line and the pristine
@@ -150,6 +182,17 @@ pub struct BootImage {
     /// When set, the disk is served over NBD on this Unix socket (a lazy
     /// disk) and `disk` is not used.
     pub disk_server: Option<PathBuf>,
+}
+
+impl BootImage {
+    /// The guest an accelerator probe boots: this image's kernel.
+    pub fn probe(&self) -> ferry_engine::ProbeGuest {
+        ferry_engine::ProbeGuest {
+            kernel: self.kernel.clone(),
+            initramfs: self.initramfs.clone(),
+            cmdline: self.cmdline.clone(),
+        }
+    }
 }
 
 impl From<&Blueprint> for BootImage {
@@ -197,50 +240,19 @@ pub struct RunningVm {
 type Extension = Arc<Mutex<Option<Arc<dyn ControlHandler>>>>;
 
 impl RunningVm {
-    /// Cold-boots `image` as a new VM. Returns as soon as the engine runs
-    /// it; call [`RunningVm::wait_live`] next.
+    /// Cold-boots `image` as a new VM in a new directory (see
+    /// [`RunningVm::boot_in`]).
     pub fn boot(
         engine: &dyn Engine,
         paths: &Paths,
         image: &BootImage,
         config: &VmConfig,
     ) -> Result<Self, RuntimeError> {
-        Self::start(engine, paths, image, config, StartKind::Boot)
+        let dir = VmDir::create(paths, &config.name)?;
+        Self::boot_in(dir, engine, paths, image, config, None)
     }
 
-    /// Starts the receiving end of a live migration: a paused VM with an
-    /// empty raw disk of `disk_size` bytes, its state and disk sockets in its
-    /// directory ([`RunningVm::incoming_sockets`]).
-    pub fn receive(
-        engine: &dyn Engine,
-        paths: &Paths,
-        image: &BootImage,
-        config: &VmConfig,
-        provenance: &ferry_engine::Provenance,
-        disk_size: u64,
-    ) -> Result<Self, RuntimeError> {
-        Self::start(
-            engine,
-            paths,
-            image,
-            config,
-            StartKind::Receive {
-                provenance,
-                disk_size,
-            },
-        )
-    }
-
-    /// Where a VM started by [`RunningVm::receive`] takes its state and
-    /// serves its disk.
-    pub fn incoming_sockets(&self) -> ferry_engine::Incoming {
-        incoming_of(self.dir().path())
-    }
-
-    /// Starts a VM from a saved state. `prepare` runs once the VM's
-    /// directory exists and before the engine starts: it can put the saved
-    /// device state, disk overlay or memory file in place. Without an overlay
-    /// in the directory, the VM's disk is a fresh overlay on the image's disk.
+    /// Restores a VM in a new directory (see [`RunningVm::restore_in`]).
     #[allow(clippy::too_many_arguments)]
     pub fn restore(
         engine: &dyn Engine,
@@ -251,18 +263,68 @@ impl RunningVm {
         memory: RestoreMemory,
         prepare: impl FnOnce(&VmDir) -> Result<(), RuntimeError>,
     ) -> Result<Self, RuntimeError> {
-        Self::start(
+        let dir = VmDir::create(paths, &config.name)?;
+        let prepare: Prepare<'_> = Box::new(prepare);
+        Self::restore_in(
+            dir,
             engine,
             paths,
             image,
             config,
-            StartKind::Restore(state, memory, Box::new(prepare)),
+            state,
+            memory,
+            Some(prepare),
         )
     }
 
-    /// Like [`RunningVm::restore`], in a directory the caller has claimed
-    /// already: [`VmDir::resume`] keeps a suspended VM's record, saved
-    /// package and logs, which a new directory would not have.
+    /// Shuts the guest down cleanly and removes its state directory.
+    pub fn shutdown(mut self) -> Result<ExitReason, RuntimeError> {
+        self.shutdown_guest()
+    }
+
+    /// Cold-boots `image` as a new VM in `dir`. Returns as soon as the
+    /// engine runs it; call [`RunningVm::wait_live`] next.
+    pub fn boot_in(
+        dir: VmDir,
+        engine: &dyn Engine,
+        paths: &Paths,
+        image: &BootImage,
+        config: &VmConfig,
+        prepare: Option<Prepare<'_>>,
+    ) -> Result<Self, RuntimeError> {
+        Self::start_in(dir, engine, paths, image, config, StartKind::Boot(prepare))
+    }
+
+    /// Starts the receiving end of a live migration in `dir`: a paused VM
+    /// with an empty raw disk of `disk_size` bytes, its state and disk
+    /// sockets in its directory ([`RunningVm::incoming_sockets`]).
+    pub fn receive_in(
+        dir: VmDir,
+        engine: &dyn Engine,
+        paths: &Paths,
+        image: &BootImage,
+        config: &VmConfig,
+        provenance: &ferry_engine::Provenance,
+        disk_size: u64,
+    ) -> Result<Self, RuntimeError> {
+        let kind = StartKind::Receive {
+            provenance,
+            disk_size,
+        };
+        Self::start_in(dir, engine, paths, image, config, kind)
+    }
+
+    /// Where a VM started by [`RunningVm::receive_in`] takes its state and
+    /// serves its disk.
+    pub fn incoming_sockets(&self) -> ferry_engine::Incoming {
+        incoming_of(self.dir().path())
+    }
+
+    /// Starts a VM from a saved state in `dir` (a new directory, or a
+    /// suspended VM's, which keeps its record, saved package and logs).
+    /// `prepare` runs before the engine starts: it can put the saved device
+    /// state, disk overlay or memory file in place. Without an overlay in
+    /// the directory, the VM's disk is a fresh overlay on the image's disk.
     #[allow(clippy::too_many_arguments)]
     pub fn restore_in(
         dir: VmDir,
@@ -272,20 +334,9 @@ impl RunningVm {
         config: &VmConfig,
         state: &SavedState,
         memory: RestoreMemory,
-        prepare: impl FnOnce(&VmDir) -> Result<(), RuntimeError>,
+        prepare: Option<Prepare<'_>>,
     ) -> Result<Self, RuntimeError> {
-        let kind = StartKind::Restore(state, memory, Box::new(prepare));
-        Self::start_in(dir, engine, paths, image, config, kind)
-    }
-
-    fn start(
-        engine: &dyn Engine,
-        paths: &Paths,
-        image: &BootImage,
-        config: &VmConfig,
-        kind: StartKind<'_>,
-    ) -> Result<Self, RuntimeError> {
-        let dir = VmDir::create(paths, &config.name)?;
+        let kind = StartKind::Restore(state, memory, prepare);
         Self::start_in(dir, engine, paths, image, config, kind)
     }
 
@@ -304,7 +355,7 @@ impl RunningVm {
             &console_path,
             CONSOLE_LOG_CAP,
         )?));
-        let restoring = !matches!(kind, StartKind::Boot);
+        let restoring = !matches!(kind, StartKind::Boot(_));
         let network = match attach_network(paths, image, config, &dir) {
             Ok(n) => n,
             Err(e) => {
@@ -341,7 +392,14 @@ impl RunningVm {
             run_dir: dir.path().to_path_buf(),
         };
         let result = match kind {
-            StartKind::Boot => engine.boot(&spec),
+            StartKind::Boot(prepare) => {
+                if let Some(Err(e)) = prepare.map(|p| p(&dir)) {
+                    drop(network);
+                    dir.remove();
+                    return Err(e);
+                }
+                engine.boot(&spec)
+            }
             StartKind::Receive {
                 provenance,
                 disk_size,
@@ -362,7 +420,7 @@ impl RunningVm {
                 engine.receive(&spec, provenance, &incoming_of(dir.path()))
             }
             StartKind::Restore(state, memory, prepare) => {
-                if let Err(e) = prepare(&dir) {
+                if let Some(Err(e)) = prepare.map(|p| p(&dir)) {
                     drop(network);
                     dir.remove();
                     return Err(e);
@@ -405,7 +463,12 @@ impl RunningVm {
                 .unwrap_or_default(),
         }));
         if let Some(events) = vm.take_events() {
-            pump_vm_events(events, console.clone(), sender.clone(), config.echo_console);
+            pump_vm_events(
+                events,
+                console.clone(),
+                sender.clone(),
+                config.console.clone(),
+            );
         }
         let mut running = RunningVm {
             vm,
@@ -509,10 +572,13 @@ impl RunningVm {
         self.vm.as_mut()
     }
 
-    /// Forwards this process's standard input to the guest's serial console
-    /// (`--enable-input`), line by line as the terminal delivers it; Ctrl-C
-    /// stays with ferry (it suspends or stops the VM).
-    pub fn forward_stdin(&mut self) -> Result<(), RuntimeError> {
+    /// Forwards `input` (the caller's terminal, for `--enable-input`) to
+    /// the guest's serial console as it arrives; Ctrl-C stays with the
+    /// caller (it suspends or stops the VM).
+    pub fn forward_input(
+        &mut self,
+        mut input: Box<dyn std::io::Read + Send>,
+    ) -> Result<(), RuntimeError> {
         let Some(mut console) = self.vm.take_console_input() else {
             return Err(RuntimeError::BadOption(
                 "this engine cannot take console input".into(),
@@ -523,8 +589,7 @@ impl RunningVm {
             .spawn(move || {
                 use std::io::{Read, Write};
                 let mut buf = [0u8; 4096];
-                let mut stdin = std::io::stdin();
-                while let Ok(n) = stdin.read(&mut buf) {
+                while let Ok(n) = input.read(&mut buf) {
                     if n == 0 || console.write_all(&buf[..n]).is_err() {
                         break;
                     }
@@ -535,7 +600,8 @@ impl RunningVm {
         Ok(())
     }
 
-    /// A sender into this VM's event channel (for signal handlers).
+    /// A sender into this VM's event channel (for the migration listener
+    /// and the owner's job queue).
     pub fn event_sender(&self) -> Sender<SupervisorEvent> {
         self.sender.clone()
     }
@@ -604,7 +670,8 @@ impl RunningVm {
 
     fn on_event(&mut self, ev: SupervisorEvent) -> Result<(), RuntimeError> {
         match ev {
-            SupervisorEvent::Signal(_) => Err(RuntimeError::Interrupted),
+            SupervisorEvent::Cancel => Err(RuntimeError::Interrupted),
+            SupervisorEvent::Jobs => Ok(()),
             SupervisorEvent::VmExited(reason) => Err(self.died(reason)),
             SupervisorEvent::Agent(AgentEvent::Live { .. }) => {
                 self.live.store(true, Ordering::SeqCst);
@@ -683,23 +750,14 @@ impl RunningVm {
         s.live = self.live.load(Ordering::SeqCst);
     }
 
-    /// Runs until a signal arrives (`Ok(signal)`) or the VM stops by itself
-    /// (`Err`, with the console tail).
-    pub fn wait_for_signal(&mut self) -> Result<i32, RuntimeError> {
-        loop {
-            match self.wait_for_request()? {
-                Wake::Signal(sig) => return Ok(sig),
-                Wake::Migration(m) => refuse(*m, "this VM does not take migrations"),
-            }
-        }
-    }
-
-    /// Waits for the user to stop ferry, or for a peer's migration request;
-    /// fails if the VM dies. Reconnects the agent if its channel drops.
+    /// Waits for the caller's cancel, queued work or a peer's migration
+    /// request; fails if the VM dies. Reconnects the agent if its channel
+    /// drops.
     pub fn wait_for_request(&mut self) -> Result<Wake, RuntimeError> {
         loop {
             match self.events.recv() {
-                Ok(SupervisorEvent::Signal(sig)) => return Ok(Wake::Signal(sig)),
+                Ok(SupervisorEvent::Cancel) => return Ok(Wake::Cancel),
+                Ok(SupervisorEvent::Jobs) => return Ok(Wake::Jobs),
                 Ok(SupervisorEvent::Migration(m)) => return Ok(Wake::Migration(m)),
                 Ok(SupervisorEvent::VmExited(reason)) => return Err(self.died(reason)),
                 Ok(SupervisorEvent::Agent(AgentEvent::Disconnected)) => {
@@ -715,21 +773,36 @@ impl RunningVm {
     }
 
     /// An event that arrived, without waiting: `Err` if the VM died, and
-    /// `Ok(Some(signal))` if the user asked ferry to stop. Migration
-    /// requests that arrive meanwhile are refused.
-    pub fn poll_stop(&mut self) -> Result<Option<i32>, RuntimeError> {
+    /// `Ok(true)` if the caller cancelled. Migration requests that arrive
+    /// meanwhile are refused; queued work waits for the owner.
+    pub fn poll_cancel(&mut self) -> Result<bool, RuntimeError> {
         loop {
             match self.events.try_recv() {
-                Ok(SupervisorEvent::Signal(sig)) => return Ok(Some(sig)),
+                Ok(SupervisorEvent::Cancel) => return Ok(true),
+                Ok(SupervisorEvent::Jobs) => {}
                 Ok(SupervisorEvent::VmExited(reason)) => return Err(self.died(reason)),
                 Ok(SupervisorEvent::Migration(m)) => refuse(*m, "this VM is busy"),
                 Ok(SupervisorEvent::Agent(AgentEvent::Disconnected)) => {
                     let _ = self.reconnect_agent();
                 }
                 Ok(SupervisorEvent::Agent(_)) => {}
-                Err(_) => return Ok(None),
+                Err(_) => return Ok(false),
             }
         }
+    }
+
+    /// Sends [`SupervisorEvent::Cancel`] into this VM's channel on every
+    /// trip of `cancel`, while the guard lives. A cancel that came before
+    /// (while the VM was being made) is delivered at once.
+    pub fn watch_cancel(&self, cancel: &crate::Cancel) -> crate::events::CancelGuard {
+        let sender = Mutex::new(self.sender.clone());
+        let guard = cancel.on_cancel(move || {
+            let _ = sender.lock().expect("sender").send(SupervisorEvent::Cancel);
+        });
+        if cancel.is_cancelled() {
+            let _ = self.sender.send(SupervisorEvent::Cancel);
+        }
+        guard
     }
 
     /// Records the VM's state for `status` (`running`, `in-doubt`, ...).
@@ -774,8 +847,9 @@ impl RunningVm {
     }
 
     /// Shuts the guest down cleanly (through the agent, then the engine's
-    /// power button, then a kill) and removes its state directory.
-    pub fn shutdown(mut self) -> Result<ExitReason, RuntimeError> {
+    /// power button, then a kill); dropping the VM then removes its state
+    /// directory.
+    pub fn shutdown_guest(&mut self) -> Result<ExitReason, RuntimeError> {
         self.set_state("stopping");
         let asked = self
             .agent
@@ -879,7 +953,7 @@ fn pump_vm_events(
     events: Receiver<VmEvent>,
     console: Arc<Mutex<ConsoleLog>>,
     sender: Sender<SupervisorEvent>,
-    echo: bool,
+    echo: Option<ConsoleSink>,
 ) {
     std::thread::Builder::new()
         .name("vm-events".into())
@@ -888,9 +962,8 @@ fn pump_vm_events(
                 match ev {
                     VmEvent::Console(bytes) => {
                         console.lock().expect("console").write(&bytes);
-                        if echo {
-                            use std::io::Write;
-                            let _ = std::io::stderr().write_all(&bytes);
+                        if let Some(echo) = &echo {
+                            echo(&bytes);
                         }
                     }
                     VmEvent::Exited(reason) => {

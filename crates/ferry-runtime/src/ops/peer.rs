@@ -1,0 +1,148 @@
+//! `ferry peer`: runs a VM that came from a registry or from another peer,
+//! and (with `--listen`) hands it on to the next peer by live migration;
+//! a cancel suspends it into a local package. The protocol is in
+//! `docs/migration-protocol.md`; its destination side is
+//! [`crate::start::incoming`], its source side [`crate::owner`].
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Instant;
+
+use ferry_engine::{AccelChoice, Engine, LiveLimits};
+
+use crate::events::{CancelAction, EventSink};
+use crate::owner::{own, Outcome, OwnedVm, OwnerOptions};
+use crate::start::incoming::IncomingStart;
+use crate::start::registry::RegistryStart;
+use crate::vm::{ConsoleSink, NetChoice};
+use crate::{Cancel, Paths, RuntimeError};
+
+/// Options of `ferry peer`.
+pub struct PeerOptions {
+    /// `http(s)://…` (a package) or `HOST:PORT` (a peer to migrate from).
+    pub from: String,
+    /// The VM's name here; the package's recipe (or the source VM's name).
+    pub name: Option<String>,
+    /// Its network.
+    pub net: NetChoice,
+    /// Serve the VM to the next peer on this address.
+    pub listen: Option<SocketAddr>,
+    /// Bearer token for the registry, the source peer and `--listen`.
+    pub token: Option<String>,
+    /// Accelerator choice (must match the VM's).
+    pub accel: AccelChoice,
+    /// Where the guest console is copied besides its log.
+    pub console: Option<ConsoleSink>,
+    /// What to forward to the guest's serial console.
+    pub input: Option<Box<dyn std::io::Read + Send>>,
+    /// Where a cancel suspends the VM to (default `./<name>.ferry`).
+    pub save: Option<PathBuf>,
+    /// When the command started.
+    pub started: Instant,
+    /// Cap on the bandwidth of a migration out, bytes per second.
+    pub max_bandwidth: Option<u64>,
+}
+
+impl PeerOptions {
+    /// Whether the VM comes from a registry (else from a peer).
+    pub fn from_registry(&self) -> bool {
+        self.from.starts_with("http://") || self.from.starts_with("https://")
+    }
+
+    /// Refuses what cannot work, before any network I/O.
+    pub fn check(&self) -> Result<(), RuntimeError> {
+        if self.listen.is_some() && self.token.is_none() {
+            return Err(RuntimeError::BadOption(
+                "--listen needs --token or --token-file: peers never send a VM's memory to an unauthenticated caller".into(),
+            ));
+        }
+        if !self.from_registry() && self.token.is_none() {
+            return Err(RuntimeError::BadOption(format!(
+                "migrating from the peer {} needs its token: pass --token or --token-file",
+                self.from
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// Takes the VM (from a registry or a peer) and returns it running here.
+pub fn take(
+    engine: &dyn Engine,
+    paths: &Paths,
+    opts: &PeerOptions,
+    events: &dyn EventSink,
+    cancel: &Cancel,
+) -> Result<OwnedVm, RuntimeError> {
+    opts.check()?;
+    if opts.from_registry() {
+        crate::start::registry::start(
+            engine,
+            paths,
+            &RegistryStart {
+                url: opts.from.clone(),
+                token: opts.token.clone(),
+                name: opts.name.clone(),
+                accel: opts.accel,
+                console: opts.console.clone(),
+                net: opts.net.clone(),
+                started: opts.started,
+            },
+            events,
+            cancel,
+        )
+    } else {
+        crate::start::incoming::start(
+            engine,
+            paths,
+            &IncomingStart {
+                from: opts.from.clone(),
+                token: opts.token.clone().expect("checked"),
+                name: opts.name.clone(),
+                accel: opts.accel,
+                console: opts.console.clone(),
+                net: opts.net.clone(),
+                started: opts.started,
+            },
+            events,
+            cancel,
+        )
+    }
+}
+
+/// How the owner treats a peer's VM.
+pub fn owner_options(opts: &PeerOptions, name: &str) -> OwnerOptions {
+    OwnerOptions {
+        on_cancel: CancelAction::Suspend,
+        save_to: Some(
+            opts.save
+                .clone()
+                .unwrap_or_else(|| PathBuf::from(format!("{name}.ferry"))),
+        ),
+        listen: opts.listen.zip(opts.token.clone()),
+        limits: LiveLimits {
+            max_bandwidth: opts
+                .max_bandwidth
+                .unwrap_or(LiveLimits::default().max_bandwidth),
+            ..LiveLimits::default()
+        },
+        fleet: None,
+    }
+}
+
+/// `ferry peer`: takes the VM, runs it, and serves it on `--listen` until
+/// it moves on or a cancel suspends it.
+pub fn peer(
+    engine: &dyn Engine,
+    paths: &Paths,
+    mut opts: PeerOptions,
+    events: &dyn EventSink,
+    cancel: &Cancel,
+) -> Result<Outcome, RuntimeError> {
+    let mut owned = take(engine, paths, &opts, events, cancel)?;
+    if let Some(input) = opts.input.take() {
+        owned.vm.forward_input(input)?;
+    }
+    let owner = owner_options(&opts, &owned.name);
+    own(engine, paths, owned, owner, events)
+}

@@ -1,0 +1,771 @@
+//! The one owner of a running VM. Whether the VM runs in the foreground
+//! (`ferry boot`, `run`, `peer`) or detached (`--detach`, `up`, `start`),
+//! the same loop ([`own`]) holds it until it ends, and answers the same
+//! requests:
+//!
+//! - the caller's [`Cancel`] (Ctrl-C, SIGTERM): what [`OwnerOptions::on_cancel`]
+//!   says — suspend into the VM's package, shut it down, or discard it;
+//! - `stop` on the control socket (`ferry stop NAME [--discard]`): suspend
+//!   or discard, answered once done;
+//! - a peer's migration request, when the VM is served to peers: the VM
+//!   moves, or stays here running (or paused, in doubt);
+//! - a fleet's membership changing: the guest is told.
+//!
+//! Every suspend goes through [`crate::save`]. A failed suspend never loses
+//! the old package: the VM resumes and runs on (in doubt, it stays paused),
+//! and the caller may ask again.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{channel, Sender};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use ferry_agent_proto::FleetMember;
+use ferry_engine::{Engine, LiveLimits, LiveStats};
+use ferry_transport::migration::{self, ChannelKind, DestMsg, MigrationError, SourceMsg, Tunnel};
+
+use crate::control::{ControlHandler, ControlReply, ControlRequest};
+use crate::events::{CancelAction, CancelGuard, Event, EventSink};
+use crate::package_meta::PackageMeta;
+use crate::record::{FleetSpec, RecordState, VmRecord};
+use crate::save::{save, CacheAdoption, Generation, StateFrom, SENT_STATE};
+use crate::vm::{describe_exit, RunningVm, SupervisorEvent, Wake};
+use crate::vmdir::files;
+use crate::{Paths, RuntimeError};
+
+/// What the owner needs to save a VM: its metadata so far, the kernel and
+/// initramfs to put in the package, and the package to reuse chunks from.
+#[derive(Debug, Clone)]
+pub struct SaveInfo {
+    /// The metadata of the package the VM came from (or, for a cold boot,
+    /// what its first package will say).
+    pub meta: PackageMeta,
+    /// The kernel to put into the package.
+    pub kernel: PathBuf,
+    /// The initramfs to put into the package.
+    pub initramfs: PathBuf,
+    /// Where unchanged chunks are copied from: the package the VM last
+    /// resumed from.
+    pub base_package: Option<PathBuf>,
+    /// Whether the VM's memory is a private mapping (a clone that never
+    /// suspended): its RAM is then saved in the device state.
+    pub private_memory: bool,
+    /// The disk's size in bytes (what a migration offers).
+    pub disk_size: u64,
+    /// Make the saved sections the section cache's entries (`ferry run`).
+    pub adopt_cache: Option<CacheAdoption>,
+}
+
+/// What must live exactly as long as the VM, dropped after it.
+#[derive(Default)]
+pub struct Held {
+    /// One non-clone run per package.
+    pub lock: Option<crate::locks::PackageLock>,
+    /// A lazily fetched disk and its NBD server.
+    pub lazy: Option<crate::start::registry::LazyServed>,
+}
+
+/// A running VM, live, with what its owner needs. Fields drop in order:
+/// the VM first, then what serves its disk, then the lock.
+pub struct OwnedVm {
+    /// The running VM.
+    pub vm: RunningVm,
+    /// Its name.
+    pub name: String,
+    /// How to save it.
+    pub save: SaveInfo,
+    /// A detached VM's record (`vm.json`); `None` in the foreground.
+    pub record: Option<VmRecord>,
+    pub(crate) held: Held,
+    pub(crate) _cancel: CancelGuard,
+}
+
+/// How the owner treats a VM.
+pub struct OwnerOptions {
+    /// What a cancel does.
+    pub on_cancel: CancelAction,
+    /// Where a suspend writes; default: the record's saved package, or
+    /// `<vm dir>/saved.ferry` (a clone's own).
+    pub save_to: Option<PathBuf>,
+    /// Serve the VM to peers on this address, with this token.
+    pub listen: Option<(SocketAddr, String)>,
+    /// Limits of a migration out.
+    pub limits: LiveLimits,
+    /// The fleet whose members the guest is told about.
+    pub fleet: Option<FleetSpec>,
+}
+
+impl Default for OwnerOptions {
+    fn default() -> Self {
+        OwnerOptions {
+            on_cancel: CancelAction::Suspend,
+            save_to: None,
+            listen: None,
+            limits: LiveLimits::default(),
+            fleet: None,
+        }
+    }
+}
+
+/// How a VM's time with its owner ended.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Outcome {
+    /// Suspended into a package.
+    Suspended {
+        /// The package.
+        path: PathBuf,
+        /// How long the suspend took.
+        ms: u64,
+    },
+    /// Dropped without saving.
+    Discarded,
+    /// The guest was shut down.
+    ShutDown,
+    /// It moved to another host.
+    Moved {
+        /// The destination.
+        to: String,
+        /// The engine's figures.
+        stats: LiveStats,
+    },
+}
+
+/// Holds `owned` until it ends: suspended, discarded, shut down or moved
+/// (`Ok`), or dead (`Err`, with the guest's last words; a detached VM's
+/// record then says `crashed` or `stopped`).
+pub fn own(
+    engine: &dyn Engine,
+    paths: &Paths,
+    mut owned: OwnedVm,
+    opts: OwnerOptions,
+    events: &dyn EventSink,
+) -> Result<Outcome, RuntimeError> {
+    let inbox = Arc::new(Inbox {
+        jobs: Mutex::default(),
+        wake: Mutex::new(owned.vm.event_sender()),
+    });
+    owned
+        .vm
+        .set_control_extension(Arc::new(StopHandler(inbox.clone())));
+    let _listener = match &opts.listen {
+        Some((addr, token)) => {
+            let sender = Mutex::new(owned.vm.event_sender());
+            let server = migration::Server::bind(*addr, token, move |incoming| {
+                let _ = sender
+                    .lock()
+                    .expect("sender")
+                    .send(SupervisorEvent::Migration(Box::new(incoming)));
+            })?;
+            events.emit(Event::Serving {
+                name: owned.name.clone(),
+                addr: server.local_addr().to_string(),
+            });
+            Some(server)
+        }
+        None => None,
+    };
+    let watcher = opts.fleet.clone().map(|fleet| {
+        FleetWatcher::start(
+            paths.clone(),
+            owned.name.clone(),
+            fleet,
+            owned.save.meta.network.gateway.clone(),
+            inbox.clone(),
+        )
+    });
+    // Never the package a clone came from: that one is shared, and a
+    // clone saves into a package of its own.
+    let save_to = opts
+        .save_to
+        .clone()
+        .or_else(|| owned.record.as_ref().and_then(|r| r.saved.clone()))
+        .unwrap_or_else(|| owned.vm.dir().path().join(files::SAVED));
+    let status = owned.vm.status();
+    events.emit(Event::Running {
+        name: owned.name.clone(),
+        memory_mib: status.memory_mib,
+        cpus: status.cpus,
+        source: status.source,
+        on_cancel: opts.on_cancel,
+        save: (opts.on_cancel == CancelAction::Suspend).then(|| save_to.clone()),
+    });
+    let mut in_doubt = false;
+    let result = loop {
+        let wake = match owned.vm.wait_for_request() {
+            Ok(w) => w,
+            Err(e) => break Err(e),
+        };
+        let mut jobs = Vec::new();
+        match wake {
+            Wake::Cancel => jobs.push(Job::Stop {
+                action: opts.on_cancel,
+                reply: None,
+            }),
+            Wake::Jobs => jobs = inbox.take(),
+            Wake::Migration(mut incoming) => {
+                let to = incoming.control.peer().to_string();
+                if in_doubt || opts.listen.is_none() {
+                    let _ = incoming.control.send(&SourceMsg::Refused {
+                        reason: if in_doubt {
+                            "this VM is in doubt after an earlier migration; it stays paused".into()
+                        } else {
+                            "this VM is not served to peers".into()
+                        },
+                    });
+                    continue;
+                }
+                events.emit(Event::MigratingOut {
+                    name: owned.name.clone(),
+                    to: to.clone(),
+                });
+                match migrate_out(&mut owned, &mut incoming, &opts.limits) {
+                    MoveResult::Moved(stats) => {
+                        break Ok((
+                            Outcome::Moved {
+                                to: to.clone(),
+                                stats,
+                            },
+                            None,
+                        ))
+                    }
+                    MoveResult::Failed(why) => {
+                        let _ = std::fs::remove_file(owned.vm.dir().path().join(SENT_STATE));
+                        owned.vm.mark("running");
+                        events.emit(Event::MigrationFailed {
+                            name: owned.name.clone(),
+                            to,
+                            message: why,
+                        });
+                    }
+                    MoveResult::InDoubt(why) => {
+                        in_doubt = true;
+                        owned.vm.mark("in-doubt");
+                        events.emit(Event::InDoubt {
+                            name: owned.name.clone(),
+                            to,
+                            message: why,
+                            save: save_to.clone(),
+                        });
+                    }
+                }
+                continue;
+            }
+        }
+        let mut done = None;
+        for job in jobs {
+            match job {
+                Job::Fleet(members) if done.is_none() => {
+                    let n = members.len();
+                    match owned.vm.set_fleet(&owned.name, members) {
+                        Ok(()) => tracing::info!(members = n, "fleet sent to the guest"),
+                        Err(e) => {
+                            tracing::warn!(error = %e, "could not send the fleet to the guest; trying again");
+                            if let Some(w) = &watcher {
+                                w.resend.store(true, Ordering::SeqCst);
+                            }
+                        }
+                    }
+                }
+                Job::Fleet(_) => {}
+                Job::Stop { action, reply } if done.is_none() => {
+                    match stop(engine, &mut owned, action, &save_to, in_doubt, events) {
+                        Ok(outcome) => done = Some((outcome, reply)),
+                        Err(e) => {
+                            events.emit(Event::SuspendFailed {
+                                path: save_to.clone(),
+                                message: e.to_string(),
+                                running: !in_doubt,
+                            });
+                            if let Some(r) = reply {
+                                let _ = r.send(ControlReply::Error {
+                                    message: e.to_string(),
+                                });
+                            }
+                        }
+                    }
+                }
+                Job::Stop { reply, .. } => {
+                    if let Some(r) = reply {
+                        let _ = r.send(ControlReply::Error {
+                            message: "the VM is being stopped already".into(),
+                        });
+                    }
+                }
+            }
+        }
+        if let Some(d) = done {
+            break Ok(d);
+        }
+    };
+    if let Some(w) = watcher {
+        w.stop.store(true, Ordering::SeqCst);
+    }
+    let (outcome, reply) = match result {
+        Ok((Outcome::Moved { to, stats }, _)) => {
+            moved_away(owned, &to, &stats, events);
+            return Ok(Outcome::Moved { to, stats });
+        }
+        Ok(d) => d,
+        Err(e) => return Err(died(owned, e)),
+    };
+    finish(owned, &outcome, reply, events);
+    Ok(outcome)
+}
+
+/// Suspends, discards or shuts down the VM as `action` says. On `Err` the
+/// VM runs on (in doubt: stays paused) and nothing was lost.
+fn stop(
+    engine: &dyn Engine,
+    owned: &mut OwnedVm,
+    action: CancelAction,
+    save_to: &Path,
+    in_doubt: bool,
+    events: &dyn EventSink,
+) -> Result<Outcome, RuntimeError> {
+    let t = Instant::now();
+    match action {
+        CancelAction::Discard => {
+            events.emit(Event::Discarding {
+                name: owned.name.clone(),
+            });
+            owned.vm.mark("stopping");
+            Ok(Outcome::Discarded)
+        }
+        CancelAction::Shutdown => {
+            events.emit(Event::ShuttingDown {
+                name: owned.name.clone(),
+            });
+            Ok(Outcome::ShutDown)
+        }
+        CancelAction::Suspend => {
+            owned.vm.mark("suspending");
+            events.emit(Event::Suspending {
+                path: save_to.to_path_buf(),
+            });
+            let from = if in_doubt {
+                StateFrom::SentStream
+            } else {
+                StateFrom::Engine
+            };
+            match save(engine, owned, save_to, from, Generation::Next, events) {
+                Ok(meta) => {
+                    owned.save.meta = meta;
+                    let ms = t.elapsed().as_millis() as u64;
+                    events.emit(Event::Suspended {
+                        path: save_to.to_path_buf(),
+                        ms,
+                    });
+                    Ok(Outcome::Suspended {
+                        path: save_to.to_path_buf(),
+                        ms,
+                    })
+                }
+                Err(e) => {
+                    if !in_doubt {
+                        let _ = owned.vm.engine_vm().resume();
+                        let _ = owned.vm.after_resume(None);
+                        owned.vm.mark("running");
+                    }
+                    Err(e)
+                }
+            }
+        }
+    }
+}
+
+/// Lets the VM go after a suspend, discard or shutdown, and answers the
+/// `stop` that asked for it, if one did.
+fn finish(
+    owned: OwnedVm,
+    outcome: &Outcome,
+    reply: Option<Sender<ControlReply>>,
+    events: &dyn EventSink,
+) {
+    let t = Instant::now();
+    let OwnedVm {
+        mut vm,
+        record,
+        held,
+        name,
+        ..
+    } = owned;
+    let dir = vm.dir().path().to_path_buf();
+    match (outcome, record) {
+        (Outcome::Suspended { path, .. }, Some(mut record)) => {
+            record.state = RecordState::Suspended;
+            record.saved = Some(path.clone());
+            if let Err(e) = record.save(&dir) {
+                events.emit(Event::Warning {
+                    message: format!("cannot record that '{name}' is suspended: {e}"),
+                });
+            }
+        }
+        (Outcome::Discarded | Outcome::ShutDown, Some(record)) => {
+            // Without its record and own package, the directory goes whole.
+            if record.owns_saved(&dir) {
+                let _ = std::fs::remove_file(dir.join(files::SAVED));
+            }
+            let _ = std::fs::remove_file(dir.join(files::RECORD));
+        }
+        _ => {}
+    }
+    if *outcome == Outcome::ShutDown {
+        vm.mark("stopping");
+        match vm.shutdown_guest() {
+            Ok(reason) => tracing::info!(reason = describe_exit(&reason), "shut down"),
+            Err(e) => tracing::warn!(error = %e, "shutting down"),
+        }
+    }
+    // The package lock first: once the directory is unlocked too,
+    // 'ferry start' may resume the VM at once, from the same package.
+    let Held { lock, lazy } = held;
+    drop(lock);
+    drop(vm);
+    drop(lazy);
+    if let Some(r) = reply {
+        let (state, saved) = match outcome {
+            Outcome::Suspended { path, .. } => ("suspended", Some(path.display().to_string())),
+            _ => ("discarded", None),
+        };
+        let ms = match outcome {
+            Outcome::Suspended { ms, .. } => ms + t.elapsed().as_millis() as u64,
+            _ => t.elapsed().as_millis() as u64,
+        };
+        let _ = r.send(ControlReply::Stopped {
+            state: state.into(),
+            ms,
+            saved,
+        });
+        // Let the control thread write it before the caller goes on (a
+        // supervisor exits next).
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Records how the VM died (a guest that powered off is `stopped`,
+/// anything else `crashed`), then lets it go: a detached VM's directory
+/// keeps the record and the logs for `ferry ps` and `ferry logs`.
+fn died(owned: OwnedVm, e: RuntimeError) -> RuntimeError {
+    if let Some(mut record) = owned.record.clone() {
+        let powered_off = matches!(&e, RuntimeError::VmDied { reason, .. }
+            if *reason == describe_exit(&ferry_engine::ExitReason::Poweroff));
+        record.state = if powered_off {
+            RecordState::Stopped
+        } else {
+            RecordState::Crashed
+        };
+        // The console lines are in the log, where `ps` and `logs` read them.
+        record.note = Some(match &e {
+            RuntimeError::VmDied { reason, .. } if powered_off => reason.clone(),
+            RuntimeError::VmDied { reason, .. } => format!("the VM stopped unexpectedly: {reason}"),
+            other => other.to_string(),
+        });
+        if let Err(err) = record.save(owned.vm.dir().path()) {
+            tracing::warn!(error = %err, "cannot record how the VM ended");
+        }
+    }
+    tracing::warn!(error = %e, "the VM ended");
+    e
+}
+
+/// The VM runs elsewhere now: close its exposures here (clients reconnect
+/// to where it runs), then tear down slowly.
+fn moved_away(mut owned: OwnedVm, to: &str, stats: &LiveStats, events: &dyn EventSink) {
+    owned.vm.close_exposures();
+    owned.vm.mark("moved");
+    events.emit(Event::MovedOut {
+        name: owned.name.clone(),
+        to: to.to_string(),
+        stats: stats.clone(),
+    });
+    if owned.record.is_some() {
+        // Nothing of it is left here to resume: the directory goes whole.
+        let dir = owned.vm.dir().path().to_path_buf();
+        let _ = std::fs::remove_file(dir.join(files::RECORD));
+    }
+    // On a shared host the destination's first moments (a cold engine)
+    // must not compete with tearing down this copy: wait a little, then do
+    // it at the lowest priority.
+    std::thread::sleep(TEARDOWN_GRACE);
+    lower_priority(owned.vm.engine_vm().pid());
+}
+
+/// How long a source waits after a migration before tearing its copy down.
+/// In bench/migrate on this 2-core host (while it was busy with other work
+/// too), tearing down at once (the engine's exit, the namespace, the
+/// firewall rules) delayed the destination's first answer by about 100 ms.
+const TEARDOWN_GRACE: Duration = Duration::from_secs(1);
+
+/// How long the source waits for *committed* after *switch*.
+const COMMIT_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Runs the rest of this process (this thread, and `engine` if given) at the
+/// lowest CPU priority: what is left to do here is tear-down, which can wait.
+fn lower_priority(engine: Option<u32>) {
+    let mut tids: Vec<u32> = vec![0];
+    if let Some(pid) = engine {
+        // Every thread of the engine: a process's nice value is per thread.
+        if let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) {
+            tids.extend(
+                tasks
+                    .flatten()
+                    .filter_map(|t| t.file_name().to_str()?.parse::<u32>().ok()),
+            );
+        }
+    }
+    for tid in tids {
+        // SAFETY: setpriority(2) takes plain integers; a thread that has
+        // gone meanwhile makes it fail with ESRCH, which is ignored.
+        unsafe { libc::setpriority(libc::PRIO_PROCESS, tid, 19) };
+    }
+}
+
+/// What became of a migration out.
+enum MoveResult {
+    /// The destination runs the VM.
+    Moved(LiveStats),
+    /// It did not happen; the VM runs here again.
+    Failed(String),
+    /// Unknown whether the destination resumed; the VM stays paused.
+    InDoubt(String),
+}
+
+/// Hands the VM to the destination that sent `incoming` (the source side
+/// of `docs/migration-protocol.md`). Before *switch* the VM is ours: any
+/// failure resumes it here. After *switch*, only *committed* or an explicit
+/// *abort* settles it; anything else leaves it paused, in doubt.
+fn migrate_out(
+    owned: &mut OwnedVm,
+    incoming: &mut migration::Incoming,
+    limits: &LiveLimits,
+) -> MoveResult {
+    let offer = match offer_of(owned) {
+        Ok(o) => o,
+        Err(e) => {
+            let _ = incoming.control.send(&SourceMsg::Refused {
+                reason: e.to_string(),
+            });
+            return MoveResult::Failed(e.to_string());
+        }
+    };
+    let control = &mut incoming.control;
+    let sent = control.send(&SourceMsg::Offer {
+        session: incoming.session.clone(),
+        vm: crate::start::incoming::offer_to_wire(&offer),
+    });
+    if let Err(e) = sent {
+        return MoveResult::Failed(e.to_string());
+    }
+    // Serve files until the destination is ready.
+    loop {
+        match control.recv::<DestMsg>(Some(Duration::from_secs(600))) {
+            Ok(DestMsg::Fetch { name }) => {
+                let path = match name.as_str() {
+                    "kernel" => &owned.save.kernel,
+                    "initramfs" => &owned.save.initramfs,
+                    _ => return MoveResult::Failed(format!("the destination asked for '{name}'")),
+                };
+                if let Err(e) = control.send_blob(&name, path) {
+                    return MoveResult::Failed(e.to_string());
+                }
+            }
+            Ok(DestMsg::Ready) => break,
+            Ok(DestMsg::Abort { reason }) => {
+                return MoveResult::Failed(format!("the destination gave up: {reason}"))
+            }
+            Ok(DestMsg::Committed) => {
+                return MoveResult::Failed("the destination said 'committed' out of turn".into())
+            }
+            Err(e) => return MoveResult::Failed(e.to_string()),
+        }
+    }
+    let dir = owned.vm.dir().path().to_path_buf();
+    let (disk_sock, state_sock) = (
+        dir.join("outgoing-disk.sock"),
+        dir.join("outgoing-state.sock"),
+    );
+    let tunnels = (|| -> Result<_, MigrationError> {
+        let disk = incoming.channel(ChannelKind::Disk, Duration::from_secs(10))?;
+        let state = incoming.channel(ChannelKind::State, Duration::from_secs(10))?;
+        Ok((
+            Tunnel::Listen(disk_sock.clone()).start(disk)?,
+            // A copy of what is sent stays here until the switch is
+            // confirmed: QEMU will not save a VM it has sent, so it is the
+            // only way to save a VM left in doubt.
+            Tunnel::Listen(state_sock.clone()).start_recording(state, &dir.join(SENT_STATE))?,
+        ))
+    })();
+    let control = &mut incoming.control;
+    let tunnels = match tunnels {
+        Ok(t) => t,
+        Err(e) => {
+            let _ = control.send(&SourceMsg::Failed {
+                reason: e.to_string(),
+            });
+            return MoveResult::Failed(e.to_string());
+        }
+    };
+    owned.vm.mark("migrating");
+    let sent = (|| -> Result<LiveStats, RuntimeError> {
+        let e = owned.vm.engine_vm();
+        let t = Instant::now();
+        e.start_disk_copy(&disk_sock)?;
+        tracing::info!(ms = t.elapsed().as_millis() as u64, "disk copy in sync");
+        let t = Instant::now();
+        let stats = e.send_state(&state_sock, limits)?;
+        tracing::info!(ms = t.elapsed().as_millis() as u64, "state sent");
+        let t = Instant::now();
+        e.finish_disk_copy()?;
+        tracing::info!(ms = t.elapsed().as_millis() as u64, "disk copy finished");
+        Ok(stats)
+    })();
+    let mut stats = match sent {
+        Ok(s) => s,
+        Err(e) => {
+            let e2 = owned.vm.engine_vm().abort_send();
+            let resumed = owned.vm.engine_vm().resume();
+            let _ = control.send(&SourceMsg::Failed {
+                reason: e.to_string(),
+            });
+            if let Err(r) = e2.and(resumed) {
+                tracing::warn!("resuming after a failed migration: {r}");
+            }
+            let _ = owned.vm.after_resume(None);
+            return MoveResult::Failed(e.to_string());
+        }
+    };
+    // Everything the engine sent went through the two tunnels.
+    stats.wire_bytes = tunnels.0.bytes() + tunnels.1.bytes();
+    if let Err(e) = control.send(&SourceMsg::Switch {
+        stats: crate::start::incoming::stats_to_wire(&stats),
+    }) {
+        return MoveResult::InDoubt(format!("sending 'switch' failed: {e}"));
+    }
+    match control.recv::<DestMsg>(Some(COMMIT_TIMEOUT)) {
+        Ok(DestMsg::Committed) => MoveResult::Moved(stats),
+        Ok(DestMsg::Abort { reason }) => {
+            // The destination says it did not resume: the VM is ours again.
+            if let Err(e) = owned.vm.engine_vm().resume() {
+                return MoveResult::InDoubt(format!(
+                    "the destination gave up ({reason}) and resuming here failed: {e}"
+                ));
+            }
+            let _ = owned.vm.after_resume(None);
+            MoveResult::Failed(format!(
+                "the destination gave up at the switchover: {reason}"
+            ))
+        }
+        Ok(other) => MoveResult::InDoubt(format!("the destination answered {other:?} to 'switch'")),
+        Err(e) => MoveResult::InDoubt(format!("no answer to 'switch' ({e})")),
+    }
+}
+
+fn offer_of(owned: &OwnedVm) -> Result<crate::start::incoming::VmOffer, RuntimeError> {
+    let blob = |p: &Path| -> Result<crate::start::incoming::Blob, RuntimeError> {
+        Ok(crate::start::incoming::Blob {
+            sha256: crate::start::incoming::sha256_of(p)?,
+            size: std::fs::metadata(p).map_err(RuntimeError::io(p))?.len(),
+        })
+    };
+    Ok(crate::start::incoming::VmOffer {
+        name: owned.name.clone(),
+        meta: owned.save.meta.clone(),
+        disk_size: owned.save.disk_size,
+        kernel: blob(&owned.save.kernel)?,
+        initramfs: blob(&owned.save.initramfs)?,
+    })
+}
+
+/// Work for the owner's loop, from control connections and the fleet
+/// watcher.
+enum Job {
+    Stop {
+        action: CancelAction,
+        reply: Option<Sender<ControlReply>>,
+    },
+    Fleet(Vec<FleetMember>),
+}
+
+struct Inbox {
+    jobs: Mutex<Vec<Job>>,
+    wake: Mutex<Sender<SupervisorEvent>>,
+}
+
+impl Inbox {
+    fn push(&self, job: Job) {
+        self.jobs.lock().expect("inbox").push(job);
+        let _ = self.wake.lock().expect("wake").send(SupervisorEvent::Jobs);
+    }
+
+    fn take(&self) -> Vec<Job> {
+        std::mem::take(&mut *self.jobs.lock().expect("inbox"))
+    }
+}
+
+/// Answers `stop` on the control socket by handing it to the owner's loop.
+struct StopHandler(Arc<Inbox>);
+
+impl ControlHandler for StopHandler {
+    fn handle(&self, request: ControlRequest) -> ControlReply {
+        match request {
+            ControlRequest::Stop { discard } => {
+                let (tx, rx) = channel();
+                self.0.push(Job::Stop {
+                    action: if discard {
+                        CancelAction::Discard
+                    } else {
+                        CancelAction::Suspend
+                    },
+                    reply: Some(tx),
+                });
+                rx.recv_timeout(Duration::from_secs(900))
+                    .unwrap_or_else(|_| ControlReply::Error {
+                        message: "the owner ended without finishing the stop; 'ferry ps' shows what is left".into(),
+                    })
+            }
+            other => ControlReply::Error {
+                message: format!("unexpected request {other:?}"),
+            },
+        }
+    }
+}
+
+/// Sends the guest its fleet whenever the set of running members changes.
+struct FleetWatcher {
+    stop: Arc<AtomicBool>,
+    resend: Arc<AtomicBool>,
+}
+
+impl FleetWatcher {
+    fn start(
+        paths: Paths,
+        me: String,
+        fleet: FleetSpec,
+        gateway: String,
+        inbox: Arc<Inbox>,
+    ) -> FleetWatcher {
+        let stop = Arc::new(AtomicBool::new(false));
+        let resend = Arc::new(AtomicBool::new(false));
+        let (s, r) = (stop.clone(), resend.clone());
+        let spawned = std::thread::Builder::new()
+            .name("fleet-watch".into())
+            .spawn(move || {
+                let mut last: Option<Vec<FleetMember>> = None;
+                while !s.load(Ordering::SeqCst) {
+                    let members = crate::fleet::fleet_members(&paths, &fleet, &gateway);
+                    if last.as_ref() != Some(&members) || r.swap(false, Ordering::SeqCst) {
+                        tracing::debug!(me, ?members, "fleet changed");
+                        inbox.push(Job::Fleet(members.clone()));
+                        last = Some(members);
+                    }
+                    std::thread::sleep(Duration::from_millis(500));
+                }
+            });
+        if let Err(e) = spawned {
+            tracing::warn!(error = %e, "cannot watch the fleet");
+        }
+        FleetWatcher { stop, resend }
+    }
+}

@@ -1,0 +1,273 @@
+//! The one save path: every package ferry writes from a VM goes through
+//! [`save`] — `ferry package`'s first snapshot, Ctrl-C on `ferry run` or
+//! `ferry peer`, `ferry stop` of a detached VM, a clone saved into a
+//! package of its own, and a VM left in doubt by a migration, saved from
+//! the copy of the state it sent.
+//!
+//! A save writes a whole new package beside the target, copying every
+//! unchanged chunk verbatim from the package the VM came from, and renames
+//! it into place: at every instant the target is either the old or the new
+//! package. A save that fails leaves the old package as it was; the owner
+//! then resumes the VM (or, in doubt, leaves it paused).
+//!
+//! ```text
+//!  quiesce guest ─▶ save device state ─┐
+//!  (or: the stream sent, in doubt) ────┴▶ export disk ─▶ write sections ─▶ commit (rename)
+//! ```
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use ferry_agent_proto::Request;
+use ferry_engine::{Engine, Provenance};
+use ferry_package::{Package, PackageWriter, SectionKind, DEFAULT_CHUNK_SIZE};
+
+use crate::events::{Event, EventSink};
+use crate::owner::OwnedVm;
+use crate::package_meta::PackageMeta;
+use crate::vm::RunningVm;
+use crate::vmdir::files;
+use crate::RuntimeError;
+
+/// The saved device state written into a VM's directory.
+pub(crate) const DEVICE_STATE_OUT: &str = "device-state";
+/// The disk exported for a save, in the VM's directory.
+pub(crate) const DISK_EXPORT: &str = "disk.raw";
+/// The copy of the state sent in the last migration out, in the VM's
+/// directory: QEMU will not save a VM it has sent, so this is how a VM left
+/// in doubt is saved.
+pub(crate) const SENT_STATE: &str = "sent-state";
+
+/// Where a save takes the VM's running state from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StateFrom {
+    /// The engine saves it now (the guest is quiesced and paused first).
+    Engine,
+    /// The copy of the stream a migration sent (the VM is paused, in
+    /// doubt; its agent cannot answer). RAM is inside it.
+    SentStream,
+}
+
+/// Which generation the new package is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Generation {
+    /// The first snapshot (`ferry package`).
+    First,
+    /// One more than the package the VM came from.
+    Next,
+}
+
+/// Saves `owned` into `target` and returns the new package's metadata.
+/// Leaves the VM paused; on error the old package is unchanged.
+pub fn save(
+    engine: &dyn Engine,
+    owned: &mut OwnedVm,
+    target: &Path,
+    from: StateFrom,
+    generation: Generation,
+    events: &dyn EventSink,
+) -> Result<PackageMeta, RuntimeError> {
+    check_writable(target)?;
+    let dir = owned.vm.dir().path().to_path_buf();
+    let provenance = match from {
+        StateFrom::Engine => quiesce_and_save(&mut owned.vm, engine, events)?,
+        StateFrom::SentStream => {
+            let sent = dir.join(SENT_STATE);
+            // The tunnel renames its copy into place once the stream ended.
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while !sent.exists() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            std::fs::rename(&sent, dir.join(DEVICE_STATE_OUT)).map_err(|e| {
+                RuntimeError::InDoubtUnsaved {
+                    name: owned.name.clone(),
+                    detail: format!("the copy of the state it sent is missing: {e}"),
+                }
+            })?;
+            owned.save.meta.provenance.clone()
+        }
+    };
+    // A clone that never suspended maps its memory privately: its changed
+    // pages are in no file, so RAM goes into the device state and the
+    // memory section is all holes, of the guest's size.
+    let memory_in_state = from == StateFrom::SentStream || owned.save.private_memory;
+    if owned.save.private_memory {
+        let path = dir.join(files::MEMORY);
+        File::create(&path)
+            .and_then(|f| f.set_len(provenance.memory_bytes()))
+            .map_err(RuntimeError::io(&path))?;
+    }
+    let meta = PackageMeta {
+        ferry_version: env!("CARGO_PKG_VERSION").into(),
+        written_unix: now_unix(),
+        generation: match generation {
+            Generation::First => 0,
+            Generation::Next => owned.save.meta.generation + 1,
+        },
+        provenance,
+        memory_in_state,
+        ..owned.save.meta.clone()
+    };
+    let old = match &owned.save.base_package {
+        Some(p) if p.exists() => Some(Package::open(p)?),
+        _ => None,
+    };
+    write_package(
+        &mut owned.vm,
+        target,
+        &meta,
+        &owned.save.kernel,
+        &owned.save.initramfs,
+        old.as_ref(),
+        events,
+    )?;
+    adopt_into_cache(owned, target);
+    Ok(meta)
+}
+
+/// Quiesces the guest and saves its device state; returns the provenance
+/// to record. Leaves the VM paused.
+fn quiesce_and_save(
+    vm: &mut RunningVm,
+    engine: &dyn Engine,
+    events: &dyn EventSink,
+) -> Result<Provenance, RuntimeError> {
+    let t = Instant::now();
+    vm.agent().request(
+        &Request::BeforeSuspend { drop_caches: true },
+        Duration::from_secs(60),
+    )?;
+    events.emit(phase("quiesced", t));
+    let t = Instant::now();
+    let dir = vm.dir().path().to_path_buf();
+    let state = vm.engine_vm().save_state(&dir.join(DEVICE_STATE_OUT))?;
+    events.emit(phase("state-saved", t));
+    let mut provenance = state.provenance;
+    provenance.engine = engine.name().to_string();
+    Ok(provenance)
+}
+
+/// Writes the paused, saved VM into `dest` (beside, then renamed), reusing
+/// unchanged chunks of `old`.
+fn write_package(
+    vm: &mut RunningVm,
+    dest: &Path,
+    meta: &PackageMeta,
+    kernel: &Path,
+    initramfs: &Path,
+    old: Option<&Package>,
+    events: &dyn EventSink,
+) -> Result<(), RuntimeError> {
+    let dir = vm.dir().path().to_path_buf();
+    let disk = dir.join(DISK_EXPORT);
+    let t = Instant::now();
+    vm.engine_vm().export_disk(&disk)?;
+    events.emit(phase("disk-exported", t));
+    let mut writer = PackageWriter::create(dest)?;
+    let config = serde_json::to_vec_pretty(meta).expect("metadata serialises");
+    writer.add_bytes(SectionKind::Config, &config)?;
+    let sections = [
+        (SectionKind::DeviceState, dir.join(DEVICE_STATE_OUT)),
+        (SectionKind::Memory, dir.join(files::MEMORY)),
+        (SectionKind::Kernel, kernel.to_path_buf()),
+        (SectionKind::Initramfs, initramfs.to_path_buf()),
+        (SectionKind::Disk, disk.clone()),
+    ];
+    for (kind, path) in sections {
+        let t = Instant::now();
+        let mut last = Instant::now();
+        writer.add_file(kind, &path, DEFAULT_CHUNK_SIZE, old, &mut |done, total| {
+            if last.elapsed() > Duration::from_secs(1) {
+                last = Instant::now();
+                events.emit(Event::Progress {
+                    what: format!("writing {kind}"),
+                    done,
+                    total,
+                });
+            }
+        })?;
+        events.emit(phase(&format!("{kind}-written"), t));
+    }
+    let t = Instant::now();
+    crate::package_meta::commit(writer, meta)?;
+    events.emit(phase("committed", t));
+    Ok(())
+}
+
+/// A VM that runs from a memory file of its own and a disk extracted from
+/// its package (`ferry run` without `--clone`) leaves exactly the new
+/// package's sections in its directory: they become the section cache's
+/// entries, so that the next run starts warm, and the old contents' go.
+fn adopt_into_cache(owned: &OwnedVm, target: &Path) {
+    let Some(adopt) = &owned.save.adopt_cache else {
+        return;
+    };
+    let Ok(new) = Package::open(target) else {
+        return;
+    };
+    let dir = owned.vm.dir().path();
+    let cache = crate::cache::SectionCache::new(&adopt.cache);
+    for (kind, file, old) in [
+        (
+            SectionKind::Memory,
+            dir.join(files::MEMORY),
+            &adopt.memory_digest,
+        ),
+        (SectionKind::Disk, dir.join(DISK_EXPORT), &adopt.disk_digest),
+    ] {
+        let Ok(now) = new.section(kind) else {
+            continue;
+        };
+        if *old != now.digest {
+            cache.adopt(kind, &now.digest, &file);
+            cache.forget(kind, old);
+        }
+    }
+}
+
+/// What [`adopt_into_cache`] needs: the cache and the digests the VM's
+/// files had when it started.
+#[derive(Debug, Clone)]
+pub struct CacheAdoption {
+    /// `$FERRY_CACHE`.
+    pub cache: PathBuf,
+    /// The memory section's digest at the start.
+    pub memory_digest: String,
+    /// The disk section's digest at the start.
+    pub disk_digest: String,
+}
+
+/// Fails early, before the guest is paused, if the package's directory
+/// cannot take a new file (e.g. a read-only mount).
+pub(crate) fn check_writable(path: &Path) -> Result<(), RuntimeError> {
+    let dir = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let probe = dir.join(format!(".ferry-write-test-{}", std::process::id()));
+    match File::create(&probe) {
+        Ok(_) => {
+            let _ = std::fs::remove_file(&probe);
+            Ok(())
+        }
+        Err(e) => Err(RuntimeError::Io {
+            path: dir.to_path_buf(),
+            source: e,
+        }),
+    }
+}
+
+pub(crate) fn now_unix() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_secs()
+}
+
+fn phase(name: &str, since: Instant) -> Event {
+    Event::Phase {
+        phase: name.into(),
+        ms: since.elapsed().as_millis() as u64,
+    }
+}

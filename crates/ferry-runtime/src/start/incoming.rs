@@ -1,0 +1,300 @@
+//! Start source: a live migration from another peer (`ferry peer --from
+//! HOST:PORT`), the destination side of `docs/migration-protocol.md`:
+//!
+//! 1. connect to the source's `--listen` address with the token and get an
+//!    *offer*: the VM's metadata, disk size, and the digests of its kernel
+//!    and initramfs (fetched only if not cached);
+//! 2. start a paused VM that waits for state and disk (the start plan,
+//!    [`How::Receive`]), open the two data channels (state, disk) and say
+//!    *ready*;
+//! 3. the source copies the disk and memory and says *switch*;
+//! 4. **commit point**: check that all state arrived, stop serving the
+//!    disk, resume the VM and say *committed*.
+//!
+//! A destination whose source disappears before *switch* removes its
+//! half-received VM and fails; the source keeps the VM.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use ferry_engine::{AccelChoice, Engine, LiveStats};
+use ferry_transport::migration::{self, ChannelKind, DestMsg, MigrationError, SourceMsg, Tunnel};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use super::{How, StartPlan};
+use crate::events::{Event, EventSink};
+use crate::owner::{Held, OwnedVm, SaveInfo};
+use crate::package_meta::PackageMeta;
+use crate::vm::{BootImage, ConsoleSink, NetChoice, VmConfig};
+use crate::{Cancel, Paths, RuntimeError};
+
+/// How long a destination waits for *switch* (the whole copy).
+const SWITCH_TIMEOUT: Duration = Duration::from_secs(900);
+
+/// What a source offers a destination.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct VmOffer {
+    /// The VM's name on the source.
+    pub name: String,
+    /// Its metadata, as a package would carry it.
+    pub meta: PackageMeta,
+    /// The disk's size in bytes.
+    pub disk_size: u64,
+    /// The kernel.
+    pub kernel: Blob,
+    /// The initramfs.
+    pub initramfs: Blob,
+}
+
+/// A file the destination needs, named by content.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Blob {
+    /// SHA-256 (hex).
+    pub sha256: String,
+    /// Bytes.
+    pub size: u64,
+}
+
+/// The offer as the migration protocol carries it.
+pub(crate) fn offer_to_wire(offer: &VmOffer) -> serde_json::Value {
+    serde_json::to_value(offer).expect("serialisable")
+}
+
+/// The engine's figures as the migration protocol carries them.
+pub(crate) fn stats_to_wire(stats: &LiveStats) -> serde_json::Value {
+    serde_json::to_value(stats).expect("serialisable")
+}
+
+/// What a migration in is asked for.
+#[derive(Clone)]
+pub struct IncomingStart {
+    /// The source peer, `HOST:PORT`.
+    pub from: String,
+    /// Its token.
+    pub token: String,
+    /// The VM's name here; the source's if `None`.
+    pub name: Option<String>,
+    /// Accelerator choice (it must be the VM's).
+    pub accel: AccelChoice,
+    /// Where the console is copied besides its log.
+    pub console: Option<ConsoleSink>,
+    /// Its network.
+    pub net: NetChoice,
+    /// When the operation started.
+    pub started: Instant,
+}
+
+/// Takes the VM over from the source peer; returns it running here.
+pub fn start(
+    engine: &dyn Engine,
+    paths: &Paths,
+    opts: &IncomingStart,
+    events: &dyn EventSink,
+    cancel: &Cancel,
+) -> Result<OwnedVm, RuntimeError> {
+    let addr = opts.from.as_str();
+    let token = opts.token.as_str();
+    let (mut control, session, offer) = migration::connect(addr, token)?;
+    let offer: VmOffer = serde_json::from_value(offer)
+        .map_err(|e| MigrationError::Protocol(format!("unreadable offer: {e}")))?;
+    let failed = |detail: String| RuntimeError::MigrationFailed {
+        direction: "from",
+        peer: addr.to_string(),
+        detail,
+    };
+    let abort = |control: &mut migration::Control, why: &str| {
+        let _ = control.send(&DestMsg::Abort {
+            reason: why.to_string(),
+        });
+    };
+    let plan = (|| -> Result<StartPlan<'static>, RuntimeError> {
+        // Refuse early, before anything is made here.
+        super::check_host_memory(offer.meta.provenance.memory_mib)?;
+        let name = opts.name.clone().unwrap_or_else(|| offer.name.clone());
+        crate::vmdir::validate_name(&name)?;
+        let blobs = paths.cache.join("blobs");
+        let kernel = fetch_blob(&mut control, "kernel", &offer.kernel, &blobs)?;
+        let initramfs = fetch_blob(&mut control, "initramfs", &offer.initramfs, &blobs)?;
+        let image = BootImage {
+            kernel: kernel.clone(),
+            initramfs: initramfs.clone(),
+            cmdline: offer.meta.cmdline.clone(),
+            disk: PathBuf::new(),
+            source: format!("peer {addr}"),
+            network: offer.meta.network.clone(),
+            disk_server: None,
+        };
+        let accel = super::saved_accel(engine, opts.accel, &image, offer.meta.provenance.accel)?;
+        let config = VmConfig::saved(
+            &name,
+            &offer.meta.provenance,
+            accel.accel,
+            opts.console.clone(),
+            opts.net.clone(),
+        );
+        Ok(StartPlan {
+            name,
+            image,
+            config,
+            accel,
+            how: How::Receive {
+                provenance: offer.meta.provenance.clone(),
+                disk_size: offer.disk_size,
+            },
+            dir: None,
+            prepare: None,
+            live_timeout: Duration::from_secs(60),
+            started: opts.started,
+            background_check: None,
+            save: SaveInfo {
+                meta: offer.meta.clone(),
+                kernel,
+                initramfs,
+                base_package: None,
+                private_memory: false,
+                disk_size: offer.disk_size,
+                adopt_cache: None,
+            },
+            held: Held::default(),
+            record: None,
+        })
+    })();
+    let owned = plan.and_then(|plan| super::execute(engine, paths, plan, events, cancel));
+    let mut owned = match owned {
+        Ok(o) => o,
+        Err(e) => {
+            abort(&mut control, &e.to_string());
+            return Err(e);
+        }
+    };
+    let sockets = owned.vm.incoming_sockets();
+    let channel = |kind| migration::open_channel(addr, token, &session, kind);
+    let tunnels = (|| -> Result<_, MigrationError> {
+        let state =
+            Tunnel::Dial(sockets.state_socket.clone()).start(channel(ChannelKind::State)?)?;
+        let disk = Tunnel::Dial(sockets.disk_socket.clone()).start(channel(ChannelKind::Disk)?)?;
+        Ok((state, disk))
+    })();
+    let _tunnels = match tunnels {
+        Ok(t) => t,
+        Err(e) => {
+            abort(&mut control, &e.to_string());
+            return Err(e.into());
+        }
+    };
+    control.send(&DestMsg::Ready)?;
+    let t = Instant::now();
+    events.emit(Event::Receiving {
+        name: offer.name.clone(),
+        from: addr.to_string(),
+    });
+    let stats = loop {
+        match control.recv::<SourceMsg>(Some(Duration::from_millis(500))) {
+            Ok(SourceMsg::Switch { stats }) => break stats,
+            Ok(SourceMsg::Failed { reason }) => {
+                return Err(failed(format!(
+                    "the source gave up ({reason}); it keeps the VM, nothing runs here"
+                )))
+            }
+            Ok(other) => {
+                abort(&mut control, "unexpected message");
+                return Err(MigrationError::Protocol(format!("unexpected {other:?}")).into());
+            }
+            Err(MigrationError::Timeout(_)) => {
+                if owned.vm.poll_cancel().inspect_err(|_| {
+                    abort(&mut control, "the receiving VM died");
+                })? {
+                    abort(&mut control, "interrupted on the destination");
+                    return Err(RuntimeError::Interrupted);
+                }
+                if t.elapsed() > SWITCH_TIMEOUT {
+                    abort(&mut control, "the copy took too long");
+                    return Err(failed("the copy took too long; the source keeps the VM".into()));
+                }
+            }
+            Err(e) => {
+                return Err(failed(format!(
+                    "the source went away before the switchover ({e}); it owns the VM, nothing was started here"
+                )))
+            }
+        }
+    };
+    events.emit(Event::Switching {
+        name: owned.name.clone(),
+    });
+    // The commit point: check, stop serving the disk, resume.
+    let switch = Instant::now();
+    let commit = (|| -> Result<(), RuntimeError> {
+        let e = owned.vm.engine_vm();
+        e.wait_received(Duration::from_secs(30))?;
+        e.end_disk_export()?;
+        e.resume()?;
+        Ok(())
+    })();
+    if let Err(e) = commit {
+        abort(&mut control, &e.to_string());
+        return Err(failed(format!("{e}; told the source to keep the VM")));
+    }
+    let switch_ms = switch.elapsed().as_millis() as u64;
+    let _ = control.send(&DestMsg::Committed);
+    owned.vm.mark("running");
+    let stats: LiveStats = serde_json::from_value(stats).unwrap_or_default();
+    // The guest's clock stood still while it was paused.
+    let _ = owned.vm.after_resume(None);
+    events.emit(Event::MigratedIn {
+        name: offer.name.clone(),
+        from: addr.to_string(),
+        ms: t.elapsed().as_millis() as u64,
+        downtime_ms: stats.downtime_ms,
+        switch_ms,
+    });
+    super::emit_network(&owned.vm, events);
+    events.emit(Event::Live {
+        name: owned.name.clone(),
+        ms: opts.started.elapsed().as_millis() as u64,
+    });
+    Ok(owned)
+}
+
+/// A file from the offer, from the blob cache or fetched from the source.
+fn fetch_blob(
+    control: &mut migration::Control,
+    name: &str,
+    blob: &Blob,
+    dir: &Path,
+) -> Result<PathBuf, RuntimeError> {
+    let path = dir.join(&blob.sha256);
+    if path.exists() {
+        return Ok(path);
+    }
+    std::fs::create_dir_all(dir).map_err(RuntimeError::io(dir))?;
+    control.send(&DestMsg::Fetch {
+        name: name.to_string(),
+    })?;
+    let len = match control.recv::<SourceMsg>(Some(Duration::from_secs(60)))? {
+        SourceMsg::Blob { len, .. } => len,
+        other => {
+            return Err(MigrationError::Protocol(format!("expected {name}, got {other:?}")).into())
+        }
+    };
+    let part = path.with_extension(format!("part-{}", std::process::id()));
+    control.recv_blob_into(len, &part)?;
+    if sha256_of(&part)? != blob.sha256 {
+        let _ = std::fs::remove_file(&part);
+        return Err(MigrationError::Protocol(format!(
+            "the {name} received does not match its sha256"
+        ))
+        .into());
+    }
+    std::fs::rename(&part, &path).map_err(RuntimeError::io(&path))?;
+    Ok(path)
+}
+
+/// The SHA-256 of a file, as hex.
+pub(crate) fn sha256_of(path: &Path) -> Result<String, RuntimeError> {
+    let mut file = std::fs::File::open(path).map_err(RuntimeError::io(path))?;
+    let mut hasher = Sha256::new();
+    std::io::copy(&mut file, &mut hasher).map_err(RuntimeError::io(path))?;
+    Ok(hex::encode(hasher.finalize()))
+}
