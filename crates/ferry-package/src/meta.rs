@@ -186,7 +186,12 @@ mod tests {
 
     #[test]
     fn other_metadata_is_not_a_vm_package() {
-        for v in [json!(null), json!({}), json!({"made-by": "test"}), json!([1])] {
+        for v in [
+            json!(null),
+            json!({}),
+            json!({"made-by": "test"}),
+            json!([1]),
+        ] {
             let e = VmMeta::from_json(&v, "p").unwrap_err();
             assert!(matches!(e, PackageError::NotAVmPackage { .. }), "{e:?}");
         }

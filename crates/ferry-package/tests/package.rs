@@ -491,7 +491,10 @@ fn an_index_decodes_from_header_and_table_bytes() {
     let table = &bytes[range.start as usize..];
     let index = PackageIndex::from_parts(Path::new("remote"), head, table, len).unwrap();
     assert_eq!(index.sections(), p.sections());
-    assert_eq!(index.metadata(), &serde_json::to_value(p.vm_meta().unwrap()).unwrap());
+    assert_eq!(
+        index.metadata(),
+        &serde_json::to_value(p.vm_meta().unwrap()).unwrap()
+    );
     assert_eq!(index.format_version(), p.format_version());
     assert_eq!(index.file_len(), p.file_size());
     assert_eq!(index.table_sha256(), p.index().table_sha256());

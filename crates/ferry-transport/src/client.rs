@@ -9,9 +9,7 @@ use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use ferry_package::{
-    PackageError, PackageIndex, SectionInfo, SectionKind, VmMeta, HEADER_SIZE,
-};
+use ferry_package::{PackageError, PackageIndex, SectionInfo, SectionKind, VmMeta, HEADER_SIZE};
 use tracing::{debug, warn};
 use ureq::http::{header, Response, Uri};
 use ureq::Body;

@@ -122,7 +122,10 @@ fn vm_metadata_over_http() {
         }
         other => panic!("{other:?}"),
     }
-    assert!(one_line(&e).contains("make it again with 'ferry package'"), "{e}");
+    assert!(
+        one_line(&e).contains("make it again with 'ferry package'"),
+        "{e}"
+    );
 }
 
 #[test]

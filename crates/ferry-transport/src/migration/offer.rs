@@ -83,7 +83,10 @@ fn valid_name(name: &str) -> bool {
 }
 
 fn valid_sha256(digest: &str) -> bool {
-    digest.len() == 64 && digest.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+    digest.len() == 64
+        && digest
+            .bytes()
+            .all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
 }
 
 /// A string from the peer, quoted and cut short for a message.
@@ -142,7 +145,10 @@ pub(super) mod tests {
     fn a_good_offer_passes() {
         offer().validate().unwrap();
         let mut o = offer();
-        o.name = format!("a{}", "-_.z9".repeat(12)).chars().take(63).collect();
+        o.name = format!("a{}", "-_.z9".repeat(12))
+            .chars()
+            .take(63)
+            .collect();
         o.validate().unwrap();
     }
 
@@ -172,7 +178,16 @@ pub(super) mod tests {
 
     #[test]
     fn bad_names_are_refused() {
-        for name in ["", "-x", ".x", "Redis", "a/b", "../x", "a b", &"a".repeat(64)] {
+        for name in [
+            "",
+            "-x",
+            ".x",
+            "Redis",
+            "a/b",
+            "../x",
+            "a b",
+            &"a".repeat(64),
+        ] {
             let msg = refused(|o| o.name = name.to_string());
             assert!(msg.contains("not a VM name"), "{name}: {msg}");
         }

@@ -64,17 +64,21 @@ fn a_missing_field_is_refused_and_named() {
         }
         at.as_object_mut().unwrap().remove(*last);
         let e = decode(json!({"type": "offer", "session": "s", "vm": vm})).unwrap_err();
-        assert!(e.to_string().contains(&format!("missing field `{field}`")), "{e}");
+        assert!(
+            e.to_string().contains(&format!("missing field `{field}`")),
+            "{e}"
+        );
     }
-    let e = decode(json!({"type": "switch", "stats": {"total_ms": 1, "state_bytes": 1}}))
-        .unwrap_err();
+    let e =
+        decode(json!({"type": "switch", "stats": {"total_ms": 1, "state_bytes": 1}})).unwrap_err();
     assert!(e.to_string().contains("missing field `downtime_ms`"), "{e}");
 }
 
 #[test]
 fn stats_without_wire_bytes_are_read() {
     // What a source from before wire_bytes sends.
-    let msg = json!({"type": "switch", "stats": {"total_ms": 900, "downtime_ms": 40, "state_bytes": 5}});
+    let msg =
+        json!({"type": "switch", "stats": {"total_ms": 900, "downtime_ms": 40, "state_bytes": 5}});
     match decode(msg).unwrap() {
         SourceMsg::Switch { stats } => assert_eq!(
             stats,
@@ -145,7 +149,10 @@ fn connect_refuses_a_path_for_a_digest_and_tells_the_source() {
     let (addr, source) = scripted_source(offer_msg(vm));
     let e = connect(&addr, "t").err().unwrap();
     assert!(matches!(e, MigrationError::Protocol(_)), "{e:?}");
-    assert!(e.to_string().contains("kernel digest \"../../etc/passwd\""), "{e}");
+    assert!(
+        e.to_string().contains("kernel digest \"../../etc/passwd\""),
+        "{e}"
+    );
     let told = source.join().unwrap();
     let told: DestMsg = serde_json::from_str(&told).unwrap();
     assert!(
