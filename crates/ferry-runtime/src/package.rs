@@ -18,11 +18,9 @@ use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use ferry_agent_proto::{Identity, Liveness, Reply, Request};
-use ferry_blueprint::NetworkConfig;
+use ferry_agent_proto::{Identity, Reply, Request};
 use ferry_engine::{AccelChoice, Engine, ProbeGuest, Provenance, SavedState};
 use ferry_package::{Package, PackageWriter, SectionKind, DEFAULT_CHUNK_SIZE};
-use serde::{Deserialize, Serialize};
 
 use crate::cache::SectionCache;
 use crate::ops::{boot_until_live, forward_signals, load_verified, LiveBoot};
@@ -31,32 +29,8 @@ use crate::vmdir::{files, generate_name, validate_name};
 use crate::{Paths, RuntimeError};
 
 /// What a package says about the VM inside it (its metadata, and its
-/// `config` section).
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-pub struct PackageMeta {
-    /// The ferry version that last wrote it.
-    pub ferry_version: String,
-    /// When it was last written (seconds since the Unix epoch).
-    pub written_unix: u64,
-    /// How many times it was suspended back into after the first snapshot.
-    pub generation: u64,
-    /// Engine, CPU model, accelerator and sizes it was made with.
-    pub provenance: Provenance,
-    /// The recipe of the blueprint it was made from.
-    pub recipe: String,
-    /// Kernel command line (needed to start the engine, not to boot).
-    pub cmdline: String,
-    /// Guest network settings.
-    pub network: NetworkConfig,
-    /// How the agent judges the service live.
-    pub liveness: Liveness,
-    /// Guest RAM is in the device state, not the memory section (which is
-    /// then all zero): how a copy-on-write clone, whose changed pages are
-    /// private to its engine and in no file, is saved (`ferry stop` of a
-    /// fleet VM). Restoring such a package loads RAM from the device state.
-    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
-    pub memory_in_state: bool,
-}
+/// `config` section): now [`ferry_package::VmMeta`].
+pub use ferry_package::VmMeta as PackageMeta;
 
 pub(crate) const DEVICE_STATE_IN: &str = "device-state.in";
 pub(crate) const DEVICE_STATE_OUT: &str = "device-state";
@@ -212,7 +186,7 @@ pub(crate) fn write_package(
         );
     }
     let t = Instant::now();
-    writer.commit(serde_json::to_value(meta).expect("metadata serialises"))?;
+    writer.commit(meta)?;
     tracing::info!(ms = t.elapsed().as_millis() as u64, "package committed");
     Ok(())
 }
@@ -480,12 +454,7 @@ pub(crate) fn check_writable(path: &Path) -> Result<(), RuntimeError> {
 }
 
 pub(crate) fn read_meta(pkg: &Package) -> Result<PackageMeta, RuntimeError> {
-    serde_json::from_value(pkg.metadata().clone()).map_err(|e| {
-        RuntimeError::BadOption(format!(
-            "{} is a package but not a ferry VM package this version understands ({e})",
-            pkg.path().display()
-        ))
-    })
+    Ok(pkg.vm_meta()?)
 }
 
 /// Chooses the accelerator for a package's VM: it can only resume on the

@@ -32,8 +32,9 @@ use ferry_engine::{AccelChoice, Engine, LiveLimits, LiveStats, SavedState};
 use ferry_lazydisk::{LazyDisk, LazyDiskOptions, NbdServer, RemoteSection};
 use ferry_package::SectionKind;
 use ferry_transport::migration::{self, ChannelKind, DestMsg, MigrationError, SourceMsg, Tunnel};
+/// The offer, now typed in the migration protocol.
+pub use ferry_transport::migration::{Blob, VmOffer};
 use ferry_transport::RemotePackage;
-use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use std::sync::Arc;
 
@@ -77,30 +78,6 @@ pub struct PeerOptions {
     pub started: Instant,
     /// Cap on the bandwidth of a migration out, bytes per second.
     pub max_bandwidth: Option<u64>,
-}
-
-/// What a source offers a destination.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct VmOffer {
-    /// The VM's name on the source.
-    pub name: String,
-    /// Its metadata, as a package would carry it.
-    pub meta: PackageMeta,
-    /// The disk's size in bytes.
-    pub disk_size: u64,
-    /// The kernel.
-    pub kernel: Blob,
-    /// The initramfs.
-    pub initramfs: Blob,
-}
-
-/// A file the destination needs, named by content.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct Blob {
-    /// SHA-256 (hex).
-    pub sha256: String,
-    /// Bytes.
-    pub size: u64,
 }
 
 /// Where a peer's lazy disk is served from: kept until after the VM.
@@ -298,12 +275,7 @@ fn from_registry(
     say: &mut dyn FnMut(&str),
 ) -> Result<PeerVm, RuntimeError> {
     let remote = Arc::new(RemotePackage::open(&opts.from, opts.token.as_deref())?);
-    let meta: PackageMeta = serde_json::from_value(remote.metadata().clone()).map_err(|e| {
-        RuntimeError::BadOption(format!(
-            "{} is a package but not a ferry VM package this version understands ({e})",
-            opts.from
-        ))
-    })?;
+    let meta = remote.vm_meta()?;
     check_host_memory(meta.provenance.memory_mib)?;
     let name = opts
         .name
@@ -469,8 +441,6 @@ fn migrate_in(
         ))
     })?;
     let (mut control, session, offer) = migration::connect(addr, token)?;
-    let offer: VmOffer = serde_json::from_value(offer)
-        .map_err(|e| MigrationError::Protocol(format!("unreadable offer: {e}")))?;
     let failed = |detail: String| RuntimeError::MigrationFailed {
         direction: "from",
         peer: addr.to_string(),
@@ -596,7 +566,6 @@ fn migrate_in(
     let switch_ms = switch.elapsed().as_millis();
     let _ = control.send(&DestMsg::Committed);
     vm.mark("running");
-    let stats: LiveStats = serde_json::from_value(stats).unwrap_or_default();
     // The guest's clock stood still while it was paused.
     let _ = vm.after_resume(None);
     say(&format!(
@@ -715,7 +684,7 @@ fn migrate_out(
     let control = &mut incoming.control;
     let sent = control.send(&SourceMsg::Offer {
         session: incoming.session.clone(),
-        vm: serde_json::to_value(&offer).expect("serialisable"),
+        vm: offer,
     });
     if let Err(e) = sent {
         return Outcome::Failed(e.to_string());
@@ -802,7 +771,7 @@ fn migrate_out(
     // Everything the engine sent went through the two tunnels.
     stats.wire_bytes = tunnels.0.bytes() + tunnels.1.bytes();
     if let Err(e) = control.send(&SourceMsg::Switch {
-        stats: serde_json::to_value(&stats).expect("serialisable"),
+        stats: stats.clone(),
     }) {
         return Outcome::InDoubt(format!("sending 'switch' failed: {e}"));
     }

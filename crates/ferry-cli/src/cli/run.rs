@@ -73,11 +73,7 @@ fn detached(args: Args, net: NetChoice, paths: &Paths) -> anyhow::Result<ExitCod
         Some(n) => n,
         None => {
             let pkg = ferry_package::Package::open(&args.package)?;
-            let recipe = pkg.metadata()["recipe"]
-                .as_str()
-                .unwrap_or("vm")
-                .to_string();
-            generate_name(&recipe)
+            generate_name(&pkg.vm_meta().map_err(RuntimeError::from)?.recipe)
         }
     };
     let opts = RunDetachedOptions {
