@@ -6,7 +6,7 @@ use std::path::Path;
 use std::process::Output;
 use std::time::Duration;
 
-use ferry_package::{Package, PackageWriter, SectionKind, DEFAULT_CHUNK_SIZE};
+use ferry_package::{Package, PackageWriter, SectionKind, VmMeta, DEFAULT_CHUNK_SIZE};
 use ferry_test_support::{
     describe, qemu_pids, send_signal, spawn_until_live, vm_lock, wait_until, FerryEnv, KillOnDrop,
 };
@@ -123,12 +123,7 @@ fn package_run_suspend_and_run_again_keeps_everything() {
 
 /// Rewrites a package through the library: `edit` changes its metadata,
 /// `skip` leaves a section out.
-fn rewrite(
-    src: &Path,
-    dst: &Path,
-    edit: impl FnOnce(&mut serde_json::Value),
-    skip: Option<SectionKind>,
-) {
+fn rewrite(src: &Path, dst: &Path, edit: impl FnOnce(&mut VmMeta), skip: Option<SectionKind>) {
     let pkg = Package::open(src).unwrap();
     let tmp = tempfile::tempdir().unwrap();
     let mut w = PackageWriter::create(dst).unwrap();
@@ -141,9 +136,9 @@ fn rewrite(
         w.add_file(s.kind, &f, DEFAULT_CHUNK_SIZE, None, &mut |_, _| {})
             .unwrap();
     }
-    let mut meta = pkg.metadata().clone();
+    let mut meta = pkg.vm_meta().unwrap();
     edit(&mut meta);
-    w.commit(meta).unwrap();
+    w.commit(&meta).unwrap();
 }
 
 fn run_fails(env: &FerryEnv, pkg: &Path) -> Output {
@@ -224,7 +219,7 @@ fn bad_packages_are_refused_and_left_unchanged() {
     rewrite(
         &good,
         &p,
-        |m| m["provenance"]["engine_version"] = "0.9.0".into(),
+        |m| m.provenance.engine_version = "0.9.0".into(),
         None,
     );
     let out = run_fails(&env, &p);
@@ -239,7 +234,7 @@ fn bad_packages_are_refused_and_left_unchanged() {
     rewrite(
         &good,
         &p,
-        |m| m["provenance"]["cpu_model"] = "some-other-cpu".into(),
+        |m| m.provenance.cpu_model = "some-other-cpu".into(),
         None,
     );
     let out = run_fails(&env, &p);
@@ -251,12 +246,7 @@ fn bad_packages_are_refused_and_left_unchanged() {
 
     // More memory than the host has.
     let p = env.state.path().join("huge.ferry");
-    rewrite(
-        &good,
-        &p,
-        |m| m["provenance"]["memory_mib"] = (64u64 << 20).into(),
-        None,
-    );
+    rewrite(&good, &p, |m| m.provenance.memory_mib = 64u64 << 20, None);
     let out = run_fails(&env, &p);
     assert!(
         error_line(&out).contains("MiB of guest memory but this host has"),

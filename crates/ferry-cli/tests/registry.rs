@@ -10,7 +10,7 @@ use std::process::{Command, Output, Stdio};
 use std::sync::mpsc;
 use std::time::Duration;
 
-use ferry_package::{PackageWriter, SectionKind};
+use ferry_package::{PackageWriter, SectionKind, VmMeta};
 use ferry_test_support::{describe, send_signal, KillOnDrop};
 
 fn ferry() -> Command {
@@ -26,7 +26,21 @@ fn package(dir: &Path, name: &str) -> PathBuf {
     w.add_bytes(SectionKind::Config, br#"{"vcpus":1}"#).unwrap();
     w.add_bytes(SectionKind::Memory, &vec![7u8; 100_000])
         .unwrap();
-    w.commit(serde_json::json!({"test": name})).unwrap();
+    let meta = serde_json::json!({
+        "ferry_version": "0.0.0-test", "written_unix": 0, "generation": 0,
+        "provenance": {
+            "engine": "test", "engine_version": "1", "cpu_model": "max",
+            "accel": "tcg", "memory_mib": 64, "cpus": 1
+        },
+        "recipe": name, "cmdline": "",
+        "network": {
+            "interface": "eth0", "guest_address": "172.100.100.2",
+            "prefix_len": 30, "gateway": "172.100.100.1"
+        },
+        "liveness": {"kind": "none"}
+    });
+    w.commit(&VmMeta::from_json(&meta, "test").unwrap())
+        .unwrap();
     dest
 }
 

@@ -21,7 +21,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use ferry_lazydisk::{LazyDisk, LazyDiskOptions, NbdServer, RemoteSection};
-use ferry_package::{PackageWriter, SectionKind, DEFAULT_CHUNK_SIZE};
+use ferry_package::{PackageWriter, SectionKind, VmMeta, DEFAULT_CHUNK_SIZE};
 use ferry_transport::{Registry, RegistryConfig, RemotePackage};
 
 fn main() {
@@ -43,7 +43,7 @@ fn main() {
         &mut |_, _| {},
     )
     .unwrap();
-    w.commit(serde_json::json!({})).unwrap();
+    w.commit(&vm_meta()).unwrap();
     let registry = Registry::bind(RegistryConfig {
         packages: vec![package.clone()],
         listen: "127.0.0.1:0".parse().unwrap(),
@@ -219,4 +219,22 @@ fn ms(d: Duration) -> String {
 
 fn rate(bytes: u64, d: Duration) -> f64 {
     bytes as f64 / d.as_secs_f64() / (1 << 20) as f64
+}
+
+/// The metadata of a small VM package (every package carries one).
+fn vm_meta() -> VmMeta {
+    let meta = serde_json::json!({
+        "ferry_version": "0.0.0-test", "written_unix": 0, "generation": 0,
+        "provenance": {
+            "engine": "test", "engine_version": "1", "cpu_model": "max",
+            "accel": "tcg", "memory_mib": 64, "cpus": 1
+        },
+        "recipe": "lazydisk", "cmdline": "",
+        "network": {
+            "interface": "eth0", "guest_address": "172.100.100.2",
+            "prefix_len": 30, "gateway": "172.100.100.1"
+        },
+        "liveness": {"kind": "none"}
+    });
+    VmMeta::from_json(&meta, "test").unwrap()
 }

@@ -112,6 +112,17 @@ pub enum PackageError {
         /// Its uncompressed size.
         size: u64,
     },
+    /// The package (or migration offer) holds metadata, but not a VM's that
+    /// this version can read: another program's package, or one from a ferry
+    /// whose metadata lacks a field this one needs.
+    #[error("{package} is a package but not a ferry VM package this version understands ({detail}): make it again with 'ferry package'")]
+    NotAVmPackage {
+        /// Where the metadata came from (a path or a URL). Not named
+        /// `source`: thiserror takes a field of that name for the cause.
+        package: String,
+        /// What is missing or wrong (names the field).
+        detail: String,
+    },
     /// The destination of a package has no file name.
     #[error("{0} does not name a file: give the path of the package file to write")]
     InvalidDestination(PathBuf),

@@ -119,7 +119,8 @@ impl PackageIndex {
         hex::encode(self.table_sha256)
     }
 
-    /// The metadata the writer recorded (provenance and such).
+    /// The metadata the writer recorded, as stored: read it with
+    /// [`VmMeta::from_json`](crate::VmMeta::from_json).
     pub fn metadata(&self) -> &serde_json::Value {
         &self.metadata
     }

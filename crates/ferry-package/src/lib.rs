@@ -10,17 +10,22 @@
 //! The layout is a 4096-byte header, the chunk data, then a JSON section
 //! table; `docs/package-format.md` describes it byte by byte.
 //!
+//! The metadata of a package is a [`VmMeta`]: what the VM inside is and
+//! what it was made with (see `meta.rs` for how versions stay compatible).
+//!
 //! ```no_run
-//! use ferry_package::{Package, PackageWriter, SectionKind, DEFAULT_CHUNK_SIZE};
+//! use ferry_package::{Package, PackageWriter, SectionKind, VmMeta, DEFAULT_CHUNK_SIZE};
 //! use std::path::Path;
 //!
-//! # fn main() -> Result<(), ferry_package::PackageError> {
+//! # fn main() {}
+//! # fn write(meta: &VmMeta) -> Result<(), ferry_package::PackageError> {
 //! let mut w = PackageWriter::create(Path::new("vm.ferry"))?;
 //! w.add_bytes(SectionKind::Config, br#"{"memory_mib":512}"#)?;
 //! w.add_file(SectionKind::Memory, Path::new("mem.raw"), DEFAULT_CHUNK_SIZE, None, &mut |_, _| {})?;
-//! w.commit(serde_json::json!({"created_by": "ferry"}))?;
+//! w.commit(meta)?;
 //!
 //! let p = Package::open(Path::new("vm.ferry"))?;
+//! assert_eq!(&p.vm_meta()?, meta);
 //! p.extract(SectionKind::Memory, Path::new("mem.restored"), &mut |_, _| {})?;
 //! # Ok(())
 //! # }
@@ -31,12 +36,14 @@ mod chunk;
 mod error;
 mod header;
 mod index;
+mod meta;
 mod reader;
 mod table;
 mod writer;
 
 pub use error::PackageError;
 pub use index::PackageIndex;
+pub use meta::VmMeta;
 pub use reader::{Package, VerifyReport};
 pub use table::{ChunkEntry, Compression, SectionInfo, SectionKind};
 pub use writer::{PackageWriter, WriteStats};

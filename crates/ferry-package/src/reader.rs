@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 use crate::chunk;
 use crate::error::PackageError;
 use crate::index::PackageIndex;
+use crate::meta::VmMeta;
 use crate::table::{ChunkEntry, SectionInfo, SectionKind};
 use crate::writer::create_temp;
 use crate::HEADER_SIZE;
@@ -75,9 +76,13 @@ impl Package {
         self.index.format_version()
     }
 
-    /// The metadata the writer recorded (provenance and such).
-    pub fn metadata(&self) -> &serde_json::Value {
-        self.index.metadata()
+    /// What the package says about the VM inside it.
+    ///
+    /// # Errors
+    /// [`PackageError::NotAVmPackage`] if its metadata is not a VM's that
+    /// this version reads (another program's package, or a field missing).
+    pub fn vm_meta(&self) -> Result<VmMeta, PackageError> {
+        VmMeta::from_json(self.index.metadata(), &self.path.display().to_string())
     }
 
     /// All sections, in the order they were written.

@@ -13,6 +13,7 @@ use sha2::{Digest, Sha256};
 use crate::chunk;
 use crate::error::PackageError;
 use crate::header::Header;
+use crate::meta::VmMeta;
 use crate::reader::Package;
 use crate::table::{self, ChunkEntry, Compression, SectionInfo, SectionKind, Table};
 use crate::{DEFAULT_CHUNK_SIZE, FORMAT_MAJOR, FORMAT_MINOR, HEADER_SIZE, MAX_TABLE_LEN};
@@ -187,7 +188,7 @@ impl PackageWriter {
         self.stats
     }
 
-    /// Writes the table (with the caller's `metadata`: provenance and such)
+    /// Writes the table (with `meta`, what the package says about its VM)
     /// and the header, fsyncs the file, renames it over the destination and
     /// fsyncs the directory. At every instant the destination is either the
     /// old package (or absent) or the complete new one.
@@ -198,9 +199,9 @@ impl PackageWriter {
     /// for a failed write, sync or rename. An error from the final directory
     /// sync comes after the rename: the new package is in place but may not
     /// survive a power loss.
-    pub fn commit(mut self, metadata: serde_json::Value) -> Result<(), PackageError> {
+    pub fn commit(mut self, meta: &VmMeta) -> Result<(), PackageError> {
         let table = Table {
-            metadata,
+            metadata: serde_json::to_value(meta).expect("VmMeta serialises"),
             sections: std::mem::take(&mut self.sections),
         };
         let json = serde_json::to_vec(&table).map_err(|e| PackageError::Io {

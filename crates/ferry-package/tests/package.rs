@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 
 use common::*;
 use ferry_package::{
-    Compression, Package, PackageError, PackageIndex, PackageWriter, SectionKind,
+    Compression, Package, PackageError, PackageIndex, PackageWriter, SectionKind, VmMeta,
     DEFAULT_CHUNK_SIZE, FORMAT_MAJOR, FORMAT_MINOR, HEADER_SIZE, MAGIC,
 };
 use serde_json::json;
@@ -26,7 +26,7 @@ fn write_package(dir: &Path, name: &str, input: &[u8], reuse: Option<&Package>) 
     w.add_bytes(SectionKind::Config, br#"{"vcpus":1}"#).unwrap();
     w.add_file(SectionKind::Memory, &src, CHUNK, reuse, &mut no_progress())
         .unwrap();
-    w.commit(json!({"made-by": "test", "name": name})).unwrap();
+    w.commit(&vm_meta(0)).unwrap();
     dest
 }
 
@@ -56,8 +56,11 @@ fn round_trip() {
         .clone();
     w.add_bytes(SectionKind::Config, b"{}").unwrap();
     let stats = w.stats();
-    let metadata = json!({"source": {"blueprint": "alpine", "digest": "abc"}, "n": [1, 2.5, null]});
-    w.commit(metadata.clone()).unwrap();
+    let meta = VmMeta {
+        memory_in_state: true,
+        ..vm_meta(7)
+    };
+    w.commit(&meta).unwrap();
 
     assert_eq!(
         calls.last(),
@@ -85,7 +88,7 @@ fn round_trip() {
 
     let p = Package::open(&dest).unwrap();
     assert_eq!(p.format_version(), (FORMAT_MAJOR, FORMAT_MINOR));
-    assert_eq!(p.metadata(), &metadata);
+    assert_eq!(p.vm_meta().unwrap(), meta);
     assert_eq!(p.path(), dest);
     assert_eq!(p.file_size(), std::fs::metadata(&dest).unwrap().len());
     assert!(p.file_size() < input.len() as u64);
@@ -160,7 +163,7 @@ fn empty_and_small_sections() {
     assert!(empty.chunks.is_empty());
     w.add_bytes(SectionKind::Kernel, &[0u8; 100]).unwrap();
     w.add_bytes(SectionKind::Initramfs, &[7u8; 1]).unwrap();
-    w.commit(serde_json::Value::Null).unwrap();
+    w.commit(&vm_meta(0)).unwrap();
     let p = Package::open(&dest).unwrap();
     assert_eq!(p.read_bytes(SectionKind::DeviceState).unwrap(), b"");
     assert_eq!(p.read_bytes(SectionKind::Kernel).unwrap(), [0u8; 100]);
@@ -169,7 +172,6 @@ fn empty_and_small_sections() {
         p.section(SectionKind::Kernel).unwrap().chunk_size,
         DEFAULT_CHUNK_SIZE
     );
-    assert_eq!(p.metadata(), &serde_json::Value::Null);
     let out = dir.path().join("empty");
     p.extract(SectionKind::DeviceState, &out, &mut no_progress())
         .unwrap();
@@ -211,7 +213,7 @@ fn writer_refuses_bad_requests() {
     // The writer is still usable after those errors.
     w.add_file(SectionKind::Disk, &src, CHUNK, None, &mut no_progress())
         .unwrap();
-    w.commit(json!({})).unwrap();
+    w.commit(&vm_meta(0)).unwrap();
     let p = Package::open(&dir.path().join("p")).unwrap();
     assert_eq!(p.read_bytes(SectionKind::Disk).unwrap(), b"x");
 
@@ -245,7 +247,7 @@ fn reuse_copies_unchanged_chunks_verbatim() {
     )
     .unwrap();
     let stats = w.stats();
-    w.commit(json!({})).unwrap();
+    w.commit(&vm_meta(0)).unwrap();
     assert_eq!(stats.reused_chunks, 4, "{stats:?}");
 
     let b = Package::open(&b_path).unwrap();
@@ -356,9 +358,9 @@ fn concurrent_writers_of_one_destination_do_not_clash() {
     let mut w2 = PackageWriter::create(&dest).unwrap();
     w1.add_bytes(SectionKind::Config, b"1").unwrap();
     w2.add_bytes(SectionKind::Config, b"2").unwrap();
-    w1.commit(json!(1)).unwrap();
-    assert_eq!(Package::open(&dest).unwrap().metadata(), &json!(1));
-    w2.commit(json!(2)).unwrap();
+    w1.commit(&vm_meta(1)).unwrap();
+    assert_eq!(Package::open(&dest).unwrap().vm_meta().unwrap(), vm_meta(1));
+    w2.commit(&vm_meta(2)).unwrap();
     let p = Package::open(&dest).unwrap();
     assert_eq!(p.read_bytes(SectionKind::Config).unwrap(), b"2");
     assert!(leftovers(dir.path()).is_empty());
@@ -489,7 +491,10 @@ fn an_index_decodes_from_header_and_table_bytes() {
     let table = &bytes[range.start as usize..];
     let index = PackageIndex::from_parts(Path::new("remote"), head, table, len).unwrap();
     assert_eq!(index.sections(), p.sections());
-    assert_eq!(index.metadata(), p.metadata());
+    assert_eq!(
+        index.metadata(),
+        &serde_json::to_value(p.vm_meta().unwrap()).unwrap()
+    );
     assert_eq!(index.format_version(), p.format_version());
     assert_eq!(index.file_len(), p.file_size());
     assert_eq!(index.table_sha256(), p.index().table_sha256());
@@ -848,7 +853,7 @@ fn write_512_mib_mostly_zero() {
         &mut no_progress(),
     )
     .unwrap();
-    w.commit(json!({})).unwrap();
+    w.commit(&vm_meta(0)).unwrap();
     let write = t.elapsed();
     let p = Package::open(&dest).unwrap();
     let t = std::time::Instant::now();
@@ -861,7 +866,7 @@ fn write_512_mib_mostly_zero() {
         &mut no_progress(),
     )
     .unwrap();
-    w.commit(json!({})).unwrap();
+    w.commit(&vm_meta(0)).unwrap();
     let rewrite = t.elapsed();
     let p = Package::open(&dest).unwrap();
     let t = std::time::Instant::now();
@@ -879,4 +884,31 @@ fn write_512_mib_mostly_zero() {
         "512 MiB: write {write:?}, rewrite with reuse {rewrite:?}, verify {verify:?}, extract {extract:?}, package {} bytes",
         p.file_size()
     );
+}
+
+/// The metadata as another ferry version may have written it: a newer one
+/// adds fields (read, ignored), an older or foreign one lacks some
+/// (refused, naming the field and the package).
+#[test]
+fn vm_metadata_from_other_writers() {
+    let (_dir, path, _) = sample();
+    let mut table = read_table(&path);
+    table["metadata"]["added_later"] = json!({"x": 1});
+    table["metadata"]["network"]["mtu"] = json!(9000);
+    replace_table(&path, &table);
+    assert_eq!(Package::open(&path).unwrap().vm_meta().unwrap(), vm_meta(0));
+
+    table["metadata"].as_object_mut().unwrap().remove("recipe");
+    replace_table(&path, &table);
+    let e = Package::open(&path).unwrap().vm_meta().unwrap_err();
+    assert!(matches!(e, PackageError::NotAVmPackage { .. }), "{e:?}");
+    let msg = e.to_string();
+    assert!(msg.contains(&path.display().to_string()), "{msg}");
+    assert!(msg.contains("`recipe`"), "{msg}");
+    assert!(msg.contains("make it again with 'ferry package'"), "{msg}");
+
+    table["metadata"] = json!({"made-by": "another program"});
+    replace_table(&path, &table);
+    let e = Package::open(&path).unwrap().vm_meta().unwrap_err();
+    assert!(matches!(e, PackageError::NotAVmPackage { .. }), "{e:?}");
 }

@@ -26,7 +26,7 @@ fn sample() -> &'static (Vec<u8>, Vec<u8>) {
         w.add_bytes(SectionKind::Config, br#"{"a":1}"#).unwrap();
         w.add_file(SectionKind::Memory, &src, 4096, None, &mut |_, _| {})
             .unwrap();
-        w.commit(serde_json::json!({"k": "v"})).unwrap();
+        w.commit(&vm_meta(0)).unwrap();
         (std::fs::read(&dest).unwrap(), input)
     })
 }
@@ -42,6 +42,9 @@ fn open_bytes(bytes: &[u8]) -> Result<(Package, tempfile::NamedTempFile), Packag
 /// corrupt chunk.
 fn exercise(p: &Package) {
     let _ = p.verify(&mut |_, _| {});
+    if let Err(e) = p.vm_meta() {
+        assert!(matches!(e, PackageError::NotAVmPackage { .. }), "{e}");
+    }
     for s in p.sections() {
         match p.read_bytes(s.kind) {
             Ok(data) => assert_eq!(data.len() as u64, s.size),

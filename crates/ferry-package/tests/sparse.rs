@@ -1,6 +1,8 @@
 //! Holes in a sparse input are zero chunks, skipped without being read, and
 //! the data around them round-trips.
 
+mod common;
+
 use std::io::{Seek, SeekFrom, Write};
 
 use ferry_package::{Package, PackageWriter, SectionKind};
@@ -23,7 +25,7 @@ fn holes_become_zero_chunks() {
     w.add_file(SectionKind::Disk, &input, chunk, None, &mut |_, _| {})
         .unwrap();
     assert_eq!(w.stats().zero_chunks, 62);
-    w.commit(serde_json::json!({})).unwrap();
+    w.commit(&common::vm_meta(0)).unwrap();
 
     let pkg = Package::open(&out).unwrap();
     let s = pkg.section(SectionKind::Disk).unwrap();

@@ -148,14 +148,6 @@ pub enum RuntimeError {
     /// A bad option value (what the user gave; never an internal failure).
     #[error("{0}")]
     BadOption(String),
-    /// A file is a package, but not one of a VM this version understands.
-    #[error("{package} is a package but not a ferry VM package this version understands ({detail}): make it again with 'ferry package'")]
-    NotAVmPackage {
-        /// The package (path or URL).
-        package: String,
-        /// What is wrong, e.g. a missing field.
-        detail: String,
-    },
     /// A VM has no saved state to resume.
     #[error("'{name}' has nothing to resume ({why}); 'ferry rm {name}' removes it")]
     NothingToResume {
@@ -286,7 +278,6 @@ impl RuntimeError {
             | RuntimeError::NoSuchVm { .. }
             | RuntimeError::MemoryTooSmall { .. }
             | RuntimeError::BadOption(_)
-            | RuntimeError::NotAVmPackage { .. }
             | RuntimeError::NothingToResume { .. }
             | RuntimeError::Package(_)
             | RuntimeError::PackageInUse { .. }

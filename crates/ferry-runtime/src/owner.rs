@@ -553,7 +553,7 @@ fn migrate_out(
     let control = &mut incoming.control;
     let sent = control.send(&SourceMsg::Offer {
         session: incoming.session.clone(),
-        vm: crate::start::incoming::offer_to_wire(&offer),
+        vm: offer,
     });
     if let Err(e) = sent {
         return MoveResult::Failed(e.to_string());
@@ -639,7 +639,7 @@ fn migrate_out(
     // Everything the engine sent went through the two tunnels.
     stats.wire_bytes = tunnels.0.bytes() + tunnels.1.bytes();
     if let Err(e) = control.send(&SourceMsg::Switch {
-        stats: crate::start::incoming::stats_to_wire(&stats),
+        stats: stats.clone(),
     }) {
         return MoveResult::InDoubt(format!("sending 'switch' failed: {e}"));
     }

@@ -9,7 +9,7 @@ use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use ferry_package::{PackageError, PackageIndex, SectionInfo, SectionKind, HEADER_SIZE};
+use ferry_package::{PackageError, PackageIndex, SectionInfo, SectionKind, VmMeta, HEADER_SIZE};
 use tracing::{debug, warn};
 use ureq::http::{header, Response, Uri};
 use ureq::Body;
@@ -114,9 +114,13 @@ impl RemotePackage {
         &self.index
     }
 
-    /// The metadata the writer recorded.
-    pub fn metadata(&self) -> &serde_json::Value {
-        self.index.metadata()
+    /// What the package says about the VM inside it.
+    ///
+    /// # Errors
+    /// [`TransportError::Package`] ([`PackageError::NotAVmPackage`], naming
+    /// the URL) if its metadata is not a VM's that this version reads.
+    pub fn vm_meta(&self) -> Result<VmMeta, TransportError> {
+        Ok(VmMeta::from_json(self.index.metadata(), &self.http.url)?)
     }
 
     /// All sections, in the order they were written.

@@ -9,6 +9,12 @@
 //! anything, and never sends memory to an unauthenticated caller. Control
 //! messages are JSON lines; a [`SourceMsg::Blob`] is followed by that many
 //! raw bytes. Links are not encrypted yet.
+//!
+//! The messages are typed on both ends ([`VmOffer`] for the offer,
+//! [`LiveStats`] for the switch). Between versions of one protocol major: a
+//! field a newer peer adds is ignored, a field this version needs and does
+//! not find is a [`MigrationError::Protocol`] that names it, and an offer is
+//! [validated](VmOffer::validate) before anything is made from it.
 
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Read, Write};
@@ -20,8 +26,15 @@ use std::sync::mpsc::{channel, Receiver, Sender};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use ferry_engine::LiveStats;
 use serde::{Deserialize, Serialize};
 use subtle::ConstantTimeEq;
+
+mod offer;
+#[cfg(test)]
+mod tests;
+
+pub use offer::{Blob, VmOffer};
 
 /// The protocol version; a peer refuses another major version.
 pub const PROTOCOL_VERSION: u32 = 1;
@@ -111,6 +124,9 @@ pub enum ChannelKind {
 }
 
 /// Source to destination, on the control connection.
+// A message is made once and sent: the offer's size in the enum costs
+// nothing, and a Box would show in every match on it.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "kebab-case")]
 pub enum SourceMsg {
@@ -118,8 +134,8 @@ pub enum SourceMsg {
     Offer {
         /// Names the data channels.
         session: String,
-        /// The VM, as the runtime describes it.
-        vm: serde_json::Value,
+        /// The VM: checked with [`VmOffer::validate`] on receipt.
+        vm: VmOffer,
     },
     /// No migration (bad token, busy, wrong version).
     Refused {
@@ -136,8 +152,8 @@ pub enum SourceMsg {
     /// Disk and state are all sent and the VM is paused here: the
     /// destination may take over (the commit point is its resume).
     Switch {
-        /// The engine's figures, as the runtime reports them.
-        stats: serde_json::Value,
+        /// The engine's figures (`wire_bytes` counted by the source).
+        stats: LiveStats,
     },
     /// The source gave up before the switch; it keeps the VM.
     Failed {
@@ -268,18 +284,42 @@ impl Control {
     }
 }
 
-/// The destination's side: connects, says hello, reads the offer.
-pub fn connect(
-    addr: &str,
-    token: &str,
-) -> Result<(Control, String, serde_json::Value), MigrationError> {
+/// The destination's side: connects, says hello, reads the offer and
+/// checks it ([`VmOffer::validate`]).
+///
+/// # Errors
+/// [`MigrationError::Refused`] if the source refused; a
+/// [`MigrationError::Protocol`] for an offer that does not read (the
+/// message names a missing field) or does not validate, after telling the
+/// source (with [`DestMsg::Abort`]); or a connection error.
+pub fn connect(addr: &str, token: &str) -> Result<(Control, String, VmOffer), MigrationError> {
     let stream = dial(addr)?;
     let mut control = Control::new(stream)?;
     control.send(&Hello::Control {
         v: PROTOCOL_VERSION,
         token: token.to_string(),
     })?;
-    match control.recv::<SourceMsg>(Some(Duration::from_secs(30)))? {
+    // Read untyped first, so that an unreadable offer gets its own message
+    // (not the whole line) and the source is told why.
+    let msg = control.recv::<serde_json::Value>(Some(Duration::from_secs(30)))?;
+    let msg = serde_json::from_value::<SourceMsg>(msg)
+        .map_err(|e| MigrationError::Protocol(format!("unreadable offer from {addr}: {e}")))
+        .and_then(|msg| {
+            if let SourceMsg::Offer { vm, .. } = &msg {
+                vm.validate()?;
+            }
+            Ok(msg)
+        });
+    let msg = match msg {
+        Ok(msg) => msg,
+        Err(e) => {
+            let _ = control.send(&DestMsg::Abort {
+                reason: e.to_string(),
+            });
+            return Err(e);
+        }
+    };
+    match msg {
         SourceMsg::Offer { session, vm } => Ok((control, session, vm)),
         SourceMsg::Refused { reason } => Err(MigrationError::Refused {
             addr: addr.to_string(),

@@ -14,7 +14,7 @@ use ferry_transport::{RemotePackage, TransportError};
 /// Every chunk of every section reads the same remotely as locally.
 fn assert_same_as_local(remote: &RemotePackage, local: &Package) {
     assert_eq!(remote.sections(), local.sections());
-    assert_eq!(remote.metadata(), local.metadata());
+    assert_eq!(remote.vm_meta().unwrap(), local.vm_meta().unwrap());
     assert_eq!(remote.file_size(), local.file_size());
     assert_eq!(remote.index().table_sha256(), local.index().table_sha256());
     for s in local.sections() {
@@ -91,6 +91,39 @@ fn reads_every_chunk_from_a_registry() {
             e,
             TransportError::Package(PackageError::ChunkOutOfRange { .. })
         ),
+        "{e}"
+    );
+}
+
+/// A remote package's metadata reads as a local one's: fields from a newer
+/// writer are ignored; a missing one is bad input naming the URL and field.
+#[test]
+fn vm_metadata_over_http() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = make_package(dir.path(), "a.ferry", 1);
+    let mut newer = vm_meta_json("a.ferry");
+    newer["added_later"] = serde_json::json!([1, 2]);
+    set_metadata(&a, newer);
+    let reg = serve(&[&a], None);
+    let remote = RemotePackage::open(&reg.url(), None).unwrap();
+    assert_eq!(remote.vm_meta().unwrap(), vm_meta("a.ferry"));
+
+    let b = make_package(dir.path(), "b.ferry", 2);
+    let mut older = vm_meta_json("b.ferry");
+    older.as_object_mut().unwrap().remove("liveness");
+    set_metadata(&b, older);
+    let reg = serve(&[&b], None);
+    let remote = RemotePackage::open(&reg.url(), None).unwrap();
+    let e = remote.vm_meta().unwrap_err();
+    match &e {
+        TransportError::Package(PackageError::NotAVmPackage { package, detail }) => {
+            assert_eq!(package, remote.url());
+            assert!(detail.contains("`liveness`"), "{detail}");
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(
+        one_line(&e).contains("make it again with 'ferry package'"),
         "{e}"
     );
 }

@@ -109,7 +109,7 @@ fn detached(
         Some(n) => n.clone(),
         None if opts.from_registry() => {
             let remote = ferry_transport::RemotePackage::open(&opts.from, opts.token.as_deref())?;
-            let meta = ferry_runtime::package_meta::from_json(remote.metadata(), &opts.from)?;
+            let meta = remote.vm_meta()?;
             ferry_runtime::vmdir::generate_name(&meta.recipe)
         }
         None => {

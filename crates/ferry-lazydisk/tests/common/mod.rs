@@ -11,7 +11,7 @@ use std::process::{Child, Command, Output, Stdio};
 use std::sync::Arc;
 
 use ferry_lazydisk::{LazyDisk, LazyDiskOptions, NbdServer, RemoteSection};
-use ferry_package::{PackageWriter, SectionKind, DEFAULT_CHUNK_SIZE};
+use ferry_package::{PackageWriter, SectionKind, VmMeta, DEFAULT_CHUNK_SIZE};
 use ferry_transport::{Registry, RegistryConfig, RemotePackage, RunningRegistry};
 
 /// Chunk size of the test disks: the package default.
@@ -63,6 +63,24 @@ pub fn random_bytes(seed: u64, n: usize) -> Vec<u8> {
     out
 }
 
+/// The metadata of a small VM package (every package carries one).
+pub fn vm_meta() -> VmMeta {
+    let meta = serde_json::json!({
+        "ferry_version": "0.0.0-test", "written_unix": 0, "generation": 0,
+        "provenance": {
+            "engine": "test", "engine_version": "1", "cpu_model": "max",
+            "accel": "tcg", "memory_mib": 64, "cpus": 1
+        },
+        "recipe": "lazydisk", "cmdline": "",
+        "network": {
+            "interface": "eth0", "guest_address": "172.100.100.2",
+            "prefix_len": 30, "gateway": "172.100.100.1"
+        },
+        "liveness": {"kind": "none"}
+    });
+    VmMeta::from_json(&meta, "test").unwrap()
+}
+
 /// Writes `dir/name`: a package with a config and the disk `image`.
 pub fn make_package(dir: &Path, name: &str, image: &[u8]) -> PathBuf {
     let raw = dir.join(format!(".{name}.disk"));
@@ -73,8 +91,7 @@ pub fn make_package(dir: &Path, name: &str, image: &[u8]) -> PathBuf {
         .unwrap();
     w.add_file(SectionKind::Disk, &raw, CHUNK, None, &mut |_, _| {})
         .unwrap();
-    w.commit(serde_json::json!({"made-by": "ferry-lazydisk tests"}))
-        .unwrap();
+    w.commit(&vm_meta()).unwrap();
     std::fs::remove_file(raw).unwrap();
     dest
 }

@@ -105,3 +105,26 @@ pub fn read_table(path: &Path) -> serde_json::Value {
     let (off, len) = table_range(&bytes);
     serde_json::from_slice(&bytes[off..off + len]).unwrap()
 }
+
+/// The metadata of a small VM package; `generation` tells packages apart.
+pub fn vm_meta(generation: u64) -> ferry_package::VmMeta {
+    ferry_package::VmMeta {
+        ferry_version: "0.0.0-test".into(),
+        written_unix: 1_700_000_000,
+        generation,
+        provenance: ferry_engine::Provenance {
+            engine: "test".into(),
+            engine_version: "1".into(),
+            cpu_model: "max".into(),
+            accel: ferry_engine::Accel::Tcg,
+            memory_mib: 64,
+            memory_extra_kib: 0,
+            cpus: 1,
+        },
+        recipe: "test".into(),
+        cmdline: "console=ttyS0".into(),
+        network: ferry_blueprint::NetworkConfig::default(),
+        liveness: ferry_agent_proto::Liveness::None,
+        memory_in_state: false,
+    }
+}

@@ -17,54 +17,20 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use ferry_engine::{AccelChoice, Engine, LiveStats};
+use ferry_engine::{AccelChoice, Engine};
 use ferry_transport::migration::{self, ChannelKind, DestMsg, MigrationError, SourceMsg, Tunnel};
-use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use super::{How, StartPlan};
 use crate::events::{Event, EventSink};
 use crate::owner::{Held, OwnedVm, SaveInfo};
-use crate::package_meta::PackageMeta;
 use crate::vm::{BootImage, ConsoleSink, NetChoice, VmConfig};
 use crate::{Cancel, Paths, RuntimeError};
 
 /// How long a destination waits for *switch* (the whole copy).
 const SWITCH_TIMEOUT: Duration = Duration::from_secs(900);
 
-/// What a source offers a destination.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct VmOffer {
-    /// The VM's name on the source.
-    pub name: String,
-    /// Its metadata, as a package would carry it.
-    pub meta: PackageMeta,
-    /// The disk's size in bytes.
-    pub disk_size: u64,
-    /// The kernel.
-    pub kernel: Blob,
-    /// The initramfs.
-    pub initramfs: Blob,
-}
-
-/// A file the destination needs, named by content.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct Blob {
-    /// SHA-256 (hex).
-    pub sha256: String,
-    /// Bytes.
-    pub size: u64,
-}
-
-/// The offer as the migration protocol carries it.
-pub(crate) fn offer_to_wire(offer: &VmOffer) -> serde_json::Value {
-    serde_json::to_value(offer).expect("serialisable")
-}
-
-/// The engine's figures as the migration protocol carries them.
-pub(crate) fn stats_to_wire(stats: &LiveStats) -> serde_json::Value {
-    serde_json::to_value(stats).expect("serialisable")
-}
+pub use ferry_transport::migration::{Blob, VmOffer};
 
 /// What a migration in is asked for.
 #[derive(Clone)]
@@ -95,9 +61,8 @@ pub fn start(
 ) -> Result<OwnedVm, RuntimeError> {
     let addr = opts.from.as_str();
     let token = opts.token.as_str();
+    // The offer comes checked: digests are hex, never paths; sizes agree.
     let (mut control, session, offer) = migration::connect(addr, token)?;
-    let offer: VmOffer = serde_json::from_value(offer)
-        .map_err(|e| MigrationError::Protocol(format!("unreadable offer: {e}")))?;
     let failed = |detail: String| RuntimeError::MigrationFailed {
         direction: "from",
         peer: addr.to_string(),
@@ -239,7 +204,6 @@ pub fn start(
     let switch_ms = switch.elapsed().as_millis() as u64;
     let _ = control.send(&DestMsg::Committed);
     owned.vm.mark("running");
-    let stats: LiveStats = serde_json::from_value(stats).unwrap_or_default();
     // The guest's clock stood still while it was paused.
     let _ = owned.vm.after_resume(None);
     events.emit(Event::MigratedIn {

@@ -19,7 +19,6 @@ use super::{saved_accel, How, StartPlan};
 use crate::cache::SectionCache;
 use crate::events::{Event, EventSink};
 use crate::owner::{Held, OwnedVm, SaveInfo};
-use crate::package_meta;
 use crate::vm::{BootImage, ConsoleSink, NetChoice, RestoreMemory, VmConfig};
 use crate::{Cancel, Paths, RuntimeError};
 
@@ -64,7 +63,7 @@ pub fn plan(
     events: &dyn EventSink,
 ) -> Result<(StartPlan<'static>, LazySlot), RuntimeError> {
     let remote = Arc::new(RemotePackage::open(&opts.url, opts.token.as_deref())?);
-    let meta = package_meta::from_json(remote.metadata(), &opts.url)?;
+    let meta = remote.vm_meta()?;
     super::check_host_memory(meta.provenance.memory_mib)?;
     let name = opts
         .name

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use ferry_package::{PackageWriter, SectionKind};
+use ferry_package::{PackageWriter, SectionKind, VmMeta};
 use ferry_transport::{Registry, RegistryConfig, RunningRegistry};
 
 /// Chunk size of the memory section of test packages.
@@ -47,6 +47,32 @@ pub fn memory_image(seed: u64) -> Vec<u8> {
     v
 }
 
+/// The metadata of a small VM package whose recipe is `recipe`, as the
+/// JSON a ferry writes.
+pub fn vm_meta_json(recipe: &str) -> serde_json::Value {
+    serde_json::json!({
+        "ferry_version": "0.0.0-test",
+        "written_unix": 1_700_000_000u64,
+        "generation": 0,
+        "provenance": {
+            "engine": "test", "engine_version": "1", "cpu_model": "max",
+            "accel": "tcg", "memory_mib": 64, "cpus": 1
+        },
+        "recipe": recipe,
+        "cmdline": "console=ttyS0",
+        "network": {
+            "interface": "eth0", "guest_address": "172.100.100.2",
+            "prefix_len": 30, "gateway": "172.100.100.1"
+        },
+        "liveness": {"kind": "none"}
+    })
+}
+
+/// [`vm_meta_json`] as a [`VmMeta`].
+pub fn vm_meta(recipe: &str) -> VmMeta {
+    VmMeta::from_json(&vm_meta_json(recipe), "test").unwrap()
+}
+
 /// Writes a package `dir/name` with config, memory and kernel sections.
 pub fn make_package(dir: &Path, name: &str, seed: u64) -> PathBuf {
     let mem = dir.join(format!(".{name}.mem"));
@@ -59,8 +85,7 @@ pub fn make_package(dir: &Path, name: &str, seed: u64) -> PathBuf {
         .unwrap();
     w.add_bytes(SectionKind::Kernel, &random_bytes(seed + 7, 5000))
         .unwrap();
-    w.commit(serde_json::json!({"made-by": "ferry-transport tests", "name": name}))
-        .unwrap();
+    w.commit(&vm_meta(name)).unwrap();
     std::fs::remove_file(mem).unwrap();
     dest
 }
@@ -75,9 +100,28 @@ pub fn make_big_package(dir: &Path, name: &str, size: usize) -> PathBuf {
     w.add_bytes(SectionKind::Config, b"{}").unwrap();
     w.add_file(SectionKind::Disk, &disk, size as u64, None, &mut |_, _| {})
         .unwrap();
-    w.commit(serde_json::json!({})).unwrap();
+    w.commit(&vm_meta(name)).unwrap();
     std::fs::remove_file(disk).unwrap();
     dest
+}
+
+/// Replaces the metadata in the table of the package at `path` by
+/// `metadata` (as another writer would have stored it), fixing up the
+/// header's table length and checksums.
+pub fn set_metadata(path: &Path, metadata: serde_json::Value) {
+    use sha2::{Digest, Sha256};
+    let mut bytes = std::fs::read(path).unwrap();
+    let off = u64::from_le_bytes(bytes[16..24].try_into().unwrap()) as usize;
+    let mut table: serde_json::Value = serde_json::from_slice(&bytes[off..]).unwrap();
+    table["metadata"] = metadata;
+    let json = serde_json::to_vec(&table).unwrap();
+    bytes.truncate(off);
+    bytes.extend_from_slice(&json);
+    bytes[24..32].copy_from_slice(&(json.len() as u64).to_le_bytes());
+    bytes[32..64].copy_from_slice(&Sha256::digest(&json));
+    let sum = Sha256::digest(&bytes[..64]);
+    bytes[64..96].copy_from_slice(&sum);
+    std::fs::write(path, bytes).unwrap();
 }
 
 /// Serves `packages` on a free loopback port.
