@@ -35,8 +35,9 @@ pub enum ControlRequest {
     },
     /// Stops the VM: suspends it into a package (its state is kept and
     /// `ferry start` resumes it), or with `discard` shuts it down and drops
-    /// its state. Answered once done. Only detached VMs' supervisors
-    /// (`ferry up`, `run --detach`, `start`) know it; others answer `error`.
+    /// its state. Answered once done, by every owner (foreground `boot`,
+    /// `run` and `peer` too: there it does what Ctrl-C does). A VM still
+    /// starting answers `error`.
     Stop {
         /// Shut down and drop the state instead of suspending.
         #[serde(default)]

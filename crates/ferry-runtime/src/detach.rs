@@ -361,7 +361,7 @@ impl ReadyPipe {
         // with EBADF and nothing else happens.
         let ok = fd > 2 && unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) } == 0;
         if !ok {
-            return Err(RuntimeError::BadOption(format!(
+            return Err(RuntimeError::Internal(format!(
                 "--ready-fd {fd} is not an open descriptor: 'ferry supervise' is started by ferry up, run --detach and start"
             )));
         }

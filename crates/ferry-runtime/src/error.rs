@@ -160,14 +160,9 @@ pub enum RuntimeError {
     /// user's input.
     #[error("internal error: {0}")]
     Internal(String),
-    /// A VM in doubt after a migration, whose sent state was not kept here.
-    #[error("VM '{name}' is in doubt after its migration and cannot be saved here ({detail}); it stays paused: ask the destination whether it runs the VM")]
-    InDoubtUnsaved {
-        /// The VM.
-        name: String,
-        /// Why it cannot be saved.
-        detail: String,
-    },
+    /// A save failed (the old package is unchanged).
+    #[error(transparent)]
+    Save(#[from] crate::save::SaveError),
     /// The agent never answered.
     #[error("the guest agent did not answer within {secs} s: {detail}")]
     AgentSilent {
@@ -303,7 +298,8 @@ impl RuntimeError {
                 | ferry_transport::migration::MigrationError::Bind { .. } => BadInput,
                 _ => Migration,
             },
-            RuntimeError::MigrationFailed { .. } | RuntimeError::InDoubtUnsaved { .. } => Migration,
+            RuntimeError::MigrationFailed { .. } => Migration,
+            RuntimeError::Save(e) => e.exit_class(),
             RuntimeError::LazyDisk(_) | RuntimeError::DiskServer(_) => Other,
         }
     }

@@ -33,8 +33,9 @@ pub enum Event {
     },
     /// A step of the start pipeline or the save path finished.
     Phase {
-        /// Its name (`prepared`, `engine-started`, `agent-connected`,
-        /// `resumed`, `verified`, `quiesced`, `state-saved`, ...).
+        /// Its name: `engine-started`, `guest-resumed`, `package-verified`,
+        /// `service-live` (start); `quiesced`, `state-saved`,
+        /// `disk-exported`, `<section>-written`, `committed` (save).
         phase: String,
         /// How long it took.
         ms: u64,
@@ -210,7 +211,7 @@ pub enum Event {
         name: String,
         /// The source.
         from: String,
-        /// From the destination's start to running here.
+        /// From *ready* (both channels open) to running here.
         ms: u64,
         /// The engine's downtime at the source.
         downtime_ms: u64,

@@ -203,7 +203,19 @@ pub fn own(
                 action: opts.on_cancel,
                 reply: None,
             }),
-            Wake::Jobs => jobs = inbox.take(),
+            Wake::Jobs => {
+                // `ferry stop NAME` does what a cancel does for this VM
+                // (a boot shuts down, a foreground clone is dropped, the
+                // rest suspend); `--discard` always drops it.
+                jobs = inbox.take();
+                for job in &mut jobs {
+                    if let Job::Stop { action, .. } = job {
+                        if *action == CancelAction::Suspend {
+                            *action = opts.on_cancel;
+                        }
+                    }
+                }
+            }
             Wake::Migration(mut incoming) => {
                 let to = incoming.control.peer().to_string();
                 if in_doubt || opts.listen.is_none() {
@@ -367,8 +379,10 @@ fn stop(
                         let _ = owned.vm.engine_vm().resume();
                         let _ = owned.vm.after_resume(None);
                         owned.vm.mark("running");
+                    } else {
+                        owned.vm.mark("in-doubt");
                     }
-                    Err(e)
+                    Err(e.into())
                 }
             }
         }
@@ -427,6 +441,7 @@ fn finish(
     if let Some(r) = reply {
         let (state, saved) = match outcome {
             Outcome::Suspended { path, .. } => ("suspended", Some(path.display().to_string())),
+            Outcome::ShutDown => ("shut down", None),
             _ => ("discarded", None),
         };
         let ms = match outcome {

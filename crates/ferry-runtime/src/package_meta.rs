@@ -3,7 +3,7 @@
 //! written by the save path. Unknown fields (from a newer ferry) are
 //! tolerated; a missing required field is refused with an error naming it.
 
-use ferry_package::{Package, PackageWriter};
+use ferry_package::Package;
 
 use crate::RuntimeError;
 
@@ -13,10 +13,4 @@ pub use ferry_package::VmMeta as PackageMeta;
 /// The metadata of `pkg`.
 pub fn read(pkg: &Package) -> Result<PackageMeta, RuntimeError> {
     Ok(pkg.vm_meta()?)
-}
-
-/// Commits `writer` with `meta` as the package's metadata.
-pub(crate) fn commit(writer: PackageWriter, meta: &PackageMeta) -> Result<(), RuntimeError> {
-    writer.commit(meta)?;
-    Ok(())
 }

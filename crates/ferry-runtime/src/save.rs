@@ -58,6 +58,62 @@ pub enum Generation {
     Next,
 }
 
+/// Why a save failed. Whatever it says, the old package is unchanged.
+#[derive(Debug, thiserror::Error)]
+pub enum SaveError {
+    /// The package's directory cannot take a new file (a read-only mount,
+    /// no permission), found before the guest is paused.
+    #[error("{dir}: {source}")]
+    NotWritable {
+        /// The directory.
+        dir: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The guest did not quiesce (its agent did not answer).
+    #[error("the guest did not get ready to be saved: {0}")]
+    Quiesce(Box<RuntimeError>),
+    /// The engine could not save the state or export the disk.
+    #[error(transparent)]
+    Engine(#[from] ferry_engine::EngineError),
+    /// Reading the old package or writing the new one failed (e.g. the
+    /// disk is full).
+    #[error(transparent)]
+    Package(#[from] ferry_package::PackageError),
+    /// A VM in doubt after a migration, whose sent state was not kept.
+    #[error("VM '{name}' is in doubt after its migration and cannot be saved here ({detail}); it stays paused: ask the destination whether it runs the VM")]
+    InDoubtUnsaved {
+        /// The VM.
+        name: String,
+        /// Why it cannot be saved.
+        detail: String,
+    },
+    /// Another file could not be written.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+}
+
+impl SaveError {
+    /// The class of this failure: a save fails because of the host (disk,
+    /// permissions), the guest, or a migration left in doubt; never
+    /// because of what the user typed.
+    pub fn exit_class(&self) -> crate::ExitClass {
+        match self {
+            SaveError::Quiesce(e) => e.exit_class(),
+            SaveError::Engine(e) => crate::error::engine_class(e),
+            SaveError::InDoubtUnsaved { .. } => crate::ExitClass::Migration,
+            SaveError::NotWritable { .. } | SaveError::Package(_) | SaveError::Io { .. } => {
+                crate::ExitClass::Other
+            }
+        }
+    }
+}
+
 /// Saves `owned` into `target` and returns the new package's metadata.
 /// Leaves the VM paused; on error the old package is unchanged.
 pub fn save(
@@ -67,7 +123,7 @@ pub fn save(
     from: StateFrom,
     generation: Generation,
     events: &dyn EventSink,
-) -> Result<PackageMeta, RuntimeError> {
+) -> Result<PackageMeta, SaveError> {
     check_writable(target)?;
     let dir = owned.vm.dir().path().to_path_buf();
     let provenance = match from {
@@ -79,12 +135,14 @@ pub fn save(
             while !sent.exists() && Instant::now() < deadline {
                 std::thread::sleep(Duration::from_millis(50));
             }
-            std::fs::rename(&sent, dir.join(DEVICE_STATE_OUT)).map_err(|e| {
-                RuntimeError::InDoubtUnsaved {
+            // An earlier try may have moved it into place already.
+            let state = dir.join(DEVICE_STATE_OUT);
+            if sent.exists() || !state.exists() {
+                std::fs::rename(&sent, &state).map_err(|e| SaveError::InDoubtUnsaved {
                     name: owned.name.clone(),
                     detail: format!("the copy of the state it sent is missing: {e}"),
-                }
-            })?;
+                })?;
+            }
             owned.save.meta.provenance.clone()
         }
     };
@@ -96,7 +154,10 @@ pub fn save(
         let path = dir.join(files::MEMORY);
         File::create(&path)
             .and_then(|f| f.set_len(provenance.memory_bytes()))
-            .map_err(RuntimeError::io(&path))?;
+            .map_err(|source| SaveError::Io {
+                path: path.clone(),
+                source,
+            })?;
     }
     let meta = PackageMeta {
         ferry_version: env!("CARGO_PKG_VERSION").into(),
@@ -132,12 +193,14 @@ fn quiesce_and_save(
     vm: &mut RunningVm,
     engine: &dyn Engine,
     events: &dyn EventSink,
-) -> Result<Provenance, RuntimeError> {
+) -> Result<Provenance, SaveError> {
     let t = Instant::now();
-    vm.agent().request(
-        &Request::BeforeSuspend { drop_caches: true },
-        Duration::from_secs(60),
-    )?;
+    vm.agent()
+        .request(
+            &Request::BeforeSuspend { drop_caches: true },
+            Duration::from_secs(60),
+        )
+        .map_err(|e| SaveError::Quiesce(Box::new(e)))?;
     events.emit(phase("quiesced", t));
     let t = Instant::now();
     let dir = vm.dir().path().to_path_buf();
@@ -158,7 +221,7 @@ fn write_package(
     initramfs: &Path,
     old: Option<&Package>,
     events: &dyn EventSink,
-) -> Result<(), RuntimeError> {
+) -> Result<(), SaveError> {
     let dir = vm.dir().path().to_path_buf();
     let disk = dir.join(DISK_EXPORT);
     let t = Instant::now();
@@ -190,7 +253,7 @@ fn write_package(
         events.emit(phase(&format!("{kind}-written"), t));
     }
     let t = Instant::now();
-    crate::package_meta::commit(writer, meta)?;
+    writer.commit(meta)?;
     events.emit(phase("committed", t));
     Ok(())
 }
@@ -240,7 +303,7 @@ pub struct CacheAdoption {
 
 /// Fails early, before the guest is paused, if the package's directory
 /// cannot take a new file (e.g. a read-only mount).
-pub(crate) fn check_writable(path: &Path) -> Result<(), RuntimeError> {
+pub(crate) fn check_writable(path: &Path) -> Result<(), SaveError> {
     let dir = path
         .parent()
         .filter(|p| !p.as_os_str().is_empty())
@@ -251,8 +314,8 @@ pub(crate) fn check_writable(path: &Path) -> Result<(), RuntimeError> {
             let _ = std::fs::remove_file(&probe);
             Ok(())
         }
-        Err(e) => Err(RuntimeError::Io {
-            path: dir.to_path_buf(),
+        Err(e) => Err(SaveError::NotWritable {
+            dir: dir.to_path_buf(),
             source: e,
         }),
     }

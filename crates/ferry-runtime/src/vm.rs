@@ -235,8 +235,8 @@ pub struct RunningVm {
     control_extension: Extension,
 }
 
-/// Answers the control requests the supervisor itself does not (`stop`),
-/// once a detached VM's supervisor installs it.
+/// Answers the control requests the VM itself does not (`stop`), once its
+/// owner ([`crate::owner::own`]) holds it, in the foreground or detached.
 type Extension = Arc<Mutex<Option<Arc<dyn ControlHandler>>>>;
 
 impl RunningVm {
@@ -580,8 +580,8 @@ impl RunningVm {
         mut input: Box<dyn std::io::Read + Send>,
     ) -> Result<(), RuntimeError> {
         let Some(mut console) = self.vm.take_console_input() else {
-            return Err(RuntimeError::BadOption(
-                "this engine cannot take console input".into(),
+            return Err(RuntimeError::Internal(
+                "the engine gives no console input (asked for twice?)".into(),
             ));
         };
         std::thread::Builder::new()
@@ -698,7 +698,16 @@ impl RunningVm {
             return Ok(()); // the exit event follows and says why
         }
         tracing::info!("agent channel closed; reconnecting");
-        self.connect_agent()
+        match self.connect_agent() {
+            Ok(()) => Ok(()),
+            // The engine closes the channel (and removes its socket) on its
+            // way out, before its exit is known: a reconnect that fails then
+            // is the VM stopping. Say why, as a start does.
+            Err(e) => match self.vm.wait_exit(Duration::from_secs(5)) {
+                Some(reason) => Err(self.died(reason)),
+                None => Err(e),
+            },
+        }
     }
 
     fn died(&self, reason: ExitReason) -> RuntimeError {
@@ -942,7 +951,9 @@ impl ControlHandler for Control {
             other => match self.extension.lock().expect("extension").clone() {
                 Some(handler) => handler.handle(other),
                 None => ControlReply::Error {
-                    message: "this VM's supervisor cannot do that: it runs in the foreground (ferry boot or ferry run without --detach); stop it there with Ctrl-C".into(),
+                    message:
+                        "the VM is still starting: its owner takes this request once the VM is live"
+                            .into(),
                 },
             },
         }

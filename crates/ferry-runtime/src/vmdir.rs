@@ -226,15 +226,10 @@ pub mod files {
     pub const SAVED: &str = "saved.ferry";
     /// What a detached VM's supervisor (ferry itself) logs.
     pub const SUPERVISOR_LOG: &str = "supervisor.log";
-    /// The pristine disk a resumed VM's overlay sits on, extracted from
-    /// its own package.
-    pub const BASE_DISK: &str = "base.raw";
     /// Guest RAM.
     pub const MEMORY: &str = "memory";
     /// The disk overlay.
     pub const DISK: &str = "disk.qcow2";
-    /// A JSON summary of the VM for `ps`.
-    pub const INFO: &str = "info.json";
     /// The raw disk of a VM received by live migration.
     pub const RECEIVED_DISK: &str = "disk-received.raw";
     /// Where a VM being received reads its state.

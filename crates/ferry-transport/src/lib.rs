@@ -16,8 +16,9 @@
 //! packages; it is sent in clear over `http://` (see `docs/registry.md`).
 //!
 //! ferry's other code is blocking, so both ends have blocking entry points:
-//! the server builds its own tokio runtime ([`Registry::run_until_signal`],
-//! [`Registry::spawn`]) and the client uses a blocking HTTP client.
+//! the server builds its own tokio runtime ([`Registry::run_until`]
+//! and [`Registry::spawn`], each stopped by the caller: the library
+//! installs no signal handlers) and the client uses a blocking HTTP client.
 //!
 //! ```no_run
 //! use ferry_transport::{Registry, RegistryConfig, RemotePackage};

@@ -262,34 +262,6 @@ impl Registry {
         runtime()?.block_on(self.serve_until(shutdown))
     }
 
-    /// Serves until SIGINT or SIGTERM arrives, on a runtime of its own.
-    /// Blocks the calling thread. `ready` is called once the signal handlers
-    /// are in place (so a signal from then on stops the registry cleanly
-    /// instead of killing the process): the moment to say "listening".
-    ///
-    /// # Errors
-    /// [`TransportError::Setup`] if the runtime or the signal handlers cannot
-    /// be set up, else as [`serve_until`](Self::serve_until).
-    pub fn run_until_signal(self, ready: impl FnOnce(&Registry)) -> Result<(), TransportError> {
-        use tokio::signal::unix::{signal, SignalKind};
-        runtime()?.block_on(async move {
-            let setup = |source| TransportError::Setup {
-                what: "signal handler",
-                source,
-            };
-            let mut int = signal(SignalKind::interrupt()).map_err(setup)?;
-            let mut term = signal(SignalKind::terminate()).map_err(setup)?;
-            ready(&self);
-            self.serve_until(async move {
-                tokio::select! {
-                    _ = int.recv() => {}
-                    _ = term.recv() => {}
-                }
-            })
-            .await
-        })
-    }
-
     /// Serves on a thread of its own until the returned handle is stopped or
     /// dropped: for tests and for code that serves while doing other work.
     ///

@@ -8,7 +8,7 @@ use ferry_runtime::Paths;
 #[derive(clap::Args, Debug)]
 pub struct Args {}
 
-pub fn run(_args: Args, paths: &Paths) -> anyhow::Result<ExitCode> {
-    clean(paths, &mut |line| println!("{line}"))?;
+pub fn run(_args: Args, paths: &Paths, ctx: &super::Ctx) -> anyhow::Result<ExitCode> {
+    clean(paths, &mut |line| ctx.notice(line))?;
     Ok(ExitCode::SUCCESS)
 }

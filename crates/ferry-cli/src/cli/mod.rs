@@ -131,6 +131,15 @@ impl Ctx {
         }
     }
 
+    /// One result line: on standard output, or a `notice` event with
+    /// `--json`.
+    pub fn notice(&self, line: &str) {
+        use ferry_runtime::EventSink;
+        self.render.emit(ferry_runtime::Event::Notice {
+            message: line.to_string(),
+        });
+    }
+
     /// The cancel handle, tripped by SIGINT and SIGTERM from the first call
     /// on (commands that do not ask keep the default: Ctrl-C ends them).
     pub fn cancel(&self) -> anyhow::Result<Cancel> {
@@ -152,17 +161,17 @@ pub fn run(cli: Cli, started: Instant, ctx: &Ctx) -> anyhow::Result<ExitCode> {
         Command::Package(args) => package::run(args, &paths, ctx),
         Command::Run(args) => run::run(args, &paths, started, ctx),
         Command::Inspect(args) => inspect::run(args),
-        Command::Net(args) => net::run(args, &paths),
+        Command::Net(args) => net::run(args, &paths, ctx),
         Command::Registry(args) => registry::run(args, ctx),
         Command::Peer(args) => peer::run(args, &paths, started, ctx),
         Command::Up(args) => up::run(args, &paths, ctx),
         Command::Ps(args) => ps::run(args, &paths, cli.json),
         Command::Logs(args) => logs::run(args, &paths),
-        Command::Stop(args) => stop::run(args, &paths),
+        Command::Stop(args) => stop::run(args, &paths, ctx),
         Command::Start(args) => start::run(args, &paths, ctx),
-        Command::Restart(args) => restart::run(args, &paths),
-        Command::Rm(args) => rm::run(args, &paths),
-        Command::Clean(args) => clean::run(args, &paths),
+        Command::Restart(args) => restart::run(args, &paths, ctx),
+        Command::Rm(args) => rm::run(args, &paths, ctx),
+        Command::Clean(args) => clean::run(args, &paths, ctx),
         Command::Supervise(args) => supervise::run(args, &paths),
     }
 }

@@ -34,7 +34,7 @@ enum NetCommand {
     },
 }
 
-pub fn run(args: Args, paths: &Paths) -> anyhow::Result<ExitCode> {
+pub fn run(args: Args, paths: &Paths, ctx: &super::Ctx) -> anyhow::Result<ExitCode> {
     let record_dir = paths.state.join("net");
     match args.command {
         NetCommand::Up {
@@ -54,30 +54,30 @@ pub fn run(args: Args, paths: &Paths) -> anyhow::Result<ExitCode> {
                 record_dir,
             })?;
             for ns in &net.record().namespaces {
-                println!(
+                ctx.notice(&format!(
                     "{}  host link {} {}  (namespace end {})",
                     ns.name,
                     ns.host_veth,
                     ns.subnet(),
                     ns.ns_addr
-                );
+                ));
             }
-            println!(
+            ctx.notice(&format!(
                 "ready: {namespaces} namespaces, NAT out of {host_interface}; Ctrl-C removes them"
-            );
+            ));
             signals.forever().next();
             let made = net.record().namespaces.len();
             net.down()?;
-            println!("removed {made} namespaces and ferry's rules");
+            ctx.notice(&format!("removed {made} namespaces and ferry's rules"));
             Ok(ExitCode::SUCCESS)
         }
         NetCommand::Down { prefix } => {
             match hostnet::down(&record_dir, &prefix)? {
-                Some(rec) => println!(
+                Some(rec) => ctx.notice(&format!(
                     "removed {} namespaces and ferry's rules for prefix {prefix}",
                     rec.namespaces.len()
-                ),
-                None => println!("nothing to remove for prefix {prefix}"),
+                )),
+                None => ctx.notice(&format!("nothing to remove for prefix {prefix}")),
             }
             Ok(ExitCode::SUCCESS)
         }

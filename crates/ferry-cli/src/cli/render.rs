@@ -223,12 +223,11 @@ fn human(event: &Event) -> Option<Line> {
         Event::Listening {
             url,
             token_required,
-        } => {
-            if *token_required {
-                out("every request needs the token (Authorization: Bearer)");
-            }
-            Out(format!("listening on {url}"))
-        }
+        } => Out(if *token_required {
+            format!("every request needs the token (Authorization: Bearer)\nlistening on {url}")
+        } else {
+            format!("listening on {url}")
+        }),
         Event::Notice { message } => Out(message.clone()),
         Event::Warning { message } => Err(format!("ferry: warning: {message}")),
     })

@@ -19,7 +19,7 @@ pub struct Args {
     live_timeout: u64,
 }
 
-pub fn run(args: Args, paths: &Paths) -> anyhow::Result<ExitCode> {
+pub fn run(args: Args, paths: &Paths, ctx: &super::Ctx) -> anyhow::Result<ExitCode> {
     let ferry = std::env::current_exe()?;
     let target = super::target(args.name, args.all);
     restart(
@@ -27,7 +27,7 @@ pub fn run(args: Args, paths: &Paths) -> anyhow::Result<ExitCode> {
         &ferry,
         &target,
         Duration::from_secs(args.live_timeout),
-        &mut |line| println!("{line}"),
+        &mut |line| ctx.notice(line),
     )?;
     Ok(ExitCode::SUCCESS)
 }

@@ -11,7 +11,7 @@ pub struct Args {
     name: String,
 }
 
-pub fn run(args: Args, paths: &Paths) -> anyhow::Result<ExitCode> {
-    println!("{}", rm(paths, &args.name)?);
+pub fn run(args: Args, paths: &Paths, ctx: &super::Ctx) -> anyhow::Result<ExitCode> {
+    ctx.notice(&rm(paths, &args.name)?);
     Ok(ExitCode::SUCCESS)
 }

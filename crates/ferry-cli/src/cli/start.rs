@@ -31,7 +31,7 @@ pub fn run(args: Args, paths: &Paths, ctx: &Ctx) -> anyhow::Result<ExitCode> {
             use ferry_runtime::EventSink;
             ctx.render.emit(ferry_runtime::Event::Started(s));
         }
-        s => super::render::out(&started_line(&args.name, s.as_ref())),
+        s => ctx.notice(&started_line(&args.name, s.as_ref())),
     }
     Ok(ExitCode::SUCCESS)
 }

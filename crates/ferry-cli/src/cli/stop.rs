@@ -19,8 +19,8 @@ pub struct Args {
     discard: bool,
 }
 
-pub fn run(args: Args, paths: &Paths) -> anyhow::Result<ExitCode> {
+pub fn run(args: Args, paths: &Paths, ctx: &super::Ctx) -> anyhow::Result<ExitCode> {
     let target = super::target(args.name, args.all);
-    stop(paths, &target, args.discard, &mut |line| println!("{line}"))?;
+    stop(paths, &target, args.discard, &mut |line| ctx.notice(line))?;
     Ok(ExitCode::SUCCESS)
 }

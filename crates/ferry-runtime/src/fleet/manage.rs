@@ -111,7 +111,7 @@ pub(super) fn stop_all(
             .into_iter()
             .map(|h| {
                 h.join()
-                    .unwrap_or_else(|_| Err(RuntimeError::BadOption("stopping panicked".into())))
+                    .unwrap_or_else(|_| Err(RuntimeError::Internal("stopping panicked".into())))
             })
             .collect()
     })
@@ -167,7 +167,7 @@ fn stop_one(paths: &Paths, name: &str, discard: bool) -> Result<String, RuntimeE
                 None => format!("{name}: {state} in {ms} ms"),
             })
         }
-        Ok(ControlReply::Error { message }) if message.contains("runs in the foreground") => {
+        Ok(ControlReply::Error { message }) if message.contains("still starting") => {
             stop_foreground(paths, name, &control)
         }
         Ok(ControlReply::Error { message }) => Err(RuntimeError::Control {
@@ -191,8 +191,9 @@ fn stop_one(paths: &Paths, name: &str, discard: bool) -> Result<String, RuntimeE
     }
 }
 
-/// A VM that runs in the foreground (`ferry boot`, `ferry run`) is
-/// stopped the way Ctrl-C stops it there: SIGTERM to its ferry process.
+/// A VM whose owner does not hold it yet (it is still starting) is stopped
+/// the way Ctrl-C stops it: SIGTERM to its ferry process, which cancels
+/// the start.
 fn stop_foreground(paths: &Paths, name: &str, control: &Path) -> Result<String, RuntimeError> {
     let pid = match call(control, &ControlRequest::Status, Duration::from_secs(5))? {
         ControlReply::Status(s) => s.pid,
@@ -209,7 +210,7 @@ fn stop_foreground(paths: &Paths, name: &str, control: &Path) -> Result<String, 
     }
     wait_not_running(paths, name, Duration::from_secs(300))?;
     Ok(format!(
-        "{name}: had no supervisor of its own (a foreground run, or a peer); its ferry process (pid {pid}) was sent SIGTERM and did what Ctrl-C does there"
+        "{name}: was still starting; its ferry process (pid {pid}) was sent SIGTERM, which cancelled the start"
     ))
 }
 
@@ -223,7 +224,7 @@ fn wait_not_running(paths: &Paths, name: &str, timeout: Duration) -> Result<(), 
         || running_vm_dir(paths, name).is_err() && (!dir.exists() || dir.join("lock").exists());
     while !settled() {
         if t.elapsed() > timeout {
-            return Err(RuntimeError::BadOption(format!(
+            return Err(RuntimeError::Internal(format!(
                 "'{name}' still runs {} s after it was asked to stop; see {}",
                 timeout.as_secs(),
                 paths.vms().join(name).join(files::SUPERVISOR_LOG).display()
