@@ -11,6 +11,7 @@
 pub mod hosts;
 pub mod netsnap;
 pub mod ports;
+pub mod watchdog;
 pub use hosts::{Host, TestHosts};
 
 use std::fs::File;
@@ -145,9 +146,21 @@ fn lock_file(path: &Path) -> LockGuard {
     LockGuard(f)
 }
 
-/// Serialises VM tests across threads and test binaries.
-pub fn vm_lock() -> LockGuard {
-    lock_file(&fixtures_dir().join("vm.lock"))
+/// The VM lock, held by one test, with that test's time limit.
+pub struct VmLock {
+    // Disarmed before the lock is released.
+    _limit: watchdog::Watchdog,
+    _lock: LockGuard,
+}
+
+/// Serialises VM tests across threads and test binaries. Once the lock is
+/// held, the test's time limit runs ([`watchdog`]).
+pub fn vm_lock() -> VmLock {
+    let lock = lock_file(&fixtures_dir().join("vm.lock"));
+    VmLock {
+        _limit: watchdog::time_limit(watchdog::configured_limit()),
+        _lock: lock,
+    }
 }
 
 /// The blueprint of a built-in recipe, built once and rebuilt when the
