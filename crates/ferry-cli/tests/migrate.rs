@@ -298,8 +298,12 @@ const DISK_FILES: [(&str, &str); 3] = [
     ("f3", "head -c 3000000 /dev/zero | tr '\\0' z"),
 ];
 
-/// Where the guest keeps them, and the log it appends to during the moves.
+/// Where the guest keeps them, and what it writes during the moves.
 const DISK_DIR: &str = "/root/ferry-disk-test";
+
+/// The content of chunk file `chunk-$i` that the guest writes during the
+/// moves (a shell command; `$i` is set), about 10 KiB.
+const CHUNK: &str = "seq $i $((i+2000))";
 
 /// `(total, paused)` milliseconds from a destination's "migrated VM" line.
 fn migration_times(lines: &[String]) -> (u64, u64) {
@@ -417,8 +421,12 @@ fn registry_peer_and_a_migration_chain_lose_no_acknowledged_write() {
         (acked() > 50).then_some(())
     });
 
-    // The guest's disk: files of known content, synced, and a log that a
-    // loop in the guest appends to (and syncs) every 50 ms while it moves.
+    // The guest's disk: files of known content, synced; then a loop in the
+    // guest that writes one new chunk file after the other, syncs it, and
+    // appends its number to a log (synced too) while the VM moves. Each
+    // chunk lands in blocks of its own that nothing rewrites later: a write
+    // a move lost stays lost (the log's one block is rewritten whole by the
+    // next append, which would hide it).
     let mut make = format!("mkdir -p {DISK_DIR} && cd {DISK_DIR}");
     for (name, content) in DISK_FILES {
         make.push_str(&format!(" && {content} > {name}"));
@@ -428,7 +436,7 @@ fn registry_peer_and_a_migration_chain_lose_no_acknowledged_write() {
         a,
         &ea,
         &format!(
-            "setsid sh -c 'i=0; while :; do echo $i >> {DISK_DIR}/log; sync {DISK_DIR}/log; i=$((i+1)); sleep 0.05; done' \
+            "setsid sh -c 'cd {DISK_DIR}; i=0; while :; do {CHUNK} > chunk-$i; sync chunk-$i; echo $i >> log; sync log; i=$((i+1)); sleep 0.05; done' \
              </dev/null >/dev/null 2>&1 & echo $! > {DISK_DIR}/pid; \
              while [ ! -s {DISK_DIR}/log ]; do sleep 0.05; done"
         ),
@@ -513,8 +521,9 @@ fn registry_peer_and_a_migration_chain_lose_no_acknowledged_write() {
     );
 
     // The disk arrived as the guest wrote it: read back from the disk (page
-    // cache dropped), every file has the content it was written with, and
-    // the log is every number from 0 on, in order, none missing.
+    // cache dropped), every file has the content it was written with, the
+    // log is every number from 0 on, in order, none missing, and every
+    // chunk it names is as written.
     let last = in_guest(
         a,
         &ea,
@@ -531,11 +540,19 @@ fn registry_peer_and_a_migration_chain_lose_no_acknowledged_write() {
         .map(|(name, content)| (name.to_string(), host_sha256(content)))
         .collect();
     expected.push(("log".into(), host_sha256(&format!("seq 0 {last}"))));
-    let names: Vec<&str> = expected.iter().map(|(n, _)| n.as_str()).collect();
+    let chunks = format!("for i in $(seq 0 {last}); do {CHUNK}; done");
+    expected.push(("chunks".into(), host_sha256(&chunks)));
+    let names: Vec<&str> = expected[..expected.len() - 1]
+        .iter()
+        .map(|(n, _)| n.as_str())
+        .collect();
     let sums = in_guest(
         a,
         &ea,
-        &format!("cd {DISK_DIR} && sha256sum {}", names.join(" ")),
+        &format!(
+            "cd {DISK_DIR} && sha256sum {} && for i in $(seq 0 {last}); do cat chunk-$i; done | sha256sum | sed 's/-$/chunks/'",
+            names.join(" ")
+        ),
     );
     let got: Vec<(String, String)> = sums
         .lines()
