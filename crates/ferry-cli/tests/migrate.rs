@@ -185,6 +185,9 @@ struct Bulk {
     errors: Vec<String>,
     /// Error replies from Redis itself (e.g. out of memory): none expected.
     refused: Vec<String>,
+    /// Failed connects (hosts the VM is not on refuse), and the last one.
+    connect_failures: u64,
+    last_connect_error: Option<String>,
 }
 
 impl Bulk {
@@ -205,7 +208,15 @@ fn bulk_loader(hosts: Vec<SocketAddr>, stop: Arc<AtomicBool>, out: Arc<Mutex<Bul
     let (mut n, mut which) = (0u64, 0usize);
     while !stop.load(Ordering::SeqCst) {
         let Some(c) = conn.as_mut() else {
-            conn = Redis::connect(hosts[which % hosts.len()]).ok();
+            let addr = hosts[which % hosts.len()];
+            match Redis::connect(addr) {
+                Ok(c) => conn = Some(c),
+                Err(e) => {
+                    let mut o = out.lock().unwrap();
+                    o.connect_failures += 1;
+                    o.last_connect_error = Some(format!("{addr}: {e}"));
+                }
+            }
             which += 1;
             std::thread::sleep(Duration::from_millis(5));
             continue;
@@ -474,7 +485,13 @@ fn registry_peer_and_a_migration_chain_lose_no_acknowledged_write() {
         let (bulk_in, bulk_errors) = {
             let b = bulk_seen.lock().unwrap();
             let (n, _) = answered_within(&b.acked_at, copy_from, copy_to);
-            (n, format!("errors {:?}, refused {:?}", b.errors, b.refused))
+            (
+                n,
+                format!(
+                    "errors {:?}, refused {:?}, {} failed connects, the last {:?}",
+                    b.errors, b.refused, b.connect_failures, b.last_connect_error
+                ),
+            )
         };
         eprintln!(
             "hop to {}: copy {window:?}, {writes_in} writes and {bulk_in} bulk writes acknowledged in it, longest gap {gap:?}; ferry: {:?}",
