@@ -11,6 +11,22 @@ cargo clippy -q --all-targets -- -D warnings
 export FERRY_AGENT=$PWD/target/agent/x86_64-unknown-linux-gnu/agent/ferry-agent
 extra=()
 [ "${FERRY_KVM_LAB:-}" = 1 ] && extra=(--include-ignored)
+# Time limits, so that a hung test fails the run instead of hanging it:
+# - each VM test: FERRY_TEST_TIME_LIMIT_S (600 s), counted from when it holds
+#   the VM lock (ferry-test-support's watchdog names the test, kills what it
+#   started and fails its test binary);
+# - each test binary, so every other test too: FERRY_TEST_BINARY_LIMIT_S
+#   (1800 s), through scripts/test-runner.sh as cargo's runner;
+# - the whole run: FERRY_TEST_TOTAL_LIMIT_S (3600 s).
+export FERRY_TEST_TIME_LIMIT_S=${FERRY_TEST_TIME_LIMIT_S:-600}
+export FERRY_TEST_BINARY_LIMIT_S=${FERRY_TEST_BINARY_LIMIT_S:-1800}
+total=${FERRY_TEST_TOTAL_LIMIT_S:-3600}
+export CARGO_TARGET_X86_64_UNKNOWN_LINUX_GNU_RUNNER=$PWD/scripts/test-runner.sh
 # VM tests also serialise themselves with a lock; one thread keeps the
 # output readable and the two cores for the guests.
-cargo test --workspace -- --test-threads=1 "${extra[@]}"
+rc=0
+timeout --kill-after=30 "$total" cargo test --workspace -- --test-threads=1 "${extra[@]}" || rc=$?
+if [ "$rc" = 124 ] || [ "$rc" = 137 ]; then
+  echo "scripts/test.sh: the test run exceeded its limit of ${total} s (FERRY_TEST_TOTAL_LIMIT_S)" >&2
+fi
+exit "$rc"

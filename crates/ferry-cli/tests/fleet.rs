@@ -15,6 +15,7 @@ use std::process::Output;
 use std::time::Duration;
 
 use ferry_test_support::netsnap::vm_leftovers;
+use ferry_test_support::ports::retry_on_port_clash;
 use ferry_test_support::{describe, qemu_pids, send_signal, vm_lock, wait_until, FerryEnv};
 use serde_json::Value;
 
@@ -42,28 +43,6 @@ fn fails(out: &Output, code: i32, needle: &str) -> String {
     let line = error_line(out);
     assert!(line.contains(needle), "{line}");
     line
-}
-
-/// `n` consecutive free ports on 127.0.0.1.
-fn free_ports(n: u16) -> u16 {
-    for _ in 0..200 {
-        let base = 20_000 + rand_u16() % 40_000;
-        let held: Vec<_> = (0..n)
-            .map_while(|i| TcpListener::bind(("127.0.0.1", base + i)).ok())
-            .collect();
-        if held.len() == n as usize {
-            return base;
-        }
-    }
-    panic!("no {n} consecutive free ports");
-}
-
-fn rand_u16() -> u16 {
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .subsec_nanos();
-    (nanos ^ std::process::id()) as u16
 }
 
 /// One HTTP request to 127.0.0.1:port; the status and body.
@@ -172,20 +151,25 @@ fn a_fleet_comes_up_finds_itself_by_name_suspends_resumes_and_leaves_nothing() {
     let env = env();
     let pkg = recipe_package(&env, "web");
     let _fleet = Fleet(&env);
-    let base = free_ports(3);
     let names = ["web-0", "web-1", "web-2"];
 
-    let out = env.run(&[
-        "up",
-        "--package",
-        pkg.to_str().unwrap(),
-        "-n",
-        "3",
-        "--name-prefix",
-        "web",
-        "--expose-base",
-        &base.to_string(),
-    ]);
+    let (out, base) = retry_on_port_clash(3, |base| {
+        let out = env.run(&[
+            "up",
+            "--package",
+            pkg.to_str().unwrap(),
+            "-n",
+            "3",
+            "--name-prefix",
+            "web",
+            "--expose-base",
+            &base.to_string(),
+        ]);
+        match out.status.success() {
+            true => Ok((out, base)),
+            false => Err(describe(&out)),
+        }
+    });
     let text = ok(&out);
     for (i, name) in names.iter().enumerate() {
         assert!(
@@ -262,13 +246,37 @@ fn a_fleet_comes_up_finds_itself_by_name_suspends_resumes_and_leaves_nothing() {
     let (status, body) = http(base + 1, "POST", "/storage/greeting", b"kept across stop").unwrap();
     assert_eq!(status, 201, "{}", String::from_utf8_lossy(&body));
 
-    // `logs -f` follows the console until the VM stops.
+    // `logs -f` prints the console so far, then follows it until the VM
+    // stops: a line the guest writes to its console before `logs -f`
+    // starts and one written after both show up.
+    let to_console = |line: &str| {
+        ok(&env.run(&[
+            "exec",
+            "web-2",
+            "--",
+            "sh",
+            "-c",
+            &format!("echo {line} > /dev/console"),
+        ]))
+    };
+    to_console("ferry-test-before-follow");
     let mut follow = env
         .cmd()
         .args(["logs", "-f", "web-2"])
-        .stdout(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
         .spawn()
         .unwrap();
+    let followed = {
+        let mut out = follow.stdout.take().unwrap();
+        std::thread::spawn(move || {
+            let mut text = String::new();
+            let _ = out.read_to_string(&mut text);
+            text
+        })
+    };
+    // Give `logs -f` time to print what is there and start following.
+    std::thread::sleep(Duration::from_millis(500));
+    to_console("ferry-test-while-following");
 
     // Suspended: state kept, nothing running.
     let text = ok(&env.run(&["stop", "--all"]));
@@ -282,6 +290,13 @@ fn a_fleet_comes_up_finds_itself_by_name_suspends_resumes_and_leaves_nothing() {
         follow.try_wait().unwrap()
     });
     assert!(status.success(), "{status}");
+    let followed = followed.join().unwrap();
+    let before = followed.find("ferry-test-before-follow");
+    let during = followed.find("ferry-test-while-following");
+    assert!(
+        before.is_some() && during.is_some() && before < during,
+        "logs -f printed: {followed}"
+    );
 
     // Resumed with its data and its port.
     let text = ok(&env.run(&["start", "web-1"]));

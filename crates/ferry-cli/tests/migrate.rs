@@ -1,8 +1,10 @@
 //! Registry, peers and live migration on test hosts (network namespaces with
 //! their own addresses): a registry on R, a peer on A from it, then A → B →
-//! C → A while a client writes to Redis without pause; every acknowledged
-//! write must be there at the end. Then the failures: the destination or
-//! the source killed mid-migration, a wrong token, a damaged chunk.
+//! C → A while a client writes to Redis without pause and the guest writes
+//! to its disk; every acknowledged write must be there at the end, every
+//! file on the disk as written, and the client must have been answered
+//! while each copy ran. Then the failures: the destination or the source
+//! killed mid-migration, a wrong token, a damaged chunk.
 
 use std::io::{BufRead, BufReader, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -13,7 +15,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use ferry_test_support::{
-    describe, send_signal, spawn_until, vm_lock, wait_until, FerryEnv, Host, KillOnDrop, TestHosts,
+    describe, send_signal, spawn_until, spawn_until_stamped, vm_lock, wait_until, FerryEnv, Host,
+    KillOnDrop, TestHosts,
 };
 
 mod common;
@@ -125,6 +128,8 @@ impl Redis {
 #[derive(Default)]
 struct Writes {
     acked: Vec<u64>,
+    /// When each of `acked` was acknowledged.
+    acked_at: Vec<Instant>,
     longest_gap: Duration,
     reconnects: u32,
 }
@@ -157,6 +162,7 @@ fn writer(hosts: Vec<SocketAddr>, stop: Arc<AtomicBool>, out: Arc<Mutex<Writes>>
             Ok(Some(r)) if r == "OK" => {
                 let mut o = out.lock().unwrap();
                 o.acked.push(next);
+                o.acked_at.push(Instant::now());
                 let gap = last_ack.elapsed();
                 if gap > o.longest_gap {
                     o.longest_gap = gap;
@@ -170,28 +176,145 @@ fn writer(hosts: Vec<SocketAddr>, stop: Arc<AtomicBool>, out: Arc<Mutex<Writes>>
     }
 }
 
+/// What the bulk loader saw: when each of its writes was acknowledged, and
+/// what went wrong (failures to connect are not counted: the VM moves).
+#[derive(Default)]
+struct Bulk {
+    acked_at: Vec<Instant>,
+    /// Errors on a connection (a VM moving away closes it), the first few.
+    errors: Vec<String>,
+    /// Error replies from Redis itself (e.g. out of memory): none expected.
+    refused: Vec<String>,
+    /// Failed connects (hosts the VM is not on refuse), and the last one.
+    connect_failures: u64,
+    last_connect_error: Option<String>,
+}
+
+impl Bulk {
+    fn note(list: &mut Vec<String>, what: String) {
+        if list.len() < 20 {
+            list.push(what);
+        }
+    }
+}
+
 /// Keeps the guest's memory busy: overwrites 2000 keys of 16 KiB each in
 /// turn, on whichever host answers, until `stop`. A live copy that lost
 /// guest writes made during it (QEMU 7.2 under TCG did) breaks the guest
 /// under this load.
-fn bulk_loader(hosts: Vec<SocketAddr>, stop: Arc<AtomicBool>) {
+fn bulk_loader(hosts: Vec<SocketAddr>, stop: Arc<AtomicBool>, out: Arc<Mutex<Bulk>>) {
     let value = "x".repeat(16 * 1024);
     let mut conn: Option<Redis> = None;
     let (mut n, mut which) = (0u64, 0usize);
     while !stop.load(Ordering::SeqCst) {
         let Some(c) = conn.as_mut() else {
-            conn = Redis::connect(hosts[which % hosts.len()]).ok();
+            let addr = hosts[which % hosts.len()];
+            match Redis::connect(addr) {
+                Ok(c) => conn = Some(c),
+                Err(e) => {
+                    let mut o = out.lock().unwrap();
+                    o.connect_failures += 1;
+                    o.last_connect_error = Some(format!("{addr}: {e}"));
+                }
+            }
             which += 1;
             std::thread::sleep(Duration::from_millis(5));
             continue;
         };
         let key = format!("bulk:{}", n % 2000);
         match c.send(&["SET", &key, &value]).and_then(|_| c.reply()) {
-            Ok(Some(r)) if r == "OK" => n += 1,
-            _ => conn = None,
+            Ok(Some(r)) if r == "OK" => {
+                out.lock().unwrap().acked_at.push(Instant::now());
+                n += 1;
+            }
+            Ok(other) => {
+                Bulk::note(
+                    &mut out.lock().unwrap().refused,
+                    format!("SET {key}: {other:?}"),
+                );
+                conn = None;
+            }
+            Err(e) => {
+                let mut o = out.lock().unwrap();
+                let what = if e.to_string().starts_with("redis said") {
+                    &mut o.refused
+                } else {
+                    &mut o.errors
+                };
+                Bulk::note(what, format!("SET {key}: {e}"));
+                conn = None;
+            }
         }
     }
 }
+
+/// How many of `acked` fall in `from..to`, and the longest stretch of that
+/// window without one (counting from its start and up to its end).
+fn answered_within(acked: &[Instant], from: Instant, to: Instant) -> (usize, Duration) {
+    let inside: Vec<Instant> = acked
+        .iter()
+        .copied()
+        .filter(|t| *t >= from && *t <= to)
+        .collect();
+    let mut points = vec![from];
+    points.extend(&inside);
+    points.push(to);
+    let longest = points
+        .windows(2)
+        .map(|w| w[1].duration_since(w[0]))
+        .max()
+        .unwrap_or_default();
+    (inside.len(), longest)
+}
+
+/// When the line starting with `prefix` was read.
+fn stamp_of(lines: &[(Instant, String)], prefix: &str) -> Instant {
+    lines
+        .iter()
+        .find(|(_, l)| l.starts_with(prefix))
+        .unwrap_or_else(|| panic!("no line starting with '{prefix}': {lines:?}"))
+        .0
+}
+
+/// Runs `script` in VM `kv` on `host`; its output, trimmed.
+fn in_guest(host: &Host, env: &FerryEnv, script: &str) -> String {
+    let out = host
+        .ferry(env)
+        .args(["exec", "kv", "--", "sh", "-c", script])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{script}: {}", describe(&out));
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+/// The SHA-256 (hex) of what `script` prints, run on the host.
+fn host_sha256(script: &str) -> String {
+    let out = Command::new("sh")
+        .args(["-c", &format!("{script} | sha256sum")])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", describe(&out));
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .to_string()
+}
+
+/// Files the guest writes to its disk before the moves: name and the
+/// command that makes its content (run in the guest and on the host).
+const DISK_FILES: [(&str, &str); 3] = [
+    ("f1", "seq 1 100000"),
+    ("f2", "seq 7 3 300000"),
+    ("f3", "head -c 3000000 /dev/zero | tr '\\0' z"),
+];
+
+/// Where the guest keeps them, and what it writes during the moves.
+const DISK_DIR: &str = "/root/ferry-disk-test";
+
+/// The content of chunk file `chunk-$i` that the guest writes during the
+/// moves (a shell command; `$i` is set), about 10 KiB.
+const CHUNK: &str = "seq $i $((i+2000))";
 
 /// `(total, paused)` milliseconds from a destination's "migrated VM" line.
 fn migration_times(lines: &[String]) -> (u64, u64) {
@@ -297,10 +420,11 @@ fn registry_peer_and_a_migration_chain_lose_no_acknowledged_write() {
             writer(addrs, stop_flag, writes)
         })
     };
+    let bulk_seen = Arc::new(Mutex::new(Bulk::default()));
     let bulk = {
-        let (addrs, stop_flag) = (addrs.clone(), stop_flag.clone());
+        let (addrs, stop_flag, bulk_seen) = (addrs.clone(), stop_flag.clone(), bulk_seen.clone());
         in_netns(hosts["client"].name(), move || {
-            bulk_loader(addrs, stop_flag)
+            bulk_loader(addrs, stop_flag, bulk_seen)
         })
     };
     let acked = || writes.lock().unwrap().acked.len();
@@ -308,23 +432,79 @@ fn registry_peer_and_a_migration_chain_lose_no_acknowledged_write() {
         (acked() > 50).then_some(())
     });
 
+    // The guest's disk: files of known content, synced; then a loop in the
+    // guest that writes one new chunk file after the other, syncs it, and
+    // appends its number to a log (synced too) while the VM moves. Each
+    // chunk lands in blocks of its own that nothing rewrites later: a write
+    // a move lost stays lost (the log's one block is rewritten whole by the
+    // next append, which would hide it).
+    let mut make = format!("mkdir -p {DISK_DIR} && cd {DISK_DIR}");
+    for (name, content) in DISK_FILES {
+        make.push_str(&format!(" && {content} > {name}"));
+    }
+    in_guest(a, &ea, &format!("{make} && sync"));
+    in_guest(
+        a,
+        &ea,
+        &format!(
+            "setsid sh -c 'cd {DISK_DIR}; i=0; while :; do {CHUNK} > chunk-$i; sync chunk-$i; echo $i >> log; sync log; i=$((i+1)); sleep 0.05; done' \
+             </dev/null >/dev/null 2>&1 & echo $! > {DISK_DIR}/pid; \
+             while [ ! -s {DISK_DIR}/log ]; do sleep 0.05; done"
+        ),
+    );
+    let log_lines = |host: &Host, env: &FerryEnv| -> u64 {
+        in_guest(host, env, &format!("wc -l < {DISK_DIR}/log"))
+            .parse()
+            .unwrap()
+    };
+    let mut logged = log_lines(a, &ea);
+
     // A → B → C → A, each hop while the writer writes.
     let mut current = on_a;
     let mut chain = Vec::new();
     for (host, env, from) in [(b, &eb, a), (c, &ec, b), (a, &ea, c)] {
         let before = acked();
         let from_addr = format!("{}:{PEER_PORT}", from.addr());
-        let (next, lines) = start(
-            host,
-            env,
-            &peer_args(&from_addr, "kv", &listen, &expose),
-            "serving VM",
+        let mut cmd = host.ferry(env);
+        cmd.args(peer_args(&from_addr, "kv", &listen, &expose))
+            .current_dir(env.state.path());
+        let (next, stamped) = spawn_until_stamped(cmd, "serving VM", Duration::from_secs(180));
+        let lines: Vec<String> = stamped.iter().map(|(_, l)| l.clone()).collect();
+        // The copy was live, as the clients saw it: from the destination's
+        // start of the copy to the VM running there, Redis acknowledged
+        // writes throughout, both the writer's and the bulk loader's; the
+        // longest stretch without an acknowledged write (the switch) is
+        // well under half of it. A copy of a paused VM would be one gap.
+        let copy_from = stamp_of(&stamped, "receiving VM 'kv'");
+        let copy_to = stamp_of(&stamped, "migrated VM 'kv'");
+        let window = copy_to.duration_since(copy_from);
+        let (writes_in, gap) = {
+            let w = writes.lock().unwrap();
+            answered_within(&w.acked_at, copy_from, copy_to)
+        };
+        let (bulk_in, bulk_errors) = {
+            let b = bulk_seen.lock().unwrap();
+            let (n, _) = answered_within(&b.acked_at, copy_from, copy_to);
+            (
+                n,
+                format!(
+                    "errors {:?}, refused {:?}, {} failed connects, the last {:?}",
+                    b.errors, b.refused, b.connect_failures, b.last_connect_error
+                ),
+            )
+        };
+        eprintln!(
+            "hop to {}: copy {window:?}, {writes_in} writes and {bulk_in} bulk writes acknowledged in it, longest gap {gap:?}; ferry: {:?}",
+            host.label(),
+            migration_times(&lines)
         );
-        // The copy is live: the guest runs for most of it, even under TCG.
-        let (total, paused) = migration_times(&lines);
         assert!(
-            paused * 2 < total,
-            "paused {paused} of {total} ms: the memory copy was not live: {lines:?}"
+            writes_in >= 10 && gap * 2 < window,
+            "{writes_in} writes acknowledged during the {window:?} copy, longest gap {gap:?}: the copy was not live: {lines:?}"
+        );
+        assert!(
+            bulk_in > 0,
+            "the bulk loader made no progress during the {window:?} copy: {bulk_errors}"
         );
         let status = wait_exit(&mut current, 60);
         assert!(
@@ -336,6 +516,12 @@ fn registry_peer_and_a_migration_chain_lose_no_acknowledged_write() {
         wait_until(Duration::from_secs(60), "writes on the new host", || {
             (acked() > before + 50).then_some(())
         });
+        let now = log_lines(host, env);
+        assert!(
+            now > logged,
+            "the guest's disk log did not grow across the move: {logged} -> {now} lines"
+        );
+        logged = now;
         chain.push(lines);
         current = next;
     }
@@ -344,6 +530,58 @@ fn registry_peer_and_a_migration_chain_lose_no_acknowledged_write() {
     stop_flag.store(true, Ordering::SeqCst);
     w.join().unwrap();
     bulk.join().unwrap();
+    let bulk_seen = std::mem::take(&mut *bulk_seen.lock().unwrap());
+    assert!(
+        bulk_seen.refused.is_empty(),
+        "Redis refused bulk writes: {:?}",
+        bulk_seen.refused
+    );
+
+    // The disk arrived as the guest wrote it: read back from the disk (page
+    // cache dropped), every file has the content it was written with, the
+    // log is every number from 0 on, in order, none missing, and every
+    // chunk it names is as written.
+    let last = in_guest(
+        a,
+        &ea,
+        &format!(
+            "kill $(cat {DISK_DIR}/pid) && sleep 0.2 && sync && echo 3 > /proc/sys/vm/drop_caches && tail -n 1 {DISK_DIR}/log"
+        ),
+    );
+    let last: u64 = last
+        .parse()
+        .unwrap_or_else(|_| panic!("log ends in {last:?}"));
+    assert!(last >= logged.saturating_sub(1), "{last} < {logged}");
+    let mut expected: Vec<(String, String)> = DISK_FILES
+        .iter()
+        .map(|(name, content)| (name.to_string(), host_sha256(content)))
+        .collect();
+    expected.push(("log".into(), host_sha256(&format!("seq 0 {last}"))));
+    let chunks = format!("for i in $(seq 0 {last}); do {CHUNK}; done");
+    expected.push(("chunks".into(), host_sha256(&chunks)));
+    let names: Vec<&str> = expected[..expected.len() - 1]
+        .iter()
+        .map(|(n, _)| n.as_str())
+        .collect();
+    let sums = in_guest(
+        a,
+        &ea,
+        &format!(
+            "cd {DISK_DIR} && sha256sum {} && for i in $(seq 0 {last}); do cat chunk-$i; done | sha256sum | sed 's/-$/chunks/'",
+            names.join(" ")
+        ),
+    );
+    let got: Vec<(String, String)> = sums
+        .lines()
+        .map(|l| {
+            let (sum, name) = l.split_once("  ").unwrap();
+            (name.to_string(), sum.to_string())
+        })
+        .collect();
+    assert_eq!(
+        got, expected,
+        "checksums of the guest's files after the moves"
+    );
     let w = std::mem::take(&mut *writes.lock().unwrap());
     let lost = in_netns(hosts["client"].name(), {
         let (addr, acked) = (addrs[0], w.acked.clone());
@@ -352,10 +590,13 @@ fn registry_peer_and_a_migration_chain_lose_no_acknowledged_write() {
     .join()
     .unwrap();
     eprintln!(
-        "{} writes acknowledged, longest gap {:?}, {} connections; chain: {:?}",
+        "{} writes acknowledged, longest gap {:?}, {} connections; {} bulk writes, errors {:?}; {} disk log lines; chain: {:?}",
         w.acked.len(),
         w.longest_gap,
         w.reconnects,
+        bulk_seen.acked_at.len(),
+        bulk_seen.errors,
+        last + 1,
         chain
     );
     assert!(

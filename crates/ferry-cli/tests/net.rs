@@ -5,24 +5,17 @@
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::process::Output;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use ferry_test_support::netsnap::{sh, snapshot, snapshot_with, NetSnapshot};
+use ferry_test_support::ports::{free_port, retry_on_port_clash};
 use ferry_test_support::{
-    describe, qemu_pids, spawn_until, spawn_until_live, vm_lock, FerryEnv, Host, KillOnDrop,
-    TestHosts,
+    describe, qemu_pids, spawn_until, spawn_until_live, try_spawn_until_live, vm_lock, FerryEnv,
+    Host, KillOnDrop, TestHosts,
 };
 
 mod common;
 use common::{copy_of_package, env, error_line, exec, recipe_package, stop, tiny_package};
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 /// `GET path` on 127.0.0.1:port; the body.
 fn http_get(port: u16, path: &str) -> std::io::Result<String> {
@@ -48,14 +41,16 @@ fn expose_reaches_the_guest_and_survives_suspend_and_resume() {
     let before = snapshot();
     let pkg = copy_of_package(&env, "e.ferry");
     let pkg = pkg.to_str().unwrap();
-    let port = free_port();
+    let (mut run, lines, port) = retry_on_port_clash(1, |port| {
+        let expose = format!("127.0.0.1:{port}:8080");
+        try_spawn_until_live(
+            &env,
+            &run_args(pkg, "e1", &expose),
+            Duration::from_secs(120),
+        )
+        .map(|(run, lines)| (run, lines, port))
+    });
     let expose = format!("127.0.0.1:{port}:8080");
-
-    let (mut run, lines) = spawn_until_live(
-        &env,
-        &run_args(pkg, "e1", &expose),
-        Duration::from_secs(120),
-    );
     assert!(
         lines
             .iter()
@@ -106,16 +101,17 @@ fn a_guest_reaches_another_vms_exposed_port_at_its_gateway() {
     let before = snapshot();
     let pkg = tiny_package(&env);
     let pkg = pkg.to_str().unwrap();
-    let (p1, p2) = (free_port(), free_port());
-    let e1 = format!("{p1}:8080");
-    let e2 = format!("0.0.0.0:{p2}:8080");
-    let clone = |name, expose| {
-        let mut a = run_args(pkg, name, expose);
-        a.push("--clone");
-        spawn_until_live(&env, &a, Duration::from_secs(120)).0
+    // A clone exposing its port 8080 on a free host port at `addr`.
+    let clone = |name: &str, addr: &str| {
+        retry_on_port_clash(1, |port| {
+            let expose = format!("{addr}{port}:8080");
+            let mut a = run_args(pkg, name, &expose);
+            a.push("--clone");
+            try_spawn_until_live(&env, &a, Duration::from_secs(120)).map(|(c, _)| (c, port))
+        })
     };
-    let mut c1 = clone("c1", &e1);
-    let mut c2 = clone("c2", &e2);
+    let (mut c1, p1) = clone("c1", "");
+    let (mut c2, p2) = clone("c2", "0.0.0.0:");
     exec(&env, "c1", "echo i-am-c1 > /srv/www/who.txt");
     exec(&env, "c2", "echo i-am-c2 > /srv/www/who.txt");
 
@@ -131,17 +127,28 @@ fn a_guest_reaches_another_vms_exposed_port_at_its_gateway() {
     assert_eq!(get("c2", p1), "i-am-c1", "c2 reaches c1 at its gateway");
     assert_eq!(get("c1", p2), "i-am-c2", "c1 reaches c2 (bound to 0.0.0.0)");
     assert_eq!(get("c1", p1), "i-am-c1", "a guest reaches its own exposure");
-    // A port nobody exposes is refused, not hung.
+    // A port nobody exposes is not left to hang: the gateway forwarder
+    // takes every connection to the gateway, cannot reach the host port,
+    // and closes it at once. nc then ends with nothing received, well
+    // before its own 10 s limit (a hang would last the 10 s).
     let closed = free_port();
+    let started = Instant::now();
     let out = env.run(&[
         "exec",
         "c1",
         "--",
         "sh",
         "-c",
-        &format!("printf x | nc -w 10 172.100.100.1 {closed}; echo done"),
+        &format!("printf x | nc -w 10 172.100.100.1 {closed}"),
     ]);
+    let took = started.elapsed();
     assert!(out.status.success(), "{}", describe(&out));
+    assert!(out.stdout.is_empty(), "{}", describe(&out));
+    assert!(
+        took < Duration::from_secs(5),
+        "closed after {took:?}, not at once: {}",
+        describe(&out)
+    );
 
     for c in [&mut c1, &mut c2] {
         let out = stop(c);
@@ -211,22 +218,24 @@ fn bad_network_input_is_refused_and_leaves_nothing_behind() {
     assert_eq!(snapshot(), before);
 
     // A namespace another VM uses.
-    let (mut first, _) = spawn_until_live(
-        &env,
-        &[
-            "run",
-            "--package",
-            pkg,
-            "--clone",
-            "--name",
-            "owner",
-            "--netns",
-            "ferry-test-shared",
-            "--expose",
-            &format!("{}:8080", free_port()),
-        ],
-        Duration::from_secs(120),
-    );
+    let (mut first, _) = retry_on_port_clash(1, |port| {
+        try_spawn_until_live(
+            &env,
+            &[
+                "run",
+                "--package",
+                pkg,
+                "--clone",
+                "--name",
+                "owner",
+                "--netns",
+                "ferry-test-shared",
+                "--expose",
+                &format!("{port}:8080"),
+            ],
+            Duration::from_secs(120),
+        )
+    });
     let out = env.run(&[
         "run",
         "--package",
@@ -462,7 +471,9 @@ fn three_redis_clones_in_net_up_namespaces() {
     ]);
     let (mut up, _) = spawn_until(up_cmd, "ready: ", Duration::from_secs(30));
 
-    let ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
+    // Host h is a namespace of its own, where nothing else listens: fixed
+    // ports cannot be taken there.
+    let ports: Vec<u16> = (16379..16382).collect();
     let mut vms = Vec::new();
     for (i, port) in ports.iter().enumerate() {
         let (name, netns, expose) = (

@@ -2,20 +2,14 @@
 //! booted under real QEMU, answering through an exposed port.
 
 use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpStream;
 use std::time::Duration;
 
+use ferry_test_support::ports::retry_on_port_clash;
 use ferry_test_support::{
-    blueprint, describe, qemu_pids, send_signal, spawn_until_live, vm_lock, wait_until, FerryEnv,
+    blueprint, describe, qemu_pids, send_signal, try_spawn_until_live, vm_lock, wait_until,
+    FerryEnv,
 };
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 /// One request to 127.0.0.1:port; the status and body.
 fn http(port: u16, method: &str, path: &str, body: &[u8]) -> (u16, Vec<u8>) {
@@ -48,20 +42,22 @@ fn web_blueprint_serves_health_and_storage_through_an_exposed_port() {
     let _lock = vm_lock();
     let env = FerryEnv::new(env!("CARGO_BIN_EXE_ferry"));
     let bp = blueprint("web");
-    let port = free_port();
-    let (mut boot, _) = spawn_until_live(
-        &env,
-        &[
-            "boot",
-            "--blueprint",
-            bp.to_str().unwrap(),
-            "--name",
-            "w1",
-            "--expose",
-            &format!("127.0.0.1:{port}:8000"),
-        ],
-        Duration::from_secs(180),
-    );
+    let (mut boot, port) = retry_on_port_clash(1, |port| {
+        try_spawn_until_live(
+            &env,
+            &[
+                "boot",
+                "--blueprint",
+                bp.to_str().unwrap(),
+                "--name",
+                "w1",
+                "--expose",
+                &format!("127.0.0.1:{port}:8000"),
+            ],
+            Duration::from_secs(180),
+        )
+        .map(|(boot, _)| (boot, port))
+    });
 
     // No fleet file yet: the name is the guest's hostname.
     let (status, health) = http(port, "GET", "/health", b"");

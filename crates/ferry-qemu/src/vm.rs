@@ -24,6 +24,15 @@ const GUEST_MAC: &str = "52:54:00:fe:44:01";
 /// How much of QEMU's error output is kept for error messages.
 const STDERR_TAIL: usize = 4096;
 
+/// How long a failed connection to the agent socket waits for QEMU's exit.
+/// QEMU closes its agent channel and removes the socket on its way out,
+/// before the process has ended and its exit reason is known: a connect
+/// that fails then is QEMU exiting, and its reason is the error to give.
+const EXIT_GRACE: Duration = Duration::from_secs(5);
+
+/// How long the waiter lets the stderr reader drain what QEMU said last.
+const STDERR_DRAIN: Duration = Duration::from_millis(200);
+
 /// State shared with the threads that watch the process.
 #[derive(Default)]
 struct Watch {
@@ -32,6 +41,9 @@ struct Watch {
     /// The reason QEMU gave in its last `SHUTDOWN` event.
     shutdown_reason: Mutex<Option<String>>,
     stderr_tail: Mutex<String>,
+    /// Set once QEMU's stderr is closed (all of it is in `stderr_tail`).
+    stderr_done: Mutex<bool>,
+    stderr_closed: Condvar,
 }
 
 /// A running QEMU process.
@@ -235,9 +247,23 @@ impl QemuVm {
     /// it run: a guest that stops at once is then seen stopping by the
     /// agent connection, not as a missing socket.
     fn connect_agent_then_run(&mut self) -> Result<(), EngineError> {
-        let stream = self.connect_agent_socket()?;
+        let stream = self.connect_agent_socket().map_err(|e| self.exited_or(e))?;
         *self.first_agent.lock().expect("first agent") = Some(stream);
         self.cmd("cont", json!({})).map(|_| ())
+    }
+
+    /// `e`, unless QEMU is exiting (see [`EXIT_GRACE`]): then why it exited.
+    fn exited_or(&self, e: EngineError) -> EngineError {
+        let guard = self.watch.exit.lock().expect("watch");
+        let (guard, _) = self
+            .watch
+            .exited
+            .wait_timeout_while(guard, EXIT_GRACE, |e| e.is_none())
+            .expect("watch");
+        match guard.as_ref() {
+            Some(reason) => EngineError::NotRunning(describe(reason)),
+            None => e,
+        }
     }
 
     fn connect_agent_socket(&self) -> Result<UnixStream, EngineError> {
@@ -391,7 +417,7 @@ impl Vm for QemuVm {
     fn agent_stream(&self) -> Result<UnixStream, EngineError> {
         match self.first_agent.lock().expect("first agent").take() {
             Some(stream) => Ok(stream),
-            None => self.connect_agent_socket(),
+            None => self.connect_agent_socket().map_err(|e| self.exited_or(e)),
         }
     }
 
@@ -870,6 +896,8 @@ fn spawn_stderr_reader(mut stderr: impl Read + Send + 'static, watch: Arc<Watch>
                     tail.drain(..cut);
                 }
             }
+            *watch.stderr_done.lock().expect("watch") = true;
+            watch.stderr_closed.notify_all();
         })
         .expect("spawn thread");
 }
@@ -879,8 +907,15 @@ fn spawn_waiter(mut child: Child, watch: Arc<Watch>, tx: Sender<VmEvent>) {
         .name("vm-waiter".into())
         .spawn(move || {
             let status = child.wait();
-            // Let the stderr reader drain what QEMU said last.
-            std::thread::sleep(Duration::from_millis(20));
+            // Let the stderr reader drain what QEMU said last: its pipe
+            // closes with QEMU, unless a child QEMU started still holds it.
+            let done = watch.stderr_done.lock().expect("watch");
+            drop(
+                watch
+                    .stderr_closed
+                    .wait_timeout_while(done, STDERR_DRAIN, |done| !*done)
+                    .expect("watch"),
+            );
             let shutdown = watch.shutdown_reason.lock().expect("watch").clone();
             let reason = match shutdown.as_deref() {
                 Some("guest-shutdown") => ExitReason::Poweroff,
@@ -928,10 +963,14 @@ fn last_line(text: &str) -> String {
         .to_string()
 }
 
+/// Why QEMU is gone, in words.
 fn describe(reason: &ExitReason) -> String {
     match reason {
+        ExitReason::Poweroff => "QEMU exited: the guest powered off".into(),
+        ExitReason::Reset => "QEMU exited: the guest rebooted".into(),
+        ExitReason::Panic => "QEMU exited: the guest kernel panicked".into(),
+        ExitReason::Stopped => "QEMU was stopped".into(),
         ExitReason::EngineFailed { detail } => detail.clone(),
-        other => format!("{other:?}"),
     }
 }
 

@@ -10,6 +10,8 @@
 
 pub mod hosts;
 pub mod netsnap;
+pub mod ports;
+pub mod watchdog;
 pub use hosts::{Host, TestHosts};
 
 use std::fs::File;
@@ -144,9 +146,21 @@ fn lock_file(path: &Path) -> LockGuard {
     LockGuard(f)
 }
 
-/// Serialises VM tests across threads and test binaries.
-pub fn vm_lock() -> LockGuard {
-    lock_file(&fixtures_dir().join("vm.lock"))
+/// The VM lock, held by one test, with that test's time limit.
+pub struct VmLock {
+    // Disarmed before the lock is released.
+    _limit: watchdog::Watchdog,
+    _lock: LockGuard,
+}
+
+/// Serialises VM tests across threads and test binaries. Once the lock is
+/// held, the test's time limit runs ([`watchdog`]).
+pub fn vm_lock() -> VmLock {
+    let lock = lock_file(&fixtures_dir().join("vm.lock"));
+    VmLock {
+        _limit: watchdog::time_limit(watchdog::configured_limit()),
+        _lock: lock,
+    }
 }
 
 /// The blueprint of a built-in recipe, built once and rebuilt when the
@@ -303,10 +317,48 @@ pub fn spawn_until_live(
     spawn_until(cmd, "live in ", timeout)
 }
 
+/// Like [`spawn_until_live`], but a ferry that exits before it is live is
+/// an `Err` with what it said (e.g. for [`ports::retry_on_port_clash`]).
+pub fn try_spawn_until_live(
+    env: &FerryEnv,
+    args: &[&str],
+    timeout: Duration,
+) -> Result<(KillOnDrop, Vec<String>), String> {
+    let mut cmd = env.cmd();
+    cmd.args(args);
+    try_spawn_until_stamped(cmd, "live in ", timeout).map(|(c, l)| (c, unstamped(l)))
+}
+
 /// Starts `cmd` and waits until a line of its standard output starts with
 /// `ready` (e.g. a ferry command run inside a test host, see
 /// [`Host::ferry`]). Returns as [`spawn_until_live`] does.
-pub fn spawn_until(mut cmd: Command, ready: &str, timeout: Duration) -> (KillOnDrop, Vec<String>) {
+pub fn spawn_until(cmd: Command, ready: &str, timeout: Duration) -> (KillOnDrop, Vec<String>) {
+    let (child, lines) = spawn_until_stamped(cmd, ready, timeout);
+    (child, unstamped(lines))
+}
+
+/// Like [`spawn_until`], with the moment each line was read (for tests
+/// that relate what a client saw to what ferry was doing then).
+pub fn spawn_until_stamped(
+    cmd: Command,
+    ready: &str,
+    timeout: Duration,
+) -> (KillOnDrop, Vec<(Instant, String)>) {
+    try_spawn_until_stamped(cmd, ready, timeout).unwrap_or_else(|e| panic!("{e}"))
+}
+
+fn unstamped(lines: Vec<(Instant, String)>) -> Vec<String> {
+    lines.into_iter().map(|(_, l)| l).collect()
+}
+
+/// [`spawn_until_stamped`], but a command that exits before it is ready is
+/// an `Err` naming the command, what it printed and its stderr. Not being
+/// ready within `timeout` still panics.
+pub fn try_spawn_until_stamped(
+    mut cmd: Command,
+    ready: &str,
+    timeout: Duration,
+) -> Result<(KillOnDrop, Vec<(Instant, String)>), String> {
     use std::io::{BufRead, BufReader, Read};
     use std::process::Stdio;
     let args: Vec<_> = cmd
@@ -325,18 +377,18 @@ pub fn spawn_until(mut cmd: Command, ready: &str, timeout: Duration) -> (KillOnD
         // Keep reading after the caller stopped listening: a closed pipe
         // would make ferry's next line fail.
         for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            let _ = tx.send(line);
+            let _ = tx.send((Instant::now(), line));
         }
     });
     let start = Instant::now();
     let mut lines = Vec::new();
     loop {
         match rx.recv_timeout(Duration::from_millis(200)) {
-            Ok(line) => {
+            Ok((at, line)) => {
                 let live = line.starts_with(ready);
-                lines.push(line);
+                lines.push((at, line));
                 if live {
-                    return (KillOnDrop::new(child), lines);
+                    return Ok((KillOnDrop::new(child), lines));
                 }
             }
             Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
@@ -346,12 +398,18 @@ pub fn spawn_until(mut cmd: Command, ready: &str, timeout: Duration) -> (KillOnD
                 if let Some(mut e) = child.stderr.take() {
                     let _ = e.read_to_string(&mut err);
                 }
-                panic!("ferry {args:?} exited before live: {lines:?} {err}");
+                return Err(format!(
+                    "ferry {args:?} exited before '{ready}': {:?} {err}",
+                    unstamped(lines)
+                ));
             }
         }
         if start.elapsed() > timeout {
             let _ = child.kill();
-            panic!("ferry {args:?} was not live within {timeout:?}: {lines:?}");
+            panic!(
+                "ferry {args:?} did not print '{ready}' within {timeout:?}: {:?}",
+                unstamped(lines)
+            );
         }
     }
 }

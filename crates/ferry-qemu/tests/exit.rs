@@ -1,0 +1,82 @@
+//! A guest that stops at once, with real QEMU: whatever ferry asks of the
+//! engine afterwards is answered with QEMU's own exit reason, never with a
+//! missing socket.
+
+use std::io::Read;
+use std::os::unix::net::UnixStream;
+use std::time::Duration;
+
+use ferry_blueprint::Blueprint;
+use ferry_engine::{Accel, DiskSpec, Engine, ExitReason, NetAttachment, VmSpec};
+use ferry_qemu::QemuEngine;
+use ferry_test_support::{blueprint, cache_dir, qemu_pids, vm_lock};
+
+/// Reads `stream` until the other end closes (or resets) it.
+fn read_to_close(mut stream: UnixStream, within: Duration) {
+    stream.set_read_timeout(Some(within)).unwrap();
+    let mut buf = [0u8; 4096];
+    loop {
+        match stream.read(&mut buf) {
+            Ok(0) => return,
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return,
+            Err(e) => panic!("the agent channel stayed open: {e}"),
+        }
+    }
+}
+
+/// The tiny guest with `ferry.probe` on its command line prints a marker and
+/// powers off at once; QEMU (`-no-reboot`) exits, closing the agent channel
+/// and removing the agent socket a moment before the process is gone. Asking
+/// for the agent channel again right then, as a supervisor that sees the
+/// channel close does, must say that QEMU exited and why.
+#[test]
+fn the_agent_channel_of_a_guest_that_powered_off_names_the_exit() {
+    let _lock = vm_lock();
+    let bp = Blueprint::load(&blueprint("tiny")).unwrap();
+    let engine = QemuEngine::new("qemu-system-x86_64", &cache_dir()).unwrap();
+    let run_dir = tempfile::tempdir().unwrap();
+    let spec = VmSpec {
+        name: "t-gone".into(),
+        kernel: bp.kernel(),
+        initramfs: bp.initramfs(),
+        cmdline: format!("{} ferry.probe", bp.manifest.cmdline),
+        disk: DiskSpec::CopyOnWrite {
+            base: bp.disk(),
+            overlay: run_dir.path().join("disk.qcow2"),
+        },
+        memory_mib: 256,
+        cpus: 1,
+        memory_file: run_dir.path().join("memory"),
+        memory_shared: true,
+        accel: Accel::Tcg,
+        net: NetAttachment::Isolated,
+        run_dir: run_dir.path().to_path_buf(),
+    };
+    let mut vm = engine.boot(&spec).unwrap();
+    read_to_close(vm.agent_stream().unwrap(), Duration::from_secs(120));
+    // The channel closed: connect again at once. A connection made before
+    // QEMU removed its socket closes as well; the next attempt meets the
+    // exit.
+    let mut attempts = 0;
+    let err = loop {
+        attempts += 1;
+        assert!(
+            attempts < 20,
+            "connected {attempts} times to an exiting QEMU"
+        );
+        match vm.agent_stream() {
+            Ok(stream) => read_to_close(stream, Duration::from_secs(10)),
+            Err(e) => break e.to_string(),
+        }
+    };
+    assert!(
+        err.contains("QEMU exited: the guest powered off") && !err.contains("agent socket"),
+        "{err}"
+    );
+    assert_eq!(
+        vm.wait_exit(Duration::from_secs(5)),
+        Some(ExitReason::Poweroff)
+    );
+    assert!(qemu_pids("t-gone").is_empty());
+}
