@@ -33,6 +33,16 @@ pub const DEFAULT_QEMU: &str = "qemu-system-x86_64";
 /// for a QEMU that does not find its own, e.g. one unpacked with `dpkg -x`.
 pub const DATADIR_ENV: &str = "FERRY_QEMU_DATADIR";
 
+/// The `microvm` firmware ferry names when QEMU has it: qboot, upstream
+/// QEMU's default for `microvm`.
+///
+/// The firmware is part of a saved state (QEMU migrates its ROM as the RAM
+/// block `pc.bios`, and refuses a state whose block has another size), and
+/// Debian changed its default between releases: 7.2 loads qboot (64 KiB),
+/// 10 SeaBIOS's `microvm` build (128 KiB, from the seabios package). Naming
+/// qboot keeps states loadable across the two; both ship it.
+pub const MICROVM_BIOS: &str = "qboot.rom";
+
 /// The QEMU engine.
 pub struct QemuEngine {
     qemu: PathBuf,
@@ -41,6 +51,8 @@ pub struct QemuEngine {
     data_dirs: Vec<PathBuf>,
     /// `qemu-img` beside the QEMU binary, or the one in `PATH`.
     qemu_img: PathBuf,
+    /// [`MICROVM_BIOS`] if this QEMU finds it.
+    bios: Option<&'static str>,
     /// `--version`'s number as printed, and parsed.
     version: OnceLock<(String, QemuVersion)>,
 }
@@ -66,11 +78,13 @@ impl QemuEngine {
             .map(|d| d.join("qemu-img"))
             .filter(|p| p.is_file())
             .unwrap_or_else(|| PathBuf::from("qemu-img"));
+        let bios = has_firmware(&path, &data_dirs, MICROVM_BIOS).then_some(MICROVM_BIOS);
         Ok(Self {
             qemu: path,
             cache_dir: cache_dir.to_path_buf(),
             data_dirs,
             qemu_img,
+            bios,
             version: OnceLock::new(),
         })
     }
@@ -158,6 +172,23 @@ fn data_dirs_beside(qemu: &Path) -> Vec<PathBuf> {
         .map(|d| prefix.join(d))
         .filter(|d| d.is_dir())
         .collect()
+}
+
+/// Whether QEMU finds firmware `name`: in the `-L` directories, beside its
+/// binary (`../share/qemu`) or in `/usr/share/qemu`, where QEMU looks
+/// (`qemu-system-x86_64 -L help` lists them; asking QEMU would cost a
+/// process start on every resume).
+fn has_firmware(qemu: &Path, data_dirs: &[PathBuf], name: &str) -> bool {
+    let beside = qemu
+        .parent()
+        .and_then(Path::parent)
+        .map(|p| p.join("share/qemu"));
+    data_dirs
+        .iter()
+        .cloned()
+        .chain(beside)
+        .chain([PathBuf::from("/usr/share/qemu")])
+        .any(|d| d.join(name).is_file())
 }
 
 fn find_program(name: &str) -> Option<PathBuf> {
@@ -299,6 +330,7 @@ impl QemuEngine {
             program: &self.qemu,
             data_dirs: &self.data_dirs,
             qemu_img: &self.qemu_img,
+            bios: self.bios,
             version: self.qemu_version()?,
         })
     }

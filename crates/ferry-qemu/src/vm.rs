@@ -72,6 +72,8 @@ pub struct Launch<'a> {
     pub data_dirs: &'a [PathBuf],
     /// The image tool of the same QEMU.
     pub qemu_img: &'a Path,
+    /// The firmware to name with `-bios`, or `None` for QEMU's default.
+    pub bios: Option<&'a str>,
     /// Its release.
     pub version: QemuVersion,
 }
@@ -153,6 +155,9 @@ impl QemuVm {
         let mut cmd = Command::new(qemu);
         for dir in launch.data_dirs {
             cmd.arg("-L").arg(dir);
+        }
+        if let Some(bios) = launch.bios {
+            cmd.args(["-bios", bios]);
         }
         cmd.args(qemu_args(
             spec,
@@ -275,20 +280,28 @@ impl QemuVm {
     }
 
     /// A state from another QEMU release that this one failed to load is
-    /// refused as the state's fault, with what to do; other failures pass.
+    /// refused as the state's fault, with what to do; any load failure
+    /// keeps QEMU's own reasons.
     fn load_failure(&self, e: EngineError, verb: &str) -> EngineError {
         let fix = if verb == "saved" {
             "rebuild the package here with 'ferry package', or resume it where that QEMU runs"
         } else {
             "move it to a host with that QEMU release"
         };
+        // QEMU names the part it could not load before its last line
+        // ("Size mismatch: pc.bios: ..."): keep those lines.
+        let said = load_errors(&self.watch.stderr_tail.lock().expect("watch"));
         match &self.state_from {
             Some(from) if !matches!(e, EngineError::Incompatible(_)) => {
+                let why = if said.is_empty() { e.to_string() } else { said };
                 EngineError::Incompatible(format!(
                     "it was {verb} with QEMU {from}, and this host's QEMU {} could not load it \
-                     ({e}); {fix}",
+                     ({why}); {fix}",
                     self.version
                 ))
+            }
+            None if matches!(e, EngineError::NotRunning(_)) && !said.is_empty() => {
+                EngineError::NotRunning(said)
             }
             _ => e,
         }
@@ -981,6 +994,21 @@ fn wait_for_tail(watch: &Watch) -> String {
         .wait_timeout_while(guard, Duration::from_secs(2), |e| e.is_none())
         .expect("watch");
     last_line(watch.stderr_tail.lock().expect("watch").trim())
+}
+
+/// QEMU's error lines about a failed load, without the program name, at
+/// most three, joined.
+fn load_errors(stderr: &str) -> String {
+    let lines: Vec<&str> = stderr
+        .lines()
+        .map(|l| match l.split_once(": ") {
+            Some((program, rest)) if program.contains("qemu") && !program.contains(' ') => rest,
+            _ => l,
+        })
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .collect();
+    lines[lines.len().saturating_sub(3)..].join("; ")
 }
 
 fn last_line(text: &str) -> String {
