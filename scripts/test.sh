@@ -22,10 +22,11 @@ export FERRY_TEST_TIME_LIMIT_S=${FERRY_TEST_TIME_LIMIT_S:-600}
 export FERRY_TEST_BINARY_LIMIT_S=${FERRY_TEST_BINARY_LIMIT_S:-1800}
 total=${FERRY_TEST_TOTAL_LIMIT_S:-3600}
 export CARGO_TARGET_X86_64_UNKNOWN_LINUX_GNU_RUNNER=$PWD/scripts/test-runner.sh
+# fault-injection: the test-only FERRY_FAULT hook (crates/ferry-cli/src/cli/render.rs).
 # VM tests also serialise themselves with a lock; one thread keeps the
 # output readable and the two cores for the guests.
 rc=0
-timeout --kill-after=30 "$total" cargo test --workspace -- --test-threads=1 "${extra[@]}" || rc=$?
+timeout --kill-after=30 "$total" cargo test --workspace --features ferry-cli/fault-injection -- --test-threads=1 "${extra[@]}" || rc=$?
 if [ "$rc" = 124 ] || [ "$rc" = 137 ]; then
   echo "scripts/test.sh: the test run exceeded its limit of ${total} s (FERRY_TEST_TOTAL_LIMIT_S)" >&2
 fi

@@ -44,6 +44,7 @@ pub fn kvm_device_problem() -> Option<String> {
 /// Decides the accelerator; see the module documentation.
 pub fn choose(
     qemu: &Path,
+    data_dirs: &[PathBuf],
     qemu_version: &str,
     cache_dir: &Path,
     choice: AccelChoice,
@@ -79,7 +80,7 @@ pub fn choose(
             {
                 return Ok(decision);
             }
-            let decision = match probe_kvm(qemu, probe) {
+            let decision = match probe_kvm(qemu, data_dirs, probe) {
                 Ok(()) => AccelDecision {
                     accel: Accel::Kvm,
                     reason: None,
@@ -126,12 +127,17 @@ fn cache_file(cache_dir: &Path, qemu_version: &str, probe: &ProbeGuest) -> Optio
 }
 
 /// Boots the probe guest under KVM; `Ok` once it prints the marker.
-fn probe_kvm(qemu: &Path, probe: &ProbeGuest) -> Result<(), String> {
+fn probe_kvm(qemu: &Path, data_dirs: &[PathBuf], probe: &ProbeGuest) -> Result<(), String> {
     tracing::warn!(
         "checking once whether KVM can boot a Linux guest on this host (up to {} s)",
         PROBE_STALL.as_secs()
     );
     let mut child = Command::new(qemu)
+        .args(
+            data_dirs
+                .iter()
+                .flat_map(|d| [std::ffi::OsStr::new("-L"), d.as_os_str()]),
+        )
         .args([
             "-M",
             "microvm,acpi=on",

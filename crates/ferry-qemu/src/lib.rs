@@ -11,6 +11,7 @@
 
 mod accel;
 mod qmp;
+mod version;
 mod vm;
 
 use std::path::{Path, PathBuf};
@@ -23,15 +24,37 @@ use ferry_engine::{
 };
 
 pub use accel::kvm_device_problem;
+pub use version::QemuVersion;
 
 /// The QEMU program ferry uses unless `$FERRY_QEMU` names another.
 pub const DEFAULT_QEMU: &str = "qemu-system-x86_64";
+
+/// Names QEMU's data directories (firmware, option ROMs), `:`-separated,
+/// for a QEMU that does not find its own, e.g. one unpacked with `dpkg -x`.
+pub const DATADIR_ENV: &str = "FERRY_QEMU_DATADIR";
+
+/// The `microvm` firmware ferry names when QEMU has it: qboot, upstream
+/// QEMU's default for `microvm`.
+///
+/// The firmware is part of a saved state (QEMU migrates its ROM as the RAM
+/// block `pc.bios`, and refuses a state whose block has another size), and
+/// Debian changed its default between releases: 7.2 loads qboot (64 KiB),
+/// 10 SeaBIOS's `microvm` build (128 KiB, from the seabios package). Naming
+/// qboot keeps states loadable across the two; both ship it.
+pub const MICROVM_BIOS: &str = "qboot.rom";
 
 /// The QEMU engine.
 pub struct QemuEngine {
     qemu: PathBuf,
     cache_dir: PathBuf,
-    version: OnceLock<String>,
+    /// Passed to QEMU as `-L`, in order.
+    data_dirs: Vec<PathBuf>,
+    /// `qemu-img` beside the QEMU binary, or the one in `PATH`.
+    qemu_img: PathBuf,
+    /// [`MICROVM_BIOS`] if this QEMU finds it.
+    bios: Option<&'static str>,
+    /// `--version`'s number as printed, and parsed.
+    version: OnceLock<(String, QemuVersion)>,
 }
 
 impl QemuEngine {
@@ -43,9 +66,25 @@ impl QemuEngine {
             program: qemu.to_string(),
             fix: "install it with 'apt-get install -y --no-install-recommends qemu-system-x86' (or point $FERRY_QEMU at it)".into(),
         })?;
+        let data_dirs = match std::env::var_os(DATADIR_ENV) {
+            Some(dirs) => std::env::split_paths(&dirs)
+                .filter(|d| !d.as_os_str().is_empty())
+                .collect(),
+            None => data_dirs_beside(&path),
+        };
+        // The image tool of the same build, where there is one beside it.
+        let qemu_img = path
+            .parent()
+            .map(|d| d.join("qemu-img"))
+            .filter(|p| p.is_file())
+            .unwrap_or_else(|| PathBuf::from("qemu-img"));
+        let bios = has_firmware(&path, &data_dirs, MICROVM_BIOS).then_some(MICROVM_BIOS);
         Ok(Self {
             qemu: path,
             cache_dir: cache_dir.to_path_buf(),
+            data_dirs,
+            qemu_img,
+            bios,
             version: OnceLock::new(),
         })
     }
@@ -54,6 +93,102 @@ impl QemuEngine {
     pub fn program(&self) -> &Path {
         &self.qemu
     }
+
+    /// The data directories QEMU is pointed at with `-L` (empty when it
+    /// finds its own).
+    pub fn data_dirs(&self) -> &[PathBuf] {
+        &self.data_dirs
+    }
+
+    /// The QEMU version, read once.
+    pub fn qemu_version(&self) -> Result<QemuVersion, EngineError> {
+        self.read_version().map(|(_, v)| v)
+    }
+
+    fn read_version(&self) -> Result<(String, QemuVersion), EngineError> {
+        if let Some(v) = self.version.get() {
+            return Ok(v.clone());
+        }
+        let out = Command::new(&self.qemu)
+            .arg("--version")
+            .output()
+            .map_err(|e| EngineError::Io {
+                context: format!("running {} --version", self.qemu.display()),
+                source: e,
+            })?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        let version = text
+            .lines()
+            .next()
+            .and_then(|l| l.split("version ").nth(1))
+            .map(|v| v.split_whitespace().next().unwrap_or(v).to_string())
+            .and_then(|v| QemuVersion::parse(&v).map(|parsed| (v, parsed)))
+            .ok_or_else(|| {
+                EngineError::StartFailed(format!(
+                    "unexpected QEMU version output from {}: {}",
+                    self.qemu.display(),
+                    text.trim()
+                ))
+            })?;
+        Ok(self.version.get_or_init(|| version).clone())
+    }
+
+    /// The guest memory added on a cold boot, and says once why when
+    /// there is some: it makes live copies slower (see
+    /// [`vm::TCG_MEMORY_EXTRA_KIB`]).
+    fn boot_memory_extra_kib(&self, accel: Accel) -> Result<u64, EngineError> {
+        let version = self.qemu_version()?;
+        let extra = vm::memory_extra_kib(accel, version);
+        if extra > 0 {
+            static SAID: std::sync::Once = std::sync::Once::new();
+            SAID.call_once(|| {
+                tracing::info!(
+                    "QEMU {version} under TCG: the guest gets {extra} KiB more memory so that live \
+                     migration keeps every write (QEMU before {} loses some); live copies are slower \
+                     for it. QEMU 9.0 or later needs no workaround (docs/engine.md)",
+                    version::TCG_DIRTY_SYNC_FIXED
+                );
+            });
+        }
+        Ok(extra)
+    }
+}
+
+/// QEMU's data directories beside a binary installed outside `/usr`
+/// (`PREFIX/bin/qemu-system-x86_64` → `PREFIX/share/qemu`, and
+/// `PREFIX/share/seabios`, where Debian's QEMU 10 finds the `microvm`
+/// firmware). A QEMU in `/usr` finds its own; one unpacked elsewhere
+/// would otherwise load the system QEMU's firmware.
+fn data_dirs_beside(qemu: &Path) -> Vec<PathBuf> {
+    let real = std::fs::canonicalize(qemu).unwrap_or_else(|_| qemu.to_path_buf());
+    let Some(prefix) = real.parent().and_then(Path::parent) else {
+        return Vec::new();
+    };
+    if prefix == Path::new("/usr") || prefix == Path::new("/") {
+        return Vec::new();
+    }
+    ["share/qemu", "share/seabios"]
+        .iter()
+        .map(|d| prefix.join(d))
+        .filter(|d| d.is_dir())
+        .collect()
+}
+
+/// Whether QEMU finds firmware `name`: in the `-L` directories, beside its
+/// binary (`../share/qemu`) or in `/usr/share/qemu`, where QEMU looks
+/// (`qemu-system-x86_64 -L help` lists them; asking QEMU would cost a
+/// process start on every resume).
+fn has_firmware(qemu: &Path, data_dirs: &[PathBuf], name: &str) -> bool {
+    let beside = qemu
+        .parent()
+        .and_then(Path::parent)
+        .map(|p| p.join("share/qemu"));
+    data_dirs
+        .iter()
+        .cloned()
+        .chain(beside)
+        .chain([PathBuf::from("/usr/share/qemu")])
+        .any(|d| d.join(name).is_file())
 }
 
 fn find_program(name: &str) -> Option<PathBuf> {
@@ -73,26 +208,7 @@ impl Engine for QemuEngine {
     }
 
     fn version(&self) -> Result<String, EngineError> {
-        if let Some(v) = self.version.get() {
-            return Ok(v.clone());
-        }
-        let out = Command::new(&self.qemu)
-            .arg("--version")
-            .output()
-            .map_err(|e| EngineError::Io {
-                context: format!("running {} --version", self.qemu.display()),
-                source: e,
-            })?;
-        let text = String::from_utf8_lossy(&out.stdout);
-        let version = text
-            .lines()
-            .next()
-            .and_then(|l| l.split("version ").nth(1))
-            .map(|v| v.split_whitespace().next().unwrap_or(v).to_string())
-            .ok_or_else(|| {
-                EngineError::StartFailed(format!("unexpected QEMU version output: {text}"))
-            })?;
-        Ok(self.version.get_or_init(|| version).clone())
+        self.read_version().map(|(text, _)| text)
     }
 
     fn cpu_model(&self, accel: Accel) -> String {
@@ -107,13 +223,20 @@ impl Engine for QemuEngine {
         choice: AccelChoice,
         probe: &ProbeGuest,
     ) -> Result<AccelDecision, EngineError> {
-        accel::choose(&self.qemu, &self.version()?, &self.cache_dir, choice, probe)
+        accel::choose(
+            &self.qemu,
+            &self.data_dirs,
+            &self.version()?,
+            &self.cache_dir,
+            choice,
+            probe,
+        )
     }
 
     fn boot(&self, spec: &VmSpec) -> Result<Box<dyn Vm>, EngineError> {
-        let provenance = self.provenance(spec, vm::memory_extra_kib(spec.accel))?;
+        let provenance = self.provenance(spec, self.boot_memory_extra_kib(spec.accel)?)?;
         Ok(Box::new(vm::QemuVm::start(
-            &self.qemu,
+            &self.launch()?,
             spec,
             vm::Start::Boot,
             provenance,
@@ -124,7 +247,7 @@ impl Engine for QemuEngine {
         self.check_provenance(spec, &state.provenance, "saved")?;
         let provenance = self.provenance(spec, state.provenance.memory_extra_kib)?;
         Ok(Box::new(vm::QemuVm::start(
-            &self.qemu,
+            &self.launch()?,
             spec,
             vm::Start::Restore(state),
             provenance,
@@ -138,11 +261,12 @@ impl Engine for QemuEngine {
         incoming: &ferry_engine::Incoming,
     ) -> Result<Box<dyn Vm>, EngineError> {
         self.check_provenance(spec, provenance, "started")?;
+        let sender = provenance;
         let provenance = self.provenance(spec, provenance.memory_extra_kib)?;
         Ok(Box::new(vm::QemuVm::start(
-            &self.qemu,
+            &self.launch()?,
             spec,
-            vm::Start::Receive(incoming),
+            vm::Start::Receive(incoming, sender),
             provenance,
         )?))
     }
@@ -157,17 +281,21 @@ impl QemuEngine {
         p: &Provenance,
         verb: &str,
     ) -> Result<(), EngineError> {
-        let version = self.version()?;
+        let version = self.qemu_version()?;
         let cpu = self.cpu_model(spec.accel);
+        let unloadable = match QemuVersion::parse(&p.engine_version) {
+            Some(saved) => version.cannot_load(saved),
+            None => Some(format!(
+                "QEMU {} (this host has {version})",
+                p.engine_version
+            )),
+        };
         let mismatch = [
             (
                 p.engine != self.name(),
                 format!("engine {} (this is {})", p.engine, self.name()),
             ),
-            (
-                p.engine_version != version,
-                format!("QEMU {} (this host has {version})", p.engine_version),
-            ),
+            (unloadable.is_some(), unloadable.unwrap_or_default()),
             (
                 p.cpu_model != cpu,
                 format!("CPU model '{}' (this host gives '{cpu}')", p.cpu_model),
@@ -194,6 +322,17 @@ impl QemuEngine {
             )));
         }
         Ok(())
+    }
+
+    /// How QEMU is started here.
+    fn launch(&self) -> Result<vm::Launch<'_>, EngineError> {
+        Ok(vm::Launch {
+            program: &self.qemu,
+            data_dirs: &self.data_dirs,
+            qemu_img: &self.qemu_img,
+            bios: self.bios,
+            version: self.qemu_version()?,
+        })
     }
 
     /// What a VM started now from `spec` is made with; `memory_extra_kib`

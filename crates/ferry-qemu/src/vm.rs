@@ -17,6 +17,7 @@ use ferry_engine::{
 use serde_json::{json, Value};
 
 use crate::qmp::{Qmp, QmpError, QmpEvent};
+use crate::version::QemuVersion;
 
 /// The guest's MAC address. Fixed, so a snapshot resumes with the same one.
 const GUEST_MAC: &str = "52:54:00:fe:44:01";
@@ -59,6 +60,11 @@ pub struct QemuVm {
     /// out by the first [`Vm::agent_stream`].
     first_agent: Mutex<Option<UnixStream>>,
     provenance: Provenance,
+    /// This QEMU's release.
+    version: QemuVersion,
+    /// The QEMU release that made the state being loaded, when it is not
+    /// this one: a failure to load it is then the state's, and said so.
+    state_from: Option<String>,
     /// Whether guest writes reach `memory_file` (shared mapping).
     memory_in_file: bool,
     memory_file: PathBuf,
@@ -66,6 +72,22 @@ pub struct QemuVm {
     disk_file: PathBuf,
     /// `disk_file` is an NBD server's socket, not an image.
     disk_is_nbd: bool,
+    /// The image tool of the same QEMU.
+    qemu_img: PathBuf,
+}
+
+/// Which QEMU runs, and how it finds its data.
+pub struct Launch<'a> {
+    /// The `qemu-system-x86_64` binary.
+    pub program: &'a Path,
+    /// Passed as `-L`, in order.
+    pub data_dirs: &'a [PathBuf],
+    /// The image tool of the same QEMU.
+    pub qemu_img: &'a Path,
+    /// The firmware to name with `-bios`, or `None` for QEMU's default.
+    pub bios: Option<&'a str>,
+    /// Its release.
+    pub version: QemuVersion,
 }
 
 /// How a QEMU process starts.
@@ -74,16 +96,17 @@ pub enum Start<'a> {
     Boot,
     /// From a saved state; runs once loaded.
     Restore(&'a SavedState),
-    /// Paused, waiting for a live VM's disk and state.
-    Receive(&'a Incoming),
+    /// Paused, waiting for a live VM's disk and state, sent by a VM made
+    /// as the provenance says.
+    Receive(&'a Incoming, &'a Provenance),
 }
 
 /// How long a sending VM's devices get to finish in-flight work once its
 /// vCPUs stopped, before the last pass (see `send_state`).
 const DRAIN_MS: u64 = 10;
 
-/// Guest memory added under TCG, so that the RAM block's length is not a
-/// multiple of 64 pages.
+/// Guest memory added under TCG on QEMU before 9.0, so that the RAM
+/// block's length is not a multiple of 64 pages.
 ///
 /// QEMU before 9.0 has a fast path for syncing the migration dirty bitmap of
 /// a RAM block whose length is a multiple of 64 pages, and that path forgets
@@ -91,15 +114,21 @@ const DRAIN_MS: u64 = 10;
 /// coherency with TCG memory access", QEMU commit of 2024-02). Guest writes
 /// made during a live copy are then lost: the guest arrives with corrupt
 /// kernel lists. Two extra pages make QEMU take its exact per-page path.
-/// KVM's dirty log is not affected, so KVM guests get exactly what they ask.
+/// The price: QEMU then syncs that block page by page, which stalls the
+/// guest during a live copy (about half of a migration's client-seen gap
+/// on QEMU 7.2 here). KVM's dirty log is not affected, and QEMU 9.0 fixed
+/// the fast path, so there guests get exactly what they ask.
+///
+/// A state keeps the figure it was made with (`memory_extra_kib` in its
+/// provenance) wherever it resumes: RAM sizes must match to load.
 pub const TCG_MEMORY_EXTRA_KIB: u64 = 8;
 
-/// The memory an engine adds for `accel` on a cold boot (see
-/// [`TCG_MEMORY_EXTRA_KIB`]).
-pub fn memory_extra_kib(accel: Accel) -> u64 {
+/// The memory the engine adds for `accel` on a cold boot with QEMU
+/// `version` (see [`TCG_MEMORY_EXTRA_KIB`]).
+pub fn memory_extra_kib(accel: Accel, version: QemuVersion) -> u64 {
     match accel {
-        Accel::Tcg => TCG_MEMORY_EXTRA_KIB,
-        Accel::Kvm => 0,
+        Accel::Tcg if version.tcg_needs_extra_memory() => TCG_MEMORY_EXTRA_KIB,
+        Accel::Tcg | Accel::Kvm => 0,
     }
 }
 
@@ -112,7 +141,7 @@ const MIRROR_JOB: &str = "ferry-mirror";
 impl QemuVm {
     /// Starts QEMU for `spec`, as `start` says.
     pub fn start(
-        qemu: &Path,
+        launch: &Launch<'_>,
         spec: &VmSpec,
         start: Start<'_>,
         provenance: Provenance,
@@ -120,14 +149,28 @@ impl QemuVm {
         std::fs::create_dir_all(&spec.run_dir)
             .map_err(|e| io(format!("creating {}", spec.run_dir.display()), e))?;
         if let DiskSpec::CopyOnWrite { base, overlay } = &spec.disk {
-            create_overlay(base, overlay)?;
+            create_overlay(launch.qemu_img, base, overlay)?;
         }
         let qmp_socket = spec.run_dir.join("qmp.sock");
         let agent_socket = spec.run_dir.join("agent.sock");
         let _ = std::fs::remove_file(&qmp_socket);
         let _ = std::fs::remove_file(&agent_socket);
 
+        let state_from = match &start {
+            Start::Boot => None,
+            Start::Restore(state) => Some(&state.provenance.engine_version),
+            Start::Receive(_, sender) => Some(&sender.engine_version),
+        }
+        .filter(|v| **v != provenance.engine_version)
+        .cloned();
+        let qemu = launch.program;
         let mut cmd = Command::new(qemu);
+        for dir in launch.data_dirs {
+            cmd.arg("-L").arg(dir);
+        }
+        if let Some(bios) = launch.bios {
+            cmd.args(["-bios", bios]);
+        }
         cmd.args(qemu_args(
             spec,
             provenance.memory_bytes() >> 10,
@@ -137,7 +180,7 @@ impl QemuVm {
             // A cold boot starts paused so that the agent socket is
             // connected before the guest can run (and stop, taking the
             // socket with it).
-            matches!(start, Start::Receive(_) | Start::Boot),
+            matches!(start, Start::Receive(..) | Start::Boot),
         ));
         cmd.stdin(Stdio::piped())
             .stdout(Stdio::piped())
@@ -207,6 +250,8 @@ impl QemuVm {
                 agent_socket,
                 first_agent: Mutex::default(),
                 provenance,
+                version: launch.version,
+                state_from,
                 memory_in_file: spec.memory_shared,
                 memory_file: spec.memory_file.clone(),
                 disk_file: match &spec.disk {
@@ -215,6 +260,7 @@ impl QemuVm {
                     DiskSpec::Nbd { socket } => socket.clone(),
                 },
                 disk_is_nbd: matches!(spec.disk, DiskSpec::Nbd { .. }),
+                qemu_img: launch.qemu_img.to_path_buf(),
             },
             Err(e) => {
                 kill_pid(pid);
@@ -228,8 +274,8 @@ impl QemuVm {
         };
         let prepared = match start {
             Start::Boot => vm.connect_agent_then_run(),
-            Start::Restore(state) => vm.incoming(state),
-            Start::Receive(incoming) => vm.prepare_receive(incoming),
+            Start::Restore(state) => vm.incoming(state).map_err(|e| vm.load_failure(e, "saved")),
+            Start::Receive(incoming, _) => vm.prepare_receive(incoming),
         };
         if let Err(e) = prepared {
             vm.kill();
@@ -240,7 +286,37 @@ impl QemuVm {
 
     /// Whether QEMU tracks every guest write during a live copy here.
     fn live_copy_is_exact(&self) -> bool {
-        self.provenance.accel == Accel::Kvm || self.provenance.memory_extra_kib > 0
+        self.provenance.accel == Accel::Kvm
+            || !self.version.tcg_needs_extra_memory()
+            || self.provenance.memory_extra_kib > 0
+    }
+
+    /// A state from another QEMU release that this one failed to load is
+    /// refused as the state's fault, with what to do; any load failure
+    /// keeps QEMU's own reasons.
+    fn load_failure(&self, e: EngineError, verb: &str) -> EngineError {
+        let fix = if verb == "saved" {
+            "rebuild the package here with 'ferry package', or resume it where that QEMU runs"
+        } else {
+            "move it to a host with that QEMU release"
+        };
+        // QEMU names the part it could not load before its last line
+        // ("Size mismatch: pc.bios: ..."): keep those lines.
+        let said = load_errors(&self.watch.stderr_tail.lock().expect("watch"));
+        match &self.state_from {
+            Some(from) if !matches!(e, EngineError::Incompatible(_)) => {
+                let why = if said.is_empty() { e.to_string() } else { said };
+                EngineError::Incompatible(format!(
+                    "it was {verb} with QEMU {from}, and this host's QEMU {} could not load it \
+                     ({why}); {fix}",
+                    self.version
+                ))
+            }
+            None if matches!(e, EngineError::NotRunning(_)) && !said.is_empty() => {
+                EngineError::NotRunning(said)
+            }
+            _ => e,
+        }
     }
 
     /// Connects the agent socket of a paused, cold-booted guest, then lets
@@ -461,7 +537,7 @@ impl Vm for QemuVm {
         };
         let format = if self.disk_is_nbd { "raw" } else { "qcow2" };
         // -U: QEMU holds the image lock; the VM is paused, so this is safe.
-        let out = Command::new("qemu-img")
+        let out = Command::new(&self.qemu_img)
             .args(["convert", "-U", "-O", "raw", "-S", "4k", "-f", format])
             .arg(&source)
             .arg(dest)
@@ -508,10 +584,10 @@ impl Vm for QemuVm {
             "migrate-set-capabilities",
             json!({ "capabilities": [{ "capability": "pause-before-switchover", "state": true }] }),
         )?;
-        // A TCG guest started without the extra memory (an older state)
-        // would lose writes made during a live copy (see
-        // TCG_MEMORY_EXTRA_KIB): it is paused for the whole copy instead,
-        // slower but never wrong.
+        // A TCG guest on QEMU before 9.0 started without the extra memory
+        // (a state made on QEMU 9.0 or later, or by an older ferry) would
+        // lose writes made during a live copy (see TCG_MEMORY_EXTRA_KIB):
+        // it is paused for the whole copy instead, slower but never wrong.
         let paused_copy = !self.live_copy_is_exact();
         if paused_copy {
             self.cmd("stop", json!({}))?;
@@ -601,6 +677,7 @@ impl Vm for QemuVm {
 
     fn wait_received(&mut self, timeout: Duration) -> Result<(), EngineError> {
         self.wait_migration("receiving the VM", timeout)
+            .map_err(|e| self.load_failure(e, "started"))
     }
 
     fn end_disk_export(&mut self) -> Result<(), EngineError> {
@@ -791,13 +868,13 @@ fn host_tsc_khz() -> Option<u64> {
 /// Creates the copy-on-write overlay: a qcow2 file backed by the pristine
 /// image. Without `qemu-img` (QEMU's system package does not bring it), a
 /// sparse raw copy does the same job, more slowly for large disks.
-fn create_overlay(base: &Path, overlay: &Path) -> Result<(), EngineError> {
+fn create_overlay(qemu_img: &Path, base: &Path, overlay: &Path) -> Result<(), EngineError> {
     if overlay.exists() {
         return Ok(());
     }
     let base =
         std::fs::canonicalize(base).map_err(|e| io(format!("disk {}", base.display()), e))?;
-    let out = match Command::new("qemu-img")
+    let out = match Command::new(qemu_img)
         .args(["create", "-q", "-f", "qcow2", "-F", "raw", "-b"])
         .arg(&base)
         .arg(overlay)
@@ -952,6 +1029,21 @@ fn wait_for_tail(watch: &Watch) -> String {
         .wait_timeout_while(guard, Duration::from_secs(2), |e| e.is_none())
         .expect("watch");
     last_line(watch.stderr_tail.lock().expect("watch").trim())
+}
+
+/// QEMU's error lines about a failed load, without the program name, at
+/// most three, joined.
+fn load_errors(stderr: &str) -> String {
+    let lines: Vec<&str> = stderr
+        .lines()
+        .map(|l| match l.split_once(": ") {
+            Some((program, rest)) if program.contains("qemu") && !program.contains(' ') => rest,
+            _ => l,
+        })
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .collect();
+    lines[lines.len().saturating_sub(3)..].join("; ")
 }
 
 fn last_line(text: &str) -> String {

@@ -22,8 +22,22 @@ pub fn recipe_package(env: &FerryEnv, recipe: &str) -> PathBuf {
     let path = fixtures_dir().join(format!("{recipe}.ferry"));
     let bp = blueprint(recipe);
     let stamp = fixtures_dir().join(format!("{recipe}.ferry.from"));
+    // A package from another QEMU may not load here: the engine is part
+    // of the stamp.
+    let qemu = std::env::var("FERRY_QEMU").unwrap_or_else(|_| "qemu-system-x86_64".into());
+    let qemu_version = std::process::Command::new(&qemu)
+        .arg("--version")
+        .output()
+        .map(|o| {
+            String::from_utf8_lossy(&o.stdout)
+                .lines()
+                .next()
+                .unwrap_or("")
+                .to_string()
+        })
+        .unwrap_or_default();
     let want = format!(
-        "{:?}",
+        "{:?} {qemu_version}",
         std::fs::metadata(bp.join("blueprint.toml"))
             .and_then(|m| m.modified())
             .ok()
