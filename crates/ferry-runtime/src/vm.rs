@@ -814,6 +814,11 @@ impl RunningVm {
         guard
     }
 
+    /// Records that the service is live (the agent said so when resumed).
+    pub fn set_live(&self) {
+        self.live.store(true, Ordering::SeqCst);
+    }
+
     /// Records the VM's state for `status` (`running`, `in-doubt`, ...).
     pub fn mark(&self, state: &str) {
         self.set_state(state);

@@ -82,13 +82,25 @@ fn run_until<T>(
                 &cancel,
             )
         });
-        wait_until(Duration::from_secs(120), "the VM to be live", || {
-            if running.is_finished() {
-                panic!("run ended early: {:?}", events.events());
+        // A failed check must not leave the VM running (and this scope
+        // waiting for it forever): cancel it, then fail.
+        let checked = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            wait_until(Duration::from_secs(120), "the VM to be live", || {
+                if running.is_finished() {
+                    panic!("run ended early: {:?}", events.events());
+                }
+                has(&events, |e| matches!(e, Event::Live { .. })).then_some(())
+            });
+            stop(&events, &cancel)
+        }));
+        let t = match checked {
+            Ok(t) => t,
+            Err(panic) => {
+                cancel.cancel();
+                let _ = running.join();
+                std::panic::resume_unwind(panic);
             }
-            has(&events, |e| matches!(e, Event::Live { .. })).then_some(())
-        });
-        let t = stop(&events, &cancel);
+        };
         let outcome = running.join().expect("run thread").expect("run");
         (outcome, events.events(), t)
     })

@@ -188,7 +188,9 @@ pub fn execute(
             }
         }
     }
-    if !live {
+    if live {
+        vm.set_live();
+    } else {
         let t = Instant::now();
         vm.wait_live(plan.live_timeout)?;
         events.emit(phase("service-live", t));
