@@ -124,9 +124,12 @@ pub trait ControlHandler: Send + Sync {
     fn handle(&self, request: ControlRequest) -> ControlReply;
 }
 
-/// A listening control socket. Dropping it removes the socket file.
+/// A listening control socket. Dropping it stops the listener thread and
+/// removes the socket file (a long-lived process, a daemon, keeps no
+/// thread per VM it once ran).
 pub struct ControlServer {
     path: PathBuf,
+    stop: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl ControlServer {
@@ -134,10 +137,15 @@ impl ControlServer {
     pub fn start(path: &Path, handler: Arc<dyn ControlHandler>) -> Result<Self, RuntimeError> {
         let _ = std::fs::remove_file(path);
         let listener = UnixListener::bind(path).map_err(RuntimeError::io(path))?;
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let stopped = stop.clone();
         std::thread::Builder::new()
             .name("control".into())
             .spawn(move || {
                 for conn in listener.incoming() {
+                    if stopped.load(std::sync::atomic::Ordering::SeqCst) {
+                        break;
+                    }
                     let Ok(conn) = conn else { break };
                     let handler = handler.clone();
                     let _ = std::thread::Builder::new()
@@ -148,12 +156,16 @@ impl ControlServer {
             .map_err(RuntimeError::io("control thread"))?;
         Ok(Self {
             path: path.to_path_buf(),
+            stop,
         })
     }
 }
 
 impl Drop for ControlServer {
     fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        // Wakes the listener, which sees the flag and ends.
+        let _ = UnixStream::connect(&self.path);
         let _ = std::fs::remove_file(&self.path);
     }
 }
@@ -209,4 +221,53 @@ pub fn call(
         ));
     }
     serde_json::from_str(&reply).map_err(|e| err(format!("bad reply: {e}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct Echo;
+
+    impl ControlHandler for Echo {
+        fn handle(&self, request: ControlRequest) -> ControlReply {
+            ControlReply::Error {
+                message: format!("{request:?}"),
+            }
+        }
+    }
+
+    fn control_threads() -> usize {
+        std::fs::read_dir("/proc/self/task")
+            .unwrap()
+            .flatten()
+            .filter(|t| {
+                std::fs::read_to_string(t.path().join("comm")).is_ok_and(|c| c.trim() == "control")
+            })
+            .count()
+    }
+
+    #[test]
+    fn a_dropped_server_leaves_no_thread_and_no_socket() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("control.sock");
+        let before = control_threads();
+        let server = ControlServer::start(&path, Arc::new(Echo)).unwrap();
+        let reply = call(&path, &ControlRequest::Status, Duration::from_secs(5)).unwrap();
+        assert_eq!(
+            reply,
+            ControlReply::Error {
+                message: "Status".into()
+            }
+        );
+        assert_eq!(control_threads(), before + 1);
+        drop(server);
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while control_threads() > before && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert_eq!(control_threads(), before, "the listener thread ended");
+        assert!(!path.exists());
+        assert!(call(&path, &ControlRequest::Status, Duration::from_secs(1)).is_err());
+    }
 }
