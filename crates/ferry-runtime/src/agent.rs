@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use ferry_agent_proto::{decode, encode, Decoder, Frame, GuestStatus, Reply, Request};
 
-use crate::RuntimeError;
+use crate::error::{FileError, VmError};
 
 /// Something the agent said without being asked.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -41,20 +41,18 @@ impl AgentClient {
     pub fn new(
         stream: UnixStream,
         on_event: impl Fn(AgentEvent) + Send + 'static,
-    ) -> Result<Self, RuntimeError> {
+    ) -> Result<Self, VmError> {
         // A guest that stops reading must not wedge ferry: writes give up.
         stream
             .set_write_timeout(Some(Duration::from_secs(2)))
-            .map_err(RuntimeError::io("agent socket"))?;
-        let reader = stream
-            .try_clone()
-            .map_err(RuntimeError::io("agent socket"))?;
+            .map_err(FileError::at("agent socket"))?;
+        let reader = stream.try_clone().map_err(FileError::at("agent socket"))?;
         let pending: Pending = Arc::default();
         let routes = pending.clone();
         std::thread::Builder::new()
             .name("agent-reader".into())
             .spawn(move || read_loop(reader, routes, on_event))
-            .map_err(RuntimeError::io("agent reader thread"))?;
+            .map_err(FileError::at("agent reader thread"))?;
         Ok(Self {
             writer: Mutex::new(stream),
             pending,
@@ -65,8 +63,8 @@ impl AgentClient {
     }
 
     /// Sends a request and waits up to `timeout` for its reply. An agent
-    /// `error` reply becomes [`RuntimeError::Agent`].
-    pub fn request(&self, request: &Request, timeout: Duration) -> Result<Reply, RuntimeError> {
+    /// `error` reply becomes [`VmError::Agent`].
+    pub fn request(&self, request: &Request, timeout: Duration) -> Result<Reply, VmError> {
         let (tx, rx) = channel();
         let id = self.send(request, tx)?;
         let reply = match rx.recv_timeout(timeout) {
@@ -74,19 +72,19 @@ impl AgentClient {
             Err(e) => {
                 self.pending.lock().expect("agent lock").remove(&id);
                 return Err(match e {
-                    RecvTimeoutError::Timeout => RuntimeError::Agent(format!(
+                    RecvTimeoutError::Timeout => VmError::Agent(format!(
                         "no answer to '{}' within {} ms",
                         request_name(request),
                         timeout.as_millis()
                     )),
                     RecvTimeoutError::Disconnected => {
-                        RuntimeError::Agent("the agent channel closed".into())
+                        VmError::Agent("the agent channel closed".into())
                     }
                 });
             }
         };
         match reply {
-            Reply::Error { message } => Err(RuntimeError::Agent(message)),
+            Reply::Error { message } => Err(VmError::Agent(message)),
             other => Ok(other),
         }
     }
@@ -94,7 +92,7 @@ impl AgentClient {
     /// Says hello until the agent answers, resending every 200 ms: the agent
     /// may not have opened its port yet, and whatever it sent before ferry
     /// connected is gone. Returns the agent's protocol version and status.
-    pub fn hello(&self, timeout: Duration) -> Result<(u32, GuestStatus), RuntimeError> {
+    pub fn hello(&self, timeout: Duration) -> Result<(u32, GuestStatus), VmError> {
         let deadline = Instant::now() + timeout;
         let (tx, rx) = channel();
         let mut ids = Vec::new();
@@ -111,14 +109,14 @@ impl AgentClient {
                     status,
                     ..
                 }) => break Ok((protocol_version, status)),
-                Ok(Reply::Error { message }) => break Err(RuntimeError::Agent(message)),
+                Ok(Reply::Error { message }) => break Err(VmError::Agent(message)),
                 Ok(other) => {
-                    break Err(RuntimeError::Agent(format!(
+                    break Err(VmError::Agent(format!(
                         "unexpected answer to hello: {other:?}"
                     )))
                 }
                 Err(_) if Instant::now() >= deadline => {
-                    break Err(RuntimeError::Agent("no answer to hello".into()))
+                    break Err(VmError::Agent("no answer to hello".into()))
                 }
                 Err(_) => {}
             }
@@ -137,20 +135,20 @@ impl AgentClient {
         self_name: &str,
         members: Vec<ferry_agent_proto::FleetMember>,
         timeout: Duration,
-    ) -> Result<(), RuntimeError> {
+    ) -> Result<(), VmError> {
         let request = Request::SetFleet {
             self_name: self_name.to_string(),
             members,
         };
         match self.request(&request, timeout)? {
             Reply::FleetSet => Ok(()),
-            other => Err(RuntimeError::Agent(format!(
+            other => Err(VmError::Agent(format!(
                 "unexpected answer to set-fleet: {other:?}"
             ))),
         }
     }
 
-    fn send(&self, request: &Request, reply_to: Sender<Reply>) -> Result<u64, RuntimeError> {
+    fn send(&self, request: &Request, reply_to: Sender<Reply>) -> Result<u64, VmError> {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         self.pending
             .lock()
@@ -159,7 +157,7 @@ impl AgentClient {
         let line = encode(id, request);
         if let Err(e) = self.writer.lock().expect("agent lock").write_all(&line) {
             self.pending.lock().expect("agent lock").remove(&id);
-            return Err(RuntimeError::Agent(format!(
+            return Err(VmError::Agent(format!(
                 "cannot write to the agent channel: {e}"
             )));
         }

@@ -8,7 +8,7 @@ use std::time::Instant;
 use ferry_package::{Package, SectionKind};
 use ferry_transport::RemotePackage;
 
-use crate::RuntimeError;
+use crate::error::{FileError, StartError};
 
 /// Extracted package sections, by digest, under `$FERRY_CACHE/sections`.
 pub(crate) struct SectionCache {
@@ -27,11 +27,11 @@ impl SectionCache {
     }
 
     /// The section as a file, extracting (and verifying) it the first time.
-    pub(crate) fn get(&self, pkg: &Package, kind: SectionKind) -> Result<PathBuf, RuntimeError> {
+    pub(crate) fn get(&self, pkg: &Package, kind: SectionKind) -> Result<PathBuf, StartError> {
         let digest = pkg.section(kind)?.digest.clone();
         let path = self.path(kind, &digest);
         if !path.exists() {
-            std::fs::create_dir_all(&self.dir).map_err(RuntimeError::io(&self.dir))?;
+            std::fs::create_dir_all(&self.dir).map_err(FileError::at(&self.dir))?;
             let t = Instant::now();
             pkg.extract(kind, &path, &mut |_, _| {})?;
             tracing::info!(section = %kind, ms = t.elapsed().as_millis() as u64, "extracted into the cache");
@@ -68,19 +68,19 @@ impl SectionCache {
         pkg: &RemotePackage,
         kind: SectionKind,
         progress: &mut dyn FnMut(u64, u64),
-    ) -> Result<PathBuf, RuntimeError> {
+    ) -> Result<PathBuf, StartError> {
         use std::io::{Seek, SeekFrom, Write};
         let info = pkg.section(kind)?;
         let path = self.path(kind, &info.digest);
         if path.exists() {
             return Ok(path);
         }
-        std::fs::create_dir_all(&self.dir).map_err(RuntimeError::io(&self.dir))?;
+        std::fs::create_dir_all(&self.dir).map_err(FileError::at(&self.dir))?;
         let part = path.with_extension(format!("part-{}", std::process::id()));
         let t = Instant::now();
-        let result = (|| -> Result<(), RuntimeError> {
-            let mut file = std::fs::File::create(&part).map_err(RuntimeError::io(&part))?;
-            file.set_len(info.size).map_err(RuntimeError::io(&part))?;
+        let result = (|| -> Result<(), StartError> {
+            let mut file = std::fs::File::create(&part).map_err(FileError::at(&part))?;
+            file.set_len(info.size).map_err(FileError::at(&part))?;
             let mut done = 0u64;
             for index in 0..info.chunk_count() {
                 let len = info.chunk_len(index).unwrap_or(0);
@@ -88,13 +88,13 @@ impl SectionCache {
                     let bytes = pkg.read_chunk(kind, index)?;
                     file.seek(SeekFrom::Start(index as u64 * info.chunk_size))
                         .and_then(|_| file.write_all(&bytes))
-                        .map_err(RuntimeError::io(&part))?;
+                        .map_err(FileError::at(&part))?;
                 }
                 done += len;
                 progress(done, info.size);
             }
-            file.sync_all().map_err(RuntimeError::io(&part))?;
-            std::fs::rename(&part, &path).map_err(RuntimeError::io(&path))
+            file.sync_all().map_err(FileError::at(&part))?;
+            Ok(std::fs::rename(&part, &path).map_err(FileError::at(&path))?)
         })();
         if result.is_err() {
             let _ = std::fs::remove_file(&part);

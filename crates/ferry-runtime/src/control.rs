@@ -11,7 +11,7 @@ use std::time::Duration;
 use ferry_engine::Accel;
 use serde::{Deserialize, Serialize};
 
-use crate::RuntimeError;
+use crate::error::{FileError, VmError};
 
 /// Version of the control API, reported by `status`.
 pub const CONTROL_API_VERSION: u32 = 1;
@@ -134,9 +134,9 @@ pub struct ControlServer {
 
 impl ControlServer {
     /// Listens on `path`, serving each connection on its own thread.
-    pub fn start(path: &Path, handler: Arc<dyn ControlHandler>) -> Result<Self, RuntimeError> {
+    pub fn start(path: &Path, handler: Arc<dyn ControlHandler>) -> Result<Self, VmError> {
         let _ = std::fs::remove_file(path);
-        let listener = UnixListener::bind(path).map_err(RuntimeError::io(path))?;
+        let listener = UnixListener::bind(path).map_err(FileError::at(path))?;
         let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let stopped = stop.clone();
         std::thread::Builder::new()
@@ -153,7 +153,7 @@ impl ControlServer {
                         .spawn(move || serve(conn, handler.as_ref()));
                 }
             })
-            .map_err(RuntimeError::io("control thread"))?;
+            .map_err(FileError::at("control thread"))?;
         Ok(Self {
             path: path.to_path_buf(),
             stop,
@@ -199,8 +199,8 @@ pub fn call(
     path: &Path,
     request: &ControlRequest,
     timeout: Duration,
-) -> Result<ControlReply, RuntimeError> {
-    let err = |detail: String| RuntimeError::Control {
+) -> Result<ControlReply, VmError> {
+    let err = |detail: String| VmError::Control {
         path: path.to_path_buf(),
         detail,
     };

@@ -34,6 +34,7 @@ use std::time::{Duration, Instant};
 use ferry_engine::{Accel, AccelChoice, Engine};
 use serde::{Deserialize, Serialize};
 
+use crate::error::{FileError, StartError};
 use crate::events::{Event, EventSink};
 use crate::ops::peer::PeerOptions;
 use crate::owner::{own, Outcome, OwnedVm, OwnerOptions};
@@ -152,7 +153,7 @@ pub struct Launch {
 
 /// Starts the supervisor of `spec` (the `ferry` binary at `ferry`) in a
 /// new session; [`Launch::wait`] waits for its report.
-pub fn launch(ferry: &Path, paths: &Paths, spec: &DetachSpec) -> Result<Launch, RuntimeError> {
+pub fn launch(ferry: &Path, paths: &Paths, spec: &DetachSpec) -> Result<Launch, StartError> {
     let (read, write) = pipe()?;
     let write_fd = write.as_raw_fd();
     let mut cmd = Command::new(ferry);
@@ -186,7 +187,7 @@ pub fn launch(ferry: &Path, paths: &Paths, spec: &DetachSpec) -> Result<Launch, 
     }
     let mut child = cmd
         .spawn()
-        .map_err(RuntimeError::io(format!("starting {}", ferry.display())))?;
+        .map_err(FileError::at(format!("starting {}", ferry.display())))?;
     drop(write);
     let mut stdin = child.stdin.take().expect("piped");
     let json = serde_json::to_vec(spec).expect("the spec serialises");
@@ -226,7 +227,7 @@ impl Launch {
         timeout: Duration,
         cancel: &Cancel,
         events: Option<&dyn EventSink>,
-    ) -> Result<Started, RuntimeError> {
+    ) -> Result<Started, StartError> {
         let deadline = Instant::now() + timeout;
         let mut line = Vec::new();
         let mut buf = [0u8; 4096];
@@ -269,7 +270,7 @@ impl Launch {
             let n = match self.ready.read(&mut buf) {
                 Ok(n) => n,
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-                Err(e) => return Err(RuntimeError::io("the supervisor's ready pipe")(e)),
+                Err(e) => return Err(FileError::at("the supervisor's ready pipe")(e).into()),
             };
             if n == 0 {
                 let status = self.child.wait().map(|s| s.to_string()).unwrap_or_default();
@@ -305,7 +306,7 @@ impl Launch {
             Ok(ReadyMsg::Failed { code, message }) => {
                 // It exits right after saying so.
                 let _ = self.child.wait();
-                Err(RuntimeError::DetachedStart {
+                Err(StartError::DetachedStart {
                     name: self.name,
                     message,
                     code,
@@ -315,8 +316,8 @@ impl Launch {
         }
     }
 
-    fn failed(&self, message: &str, code: u8) -> RuntimeError {
-        RuntimeError::DetachedStart {
+    fn failed(&self, message: &str, code: u8) -> StartError {
+        StartError::DetachedStart {
             name: self.name.clone(),
             message: message.to_string(),
             code,
@@ -338,11 +339,11 @@ fn readable(file: &File, timeout: Duration) -> bool {
 }
 
 /// A pipe, both ends close-on-exec.
-fn pipe() -> Result<(OwnedFd, OwnedFd), RuntimeError> {
+fn pipe() -> Result<(OwnedFd, OwnedFd), FileError> {
     let mut fds = [0 as libc::c_int; 2];
     // SAFETY: pipe2(2) writes two descriptors into the array it is given.
     if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
-        return Err(RuntimeError::io("creating a pipe")(
+        return Err(FileError::at("creating a pipe")(
             std::io::Error::last_os_error(),
         ));
     }
@@ -356,12 +357,12 @@ pub struct ReadyPipe(Option<File>);
 impl ReadyPipe {
     /// Takes descriptor `fd` (from `--ready-fd`), checking it is open. It
     /// is made close-on-exec again, so that QEMU does not inherit it.
-    pub fn from_fd(fd: i32) -> Result<Self, RuntimeError> {
+    pub fn from_fd(fd: i32) -> Result<Self, StartError> {
         // SAFETY: fcntl(2) on a descriptor number; an invalid one fails
         // with EBADF and nothing else happens.
         let ok = fd > 2 && unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) } == 0;
         if !ok {
-            return Err(RuntimeError::Internal(format!(
+            return Err(StartError::Internal(format!(
                 "--ready-fd {fd} is not an open descriptor: 'ferry supervise' is started by ferry up, run --detach and start"
             )));
         }
@@ -403,7 +404,7 @@ pub fn supervise(
     let log = match &spec.from {
         StartFrom::Peer { .. } => {
             let dir = crate::vmdir::peer_logs_dir(paths);
-            std::fs::create_dir_all(&dir).map_err(RuntimeError::io(&dir))?;
+            std::fs::create_dir_all(&dir).map_err(FileError::at(&dir))?;
             dir.join(format!("peer-{name}.log"))
         }
         _ => paths.vms().join(name).join(files::SUPERVISOR_LOG),
@@ -455,7 +456,7 @@ fn start(
         started,
         detached: Some(detached),
     };
-    let redirect = |_: &crate::vmdir::VmDir| -> Result<(), RuntimeError> {
+    let redirect = |_: &crate::vmdir::VmDir| -> Result<(), StartError> {
         redirect_output(log);
         Ok(())
     };
@@ -494,7 +495,7 @@ fn start(
             let dir = VmDir::resume(paths, name)?;
             redirect_output(log);
             let Some(record) = VmRecord::load(dir.path()) else {
-                let err = RuntimeError::NothingToResume {
+                let err = StartError::NothingToResume {
                     name: name.clone(),
                     why: format!(
                         "it has no record ({}): it was not started detached",
@@ -502,16 +503,17 @@ fn start(
                     ),
                 };
                 dir.remove();
-                return Err(err);
+                return Err(err.into());
             };
             let Some(saved) = record.saved.clone().filter(|p| p.exists()) else {
-                return Err(RuntimeError::NothingToResume {
+                return Err(StartError::NothingToResume {
                     name: name.clone(),
                     why: record
                         .note
                         .clone()
                         .unwrap_or_else(|| "it never was suspended".into()),
-                });
+                }
+                .into());
             };
             owner.fleet = record.fleet.clone();
             // What it saved into is its own to write back into.

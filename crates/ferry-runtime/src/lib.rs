@@ -36,7 +36,10 @@ pub mod start;
 pub mod vm;
 pub mod vmdir;
 
-pub use error::{ExitClass, RuntimeError};
+pub use error::{
+    ExitClass, FileError, FleetError, MigrateError, NameError, RuntimeError, StartError, VmError,
+};
 pub use events::{Cancel, Event, EventSink};
 pub use package_meta::PackageMeta;
 pub use paths::Paths;
+pub use save::SaveError;

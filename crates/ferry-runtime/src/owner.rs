@@ -27,6 +27,7 @@ use ferry_engine::{Engine, LiveLimits, LiveStats};
 use ferry_transport::migration::{self, ChannelKind, DestMsg, MigrationError, SourceMsg, Tunnel};
 
 use crate::control::{ControlHandler, ControlReply, ControlRequest};
+use crate::error::{FileError, VmError};
 use crate::events::{CancelAction, CancelGuard, Event, EventSink};
 use crate::package_meta::PackageMeta;
 use crate::record::{FleetSpec, RecordState, VmRecord};
@@ -462,9 +463,9 @@ fn finish(
 /// Records how the VM died (a guest that powered off is `stopped`,
 /// anything else `crashed`), then lets it go: a detached VM's directory
 /// keeps the record and the logs for `ferry ps` and `ferry logs`.
-fn died(owned: OwnedVm, e: RuntimeError) -> RuntimeError {
+fn died(owned: OwnedVm, e: VmError) -> RuntimeError {
     if let Some(mut record) = owned.record.clone() {
-        let powered_off = matches!(&e, RuntimeError::VmDied { reason, .. }
+        let powered_off = matches!(&e, VmError::VmDied { reason, .. }
             if *reason == describe_exit(&ferry_engine::ExitReason::Poweroff));
         record.state = if powered_off {
             RecordState::Stopped
@@ -473,8 +474,10 @@ fn died(owned: OwnedVm, e: RuntimeError) -> RuntimeError {
         };
         // The console lines are in the log, where `ps` and `logs` read them.
         record.note = Some(match &e {
-            RuntimeError::VmDied { reason, .. } if powered_off => reason.clone(),
-            RuntimeError::VmDied { reason, .. } => format!("the VM stopped unexpectedly: {reason}"),
+            VmError::VmDied { reason, .. } if powered_off => reason.clone(),
+            VmError::VmDied { reason, .. } => {
+                format!("the VM stopped unexpectedly: {reason}")
+            }
             other => other.to_string(),
         });
         if let Err(err) = record.save(owned.vm.dir().path()) {
@@ -482,7 +485,7 @@ fn died(owned: OwnedVm, e: RuntimeError) -> RuntimeError {
         }
     }
     tracing::warn!(error = %e, "the VM ended");
-    e
+    e.into()
 }
 
 /// The VM runs elsewhere now: close its exposures here (clients reconnect
@@ -623,7 +626,7 @@ fn migrate_out(
         }
     };
     owned.vm.mark("migrating");
-    let sent = (|| -> Result<LiveStats, RuntimeError> {
+    let sent = (|| -> Result<LiveStats, ferry_engine::EngineError> {
         let e = owned.vm.engine_vm();
         let t = Instant::now();
         e.start_disk_copy(&disk_sock)?;
@@ -677,11 +680,11 @@ fn migrate_out(
     }
 }
 
-fn offer_of(owned: &OwnedVm) -> Result<crate::start::incoming::VmOffer, RuntimeError> {
-    let blob = |p: &Path| -> Result<crate::start::incoming::Blob, RuntimeError> {
+fn offer_of(owned: &OwnedVm) -> Result<crate::start::incoming::VmOffer, FileError> {
+    let blob = |p: &Path| -> Result<crate::start::incoming::Blob, FileError> {
         Ok(crate::start::incoming::Blob {
             sha256: crate::start::incoming::sha256_of(p)?,
-            size: std::fs::metadata(p).map_err(RuntimeError::io(p))?.len(),
+            size: std::fs::metadata(p).map_err(FileError::at(p))?.len(),
         })
     };
     Ok(crate::start::incoming::VmOffer {

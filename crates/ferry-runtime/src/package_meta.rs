@@ -5,12 +5,12 @@
 
 use ferry_package::Package;
 
-use crate::RuntimeError;
+use crate::error::StartError;
 
 /// What a package says about the VM inside it (its metadata).
 pub use ferry_package::VmMeta as PackageMeta;
 
 /// The metadata of `pkg`.
-pub fn read(pkg: &Package) -> Result<PackageMeta, RuntimeError> {
+pub fn read(pkg: &Package) -> Result<PackageMeta, StartError> {
     Ok(pkg.vm_meta()?)
 }

@@ -12,9 +12,9 @@ use std::path::{Path, PathBuf};
 use ferry_engine::Accel;
 use serde::{Deserialize, Serialize};
 
+use crate::error::FileError;
 use crate::vm::NetChoice;
 use crate::vmdir::files;
-use crate::RuntimeError;
 
 /// What the record says the VM is doing. Whether it really runs is the
 /// directory's lock: a record that says `running` in an unlocked directory
@@ -140,12 +140,12 @@ impl VmRecord {
     }
 
     /// Writes the record into `dir` atomically (temp + rename).
-    pub fn save(&self, dir: &Path) -> Result<(), RuntimeError> {
+    pub fn save(&self, dir: &Path) -> Result<(), FileError> {
         let tmp = dir.join(format!(".{}.tmp", files::RECORD));
         let dest = dir.join(files::RECORD);
         let bytes = serde_json::to_vec_pretty(self).expect("the record serialises");
-        std::fs::write(&tmp, bytes).map_err(RuntimeError::io(&tmp))?;
-        std::fs::rename(&tmp, &dest).map_err(RuntimeError::io(&dest))
+        std::fs::write(&tmp, bytes).map_err(FileError::at(&tmp))?;
+        std::fs::rename(&tmp, &dest).map_err(FileError::at(&dest))
     }
 
     /// Whether its saved state is a package in its own directory (which

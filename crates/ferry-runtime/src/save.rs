@@ -23,12 +23,12 @@ use ferry_agent_proto::Request;
 use ferry_engine::{Engine, Provenance};
 use ferry_package::{Package, PackageWriter, SectionKind, DEFAULT_CHUNK_SIZE};
 
+use crate::error::VmError;
 use crate::events::{Event, EventSink};
 use crate::owner::OwnedVm;
 use crate::package_meta::PackageMeta;
 use crate::vm::RunningVm;
 use crate::vmdir::files;
-use crate::RuntimeError;
 
 /// The saved device state written into a VM's directory.
 pub(crate) const DEVICE_STATE_OUT: &str = "device-state";
@@ -72,7 +72,7 @@ pub enum SaveError {
     },
     /// The guest did not quiesce (its agent did not answer).
     #[error("the guest did not get ready to be saved: {0}")]
-    Quiesce(Box<RuntimeError>),
+    Quiesce(VmError),
     /// The engine could not save the state or export the disk.
     #[error(transparent)]
     Engine(#[from] ferry_engine::EngineError),
@@ -200,7 +200,7 @@ fn quiesce_and_save(
             &Request::BeforeSuspend { drop_caches: true },
             Duration::from_secs(60),
         )
-        .map_err(|e| SaveError::Quiesce(Box::new(e)))?;
+        .map_err(SaveError::Quiesce)?;
     events.emit(phase("quiesced", t));
     let t = Instant::now();
     let dir = vm.dir().path().to_path_buf();

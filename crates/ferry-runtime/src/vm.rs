@@ -24,8 +24,9 @@ use crate::control::{
     ControlHandler, ControlReply, ControlRequest, ControlServer, ExecOutput, VmStatus,
     CONTROL_API_VERSION,
 };
+use crate::error::{FileError, StartError, VmError};
 use crate::vmdir::{files, ConsoleLog, VmDir, CONSOLE_LOG_CAP};
-use crate::{Paths, RuntimeError};
+use crate::Paths;
 
 /// What the supervisor waits on, from every source, in one channel.
 pub enum SupervisorEvent {
@@ -247,7 +248,7 @@ impl RunningVm {
         paths: &Paths,
         image: &BootImage,
         config: &VmConfig,
-    ) -> Result<Self, RuntimeError> {
+    ) -> Result<Self, StartError> {
         let dir = VmDir::create(paths, &config.name)?;
         Self::boot_in(dir, engine, paths, image, config, None)
     }
@@ -261,8 +262,8 @@ impl RunningVm {
         config: &VmConfig,
         state: &SavedState,
         memory: RestoreMemory,
-        prepare: impl FnOnce(&VmDir) -> Result<(), RuntimeError>,
-    ) -> Result<Self, RuntimeError> {
+        prepare: impl FnOnce(&VmDir) -> Result<(), StartError>,
+    ) -> Result<Self, StartError> {
         let dir = VmDir::create(paths, &config.name)?;
         let prepare: Prepare<'_> = Box::new(prepare);
         Self::restore_in(
@@ -278,7 +279,7 @@ impl RunningVm {
     }
 
     /// Shuts the guest down cleanly and removes its state directory.
-    pub fn shutdown(mut self) -> Result<ExitReason, RuntimeError> {
+    pub fn shutdown(mut self) -> Result<ExitReason, VmError> {
         self.shutdown_guest()
     }
 
@@ -291,7 +292,7 @@ impl RunningVm {
         image: &BootImage,
         config: &VmConfig,
         prepare: Option<Prepare<'_>>,
-    ) -> Result<Self, RuntimeError> {
+    ) -> Result<Self, StartError> {
         Self::start_in(dir, engine, paths, image, config, StartKind::Boot(prepare))
     }
 
@@ -306,7 +307,7 @@ impl RunningVm {
         config: &VmConfig,
         provenance: &ferry_engine::Provenance,
         disk_size: u64,
-    ) -> Result<Self, RuntimeError> {
+    ) -> Result<Self, StartError> {
         let kind = StartKind::Receive {
             provenance,
             disk_size,
@@ -335,7 +336,7 @@ impl RunningVm {
         state: &SavedState,
         memory: RestoreMemory,
         prepare: Option<Prepare<'_>>,
-    ) -> Result<Self, RuntimeError> {
+    ) -> Result<Self, StartError> {
         let kind = StartKind::Restore(state, memory, prepare);
         Self::start_in(dir, engine, paths, image, config, kind)
     }
@@ -347,7 +348,7 @@ impl RunningVm {
         image: &BootImage,
         config: &VmConfig,
         kind: StartKind<'_>,
-    ) -> Result<Self, RuntimeError> {
+    ) -> Result<Self, StartError> {
         let started = Instant::now();
         let (sender, events) = channel();
         let console_path = dir.path().join(files::CONSOLE);
@@ -360,7 +361,7 @@ impl RunningVm {
             Ok(n) => n,
             Err(e) => {
                 dir.remove();
-                return Err(e);
+                return Err(e.into());
             }
         };
         let spec = VmSpec {
@@ -409,7 +410,7 @@ impl RunningVm {
                 if let Err(e) = made {
                     drop(network);
                     dir.remove();
-                    return Err(RuntimeError::io(&disk)(e));
+                    return Err(FileError::at(&disk)(e).into());
                 }
                 let spec = VmSpec {
                     disk: DiskSpec::Raw(disk),
@@ -489,9 +490,9 @@ impl RunningVm {
             // socket) with it: say why it stopped, not that the socket is
             // missing.
             if let Some(reason) = running.vm.wait_exit(Duration::from_millis(500)) {
-                return Err(running.died(reason));
+                return Err(running.died(reason).into());
             }
-            return Err(e);
+            return Err(e.into());
         }
         let handler = Arc::new(Control {
             agent: running.agent.clone(),
@@ -529,7 +530,7 @@ impl RunningVm {
     }
 
     /// (Re)connects to the guest agent's channel.
-    pub fn connect_agent(&mut self) -> Result<(), RuntimeError> {
+    pub fn connect_agent(&mut self) -> Result<(), VmError> {
         // The engine serves one connection at a time: close the old one first.
         self.agent.lock().expect("agent slot").take();
         let stream = self.vm.agent_stream()?;
@@ -578,9 +579,9 @@ impl RunningVm {
     pub fn forward_input(
         &mut self,
         mut input: Box<dyn std::io::Read + Send>,
-    ) -> Result<(), RuntimeError> {
+    ) -> Result<(), VmError> {
         let Some(mut console) = self.vm.take_console_input() else {
-            return Err(RuntimeError::Internal(
+            return Err(VmError::Internal(
                 "the engine gives no console input (asked for twice?)".into(),
             ));
         };
@@ -596,7 +597,7 @@ impl RunningVm {
                     let _ = console.flush();
                 }
             })
-            .map_err(RuntimeError::io("console input thread"))?;
+            .map_err(FileError::at("console input thread"))?;
         Ok(())
     }
 
@@ -615,7 +616,7 @@ impl RunningVm {
     /// until answered), then waits for the `live` event, checking status now
     /// and then in case the event was lost. Fails early if the VM stops or a
     /// signal arrives.
-    pub fn wait_live(&mut self, timeout: Duration) -> Result<(), RuntimeError> {
+    pub fn wait_live(&mut self, timeout: Duration) -> Result<(), VmError> {
         let deadline = Instant::now() + timeout;
         let mut greeted = false;
         let mut last_status = Instant::now();
@@ -639,8 +640,8 @@ impl RunningVm {
                             self.live.store(true, Ordering::SeqCst);
                         }
                     }
-                    Err(RuntimeError::Agent(m)) if m == "no answer to hello" => {}
-                    Err(RuntimeError::Agent(m)) if m.starts_with("cannot write") => {
+                    Err(VmError::Agent(m)) if m == "no answer to hello" => {}
+                    Err(VmError::Agent(m)) if m.starts_with("cannot write") => {
                         // Reconnect once the reader has seen the close.
                         std::thread::sleep(Duration::from_millis(20));
                     }
@@ -668,9 +669,9 @@ impl RunningVm {
         }
     }
 
-    fn on_event(&mut self, ev: SupervisorEvent) -> Result<(), RuntimeError> {
+    fn on_event(&mut self, ev: SupervisorEvent) -> Result<(), VmError> {
         match ev {
-            SupervisorEvent::Cancel => Err(RuntimeError::Interrupted),
+            SupervisorEvent::Cancel => Err(VmError::Interrupted),
             SupervisorEvent::Jobs => Ok(()),
             SupervisorEvent::VmExited(reason) => Err(self.died(reason)),
             SupervisorEvent::Agent(AgentEvent::Live { .. }) => {
@@ -693,7 +694,7 @@ impl RunningVm {
 
     /// The engine dropped the agent connection while the VM runs (QEMU does
     /// this, e.g. while the guest resets the serial device): connect again.
-    fn reconnect_agent(&mut self) -> Result<(), RuntimeError> {
+    fn reconnect_agent(&mut self) -> Result<(), VmError> {
         if self.vm.wait_exit(Duration::from_millis(20)).is_some() {
             return Ok(()); // the exit event follows and says why
         }
@@ -710,10 +711,10 @@ impl RunningVm {
         }
     }
 
-    fn died(&self, reason: ExitReason) -> RuntimeError {
+    fn died(&self, reason: ExitReason) -> VmError {
         // Let the console pump write what the guest said last.
         std::thread::sleep(Duration::from_millis(50));
-        RuntimeError::VmDied {
+        VmError::VmDied {
             reason: describe_exit(&reason),
             detail: self.console_detail(),
         }
@@ -732,10 +733,10 @@ impl RunningVm {
         }
     }
 
-    fn not_live_error(&self, greeted: bool, timeout: Duration) -> RuntimeError {
+    fn not_live_error(&self, greeted: bool, timeout: Duration) -> VmError {
         let secs = timeout.as_secs();
         if greeted {
-            RuntimeError::NotLive {
+            VmError::NotLive {
                 secs,
                 detail: format!(
                     "the agent runs but the liveness check has not passed; raise --live-timeout or check the recipe's service and liveness{}",
@@ -743,7 +744,7 @@ impl RunningVm {
                 ),
             }
         } else {
-            RuntimeError::AgentSilent {
+            VmError::AgentSilent {
                 secs,
                 detail: format!(
                     "is ferry-agent in the guest image and the guest booting? raise --live-timeout on a slow host{}",
@@ -762,7 +763,7 @@ impl RunningVm {
     /// Waits for the caller's cancel, queued work or a peer's migration
     /// request; fails if the VM dies. Reconnects the agent if its channel
     /// drops.
-    pub fn wait_for_request(&mut self) -> Result<Wake, RuntimeError> {
+    pub fn wait_for_request(&mut self) -> Result<Wake, VmError> {
         loop {
             match self.events.recv() {
                 Ok(SupervisorEvent::Cancel) => return Ok(Wake::Cancel),
@@ -784,7 +785,7 @@ impl RunningVm {
     /// An event that arrived, without waiting: `Err` if the VM died, and
     /// `Ok(true)` if the caller cancelled. Migration requests that arrive
     /// meanwhile are refused; queued work waits for the owner.
-    pub fn poll_cancel(&mut self) -> Result<bool, RuntimeError> {
+    pub fn poll_cancel(&mut self) -> Result<bool, VmError> {
         loop {
             match self.events.try_recv() {
                 Ok(SupervisorEvent::Cancel) => return Ok(true),
@@ -836,14 +837,14 @@ impl RunningVm {
         &self,
         self_name: &str,
         members: Vec<ferry_agent_proto::FleetMember>,
-    ) -> Result<(), RuntimeError> {
+    ) -> Result<(), VmError> {
         self.agent()
             .set_fleet(self_name, members, Duration::from_secs(5))
     }
 
     /// Tells the agent the guest was resumed: steps the clock to the host's,
     /// reseeds its RNG, and optionally gives it a new identity.
-    pub fn after_resume(&self, identity: Option<Identity>) -> Result<Reply, RuntimeError> {
+    pub fn after_resume(&self, identity: Option<Identity>) -> Result<Reply, VmError> {
         let now = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .unwrap_or_default()
@@ -863,7 +864,7 @@ impl RunningVm {
     /// Shuts the guest down cleanly (through the agent, then the engine's
     /// power button, then a kill); dropping the VM then removes its state
     /// directory.
-    pub fn shutdown_guest(&mut self) -> Result<ExitReason, RuntimeError> {
+    pub fn shutdown_guest(&mut self) -> Result<ExitReason, VmError> {
         self.set_state("stopping");
         let asked = self
             .agent
@@ -1027,14 +1028,13 @@ fn attach_network(
     image: &BootImage,
     config: &VmConfig,
     dir: &VmDir,
-) -> Result<Option<ferry_net::VmNetwork>, RuntimeError> {
+) -> Result<Option<ferry_net::VmNetwork>, VmError> {
     let NetChoice::Namespace { netns, exposes } = &config.net else {
         return Ok(None);
     };
-    let bad = |what: &str, value: &str| {
-        RuntimeError::BadOption(format!(
-            "the guest's network setting {what} '{value}' is not an IPv4 address: fix the recipe's [network]"
-        ))
+    let bad = |what: &'static str, value: &str| VmError::BadNetworkSetting {
+        what,
+        value: value.to_string(),
     };
     let n = &image.network;
     let guest = ferry_net::GuestNet {
@@ -1064,7 +1064,7 @@ fn attach_network(
         &path,
         serde_json::to_vec_pretty(&info).expect("serialisable"),
     )
-    .map_err(RuntimeError::io(&path))?;
+    .map_err(FileError::at(&path))?;
     Ok(Some(network))
 }
 

@@ -11,8 +11,9 @@ use std::io::Write;
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 
+use crate::error::{FileError, NameError};
 use crate::record::{RecordState, VmRecord};
-use crate::{Paths, RuntimeError};
+use crate::Paths;
 
 /// Largest console log before it is rotated to `console.log.1`.
 pub const CONSOLE_LOG_CAP: u64 = 1 << 20;
@@ -29,26 +30,26 @@ impl VmDir {
     /// Claims `name`: creates (or takes over a stale) state directory and
     /// locks it. Fails if a running VM holds the name, or a suspended or
     /// stopped VM whose state the directory keeps.
-    pub fn create(paths: &Paths, name: &str) -> Result<Self, RuntimeError> {
+    pub fn create(paths: &Paths, name: &str) -> Result<Self, NameError> {
         Self::claim(paths, name, false)
     }
 
     /// Claims the directory of the suspended (or stopped, or crashed) VM
     /// `name` to run it again: like [`VmDir::create`], but keeps what
     /// [`KEPT`] names (its record, saved package and logs).
-    pub fn resume(paths: &Paths, name: &str) -> Result<Self, RuntimeError> {
+    pub fn resume(paths: &Paths, name: &str) -> Result<Self, NameError> {
         Self::claim(paths, name, true)
     }
 
-    fn claim(paths: &Paths, name: &str, resume: bool) -> Result<Self, RuntimeError> {
+    fn claim(paths: &Paths, name: &str, resume: bool) -> Result<Self, NameError> {
         validate_name(name)?;
         let vms = paths.vms();
-        std::fs::create_dir_all(&vms).map_err(RuntimeError::io(&vms))?;
+        std::fs::create_dir_all(&vms).map_err(FileError::at(&vms))?;
         let path = vms.join(name);
         let fresh = match std::fs::create_dir(&path) {
             Ok(()) => true,
             Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => false,
-            Err(e) => return Err(RuntimeError::io(&path)(e)),
+            Err(e) => return Err(FileError::at(&path)(e).into()),
         };
         let lock_path = path.join("lock");
         let lock = File::options()
@@ -56,7 +57,7 @@ impl VmDir {
             .truncate(false)
             .write(true)
             .open(&lock_path)
-            .map_err(RuntimeError::io(&lock_path))?;
+            .map_err(FileError::at(&lock_path))?;
         // Others test the lock with a brief shared lock (`running_vm_dir`,
         // the fleet watchers): a conflict that short is not a running VM.
         let mut locked = try_lock(&lock, libc::LOCK_EX);
@@ -71,14 +72,14 @@ impl VmDir {
             let pid = std::fs::read_to_string(path.join("pid"))
                 .map(|p| format!(" (pid {})", p.trim()))
                 .unwrap_or_default();
-            return Err(RuntimeError::NameInUse {
+            return Err(NameError::NameInUse {
                 name: name.to_string(),
                 pid,
             });
         }
         if !fresh && !resume {
             if let Some(state) = held_state(&path) {
-                return Err(RuntimeError::NameHeld {
+                return Err(NameError::NameHeld {
                     name: name.to_string(),
                     state,
                 });
@@ -112,11 +113,11 @@ impl VmDir {
     }
 
     /// Writes a small file in the directory atomically (temp + rename).
-    pub fn write_file(&self, file: &str, contents: &str) -> Result<(), RuntimeError> {
+    pub fn write_file(&self, file: &str, contents: &str) -> Result<(), FileError> {
         let tmp = self.path.join(format!(".{file}.tmp"));
         let dest = self.path.join(file);
-        std::fs::write(&tmp, contents).map_err(RuntimeError::io(&tmp))?;
-        std::fs::rename(&tmp, &dest).map_err(RuntimeError::io(&dest))
+        std::fs::write(&tmp, contents).map_err(FileError::at(&tmp))?;
+        std::fs::rename(&tmp, &dest).map_err(FileError::at(&dest))
     }
 
     /// Removes the directory and everything in it, state or not (`ferry
@@ -136,7 +137,7 @@ impl VmDir {
         let result = if holds_state(&self.path) {
             clear(&self.path, KEPT)
         } else {
-            std::fs::remove_dir_all(&self.path).map_err(RuntimeError::io(&self.path))
+            std::fs::remove_dir_all(&self.path).map_err(FileError::at(&self.path))
         };
         if let Err(e) = result {
             tracing::warn!(path = %self.path.display(), error = %e, "could not remove the VM's state directory");
@@ -156,9 +157,9 @@ pub const KEPT: &[&str] = &[
 ];
 
 /// Removes everything in `dir` but the files named in `keep`.
-fn clear(dir: &Path, keep: &[&str]) -> Result<(), RuntimeError> {
+fn clear(dir: &Path, keep: &[&str]) -> Result<(), FileError> {
     for entry in std::fs::read_dir(dir)
-        .map_err(RuntimeError::io(dir))?
+        .map_err(FileError::at(dir))?
         .flatten()
     {
         if keep.iter().any(|k| entry.file_name() == *k) {
@@ -242,7 +243,7 @@ pub mod files {
 }
 
 /// The state directory of a running VM named `name`, for clients.
-pub fn running_vm_dir(paths: &Paths, name: &str) -> Result<PathBuf, RuntimeError> {
+pub fn running_vm_dir(paths: &Paths, name: &str) -> Result<PathBuf, NameError> {
     let path = paths.vms().join(name);
     let running = validate_name(name).is_ok()
         && File::open(path.join("lock"))
@@ -251,7 +252,7 @@ pub fn running_vm_dir(paths: &Paths, name: &str) -> Result<PathBuf, RuntimeError
     if running {
         Ok(path)
     } else {
-        Err(RuntimeError::NoSuchVm {
+        Err(NameError::NoSuchVm {
             name: name.to_string(),
             dir: paths.vms(),
         })
@@ -266,7 +267,7 @@ fn try_lock(file: &File, op: libc::c_int) -> bool {
 
 /// Checks a VM name: it becomes a directory name and, later, part of
 /// network namespace and interface names.
-pub fn validate_name(name: &str) -> Result<(), RuntimeError> {
+pub fn validate_name(name: &str) -> Result<(), NameError> {
     let ok = !name.is_empty()
         && name.len() <= 63
         && name
@@ -279,7 +280,7 @@ pub fn validate_name(name: &str) -> Result<(), RuntimeError> {
     if ok {
         Ok(())
     } else {
-        Err(RuntimeError::BadName(name.to_string()))
+        Err(NameError::BadName(name.to_string()))
     }
 }
 
@@ -301,12 +302,12 @@ pub struct ConsoleLog {
 
 impl ConsoleLog {
     /// Opens (creating) the log at `path`.
-    pub fn open(path: &Path, cap: u64) -> Result<Self, RuntimeError> {
+    pub fn open(path: &Path, cap: u64) -> Result<Self, FileError> {
         let file = File::options()
             .create(true)
             .append(true)
             .open(path)
-            .map_err(RuntimeError::io(path))?;
+            .map_err(FileError::at(path))?;
         let written = file.metadata().map(|m| m.len()).unwrap_or(0);
         Ok(Self {
             path: path.to_path_buf(),

@@ -239,7 +239,7 @@ fn pause_save_and_restore_carry_on_where_the_guest_was() {
         |d| {
             std::fs::copy(&disk, d.path().join(files::DISK))
                 .map(|_| ())
-                .map_err(ferry_runtime::RuntimeError::io(&disk))
+                .map_err(|e| ferry_runtime::FileError::at(&disk)(e).into())
         },
     )
     .unwrap();

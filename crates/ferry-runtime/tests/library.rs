@@ -257,9 +257,15 @@ fn a_cancel_before_the_vm_is_live_stops_the_start() {
     )
     .expect_err("a cancelled start fails");
     assert!(
-        matches!(err, ferry_runtime::RuntimeError::Interrupted),
-        "{err}"
+        matches!(
+            err,
+            ferry_runtime::RuntimeError::Start(ferry_runtime::StartError::Vm(
+                ferry_runtime::VmError::Interrupted
+            ))
+        ),
+        "the start pipeline reports a cancel as its own error: {err:?}"
     );
+    assert!(err.is_interrupted());
     assert_eq!(err.exit_class().code(), 130);
     assert!(qemu_pids("lib-cancelled").is_empty());
     assert!(!paths.vms().join("lib-cancelled").exists());

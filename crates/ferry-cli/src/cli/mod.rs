@@ -35,7 +35,6 @@ use ferry_blueprint::BlueprintError;
 use ferry_engine::EngineError;
 use ferry_runtime::vm::NetChoice;
 use ferry_runtime::{Cancel, Paths, RuntimeError};
-use ferry_transport::TransportError;
 
 /// ferry: build a microVM from a recipe, boot it, snapshot it, ship it.
 #[derive(Parser, Debug)]
@@ -254,23 +253,9 @@ pub fn exit_number(e: &anyhow::Error) -> u8 {
 /// The class of an error: the runtime's own mapping, for its errors and
 /// those of the crates below it.
 pub fn exit_class(e: &anyhow::Error) -> ferry_runtime::ExitClass {
-    use ferry_runtime::ExitClass;
-    if let Some(r) = e.downcast_ref::<RuntimeError>() {
-        r.exit_class()
-    } else if let Some(b) = e.downcast_ref::<BlueprintError>() {
-        ferry_runtime::error::blueprint_class(b)
-    } else if let Some(en) = e.downcast_ref::<EngineError>() {
-        ferry_runtime::error::engine_class(en)
-    } else if let Some(n) = e.downcast_ref::<ferry_net::NetError>() {
-        ferry_runtime::error::net_class(n)
-    } else if let Some(t) = e.downcast_ref::<TransportError>() {
-        ferry_runtime::error::transport_class(t)
-    } else if let Some(p) = e.downcast_ref::<ferry_package::PackageError>() {
-        let _ = p;
-        ExitClass::BadInput
-    } else {
-        ExitClass::Other
-    }
+    e.chain()
+        .find_map(ferry_runtime::error::class_of)
+        .unwrap_or(ferry_runtime::ExitClass::Other)
 }
 
 /// An error and its causes on one line.

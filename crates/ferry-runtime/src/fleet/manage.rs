@@ -7,9 +7,10 @@ use std::time::{Duration, Instant};
 
 use crate::control::{call, ControlReply, ControlRequest};
 use crate::detach::{choice_of, launch, DetachSpec, StartFrom, Started};
+use crate::error::{FileError, FleetError, NameError, StartError, VmError};
 use crate::record::{RecordState, VmRecord};
 use crate::vmdir::{files, remove_leftover_network, running_vm_dir, VmDir};
-use crate::{Cancel, Paths, RuntimeError};
+use crate::{Cancel, Paths};
 
 use super::ps::{crash_note, list, state_of};
 use super::{StartedLine, READY_TIMEOUT};
@@ -32,7 +33,7 @@ pub fn stop(
     target: &Target,
     discard: bool,
     say: &mut dyn FnMut(&str),
-) -> Result<(), RuntimeError> {
+) -> Result<(), FleetError> {
     let names = match target {
         Target::One(n) => {
             if state_of(paths, n).is_none() {
@@ -63,7 +64,7 @@ pub fn stop(
 }
 
 /// `NAME: error`, unless the error names the VM already.
-fn named(name: &str, e: &RuntimeError) -> String {
+fn named(name: &str, e: &FleetError) -> String {
     let text = e.to_string();
     if text.starts_with(&format!("{name}: ")) {
         text
@@ -73,11 +74,11 @@ fn named(name: &str, e: &RuntimeError) -> String {
 }
 
 /// Fails with one error naming every failure, if there are any.
-fn several(failures: Vec<String>, of: usize, what: &str, code: u8) -> Result<(), RuntimeError> {
+fn several(failures: Vec<String>, of: usize, what: &str, code: u8) -> Result<(), FleetError> {
     if failures.is_empty() {
         return Ok(());
     }
-    Err(RuntimeError::Several {
+    Err(FleetError::Several {
         summary: format!("could not {what} {} of {of} VMs", failures.len()),
         failures,
         code,
@@ -85,15 +86,16 @@ fn several(failures: Vec<String>, of: usize, what: &str, code: u8) -> Result<(),
 }
 
 /// The exit code class of errors that commands on several VMs collect.
-fn error_code(e: &RuntimeError) -> u8 {
+fn error_code(e: &FleetError) -> u8 {
     e.exit_class().code()
 }
 
-pub(super) fn unknown(paths: &Paths, name: &str) -> RuntimeError {
-    RuntimeError::UnknownVm {
+pub(super) fn unknown(paths: &Paths, name: &str) -> FleetError {
+    NameError::UnknownVm {
         name: name.to_string(),
         dir: paths.vms(),
     }
+    .into()
 }
 
 /// Stops each of `names` at the same time; one result per name, in order.
@@ -101,7 +103,7 @@ pub(super) fn stop_all(
     paths: &Paths,
     names: Vec<String>,
     discard: bool,
-) -> Vec<Result<String, RuntimeError>> {
+) -> Vec<Result<String, FleetError>> {
     std::thread::scope(|scope| {
         let handles: Vec<_> = names
             .iter()
@@ -111,13 +113,13 @@ pub(super) fn stop_all(
             .into_iter()
             .map(|h| {
                 h.join()
-                    .unwrap_or_else(|_| Err(RuntimeError::Internal("stopping panicked".into())))
+                    .unwrap_or_else(|_| Err(FleetError::Internal("stopping panicked".into())))
             })
             .collect()
     })
 }
 
-fn stop_one(paths: &Paths, name: &str, discard: bool) -> Result<String, RuntimeError> {
+fn stop_one(paths: &Paths, name: &str, discard: bool) -> Result<String, FleetError> {
     let Some((state, record)) = state_of(paths, name) else {
         return Err(unknown(paths, name));
     };
@@ -170,14 +172,16 @@ fn stop_one(paths: &Paths, name: &str, discard: bool) -> Result<String, RuntimeE
         Ok(ControlReply::Error { message }) if message.contains("still starting") => {
             stop_foreground(paths, name, &control)
         }
-        Ok(ControlReply::Error { message }) => Err(RuntimeError::Control {
+        Ok(ControlReply::Error { message }) => Err(VmError::Control {
             path: control,
             detail: message,
-        }),
-        Ok(other) => Err(RuntimeError::Control {
+        }
+        .into()),
+        Ok(other) => Err(VmError::Control {
             path: control,
             detail: format!("unexpected reply {other:?}"),
-        }),
+        }
+        .into()),
         Err(e) => {
             // The supervisor may have finished and exited before its answer
             // went out: the directory says what happened.
@@ -194,14 +198,15 @@ fn stop_one(paths: &Paths, name: &str, discard: bool) -> Result<String, RuntimeE
 /// A VM whose owner does not hold it yet (it is still starting) is stopped
 /// the way Ctrl-C stops it: SIGTERM to its ferry process, which cancels
 /// the start.
-fn stop_foreground(paths: &Paths, name: &str, control: &Path) -> Result<String, RuntimeError> {
+fn stop_foreground(paths: &Paths, name: &str, control: &Path) -> Result<String, FleetError> {
     let pid = match call(control, &ControlRequest::Status, Duration::from_secs(5))? {
         ControlReply::Status(s) => s.pid,
         other => {
-            return Err(RuntimeError::Control {
+            return Err(VmError::Control {
                 path: control.to_path_buf(),
                 detail: format!("unexpected reply {other:?}"),
-            })
+            }
+            .into())
         }
     };
     // SAFETY: kill(2) has no memory-safety preconditions.
@@ -217,18 +222,18 @@ fn stop_foreground(paths: &Paths, name: &str, control: &Path) -> Result<String, 
 /// Waits until VM `name` no longer runs and its directory is settled: gone,
 /// or kept (a lock file that nobody holds). A directory without its lock
 /// file is still being removed by the VM's process.
-fn wait_not_running(paths: &Paths, name: &str, timeout: Duration) -> Result<(), RuntimeError> {
+fn wait_not_running(paths: &Paths, name: &str, timeout: Duration) -> Result<(), FleetError> {
     let t = Instant::now();
     let dir = paths.vms().join(name);
     let settled =
         || running_vm_dir(paths, name).is_err() && (!dir.exists() || dir.join("lock").exists());
     while !settled() {
         if t.elapsed() > timeout {
-            return Err(RuntimeError::Internal(format!(
-                "'{name}' still runs {} s after it was asked to stop; see {}",
-                timeout.as_secs(),
-                paths.vms().join(name).join(files::SUPERVISOR_LOG).display()
-            )));
+            return Err(FleetError::StopTimedOut {
+                name: name.to_string(),
+                secs: timeout.as_secs(),
+                log: paths.vms().join(name).join(files::SUPERVISOR_LOG),
+            });
         }
         std::thread::sleep(Duration::from_millis(50));
     }
@@ -238,7 +243,7 @@ fn wait_not_running(paths: &Paths, name: &str, timeout: Duration) -> Result<(), 
 /// Deletes the directory of a VM that is not running: its record, its own
 /// saved package, its logs, and the namespace a crash left. Never a
 /// package of the user's.
-pub(super) fn remove_state(paths: &Paths, name: &str) -> Result<(), RuntimeError> {
+pub(super) fn remove_state(paths: &Paths, name: &str) -> Result<(), FleetError> {
     let dir = VmDir::resume(paths, name)?;
     dir.remove_all();
     Ok(())
@@ -252,7 +257,7 @@ pub fn start(
     name: &str,
     live_timeout: Duration,
     cancel: &Cancel,
-) -> Result<Option<Started>, RuntimeError> {
+) -> Result<Option<Started>, FleetError> {
     let Some((state, record)) = state_of(paths, name) else {
         return Err(unknown(paths, name));
     };
@@ -260,19 +265,21 @@ pub fn start(
         return Ok(None);
     }
     let Some(record) = record else {
-        return Err(RuntimeError::NothingToResume {
+        return Err(StartError::NothingToResume {
             name: name.to_string(),
             why: "it ran in the foreground and left no saved state here; 'ferry clean' removes what it left".into(),
-        });
+        }
+        .into());
     };
     if !record.resumable() {
-        return Err(RuntimeError::NothingToResume {
+        return Err(StartError::NothingToResume {
             name: name.to_string(),
             why: format!(
                 "it is {state} with no saved state: {}",
                 record.note.as_deref().unwrap_or("it never was suspended")
             ),
-        });
+        }
+        .into());
     }
     let spec = DetachSpec {
         name: name.to_string(),
@@ -282,9 +289,9 @@ pub fn start(
         fleet: record.fleet.clone(),
         live_timeout_s: live_timeout.as_secs(),
     };
-    launch(ferry, paths, &spec)?
+    Ok(launch(ferry, paths, &spec)?
         .wait(READY_TIMEOUT, cancel, None)
-        .map(Some)
+        .map(Some)?)
 }
 
 /// One line for a started (or already running) VM.
@@ -304,7 +311,7 @@ pub fn restart(
     target: &Target,
     live_timeout: Duration,
     say: &mut dyn FnMut(&str),
-) -> Result<(), RuntimeError> {
+) -> Result<(), FleetError> {
     let names: Vec<String> = match target {
         Target::One(n) => {
             if state_of(paths, n).is_none() {
@@ -322,11 +329,11 @@ pub fn restart(
         say("no running VMs");
         return Ok(());
     }
-    let results: Vec<Result<String, RuntimeError>> = std::thread::scope(|scope| {
+    let results: Vec<Result<String, FleetError>> = std::thread::scope(|scope| {
         let handles: Vec<_> = names
             .iter()
             .map(|n| {
-                scope.spawn(move || -> Result<String, RuntimeError> {
+                scope.spawn(move || -> Result<String, FleetError> {
                     if matches!(state_of(paths, n), Some((RecordState::Running, _))) {
                         stop_one(paths, n, false)?;
                     }
@@ -339,7 +346,7 @@ pub fn restart(
             .into_iter()
             .map(|h| {
                 h.join()
-                    .unwrap_or_else(|_| Err(RuntimeError::Internal("restart panicked".into())))
+                    .unwrap_or_else(|_| Err(FleetError::Internal("restart panicked".into())))
             })
             .collect()
     });
@@ -362,14 +369,14 @@ pub fn restart(
 /// `ferry rm NAME`: deletes the state of a VM that is not running (its
 /// record, its own saved package, its logs). A package of the user's that
 /// a `run --detach` VM suspended into is left alone.
-pub fn rm(paths: &Paths, name: &str) -> Result<String, RuntimeError> {
+pub fn rm(paths: &Paths, name: &str) -> Result<String, FleetError> {
     let Some((state, record)) = state_of(paths, name) else {
         return Err(unknown(paths, name));
     };
     if state == RecordState::Running {
-        return Err(RuntimeError::BadOption(format!(
-            "'{name}' is running: stop it first ('ferry stop {name}'), or drop it at once with 'ferry stop {name} --discard'"
-        )));
+        return Err(FleetError::StillRunning {
+            name: name.to_string(),
+        });
     }
     let dir = paths.vms().join(name);
     let kept = record
@@ -390,7 +397,7 @@ pub fn rm(paths: &Paths, name: &str) -> Result<String, RuntimeError> {
 /// namespaces with their links and rules). A crashed VM that still has a
 /// saved state (it crashed after `ferry start`) is turned back into a
 /// suspended one instead. Never touches a running, suspended or stopped VM.
-pub fn clean(paths: &Paths, say: &mut dyn FnMut(&str)) -> Result<(), RuntimeError> {
+pub fn clean(paths: &Paths, say: &mut dyn FnMut(&str)) -> Result<(), FleetError> {
     let mut cleaned = 0;
     for v in list(paths) {
         if v.state != RecordState::Crashed {
@@ -399,8 +406,8 @@ pub fn clean(paths: &Paths, say: &mut dyn FnMut(&str)) -> Result<(), RuntimeErro
         let name = &v.name;
         let dir = match VmDir::resume(paths, name) {
             Ok(d) => d,
-            Err(RuntimeError::NameInUse { .. }) => continue, // started meanwhile
-            Err(e) => return Err(e),
+            Err(NameError::NameInUse { .. }) => continue, // started meanwhile
+            Err(e) => return Err(e.into()),
         };
         // What a crash mid-start leaves before net.json exists.
         if !dir.path().join(files::NET).exists() {
@@ -445,7 +452,7 @@ pub fn logs(
     follow: bool,
     supervisor: bool,
     out: &mut dyn Write,
-) -> Result<(), RuntimeError> {
+) -> Result<(), FleetError> {
     if state_of(paths, name).is_none() {
         return Err(unknown(paths, name));
     }
@@ -455,7 +462,7 @@ pub fn logs(
     } else {
         (dir.join(files::CONSOLE), Some(dir.join(files::CONSOLE_OLD)))
     };
-    let io_out = |e| RuntimeError::io("standard output")(e);
+    let io_out = |e| FileError::at("standard output")(e);
     if let Some(old) = old {
         if let Ok(bytes) = std::fs::read(&old) {
             out.write_all(&bytes).map_err(io_out)?;
@@ -466,17 +473,16 @@ pub fn logs(
     loop {
         use std::os::unix::fs::MetadataExt;
         if let Ok(mut f) = std::fs::File::open(&current) {
-            let meta = f.metadata().map_err(RuntimeError::io(&current))?;
+            let meta = f.metadata().map_err(FileError::at(&current))?;
             if inode != Some(meta.ino()) || meta.len() < offset {
                 // New or rotated: from its start.
                 inode = Some(meta.ino());
                 offset = 0;
             }
             f.seek(SeekFrom::Start(offset))
-                .map_err(RuntimeError::io(&current))?;
+                .map_err(FileError::at(&current))?;
             let mut bytes = Vec::new();
-            f.read_to_end(&mut bytes)
-                .map_err(RuntimeError::io(&current))?;
+            f.read_to_end(&mut bytes).map_err(FileError::at(&current))?;
             offset += bytes.len() as u64;
             out.write_all(&bytes).map_err(io_out)?;
             out.flush().map_err(io_out)?;

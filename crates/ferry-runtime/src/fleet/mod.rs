@@ -31,11 +31,12 @@ use ferry_package::{Package, SectionKind};
 
 use crate::cache::SectionCache;
 use crate::detach::{launch, DetachSpec, Launch, StartFrom, Started};
+use crate::error::{FileError, FleetError, NameError, StartError};
 use crate::events::{Event, EventSink};
 use crate::package_meta::read as read_meta;
 use crate::record::{FleetSpec, NetSpec, RecordState, VmRecord};
 use crate::vmdir::{running_vm_dir, validate_name};
-use crate::{Cancel, Paths, RuntimeError};
+use crate::{Cancel, Paths};
 
 use manage::{remove_state, stop_all, unknown};
 
@@ -84,16 +85,16 @@ pub fn up(
     opts: &UpOptions,
     events: &dyn EventSink,
     cancel: &Cancel,
-) -> Result<Vec<Started>, RuntimeError> {
+) -> Result<Vec<Started>, FleetError> {
     let say = |message: String| events.emit(Event::Notice { message });
     let t0 = Instant::now();
     if opts.count == 0 {
-        return Err(RuntimeError::BadOption(
+        return Err(FleetError::BadOption(
             "-n 0 starts nothing: give a number of clones of 1 or more".into(),
         ));
     }
     let pkg = Package::open(&opts.package)?;
-    let package = std::fs::canonicalize(&opts.package).map_err(RuntimeError::io(&opts.package))?;
+    let package = std::fs::canonicalize(&opts.package).map_err(FileError::at(&opts.package))?;
     let meta = read_meta(&pkg)?;
     let prefix = opts
         .name_prefix
@@ -102,7 +103,7 @@ pub fn up(
     let names: Vec<String> = (0..opts.count).map(|i| format!("{prefix}-{i}")).collect();
     for n in &names {
         validate_name(n).map_err(|_| {
-            RuntimeError::BadOption(format!(
+            FleetError::BadOption(format!(
                 "--name-prefix '{prefix}' makes the VM name '{n}', which is not valid: use a-z, 0-9, '-', '_' and '.', starting with a letter or digit, 61 characters at most"
             ))
         })?;
@@ -111,7 +112,7 @@ pub fn up(
         (Some(p), _) => p,
         (None, Liveness::Tcp { port }) => *port,
         (None, _) => {
-            return Err(RuntimeError::BadOption(format!(
+            return Err(FleetError::BadOption(format!(
                 "{} has no TCP liveness port to expose: pass --guest-port PORT",
                 package.display()
             )))
@@ -190,7 +191,7 @@ pub fn up(
         ));
         return Ok(started);
     }
-    let errors: Vec<RuntimeError> = failed.into_iter().map(|r| r.expect_err("err")).collect();
+    let errors: Vec<FleetError> = failed.into_iter().map(|r| r.expect_err("err")).collect();
     if !started.is_empty() {
         say(format!(
             "{} of {} clones failed: discarding the {} that started, so that no half fleet is left running",
@@ -210,7 +211,7 @@ pub fn up(
         }
     }
     let code = errors.first().map(|e| e.exit_class().code()).unwrap_or(1);
-    Err(RuntimeError::Several {
+    Err(FleetError::Several {
         summary: format!(
             "{} of {} clones did not start and nothing of fleet '{prefix}' is left running",
             errors.len(),
@@ -230,20 +231,22 @@ fn start_all(
     specs: Vec<DetachSpec>,
     events: &dyn EventSink,
     cancel: &Cancel,
-) -> Vec<Result<Started, RuntimeError>> {
-    let mut launches: Vec<Result<Launch, (String, RuntimeError)>> = Vec::new();
+) -> Vec<Result<Started, FleetError>> {
+    let mut launches: Vec<Result<Launch, (String, FleetError)>> = Vec::new();
     for spec in &specs {
-        launches.push(launch(ferry, paths, spec).map_err(|e| (spec.name.clone(), e)));
+        launches.push(launch(ferry, paths, spec).map_err(|e| (spec.name.clone(), e.into())));
     }
     let (tx, rx) = std::sync::mpsc::channel();
-    let mut results: Vec<Option<Result<Started, RuntimeError>>> =
+    let mut results: Vec<Option<Result<Started, FleetError>>> =
         (0..specs.len()).map(|_| None).collect();
     std::thread::scope(|scope| {
         for (i, l) in launches.into_iter().enumerate() {
             let tx = tx.clone();
             scope.spawn(move || {
                 let result = match l {
-                    Ok(l) => l.wait(READY_TIMEOUT, cancel, None),
+                    Ok(l) => l
+                        .wait(READY_TIMEOUT, cancel, None)
+                        .map_err(FleetError::from),
                     Err((_, e)) => Err(e),
                 };
                 let _ = tx.send((i, result));
@@ -253,12 +256,11 @@ fn start_all(
         for (i, result) in rx {
             match &result {
                 Ok(s) => events.emit(Event::Started(s.clone())),
-                Err(RuntimeError::DetachedStart { name, message, .. }) => {
-                    events.emit(Event::StartFailed {
+                Err(FleetError::Start(StartError::DetachedStart { name, message, .. })) => events
+                    .emit(Event::StartFailed {
                         name: name.clone(),
                         message: message.clone(),
-                    })
-                }
+                    }),
                 Err(e) => events.emit(Event::StartFailed {
                     name: specs[i].name.clone(),
                     message: e.to_string(),
@@ -314,7 +316,7 @@ fn port_span(host: IpAddr, ports: &[u16]) -> String {
 
 /// Fails, naming every taken name, if any of `names` is in use by a running
 /// VM or kept by a suspended or stopped one.
-fn check_names_free(paths: &Paths, names: &[String]) -> Result<(), RuntimeError> {
+fn check_names_free(paths: &Paths, names: &[String]) -> Result<(), FleetError> {
     let taken: Vec<String> = names
         .iter()
         .filter_map(|n| match state_of(paths, n) {
@@ -328,7 +330,7 @@ fn check_names_free(paths: &Paths, names: &[String]) -> Result<(), RuntimeError>
     if taken.is_empty() {
         return Ok(());
     }
-    Err(RuntimeError::BadOption(format!(
+    Err(FleetError::BadOption(format!(
         "the name{} {} {} taken: choose another --name-prefix, or 'ferry stop --discard' / 'ferry rm' {}",
         if taken.len() == 1 { "" } else { "s" },
         taken.join(", "),
@@ -344,7 +346,7 @@ pub fn clones_that_fit(guest_mib: u64, available_mib: u64) -> u64 {
     available_mib.saturating_sub(HOST_RESERVE_MIB) / (guest_mib + ENGINE_OVERHEAD_MIB)
 }
 
-fn check_fits(count: u64, guest_mib: u64) -> Result<(), RuntimeError> {
+fn check_fits(count: u64, guest_mib: u64) -> Result<(), FleetError> {
     let Some(available_mib) = meminfo("MemAvailable:") else {
         return Ok(());
     };
@@ -352,7 +354,7 @@ fn check_fits(count: u64, guest_mib: u64) -> Result<(), RuntimeError> {
     if count <= fit {
         return Ok(());
     }
-    Err(RuntimeError::TooManyClones {
+    Err(FleetError::TooManyClones {
         asked: count,
         fit,
         guest_mib,
@@ -374,13 +376,13 @@ fn meminfo(field: &str) -> Option<u64> {
 
 /// The host ports of the clones: `base + i`, each checked free, or ports
 /// the kernel picks.
-fn host_ports(host: IpAddr, base: Option<u16>, names: &[String]) -> Result<Vec<u16>, RuntimeError> {
+fn host_ports(host: IpAddr, base: Option<u16>, names: &[String]) -> Result<Vec<u16>, FleetError> {
     let bind = |port: u16| TcpListener::bind(SocketAddr::new(host, port));
     match base {
         Some(base) => {
             let last = base as u64 + names.len() as u64 - 1;
             if base == 0 || last > u16::MAX as u64 {
-                return Err(RuntimeError::BadOption(format!(
+                return Err(FleetError::BadOption(format!(
                     "--expose-base {base} with -n {} needs ports {base}-{last}: use a base from 1 to {}",
                     names.len(),
                     (u16::MAX as u64 + 1).saturating_sub(names.len() as u64)
@@ -389,10 +391,10 @@ fn host_ports(host: IpAddr, base: Option<u16>, names: &[String]) -> Result<Vec<u
             let ports: Vec<u16> = (0..names.len()).map(|i| base + i as u16).collect();
             for (port, name) in ports.iter().zip(names) {
                 bind(*port).map_err(|e| match e.kind() {
-                    std::io::ErrorKind::AddrInUse => RuntimeError::BadOption(format!(
+                    std::io::ErrorKind::AddrInUse => FleetError::BadOption(format!(
                         "port {host}:{port} (for {name}) is in use: choose another --expose-base"
                     )),
-                    _ => RuntimeError::BadOption(format!("cannot listen on {host}:{port}: {e}")),
+                    _ => FleetError::BadOption(format!("cannot listen on {host}:{port}: {e}")),
                 })?;
             }
             Ok(ports)
@@ -403,7 +405,7 @@ fn host_ports(host: IpAddr, base: Option<u16>, names: &[String]) -> Result<Vec<u
                 .iter()
                 .map(|_| bind(0))
                 .collect::<Result<Vec<_>, _>>()
-                .map_err(|e| RuntimeError::BadOption(format!("cannot listen on {host}: {e}")))?;
+                .map_err(|e| FleetError::BadOption(format!("cannot listen on {host}: {e}")))?;
             Ok(listeners
                 .iter()
                 .map(|l| l.local_addr().map(|a| a.port()).unwrap_or(0))
@@ -469,20 +471,22 @@ pub fn run_detached(
     opts: &RunDetachedOptions,
     events: &dyn EventSink,
     cancel: &Cancel,
-) -> Result<Started, RuntimeError> {
+) -> Result<Started, FleetError> {
     validate_name(&opts.name)?;
     read_meta(&Package::open(&opts.package)?)?;
-    let package = std::fs::canonicalize(&opts.package).map_err(RuntimeError::io(&opts.package))?;
+    let package = std::fs::canonicalize(&opts.package).map_err(FileError::at(&opts.package))?;
     check_names_free(paths, std::slice::from_ref(&opts.name)).map_err(|_| {
         match state_of(paths, &opts.name) {
-            Some((RecordState::Running, _)) => RuntimeError::NameInUse {
+            Some((RecordState::Running, _)) => NameError::NameInUse {
                 name: opts.name.clone(),
                 pid: String::new(),
-            },
-            Some((state, _)) => RuntimeError::NameHeld {
+            }
+            .into(),
+            Some((state, _)) => NameError::NameHeld {
                 name: opts.name.clone(),
                 state,
-            },
+            }
+            .into(),
             None => unknown(paths, &opts.name),
         }
     })?;
@@ -620,7 +624,7 @@ Private_Hugetlb:       0 kB\n";
         assert!(!tmp.path().join("vms/web-0").exists());
         assert!(matches!(
             rm(&p, "web-0").unwrap_err(),
-            RuntimeError::UnknownVm { .. }
+            FleetError::Name(NameError::UnknownVm { .. })
         ));
     }
 

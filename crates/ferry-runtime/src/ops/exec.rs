@@ -6,6 +6,7 @@ use std::time::Duration;
 use ferry_agent_proto::b64_decode;
 
 use crate::control::{call, ControlReply, ControlRequest, ExecOutput};
+use crate::error::VmError;
 use crate::vmdir::{files, running_vm_dir};
 use crate::{Paths, RuntimeError};
 
@@ -53,18 +54,19 @@ pub fn exec(
             timed_out,
         }) => Ok(ExecResult {
             exit_code,
-            stdout: b64_decode(&stdout_b64).map_err(|e| RuntimeError::Agent(e.to_string()))?,
-            stderr: b64_decode(&stderr_b64).map_err(|e| RuntimeError::Agent(e.to_string()))?,
+            stdout: b64_decode(&stdout_b64).map_err(|e| VmError::Agent(e.to_string()))?,
+            stderr: b64_decode(&stderr_b64).map_err(|e| VmError::Agent(e.to_string()))?,
             truncated,
             timed_out,
         }),
         // The supervisor's message may be an agent error already.
-        ControlReply::Error { message } => Err(RuntimeError::Agent(
+        ControlReply::Error { message } => Err(VmError::Agent(
             message
                 .strip_prefix("guest agent: ")
                 .map(String::from)
                 .unwrap_or(message),
-        )),
-        other => Err(RuntimeError::Agent(format!("unexpected reply: {other:?}"))),
+        )
+        .into()),
+        other => Err(VmError::Agent(format!("unexpected reply: {other:?}")).into()),
     }
 }

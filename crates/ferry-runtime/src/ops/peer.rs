@@ -76,7 +76,7 @@ pub fn take(
 ) -> Result<OwnedVm, RuntimeError> {
     opts.check()?;
     if opts.from_registry() {
-        crate::start::registry::start(
+        Ok(crate::start::registry::start(
             engine,
             paths,
             &RegistryStart {
@@ -90,9 +90,9 @@ pub fn take(
             },
             events,
             cancel,
-        )
+        )?)
     } else {
-        crate::start::incoming::start(
+        Ok(crate::start::incoming::start(
             engine,
             paths,
             &IncomingStart {
@@ -106,7 +106,7 @@ pub fn take(
             },
             events,
             cancel,
-        )
+        )?)
     }
 }
 

@@ -7,10 +7,11 @@ use ferry_blueprint::Blueprint;
 use ferry_engine::{AccelChoice, Engine, Provenance};
 
 use super::{How, StartPlan};
+use crate::error::StartError;
 use crate::owner::{Held, SaveInfo};
 use crate::package_meta::PackageMeta;
 use crate::vm::{BootImage, ConsoleSink, NetChoice, VmConfig};
-use crate::{Paths, RuntimeError};
+use crate::Paths;
 
 /// What a cold boot is asked for.
 #[derive(Clone)]
@@ -41,7 +42,7 @@ pub fn plan(
     engine: &dyn Engine,
     paths: &Paths,
     opts: &BlueprintStart,
-) -> Result<StartPlan<'static>, RuntimeError> {
+) -> Result<StartPlan<'static>, StartError> {
     let blueprint = load_verified(paths, &opts.blueprint)?;
     let m = &blueprint.manifest;
     let (memory_mib, cpus) = size(&blueprint, opts.memory_mib, opts.cpus)?;
@@ -109,7 +110,7 @@ pub fn plan(
 
 /// Loads a blueprint and checks its files against their sha256 sums (a
 /// file unchanged since its last check is not hashed again).
-pub fn load_verified(paths: &Paths, dir: &Path) -> Result<Blueprint, RuntimeError> {
+pub fn load_verified(paths: &Paths, dir: &Path) -> Result<Blueprint, StartError> {
     let blueprint = Blueprint::load(dir)?;
     blueprint.verify(Some(&paths.cache.join("verified")))?;
     Ok(blueprint)
@@ -121,11 +122,11 @@ pub fn size(
     blueprint: &Blueprint,
     memory_mib: Option<u64>,
     cpus: Option<u32>,
-) -> Result<(u64, u32), RuntimeError> {
+) -> Result<(u64, u32), StartError> {
     let d = &blueprint.manifest.defaults;
     let memory_mib = memory_mib.unwrap_or(d.memory_mib);
     if memory_mib < d.min_memory_mib {
-        return Err(RuntimeError::MemoryTooSmall {
+        return Err(StartError::MemoryTooSmall {
             asked: memory_mib,
             min: d.min_memory_mib,
             recipe: blueprint.manifest.recipe.clone(),
@@ -133,9 +134,7 @@ pub fn size(
     }
     let cpus = cpus.unwrap_or(d.cpus);
     if cpus == 0 || cpus > 64 {
-        return Err(RuntimeError::BadOption(format!(
-            "--cpus {cpus} is out of range: use 1 to 64"
-        )));
+        return Err(StartError::CpusOutOfRange(cpus));
     }
     Ok((memory_mib, cpus))
 }

@@ -22,10 +22,11 @@ use ferry_transport::migration::{self, ChannelKind, DestMsg, MigrationError, Sou
 use sha2::{Digest, Sha256};
 
 use super::{How, StartPlan};
+use crate::error::{FileError, MigrateError, StartError, VmError};
 use crate::events::{Event, EventSink};
 use crate::owner::{Held, OwnedVm, SaveInfo};
 use crate::vm::{BootImage, ConsoleSink, NetChoice, VmConfig};
-use crate::{Cancel, Paths, RuntimeError};
+use crate::{Cancel, Paths};
 
 /// How long a destination waits for *switch* (the whole copy).
 const SWITCH_TIMEOUT: Duration = Duration::from_secs(900);
@@ -58,12 +59,12 @@ pub fn start(
     opts: &IncomingStart,
     events: &dyn EventSink,
     cancel: &Cancel,
-) -> Result<OwnedVm, RuntimeError> {
+) -> Result<OwnedVm, MigrateError> {
     let addr = opts.from.as_str();
     let token = opts.token.as_str();
     // The offer comes checked: digests are hex, never paths; sizes agree.
     let (mut control, session, offer) = migration::connect(addr, token)?;
-    let failed = |detail: String| RuntimeError::MigrationFailed {
+    let failed = |detail: String| MigrateError::Failed {
         direction: "from",
         peer: addr.to_string(),
         detail,
@@ -73,11 +74,11 @@ pub fn start(
             reason: why.to_string(),
         });
     };
-    let plan = (|| -> Result<StartPlan<'static>, RuntimeError> {
+    let plan = (|| -> Result<StartPlan<'static>, MigrateError> {
         // Refuse early, before anything is made here.
         super::check_host_memory(offer.meta.provenance.memory_mib)?;
         let name = opts.name.clone().unwrap_or_else(|| offer.name.clone());
-        crate::vmdir::validate_name(&name)?;
+        crate::vmdir::validate_name(&name).map_err(StartError::from)?;
         let blobs = paths.cache.join("blobs");
         let kernel = fetch_blob(&mut control, "kernel", &offer.kernel, &blobs)?;
         let initramfs = fetch_blob(&mut control, "initramfs", &offer.initramfs, &blobs)?;
@@ -125,7 +126,7 @@ pub fn start(
             record: None,
         })
     })();
-    let owned = plan.and_then(|plan| super::execute(engine, paths, plan, events, cancel));
+    let owned = plan.and_then(|plan| Ok(super::execute(engine, paths, plan, events, cancel)?));
     let mut owned = match owned {
         Ok(o) => o,
         Err(e) => {
@@ -171,7 +172,7 @@ pub fn start(
                     abort(&mut control, "the receiving VM died");
                 })? {
                     abort(&mut control, "interrupted on the destination");
-                    return Err(RuntimeError::Interrupted);
+                    return Err(VmError::Interrupted.into());
                 }
                 if t.elapsed() > SWITCH_TIMEOUT {
                     abort(&mut control, "the copy took too long");
@@ -190,7 +191,7 @@ pub fn start(
     });
     // The commit point: check, stop serving the disk, resume.
     let switch = Instant::now();
-    let commit = (|| -> Result<(), RuntimeError> {
+    let commit = (|| -> Result<(), ferry_engine::EngineError> {
         let e = owned.vm.engine_vm();
         e.wait_received(Duration::from_secs(30))?;
         e.end_disk_export()?;
@@ -227,12 +228,12 @@ fn fetch_blob(
     name: &str,
     blob: &Blob,
     dir: &Path,
-) -> Result<PathBuf, RuntimeError> {
+) -> Result<PathBuf, MigrateError> {
     let path = dir.join(&blob.sha256);
     if path.exists() {
         return Ok(path);
     }
-    std::fs::create_dir_all(dir).map_err(RuntimeError::io(dir))?;
+    std::fs::create_dir_all(dir).map_err(FileError::at(dir))?;
     control.send(&DestMsg::Fetch {
         name: name.to_string(),
     })?;
@@ -251,14 +252,14 @@ fn fetch_blob(
         ))
         .into());
     }
-    std::fs::rename(&part, &path).map_err(RuntimeError::io(&path))?;
+    std::fs::rename(&part, &path).map_err(FileError::at(&path))?;
     Ok(path)
 }
 
 /// The SHA-256 of a file, as hex.
-pub(crate) fn sha256_of(path: &Path) -> Result<String, RuntimeError> {
-    let mut file = std::fs::File::open(path).map_err(RuntimeError::io(path))?;
+pub(crate) fn sha256_of(path: &Path) -> Result<String, FileError> {
+    let mut file = std::fs::File::open(path).map_err(FileError::at(path))?;
     let mut hasher = Sha256::new();
-    std::io::copy(&mut file, &mut hasher).map_err(RuntimeError::io(path))?;
+    std::io::copy(&mut file, &mut hasher).map_err(FileError::at(path))?;
     Ok(hex::encode(hasher.finalize()))
 }

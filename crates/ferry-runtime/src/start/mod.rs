@@ -33,15 +33,16 @@ use std::time::{Duration, Instant};
 use ferry_agent_proto::{Identity, Reply};
 use ferry_engine::{AccelDecision, Engine, Provenance, SavedState};
 
+use crate::error::StartError;
 use crate::events::{Event, EventSink};
 use crate::owner::{Held, OwnedVm, SaveInfo};
 use crate::record::VmRecord;
 use crate::vm::{BootImage, RestoreMemory, RunningVm, VmConfig};
 use crate::vmdir::VmDir;
-use crate::{Cancel, Paths, RuntimeError};
+use crate::{Cancel, Paths};
 
 /// Puts files into a VM's new directory before its engine starts.
-pub type Prepare<'a> = Box<dyn FnOnce(&VmDir) -> Result<(), RuntimeError> + 'a>;
+pub type Prepare<'a> = Box<dyn FnOnce(&VmDir) -> Result<(), StartError> + 'a>;
 
 /// How the engine starts the VM.
 pub enum How {
@@ -106,7 +107,7 @@ pub fn execute(
     mut plan: StartPlan<'_>,
     events: &dyn EventSink,
     cancel: &Cancel,
-) -> Result<OwnedVm, RuntimeError> {
+) -> Result<OwnedVm, StartError> {
     events.emit(Event::Accel {
         accel: plan.accel.accel,
         reason: plan.accel.reason.clone(),
@@ -181,11 +182,7 @@ pub fn execute(
                 ms: ms as u64,
             }),
             Ok(Err(e)) => return Err(e.into()),
-            Err(_) => {
-                return Err(RuntimeError::Internal(
-                    "the package verifier panicked".into(),
-                ))
-            }
+            Err(_) => return Err(StartError::Internal("the package verifier panicked".into())),
         }
     }
     if live {
@@ -234,10 +231,10 @@ pub(crate) fn saved_accel(
     choice: ferry_engine::AccelChoice,
     image: &BootImage,
     saved: ferry_engine::Accel,
-) -> Result<AccelDecision, RuntimeError> {
+) -> Result<AccelDecision, StartError> {
     let decision = engine.choose_accel(choice, &image.probe())?;
     if decision.accel != saved {
-        return Err(RuntimeError::Engine(ferry_engine::EngineError::Incompatible(format!(
+        return Err(StartError::Engine(ferry_engine::EngineError::Incompatible(format!(
             "the VM was saved with accelerator {} but this host runs {} ({}); rebuild the package here with 'ferry package'",
             saved,
             decision.accel,
@@ -248,7 +245,7 @@ pub(crate) fn saved_accel(
 }
 
 /// Refuses a VM bigger than this host's memory, before anything is made.
-pub(crate) fn check_host_memory(memory_mib: u64) -> Result<(), RuntimeError> {
+pub(crate) fn check_host_memory(memory_mib: u64) -> Result<(), StartError> {
     let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
     let total_mib = meminfo
         .lines()
@@ -256,7 +253,7 @@ pub(crate) fn check_host_memory(memory_mib: u64) -> Result<(), RuntimeError> {
         .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
         .map(|kib| kib / 1024);
     match total_mib {
-        Some(total) if memory_mib > total => Err(RuntimeError::HostTooSmall {
+        Some(total) if memory_mib > total => Err(StartError::HostTooSmall {
             need_mib: memory_mib,
             have_mib: total,
         }),

@@ -20,6 +20,7 @@ use ferry_package::{Package, SectionKind};
 
 use super::{saved_accel, How, StartPlan};
 use crate::cache::SectionCache;
+use crate::error::{FileError, StartError};
 use crate::locks::PackageLock;
 use crate::owner::{Held, SaveInfo};
 use crate::package_meta;
@@ -27,7 +28,7 @@ use crate::record::{FleetSpec, NetSpec, RecordState, VmRecord};
 use crate::save::{now_unix, CacheAdoption};
 use crate::vm::{BootImage, ConsoleSink, RestoreMemory, VmConfig};
 use crate::vmdir::{files, VmDir};
-use crate::{Paths, RuntimeError};
+use crate::Paths;
 
 /// The saved device state a restore reads, in the VM's directory.
 pub(crate) const DEVICE_STATE_IN: &str = "device-state.in";
@@ -80,7 +81,7 @@ pub fn plan(
     engine: &dyn Engine,
     paths: &Paths,
     mut opts: PackageStart,
-) -> Result<StartPlan<'static>, RuntimeError> {
+) -> Result<StartPlan<'static>, StartError> {
     let name = &opts.name.clone();
     crate::vmdir::validate_name(name)?;
     let clone = opts.mode == Mode::Clone;
@@ -169,7 +170,7 @@ pub fn plan(
     let resuming = previous.is_some();
     let first_record = record.clone().filter(|_| !resuming);
     let reader = pkg.clone();
-    let prepare = move |d: &VmDir| -> Result<(), RuntimeError> {
+    let prepare = move |d: &VmDir| -> Result<(), StartError> {
         // A suspended VM's record keeps saying so until it is live again:
         // if this start fails, it is still suspended.
         if let Some(r) = &first_record {
@@ -249,20 +250,21 @@ fn verify_in_background(
 
 /// Copies a file, keeping holes (and sharing blocks where the file system
 /// can).
-pub(crate) fn copy_sparse(from: &Path, to: &Path) -> Result<(), RuntimeError> {
+pub(crate) fn copy_sparse(from: &Path, to: &Path) -> Result<(), StartError> {
     let status = std::process::Command::new("cp")
         .args(["--sparse=always", "--reflink=auto"])
         .arg(from)
         .arg(to)
         .status()
-        .map_err(RuntimeError::io(to))?;
+        .map_err(FileError::at(to))?;
     if status.success() {
         Ok(())
     } else {
-        Err(RuntimeError::Io {
+        Err(FileError {
             path: to.to_path_buf(),
             source: std::io::Error::other(format!("cp from {} failed", from.display())),
-        })
+        }
+        .into())
     }
 }
 

@@ -17,10 +17,11 @@ use ferry_transport::RemotePackage;
 use super::package::DEVICE_STATE_IN;
 use super::{saved_accel, How, StartPlan};
 use crate::cache::SectionCache;
+use crate::error::{FileError, StartError};
 use crate::events::{Event, EventSink};
 use crate::owner::{Held, OwnedVm, SaveInfo};
 use crate::vm::{BootImage, ConsoleSink, NetChoice, RestoreMemory, VmConfig};
-use crate::{Cancel, Paths, RuntimeError};
+use crate::{Cancel, Paths};
 
 /// The lazy disk's file and socket in the VM's directory.
 const LAZY_DISK_FILE: &str = "disk-lazy.raw";
@@ -61,7 +62,7 @@ pub fn plan(
     paths: &Paths,
     opts: &RegistryStart,
     events: &dyn EventSink,
-) -> Result<(StartPlan<'static>, LazySlot), RuntimeError> {
+) -> Result<(StartPlan<'static>, LazySlot), StartError> {
     let remote = Arc::new(RemotePackage::open(&opts.url, opts.token.as_deref())?);
     let meta = remote.vm_meta()?;
     super::check_host_memory(meta.provenance.memory_mib)?;
@@ -71,7 +72,7 @@ pub fn plan(
         .unwrap_or_else(|| crate::vmdir::generate_name(&meta.recipe));
     crate::vmdir::validate_name(&name)?;
     let cache = SectionCache::new(&paths.cache);
-    let fetched = |kind: SectionKind| -> Result<PathBuf, RuntimeError> {
+    let fetched = |kind: SectionKind| -> Result<PathBuf, StartError> {
         let mut last = Instant::now();
         cache.get_remote(&remote, kind, &mut |done, total| {
             if last.elapsed() > Duration::from_secs(1) {
@@ -122,9 +123,9 @@ pub fn plan(
     let disk_size = remote.section(SectionKind::Disk)?.size;
     let served: LazySlot = Arc::default();
     let slot = served.clone();
-    let prepare = move |d: &crate::vmdir::VmDir| -> Result<(), RuntimeError> {
+    let prepare = move |d: &crate::vmdir::VmDir| -> Result<(), StartError> {
         std::fs::copy(&device_state, d.path().join(DEVICE_STATE_IN))
-            .map_err(RuntimeError::io(d.path().join(DEVICE_STATE_IN)))?;
+            .map_err(FileError::at(d.path().join(DEVICE_STATE_IN)))?;
         super::package::copy_sparse(&memory, &memory_file)?;
         let source = RemoteSection::new(remote.clone(), SectionKind::Disk)?;
         let disk = Arc::new(LazyDisk::open(
@@ -181,14 +182,14 @@ pub fn start(
     opts: &RegistryStart,
     events: &dyn EventSink,
     cancel: &Cancel,
-) -> Result<OwnedVm, RuntimeError> {
+) -> Result<OwnedVm, StartError> {
     let (plan, slot) = plan(engine, paths, opts, events)?;
     let mut owned = super::execute(engine, paths, plan, events, cancel)?;
     let lazy = slot
         .lock()
         .expect("lazy slot")
         .take()
-        .ok_or_else(|| RuntimeError::Internal("the lazy disk was not set up".into()))?;
+        .ok_or_else(|| StartError::Internal("the lazy disk was not set up".into()))?;
     let status = lazy.disk.status();
     events.emit(Event::LazyDisk {
         fetched_bytes: status.bytes_fetched,
