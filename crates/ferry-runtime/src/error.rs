@@ -728,9 +728,8 @@ mod tests {
             .exit_class(),
             ExitClass::Migration
         );
-        let boxed: Box<dyn std::error::Error> = Box::new(FleetError::StillRunning {
-            name: "a".into(),
-        });
+        let boxed: Box<dyn std::error::Error> =
+            Box::new(FleetError::StillRunning { name: "a".into() });
         assert_eq!(class_of(boxed.as_ref()), Some(ExitClass::BadInput));
         let other: Box<dyn std::error::Error> = Box::new(std::fmt::Error);
         assert_eq!(class_of(other.as_ref()), None);

@@ -227,18 +227,8 @@ pub enum Event {
         /// Why.
         message: String,
     },
-    /// A VM was stopped by a fleet command.
-    Stopped {
-        /// The VM.
-        name: String,
-        /// `suspended`, `discarded`, `removed`.
-        state: String,
-        /// How long it took.
-        ms: u64,
-        /// Where its state is, if kept.
-        #[serde(default, skip_serializing_if = "Option::is_none")]
-        saved: Option<String>,
-    },
+    /// A fleet command (`stop`, `restart`, `rm`, `clean`) changed a VM.
+    VmChanged(crate::fleet::VmChange),
     /// A registry serves a package.
     RegistryPackage {
         /// The file.

@@ -9,6 +9,6 @@ use ferry_runtime::Paths;
 pub struct Args {}
 
 pub fn run(_args: Args, paths: &Paths, ctx: &super::Ctx) -> anyhow::Result<ExitCode> {
-    clean(paths, &mut |line| ctx.notice(line))?;
+    clean(paths, &ctx.render)?;
     Ok(ExitCode::SUCCESS)
 }

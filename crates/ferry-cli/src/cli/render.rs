@@ -202,15 +202,7 @@ fn human(event: &Event) -> Option<Line> {
         )),
         Event::Started(s) => Out(ferry_runtime::fleet::started_line(&s.name, Some(s))),
         Event::StartFailed { name, message } => Out(format!("{name}: failed: {message}")),
-        Event::Stopped {
-            name,
-            state,
-            ms,
-            saved,
-        } => Out(match saved {
-            Some(p) => format!("{name}: {state} in {ms} ms into {p}"),
-            None => format!("{name}: {state} in {ms} ms"),
-        }),
+        Event::VmChanged(c) => Out(c.to_string()),
         Event::RegistryPackage {
             path,
             size,

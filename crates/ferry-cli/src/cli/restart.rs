@@ -27,7 +27,7 @@ pub fn run(args: Args, paths: &Paths, ctx: &super::Ctx) -> anyhow::Result<ExitCo
         &ferry,
         &target,
         Duration::from_secs(args.live_timeout),
-        &mut |line| ctx.notice(line),
+        &ctx.render,
     )?;
     Ok(ExitCode::SUCCESS)
 }

@@ -12,6 +12,8 @@ pub struct Args {
 }
 
 pub fn run(args: Args, paths: &Paths, ctx: &super::Ctx) -> anyhow::Result<ExitCode> {
-    ctx.notice(&rm(paths, &args.name)?);
+    use ferry_runtime::EventSink;
+    ctx.render
+        .emit(ferry_runtime::Event::VmChanged(rm(paths, &args.name)?));
     Ok(ExitCode::SUCCESS)
 }

@@ -21,6 +21,6 @@ pub struct Args {
 
 pub fn run(args: Args, paths: &Paths, ctx: &super::Ctx) -> anyhow::Result<ExitCode> {
     let target = super::target(args.name, args.all);
-    stop(paths, &target, args.discard, &mut |line| ctx.notice(line))?;
+    stop(paths, &target, args.discard, &ctx.render)?;
     Ok(ExitCode::SUCCESS)
 }

@@ -8,12 +8,13 @@ use std::time::{Duration, Instant};
 use crate::control::{call, ControlReply, ControlRequest};
 use crate::detach::{choice_of, launch, DetachSpec, StartFrom, Started};
 use crate::error::{FileError, FleetError, NameError, StartError, VmError};
+use crate::events::{Event, EventSink};
 use crate::record::{RecordState, VmRecord};
 use crate::vmdir::{files, remove_leftover_network, running_vm_dir, VmDir};
 use crate::{Cancel, Paths};
 
 use super::ps::{crash_note, list, state_of};
-use super::{StartedLine, READY_TIMEOUT};
+use super::{StartedLine, VmChange, READY_TIMEOUT};
 
 /// Which VMs a command works on.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -27,13 +28,14 @@ pub enum Target {
 /// `ferry stop NAME|--all [--discard]`: suspends running VMs (state kept,
 /// `ferry start` resumes them), or with `discard` shuts them down and drops
 /// their state — also the saved state of suspended and stopped VMs, and
-/// what crashed ones left. One line per VM; fails if any failed.
+/// what crashed ones left. Reports each VM's [`VmChange`] as it is done
+/// and returns them all; fails if any failed.
 pub fn stop(
     paths: &Paths,
     target: &Target,
     discard: bool,
-    say: &mut dyn FnMut(&str),
-) -> Result<(), FleetError> {
+    events: &dyn EventSink,
+) -> Result<Vec<VmChange>, FleetError> {
     let names = match target {
         Target::One(n) => {
             if state_of(paths, n).is_none() {
@@ -44,23 +46,48 @@ pub fn stop(
         Target::All => list(paths).into_iter().map(|v| v.name).collect(),
     };
     if names.is_empty() {
-        say("no VMs");
-        return Ok(());
+        events.emit(Event::Notice {
+            message: "no VMs".into(),
+        });
+        return Ok(Vec::new());
     }
+    let results = stop_all(paths, names.clone(), discard);
+    settle(&names, results, "stop", events)
+}
+
+/// Reports each VM's change, and fails with one error naming every
+/// failure, if there are any.
+fn settle(
+    names: &[String],
+    results: Vec<Result<VmChange, FleetError>>,
+    what: &str,
+    events: &dyn EventSink,
+) -> Result<Vec<VmChange>, FleetError> {
+    let mut changes = Vec::new();
     let mut failures = Vec::new();
     let mut code = 0;
-    for (name, line) in names.iter().zip(stop_all(paths, names.clone(), discard)) {
-        match line {
-            Ok(l) => say(&l),
+    for (name, r) in names.iter().zip(results) {
+        match r {
+            Ok(c) => {
+                events.emit(Event::VmChanged(c.clone()));
+                changes.push(c);
+            }
             Err(e) => {
                 if code == 0 {
-                    code = error_code(&e);
+                    code = e.exit_class().code();
                 }
                 failures.push(named(name, &e));
             }
         }
     }
-    several(failures, names.len(), "stop", code)
+    if failures.is_empty() {
+        return Ok(changes);
+    }
+    Err(FleetError::Several {
+        summary: format!("could not {what} {} of {} VMs", failures.len(), names.len()),
+        failures,
+        code,
+    })
 }
 
 /// `NAME: error`, unless the error names the VM already.
@@ -71,23 +98,6 @@ fn named(name: &str, e: &FleetError) -> String {
     } else {
         format!("{name}: {text}")
     }
-}
-
-/// Fails with one error naming every failure, if there are any.
-fn several(failures: Vec<String>, of: usize, what: &str, code: u8) -> Result<(), FleetError> {
-    if failures.is_empty() {
-        return Ok(());
-    }
-    Err(FleetError::Several {
-        summary: format!("could not {what} {} of {of} VMs", failures.len()),
-        failures,
-        code,
-    })
-}
-
-/// The exit code class of errors that commands on several VMs collect.
-fn error_code(e: &FleetError) -> u8 {
-    e.exit_class().code()
 }
 
 pub(super) fn unknown(paths: &Paths, name: &str) -> FleetError {
@@ -103,7 +113,7 @@ pub(super) fn stop_all(
     paths: &Paths,
     names: Vec<String>,
     discard: bool,
-) -> Vec<Result<String, FleetError>> {
+) -> Vec<Result<VmChange, FleetError>> {
     std::thread::scope(|scope| {
         let handles: Vec<_> = names
             .iter()
@@ -119,7 +129,7 @@ pub(super) fn stop_all(
     })
 }
 
-fn stop_one(paths: &Paths, name: &str, discard: bool) -> Result<String, FleetError> {
+fn stop_one(paths: &Paths, name: &str, discard: bool) -> Result<VmChange, FleetError> {
     let Some((state, record)) = state_of(paths, name) else {
         return Err(unknown(paths, name));
     };
@@ -128,30 +138,30 @@ fn stop_one(paths: &Paths, name: &str, discard: bool) -> Result<String, FleetErr
         RecordState::Running => {}
         RecordState::Suspended | RecordState::Stopped if discard => {
             remove_state(paths, name)?;
-            return Ok(format!("{name}: was {state}; its state is deleted"));
+            return Ok(VmChange::StateDeleted {
+                name: name.to_string(),
+                was: state,
+            });
         }
         RecordState::Suspended | RecordState::Stopped => {
-            return Ok(format!("{name}: already {state}"));
+            return Ok(VmChange::AlreadyStopped {
+                name: name.to_string(),
+                state,
+            });
         }
         RecordState::Crashed if discard => {
             remove_state(paths, name)?;
-            return Ok(format!("{name}: had crashed; what it left is removed"));
+            return Ok(VmChange::CrashCleaned {
+                name: name.to_string(),
+                why: None,
+            });
         }
         RecordState::Crashed => {
-            let resumable = record.as_ref().is_some_and(VmRecord::resumable);
-            return Ok(format!(
-                "{name}: crashed, nothing to stop ({}'ferry clean' removes what it left{})",
-                record
-                    .as_ref()
-                    .and_then(|r| r.note.as_deref())
-                    .map(|n| format!("{n}; "))
-                    .unwrap_or_default(),
-                if resumable {
-                    "; 'ferry start' resumes its last suspended state"
-                } else {
-                    ""
-                }
-            ));
+            return Ok(VmChange::Crashed {
+                name: name.to_string(),
+                note: record.as_ref().and_then(|r| r.note.clone()),
+                resumable: record.as_ref().is_some_and(VmRecord::resumable),
+            });
         }
     }
     let control = dir.join(files::CONTROL);
@@ -164,9 +174,11 @@ fn stop_one(paths: &Paths, name: &str, discard: bool) -> Result<String, FleetErr
     match reply {
         Ok(ControlReply::Stopped { state, ms, saved }) => {
             wait_not_running(paths, name, Duration::from_secs(60))?;
-            Ok(match saved {
-                Some(s) => format!("{name}: {state} in {ms} ms (state kept in {s})"),
-                None => format!("{name}: {state} in {ms} ms"),
+            Ok(VmChange::Stopped {
+                name: name.to_string(),
+                state,
+                ms,
+                saved,
             })
         }
         Ok(ControlReply::Error { message }) if message.contains("still starting") => {
@@ -186,10 +198,14 @@ fn stop_one(paths: &Paths, name: &str, discard: bool) -> Result<String, FleetErr
             // The supervisor may have finished and exited before its answer
             // went out: the directory says what happened.
             wait_not_running(paths, name, Duration::from_secs(30)).map_err(|_| e)?;
-            let ms = t.elapsed().as_millis();
-            Ok(match state_of(paths, name) {
-                None => format!("{name}: discarded in {ms} ms"),
-                Some((s, _)) => format!("{name}: {s} in {ms} ms"),
+            Ok(VmChange::Stopped {
+                name: name.to_string(),
+                state: match state_of(paths, name) {
+                    None => "discarded".to_string(),
+                    Some((s, _)) => s.to_string(),
+                },
+                ms: t.elapsed().as_millis() as u64,
+                saved: None,
             })
         }
     }
@@ -198,7 +214,7 @@ fn stop_one(paths: &Paths, name: &str, discard: bool) -> Result<String, FleetErr
 /// A VM whose owner does not hold it yet (it is still starting) is stopped
 /// the way Ctrl-C stops it: SIGTERM to its ferry process, which cancels
 /// the start.
-fn stop_foreground(paths: &Paths, name: &str, control: &Path) -> Result<String, FleetError> {
+fn stop_foreground(paths: &Paths, name: &str, control: &Path) -> Result<VmChange, FleetError> {
     let pid = match call(control, &ControlRequest::Status, Duration::from_secs(5))? {
         ControlReply::Status(s) => s.pid,
         other => {
@@ -214,9 +230,10 @@ fn stop_foreground(paths: &Paths, name: &str, control: &Path) -> Result<String, 
         libc::kill(pid as libc::pid_t, libc::SIGTERM);
     }
     wait_not_running(paths, name, Duration::from_secs(300))?;
-    Ok(format!(
-        "{name}: was still starting; its ferry process (pid {pid}) was sent SIGTERM, which cancelled the start"
-    ))
+    Ok(VmChange::StartCancelled {
+        name: name.to_string(),
+        pid,
+    })
 }
 
 /// Waits until VM `name` no longer runs and its directory is settled: gone,
@@ -310,8 +327,8 @@ pub fn restart(
     ferry: &Path,
     target: &Target,
     live_timeout: Duration,
-    say: &mut dyn FnMut(&str),
-) -> Result<(), FleetError> {
+    events: &dyn EventSink,
+) -> Result<Vec<VmChange>, FleetError> {
     let names: Vec<String> = match target {
         Target::One(n) => {
             if state_of(paths, n).is_none() {
@@ -326,19 +343,27 @@ pub fn restart(
             .collect(),
     };
     if names.is_empty() {
-        say("no running VMs");
-        return Ok(());
+        events.emit(Event::Notice {
+            message: "no running VMs".into(),
+        });
+        return Ok(Vec::new());
     }
-    let results: Vec<Result<String, FleetError>> = std::thread::scope(|scope| {
+    let results: Vec<Result<VmChange, FleetError>> = std::thread::scope(|scope| {
         let handles: Vec<_> = names
             .iter()
             .map(|n| {
-                scope.spawn(move || -> Result<String, FleetError> {
+                scope.spawn(move || -> Result<VmChange, FleetError> {
                     if matches!(state_of(paths, n), Some((RecordState::Running, _))) {
                         stop_one(paths, n, false)?;
                     }
-                    let started = start(paths, ferry, n, live_timeout, &Cancel::new())?;
-                    Ok(started_line(n, started.as_ref()))
+                    Ok(
+                        match start(paths, ferry, n, live_timeout, &Cancel::new())? {
+                            Some(s) => VmChange::Started(s),
+                            None => VmChange::AlreadyRunning {
+                                name: n.to_string(),
+                            },
+                        },
+                    )
                 })
             })
             .collect();
@@ -350,26 +375,13 @@ pub fn restart(
             })
             .collect()
     });
-    let mut failures = Vec::new();
-    let mut code = 0;
-    for (name, r) in names.iter().zip(results) {
-        match r {
-            Ok(line) => say(&line),
-            Err(e) => {
-                if code == 0 {
-                    code = error_code(&e);
-                }
-                failures.push(named(name, &e));
-            }
-        }
-    }
-    several(failures, names.len(), "restart", code)
+    settle(&names, results, "restart", events)
 }
 
 /// `ferry rm NAME`: deletes the state of a VM that is not running (its
 /// record, its own saved package, its logs). A package of the user's that
 /// a `run --detach` VM suspended into is left alone.
-pub fn rm(paths: &Paths, name: &str) -> Result<String, FleetError> {
+pub fn rm(paths: &Paths, name: &str) -> Result<VmChange, FleetError> {
     let Some((state, record)) = state_of(paths, name) else {
         return Err(unknown(paths, name));
     };
@@ -384,12 +396,10 @@ pub fn rm(paths: &Paths, name: &str) -> Result<String, FleetError> {
         .filter(|r| !r.owns_saved(&dir))
         .and_then(|r| r.saved.clone());
     remove_state(paths, name)?;
-    Ok(match kept {
-        Some(p) => format!(
-            "removed {name} ({state}); its package {} is yours and stays",
-            p.display()
-        ),
-        None => format!("removed {name} ({state})"),
+    Ok(VmChange::Removed {
+        name: name.to_string(),
+        was: state,
+        kept,
     })
 }
 
@@ -397,8 +407,8 @@ pub fn rm(paths: &Paths, name: &str) -> Result<String, FleetError> {
 /// namespaces with their links and rules). A crashed VM that still has a
 /// saved state (it crashed after `ferry start`) is turned back into a
 /// suspended one instead. Never touches a running, suspended or stopped VM.
-pub fn clean(paths: &Paths, say: &mut dyn FnMut(&str)) -> Result<(), FleetError> {
-    let mut cleaned = 0;
+pub fn clean(paths: &Paths, events: &dyn EventSink) -> Result<Vec<VmChange>, FleetError> {
+    let mut cleaned = Vec::new();
     for v in list(paths) {
         if v.state != RecordState::Crashed {
             continue;
@@ -419,28 +429,32 @@ pub fn clean(paths: &Paths, say: &mut dyn FnMut(&str)) -> Result<(), FleetError>
         remove_leftover_network(dir.path());
         let record = VmRecord::load(dir.path());
         let why = crash_note(record.as_ref());
-        match record.filter(VmRecord::resumable) {
+        let change = match record.filter(VmRecord::resumable) {
             Some(mut record) => {
                 record.state = RecordState::Suspended;
                 record.note = Some(format!(
                     "crashed after its last start ({why}); suspended again as it was before that start"
                 ));
                 record.save(dir.path())?;
-                say(&format!(
-                    "{name}: crashed; its leftovers are removed and it is suspended as it was before its last start: 'ferry start {name}' resumes it"
-                ));
+                VmChange::Resuspended { name: name.clone() }
             }
             None => {
                 dir.remove_all();
-                say(&format!("{name}: removed (crashed: {why})"));
+                VmChange::CrashCleaned {
+                    name: name.clone(),
+                    why: Some(why),
+                }
             }
-        }
-        cleaned += 1;
+        };
+        events.emit(Event::VmChanged(change.clone()));
+        cleaned.push(change);
     }
-    if cleaned == 0 {
-        say("nothing to clean");
+    if cleaned.is_empty() {
+        events.emit(Event::Notice {
+            message: "nothing to clean".into(),
+        });
     }
-    Ok(())
+    Ok(cleaned)
 }
 
 /// `ferry logs NAME [-f]`: writes the VM's console log (or, with

@@ -14,9 +14,11 @@
 //!   of its own;
 //! - [`manage`]: `stop`, `start`, `restart`, `rm`, `clean`, `logs`.
 
+mod change;
 mod manage;
 mod ps;
 
+pub use change::VmChange;
 pub use manage::*;
 pub use ps::*;
 
@@ -205,7 +207,7 @@ pub fn up(
             true,
         ) {
             match line {
-                Ok(l) => say(l),
+                Ok(c) => events.emit(Event::VmChanged(c)),
                 Err(e) => say(format!("could not discard: {e}")),
             }
         }
@@ -620,7 +622,16 @@ Private_Hugetlb:       0 kB\n";
             .to_string();
         assert!(e.contains("'web-0' (suspended) is taken"), "{e}");
         // rm deletes it.
-        assert_eq!(rm(&p, "web-0").unwrap(), "removed web-0 (suspended)");
+        let removed = rm(&p, "web-0").unwrap();
+        assert_eq!(removed.to_string(), "removed web-0 (suspended)");
+        assert_eq!(
+            removed,
+            VmChange::Removed {
+                name: "web-0".into(),
+                was: RecordState::Suspended,
+                kept: None
+            }
+        );
         assert!(!tmp.path().join("vms/web-0").exists());
         assert!(matches!(
             rm(&p, "web-0").unwrap_err(),
@@ -688,16 +699,23 @@ Private_Hugetlb:       0 kB\n";
         std::fs::write(restarted.path().join(files::SAVED), b"pkg").unwrap();
         std::fs::write(restarted.path().join("memory"), b"x").unwrap();
         drop(restarted);
-        let mut lines = Vec::new();
-        clean(&p, &mut |l| lines.push(l.to_string())).unwrap();
+        let events = crate::events::Collect::default();
+        let lines = clean(&p, &events).unwrap();
         assert!(!tmp.path().join("vms/web-0").exists(), "{lines:?}");
         assert_eq!(state_of(&p, "web-1").unwrap().0, RecordState::Suspended);
         assert_eq!(state_of(&p, "web-2").unwrap().0, RecordState::Suspended);
         assert!(tmp.path().join("vms/web-2/saved.ferry").exists());
         assert!(!tmp.path().join("vms/web-2/memory").exists());
         assert_eq!(lines.len(), 2, "{lines:?}");
-        let mut again = Vec::new();
-        clean(&p, &mut |l| again.push(l.to_string())).unwrap();
-        assert_eq!(again, vec!["nothing to clean"]);
+        assert!(lines.contains(&VmChange::Resuspended {
+            name: "web-2".into()
+        }));
+        assert_eq!(events.events().len(), 2, "one event per VM changed");
+        let again = crate::events::Collect::default();
+        assert!(clean(&p, &again).unwrap().is_empty());
+        assert!(matches!(
+            again.events().as_slice(),
+            [Event::Notice { message }] if message == "nothing to clean"
+        ));
     }
 }
