@@ -18,6 +18,7 @@
 
 pub mod client;
 pub mod error;
+pub mod fetch;
 pub mod ids;
 pub mod model;
 mod routes;
