@@ -93,6 +93,14 @@ fn serve(args: ServeArgs, paths: &Paths, ctx: &super::Ctx) -> anyhow::Result<Exi
             ),
         });
     }
+    if args.listen.ip().is_unspecified() && args.advertise.is_none() {
+        ctx.render.emit(Event::Warning {
+            message: format!(
+                "--listen {} without --advertise: nodes are told to use 127.0.0.1, which only this host reaches",
+                args.listen
+            ),
+        });
+    }
     let token = match &args.token_file {
         Some(f) => Some(super::registry::read_token(f)?),
         None => None,
