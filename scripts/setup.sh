@@ -3,7 +3,8 @@
 # QEMU 10 and its image tool (from bookworm-backports, see docs/engine.md),
 # busybox-static and e2fsprogs for blueprints, debootstrap for Debian-based
 # recipes, redis-tools for the demo and tests, iproute2 and iptables for
-# networking, kmod and cpio for the KVM lab VM (../shared/tools/kvm-lab.sh).
+# networking, kmod and cpio for the KVM lab VM (../shared/tools/kvm-lab.sh),
+# curl for the boot service's tests and bench/bootsvc.
 # Needs root.
 #
 #   scripts/setup.sh            install
@@ -75,7 +76,7 @@ debian_mirror() {
 }
 
 pkgs=(busybox-static e2fsprogs debootstrap redis-tools
-      iproute2 iptables procps ca-certificates kmod cpio python3)
+      iproute2 iptables procps ca-certificates kmod cpio python3 curl)
 codename=$(. /etc/os-release && echo "${VERSION_CODENAME:-}")
 want_qemu=
 use_backports=

@@ -7,6 +7,7 @@
 
 mod blueprint;
 mod boot;
+mod boot_service;
 mod clean;
 mod exec;
 mod inspect;
@@ -57,6 +58,10 @@ enum Command {
     Blueprint(blueprint::Args),
     /// Cold-boot a blueprint and wait until its service is live.
     Boot(boot::Args),
+    /// Serve inventory (SMD), boot parameters and iPXE scripts (BSS),
+    /// cloud-init data and boot files to netbooting nodes; `load` a node list.
+    #[command(name = "boot-service")]
+    BootService(boot_service::Args),
     /// Run a command inside a running VM.
     Exec(exec::Args),
     /// Boot a blueprint, wait until its service is live, snapshot it into a package.
@@ -156,6 +161,7 @@ pub fn run(cli: Cli, started: Instant, ctx: &Ctx) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Blueprint(args) => blueprint::run(args, &paths),
         Command::Boot(args) => boot::run(args, &paths, started, ctx),
+        Command::BootService(args) => boot_service::run(args, &paths, ctx),
         Command::Exec(args) => exec::run(args, &paths),
         Command::Package(args) => package::run(args, &paths, ctx),
         Command::Run(args) => run::run(args, &paths, started, ctx),

@@ -1,0 +1,134 @@
+//! The HTTP routes, one module per service copied, and what they share:
+//! the token check on writes, query strings with repeated keys (SMD's
+//! `?id=a&id=b`), JSON bodies whose errors name the field.
+
+mod bss;
+mod cloud_init;
+mod files;
+mod smd;
+
+use std::sync::Arc;
+
+use axum::body::Body;
+use axum::extract::{Request, State};
+use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::Router;
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use subtle::ConstantTimeEq;
+use tracing::debug;
+
+use crate::error::ApiError;
+use crate::AppState;
+
+/// Every route, behind the token check.
+pub(crate) fn router(state: Arc<AppState>) -> Router {
+    Router::new()
+        .merge(smd::routes())
+        .merge(bss::routes())
+        .merge(cloud_init::routes())
+        .merge(files::routes())
+        .fallback(|| async { ApiError::not_found("no such route") })
+        .layer(middleware::from_fn_with_state(state.clone(), guard))
+        .with_state(state)
+}
+
+/// Writes need the token (when one is set); reads and phone-home (nodes
+/// hold no tokens) do not. Logs every request.
+async fn guard(State(state): State<Arc<AppState>>, req: Request, next: Next) -> Response {
+    let method = req.method().clone();
+    let uri = req.uri().clone();
+    let read = method == Method::GET || method == Method::HEAD;
+    let node_write = uri.path().ends_with("/phone-home");
+    let response = match &state.token {
+        Some(token) if !read && !node_write && !authorized(req.headers(), token) => {
+            ApiError::unauthorized().into_response()
+        }
+        _ => next.run(req).await,
+    };
+    debug!(%method, %uri, status = response.status().as_u16(), "request");
+    response
+}
+
+/// Whether `headers` carry `Authorization: Bearer <token>`, compared in
+/// constant time so the answer's timing says nothing about the token.
+fn authorized(headers: &HeaderMap, token: &[u8]) -> bool {
+    let Some(value) = headers.get(header::AUTHORIZATION) else {
+        return false;
+    };
+    let value = value.as_bytes();
+    let Some(scheme) = value.get(..7) else {
+        return false;
+    };
+    if !scheme.eq_ignore_ascii_case(b"bearer ") {
+        return false;
+    }
+    value[7..].trim_ascii().ct_eq(token).into()
+}
+
+/// A query string's pairs, decoded, repeated keys kept in order.
+pub(crate) fn pairs(raw: Option<&str>) -> Vec<(String, String)> {
+    let decode = |s: &str| {
+        percent_encoding::percent_decode_str(&s.replace('+', " "))
+            .decode_utf8_lossy()
+            .into_owned()
+    };
+    raw.unwrap_or("")
+        .split('&')
+        .filter(|p| !p.is_empty())
+        .map(|p| match p.split_once('=') {
+            Some((k, v)) => (decode(k), decode(v)),
+            None => (decode(p), String::new()),
+        })
+        .collect()
+}
+
+/// Every value of `key` (case-insensitive, as SMD's filters are), with
+/// comma-separated lists split.
+pub(crate) fn values(pairs: &[(String, String)], key: &str) -> Vec<String> {
+    pairs
+        .iter()
+        .filter(|(k, _)| k.eq_ignore_ascii_case(key))
+        .flat_map(|(_, v)| v.split(',').map(str::to_string).collect::<Vec<_>>())
+        .filter(|v| !v.is_empty())
+        .collect()
+}
+
+/// Parses a JSON body; a bad one is a 400 naming where it broke.
+pub(crate) fn json_body<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
+    serde_json::from_slice(body).map_err(|e| ApiError::bad("body", e))
+}
+
+/// A JSON answer.
+pub(crate) fn json<T: Serialize>(status: StatusCode, value: &T) -> Response {
+    let body = serde_json::to_vec(value).expect("answers serialise");
+    let mut r = (status, Body::from(body)).into_response();
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    r
+}
+
+/// A text answer.
+pub(crate) fn text(content_type: &'static str, body: String) -> Response {
+    let mut r = (StatusCode::OK, body).into_response();
+    r.headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+    r
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn queries_keep_repeats_and_decode() {
+        let p = pairs(Some("id=x1&ID=x2,x3&mac=aa%3Abb&json=1&empty"));
+        assert_eq!(values(&p, "id"), ["x1", "x2", "x3"]);
+        assert_eq!(values(&p, "mac"), ["aa:bb"]);
+        assert!(values(&p, "empty").is_empty());
+    }
+}
