@@ -75,7 +75,7 @@ debian_mirror() {
 }
 
 pkgs=(busybox-static e2fsprogs debootstrap redis-tools
-      iproute2 iptables procps ca-certificates kmod cpio python3)
+      iproute2 iptables procps ca-certificates kmod cpio python3 curl)
 codename=$(. /etc/os-release && echo "${VERSION_CODENAME:-}")
 want_qemu=
 use_backports=
