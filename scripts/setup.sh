@@ -4,7 +4,7 @@
 # busybox-static and e2fsprogs for blueprints, debootstrap for Debian-based
 # recipes, redis-tools for the demo and tests, iproute2 and iptables for
 # networking, kmod and cpio for the KVM lab VM (../shared/tools/kvm-lab.sh),
-# curl for the boot service's tests and bench/bootsvc.
+# curl for the boot service's and the control plane's tests and bench/bootsvc.
 # Needs root.
 #
 #   scripts/setup.sh            install

@@ -9,9 +9,11 @@ mod blueprint;
 mod boot;
 mod boot_service;
 mod clean;
+mod cluster;
 mod exec;
 mod inspect;
 mod logs;
+mod manager;
 mod net;
 mod package;
 mod peer;
@@ -26,6 +28,7 @@ mod start;
 mod stop;
 mod supervise;
 mod up;
+mod worker;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -92,6 +95,12 @@ enum Command {
     Rm(rm::Args),
     /// Remove what crashed VMs left: state directories, namespaces, links, rules.
     Clean(clean::Args),
+    /// The control plane's API: nodes, instances, placement, moves.
+    Manager(manager::Args),
+    /// Run the manager's VMs on this host.
+    Worker(worker::Args),
+    /// Talk to a manager: nodes, instances, create, migrate, delete, watch.
+    Cluster(cluster::Args),
     /// The supervisor of one detached VM (started by ferry itself).
     #[command(hide = true)]
     Supervise(supervise::Args),
@@ -177,6 +186,9 @@ pub fn run(cli: Cli, started: Instant, ctx: &Ctx) -> anyhow::Result<ExitCode> {
         Command::Restart(args) => restart::run(args, &paths, ctx),
         Command::Rm(args) => rm::run(args, &paths, ctx),
         Command::Clean(args) => clean::run(args, &paths, ctx),
+        Command::Manager(args) => manager::run(args, &paths, ctx),
+        Command::Worker(args) => worker::run(args, &paths, ctx),
+        Command::Cluster(args) => cluster::run(args, ctx),
         Command::Supervise(args) => supervise::run(args, &paths),
     }
 }
@@ -259,9 +271,33 @@ pub fn exit_number(e: &anyhow::Error) -> u8 {
 /// The class of an error: the runtime's own mapping, for its errors and
 /// those of the crates below it.
 pub fn exit_class(e: &anyhow::Error) -> ferry_runtime::ExitClass {
+    use ferry_runtime::ExitClass;
     e.chain()
-        .find_map(ferry_runtime::error::class_of)
-        .unwrap_or(ferry_runtime::ExitClass::Other)
+        .find_map(|c| {
+            ferry_runtime::error::class_of(c).or_else(|| {
+                if let Some(m) = c.downcast_ref::<ferry_control::manager::ManagerError>() {
+                    Some(match m {
+                        ferry_control::manager::ManagerError::Bind { .. } => ExitClass::BadInput,
+                        _ => ExitClass::Other,
+                    })
+                } else if let Some(w) = c.downcast_ref::<ferry_control::worker::WorkerError>() {
+                    Some(match w {
+                        ferry_control::worker::WorkerError::Refused(_) => ExitClass::BadInput,
+                        _ => ExitClass::Other,
+                    })
+                } else {
+                    c.downcast_ref::<ferry_control::client::ClusterError>()
+                        .map(|x| {
+                            if x.is_bad_input() {
+                                ExitClass::BadInput
+                            } else {
+                                ExitClass::Other
+                            }
+                        })
+                }
+            })
+        })
+        .unwrap_or(ExitClass::Other)
 }
 
 /// An error and its causes on one line.

@@ -1,6 +1,8 @@
 //! Helpers shared by the tests that run packages.
 #![allow(dead_code)]
 
+pub mod kv;
+
 use std::path::PathBuf;
 use std::process::{Child, Output};
 use std::time::Duration;

@@ -1,0 +1,109 @@
+//! `ferry manager`.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use ferry_control::manager::{self, ManagerConfig};
+use ferry_runtime::{Event, EventSink, Paths, RuntimeError};
+
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    /// The API's address.
+    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:1400")]
+    listen: SocketAddr,
+    /// Where workers connect.
+    #[arg(
+        long = "workers-listen",
+        value_name = "ADDR",
+        default_value = "127.0.0.1:1399"
+    )]
+    workers_listen: SocketAddr,
+    /// Where the manager keeps its state (default: $FERRY_STATE/manager).
+    #[arg(long, value_name = "DIR")]
+    store: Option<PathBuf>,
+    /// Every request (API and workers) needs `Authorization: Bearer` with
+    /// the token in FILE.
+    #[arg(long = "token-file", value_name = "FILE")]
+    token_file: Option<PathBuf>,
+    /// Listen beyond loopback without TLS (anyone on the network can read
+    /// the traffic, the token included).
+    #[arg(long)]
+    insecure: bool,
+    /// Seconds a create, move or delete may take before the caller gets an
+    /// error.
+    #[arg(long = "op-timeout-s", value_name = "S", default_value_t = 900)]
+    op_timeout_s: u64,
+}
+
+pub fn run(args: Args, paths: &Paths, ctx: &super::Ctx) -> anyhow::Result<ExitCode> {
+    for addr in [args.listen, args.workers_listen] {
+        plain_listener_allowed(addr, args.insecure, ctx)?;
+    }
+    let token = args
+        .token_file
+        .as_deref()
+        .map(super::registry::read_token)
+        .transpose()?;
+    let cancel = ctx.cancel()?;
+    let (tx, rx) = tokio_oneshot();
+    let _guard = cancel.on_cancel(move || {
+        if let Some(tx) = tx.lock().expect("once").take() {
+            let _ = tx.send(());
+        }
+    });
+    let config = ManagerConfig {
+        listen: args.listen,
+        workers_listen: args.workers_listen,
+        store: args.store.unwrap_or_else(|| paths.state.join("manager")),
+        token: token.clone(),
+        op_timeout: Duration::from_secs(args.op_timeout_s),
+        registry_timeout: Duration::from_secs(30),
+    };
+    let render = &ctx.render;
+    manager::run(
+        config,
+        async move {
+            let _ = rx.await;
+        },
+        |api, link| {
+            render.emit(Event::Listening {
+                url: format!("http://{api}"),
+                token_required: token.is_some(),
+            });
+            render.emit(Event::Notice {
+                message: format!("workers connect to {link}"),
+            });
+        },
+    )?;
+    Ok(ExitCode::SUCCESS)
+}
+
+type Once = std::sync::Arc<std::sync::Mutex<Option<tokio::sync::oneshot::Sender<()>>>>;
+
+fn tokio_oneshot() -> (Once, tokio::sync::oneshot::Receiver<()>) {
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    (std::sync::Arc::new(std::sync::Mutex::new(Some(tx))), rx)
+}
+
+/// Plain HTTP only on loopback, unless `--insecure` says otherwise (and
+/// then ferry says so).
+pub(super) fn plain_listener_allowed(
+    addr: SocketAddr,
+    insecure: bool,
+    ctx: &super::Ctx,
+) -> Result<(), RuntimeError> {
+    if addr.ip().is_loopback() {
+        return Ok(());
+    }
+    if !insecure {
+        return Err(RuntimeError::BadOption(format!(
+            "{addr} is not a loopback address, and this listener has no TLS yet: pass --insecure to serve plain HTTP there anyway, or listen on 127.0.0.1"
+        )));
+    }
+    ctx.render.emit(Event::Warning {
+        message: format!("--insecure: serving plain HTTP on {addr}; anyone on that network can read and change the traffic, the token included"),
+    });
+    Ok(())
+}

@@ -1,0 +1,95 @@
+//! `ferry worker`.
+
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use ferry_control::worker::{self, WorkerConfig};
+use ferry_runtime::{Paths, RuntimeError};
+
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    /// This node's name in the cluster.
+    #[arg(long)]
+    name: String,
+    /// The manager's workers' address (`ferry manager --workers-listen`).
+    #[arg(long = "control-plane", value_name = "HOST:PORT")]
+    control_plane: String,
+    /// The interface whose address instances and exposed ports use.
+    #[arg(long = "host-interface", value_name = "IF")]
+    host_interface: Option<String>,
+    /// The address instances and exposed ports use (default: that of
+    /// --host-interface).
+    #[arg(long, value_name = "ADDR")]
+    advertise: Option<IpAddr>,
+    /// Seconds this node may stay silent before its instances count as lost.
+    #[arg(long = "lease-s", value_name = "S", default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..))]
+    lease_s: u64,
+    /// The manager's token, from FILE.
+    #[arg(long = "token-file", value_name = "FILE")]
+    token_file: Option<PathBuf>,
+    /// Memory to offer to VMs, MiB (default: the host's).
+    #[arg(long = "capacity-mib", value_name = "MIB")]
+    capacity_mib: Option<u64>,
+    /// Ports instances serve migrations on, FIRST-LAST.
+    #[arg(long, value_name = "FIRST-LAST", default_value = "17000-17099")]
+    ports: String,
+}
+
+pub fn run(args: Args, paths: &Paths, ctx: &super::Ctx) -> anyhow::Result<ExitCode> {
+    ferry_runtime::vmdir::validate_name(&args.name)?;
+    let advertise = match (args.advertise, &args.host_interface) {
+        (Some(a), _) => a,
+        (None, Some(i)) => worker::interface_addr(i).ok_or_else(|| {
+            RuntimeError::BadOption(format!(
+                "--host-interface {i} has no IPv4 address here: check 'ip addr show {i}', or pass --advertise ADDR"
+            ))
+        })?,
+        (None, None) => {
+            return Err(RuntimeError::BadOption(
+                "give --host-interface IF or --advertise ADDR: the address instances are reached at".into(),
+            )
+            .into())
+        }
+    };
+    let ports = parse_ports(&args.ports)?;
+    let token = args
+        .token_file
+        .as_deref()
+        .map(super::registry::read_token)
+        .transpose()?;
+    // QEMU must be there; each VM then probes its accelerator with its
+    // own kernel (`--accel auto`): without a usable /dev/kvm that is TCG.
+    super::engine(paths)?;
+    let kvm = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+        .is_ok();
+    let accel = if kvm { "auto" } else { "tcg" }.to_string();
+    let config = WorkerConfig {
+        name: args.name,
+        manager: args.control_plane,
+        token,
+        advertise,
+        lease_s: args.lease_s,
+        capacity_mib: args.capacity_mib,
+        ports,
+        ferry: std::env::current_exe()?,
+        accel,
+        paths: paths.clone(),
+    };
+    worker::run(config, &ctx.render, &ctx.cancel()?)?;
+    Ok(ExitCode::SUCCESS)
+}
+
+fn parse_ports(s: &str) -> Result<std::ops::Range<u16>, RuntimeError> {
+    let bad =
+        || RuntimeError::BadOption(format!("--ports '{s}': use FIRST-LAST, e.g. 17000-17099"));
+    let (a, b) = s.split_once('-').ok_or_else(bad)?;
+    let (a, b): (u16, u16) = (a.parse().map_err(|_| bad())?, b.parse().map_err(|_| bad())?);
+    if a == 0 || b < a || b == u16::MAX {
+        return Err(bad());
+    }
+    Ok(a..b + 1)
+}

@@ -1,0 +1,680 @@
+//! The control plane on test hosts (network namespaces with their own
+//! addresses): a registry on `r`, a manager on `m`, workers on `n1`, `n2`
+//! and `n3`, a Redis client on `client`.
+//!
+//! - The seed's curl sequence, verbatim: create on node-1, move to node-2
+//!   and back, delete; the listings and the hosts' `ferry ps` agree at
+//!   each step, and no VM is left in two places.
+//! - A Redis writer keeps writing while the instance moves 1 → 2 → 3 → 1,
+//!   the manager is SIGKILLed in the middle of a move and restarted, and a
+//!   worker is SIGKILLed (its instance turns `lost`, the VM keeps running)
+//!   and restarted (it adopts the VM): no acknowledged write is lost.
+//! - Bad input: tokens, unknown nodes and instances, malformed addresses,
+//!   a source that is nothing, no room, a node name held by another live
+//!   worker, a plain listener beyond loopback.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::Output;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use ferry_test_support::{
+    describe, qemu_pids, spawn_until, vm_lock, wait_until, FerryEnv, Host, KillOnDrop, TestHosts,
+};
+use serde_json::Value;
+
+mod common;
+use common::kv::{in_netns, missing, writer, Writes};
+use common::{env, recipe_package};
+
+const REGISTRY_PORT: u16 = 7070;
+const LINK_PORT: u16 = 1399;
+const REDIS_PORT: u16 = 16379;
+const TOKEN: &str = "control-plane-test-token-0123456789";
+
+/// `ferry ARGS` inside `host`, until a line starts with `ready`.
+fn start(host: &Host, env: &FerryEnv, args: &[&str], ready: &str) -> KillOnDrop {
+    let mut cmd = host.ferry(env);
+    cmd.args(args).current_dir(env.state.path());
+    spawn_until(cmd, ready, Duration::from_secs(120)).0
+}
+
+fn registry(r: &Host, env: &FerryEnv, pkg: &Path) -> KillOnDrop {
+    let listen = format!("0.0.0.0:{REGISTRY_PORT}");
+    start(
+        r,
+        env,
+        &[
+            "registry",
+            "--package",
+            pkg.to_str().unwrap(),
+            "--listen",
+            &listen,
+        ],
+        "listening on ",
+    )
+}
+
+fn manager(m: &Host, env: &FerryEnv, extra: &[&str]) -> KillOnDrop {
+    let link = format!("{}:{LINK_PORT}", m.addr());
+    let store = env.state.path().join("manager-store");
+    let mut args = vec![
+        "manager",
+        "--workers-listen",
+        &link,
+        "--insecure",
+        "--store",
+        store.to_str().unwrap(),
+        "--op-timeout-s",
+        "300",
+    ];
+    args.extend_from_slice(extra);
+    start(m, env, &args, "listening on ")
+}
+
+fn worker(n: &Host, env: &FerryEnv, name: &str, m: &Host, extra: &[&str]) -> KillOnDrop {
+    let link = format!("{}:{LINK_PORT}", m.addr());
+    let mut args = vec![
+        "worker",
+        "--name",
+        name,
+        "--host-interface",
+        n.interface(),
+        "--control-plane",
+        &link,
+        "--lease-s",
+        "3",
+    ];
+    args.extend_from_slice(extra);
+    start(n, env, &args, "registered as node ")
+}
+
+/// `curl ARGS` inside `host`: the HTTP status and the body as JSON (or
+/// as a string when it is not JSON).
+fn curl(host: &Host, args: &[&str]) -> (u16, Value) {
+    let out = host
+        .cmd("curl")
+        .args(["-sS", "--max-time", "600", "-w", "\n%{http_code}"])
+        .args(args)
+        .output()
+        .expect("curl");
+    assert!(out.status.success(), "curl {args:?}: {}", describe(&out));
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    let (body, code) = text.rsplit_once('\n').expect("a status line");
+    let json = serde_json::from_str(body).unwrap_or_else(|_| Value::String(body.to_string()));
+    (code.trim().parse().expect("a status"), json)
+}
+
+/// `curl` that must answer 200; its body.
+fn ok(host: &Host, args: &[&str]) -> Value {
+    let (status, body) = curl(host, args);
+    assert_eq!(status, 200, "curl {args:?} answered {status}: {body}");
+    body
+}
+
+/// The names of the instances the manager lists on `node`.
+fn on_node(m: &Host, node: &str) -> Vec<String> {
+    let list = ok(
+        m,
+        &[&format!("http://localhost:1400/nodes/{node}/instances")],
+    );
+    list.as_array()
+        .expect("a JSON list")
+        .iter()
+        .map(|i| i["name"].as_str().unwrap().to_string())
+        .collect()
+}
+
+/// The VMs `ferry ps` shows running on a host.
+fn running_on(n: &Host, env: &FerryEnv) -> Vec<String> {
+    let out = n.ferry(env).args(["ps", "--json"]).output().unwrap();
+    assert!(out.status.success(), "{}", describe(&out));
+    let list: Value = serde_json::from_slice(&out.stdout).unwrap();
+    list.as_array()
+        .unwrap()
+        .iter()
+        .filter(|v| v["state"] == "running")
+        .map(|v| v["name"].as_str().unwrap().to_string())
+        .collect()
+}
+
+/// Drops every VM a worker's host still runs.
+fn discard_all(n: &Host, env: &FerryEnv) {
+    let _ = n.ferry(env).args(["stop", "--all", "--discard"]).output();
+}
+
+#[test]
+fn the_reference_curl_sequence_creates_moves_and_deletes() {
+    let _lock = vm_lock();
+    let pkg = recipe_package(&env(), "redis");
+    let hosts = TestHosts::create(&["r", "m", "n1", "n2"]);
+    let (r, m, n1, n2) = (&hosts["r"], &hosts["m"], &hosts["n1"], &hosts["n2"]);
+    let bin = env!("CARGO_BIN_EXE_ferry");
+    let (er, em, e1, e2) = (
+        r.ferry_env(bin),
+        m.ferry_env(bin),
+        n1.ferry_env(bin),
+        n2.ferry_env(bin),
+    );
+    let _registry = registry(r, &er, &pkg);
+    let _manager = manager(m, &em, &[]);
+    let _w1 = worker(n1, &e1, "node-1", m, &[]);
+    let _w2 = worker(n2, &e2, "node-2", m, &[]);
+
+    // curl http://localhost:1400/nodes
+    let nodes = ok(m, &["http://localhost:1400/nodes"]);
+    let names: Vec<&str> = nodes
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| n["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["node-1", "node-2"], "{nodes}");
+    assert!(on_node(m, "node-1").is_empty());
+
+    // Create from the registry on node-1.
+    let registry_addr = format!("{}:{REGISTRY_PORT}", r.addr());
+    let a1 = ok(
+        m,
+        &[
+            "-X",
+            "POST",
+            &format!("http://localhost:1400/nodes/node-1/instances/{registry_addr}"),
+        ],
+    );
+    let a1 = a1
+        .as_str()
+        .expect("the new instance's address, a JSON string");
+    assert!(a1.starts_with(&n1.addr().to_string()), "{a1} is on node-1");
+    let on1 = on_node(m, "node-1");
+    assert_eq!(on1.len(), 1, "{on1:?}");
+    let name = on1[0].clone();
+    assert_eq!(running_on(n1, &e1), std::slice::from_ref(&name));
+
+    // A move to where it is already is refused, and changes nothing.
+    let (status, problem) = curl(
+        m,
+        &[
+            "-X",
+            "POST",
+            &format!("http://localhost:1400/nodes/node-1/instances/{a1}"),
+        ],
+    );
+    assert_eq!(status, 409, "{problem}");
+    assert!(
+        problem["detail"].as_str().unwrap().contains("already"),
+        "{problem}"
+    );
+
+    // Migrate it to node-2: its address is the source.
+    let a2 = ok(
+        m,
+        &[
+            "-X",
+            "POST",
+            &format!("http://localhost:1400/nodes/node-2/instances/{a1}"),
+        ],
+    );
+    let a2 = a2.as_str().unwrap();
+    assert!(a2.starts_with(&n2.addr().to_string()), "{a2} is on node-2");
+    assert!(on_node(m, "node-1").is_empty());
+    assert_eq!(on_node(m, "node-2"), std::slice::from_ref(&name));
+    assert_eq!(running_on(n2, &e2), std::slice::from_ref(&name));
+    // Gone from its source: never in two places.
+    wait_until(Duration::from_secs(30), "the VM to leave node-1", || {
+        running_on(n1, &e1).is_empty().then_some(())
+    });
+
+    // And back to node-1.
+    let a3 = ok(
+        m,
+        &[
+            "-X",
+            "POST",
+            &format!("http://localhost:1400/nodes/node-1/instances/{a2}"),
+        ],
+    );
+    let a3 = a3.as_str().unwrap();
+    assert!(a3.starts_with(&n1.addr().to_string()), "{a3}");
+    assert_eq!(on_node(m, "node-1"), std::slice::from_ref(&name));
+    assert!(on_node(m, "node-2").is_empty());
+    wait_until(Duration::from_secs(30), "the VM to leave node-2", || {
+        running_on(n2, &e2).is_empty().then_some(())
+    });
+    let detail = ok(m, &[&format!("http://localhost:1400/v1/instances/{name}")]);
+    let moves = detail["moves"].as_array().unwrap();
+    assert_eq!(moves.len(), 2, "{detail}");
+    assert!(moves.iter().all(|mv| mv["ok"] == true), "{detail}");
+
+    // Delete it.
+    ok(
+        m,
+        &[
+            "-X",
+            "DELETE",
+            &format!("http://localhost:1400/nodes/node-1/instances/{a3}"),
+        ],
+    );
+    assert!(on_node(m, "node-1").is_empty());
+    assert!(running_on(n1, &e1).is_empty());
+    assert!(qemu_pids(&name).is_empty(), "no QEMU left for {name}");
+    let (status, _) = curl(m, &[&format!("http://localhost:1400/v1/instances/{name}")]);
+    assert_eq!(status, 404);
+    discard_all(n1, &e1);
+    discard_all(n2, &e2);
+}
+
+/// The manager's view of instance `name`, through `ferry cluster`.
+fn instance(m: &Host, em: &FerryEnv, name: &str) -> Value {
+    let out = m
+        .ferry(em)
+        .args(["cluster", "--json", "instances"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", describe(&out));
+    let list: Value = serde_json::from_slice(&out.stdout).unwrap();
+    list.as_array()
+        .unwrap()
+        .iter()
+        .find(|i| i["name"] == name)
+        .cloned()
+        .unwrap_or(Value::Null)
+}
+
+fn cluster(m: &Host, em: &FerryEnv, args: &[&str]) -> Output {
+    m.ferry(em)
+        .arg("cluster")
+        .arg("--json")
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn a_redis_writer_loses_nothing_while_the_instance_moves_and_the_manager_and_a_worker_die() {
+    let _lock = vm_lock();
+    let pkg = recipe_package(&env(), "redis");
+    let hosts = TestHosts::create(&["r", "m", "n1", "n2", "n3", "client"]);
+    let (r, m) = (&hosts["r"], &hosts["m"]);
+    let ns = [&hosts["n1"], &hosts["n2"], &hosts["n3"]];
+    let bin = env!("CARGO_BIN_EXE_ferry");
+    let (er, em) = (r.ferry_env(bin), m.ferry_env(bin));
+    let envs: Vec<FerryEnv> = ns.iter().map(|n| n.ferry_env(bin)).collect();
+    let _registry = registry(r, &er, &pkg);
+    let mut mgr = manager(m, &em, &[]);
+    let mut workers: Vec<KillOnDrop> = ns
+        .iter()
+        .zip(&envs)
+        .enumerate()
+        .map(|(i, (n, e))| worker(n, e, &format!("node-{}", i + 1), m, &[]))
+        .collect();
+
+    // Create it on node-1 with its Redis port exposed on the node.
+    let create = cluster(
+        m,
+        &em,
+        &[
+            "create",
+            &format!("{}:{REGISTRY_PORT}", r.addr()),
+            "--node",
+            "node-1",
+            "--name",
+            "kv",
+            "--expose",
+            &format!("{REDIS_PORT}:6379"),
+        ],
+    );
+    assert!(create.status.success(), "{}", describe(&create));
+    let created: Value = serde_json::from_slice(&create.stdout).unwrap();
+    assert_eq!(created["state"], "running", "{created}");
+    assert_eq!(
+        created["exposes"][0],
+        format!("{}:{REDIS_PORT}:6379", ns[0].addr()),
+        "clients find it through the API"
+    );
+
+    // The writer follows it from node to node.
+    let targets: Vec<SocketAddr> = ns
+        .iter()
+        .map(|n| SocketAddr::new(n.addr().into(), REDIS_PORT))
+        .collect();
+    let stop = Arc::new(AtomicBool::new(false));
+    let writes = Arc::new(Mutex::new(Writes::default()));
+    let w = {
+        let (t, s, o) = (targets.clone(), stop.clone(), writes.clone());
+        in_netns(hosts["client"].name(), move || writer(t, s, o))
+    };
+    let acked = || writes.lock().unwrap().acked.len();
+    wait_until(Duration::from_secs(60), "the first writes", || {
+        (acked() > 50).then_some(())
+    });
+
+    // 1 → 2, and a second move while it runs is refused.
+    let mv = {
+        let mut c = m.ferry(&em);
+        c.args(["cluster", "--json", "migrate", "kv", "node-2"]);
+        c.spawn().unwrap()
+    };
+    wait_until(Duration::from_secs(30), "the move to start", || {
+        (instance(m, &em, "kv")["state"] == "migrating").then_some(())
+    });
+    let second = cluster(m, &em, &["migrate", "kv", "node-3"]);
+    assert_eq!(second.status.code(), Some(3), "{}", describe(&second));
+    assert!(
+        String::from_utf8_lossy(&second.stderr).contains("409"),
+        "{}",
+        describe(&second)
+    );
+    let out = mv.wait_with_output().unwrap();
+    assert!(out.status.success(), "{}", describe(&out));
+    assert_eq!(instance(m, &em, "kv")["node"], "node-2");
+    let before = acked();
+    wait_until(Duration::from_secs(60), "writes on node-2", || {
+        (acked() > before + 50).then_some(())
+    });
+
+    // 2 → 3 with the manager SIGKILLed in the middle, then restarted on
+    // the same store: the move completes (or not) by itself, and the
+    // restarted manager settles the record on what the workers report.
+    let mv = {
+        let mut c = m.ferry(&em);
+        c.args(["cluster", "--json", "migrate", "kv", "node-3"]);
+        c.spawn().unwrap()
+    };
+    wait_until(Duration::from_secs(30), "the move to start", || {
+        (instance(m, &em, "kv")["state"] == "migrating").then_some(())
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    mgr.kill().unwrap();
+    let _ = mv.wait_with_output();
+    drop(mgr);
+    mgr = manager(m, &em, &[]);
+    let settled = wait_until(Duration::from_secs(120), "the record to settle", || {
+        let i = instance(m, &em, "kv");
+        (i["state"] == "running").then_some(i)
+    });
+    let node = settled["node"].as_str().unwrap().to_string();
+    assert!(node == "node-3" || node == "node-2", "{settled}");
+    // The source of a move tears its copy down a moment after the switch.
+    let runs = wait_until(
+        Duration::from_secs(30),
+        "the VM to run in one place",
+        || {
+            let runs: Vec<usize> = ns
+                .iter()
+                .zip(&envs)
+                .enumerate()
+                .filter(|(_, (n, e))| running_on(n, e).contains(&"kv".to_string()))
+                .map(|(i, _)| i)
+                .collect();
+            assert!(!runs.is_empty(), "the VM runs nowhere");
+            (runs.len() == 1).then_some(runs)
+        },
+    );
+    assert_eq!(
+        format!("node-{}", runs[0] + 1),
+        node,
+        "the record says where it runs"
+    );
+
+    // → node-1.
+    let back = cluster(m, &em, &["migrate", "kv", "node-1"]);
+    assert!(back.status.success(), "{}", describe(&back));
+    let before = acked();
+    wait_until(Duration::from_secs(60), "writes on node-1", || {
+        (acked() > before + 50).then_some(())
+    });
+
+    // Worker node-1 SIGKILLed: kv turns lost within the lease, its VM runs
+    // on (the writer keeps being answered), and the restarted worker adopts
+    // it.
+    workers[0].kill().unwrap();
+    let lost = wait_until(Duration::from_secs(15), "kv to be lost", || {
+        let i = instance(m, &em, "kv");
+        (i["state"] == "lost").then_some(i)
+    });
+    assert!(lost["reason"].as_str().unwrap().contains("lease"), "{lost}");
+    assert_eq!(qemu_pids("kv").len(), 1, "the VM itself keeps running");
+    let before = acked();
+    wait_until(
+        Duration::from_secs(30),
+        "writes while the worker is dead",
+        || (acked() > before + 20).then_some(()),
+    );
+    workers[0] = worker(ns[0], &envs[0], "node-1", m, &[]);
+    wait_until(Duration::from_secs(30), "kv to run again", || {
+        (instance(m, &em, "kv")["state"] == "running").then_some(())
+    });
+
+    stop.store(true, Ordering::SeqCst);
+    w.join().unwrap();
+    let writes = writes.lock().unwrap();
+    assert!(writes.acked.len() > 200, "{} writes", writes.acked.len());
+    let gone = in_netns(hosts["client"].name(), {
+        let (addr, acked) = (targets[0], writes.acked.clone());
+        move || missing(addr, &acked)
+    })
+    .join()
+    .unwrap();
+    assert!(
+        gone.is_empty(),
+        "{} of {} acknowledged writes lost, e.g. {:?}",
+        gone.len(),
+        writes.acked.len(),
+        &gone[..gone.len().min(10)]
+    );
+    let deleted = cluster(m, &em, &["delete", "kv"]);
+    assert!(deleted.status.success(), "{}", describe(&deleted));
+    assert!(qemu_pids("kv").is_empty());
+    drop(mgr);
+    for (n, e) in ns.iter().zip(&envs) {
+        discard_all(n, e);
+    }
+}
+
+#[test]
+fn bad_input_gets_a_status_and_a_problem_that_names_the_fix() {
+    let _lock = vm_lock();
+    let hosts = TestHosts::create(&["r", "m", "n1", "n2"]);
+    let (r, m, n1, n2) = (&hosts["r"], &hosts["m"], &hosts["n1"], &hosts["n2"]);
+    let bin = env!("CARGO_BIN_EXE_ferry");
+    let (em, e1, e2) = (m.ferry_env(bin), n1.ferry_env(bin), n2.ferry_env(bin));
+    let token_file = em.state.path().join("token");
+    std::fs::write(&token_file, TOKEN).unwrap();
+    let tf = token_file.to_str().unwrap();
+
+    // A plain listener beyond loopback needs --insecure.
+    let out = m
+        .ferry(&em)
+        .args([
+            "manager",
+            "--workers-listen",
+            &format!("{}:{LINK_PORT}", m.addr()),
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(3), "{}", describe(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("--insecure"),
+        "{}",
+        describe(&out)
+    );
+
+    let _manager = manager(m, &em, &["--token-file", tf]);
+    // A worker without the token is refused, and nothing is created.
+    let out = n1
+        .ferry(&e1)
+        .args([
+            "worker",
+            "--name",
+            "node-1",
+            "--host-interface",
+            "eth0",
+            "--control-plane",
+            &format!("{}:{LINK_PORT}", m.addr()),
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(3), "{}", describe(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("401"),
+        "{}",
+        describe(&out)
+    );
+
+    let _w1 = worker(
+        n1,
+        &e1,
+        "node-1",
+        m,
+        &["--token-file", tf, "--capacity-mib", "100"],
+    );
+    // Another live worker cannot take its name.
+    let out = n2
+        .ferry(&e2)
+        .args([
+            "worker",
+            "--name",
+            "node-1",
+            "--host-interface",
+            "eth0",
+            "--token-file",
+            tf,
+            "--control-plane",
+            &format!("{}:{LINK_PORT}", m.addr()),
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(3), "{}", describe(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("held by another live worker"),
+        "{}",
+        describe(&out)
+    );
+
+    let auth = format!("Authorization: Bearer {TOKEN}");
+    let api = |args: &[&str]| {
+        let mut all = vec!["-H", auth.as_str()];
+        all.extend_from_slice(args);
+        curl(m, &all)
+    };
+    // Tokens.
+    let (status, p) = curl(m, &["http://localhost:1400/nodes"]);
+    assert_eq!(status, 401, "{p}");
+    let (status, _) = curl(
+        m,
+        &[
+            "-H",
+            "Authorization: Bearer wrong-token-wrong-token",
+            "http://localhost:1400/nodes",
+        ],
+    );
+    assert_eq!(status, 401);
+    let (status, nodes) = api(&["http://localhost:1400/nodes"]);
+    assert_eq!(status, 200);
+    assert_eq!(nodes.as_array().unwrap().len(), 1, "{nodes}");
+
+    let cases: Vec<(Vec<String>, u16, &str)> = vec![
+        (
+            vec!["http://localhost:1400/nodes/nope/instances".into()],
+            404,
+            "no node is named 'nope'",
+        ),
+        (
+            vec![
+                "-X".into(),
+                "POST".into(),
+                "http://localhost:1400/nodes/node-1/instances/not-an-address".into(),
+            ],
+            400,
+            "not an address",
+        ),
+        (
+            vec![
+                "-X".into(),
+                "POST".into(),
+                format!(
+                    "http://localhost:1400/nodes/node-1/instances/{}:9",
+                    r.addr()
+                ),
+            ],
+            400,
+            "neither an instance",
+        ),
+        (
+            vec![
+                "-X".into(),
+                "POST".into(),
+                "http://localhost:1400/nodes/nope/instances/10.0.0.1:80".into(),
+            ],
+            404,
+            "no node",
+        ),
+        (
+            vec![
+                "-X".into(),
+                "DELETE".into(),
+                "http://localhost:1400/v1/instances/nope".into(),
+            ],
+            404,
+            "no instance",
+        ),
+        (
+            vec![
+                "-X".into(),
+                "POST".into(),
+                "-d".into(),
+                "{\"node\":\"node-1\"}".into(),
+                "http://localhost:1400/v1/instances/nope/migrate".into(),
+            ],
+            404,
+            "no instance",
+        ),
+        (
+            vec![
+                "-X".into(),
+                "POST".into(),
+                "-d".into(),
+                "{oops".into(),
+                "http://localhost:1400/v1/instances".into(),
+            ],
+            400,
+            "request body",
+        ),
+    ];
+    for (args, want, says) in cases {
+        let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+        let (status, problem) = api(&refs);
+        assert_eq!(status, want, "{args:?}: {problem}");
+        assert_eq!(problem["status"], want, "problem JSON: {problem}");
+        assert!(
+            problem["detail"].as_str().unwrap_or("").contains(says),
+            "{args:?}: {problem}"
+        );
+    }
+    // No room: node-1 offers 100 MiB; the package needs more. Served by a
+    // real registry.
+    let er = r.ferry_env(bin);
+    let pkg = recipe_package(&env(), "redis");
+    let _registry = registry(r, &er, &pkg);
+    let (status, problem) = api(&[
+        "-X",
+        "POST",
+        &format!(
+            "http://localhost:1400/nodes/node-1/instances/{}:{REGISTRY_PORT}",
+            r.addr()
+        ),
+    ]);
+    assert_eq!(status, 409, "{problem}");
+    assert!(problem["free_mib"].as_u64().unwrap() <= 100, "{problem}");
+    assert!(
+        problem["detail"].as_str().unwrap().contains("MiB free"),
+        "{problem}"
+    );
+    let (status, list) = api(&["http://localhost:1400/v1/instances"]);
+    assert_eq!(status, 200);
+    assert_eq!(list, Value::Array(vec![]), "nothing was created");
+    assert!(running_on(n1, &e1).is_empty());
+}

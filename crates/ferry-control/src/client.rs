@@ -1,0 +1,335 @@
+//! HTTP clients: [`LinkClient`] is how a worker calls the manager;
+//! [`ClusterClient`] is how `ferry cluster` (or any Rust program) calls
+//! the manager's API. Both are blocking (ferry's runtime is), and both turn
+//! a problem JSON answer into an error that carries its status and detail.
+
+use std::io::Read;
+use std::time::Duration;
+
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
+use crate::api::{ClusterEvent, CreateInstance, Instance, MigrateInstance, Node, Problem};
+use crate::link::{Command, CommandResult, Heartbeat, Outcome, Register, Registered};
+
+/// `HOST:PORT` as `http://HOST:PORT`; a URL as given, without a trailing `/`.
+fn base_url(addr: &str) -> String {
+    let url = if addr.starts_with("http://") || addr.starts_with("https://") {
+        addr.to_string()
+    } else {
+        format!("http://{addr}")
+    };
+    url.trim_end_matches('/').to_string()
+}
+
+fn agent(read_timeout: Duration) -> ureq::Agent {
+    ureq::Agent::new_with_config(
+        ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .timeout_connect(Some(Duration::from_secs(5)))
+            .timeout_recv_response(Some(read_timeout))
+            .timeout_recv_body(Some(read_timeout))
+            .user_agent(concat!("ferry/", env!("CARGO_PKG_VERSION")))
+            .build(),
+    )
+}
+
+/// An HTTP exchange: its status and body, or why there was none.
+enum Answer {
+    /// The server answered.
+    Status(u16, Vec<u8>),
+    /// It could not be reached.
+    Unreachable(String),
+}
+
+fn exchange(
+    agent: &ureq::Agent,
+    method: &str,
+    url: &str,
+    token: Option<&str>,
+    body: Option<Vec<u8>>,
+) -> Answer {
+    let auth = token.map(|t| format!("Bearer {t}"));
+    let result = match (method, body) {
+        ("GET", _) => {
+            let mut r = agent.get(url);
+            if let Some(a) = &auth {
+                r = r.header("Authorization", a);
+            }
+            r.call()
+        }
+        ("DELETE", _) => {
+            let mut r = agent.delete(url);
+            if let Some(a) = &auth {
+                r = r.header("Authorization", a);
+            }
+            r.call()
+        }
+        (_, body) => {
+            let mut r = agent.post(url).header("Content-Type", "application/json");
+            if let Some(a) = &auth {
+                r = r.header("Authorization", a);
+            }
+            r.send(body.unwrap_or_default())
+        }
+    };
+    match result {
+        Ok(mut resp) => {
+            let status = resp.status().as_u16();
+            let mut bytes = Vec::new();
+            if let Err(e) = resp.body_mut().as_reader().read_to_end(&mut bytes) {
+                return Answer::Unreachable(format!("reading the answer: {e}"));
+            }
+            Answer::Status(status, bytes)
+        }
+        Err(e) => Answer::Unreachable(e.to_string()),
+    }
+}
+
+/// The detail of a problem JSON body, or the body as text.
+fn detail_of(body: &[u8]) -> String {
+    serde_json::from_slice::<Problem>(body)
+        .map(|p| p.detail)
+        .unwrap_or_else(|_| String::from_utf8_lossy(body).trim().to_string())
+}
+
+/// A worker's call to the manager failed.
+#[derive(Debug, thiserror::Error)]
+pub enum LinkError {
+    /// The manager refused the worker (wrong token, its name held by
+    /// another worker, a malformed registration).
+    #[error("{0}")]
+    Refused(String),
+    /// The manager does not know the session (it restarted).
+    #[error("the manager does not know this session")]
+    UnknownSession,
+    /// The manager could not be reached, or answered oddly.
+    #[error("{0}")]
+    Unreachable(String),
+}
+
+/// A worker's client for the manager's link.
+pub struct LinkClient {
+    base: String,
+    token: Option<String>,
+    agent: ureq::Agent,
+}
+
+impl LinkClient {
+    /// For the manager at `addr` (`HOST:PORT` or a URL).
+    pub fn new(addr: &str, token: Option<String>) -> LinkClient {
+        LinkClient {
+            base: base_url(addr),
+            token,
+            agent: agent(Duration::from_secs(70)),
+        }
+    }
+
+    fn call<T: DeserializeOwned>(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<&impl Serialize>,
+    ) -> Result<Option<T>, LinkError> {
+        let url = format!("{}{path}", self.base);
+        let body = body.map(|b| serde_json::to_vec(b).expect("a link message serialises"));
+        match exchange(&self.agent, method, &url, self.token.as_deref(), body) {
+            Answer::Status(204, _) => Ok(None),
+            Answer::Status(200, bytes) => serde_json::from_slice(&bytes).map(Some).map_err(|e| {
+                LinkError::Unreachable(format!("the manager's answer to {path}: {e}"))
+            }),
+            Answer::Status(404, bytes) if detail_of(&bytes).contains("session") => {
+                Err(LinkError::UnknownSession)
+            }
+            Answer::Status(s @ (400 | 401 | 403 | 409), bytes) => {
+                Err(LinkError::Refused(format!("{s}: {}", detail_of(&bytes))))
+            }
+            Answer::Status(s, bytes) => Err(LinkError::Unreachable(format!(
+                "{url} answered {s}: {}",
+                detail_of(&bytes)
+            ))),
+            Answer::Unreachable(e) => Err(LinkError::Unreachable(format!("{url}: {e}"))),
+        }
+    }
+
+    /// Registers; returns the session.
+    pub fn register(&self, r: &Register) -> Result<String, LinkError> {
+        let reg: Option<Registered> = self.call("POST", "/link/v1/register", Some(r))?;
+        reg.map(|r| r.session)
+            .ok_or_else(|| LinkError::Unreachable("the manager sent no session".into()))
+    }
+
+    /// Reports.
+    pub fn heartbeat(&self, h: &Heartbeat) -> Result<(), LinkError> {
+        self.call::<serde_json::Value>("POST", "/link/v1/heartbeat", Some(h))
+            .map(|_| ())
+    }
+
+    /// Waits up to `wait_s` for commands.
+    pub fn commands(&self, session: &str, wait_s: u64) -> Result<Vec<Command>, LinkError> {
+        let path = format!("/link/v1/commands?session={session}&wait_s={wait_s}");
+        Ok(self
+            .call::<Vec<Command>>("GET", &path, None::<&()>)?
+            .unwrap_or_default())
+    }
+
+    /// Says what became of command `id`.
+    pub fn result(&self, session: &str, id: u64, outcome: &Outcome) -> Result<(), LinkError> {
+        let r = CommandResult {
+            session: session.to_string(),
+            id,
+            outcome: outcome.clone(),
+        };
+        self.call::<serde_json::Value>("POST", "/link/v1/results", Some(&r))
+            .map(|_| ())
+    }
+}
+
+/// A call to the manager's API failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ClusterError {
+    /// The manager answered with an error.
+    #[error("the manager answered {status}: {detail}")]
+    Api {
+        /// The HTTP status.
+        status: u16,
+        /// Its problem's detail.
+        detail: String,
+    },
+    /// It could not be reached, or its answer was not understood.
+    #[error("the manager at {url}: {detail}")]
+    Unreachable {
+        /// What was called.
+        url: String,
+        /// Why it failed.
+        detail: String,
+    },
+}
+
+impl ClusterError {
+    /// Whether the request itself was at fault (a 4xx answer).
+    pub fn is_bad_input(&self) -> bool {
+        matches!(self, ClusterError::Api { status, .. } if (400..500).contains(status))
+    }
+}
+
+/// A client for the manager's API (`ferry cluster`).
+pub struct ClusterClient {
+    base: String,
+    token: Option<String>,
+    agent: ureq::Agent,
+}
+
+impl ClusterClient {
+    /// For the manager at `url` (`http://HOST:PORT` or `HOST:PORT`); calls
+    /// that create or move VMs may take `timeout`.
+    pub fn new(url: &str, token: Option<String>, timeout: Duration) -> ClusterClient {
+        ClusterClient {
+            base: base_url(url),
+            token,
+            agent: agent(timeout),
+        }
+    }
+
+    fn call<T: DeserializeOwned>(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<&impl Serialize>,
+    ) -> Result<T, ClusterError> {
+        let url = format!("{}{path}", self.base);
+        let body = body.map(|b| serde_json::to_vec(b).expect("a request serialises"));
+        match exchange(&self.agent, method, &url, self.token.as_deref(), body) {
+            Answer::Status(s, bytes) if (200..300).contains(&s) => serde_json::from_slice(&bytes)
+                .map_err(|e| ClusterError::Unreachable {
+                    url,
+                    detail: format!("an answer that is not what the API says: {e}"),
+                }),
+            Answer::Status(status, bytes) => Err(ClusterError::Api {
+                status,
+                detail: detail_of(&bytes),
+            }),
+            Answer::Unreachable(detail) => Err(ClusterError::Unreachable { url, detail }),
+        }
+    }
+
+    /// Every node.
+    pub fn nodes(&self) -> Result<Vec<Node>, ClusterError> {
+        self.call("GET", "/v1/nodes", None::<&()>)
+    }
+
+    /// Every instance.
+    pub fn instances(&self) -> Result<Vec<Instance>, ClusterError> {
+        self.call("GET", "/v1/instances", None::<&()>)
+    }
+
+    /// One instance.
+    pub fn instance(&self, name: &str) -> Result<Instance, ClusterError> {
+        self.call("GET", &format!("/v1/instances/{name}"), None::<&()>)
+    }
+
+    /// Creates an instance; returns once it runs.
+    pub fn create(&self, req: &CreateInstance) -> Result<Instance, ClusterError> {
+        self.call("POST", "/v1/instances", Some(req))
+    }
+
+    /// Moves an instance; returns once it runs on `node`.
+    pub fn migrate(&self, name: &str, node: &str) -> Result<Instance, ClusterError> {
+        let req = MigrateInstance {
+            node: node.to_string(),
+        };
+        self.call("POST", &format!("/v1/instances/{name}/migrate"), Some(&req))
+    }
+
+    /// Deletes an instance.
+    pub fn delete(&self, name: &str) -> Result<Instance, ClusterError> {
+        self.call("DELETE", &format!("/v1/instances/{name}"), None::<&()>)
+    }
+
+    /// Follows `GET /v1/events`, calling `each` for every event until it
+    /// returns false or the stream ends.
+    pub fn watch(&self, mut each: impl FnMut(ClusterEvent) -> bool) -> Result<(), ClusterError> {
+        let url = format!("{}/v1/events", self.base);
+        let agent = ureq::Agent::new_with_config(
+            ureq::Agent::config_builder()
+                .http_status_as_error(false)
+                .timeout_connect(Some(Duration::from_secs(5)))
+                .build(),
+        );
+        let mut r = agent.get(&url);
+        if let Some(t) = &self.token {
+            r = r.header("Authorization", &format!("Bearer {t}"));
+        }
+        let mut resp = r.call().map_err(|e| ClusterError::Unreachable {
+            url: url.clone(),
+            detail: e.to_string(),
+        })?;
+        let status = resp.status().as_u16();
+        if status != 200 {
+            let mut bytes = Vec::new();
+            let _ = resp.body_mut().as_reader().read_to_end(&mut bytes);
+            return Err(ClusterError::Api {
+                status,
+                detail: detail_of(&bytes),
+            });
+        }
+        let reader = std::io::BufReader::new(resp.body_mut().as_reader());
+        for line in std::io::BufRead::lines(reader) {
+            let line = line.map_err(|e| ClusterError::Unreachable {
+                url: url.clone(),
+                detail: e.to_string(),
+            })?;
+            if let Some(data) = line.strip_prefix("data:") {
+                match serde_json::from_str(data.trim()) {
+                    Ok(ev) => {
+                        if !each(ev) {
+                            return Ok(());
+                        }
+                    }
+                    Err(e) => tracing::warn!(error = %e, "an event this client does not know"),
+                }
+            }
+        }
+        Ok(())
+    }
+}
