@@ -106,20 +106,34 @@ pub enum LinkError {
     /// The manager could not be reached, or answered oddly.
     #[error("{0}")]
     Unreachable(String),
+    /// The manager is a follower (several managers share etcd).
+    #[error("{0}")]
+    Follower(String),
 }
 
-/// A worker's client for the manager's link.
+/// A worker's client for the manager's link. With several managers (etcd,
+/// one leader), it moves on to the next address when one does not answer
+/// or answers that it is a follower (503), and stays with the one that
+/// serves.
 pub struct LinkClient {
-    base: String,
+    bases: Vec<String>,
+    current: std::sync::atomic::AtomicUsize,
     token: Option<String>,
     agent: ureq::Agent,
 }
 
 impl LinkClient {
-    /// For the manager at `addr` (`HOST:PORT` or a URL).
-    pub fn new(addr: &str, token: Option<String>) -> LinkClient {
+    /// For the manager at `addrs` (`HOST:PORT` or a URL; several,
+    /// comma-separated).
+    pub fn new(addrs: &str, token: Option<String>) -> LinkClient {
         LinkClient {
-            base: base_url(addr),
+            bases: addrs
+                .split(',')
+                .map(str::trim)
+                .filter(|a| !a.is_empty())
+                .map(base_url)
+                .collect(),
+            current: Default::default(),
             token,
             agent: agent(Duration::from_secs(70)),
         }
@@ -131,9 +145,33 @@ impl LinkClient {
         path: &str,
         body: Option<&impl Serialize>,
     ) -> Result<Option<T>, LinkError> {
-        let url = format!("{}{path}", self.base);
+        use std::sync::atomic::Ordering;
+        let n = self.bases.len().max(1);
+        let mut result = Err(LinkError::Unreachable("no manager address given".into()));
+        for _ in 0..n {
+            let i = self.current.load(Ordering::SeqCst) % n;
+            result = self.call_one(&self.bases[i], method, path, body);
+            match &result {
+                Err(LinkError::Unreachable(_)) | Err(LinkError::Follower(_)) => {
+                    self.current.store((i + 1) % n, Ordering::SeqCst);
+                }
+                _ => return result,
+            }
+        }
+        result
+    }
+
+    fn call_one<T: DeserializeOwned>(
+        &self,
+        base: &str,
+        method: &str,
+        path: &str,
+        body: Option<&impl Serialize>,
+    ) -> Result<Option<T>, LinkError> {
+        let url = format!("{base}{path}");
         let body = body.map(|b| serde_json::to_vec(b).expect("a link message serialises"));
         match exchange(&self.agent, method, &url, self.token.as_deref(), body) {
+            Answer::Status(503, bytes) => Err(LinkError::Follower(detail_of(&bytes))),
             Answer::Status(204, _) => Ok(None),
             Answer::Status(200, bytes) => serde_json::from_slice(&bytes).map(Some).map_err(|e| {
                 LinkError::Unreachable(format!("the manager's answer to {path}: {e}"))

@@ -7,13 +7,15 @@
 //! - [`manager`]: `ferry manager`: the API, placement, leases, the store.
 //! - [`worker`]: `ferry worker`: runs VMs as detached peers.
 //! - [`client`]: HTTP clients for the link and the API (`ferry cluster`).
-//! - [`store`]: where the manager keeps its state.
+//! - [`store`]: where the manager keeps its state; [`etcd`] for several
+//!   managers with a leader.
 //!
 //! `docs/control-plane.md` documents the routes and the lifecycle.
 #![warn(missing_docs)]
 
 pub mod api;
 pub mod client;
+pub mod etcd;
 pub mod link;
 pub mod manager;
 pub mod store;

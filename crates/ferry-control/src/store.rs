@@ -1,9 +1,10 @@
 //! Where the manager keeps what it knows, so that a restarted manager
-//! (killed, upgraded, moved) serves the same nodes and instances: an
-//! embedded database ([redb](https://docs.rs/redb)) in `--store DIR`. Each
-//! change is one durable transaction, written beside the old state and
-//! switched to atomically by redb: a crash mid-write leaves the last good
-//! state.
+//! (killed, upgraded, moved) serves the same nodes and instances: by
+//! default an embedded database ([redb](https://docs.rs/redb)) in
+//! `--store DIR`, where each change is one durable transaction, written
+//! beside the old state and switched to atomically by redb (a crash
+//! mid-write leaves the last good state); or, for several managers, etcd
+//! ([`crate::etcd`]), where every write is fenced by the leader key.
 
 use std::path::{Path, PathBuf};
 
@@ -60,6 +61,9 @@ pub enum StoreError {
         /// What failed.
         detail: String,
     },
+    /// etcd failed, or this manager is no longer the leader.
+    #[error(transparent)]
+    Etcd(#[from] crate::etcd::EtcdError),
     /// A record in it is not readable (written by a newer manager?).
     #[error("the manager's store {path} holds an unreadable record '{key}': {detail}")]
     Record {
@@ -72,15 +76,105 @@ pub enum StoreError {
     },
 }
 
-/// The embedded store.
+/// The manager's store: embedded, or etcd.
 pub struct Store {
+    backend: Backend,
+}
+
+enum Backend {
+    Redb(RedbStore),
+    Etcd {
+        etcd: crate::etcd::Etcd,
+        /// The leader key, and the value that says this manager leads.
+        fence: (String, Vec<u8>),
+    },
+}
+
+impl Store {
+    /// Opens (or creates) the embedded store in `dir`.
+    pub fn open(dir: &Path) -> Result<Store, StoreError> {
+        Ok(Store {
+            backend: Backend::Redb(RedbStore::open(dir)?),
+        })
+    }
+
+    /// The records in etcd, written only while the leader key `fence.0`
+    /// holds `fence.1` (this manager).
+    pub fn etcd(etcd: crate::etcd::Etcd, fence: (String, Vec<u8>)) -> Store {
+        Store {
+            backend: Backend::Etcd { etcd, fence },
+        }
+    }
+
+    /// Everything in the store.
+    pub fn load(&self) -> Result<Snapshot, StoreError> {
+        match &self.backend {
+            Backend::Redb(r) => r.load(),
+            Backend::Etcd { etcd, .. } => {
+                let mut snap = Snapshot::default();
+                let path = PathBuf::from(&etcd.prefix);
+                let decode = |kv: &crate::etcd::Kv| StoreError::Record {
+                    path: path.clone(),
+                    key: kv.key.clone(),
+                    detail: "not a record this manager reads".into(),
+                };
+                for kv in etcd.list(&etcd.key("nodes"))? {
+                    snap.nodes
+                        .push(serde_json::from_slice(&kv.value).map_err(|_| decode(&kv))?);
+                }
+                for kv in etcd.list(&etcd.key("instances"))? {
+                    snap.instances
+                        .push(serde_json::from_slice(&kv.value).map_err(|_| decode(&kv))?);
+                }
+                Ok(snap)
+            }
+        }
+    }
+
+    /// Writes a node.
+    pub fn put_node(&self, n: &NodeRecord) -> Result<(), StoreError> {
+        match &self.backend {
+            Backend::Redb(r) => r.put_node(n),
+            Backend::Etcd { etcd, fence } => {
+                let bytes = serde_json::to_vec(n).expect("a record serialises");
+                let key = etcd.key(&format!("nodes/{}", n.node.name));
+                Ok(etcd.fenced_write(&fence.0, &fence.1, &key, Some(&bytes))?)
+            }
+        }
+    }
+
+    /// Writes an instance.
+    pub fn put_instance(&self, i: &InstanceRecord) -> Result<(), StoreError> {
+        match &self.backend {
+            Backend::Redb(r) => r.put_instance(i),
+            Backend::Etcd { etcd, fence } => {
+                let bytes = serde_json::to_vec(i).expect("a record serialises");
+                let key = etcd.key(&format!("instances/{}", i.instance.name));
+                Ok(etcd.fenced_write(&fence.0, &fence.1, &key, Some(&bytes))?)
+            }
+        }
+    }
+
+    /// Deletes an instance.
+    pub fn delete_instance(&self, name: &str) -> Result<(), StoreError> {
+        match &self.backend {
+            Backend::Redb(r) => r.delete_instance(name),
+            Backend::Etcd { etcd, fence } => {
+                let key = etcd.key(&format!("instances/{name}"));
+                Ok(etcd.fenced_write(&fence.0, &fence.1, &key, None)?)
+            }
+        }
+    }
+}
+
+/// The embedded store.
+struct RedbStore {
     db: Database,
     path: PathBuf,
 }
 
-impl Store {
-    /// Opens (or creates) the store in `dir`.
-    pub fn open(dir: &Path) -> Result<Store, StoreError> {
+impl RedbStore {
+    fn open(dir: &Path) -> Result<RedbStore, StoreError> {
         let path = dir.join("manager.redb");
         let db_err = |e: &dyn std::fmt::Display| StoreError::Database {
             path: path.clone(),
@@ -88,7 +182,7 @@ impl Store {
         };
         std::fs::create_dir_all(dir).map_err(|e| db_err(&e))?;
         let db = Database::create(&path).map_err(|e| db_err(&e))?;
-        let store = Store { db, path };
+        let store = RedbStore { db, path };
         // Both tables exist from the start, so reads never miss one.
         store.write(|w| {
             w.open_table(NODES).map_err(boxed)?;
@@ -98,8 +192,7 @@ impl Store {
         Ok(store)
     }
 
-    /// Everything in the store.
-    pub fn load(&self) -> Result<Snapshot, StoreError> {
+    fn load(&self) -> Result<Snapshot, StoreError> {
         let err = |e: &dyn std::fmt::Display| self.error(e);
         let r = self.db.begin_read().map_err(|e| err(&e))?;
         let mut snap = Snapshot::default();
@@ -124,8 +217,7 @@ impl Store {
         Ok(snap)
     }
 
-    /// Writes a node.
-    pub fn put_node(&self, n: &NodeRecord) -> Result<(), StoreError> {
+    fn put_node(&self, n: &NodeRecord) -> Result<(), StoreError> {
         let bytes = serde_json::to_vec(n).expect("a record serialises");
         self.write(|w| {
             w.open_table(NODES)
@@ -136,8 +228,7 @@ impl Store {
         })
     }
 
-    /// Writes an instance.
-    pub fn put_instance(&self, i: &InstanceRecord) -> Result<(), StoreError> {
+    fn put_instance(&self, i: &InstanceRecord) -> Result<(), StoreError> {
         let bytes = serde_json::to_vec(i).expect("a record serialises");
         self.write(|w| {
             w.open_table(INSTANCES)
@@ -148,8 +239,7 @@ impl Store {
         })
     }
 
-    /// Deletes an instance.
-    pub fn delete_instance(&self, name: &str) -> Result<(), StoreError> {
+    fn delete_instance(&self, name: &str) -> Result<(), StoreError> {
         self.write(|w| {
             w.open_table(INSTANCES)
                 .map_err(boxed)?

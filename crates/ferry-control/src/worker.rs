@@ -196,7 +196,7 @@ pub fn run(
                 }
             }
             Err(LinkError::UnknownSession) => {
-                worker.forget_session();
+                worker.forget_session(&session);
             }
             Err(e) => {
                 tracing::warn!(error = %e, "polling the manager for commands");
@@ -224,8 +224,14 @@ impl Worker {
         self.session.lock().expect("session").clone()
     }
 
-    fn forget_session(&self) {
-        *self.session.lock().expect("session") = None;
+    /// Forgets session `failed` (the manager does not know it), unless
+    /// another thread registered again meanwhile: forgetting the new one
+    /// would register a third time and drop the commands queued for it.
+    fn forget_session(&self, failed: &str) {
+        let mut s = self.session.lock().expect("session");
+        if s.as_deref() == Some(failed) {
+            *s = None;
+        }
     }
 
     /// Registers (again), retrying while the manager cannot be reached.
@@ -287,13 +293,13 @@ impl Worker {
             };
             let instances = self.reports();
             let beat = Heartbeat {
-                session,
+                session: session.clone(),
                 free_mib: self.free_mib(&instances),
                 instances,
             };
             match self.link.heartbeat(&beat) {
                 Ok(()) => {}
-                Err(LinkError::UnknownSession) => self.forget_session(),
+                Err(LinkError::UnknownSession) => self.forget_session(&session),
                 Err(e) => tracing::warn!(error = %e, "heartbeat"),
             }
         }

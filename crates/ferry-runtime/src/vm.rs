@@ -45,6 +45,9 @@ pub enum SupervisorEvent {
 
 use crate::start::Prepare;
 
+/// How long a resumed guest's agent may take to answer `after-resume`.
+const AFTER_RESUME_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// How [`RunningVm::start_in`] starts the engine.
 enum StartKind<'a> {
     Boot(Option<Prepare<'a>>),
@@ -845,6 +848,9 @@ impl RunningVm {
     /// Tells the agent the guest was resumed: steps the clock to the host's,
     /// reseeds its RNG, and optionally gives it a new identity.
     pub fn after_resume(&self, identity: Option<Identity>) -> Result<Reply, VmError> {
+        // A guest resumed under TCG on a host whose two cores are busy with
+        // other VMs and builds answered in more than 10 s here (the package
+        // suite, run beside two compiles): the answer comes, late.
         let now = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .unwrap_or_default()
@@ -857,7 +863,7 @@ impl RunningVm {
                 entropy_hex: hex::encode(entropy),
                 identity,
             },
-            Duration::from_secs(10),
+            AFTER_RESUME_TIMEOUT,
         )
     }
 

@@ -31,6 +31,23 @@ pub struct Args {
     /// the traffic, the token included).
     #[arg(long)]
     insecure: bool,
+    /// Keep the records in etcd (`http://HOST:2379[,...]`) instead of
+    /// --store: several managers then share them, one leads, and a
+    /// follower takes over when the leader is gone.
+    #[arg(long, value_name = "URL,...")]
+    etcd: Option<String>,
+    /// The key prefix in etcd.
+    #[arg(
+        long = "etcd-prefix",
+        value_name = "PREFIX",
+        default_value = "/ferry",
+        requires = "etcd"
+    )]
+    etcd_prefix: String,
+    /// Seconds the leader's etcd lease lasts: how soon a follower takes
+    /// over when the leader dies.
+    #[arg(long = "leader-ttl-s", value_name = "S", default_value_t = 5, requires = "etcd", value_parser = clap::value_parser!(u64).range(2..))]
+    leader_ttl_s: u64,
     /// Seconds a create, move or delete may take before the caller gets an
     /// error.
     #[arg(long = "op-timeout-s", value_name = "S", default_value_t = 900)]
@@ -60,6 +77,11 @@ pub fn run(args: Args, paths: &Paths, ctx: &super::Ctx) -> anyhow::Result<ExitCo
         token: token.clone(),
         op_timeout: Duration::from_secs(args.op_timeout_s),
         registry_timeout: Duration::from_secs(30),
+        etcd: args.etcd.map(|endpoints| manager::EtcdConfig {
+            endpoints,
+            prefix: args.etcd_prefix,
+            ttl_s: args.leader_ttl_s,
+        }),
     };
     let render = &ctx.render;
     manager::run(

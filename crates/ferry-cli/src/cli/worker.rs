@@ -12,7 +12,8 @@ pub struct Args {
     /// This node's name in the cluster.
     #[arg(long)]
     name: String,
-    /// The manager's workers' address (`ferry manager --workers-listen`).
+    /// The manager's workers' address (`ferry manager --workers-listen`);
+    /// with several managers (`--etcd`), each, comma-separated.
     #[arg(long = "control-plane", value_name = "HOST:PORT")]
     control_plane: String,
     /// The interface whose address instances and exposed ports use.

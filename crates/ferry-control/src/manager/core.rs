@@ -493,12 +493,11 @@ impl Shared {
                 last_seen: Instant::now(),
                 reported: HashMap::new(),
             };
-            // Commands the old session never fetched die with it; their
-            // callers are told.
+            // Commands the old session never fetched are the new one's:
+            // queued before this worker (re)registered (after a manager
+            // restart, or while it restarted), they are still wanted.
             if let Some(old) = old {
-                for c in old.queue {
-                    core.waiters.remove(&c.id);
-                }
+                entry.queue = old.queue;
             }
             core.store.put_node(&entry.rec).map_err(ApiError::store)?;
             entry.rec.node.instances = core.count_on(&r.name);

@@ -43,6 +43,19 @@ pub struct ManagerConfig {
     pub op_timeout: Duration,
     /// How long a registry may take to describe a package.
     pub registry_timeout: Duration,
+    /// Keep the records in etcd, with a leader among several managers.
+    pub etcd: Option<EtcdConfig>,
+}
+
+/// `--etcd`: several managers share records in etcd; one leads.
+#[derive(Debug, Clone)]
+pub struct EtcdConfig {
+    /// `http://HOST:2379[,...]`.
+    pub endpoints: String,
+    /// Key prefix (several clusters may share one etcd).
+    pub prefix: String,
+    /// The leader's lease, seconds: how soon a follower takes over.
+    pub ttl_s: u64,
 }
 
 /// Why `ferry manager` could not run.
@@ -64,6 +77,9 @@ pub enum ManagerError {
     /// The async runtime could not start.
     #[error("cannot start the manager's runtime: {0}")]
     Runtime(std::io::Error),
+    /// This manager lost its etcd lease: another manager leads now.
+    #[error("this manager lost its leadership (its etcd lease could not be kept): it stopped; another manager leads")]
+    LostLeadership,
     /// Serving failed.
     #[error("serving {addr}: {source}")]
     Serve {
@@ -214,18 +230,14 @@ impl IntoResponse for ApiError {
 }
 
 /// Runs the manager until `shutdown` completes. Blocks the calling thread.
+/// With etcd, it answers 503 (naming the leader) until it is elected, then
+/// serves; it fails with [`ManagerError::LostLeadership`] if it loses its
+/// lease, so that it never acts beside another leader.
 pub fn run(
     config: ManagerConfig,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
     on_listening: impl FnOnce(SocketAddr, SocketAddr),
 ) -> Result<(), ManagerError> {
-    let store = Store::open(&config.store)?;
-    let shared = Shared::load(store, config.op_timeout).map_err(|e| {
-        ManagerError::Store(StoreError::Database {
-            path: config.store.clone(),
-            detail: e.detail,
-        })
-    })?;
     let bind = |addr: SocketAddr, hint| {
         std::net::TcpListener::bind(addr)
             .and_then(|l| l.set_nonblocking(true).map(|()| l))
@@ -243,6 +255,49 @@ pub fn run(
         .build()
         .map_err(ManagerError::Runtime)?;
     on_listening(api_addr, link_addr);
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    rt.spawn(async move {
+        shutdown.await;
+        let _ = stop_tx.send(true);
+    });
+    let clone = |l: &std::net::TcpListener, addr| {
+        l.try_clone()
+            .map_err(|source| ManagerError::Serve { addr, source })
+    };
+    let (store, leader) = match &config.etcd {
+        None => (Store::open(&config.store)?, None),
+        Some(e) => {
+            let etcd = crate::etcd::Etcd::new(&e.endpoints, &e.prefix);
+            let me = crate::etcd::LeaderValue {
+                id: core::random_token(),
+                api: api_addr.to_string(),
+            };
+            let standby = rt.block_on(standby(
+                clone(&api, api_addr)?,
+                clone(&link, link_addr)?,
+                etcd.clone(),
+                me.clone(),
+                e.ttl_s,
+                stop_rx.clone(),
+            ))?;
+            let Some(lease) = standby else {
+                return Ok(()); // shut down before it was elected
+            };
+            let fence_value = serde_json::to_vec(&me).expect("serialises");
+            let fence = (etcd.key("leader"), fence_value);
+            tracing::info!(id = me.id, "elected leader");
+            (
+                Store::etcd(etcd.clone(), fence),
+                Some((etcd, lease, e.ttl_s)),
+            )
+        }
+    };
+    let shared = Shared::load(store, config.op_timeout).map_err(|e| {
+        ManagerError::Store(StoreError::Database {
+            path: config.store.clone(),
+            detail: e.detail,
+        })
+    })?;
     let state = routes::AppState {
         shared: shared.clone(),
         token: config.token.clone().map(Arc::from),
@@ -267,7 +322,12 @@ pub fn run(
                 }
             })
         };
-        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        // The leader keeps its etcd lease alive; if it cannot, it stops
+        // serving at once.
+        let (lost_tx, mut lost_rx) = tokio::sync::watch::channel(false);
+        if let Some((etcd, lease, ttl_s)) = leader {
+            tokio::task::spawn_blocking(move || keep_leading(&etcd, &lease, ttl_s, &lost_tx));
+        }
         let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
             let _ = rx.wait_for(|s| *s).await;
         };
@@ -275,10 +335,6 @@ pub fn run(
             .with_graceful_shutdown(stopped(stop_rx.clone()));
         let link_server =
             axum::serve(link, routes::link(state)).with_graceful_shutdown(stopped(stop_rx.clone()));
-        tokio::spawn(async move {
-            shutdown.await;
-            let _ = stop_tx.send(true);
-        });
         // Long polls and event streams never end by themselves: after a
         // shutdown is asked for, they get a short grace, then are cut.
         let grace = async move {
@@ -288,6 +344,10 @@ pub fn run(
         let (a, l) = tokio::select! {
             r = async { tokio::join!(api_server, link_server) } => r,
             () = grace => (Ok(()), Ok(())),
+            _ = lost_rx.wait_for(|l| *l) => {
+                leases.abort();
+                return Err(ManagerError::LostLeadership);
+            }
         };
         leases.abort();
         a.map_err(|source| ManagerError::Serve {
@@ -299,4 +359,133 @@ pub fn run(
             source,
         })
     })
+}
+
+/// Answers every request with 503 (naming the leader) while it campaigns
+/// for leadership; returns its lease once elected, or `None` if a shutdown
+/// came first.
+async fn standby(
+    api: std::net::TcpListener,
+    link: std::net::TcpListener,
+    etcd: crate::etcd::Etcd,
+    me: crate::etcd::LeaderValue,
+    ttl_s: u64,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) -> Result<Option<String>, ManagerError> {
+    let leader_now: Arc<std::sync::Mutex<String>> = Arc::default();
+    let answer = {
+        let leader_now = leader_now.clone();
+        move || {
+            let leader = leader_now.lock().expect("leader").clone();
+            ApiError::unavailable(format!(
+                "this manager is a follower; the leader is at {}: ask it",
+                if leader.is_empty() {
+                    "(none yet)"
+                } else {
+                    leader.as_str()
+                }
+            ))
+        }
+    };
+    let router = |answer: std::sync::Arc<dyn Fn() -> ApiError + Send + Sync>| {
+        axum::Router::new().fallback(move || {
+            let answer = answer.clone();
+            async move { answer() }
+        })
+    };
+    let answer: std::sync::Arc<dyn Fn() -> ApiError + Send + Sync> = Arc::new(answer);
+    let (done_tx, done_rx) = tokio::sync::watch::channel(false);
+    let serve = |l: std::net::TcpListener, rx: tokio::sync::watch::Receiver<bool>| {
+        let app = router(answer.clone());
+        async move {
+            let addr = l.local_addr().ok();
+            if let Ok(l) = tokio::net::TcpListener::from_std(l) {
+                let _ = axum::serve(l, app)
+                    .with_graceful_shutdown(async move {
+                        let mut rx = rx;
+                        let _ = rx.wait_for(|d| *d).await;
+                    })
+                    .await;
+            }
+            tracing::debug!(?addr, "standby listener closed");
+        }
+    };
+    let a = tokio::spawn(serve(api, done_rx.clone()));
+    let l = tokio::spawn(serve(link, done_rx));
+    let value = serde_json::to_vec(&me).expect("serialises");
+    let key = etcd.key("leader");
+    let elected = loop {
+        if *stop.borrow() {
+            break None;
+        }
+        let attempt = {
+            let (etcd, key, value) = (etcd.clone(), key.clone(), value.clone());
+            tokio::task::spawn_blocking(
+                move || -> Result<Option<String>, crate::etcd::EtcdError> {
+                    let lease = etcd.grant(ttl_s)?;
+                    if etcd.create_with_lease(&key, &value, &lease)? {
+                        return Ok(Some(lease));
+                    }
+                    if let Some(v) = etcd.get(&key)? {
+                        if let Ok(l) = serde_json::from_slice::<crate::etcd::LeaderValue>(&v) {
+                            return Err(crate::etcd::EtcdError::Answer {
+                                path: "leader".into(),
+                                detail: l.api,
+                            });
+                        }
+                    }
+                    Ok(None)
+                },
+            )
+            .await
+            .unwrap_or(Ok(None))
+        };
+        match attempt {
+            Ok(Some(lease)) => break Some(lease),
+            Err(crate::etcd::EtcdError::Answer { path, detail }) if path == "leader" => {
+                *leader_now.lock().expect("leader") = detail;
+            }
+            Ok(None) => {}
+            Err(e) => tracing::warn!(error = %e, "campaigning for leadership"),
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+            _ = stop.wait_for(|s| *s) => {}
+        }
+    };
+    let _ = done_tx.send(true);
+    let _ = a.await;
+    let _ = l.await;
+    Ok(elected)
+}
+
+/// Keeps the leader's lease alive every `ttl/3`; says so on `lost` when it
+/// cannot (the lease expired, or etcd was unreachable for longer than the
+/// lease).
+fn keep_leading(
+    etcd: &crate::etcd::Etcd,
+    lease: &str,
+    ttl_s: u64,
+    lost: &tokio::sync::watch::Sender<bool>,
+) {
+    let every = Duration::from_millis(ttl_s * 1000 / 3).max(Duration::from_millis(300));
+    let mut last_ok = std::time::Instant::now();
+    loop {
+        std::thread::sleep(every);
+        match etcd.keep_alive(lease) {
+            Ok(true) => last_ok = std::time::Instant::now(),
+            Ok(false) => break,
+            Err(e) => {
+                tracing::warn!(error = %e, "keeping the leader lease");
+                if last_ok.elapsed() > Duration::from_secs(ttl_s) {
+                    break;
+                }
+            }
+        }
+        if lost.is_closed() {
+            return;
+        }
+    }
+    tracing::error!("lost the leader lease: stopping");
+    let _ = lost.send(true);
 }
