@@ -22,7 +22,7 @@ use ferry_test_support::{
 mod common;
 use common::{env, recipe_package, stop};
 
-const TOKEN: &str = "test-token-1";
+const TOKEN: &str = "test-token-0123456789";
 const REDIS_PORT: u16 = 16379;
 const PEER_PORT: u16 = 7100;
 const REGISTRY_PORT: u16 = 7070;
@@ -683,7 +683,13 @@ fn failures_around_a_migration() {
     let out: Output = b
         .ferry(eb)
         .args([
-            "peer", "--from", &from_a, "--token", "wrong", "--name", "kv",
+            "peer",
+            "--from",
+            &from_a,
+            "--token",
+            "wrong-token-0123456789",
+            "--name",
+            "kv",
         ])
         .output()
         .unwrap();

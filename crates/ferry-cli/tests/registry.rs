@@ -189,7 +189,7 @@ fn token_file_is_trimmed_and_sigterm_stops() {
     let dir = tempfile::tempdir().unwrap();
     let a = package(dir.path(), "a.ferry");
     let token = dir.path().join("token");
-    std::fs::write(&token, "  tok-42\n").unwrap();
+    std::fs::write(&token, "  tok-42-tok-42-tok-42\n").unwrap();
     let r = start(&[
         "--package",
         a.to_str().unwrap(),
@@ -200,7 +200,7 @@ fn token_file_is_trimmed_and_sigterm_stops() {
     ]);
     assert_eq!(get(r.addr, "/", None).0, 401);
     assert_eq!(get(r.addr, "/", Some("tok")).0, 401);
-    assert_eq!(get(r.addr, "/", Some("tok-42")).0, 200);
+    assert_eq!(get(r.addr, "/", Some("tok-42-tok-42-tok-42")).0, 200);
     let out = r.stop(libc::SIGTERM);
     assert_eq!(out.status.code(), Some(0), "{}", describe(&out));
 }
@@ -281,7 +281,7 @@ fn usage_errors() {
             "--package",
             a,
             "--token",
-            "t",
+            "t-t-t-t-t-t-t-t-t-t",
             "--token-file",
             "f",
         ],
@@ -315,4 +315,103 @@ fn usage_errors() {
         "{}",
         describe(&out)
     );
+}
+
+/// Short and empty tokens are refused on every token flag of `registry` and
+/// `peer`, when the flags are read: one line naming the fix, exit 3, and no
+/// network I/O (a listener standing for the registry or the source peer
+/// sees no connection). Checked to fail without the defence by letting
+/// `Token::new` accept any non-empty token: `peer --token abc` then dialled
+/// the listener.
+#[test]
+fn short_tokens_are_refused_before_any_network_io() {
+    let _limit = ferry_test_support::watchdog::time_limit(Duration::from_secs(60));
+    let dir = tempfile::tempdir().unwrap();
+    let a = package(dir.path(), "a.ferry");
+    let a = a.to_str().unwrap();
+    let short = dir.path().join("short");
+    std::fs::write(&short, "abc\n").unwrap();
+    let empty = dir.path().join("empty");
+    std::fs::write(&empty, " \n").unwrap();
+    let good = dir.path().join("good");
+    std::fs::write(&good, "0123456789abcdef\n").unwrap();
+    let (short, empty, good) = (
+        short.to_str().unwrap(),
+        empty.to_str().unwrap(),
+        good.to_str().unwrap(),
+    );
+    let watch = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    watch.set_nonblocking(true).unwrap();
+    let peer = watch.local_addr().unwrap().to_string();
+    let http = format!("http://{peer}/");
+    let fix = "use at least 16 (e.g. `openssl rand -hex 16`)";
+    let cases: Vec<(Vec<&str>, String)> = vec![
+        (
+            vec!["registry", "--package", a, "--listen", "127.0.0.1:0", "--token", "abc"],
+            format!("ferry: --token: the token is 3 characters; {fix}"),
+        ),
+        (
+            vec!["registry", "--package", a, "--listen", "127.0.0.1:0", "--token-file", short],
+            format!("ferry: --token-file {short}: the token is 3 characters; {fix}"),
+        ),
+        (
+            vec!["registry", "--package", a, "--listen", "127.0.0.1:0", "--registry-token-file", empty],
+            format!("ferry: --registry-token-file {empty}: the token is empty; use at least 16 characters (e.g. `openssl rand -hex 16`)"),
+        ),
+        (
+            vec!["peer", "--from", &peer, "--token", ""],
+            "ferry: --token: the token is empty; use at least 16 characters (e.g. `openssl rand -hex 16`)".into(),
+        ),
+        (
+            vec!["peer", "--from", &peer, "--listen", "127.0.0.1:0", "--token", "abc"],
+            format!("ferry: --token: the token is 3 characters; {fix}"),
+        ),
+        (
+            vec!["peer", "--from", &peer, "--token-file", good, "--migrate-token-file", short],
+            format!("ferry: --migrate-token-file {short}: the token is 3 characters; {fix}"),
+        ),
+        (
+            vec!["peer", "--from", &http, "--token-file", good, "--registry-token-file", empty],
+            format!("ferry: --registry-token-file {empty}: the token is empty; use at least 16 characters (e.g. `openssl rand -hex 16`)"),
+        ),
+    ];
+    for (args, line) in cases {
+        let out = ferry().args(&args).output().unwrap();
+        assert_eq!(out.status.code(), Some(3), "{args:?}: {}", describe(&out));
+        assert_eq!(error_line(&out), line, "{args:?}");
+        assert!(
+            !String::from_utf8_lossy(&out.stderr).contains("0123456789abcdef"),
+            "a token is never printed: {}",
+            describe(&out)
+        );
+        assert!(
+            watch.accept().is_err(),
+            "{args:?} connected before refusing its token"
+        );
+    }
+}
+
+/// `--registry-token-file` overrides `--token` for the registry role: the
+/// shared token then opens nothing (a token for the wrong role is refused).
+#[test]
+fn a_role_token_replaces_the_shared_one() {
+    let _limit = ferry_test_support::watchdog::time_limit(Duration::from_secs(60));
+    let dir = tempfile::tempdir().unwrap();
+    let a = package(dir.path(), "a.ferry");
+    let reg = dir.path().join("registry-token");
+    std::fs::write(&reg, "registry-0123456789\n").unwrap();
+    let r = start(&[
+        "--package",
+        a.to_str().unwrap(),
+        "--listen",
+        "127.0.0.1:0",
+        "--token",
+        "shared-0123456789",
+        "--registry-token-file",
+        reg.to_str().unwrap(),
+    ]);
+    assert_eq!(get(r.addr, "/", Some("shared-0123456789")).0, 401);
+    assert_eq!(get(r.addr, "/", Some("registry-0123456789")).0, 200);
+    let out = r.stop(libc::SIGTERM);
+    assert_eq!(out.status.code(), Some(0), "{}", describe(&out));
 }

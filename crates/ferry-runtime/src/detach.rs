@@ -88,10 +88,13 @@ pub enum StartFrom {
     Peer {
         /// `http(s)://…` or `HOST:PORT`.
         source: String,
-        /// The token for the source and `listen` (the spec travels over a
-        /// pipe, never on a command line).
+        /// The token for reading from a registry source (the spec travels
+        /// over a pipe, never on a command line).
         #[serde(default)]
-        token: Option<String>,
+        registry_token: Option<ferry_transport::Token>,
+        /// The token for a peer source and for `listen`.
+        #[serde(default)]
+        migrate_token: Option<ferry_transport::Token>,
         /// Serve the VM to the next peer here.
         #[serde(default)]
         listen: Option<SocketAddr>,
@@ -533,7 +536,8 @@ fn start(
         }
         StartFrom::Peer {
             source,
-            token,
+            registry_token,
+            migrate_token,
             listen,
             save,
             max_bandwidth,
@@ -544,7 +548,8 @@ fn start(
                 name: Some(name.clone()),
                 net: spec.net.choice(),
                 listen: *listen,
-                token: token.clone(),
+                registry_token: registry_token.clone(),
+                migrate_token: migrate_token.clone(),
                 accel: spec.accel,
                 console: None,
                 input: None,

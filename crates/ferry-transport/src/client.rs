@@ -64,10 +64,11 @@ impl RemotePackage {
     ///   any URL ending in `/` is read as a listing), a registry's
     ///   `http://HOST:PORT/packages/NAME`, or the URL of a package file on any
     ///   HTTP server that supports range requests.
-    /// - `token`: sent as `Authorization: Bearer <token>`.
+    /// - `token`: sent as `Authorization: Bearer <token>`; checked first
+    ///   (at least [`MIN_TOKEN_LEN`](crate::MIN_TOKEN_LEN) characters).
     ///
     /// # Errors
-    /// [`TransportError::BadUrl`], [`TransportError::Connect`],
+    /// [`TransportError::BadToken`], [`TransportError::BadUrl`], [`TransportError::Connect`],
     /// [`TransportError::Unauthorized`], [`TransportError::NotFound`],
     /// [`TransportError::NotARegistry`], [`TransportError::EmptyRegistry`],
     /// [`TransportError::AmbiguousRegistry`],
@@ -76,6 +77,8 @@ impl RemotePackage {
     ///
     /// [`Package::open`]: ferry_package::Package::open
     pub fn open(url: &str, token: Option<&str>) -> Result<RemotePackage, TransportError> {
+        // A short token is refused before any network I/O.
+        let token = token.map(|t| crate::Token::new(t.trim())).transpose()?;
         let uri = parse_url(url)?;
         let agent = ureq::Agent::new_with_config(
             ureq::Agent::config_builder()
@@ -91,7 +94,7 @@ impl RemotePackage {
         let mut http = Http {
             url: url.to_string(),
             agent,
-            auth: token.map(|t| format!("Bearer {}", t.trim())),
+            auth: token.map(|t| format!("Bearer {}", t.expose())),
             etag: None,
             fetched: AtomicU64::new(0),
         };

@@ -27,9 +27,6 @@ pub enum TransportError {
         /// The second path given.
         second: PathBuf,
     },
-    /// The token cannot be used in an `Authorization` header.
-    #[error("the registry token {0}: give one of printable ASCII without spaces (for instance from `openssl rand -hex 32`)")]
-    BadToken(&'static str),
     /// The listening socket could not be bound.
     #[error("cannot listen on {addr}: {source}: pick another address with --listen (is another registry running there?)")]
     Bind {
@@ -54,6 +51,11 @@ pub enum TransportError {
         /// The underlying error.
         source: std::io::Error,
     },
+
+    /// A token was refused before any request: too short, empty or with
+    /// characters a header cannot carry.
+    #[error("{0}")]
+    BadToken(#[from] crate::TokenError),
 
     // ---- remote packages (client) ----
     /// The URL cannot be fetched from.

@@ -43,9 +43,11 @@ mod error;
 pub mod migration;
 mod range;
 mod server;
+mod token;
 
 pub use client::RemotePackage;
 pub use error::TransportError;
 pub use server::{
     ListedPackage, Listing, Registry, RegistryConfig, RunningRegistry, ServedPackage,
 };
+pub use token::{Token, TokenError, MIN_TOKEN_LEN};

@@ -24,6 +24,7 @@ mod signals;
 mod start;
 mod stop;
 mod supervise;
+mod tokens;
 mod up;
 
 use std::path::PathBuf;

@@ -29,13 +29,16 @@ pub struct Args {
     #[arg(long, value_name = "ADDR")]
     listen: Option<SocketAddr>,
     /// Bearer token: for the registry, the source peer and --listen.
-    /// Other users of this host can see it in the process list: prefer
-    /// --token-file.
-    #[arg(long, value_name = "TOKEN", conflicts_with = "token_file")]
-    token: Option<String>,
-    /// Read the token from FILE (surrounding whitespace is ignored).
-    #[arg(long = "token-file", value_name = "FILE")]
-    token_file: Option<PathBuf>,
+    #[command(flatten)]
+    token: super::tokens::SharedToken,
+    /// The registry role's token (reading a package from an http(s)://
+    /// --from), from FILE: overrides --token/--token-file for it.
+    #[arg(long = "registry-token-file", value_name = "FILE")]
+    registry_token_file: Option<PathBuf>,
+    /// The migrate role's token (a HOST:PORT --from, and --listen), from
+    /// FILE: overrides --token/--token-file for it.
+    #[arg(long = "migrate-token-file", value_name = "FILE")]
+    migrate_token_file: Option<PathBuf>,
     /// Where Ctrl-C suspends the VM to (default: ./<name>.ferry).
     #[arg(long, value_name = "FILE")]
     save: Option<PathBuf>,
@@ -68,17 +71,25 @@ const DETACHED_READY: Duration = Duration::from_secs(1800);
 
 pub fn run(args: Args, paths: &Paths, started: Instant, ctx: &Ctx) -> anyhow::Result<ExitCode> {
     let net = args.net.choice()?;
-    let token = match (&args.token, &args.token_file) {
-        (Some(t), _) => Some(t.clone()),
-        (None, Some(f)) => Some(super::registry::read_token(f)?),
-        (None, None) => None,
-    };
+    // Every token is checked here, before any network I/O.
+    let shared = args.token.read()?;
+    let registry_token = super::tokens::role(
+        "--registry-token-file",
+        args.registry_token_file.as_deref(),
+        &shared,
+    )?;
+    let migrate_token = super::tokens::role(
+        "--migrate-token-file",
+        args.migrate_token_file.as_deref(),
+        &shared,
+    )?;
     let opts = PeerOptions {
         from: args.from.clone(),
         name: args.name.clone(),
         net,
         listen: args.listen,
-        token,
+        registry_token,
+        migrate_token,
         accel: args.accel.into(),
         console: super::console(args.console || args.enable_input),
         input: args
@@ -108,7 +119,10 @@ fn detached(
     let name = match &opts.name {
         Some(n) => n.clone(),
         None if opts.from_registry() => {
-            let remote = ferry_transport::RemotePackage::open(&opts.from, opts.token.as_deref())?;
+            let remote = ferry_transport::RemotePackage::open(
+                &opts.from,
+                opts.registry_token.as_ref().map(|t| t.expose()),
+            )?;
             let meta = remote.vm_meta()?;
             ferry_runtime::vmdir::generate_name(&meta.recipe)
         }
@@ -130,7 +144,8 @@ fn detached(
         name: name.clone(),
         from: StartFrom::Peer {
             source: opts.from.clone(),
-            token: opts.token.clone(),
+            registry_token: opts.registry_token.clone(),
+            migrate_token: opts.migrate_token.clone(),
             listen: opts.listen,
             save,
             max_bandwidth: opts.max_bandwidth,

@@ -1,10 +1,9 @@
 //! `ferry registry`.
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::ExitCode;
 
-use ferry_runtime::RuntimeError;
 use ferry_transport::{Registry, RegistryConfig};
 
 #[derive(clap::Args, Debug)]
@@ -16,22 +15,23 @@ pub struct Args {
     /// The address to listen on (port 0 picks a free port).
     #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:7070")]
     listen: SocketAddr,
-    /// Require `Authorization: Bearer TOKEN` on every request. Other users
-    /// of this host can see it in the process list: prefer --token-file.
-    #[arg(long, value_name = "TOKEN", conflicts_with = "token_file")]
-    token: Option<String>,
-    /// Read the token from FILE (surrounding whitespace is ignored).
-    #[arg(long = "token-file", value_name = "FILE")]
-    token_file: Option<PathBuf>,
+    /// Require `Authorization: Bearer TOKEN` on every request.
+    #[command(flatten)]
+    token: super::tokens::SharedToken,
+    /// The registry role's token (reading packages), from FILE: overrides
+    /// --token/--token-file here.
+    #[arg(long = "registry-token-file", value_name = "FILE")]
+    registry_token_file: Option<PathBuf>,
 }
 
 pub fn run(args: Args, ctx: &super::Ctx) -> anyhow::Result<ExitCode> {
     use ferry_runtime::{Event, EventSink};
-    let token = match (args.token, args.token_file) {
-        (Some(token), _) => Some(token),
-        (None, Some(file)) => Some(read_token(&file)?),
-        (None, None) => None,
-    };
+    let shared = args.token.read()?;
+    let token = super::tokens::role(
+        "--registry-token-file",
+        args.registry_token_file.as_deref(),
+        &shared,
+    )?;
     let guarded = token.is_some();
     let registry = Registry::bind(RegistryConfig {
         packages: args.packages,
@@ -63,14 +63,4 @@ pub fn run(args: Args, ctx: &super::Ctx) -> anyhow::Result<ExitCode> {
     }
     running.stop()?;
     Ok(ExitCode::SUCCESS)
-}
-
-pub(super) fn read_token(file: &Path) -> Result<String, RuntimeError> {
-    let text = std::fs::read_to_string(file).map_err(|e| {
-        RuntimeError::BadOption(format!(
-            "cannot read the token file {}: {e}: check --token-file",
-            file.display()
-        ))
-    })?;
-    Ok(text.trim().to_string())
 }

@@ -38,7 +38,7 @@ pub struct RegistryStart {
     /// The package's URL.
     pub url: String,
     /// The registry's token.
-    pub token: Option<String>,
+    pub token: Option<ferry_transport::Token>,
     /// The VM's name here; the recipe's and a suffix if `None`.
     pub name: Option<String>,
     /// Accelerator choice (it must be the package's).
@@ -62,7 +62,10 @@ pub fn plan(
     opts: &RegistryStart,
     events: &dyn EventSink,
 ) -> Result<(StartPlan<'static>, LazySlot), RuntimeError> {
-    let remote = Arc::new(RemotePackage::open(&opts.url, opts.token.as_deref())?);
+    let remote = Arc::new(RemotePackage::open(
+        &opts.url,
+        opts.token.as_ref().map(|t| t.expose()),
+    )?);
     let meta = remote.vm_meta()?;
     super::check_host_memory(meta.provenance.memory_mib)?;
     let name = opts
