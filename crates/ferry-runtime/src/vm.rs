@@ -405,7 +405,7 @@ impl RunningVm {
                 disk_size,
             } => {
                 let disk = dir.path().join(files::RECEIVED_DISK);
-                let made = std::fs::File::create(&disk).and_then(|f| f.set_len(disk_size));
+                let made = crate::paths::private_file(&disk).and_then(|f| f.set_len(disk_size));
                 if let Err(e) = made {
                     drop(network);
                     dir.remove();

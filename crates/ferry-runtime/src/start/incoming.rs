@@ -236,7 +236,7 @@ fn fetch_blob(
     if path.exists() {
         return Ok(path);
     }
-    std::fs::create_dir_all(dir).map_err(RuntimeError::io(dir))?;
+    crate::paths::private_dir(dir).map_err(RuntimeError::io(dir))?;
     control.send(&DestMsg::Fetch {
         name: name.to_string(),
     })?;

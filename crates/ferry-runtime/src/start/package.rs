@@ -257,7 +257,10 @@ pub(crate) fn copy_sparse(from: &Path, to: &Path) -> Result<(), RuntimeError> {
         .status()
         .map_err(RuntimeError::io(to))?;
     if status.success() {
-        Ok(())
+        // cp keeps the source's mode: a copy of memory or disk is private.
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(to, std::fs::Permissions::from_mode(0o600))
+            .map_err(RuntimeError::io(to))
     } else {
         Err(RuntimeError::Io {
             path: to.to_path_buf(),
