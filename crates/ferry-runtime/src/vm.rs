@@ -1069,9 +1069,10 @@ fn attach_network(
 }
 
 /// Where a guest that dials its gateway on `port` is sent: the host address
-/// of the VM that exposes `port` (loopback for a wildcard address, or if no
-/// VM of this state directory exposes it).
-fn exposed_host_addr(vms: &std::path::Path, port: u16) -> std::net::SocketAddr {
+/// of the VM that exposes `port` (loopback for a wildcard address); `None`
+/// if no VM of this state directory exposes it: a guest never reaches the
+/// host's own services.
+fn exposed_host_addr(vms: &std::path::Path, port: u16) -> Option<std::net::SocketAddr> {
     let found = std::fs::read_dir(vms)
         .into_iter()
         .flatten()
@@ -1080,11 +1081,11 @@ fn exposed_host_addr(vms: &std::path::Path, port: u16) -> std::net::SocketAddr {
         .filter_map(|b| serde_json::from_slice::<NetInfo>(&b).ok())
         .flat_map(|info| info.exposes)
         .find(|e| e.host_port == port);
-    match found {
-        Some(e) if !e.host.is_unspecified() => e.host_addr(),
-        Some(e) if e.host.is_ipv6() => (std::net::Ipv6Addr::LOCALHOST, port).into(),
+    Some(match found? {
+        e if !e.host.is_unspecified() => e.host_addr(),
+        e if e.host.is_ipv6() => (std::net::Ipv6Addr::LOCALHOST, port).into(),
         _ => (std::net::Ipv4Addr::LOCALHOST, port).into(),
-    }
+    })
 }
 
 /// The sockets of a VM being received, in its directory.
