@@ -49,5 +49,6 @@ pub use client::RemotePackage;
 pub use error::TransportError;
 pub use server::{
     ListedPackage, Listing, Registry, RegistryConfig, RunningRegistry, ServedPackage,
+    MAX_REGISTRY_CONNECTIONS,
 };
 pub use token::{Token, TokenError, MIN_TOKEN_LEN};

@@ -42,6 +42,11 @@ const READ_SIZE: u64 = 256 << 10;
 /// short enough that Ctrl-C feels immediate.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
 
+/// The most connections the registry serves at once. More are closed as
+/// soon as they are accepted (logged once per flood), so that clients that
+/// connect and say nothing hold a bounded amount of memory and tasks.
+pub const MAX_REGISTRY_CONNECTIONS: usize = 256;
+
 /// What the registry serves and where it listens.
 #[derive(Debug, Clone)]
 pub struct RegistryConfig {
@@ -102,6 +107,7 @@ struct AppState {
 /// A registry bound to its address, its packages checked, not yet serving.
 pub struct Registry {
     listener: std::net::TcpListener,
+    max_connections: usize,
     addr: SocketAddr,
     served: Vec<ServedPackage>,
     state: Arc<AppState>,
@@ -184,6 +190,7 @@ impl Registry {
         let addr = listener.local_addr().map_err(bind)?;
         Ok(Registry {
             listener,
+            max_connections: MAX_REGISTRY_CONNECTIONS,
             addr,
             served,
             state: Arc::new(AppState {
@@ -197,6 +204,13 @@ impl Registry {
     /// The address it listens on (with the real port when port 0 was asked).
     pub fn local_addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// Serves at most `n` connections at once (default
+    /// [`MAX_REGISTRY_CONNECTIONS`]).
+    pub fn with_max_connections(mut self, n: usize) -> Registry {
+        self.max_connections = n.max(1);
+        self
     }
 
     /// The packages it serves, in the order given.
@@ -217,7 +231,11 @@ impl Registry {
     ) -> Result<(), TransportError> {
         let addr = self.addr;
         let serve_err = |source| TransportError::Serve { addr, source };
-        let listener = tokio::net::TcpListener::from_std(self.listener).map_err(serve_err)?;
+        let listener = CappedListener {
+            inner: tokio::net::TcpListener::from_std(self.listener).map_err(serve_err)?,
+            permits: Arc::new(tokio::sync::Semaphore::new(self.max_connections)),
+            over_cap_logged: false,
+        };
         info!(%addr, packages = self.served.len(), "registry listening");
 
         let app = Router::new()
@@ -347,6 +365,101 @@ fn runtime() -> Result<tokio::runtime::Runtime, TransportError> {
             what: "runtime",
             source,
         })
+}
+
+/// The registry's listener: at most as many connections at once as it has
+/// permits; one past that is closed at once. Accept errors are retried
+/// with a pause by axum's own listener.
+struct CappedListener {
+    inner: tokio::net::TcpListener,
+    permits: Arc<tokio::sync::Semaphore>,
+    over_cap_logged: bool,
+}
+
+impl axum::serve::Listener for CappedListener {
+    type Io = CappedStream;
+    type Addr = SocketAddr;
+
+    async fn accept(&mut self) -> (CappedStream, SocketAddr) {
+        loop {
+            let (io, addr) = axum::serve::Listener::accept(&mut self.inner).await;
+            match self.permits.clone().try_acquire_owned() {
+                Ok(permit) => {
+                    self.over_cap_logged = false;
+                    return (
+                        CappedStream {
+                            io,
+                            _permit: permit,
+                        },
+                        addr,
+                    );
+                }
+                Err(_) => {
+                    if !self.over_cap_logged {
+                        warn!("the registry serves its most connections at once: closing new ones until some end");
+                        self.over_cap_logged = true;
+                    }
+                    drop(io);
+                }
+            }
+        }
+    }
+
+    fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.inner.local_addr()
+    }
+}
+
+/// A connection holding its place under the cap until it is dropped.
+struct CappedStream {
+    io: tokio::net::TcpStream,
+    _permit: tokio::sync::OwnedSemaphorePermit,
+}
+
+impl tokio::io::AsyncRead for CappedStream {
+    fn poll_read(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.get_mut().io).poll_read(cx, buf)
+    }
+}
+
+impl tokio::io::AsyncWrite for CappedStream {
+    fn poll_write(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.get_mut().io).poll_write(cx, buf)
+    }
+
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.get_mut().io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.get_mut().io).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
 }
 
 /// Percent-encodes a name for a URL path segment: everything but RFC 3986's

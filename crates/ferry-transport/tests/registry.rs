@@ -358,3 +358,38 @@ fn stop_ends_the_server() {
     reg.stop().unwrap();
     assert!(std::net::TcpStream::connect(addr).is_err());
 }
+
+/// Clients that connect and say nothing hold at most the cap: one more is
+/// closed at once, and once one goes a request is served again. Checked to
+/// fail without the cap (the extra connection was then answered).
+#[test]
+fn connections_past_the_cap_are_closed() {
+    use std::io::{Read, Write};
+    use std::time::Duration;
+    let (_dir, a, _) = two_packages();
+    let reg = Registry::bind(RegistryConfig {
+        packages: vec![a],
+        listen: "127.0.0.1:0".parse().unwrap(),
+        token: None,
+    })
+    .unwrap()
+    .with_max_connections(2)
+    .spawn()
+    .unwrap();
+    let addr = reg.local_addr();
+    let idle: Vec<_> = (0..2)
+        .map(|_| std::net::TcpStream::connect(addr).unwrap())
+        .collect();
+    std::thread::sleep(Duration::from_millis(300));
+    let mut extra = std::net::TcpStream::connect(addr).unwrap();
+    extra
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    let _ = extra.write_all(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+    let mut answer = Vec::new();
+    let _ = extra.read_to_end(&mut answer);
+    assert!(answer.is_empty(), "{}", String::from_utf8_lossy(&answer));
+    drop(idle);
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(get(addr, "/").status, 200);
+}
