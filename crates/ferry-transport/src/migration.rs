@@ -109,8 +109,9 @@ impl MigrationError {
     }
 }
 
-/// The first line on every connection.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+/// The first line on every connection. Its `Debug` output leaves the token
+/// out.
+#[derive(Clone, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "kebab-case")]
 pub enum Hello {
     /// The control connection of a new migration.
@@ -131,6 +132,30 @@ pub enum Hello {
         /// Which channel.
         channel: ChannelKind,
     },
+}
+
+impl std::fmt::Debug for Hello {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Hello::Control { v, .. } => f
+                .debug_struct("Control")
+                .field("v", v)
+                .field("token", &"<redacted>")
+                .finish(),
+            Hello::Channel {
+                v,
+                session,
+                channel,
+                ..
+            } => f
+                .debug_struct("Channel")
+                .field("v", v)
+                .field("token", &"<redacted>")
+                .field("session", session)
+                .field("channel", channel)
+                .finish(),
+        }
+    }
 }
 
 /// The data channels.

@@ -14,6 +14,22 @@ fn decode(v: serde_json::Value) -> Result<SourceMsg, serde_json::Error> {
 }
 
 #[test]
+fn a_hello_never_shows_its_token() {
+    let hello = Hello::Control {
+        v: 1,
+        token: "migrate-token-0123".into(),
+    };
+    assert!(!format!("{hello:?}").contains("migrate-token"));
+    let hello = Hello::Channel {
+        v: 1,
+        token: "migrate-token-0123".into(),
+        session: "s".into(),
+        channel: ChannelKind::State,
+    };
+    assert!(!format!("{hello:?}").contains("migrate-token"));
+}
+
+#[test]
 fn an_offer_round_trips() {
     let msg = SourceMsg::Offer {
         session: "s1".into(),
