@@ -64,6 +64,8 @@ fn registry(r: &Host, env: &FerryEnv, pkg: &Path) -> KillOnDrop {
             pkg.to_str().unwrap(),
             "--listen",
             &listen,
+            // Plain HTTP between test hosts, on purpose.
+            "--insecure",
             "--token",
             TOKEN,
         ],

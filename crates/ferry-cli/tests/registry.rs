@@ -76,6 +76,7 @@ fn start(args: &[&str]) -> Running {
             Ok(line) => {
                 let addr = line
                     .strip_prefix("listening on http://")
+                    .or_else(|| line.strip_prefix("listening on https://"))
                     .map(|a| a.parse().expect("an address"));
                 lines.push(line);
                 if let Some(addr) = addr {
@@ -414,4 +415,111 @@ fn a_role_token_replaces_the_shared_one() {
     assert_eq!(get(r.addr, "/", Some("registry-0123456789")).0, 200);
     let out = r.stop(libc::SIGTERM);
     assert_eq!(out.status.code(), Some(0), "{}", describe(&out));
+}
+
+/// `ferry tls init` and a registry that speaks only TLS; plain HTTP off
+/// loopback needs --insecure. Checked to fail without the defence: before
+/// it, `--listen 0.0.0.0:0` served plain HTTP without a word.
+#[test]
+fn tls_init_and_a_tls_registry() {
+    use std::os::unix::fs::PermissionsExt;
+    let _limit = ferry_test_support::watchdog::time_limit(Duration::from_secs(60));
+    let dir = tempfile::tempdir().unwrap();
+    let a = package(dir.path(), "a.ferry");
+    let a = a.to_str().unwrap();
+    let tls = dir.path().join("tls");
+    let out = ferry()
+        .args(["tls", "init"])
+        .arg(&tls)
+        .args(["--san", "reg.test"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", describe(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("valid for localhost, 127.0.0.1, reg.test")
+    );
+    for key in ["server.key", "client.key"] {
+        let mode = std::fs::metadata(tls.join(key))
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777;
+        assert_eq!(mode, 0o600, "{key}");
+    }
+    // Again into the same directory: refused, nothing replaced.
+    let out = ferry().args(["tls", "init"]).arg(&tls).output().unwrap();
+    assert_eq!(out.status.code(), Some(3), "{}", describe(&out));
+    assert!(error_line(&out).contains("never overwrites keys"));
+
+    let (cert, key) = (tls.join("server.crt"), tls.join("server.key"));
+    let r = start(&[
+        "--package",
+        a,
+        "--listen",
+        "127.0.0.1:0",
+        "--tls-cert",
+        cert.to_str().unwrap(),
+        "--tls-key",
+        key.to_str().unwrap(),
+    ]);
+    assert!(
+        r.lines
+            .iter()
+            .any(|l| l.starts_with("listening on https://127.0.0.1:")),
+        "{:?}",
+        r.lines
+    );
+    // `peer --from https://…`: without --ca the certificate is refused;
+    // with it the package is read (this test package then fails later, at
+    // its kernel, with no TLS error).
+    let state = tempfile::tempdir().unwrap();
+    let peer = |extra: &[&str]| {
+        ferry()
+            .env("FERRY_STATE", state.path())
+            .env("FERRY_CACHE", state.path().join("cache"))
+            .args([
+                "peer",
+                "--from",
+                &format!("https://localhost:{}/", r.addr.port()),
+            ])
+            .args(["--net", "none", "--name", "t1"])
+            .args(extra)
+            .output()
+            .unwrap()
+    };
+    let out = peer(&[]);
+    assert!(!out.status.success());
+    let line = error_line(&out).to_lowercase();
+    assert!(
+        line.contains("certificate") || line.contains("issuer"),
+        "{line}"
+    );
+    let out = peer(&["--ca", tls.join("ca.crt").to_str().unwrap()]);
+    assert!(!out.status.success());
+    let line = error_line(&out).to_lowercase();
+    assert!(
+        !line.contains("certificate") && !line.contains("issuer") && !line.contains("tls"),
+        "{line}"
+    );
+    // Plain HTTP gets no HTTP answer from a TLS listener.
+    let mut s = TcpStream::connect(r.addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .unwrap();
+    let mut answer = Vec::new();
+    let _ = s.read_to_end(&mut answer);
+    assert!(!answer.starts_with(b"HTTP/1.1 200"), "{answer:?}");
+    let out = r.stop(libc::SIGTERM);
+    assert_eq!(out.status.code(), Some(0), "{}", describe(&out));
+
+    // Plain HTTP off loopback: refused without --insecure.
+    let out = ferry()
+        .args(["registry", "--package", a, "--listen", "0.0.0.0:0"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(3), "{}", describe(&out));
+    assert_eq!(
+        error_line(&out),
+        "ferry: --listen 0.0.0.0:0: plain HTTP off loopback sends packages and the token in clear: pass --tls-cert FILE --tls-key FILE (see `ferry tls init`), or --insecure"
+    );
 }

@@ -92,6 +92,9 @@ pub enum StartFrom {
         /// over a pipe, never on a command line).
         #[serde(default)]
         registry_token: Option<ferry_transport::Token>,
+        /// TLS settings for an `https://` registry source.
+        #[serde(default)]
+        registry_tls: Option<ferry_transport::ClientTls>,
         /// The token for a peer source and for `listen`.
         #[serde(default)]
         migrate_token: Option<ferry_transport::Token>,
@@ -537,6 +540,7 @@ fn start(
         StartFrom::Peer {
             source,
             registry_token,
+            registry_tls,
             migrate_token,
             listen,
             save,
@@ -549,6 +553,7 @@ fn start(
                 net: spec.net.choice(),
                 listen: *listen,
                 registry_token: registry_token.clone(),
+                registry_tls: registry_tls.clone(),
                 migrate_token: migrate_token.clone(),
                 accel: spec.accel,
                 console: None,

@@ -57,6 +57,10 @@ pub enum TransportError {
     #[error("{0}")]
     BadToken(#[from] crate::TokenError),
 
+    /// TLS could not be set up (a certificate or key file, `tls init`).
+    #[error(transparent)]
+    Tls(#[from] crate::TlsError),
+
     // ---- remote packages (client) ----
     /// The URL cannot be fetched from.
     #[error("{url} is not a usable package URL ({detail}): give http://HOST:PORT/ (a registry serving one package), http://HOST:PORT/packages/NAME, or the URL of a package file")]
@@ -85,6 +89,15 @@ pub enum TransportError {
         /// What was asked for.
         what: String,
         /// The underlying error.
+        detail: String,
+    },
+    /// The TLS handshake failed: an unknown CA, a certificate for another
+    /// name or out of date, or a server that wants a client certificate.
+    #[error("{url}: the TLS handshake failed ({detail}): pass --ca FILE with the registry's CA (and --client-cert/--client-key if it asks for one), and use a name its certificate holds")]
+    TlsRefused {
+        /// The URL.
+        url: String,
+        /// rustls' reason.
         detail: String,
     },
     /// The server wants a token, or refused the one sent.

@@ -108,6 +108,7 @@ struct AppState {
 pub struct Registry {
     listener: std::net::TcpListener,
     max_connections: usize,
+    tls: Option<crate::ServerTls>,
     addr: SocketAddr,
     served: Vec<ServedPackage>,
     state: Arc<AppState>,
@@ -191,6 +192,7 @@ impl Registry {
         Ok(Registry {
             listener,
             max_connections: MAX_REGISTRY_CONNECTIONS,
+            tls: None,
             addr,
             served,
             state: Arc::new(AppState {
@@ -211,6 +213,18 @@ impl Registry {
     pub fn with_max_connections(mut self, n: usize) -> Registry {
         self.max_connections = n.max(1);
         self
+    }
+
+    /// Speaks only TLS, with `tls` (plain HTTP to it fails the
+    /// handshake). A handshake must end within [`TLS_HANDSHAKE_DEADLINE`].
+    pub fn with_tls(mut self, tls: crate::ServerTls) -> Registry {
+        self.tls = Some(tls);
+        self
+    }
+
+    /// Whether it speaks TLS (its URLs are `https://`).
+    pub fn is_tls(&self) -> bool {
+        self.tls.is_some()
     }
 
     /// The packages it serves, in the order given.
@@ -235,6 +249,9 @@ impl Registry {
             inner: tokio::net::TcpListener::from_std(self.listener).map_err(serve_err)?,
             permits: Arc::new(tokio::sync::Semaphore::new(self.max_connections)),
             over_cap_logged: false,
+            tls: self
+                .tls
+                .map(|t| tokio_rustls::TlsAcceptor::from(t.0.clone())),
         };
         info!(%addr, packages = self.served.len(), "registry listening");
 
@@ -284,6 +301,7 @@ impl Registry {
     /// [`TransportError::Setup`] if the thread or the runtime cannot start.
     pub fn spawn(self) -> Result<RunningRegistry, TransportError> {
         let addr = self.addr;
+        let tls = self.is_tls();
         let rt = runtime()?;
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
         let thread = std::thread::Builder::new()
@@ -299,6 +317,7 @@ impl Registry {
             })?;
         Ok(RunningRegistry {
             addr,
+            tls,
             stop: Some(tx),
             thread: Some(thread),
         })
@@ -310,6 +329,7 @@ impl Registry {
 #[derive(Debug)]
 pub struct RunningRegistry {
     addr: SocketAddr,
+    tls: bool,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     thread: Option<std::thread::JoinHandle<Result<(), TransportError>>>,
 }
@@ -320,9 +340,10 @@ impl RunningRegistry {
         self.addr
     }
 
-    /// Its root URL, `http://ADDR/`.
+    /// Its root URL, `http://ADDR/` (`https://` with TLS).
     pub fn url(&self) -> String {
-        format!("http://{}/", self.addr)
+        let scheme = if self.tls { "https" } else { "http" };
+        format!("{scheme}://{}/", self.addr)
     }
 
     /// Stops it and waits until it has stopped.
@@ -374,25 +395,44 @@ struct CappedListener {
     inner: tokio::net::TcpListener,
     permits: Arc<tokio::sync::Semaphore>,
     over_cap_logged: bool,
+    tls: Option<tokio_rustls::TlsAcceptor>,
 }
 
+/// How long a client has for its TLS handshake, in all.
+pub const TLS_HANDSHAKE_DEADLINE: Duration = Duration::from_secs(10);
+
 impl axum::serve::Listener for CappedListener {
-    type Io = CappedStream;
+    type Io = RegistryIo;
     type Addr = SocketAddr;
 
-    async fn accept(&mut self) -> (CappedStream, SocketAddr) {
+    async fn accept(&mut self) -> (RegistryIo, SocketAddr) {
         loop {
             let (io, addr) = axum::serve::Listener::accept(&mut self.inner).await;
             match self.permits.clone().try_acquire_owned() {
                 Ok(permit) => {
                     self.over_cap_logged = false;
-                    return (
-                        CappedStream {
-                            io,
-                            _permit: permit,
-                        },
-                        addr,
-                    );
+                    let stream = CappedStream {
+                        io,
+                        _permit: permit,
+                    };
+                    // The handshake runs on the connection's own task (its
+                    // first read or write), never in this accept loop.
+                    let io = match &self.tls {
+                        None => RegistryIo::Plain(stream),
+                        Some(acceptor) => {
+                            let accept = acceptor.accept(stream);
+                            RegistryIo::Handshake(Box::pin(async move {
+                                match tokio::time::timeout(TLS_HANDSHAKE_DEADLINE, accept).await {
+                                    Ok(r) => r,
+                                    Err(_) => Err(std::io::Error::new(
+                                        std::io::ErrorKind::TimedOut,
+                                        "TLS handshake deadline passed",
+                                    )),
+                                }
+                            }))
+                        }
+                    };
+                    return (io, addr);
                 }
                 Err(_) => {
                     if !self.over_cap_logged {
@@ -407,6 +447,99 @@ impl axum::serve::Listener for CappedListener {
 
     fn local_addr(&self) -> std::io::Result<SocketAddr> {
         self.inner.local_addr()
+    }
+}
+
+type Handshake = std::pin::Pin<
+    Box<dyn Future<Output = std::io::Result<tokio_rustls::server::TlsStream<CappedStream>>> + Send>,
+>;
+
+/// A registry connection: plain, or TLS (first its handshake).
+enum RegistryIo {
+    Plain(CappedStream),
+    Handshake(Handshake),
+    Tls(Box<tokio_rustls::server::TlsStream<CappedStream>>),
+    Failed,
+}
+
+impl RegistryIo {
+    /// Drives a pending handshake; `Ready(Ok)` once the stream is usable.
+    fn ready(&mut self, cx: &mut std::task::Context<'_>) -> std::task::Poll<std::io::Result<()>> {
+        use std::task::Poll;
+        if let RegistryIo::Handshake(h) = self {
+            match h.as_mut().poll(cx) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(Ok(tls)) => *self = RegistryIo::Tls(Box::new(tls)),
+                Poll::Ready(Err(e)) => {
+                    debug!("a TLS handshake failed: {e}");
+                    *self = RegistryIo::Failed;
+                    return Poll::Ready(Err(e));
+                }
+            }
+        }
+        match self {
+            RegistryIo::Failed => Poll::Ready(Err(std::io::Error::new(
+                std::io::ErrorKind::NotConnected,
+                "TLS handshake failed",
+            ))),
+            _ => Poll::Ready(Ok(())),
+        }
+    }
+}
+
+macro_rules! io_dispatch {
+    ($self:ident, $cx:ident, $io:ident => $e:expr) => {{
+        let this = $self.get_mut();
+        match this.ready($cx) {
+            std::task::Poll::Pending => return std::task::Poll::Pending,
+            std::task::Poll::Ready(Err(e)) => return std::task::Poll::Ready(Err(e)),
+            std::task::Poll::Ready(Ok(())) => {}
+        }
+        match this {
+            RegistryIo::Plain($io) => {
+                let $io = std::pin::Pin::new($io);
+                $e
+            }
+            RegistryIo::Tls(tls) => {
+                let $io = std::pin::Pin::new(&mut **tls);
+                $e
+            }
+            RegistryIo::Handshake(_) | RegistryIo::Failed => unreachable!("ready() resolved it"),
+        }
+    }};
+}
+
+impl tokio::io::AsyncRead for RegistryIo {
+    fn poll_read(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        io_dispatch!(self, cx, io => io.poll_read(cx, buf))
+    }
+}
+
+impl tokio::io::AsyncWrite for RegistryIo {
+    fn poll_write(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        io_dispatch!(self, cx, io => io.poll_write(cx, buf))
+    }
+
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        io_dispatch!(self, cx, io => io.poll_flush(cx))
+    }
+
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        io_dispatch!(self, cx, io => io.poll_shutdown(cx))
     }
 }
 

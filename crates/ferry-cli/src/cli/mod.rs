@@ -24,6 +24,7 @@ mod signals;
 mod start;
 mod stop;
 mod supervise;
+mod tls;
 mod tokens;
 mod up;
 
@@ -89,6 +90,8 @@ enum Command {
     Rm(rm::Args),
     /// Remove what crashed VMs left: state directories, namespaces, links, rules.
     Clean(clean::Args),
+    /// TLS certificates for a test cluster (`tls init DIR`).
+    Tls(tls::Args),
     /// The supervisor of one detached VM (started by ferry itself).
     #[command(hide = true)]
     Supervise(supervise::Args),
@@ -174,6 +177,7 @@ pub fn run(cli: Cli, started: Instant, ctx: &Ctx) -> anyhow::Result<ExitCode> {
         Command::Rm(args) => rm::run(args, &paths, ctx),
         Command::Clean(args) => clean::run(args, &paths, ctx),
         Command::Supervise(args) => supervise::run(args, &paths),
+        Command::Tls(args) => tls::run(args),
     }
 }
 

@@ -39,6 +39,17 @@ pub struct Args {
     /// FILE: overrides --token/--token-file for it.
     #[arg(long = "migrate-token-file", value_name = "FILE")]
     migrate_token_file: Option<PathBuf>,
+    /// Trust this CA (PEM) for an https:// --from instead of the public
+    /// roots (e.g. ca.crt from `ferry tls init`).
+    #[arg(long, value_name = "FILE")]
+    ca: Option<PathBuf>,
+    /// Present this client certificate (PEM) to an https:// registry that
+    /// asks for one.
+    #[arg(long = "client-cert", value_name = "FILE", requires = "client_key")]
+    client_cert: Option<PathBuf>,
+    /// The client certificate's key (PEM).
+    #[arg(long = "client-key", value_name = "FILE", requires = "client_cert")]
+    client_key: Option<PathBuf>,
     /// Where Ctrl-C suspends the VM to (default: ./<name>.ferry).
     #[arg(long, value_name = "FILE")]
     save: Option<PathBuf>,
@@ -65,6 +76,11 @@ pub struct Args {
     net: super::NetArgs,
 }
 
+/// `p` made absolute (a detached supervisor runs in '/').
+fn absolute(p: PathBuf) -> PathBuf {
+    std::path::absolute(&p).unwrap_or(p)
+}
+
 /// How long a detached peer's VM may take to run here (a large package
 /// fetched from a registry, or a long migration).
 const DETACHED_READY: Duration = Duration::from_secs(1800);
@@ -89,6 +105,13 @@ pub fn run(args: Args, paths: &Paths, started: Instant, ctx: &Ctx) -> anyhow::Re
         net,
         listen: args.listen,
         registry_token,
+        registry_tls: (args.ca.is_some() || args.client_cert.is_some()).then(|| {
+            ferry_transport::ClientTls {
+                ca: args.ca.clone().map(absolute),
+                client_cert: args.client_cert.clone().map(absolute),
+                client_key: args.client_key.clone().map(absolute),
+            }
+        }),
         migrate_token,
         accel: args.accel.into(),
         console: super::console(args.console || args.enable_input),
@@ -119,9 +142,10 @@ fn detached(
     let name = match &opts.name {
         Some(n) => n.clone(),
         None if opts.from_registry() => {
-            let remote = ferry_transport::RemotePackage::open(
+            let remote = ferry_transport::RemotePackage::open_with(
                 &opts.from,
                 opts.registry_token.as_ref().map(|t| t.expose()),
+                opts.registry_tls.as_ref(),
             )?;
             let meta = remote.vm_meta()?;
             ferry_runtime::vmdir::generate_name(&meta.recipe)
@@ -145,6 +169,7 @@ fn detached(
         from: StartFrom::Peer {
             source: opts.from.clone(),
             registry_token: opts.registry_token.clone(),
+            registry_tls: opts.registry_tls.clone(),
             migrate_token: opts.migrate_token.clone(),
             listen: opts.listen,
             save,

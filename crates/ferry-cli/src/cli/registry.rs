@@ -22,6 +22,20 @@ pub struct Args {
     /// --token/--token-file here.
     #[arg(long = "registry-token-file", value_name = "FILE")]
     registry_token_file: Option<PathBuf>,
+    /// Speak only TLS, with this certificate (PEM; e.g. from `ferry tls
+    /// init`).
+    #[arg(long = "tls-cert", value_name = "FILE", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// The certificate's key (PEM).
+    #[arg(long = "tls-key", value_name = "FILE", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// Require client certificates signed by this CA (PEM).
+    #[arg(long = "client-ca", value_name = "FILE", requires = "tls_cert")]
+    client_ca: Option<PathBuf>,
+    /// Serve plain HTTP on an address that is not loopback (packages and
+    /// the token then travel in clear).
+    #[arg(long, conflicts_with = "tls_cert")]
+    insecure: bool,
 }
 
 pub fn run(args: Args, ctx: &super::Ctx) -> anyhow::Result<ExitCode> {
@@ -33,11 +47,38 @@ pub fn run(args: Args, ctx: &super::Ctx) -> anyhow::Result<ExitCode> {
         &shared,
     )?;
     let guarded = token.is_some();
-    let registry = Registry::bind(RegistryConfig {
+    let tls = match (&args.tls_cert, &args.tls_key) {
+        (Some(cert), Some(key)) => Some(ferry_transport::ServerTls::from_files(
+            cert,
+            key,
+            args.client_ca.as_deref(),
+        )?),
+        _ => None,
+    };
+    if tls.is_none() && !args.listen.ip().is_loopback() && !args.insecure {
+        return Err(ferry_runtime::RuntimeError::BadOption(format!(
+            "--listen {}: plain HTTP off loopback sends packages and the token in clear: pass --tls-cert FILE --tls-key FILE (see `ferry tls init`), or --insecure",
+            args.listen
+        ))
+        .into());
+    }
+    let mut registry = Registry::bind(RegistryConfig {
         packages: args.packages,
         listen: args.listen,
         token,
     })?;
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    if let Some(tls) = tls {
+        registry = registry.with_tls(tls);
+    }
+    if args.insecure {
+        ctx.render.emit(Event::Warning {
+            message: format!(
+                "--insecure: serving plain HTTP on {}; packages and the token travel in clear",
+                args.listen
+            ),
+        });
+    }
     let cancel = ctx.cancel()?;
     for p in registry.packages() {
         ctx.render.emit(Event::RegistryPackage {
@@ -47,7 +88,7 @@ pub fn run(args: Args, ctx: &super::Ctx) -> anyhow::Result<ExitCode> {
             url: p.entry.url.clone(),
         });
     }
-    let url = format!("http://{}", registry.local_addr());
+    let url = format!("{scheme}://{}", registry.local_addr());
     let running = registry.spawn()?;
     ctx.render.emit(Event::Listening {
         url,

@@ -31,6 +31,9 @@ pub struct PeerOptions {
     /// Bearer token for reading from the registry (`--registry-token-file`,
     /// else `--token`).
     pub registry_token: Option<Token>,
+    /// TLS settings for an `https://` registry (`--ca`, `--client-cert`,
+    /// `--client-key`).
+    pub registry_tls: Option<ferry_transport::ClientTls>,
     /// Bearer token for migrating: from the source peer, and of `--listen`
     /// (`--migrate-token-file`, else `--token`).
     pub migrate_token: Option<Token>,
@@ -87,6 +90,7 @@ pub fn take(
             &RegistryStart {
                 url: opts.from.clone(),
                 token: opts.registry_token.clone(),
+                tls: opts.registry_tls.clone(),
                 name: opts.name.clone(),
                 accel: opts.accel,
                 console: opts.console.clone(),

@@ -39,6 +39,8 @@ pub struct RegistryStart {
     pub url: String,
     /// The registry's token.
     pub token: Option<ferry_transport::Token>,
+    /// TLS settings for an `https://` registry (`None`: the public roots).
+    pub tls: Option<ferry_transport::ClientTls>,
     /// The VM's name here; the recipe's and a suffix if `None`.
     pub name: Option<String>,
     /// Accelerator choice (it must be the package's).
@@ -62,9 +64,10 @@ pub fn plan(
     opts: &RegistryStart,
     events: &dyn EventSink,
 ) -> Result<(StartPlan<'static>, LazySlot), RuntimeError> {
-    let remote = Arc::new(RemotePackage::open(
+    let remote = Arc::new(RemotePackage::open_with(
         &opts.url,
         opts.token.as_ref().map(|t| t.expose()),
+        opts.tls.as_ref(),
     )?);
     let meta = remote.vm_meta()?;
     super::check_host_memory(meta.provenance.memory_mib)?;
