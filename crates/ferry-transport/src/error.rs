@@ -93,7 +93,7 @@ pub enum TransportError {
     },
     /// The TLS handshake failed: an unknown CA, a certificate for another
     /// name or out of date, or a server that wants a client certificate.
-    #[error("{url}: the TLS handshake failed ({detail}): pass --ca FILE with the registry's CA (and --client-cert/--client-key if it asks for one), and use a name its certificate holds")]
+    #[error("{url}: the TLS handshake failed ({detail}): pass --ca FILE with the registry's CA (and --client-cert/--client-key if it asks for one); its certificate must hold the name used and be in date")]
     TlsRefused {
         /// The URL.
         url: String,

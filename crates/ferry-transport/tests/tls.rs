@@ -147,3 +147,57 @@ fn client_certificates_are_required_with_a_client_ca() {
     let e = ServerTls::from_files(&f.server_cert, &f.ca_cert, None).unwrap_err();
     assert!(e.to_string().contains("ca.crt"), "{e}");
 }
+
+/// A server certificate that expired (signed by a CA the client trusts)
+/// is refused with the TLS line.
+#[test]
+fn an_expired_certificate_is_refused() {
+    use rcgen::{
+        date_time_ymd, BasicConstraints, CertificateParams, DnType, IsCa, KeyPair, KeyUsagePurpose,
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let pkg = make_package(dir.path(), "a.ferry", 1);
+    let ca_key = KeyPair::generate().unwrap();
+    let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca.distinguished_name.push(DnType::CommonName, "old CA");
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
+    let ca_cert = ca.self_signed(&ca_key).unwrap();
+    let key = KeyPair::generate().unwrap();
+    let mut server = CertificateParams::new(vec!["localhost".to_string()]).unwrap();
+    server.not_before = date_time_ymd(2020, 1, 1);
+    server.not_after = date_time_ymd(2021, 1, 1);
+    let cert = server.signed_by(&key, &ca_cert, &ca_key).unwrap();
+    let (ca_file, cert_file, key_file) = (
+        dir.path().join("ca.crt"),
+        dir.path().join("server.crt"),
+        dir.path().join("server.key"),
+    );
+    std::fs::write(&ca_file, ca_cert.pem()).unwrap();
+    std::fs::write(&cert_file, cert.pem()).unwrap();
+    std::fs::write(&key_file, key.serialize_pem()).unwrap();
+    let tls = ServerTls::from_files(&cert_file, &key_file, None).unwrap();
+    let reg = serve_tls(&pkg, "127.0.0.1:0", tls);
+    let url = format!(
+        "https://localhost:{}/packages/a.ferry",
+        reg.local_addr().port()
+    );
+    let trust = ClientTls {
+        ca: Some(ca_file),
+        ..ClientTls::default()
+    };
+    let e = RemotePackage::open_with(&url, None, Some(&trust)).unwrap_err();
+    assert!(
+        matches!(e, ferry_transport::TransportError::TlsRefused { .. }),
+        "{}",
+        one_line(&e)
+    );
+    assert!(
+        one_line(&e).contains("certificate expired"),
+        "{}",
+        one_line(&e)
+    );
+}
