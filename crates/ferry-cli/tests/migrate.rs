@@ -76,8 +76,18 @@ fn registry(r: &Host, env: &FerryEnv, pkg: &Path) -> KillOnDrop {
 
 fn peer_args<'a>(from: &'a str, name: &'a str, listen: &'a str, expose: &'a str) -> Vec<&'a str> {
     vec![
-        "peer", "--from", from, "--name", name, "--token", TOKEN, "--listen", listen, "--expose",
+        "peer",
+        "--from",
+        from,
+        "--name",
+        name,
+        "--token",
+        TOKEN,
+        "--listen",
+        listen,
+        "--expose",
         expose,
+        "--insecure",
     ]
 }
 
@@ -686,6 +696,7 @@ fn failures_around_a_migration() {
         .ferry(eb)
         .args([
             "peer",
+            "--insecure",
             "--from",
             &from_a,
             "--token",
@@ -880,7 +891,16 @@ fn a_damaged_chunk_from_the_registry_is_named() {
     let url = format!("http://{}:{REGISTRY_PORT}/packages/damaged.ferry", r.addr());
     let out = a
         .ferry(&ea)
-        .args(["peer", "--from", &url, "--token", TOKEN, "--name", "bad"])
+        .args([
+            "peer",
+            "--insecure",
+            "--from",
+            &url,
+            "--token",
+            TOKEN,
+            "--name",
+            "bad",
+        ])
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(3), "{}", describe(&out));

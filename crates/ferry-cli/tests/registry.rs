@@ -375,6 +375,20 @@ fn short_tokens_are_refused_before_any_network_io() {
             vec!["peer", "--from", &http, "--token-file", good, "--registry-token-file", empty],
             format!("ferry: --registry-token-file {empty}: the token is empty; use at least 16 characters (e.g. `openssl rand -hex 16`)"),
         ),
+        // Plain links off loopback need --insecure (checked before tokens
+        // are used, and before any connection).
+        (
+            vec!["peer", "--from", "192.0.2.1:7100", "--token-file", good],
+            "ferry: --from 192.0.2.1:7100: plain TCP off loopback sends the token and the VM's memory in clear: use loopback addresses or an https:// registry, or pass --insecure".into(),
+        ),
+        (
+            vec!["peer", "--from", &peer, "--listen", "0.0.0.0:7100", "--token-file", good],
+            "ferry: --listen 0.0.0.0:7100: plain TCP off loopback sends the token and the VM's memory in clear: use loopback addresses or an https:// registry, or pass --insecure".into(),
+        ),
+        (
+            vec!["peer", "--from", "http://reg.example:7070/", "--token-file", good],
+            "ferry: --from http://reg.example:7070/: plain TCP off loopback sends the token and the VM's memory in clear: use loopback addresses or an https:// registry, or pass --insecure".into(),
+        ),
     ];
     for (args, line) in cases {
         let out = ferry().args(&args).output().unwrap();

@@ -50,6 +50,11 @@ pub struct Args {
     /// The client certificate's key (PEM).
     #[arg(long = "client-key", value_name = "FILE", requires = "client_cert")]
     client_key: Option<PathBuf>,
+    /// Allow plain TCP/HTTP off loopback (a HOST:PORT or http:// --from,
+    /// --listen on another address): the token and the VM's memory then
+    /// travel in clear.
+    #[arg(long)]
+    insecure: bool,
     /// Where Ctrl-C suspends the VM to (default: ./<name>.ferry).
     #[arg(long, value_name = "FILE")]
     save: Option<PathBuf>,
@@ -76,6 +81,34 @@ pub struct Args {
     net: super::NetArgs,
 }
 
+/// The plain (unencrypted) links off loopback that `from` and `listen` ask
+/// for, as the flags name them.
+fn plain_off_loopback(from: &str, listen: Option<SocketAddr>) -> Vec<String> {
+    let loopback = |host: &str| {
+        let host = host.trim_start_matches('[').trim_end_matches(']');
+        host.eq_ignore_ascii_case("localhost")
+            || host
+                .parse::<std::net::IpAddr>()
+                .is_ok_and(|ip| ip.is_loopback())
+    };
+    let mut plain = Vec::new();
+    if !from.starts_with("https://") {
+        let rest = from.strip_prefix("http://").unwrap_or(from);
+        let authority = rest.split('/').next().unwrap_or(rest);
+        let host = match authority.rsplit_once(':') {
+            Some((h, p)) if p.bytes().all(|b| b.is_ascii_digit()) => h,
+            _ => authority,
+        };
+        if !loopback(host) {
+            plain.push(format!("--from {from}"));
+        }
+    }
+    if let Some(l) = listen.filter(|l| !l.ip().is_loopback()) {
+        plain.push(format!("--listen {l}"));
+    }
+    plain
+}
+
 /// `p` made absolute (a detached supervisor runs in '/').
 fn absolute(p: PathBuf) -> PathBuf {
     std::path::absolute(&p).unwrap_or(p)
@@ -87,6 +120,24 @@ const DETACHED_READY: Duration = Duration::from_secs(1800);
 
 pub fn run(args: Args, paths: &Paths, started: Instant, ctx: &Ctx) -> anyhow::Result<ExitCode> {
     let net = args.net.choice()?;
+    // Plain links off loopback only when asked for, and said so.
+    let plain = plain_off_loopback(&args.from, args.listen);
+    if !plain.is_empty() {
+        if !args.insecure {
+            return Err(RuntimeError::BadOption(format!(
+                "{}: plain TCP off loopback sends the token and the VM's memory in clear: use loopback addresses or an https:// registry, or pass --insecure",
+                plain.join(", ")
+            ))
+            .into());
+        }
+        use ferry_runtime::EventSink;
+        ctx.render.emit(ferry_runtime::Event::Warning {
+            message: format!(
+                "--insecure: {} in clear (token and memory)",
+                plain.join(", ")
+            ),
+        });
+    }
     // Every token is checked here, before any network I/O.
     let shared = args.token.read()?;
     let registry_token = super::tokens::role(
