@@ -67,7 +67,7 @@ echo "guest uptime: $($ferry exec r1 -- cut -d' ' -f1 /proc/uptime) s (was $up s
 stop
 
 # --- 3. registry -> peer -> migrate -> migrate back ---------------------------
-token=demo-token
+token=demo-token-0123456789
 peers=()
 stop_all() {
   stop

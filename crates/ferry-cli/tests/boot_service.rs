@@ -831,7 +831,7 @@ fn writes_need_the_token_and_reads_do_not() {
     let _limit = limit();
     let dir = tempfile::tempdir().unwrap();
     let token = dir.path().join("token");
-    std::fs::write(&token, "s3cret-token\n").unwrap();
+    std::fs::write(&token, "s3cret-token-0123456789\n").unwrap();
     let svc = Service::start(&dir.path().join("store"), Some(&token), &[]);
     let u = &svc.url;
     let comps = json!({"Components":[{"ID":"x1c0s0b0n0"}]});
@@ -861,7 +861,7 @@ fn writes_need_the_token_and_reads_do_not() {
             "-X",
             "POST",
             "-H",
-            "Authorization: Bearer s3cret-token",
+            "Authorization: Bearer s3cret-token-0123456789",
             "-d",
             &comps.to_string(),
         ],
@@ -873,7 +873,7 @@ fn writes_need_the_token_and_reads_do_not() {
         send(
             "PUT",
             &format!("{u}/boot/v1/bootparameters"),
-            Some("s3cret-token"),
+            Some("s3cret-token-0123456789"),
             &json!({"macs":["02:00:00:00:00:01"],"kernel":"http://k"})
         )
         .0,
@@ -934,7 +934,7 @@ fn load_is_idempotent_and_state_survives_a_restart() {
     let dir = tempfile::tempdir().unwrap();
     let store = dir.path().join("store");
     let token = dir.path().join("token");
-    std::fs::write(&token, "tok").unwrap();
+    std::fs::write(&token, "load-token-0123456789").unwrap();
     let nodes = dir.path().join("nodes.yaml");
     std::fs::write(&nodes, NODES).unwrap();
     let svc = Service::start(&store, Some(&token), &[]);
@@ -965,7 +965,7 @@ fn load_is_idempotent_and_state_survives_a_restart() {
     let (_, v) = curl_json(&[], &format!("{u}/hsm/v2/groups/compute/members"));
     assert_eq!(v["ids"].as_array().unwrap().len(), 3);
 
-    let t = Some("tok");
+    let t = Some("load-token-0123456789");
     assert_eq!(send("POST", &format!("{u}/cloud-init/admin/groups"), t, &json!({"name":"gpu","meta-data":{"cuda":"12"},"file":{"content":"I2Nsb3VkLWNvbmZpZwpydW5jbWQ6IFtudmlkaWEtc21pXQo=","encoding":"base64"}})).0, 201);
     assert_eq!(send("PUT", &format!("{u}/boot/v1/bootparameters"), t, &json!({"hosts":["x1000c1s7b1n0"],"kernel":"http://k","cloud-init":{"user-data":{"hostname":"node02"}}})).0, 200);
 

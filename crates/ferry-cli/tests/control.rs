@@ -52,6 +52,7 @@ fn registry(r: &Host, env: &FerryEnv, pkg: &Path) -> KillOnDrop {
             pkg.to_str().unwrap(),
             "--listen",
             &listen,
+            "--insecure",
         ],
         "listening on ",
     )
@@ -86,6 +87,7 @@ fn worker(n: &Host, env: &FerryEnv, name: &str, m: &Host, extra: &[&str]) -> Kil
         &link,
         "--lease-s",
         "3",
+        "--insecure",
     ];
     args.extend_from_slice(extra);
     start(n, env, &args, "registered as node ")
@@ -538,6 +540,7 @@ fn bad_input_gets_a_status_and_a_problem_that_names_the_fix() {
             "node-1",
             "--host-interface",
             "eth0",
+            "--insecure",
             "--control-plane",
             &format!("{}:{LINK_PORT}", m.addr()),
         ])
@@ -568,6 +571,7 @@ fn bad_input_gets_a_status_and_a_problem_that_names_the_fix() {
             "eth0",
             "--token-file",
             tf,
+            "--insecure",
             "--control-plane",
             &format!("{}:{LINK_PORT}", m.addr()),
         ])
@@ -792,7 +796,7 @@ fn with_etcd_a_follower_takes_over_when_the_leader_dies() {
             "--lease-s",
             "3",
         ])
-        .args(["--control-plane", &plane])
+        .args(["--control-plane", &plane, "--insecure"])
         .current_dir(e1.state.path());
     let _w1 = spawn_until(worker_cmd, "registered as node ", Duration::from_secs(60)).0;
     let created = ok(

@@ -22,7 +22,7 @@ mod common;
 use common::kv::{in_netns, missing, writer, Redis, Writes};
 use common::{env, recipe_package, stop};
 
-const TOKEN: &str = "test-token-1";
+const TOKEN: &str = "test-token-0123456789";
 const REDIS_PORT: u16 = 16379;
 const PEER_PORT: u16 = 7100;
 const REGISTRY_PORT: u16 = 7070;
@@ -48,6 +48,8 @@ fn registry(r: &Host, env: &FerryEnv, pkg: &Path) -> KillOnDrop {
             pkg.to_str().unwrap(),
             "--listen",
             &listen,
+            // Plain HTTP between test hosts, on purpose.
+            "--insecure",
             "--token",
             TOKEN,
         ],
@@ -58,8 +60,18 @@ fn registry(r: &Host, env: &FerryEnv, pkg: &Path) -> KillOnDrop {
 
 fn peer_args<'a>(from: &'a str, name: &'a str, listen: &'a str, expose: &'a str) -> Vec<&'a str> {
     vec![
-        "peer", "--from", from, "--name", name, "--token", TOKEN, "--listen", listen, "--expose",
+        "peer",
+        "--from",
+        from,
+        "--name",
+        name,
+        "--token",
+        TOKEN,
+        "--listen",
+        listen,
+        "--expose",
         expose,
+        "--insecure",
     ]
 }
 
@@ -553,7 +565,14 @@ fn failures_around_a_migration() {
     let out: Output = b
         .ferry(eb)
         .args([
-            "peer", "--from", &from_a, "--token", "wrong", "--name", "kv",
+            "peer",
+            "--insecure",
+            "--from",
+            &from_a,
+            "--token",
+            "wrong-token-0123456789",
+            "--name",
+            "kv",
         ])
         .output()
         .unwrap();
@@ -749,7 +768,16 @@ fn a_damaged_chunk_from_the_registry_is_named() {
     let url = format!("http://{}:{REGISTRY_PORT}/packages/damaged.ferry", r.addr());
     let out = a
         .ferry(&ea)
-        .args(["peer", "--from", &url, "--token", TOKEN, "--name", "bad"])
+        .args([
+            "peer",
+            "--insecure",
+            "--from",
+            &url,
+            "--token",
+            TOKEN,
+            "--name",
+            "bad",
+        ])
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(3), "{}", describe(&out));

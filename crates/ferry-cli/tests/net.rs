@@ -569,3 +569,245 @@ fn three_redis_clones_in_net_up_namespaces() {
     assert!(out.status.success(), "{}", describe(&out));
     assert_eq!(host_snapshot(h), before);
 }
+
+/// A listener run inside `cmd`'s namespace on `addr:port` that answers
+/// every connection with `secret`, until dropped.
+fn secret_listener(
+    mut cmd: std::process::Command,
+    addr: &str,
+    port: u16,
+    secret: &str,
+) -> KillOnDrop {
+    let script = "import socket,sys\ns=socket.socket()\ns.setsockopt(socket.SOL_SOCKET,socket.SO_REUSEADDR,1)\ns.bind((sys.argv[1],int(sys.argv[2])))\ns.listen(16)\nprint('listening',flush=True)\nwhile True:\n c,_=s.accept()\n c.sendall(sys.argv[3].encode()+b'\\n')\n c.close()\n";
+    cmd.args(["python3", "-c", script, addr, &port.to_string(), secret])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null());
+    let mut child = cmd.spawn().unwrap();
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(child.stdout.take().unwrap()),
+        &mut line,
+    )
+    .unwrap();
+    assert_eq!(line.trim(), "listening");
+    KillOnDrop::new(child)
+}
+
+/// What `nc` in guest `vm` receives from `addr:port` (nothing if it cannot
+/// connect), within 4 s.
+fn guest_nc(host: &Host, env: &FerryEnv, vm: &str, addr: &str, port: u16) -> String {
+    let out = run_in(
+        host,
+        env,
+        &[
+            "exec",
+            vm,
+            "--",
+            "sh",
+            "-c",
+            &format!("nc -w 4 {addr} {port} </dev/null; true"),
+        ],
+    );
+    assert!(out.status.success(), "{}", describe(&out));
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+/// The guest isolation of issue 13 on a test host with `net up` (so that
+/// the host forwards between namespaces, as a real one with NAT does): a
+/// guest reaches another VM's exposed port at its gateway, and nothing
+/// else of the host: not a loopback service through the gateway, not the
+/// host's address on another interface, not the host end of its own link,
+/// not another VM's namespace. Also the modes of the state directory.
+///
+/// Checked to fail without the defences by reverting each once locally:
+/// with the gateway's fallback to `127.0.0.1:PORT` the guest read
+/// `host-secret` at 172.100.100.1; without the `FERRY-GUEST-FWD` chain it
+/// read `host-secret` at the host's eth0 address (the first check past the
+/// gateway).
+#[test]
+fn a_guest_reaches_exposed_ports_and_nothing_else_of_the_host() {
+    let _lock = vm_lock();
+    let pkg = tiny_package(&env());
+    let pkg = pkg.to_str().unwrap();
+    let hosts = TestHosts::create(&["iso"]);
+    let h = &hosts["iso"];
+    let env = h.ferry_env(env!("CARGO_BIN_EXE_ferry"));
+    let before = host_snapshot(h);
+    let prefix = format!("{}-", h.name());
+    let mut up_cmd = h.ferry(&env);
+    up_cmd.args([
+        "net",
+        "up",
+        "--host-interface",
+        "eth0",
+        "--namespaces",
+        "2",
+        "--prefix",
+        &prefix,
+    ]);
+    let (mut up, _) = spawn_until(up_cmd, "ready: ", Duration::from_secs(30));
+
+    // g0 exposes its web server; g1 exposes nothing.
+    let mut vms = Vec::new();
+    for (name, extra) in [("g0", Some("18080:8080")), ("g1", None)] {
+        let netns = format!("{prefix}{}", &name[1..]);
+        let mut cmd = h.ferry(&env);
+        cmd.args([
+            "run",
+            "--package",
+            pkg,
+            "--clone",
+            "--name",
+            name,
+            "--netns",
+            &netns,
+        ]);
+        if let Some(e) = extra {
+            cmd.args(["--expose", e]);
+        }
+        vms.push(spawn_until(cmd, "live in ", Duration::from_secs(120)).0);
+    }
+
+    // Host services: one on every address of host h (loopback, eth0, the
+    // host ends of the VM links); one in g0's namespace.
+    let _host = secret_listener(h.cmd("env"), "0.0.0.0", 17003, "host-secret");
+    let g0_ns = format!("{prefix}0");
+    let mut in_g0 = std::process::Command::new("ip");
+    in_g0.args(["netns", "exec", &g0_ns, "env"]);
+    let _ns = secret_listener(in_g0, "0.0.0.0", 17004, "ns-secret");
+    let addr_of = |ns: &str, dev: &str| -> String {
+        let out = sh(&format!("ip -n {ns} -4 -o addr show dev {dev}"));
+        out.split_whitespace()
+            .skip_while(|w| *w != "inet")
+            .nth(1)
+            .and_then(|a| a.split('/').next())
+            .unwrap_or_else(|| panic!("no address: {out}"))
+            .to_string()
+    };
+    let g0_ns_addr = addr_of(&g0_ns, "veth0");
+    let g1_route = sh(&format!("ip -n {prefix}1 route show default"));
+    let g1_host_end = g1_route.split_whitespace().nth(2).unwrap().to_string();
+    // The services answer where they are allowed to (the host itself).
+    let from_host = h
+        .cmd("python3")
+        .args(["-c", &format!(
+            "import socket\nfor a,p in (('127.0.0.1',17003),('{}',17003),('{g0_ns_addr}',17004)):\n print(socket.create_connection((a,p),5).recv(64).decode().strip())",
+            h.addr()
+        )])
+        .output()
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&from_host.stdout).trim(),
+        "host-secret\nhost-secret\nns-secret",
+        "{}",
+        describe(&from_host)
+    );
+
+    // The exposed port works from the other guest, at its gateway.
+    let page = run_in(
+        h,
+        &env,
+        &[
+            "exec",
+            "g1",
+            "--",
+            "sh",
+            "-c",
+            "printf 'GET / HTTP/1.0\\r\\n\\r\\n' | nc -w 10 172.100.100.1 18080 | tail -n 1",
+        ],
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&page.stdout).trim(),
+        "hello from a ferry tiny guest",
+        "{}",
+        describe(&page)
+    );
+    // Nothing else.
+    for (what, addr, port) in [
+        (
+            "the host's loopback, through the gateway",
+            "172.100.100.1",
+            17003,
+        ),
+        (
+            "the host's address on eth0",
+            &h.addr().to_string()[..],
+            17003,
+        ),
+        ("the host end of its own link", &g1_host_end[..], 17003),
+        ("another VM's namespace", &g0_ns_addr[..], 17004),
+    ] {
+        let got = guest_nc(h, &env, "g1", addr, port);
+        assert!(
+            !got.contains("secret"),
+            "the guest reached {what} ({addr}:{port}): {got}"
+        );
+    }
+
+    // Files: the state directory and the VM's are for their owner only.
+    use std::os::unix::fs::PermissionsExt;
+    let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(&env.state.path().join("vms")), 0o700);
+    assert_eq!(mode(&env.vm_dir("g0")), 0o700);
+
+    for vm in &mut vms {
+        let out = stop(vm);
+        assert!(out.status.success(), "{}", describe(&out));
+    }
+    let out = stop(&mut up);
+    assert!(out.status.success(), "{}", describe(&out));
+    assert_eq!(host_snapshot(h), before);
+}
+
+/// Two `net up` prefixes on one host: taking one down leaves forwarding on
+/// for the other; the last one down restores the old value (0 here). Checked to fail without the defence (the first `down` wrote
+/// back 0). No VM is booted.
+#[test]
+fn two_net_up_prefixes_keep_forwarding_until_the_last_goes_down() {
+    let _lock = vm_lock();
+    let hosts = TestHosts::create(&["fw"]);
+    let h = &hosts["fw"];
+    let env = h.ferry_env(env!("CARGO_BIN_EXE_ferry"));
+    let forwarding = || {
+        sh(&format!(
+            "ip netns exec {} cat /proc/sys/net/ipv4/ip_forward",
+            h.name()
+        ))
+        .trim()
+        .to_string()
+    };
+    // A test host may start forwarding; this one starts without.
+    sh(&format!(
+        "ip netns exec {} sysctl -qw net.ipv4.ip_forward=0",
+        h.name()
+    ));
+    assert_eq!(forwarding(), "0");
+    let up = |prefix: &str| {
+        let mut cmd = h.ferry(&env);
+        cmd.args([
+            "net",
+            "up",
+            "--host-interface",
+            "eth0",
+            "--namespaces",
+            "1",
+            "--prefix",
+            prefix,
+        ]);
+        spawn_until(cmd, "ready: ", Duration::from_secs(30)).0
+    };
+    let (p, q) = (format!("{}-", h.name()), format!("{}-b", h.name()));
+    let mut first = up(&p);
+    let mut second = up(&q);
+    assert_eq!(forwarding(), "1");
+    let out = stop(&mut first);
+    assert!(out.status.success(), "{}", describe(&out));
+    assert_eq!(forwarding(), "1", "the second prefix still forwards");
+    let out = stop(&mut second);
+    assert!(out.status.success(), "{}", describe(&out));
+    assert_eq!(
+        forwarding(),
+        "0",
+        "the last one down restored the old value"
+    );
+}

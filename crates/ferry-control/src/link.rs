@@ -105,8 +105,12 @@ pub enum CommandKind {
         name: String,
         /// The package URL.
         source: String,
+        /// The registry's token, if it needs one (`ferry manager
+        /// --registry-token-file`).
+        #[serde(default)]
+        registry_token: Option<ferry_transport::Token>,
         /// The instance's credential: it serves its next migration with it.
-        token: String,
+        token: ferry_transport::Token,
         /// `HOSTPORT:GUESTPORT` on the node's address.
         expose: Vec<String>,
     },
@@ -117,7 +121,7 @@ pub enum CommandKind {
         /// Its current address.
         from: String,
         /// Its credential (the source serves it with this one).
-        token: String,
+        token: ferry_transport::Token,
         /// `HOSTPORT:GUESTPORT` on this node's address.
         expose: Vec<String>,
     },

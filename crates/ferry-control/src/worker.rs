@@ -382,15 +382,16 @@ impl Worker {
             CommandKind::Create {
                 name,
                 source,
+                registry_token,
                 token,
                 expose,
-            } => self.start(name, source, token, expose),
+            } => self.start(name, source, registry_token.clone(), token, expose),
             CommandKind::Receive {
                 name,
                 from,
                 token,
                 expose,
-            } => self.start(name, from, token, expose),
+            } => self.start(name, from, None, token, expose),
             CommandKind::Delete { name } => self.delete(name),
         };
         if let Outcome::Failed { message, .. } = &outcome {
@@ -417,7 +418,14 @@ impl Worker {
 
     /// Starts instance `name` from `source` (a registry URL, or the peer
     /// serving it), serving its next migration with `token`.
-    fn start(&self, name: &str, source: &str, token: &str, expose: &[String]) -> Outcome {
+    fn start(
+        &self,
+        name: &str,
+        source: &str,
+        registry_token: Option<ferry_transport::Token>,
+        token: &ferry_transport::Token,
+        expose: &[String],
+    ) -> Outcome {
         let failed = |class: &str, message: String| Outcome::Failed {
             class: class.into(),
             message,
@@ -453,7 +461,9 @@ impl Worker {
             name: name.to_string(),
             from: StartFrom::Peer {
                 source: source.to_string(),
-                token: Some(token.to_string()),
+                registry_token,
+                registry_tls: None,
+                migrate_token: Some(token.clone()),
                 listen: Some(listen),
                 save: self.files.saved_package(name),
                 max_bandwidth: None,

@@ -11,7 +11,7 @@ use std::io::{Read, Write};
 use std::net::{IpAddr, Ipv4Addr, Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::os::unix::io::AsRawFd;
 use std::str::FromStr;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -117,8 +117,14 @@ pub(crate) fn bind(addr: SocketAddr) -> Result<TcpListener, NetError> {
 /// to, dialled from whichever namespace it must be.
 pub(crate) type Dialer = Arc<dyn Fn(&TcpStream) -> std::io::Result<TcpStream> + Send + Sync>;
 
-/// A running proxy: accept loop plus one pair of copy threads per client.
-/// Dropping it closes the listener and every client connection.
+/// The most connections one proxy carries at once (each takes two copy
+/// threads). A guest opening thousands of connections to its gateway gets
+/// the excess closed at once, logged once per flood; the VM keeps running.
+pub const MAX_PROXY_CONNECTIONS: usize = 256;
+
+/// A running proxy: accept loop plus one pair of copy threads per client,
+/// at most [`MAX_PROXY_CONNECTIONS`] clients at once. Dropping it closes
+/// the listener and every client connection.
 pub(crate) struct Proxy {
     listener: TcpListener,
     stopping: Arc<AtomicBool>,
@@ -129,6 +135,16 @@ pub(crate) struct Proxy {
 impl Proxy {
     /// Starts proxying `listener` through `dial`. `label` names it in logs.
     pub fn start(listener: TcpListener, label: String, dial: Dialer) -> Result<Proxy, NetError> {
+        Proxy::start_capped(listener, label, dial, MAX_PROXY_CONNECTIONS)
+    }
+
+    /// As [`Proxy::start`], with at most `cap` clients at once.
+    pub fn start_capped(
+        listener: TcpListener,
+        label: String,
+        dial: Dialer,
+        cap: usize,
+    ) -> Result<Proxy, NetError> {
         let stopping = Arc::new(AtomicBool::new(false));
         let conns: Arc<Mutex<HashMap<u64, (TcpStream, TcpStream)>>> = Arc::default();
         let accept_listener = listener
@@ -137,7 +153,7 @@ impl Proxy {
         let (stop, table) = (stopping.clone(), conns.clone());
         let accept = std::thread::Builder::new()
             .name(format!("proxy {label}"))
-            .spawn(move || accept_loop(accept_listener, label, dial, stop, table))
+            .spawn(move || accept_loop(accept_listener, label, dial, stop, table, cap))
             .map_err(NetError::io("starting a proxy thread"))?;
         Ok(Proxy {
             listener,
@@ -170,8 +186,11 @@ fn accept_loop(
     dial: Dialer,
     stopping: Arc<AtomicBool>,
     conns: Arc<Mutex<HashMap<u64, (TcpStream, TcpStream)>>>,
+    cap: usize,
 ) {
     static NEXT: AtomicU64 = AtomicU64::new(0);
+    let active = Arc::new(AtomicUsize::new(0));
+    let mut over_cap_logged = false;
     loop {
         let client = match listener.accept() {
             Ok((c, _)) => c,
@@ -182,11 +201,25 @@ fn accept_loop(
                 continue;
             }
         };
+        if active.load(Ordering::SeqCst) >= cap {
+            if !over_cap_logged {
+                tracing::warn!(
+                    "proxy {label}: {cap} connections at once; closing the excess until some end"
+                );
+                over_cap_logged = true;
+            }
+            let _ = client.shutdown(Shutdown::Both);
+            continue;
+        }
+        over_cap_logged = false;
+        active.fetch_add(1, Ordering::SeqCst);
         let (dial, label, conns, stopping) =
             (dial.clone(), label.clone(), conns.clone(), stopping.clone());
+        let slot = Slot(active.clone());
         let _ = std::thread::Builder::new()
             .name(format!("conn {label}"))
             .spawn(move || {
+                let _slot = slot;
                 let t = std::time::Instant::now();
                 let upstream = match dial(&client) {
                     Ok(s) => {
@@ -216,6 +249,16 @@ fn accept_loop(
                 pipe(client, upstream);
                 conns.lock().expect("conns").remove(&id);
             });
+    }
+}
+
+/// One connection's place under the cap, given back on drop (also when its
+/// thread could not start: the closure, and with it the slot, is dropped).
+struct Slot(Arc<AtomicUsize>);
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
     }
 }
 
@@ -314,6 +357,62 @@ mod tests {
             e.to_string(),
             format!("{addr} is already in use: pick another host port for --expose (or stop what listens there)")
         );
+    }
+
+    /// A flood of connections: past the cap they are closed at once, and
+    /// once some end, new ones are carried again. Checked to fail without
+    /// the cap (the extra connections were then carried too).
+    #[test]
+    fn proxy_connections_are_capped() {
+        let held = TcpListener::bind("127.0.0.1:0").unwrap();
+        let held_addr = held.local_addr().unwrap();
+        // The far side answers "ok" and holds each connection open until
+        // its client closes.
+        std::thread::spawn(move || {
+            for mut s in held.incoming().flatten() {
+                std::thread::spawn(move || {
+                    let _ = s.write_all(b"ok");
+                    let _ = std::io::copy(&mut s, &mut std::io::sink());
+                });
+            }
+        });
+        let front = bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let front_addr = front.local_addr().unwrap();
+        let dial: Dialer = Arc::new(move |_| TcpStream::connect(held_addr));
+        let _proxy = Proxy::start_capped(front, "cap".into(), dial, 4).unwrap();
+        let answered = |c: &mut TcpStream| {
+            c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+            let mut buf = [0u8; 2];
+            matches!(c.read(&mut buf), Ok(2))
+        };
+        let mut carried: Vec<TcpStream> = (0..4)
+            .map(|_| {
+                let mut c = TcpStream::connect(front_addr).unwrap();
+                assert!(answered(&mut c));
+                c
+            })
+            .collect();
+        for _ in 0..20 {
+            let mut extra = TcpStream::connect(front_addr).unwrap();
+            assert!(
+                !answered(&mut extra),
+                "a connection past the cap was carried"
+            );
+        }
+        // One ends: its place is free again.
+        drop(carried.pop());
+        let t = std::time::Instant::now();
+        loop {
+            let mut c = TcpStream::connect(front_addr).unwrap();
+            if answered(&mut c) {
+                break;
+            }
+            assert!(
+                t.elapsed() < Duration::from_secs(10),
+                "the freed place was not reused"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
     }
 
     #[test]

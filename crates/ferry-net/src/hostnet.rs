@@ -282,9 +282,7 @@ impl HostNet {
         for rec in std::mem::take(&mut self.record.namespaces) {
             note(plumbing::unprovision(&rec.name));
         }
-        if let Some(was) = self.record.ip_forward_was.take() {
-            note(plumbing::set_ip_forward(None, &was));
-        }
+        note(self.release_forwarding());
         self.record.chains = false;
         match first_error {
             Some(e) => {
@@ -297,6 +295,58 @@ impl HostNet {
             }
         }
     }
+}
+
+impl HostNet {
+    /// Puts `net.ipv4.ip_forward` back to what it was before a `net up`
+    /// set it, but only when no other prefix's `net up` (running, or
+    /// crashed with its record) still needs forwarding: until then the old
+    /// value is handed on in `<record dir>/ip-forward-was`, and the last one
+    /// to go restores it.
+    fn release_forwarding(&mut self) -> Result<(), NetError> {
+        let Some(dir) = self.path.parent().map(Path::to_path_buf) else {
+            return Ok(());
+        };
+        let handed = dir.join(FORWARD_WAS);
+        let was = match self.record.ip_forward_was.take() {
+            Some(was) => Some(was),
+            None => std::fs::read_to_string(&handed)
+                .ok()
+                .map(|s| s.trim().to_string())
+                .filter(|s| !s.is_empty()),
+        };
+        let Some(was) = was else {
+            return Ok(());
+        };
+        if let Some(other) = other_prefix_up(&dir, &self.record.prefix) {
+            tracing::info!(
+                "leaving net.ipv4.ip_forward on: 'ferry net up --prefix {other}' still needs it"
+            );
+            return std::fs::write(&handed, &was)
+                .map_err(NetError::io(format!("writing {}", handed.display())));
+        }
+        plumbing::set_ip_forward(None, &was)?;
+        let _ = std::fs::remove_file(&handed);
+        Ok(())
+    }
+}
+
+/// Where the `ip_forward` value from before the first `net up` waits for
+/// the last one to go down.
+const FORWARD_WAS: &str = "ip-forward-was";
+
+/// Another prefix whose record in `dir` lists something made (so its
+/// namespaces still need forwarding).
+fn other_prefix_up(dir: &Path, prefix: &str) -> Option<String> {
+    std::fs::read_dir(dir).ok()?.flatten().find_map(|e| {
+        let path = e.path();
+        let stem = path.file_stem()?.to_str()?.to_string();
+        if path.extension()? != "json" || stem == prefix {
+            return None;
+        }
+        let rec = load(&path).ok()??;
+        (rec.chains || !rec.namespaces.is_empty()).then_some(stem)
+    })
 }
 
 /// `ferry net down`: removes what a crashed `net up --prefix` made (a

@@ -15,7 +15,7 @@ use crate::{nl, NetError, NS_VETH_NAME};
 
 /// Host-side subnets come from this /16, one /30 per namespace.
 const POOL: [u8; 2] = [10, 201];
-const POOL_TEXT: &str = "10.201.0.0/16";
+pub(crate) const POOL_TEXT: &str = "10.201.0.0/16";
 const POOL_SLOTS: u32 = 1 << 14;
 /// Serialises subnet choice between ferry processes on this host.
 const LOCK_PATH: &str = "/run/ferry/net.lock";

@@ -4,7 +4,7 @@
 //! [`VmNetwork`] removes exactly what it created, in reverse order.
 
 use std::fs::File;
-use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpStream};
+use std::net::{IpAddr, SocketAddr, TcpStream};
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -18,8 +18,9 @@ use crate::{nl, tap, GuestNet, NetError, TAP_MAC, TAP_NAME};
 const NS_LOCK_DIR: &str = "/run/ferry/netns";
 
 /// Finds the host address behind an exposed host port, for guests that
-/// dial `172.100.100.1:PORT`.
-pub type PortResolver = Arc<dyn Fn(u16) -> SocketAddr + Send + Sync>;
+/// dial `172.100.100.1:PORT`; `None` for a port no VM exposes (the guest's
+/// connection is then closed: never a fallback to the host's loopback).
+pub type PortResolver = Arc<dyn Fn(u16) -> Option<SocketAddr> + Send + Sync>;
 
 /// How to attach a VM.
 pub struct VmNetOptions {
@@ -31,7 +32,8 @@ pub struct VmNetOptions {
     pub private_prefix: String,
     /// `--expose` values.
     pub exposes: Vec<ExposeSpec>,
-    /// Where a guest's `172.100.100.1:PORT` goes; `None`: `127.0.0.1:PORT`.
+    /// Where a guest's `172.100.100.1:PORT` goes; `None`: nowhere (every
+    /// such connection is closed).
     pub resolve: Option<PortResolver>,
     /// The guest's addressing (from the blueprint).
     pub guest: GuestNet,
@@ -43,6 +45,8 @@ pub struct VmNetwork {
     created: Option<crate::NamespaceRecord>,
     made_tap: bool,
     gateway_chain: Option<Chain>,
+    /// The guest's filter chains (see [`isolate`]).
+    guard_chains: Vec<Chain>,
     proxies: Vec<Proxy>,
     exposes: Vec<ExposeSpec>,
     _lock: FileLock,
@@ -115,6 +119,7 @@ impl VmNetwork {
             created,
             made_tap: false,
             gateway_chain: None,
+            guard_chains: Vec::new(),
             proxies: Vec::new(),
             exposes: opts.exposes.clone(),
             _lock: lock,
@@ -168,6 +173,9 @@ impl VmNetwork {
         if let Some(chain) = self.gateway_chain.take() {
             chain.remove(Some(&self.ns))?;
         }
+        for chain in std::mem::take(&mut self.guard_chains) {
+            chain.remove(Some(&self.ns))?;
+        }
         if std::mem::take(&mut self.made_tap) {
             nl::delete_link(Some(&self.ns), TAP_NAME)?;
         }
@@ -197,6 +205,62 @@ impl Drop for VmNetwork {
             tracing::warn!("removing the network of namespace {}: {e}", self.ns.name());
         }
     }
+}
+
+/// The guest's filter, in its namespace: what comes in from the tap may
+/// reach the gateway forwarder's port (where `FERRY-GW` redirects the
+/// guest's connections to its gateway) and answers to connections made to
+/// the guest, and be forwarded out of the namespace (NAT) to anywhere but
+/// the host itself: not its loopback, not any address it holds (listed
+/// now, on every interface), not any ferry namespace link
+/// (`10.201.0.0/16`: the host ends and every other VM's namespace).
+fn isolate(net: &mut VmNetwork, g: &GuestNet, gw_port: &str) -> Result<(), NetError> {
+    let input = Chain {
+        table: "filter",
+        parent: "INPUT",
+        name: "FERRY-GUEST-IN".into(),
+    };
+    let forward = Chain {
+        table: "filter",
+        parent: "FORWARD",
+        name: "FERRY-GUEST-FWD".into(),
+    };
+    let ns = Some(&*net.ns);
+    net.guard_chains.push(input.clone());
+    input.install(ns)?;
+    let gw = format!("{}/32", g.gateway);
+    let t = TAP_NAME;
+    input.append(
+        ns,
+        &[
+            "-i",
+            t,
+            "-m",
+            "conntrack",
+            "--ctstate",
+            "ESTABLISHED,RELATED",
+            "-j",
+            "RETURN",
+        ],
+    )?;
+    input.append(
+        ns,
+        &[
+            "-i", t, "-d", &gw, "-p", "tcp", "--dport", gw_port, "-j", "RETURN",
+        ],
+    )?;
+    input.append(ns, &["-i", t, "-j", "DROP"])?;
+    net.guard_chains.push(forward.clone());
+    forward.install(ns)?;
+    let mut blocked = vec![
+        "127.0.0.0/8".to_string(),
+        crate::plumbing::POOL_TEXT.to_string(),
+    ];
+    blocked.extend(nl::host_addresses()?.iter().map(|a| format!("{a}/32")));
+    for dest in &blocked {
+        forward.append(ns, &["-i", t, "-d", dest, "-j", "DROP"])?;
+    }
+    Ok(())
 }
 
 /// Tap, gateway forwarder and exposures, in a namespace that exists. On
@@ -245,13 +309,18 @@ fn finish(
             &gw_port,
         ],
     )?;
+    isolate(&mut net, &g, &gw_port)?;
     let host_ns = Arc::new(crate::ns::current()?);
-    let resolve = opts
-        .resolve
-        .unwrap_or_else(|| Arc::new(|port| SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), port)));
+    let resolve = opts.resolve.unwrap_or_else(|| Arc::new(|_| None));
     let dial_host: Dialer = Arc::new(move |client: &TcpStream| {
         let port = expose::original_dst(client)?.port();
-        expose::dial_in(&host_ns, resolve(port))
+        match resolve(port) {
+            Some(addr) => expose::dial_in(&host_ns, addr),
+            None => Err(std::io::Error::new(
+                std::io::ErrorKind::ConnectionRefused,
+                format!("no VM exposes port {port}: the guest's connection is closed"),
+            )),
+        }
     });
     net.proxies.push(Proxy::start(
         gateway,

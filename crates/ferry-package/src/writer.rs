@@ -5,7 +5,7 @@
 use std::ffi::OsString;
 use std::fs::{File, OpenOptions};
 use std::io::ErrorKind;
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 use sha2::{Digest, Sha256};
@@ -489,7 +489,13 @@ pub(crate) fn create_temp(prefix: &Path) -> Result<(PathBuf, File), (PathBuf, st
             name.push(format!("-{attempt}"));
         }
         let path = PathBuf::from(name);
-        match OpenOptions::new().write(true).create_new(true).open(&path) {
+        // 0600: a package holds guest memory (keys, secrets).
+        match OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&path)
+        {
             Ok(file) => return Ok((path, file)),
             Err(e) if e.kind() == ErrorKind::AlreadyExists && attempt < 1000 => attempt += 1,
             Err(e) => return Err((path, e)),

@@ -912,3 +912,21 @@ fn vm_metadata_from_other_writers() {
     let e = Package::open(&path).unwrap().vm_meta().unwrap_err();
     assert!(matches!(e, PackageError::NotAVmPackage { .. }), "{e:?}");
 }
+
+/// A package and an extracted section hold guest memory: both are 0600
+/// whatever the umask allows. Checked to fail without the defence (the
+/// writer's plain `create_new` gave 0644 here).
+#[test]
+fn packages_and_extracted_sections_are_private() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let pkg = write_package(dir.path(), "p.ferry", &mixed_input(2), None);
+    let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(&pkg), 0o600);
+    let out = dir.path().join("memory");
+    Package::open(&pkg)
+        .unwrap()
+        .extract(SectionKind::Memory, &out, &mut no_progress())
+        .unwrap();
+    assert_eq!(mode(&out), 0o600);
+}

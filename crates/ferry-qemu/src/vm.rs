@@ -151,6 +151,18 @@ impl QemuVm {
         if let DiskSpec::CopyOnWrite { base, overlay } = &spec.disk {
             create_overlay(launch.qemu_img, base, overlay)?;
         }
+        // QEMU would make a missing memory file with the umask's mode
+        // (0644): guest RAM is for its owner only, so make it 0600 first
+        // (QEMU only grows an empty file to the guest's size).
+        if !spec.memory_file.exists() {
+            use std::os::unix::fs::OpenOptionsExt;
+            std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&spec.memory_file)
+                .map_err(|e| io(format!("creating {}", spec.memory_file.display()), e))?;
+        }
         let qmp_socket = spec.run_dir.join("qmp.sock");
         let agent_socket = spec.run_dir.join("agent.sock");
         let _ = std::fs::remove_file(&qmp_socket);

@@ -31,7 +31,7 @@ impl SectionCache {
         let digest = pkg.section(kind)?.digest.clone();
         let path = self.path(kind, &digest);
         if !path.exists() {
-            std::fs::create_dir_all(&self.dir).map_err(FileError::at(&self.dir))?;
+            crate::paths::private_dir(&self.dir).map_err(FileError::at(&self.dir))?;
             let t = Instant::now();
             pkg.extract(kind, &path, &mut |_, _| {})?;
             tracing::info!(section = %kind, ms = t.elapsed().as_millis() as u64, "extracted into the cache");
@@ -75,11 +75,11 @@ impl SectionCache {
         if path.exists() {
             return Ok(path);
         }
-        std::fs::create_dir_all(&self.dir).map_err(FileError::at(&self.dir))?;
+        crate::paths::private_dir(&self.dir).map_err(FileError::at(&self.dir))?;
         let part = path.with_extension(format!("part-{}", std::process::id()));
         let t = Instant::now();
         let result = (|| -> Result<(), StartError> {
-            let mut file = std::fs::File::create(&part).map_err(FileError::at(&part))?;
+            let mut file = crate::paths::private_file(&part).map_err(FileError::at(&part))?;
             file.set_len(info.size).map_err(FileError::at(&part))?;
             let mut done = 0u64;
             for index in 0..info.chunk_count() {

@@ -89,10 +89,16 @@ pub enum StartFrom {
     Peer {
         /// `http(s)://…` or `HOST:PORT`.
         source: String,
-        /// The token for the source and `listen` (the spec travels over a
-        /// pipe, never on a command line).
+        /// The token for reading from a registry source (the spec travels
+        /// over a pipe, never on a command line).
         #[serde(default)]
-        token: Option<String>,
+        registry_token: Option<ferry_transport::Token>,
+        /// TLS settings for an `https://` registry source.
+        #[serde(default)]
+        registry_tls: Option<ferry_transport::ClientTls>,
+        /// The token for a peer source and for `listen`.
+        #[serde(default)]
+        migrate_token: Option<ferry_transport::Token>,
         /// Serve the VM to the next peer here.
         #[serde(default)]
         listen: Option<SocketAddr>,
@@ -535,7 +541,9 @@ fn start(
         }
         StartFrom::Peer {
             source,
-            token,
+            registry_token,
+            registry_tls,
+            migrate_token,
             listen,
             save,
             max_bandwidth,
@@ -546,7 +554,9 @@ fn start(
                 name: Some(name.clone()),
                 net: spec.net.choice(),
                 listen: *listen,
-                token: token.clone(),
+                registry_token: registry_token.clone(),
+                registry_tls: registry_tls.clone(),
+                migrate_token: migrate_token.clone(),
                 accel: spec.accel,
                 console: None,
                 input: None,

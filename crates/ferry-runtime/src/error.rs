@@ -668,6 +668,8 @@ pub fn transport_class(e: &ferry_transport::TransportError) -> ExitClass {
         | T::BadPackageName(_)
         | T::DuplicateName { .. }
         | T::BadToken(_)
+        | T::Tls(_)
+        | T::TlsRefused { .. }
         | T::Bind { .. }
         | T::BadUrl { .. }
         | T::Unauthorized { .. }

@@ -91,7 +91,7 @@ pub struct OwnerOptions {
     /// `<vm dir>/saved.ferry` (a clone's own).
     pub save_to: Option<PathBuf>,
     /// Serve the VM to peers on this address, with this token.
-    pub listen: Option<(SocketAddr, String)>,
+    pub listen: Option<(SocketAddr, ferry_transport::Token)>,
     /// Limits of a migration out.
     pub limits: LiveLimits,
     /// The fleet whose members the guest is told about.

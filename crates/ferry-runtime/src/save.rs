@@ -152,7 +152,7 @@ pub fn save(
     let memory_in_state = from == StateFrom::SentStream || owned.save.private_memory;
     if owned.save.private_memory {
         let path = dir.join(files::MEMORY);
-        File::create(&path)
+        crate::paths::private_file(&path)
             .and_then(|f| f.set_len(provenance.memory_bytes()))
             .map_err(|source| SaveError::Io {
                 path: path.clone(),

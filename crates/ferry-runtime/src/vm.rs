@@ -5,7 +5,7 @@
 //! behind. It is made by the start pipeline ([`crate::start`]) and driven
 //! by its one owner ([`crate::owner`]).
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{channel, Receiver, RecvTimeoutError, Sender};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -27,6 +27,75 @@ use crate::control::{
 use crate::error::{FileError, StartError, VmError};
 use crate::vmdir::{files, ConsoleLog, VmDir, CONSOLE_LOG_CAP};
 use crate::Paths;
+
+/// The most agent events queued for the supervisor and not yet taken. A
+/// guest flooding its agent channel while nobody drains the queue (during
+/// a suspend, or a long operation) cannot grow it past this: the excess is
+/// dropped and logged once, and the VM keeps running.
+pub const MAX_QUEUED_AGENT_EVENTS: usize = 1024;
+
+/// The supervisor's end of its event channel, counting the agent events
+/// in it (see [`MAX_QUEUED_AGENT_EVENTS`]).
+struct EventQueue {
+    rx: Receiver<SupervisorEvent>,
+    agent_queued: Arc<AtomicUsize>,
+}
+
+impl EventQueue {
+    fn taken(&self, ev: SupervisorEvent) -> SupervisorEvent {
+        if matches!(ev, SupervisorEvent::Agent(_)) {
+            self.agent_queued.fetch_sub(1, Ordering::SeqCst);
+        }
+        ev
+    }
+
+    fn recv(&self) -> Result<SupervisorEvent, std::sync::mpsc::RecvError> {
+        self.rx.recv().map(|ev| self.taken(ev))
+    }
+
+    fn try_recv(&self) -> Result<SupervisorEvent, std::sync::mpsc::TryRecvError> {
+        self.rx.try_recv().map(|ev| self.taken(ev))
+    }
+
+    fn recv_timeout(&self, d: Duration) -> Result<SupervisorEvent, RecvTimeoutError> {
+        self.rx.recv_timeout(d).map(|ev| self.taken(ev))
+    }
+}
+
+/// Queues an agent event for the supervisor unless [`MAX_QUEUED_AGENT_EVENTS`]
+/// are waiting already (a disconnect always goes through); says so once
+/// per flood.
+fn queue_agent_event(
+    sender: &Sender<SupervisorEvent>,
+    queued: &AtomicUsize,
+    logged: &AtomicBool,
+    ev: AgentEvent,
+) {
+    if ev != AgentEvent::Disconnected && queued.load(Ordering::SeqCst) >= MAX_QUEUED_AGENT_EVENTS {
+        if !logged.swap(true, Ordering::SeqCst) {
+            tracing::warn!(
+                "the guest's agent sent more than {MAX_QUEUED_AGENT_EVENTS} events not yet handled: dropping the excess"
+            );
+        }
+        return;
+    }
+    logged.store(false, Ordering::SeqCst);
+    queued.fetch_add(1, Ordering::SeqCst);
+    if sender.send(SupervisorEvent::Agent(ev)).is_err() {
+        queued.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// Cuts a base64 exec stream to [`ferry_agent_proto::MAX_EXEC_OUTPUT`]
+/// bytes (whole base64 quanta); whether it cut.
+fn cap_exec_output(b64: &mut String) -> bool {
+    let max = ferry_agent_proto::MAX_EXEC_OUTPUT;
+    if b64.len() <= max.div_ceil(3) * 4 {
+        return false;
+    }
+    b64.truncate(max / 3 * 4);
+    true
+}
 
 /// What the supervisor waits on, from every source, in one channel.
 pub enum SupervisorEvent {
@@ -229,7 +298,7 @@ pub struct RunningVm {
     network: Option<ferry_net::VmNetwork>,
     dir: Option<VmDir>,
     agent: Arc<Mutex<Option<Arc<AgentClient>>>>,
-    events: Receiver<SupervisorEvent>,
+    events: EventQueue,
     sender: Sender<SupervisorEvent>,
     console: Arc<Mutex<ConsoleLog>>,
     status: Arc<Mutex<VmStatus>>,
@@ -409,7 +478,7 @@ impl RunningVm {
                 disk_size,
             } => {
                 let disk = dir.path().join(files::RECEIVED_DISK);
-                let made = std::fs::File::create(&disk).and_then(|f| f.set_len(disk_size));
+                let made = crate::paths::private_file(&disk).and_then(|f| f.set_len(disk_size));
                 if let Err(e) = made {
                     drop(network);
                     dir.remove();
@@ -479,7 +548,10 @@ impl RunningVm {
             network,
             dir: Some(dir),
             agent: Arc::default(),
-            events,
+            events: EventQueue {
+                rx: events,
+                agent_queued: Arc::default(),
+            },
             sender,
             console,
             status,
@@ -542,11 +614,13 @@ impl RunningVm {
         // (because we replaced it) must not trigger another reconnect.
         let generation = self.agent_generation.fetch_add(1, Ordering::SeqCst) + 1;
         let current = self.agent_generation.clone();
+        let queued = self.events.agent_queued.clone();
+        let logged = AtomicBool::new(false);
         let client = AgentClient::new(stream, move |ev| {
             if ev == AgentEvent::Disconnected && current.load(Ordering::SeqCst) != generation {
                 return;
             }
-            let _ = sender.send(SupervisorEvent::Agent(ev));
+            queue_agent_event(&sender, &queued, &logged, ev);
         })?;
         *self.agent.lock().expect("agent slot") = Some(Arc::new(client));
         Ok(())
@@ -941,17 +1015,29 @@ impl ControlHandler for Control {
                 match agent.request(&request, wait) {
                     Ok(Reply::ExecResult {
                         exit_code,
-                        stdout_b64,
-                        stderr_b64,
+                        mut stdout_b64,
+                        mut stderr_b64,
                         truncated,
                         timed_out,
-                    }) => ControlReply::Exec(ExecOutput {
-                        exit_code,
-                        stdout_b64,
-                        stderr_b64,
-                        truncated,
-                        timed_out,
-                    }),
+                    }) => {
+                        // The agent caps each stream; a guest's agent is
+                        // not trusted to: cut here too.
+                        let cut =
+                            cap_exec_output(&mut stdout_b64) | cap_exec_output(&mut stderr_b64);
+                        if cut {
+                            tracing::warn!(
+                                "the guest's agent sent more exec output than {} bytes a stream: cut",
+                                ferry_agent_proto::MAX_EXEC_OUTPUT
+                            );
+                        }
+                        ControlReply::Exec(ExecOutput {
+                            exit_code,
+                            stdout_b64,
+                            stderr_b64,
+                            truncated: truncated || cut,
+                            timed_out,
+                        })
+                    }
                     Ok(other) => ControlReply::Error {
                         message: format!("unexpected agent answer: {other:?}"),
                     },
@@ -1075,9 +1161,10 @@ fn attach_network(
 }
 
 /// Where a guest that dials its gateway on `port` is sent: the host address
-/// of the VM that exposes `port` (loopback for a wildcard address, or if no
-/// VM of this state directory exposes it).
-fn exposed_host_addr(vms: &std::path::Path, port: u16) -> std::net::SocketAddr {
+/// of the VM that exposes `port` (loopback for a wildcard address); `None`
+/// if no VM of this state directory exposes it: a guest never reaches the
+/// host's own services.
+fn exposed_host_addr(vms: &std::path::Path, port: u16) -> Option<std::net::SocketAddr> {
     let found = std::fs::read_dir(vms)
         .into_iter()
         .flatten()
@@ -1086,11 +1173,11 @@ fn exposed_host_addr(vms: &std::path::Path, port: u16) -> std::net::SocketAddr {
         .filter_map(|b| serde_json::from_slice::<NetInfo>(&b).ok())
         .flat_map(|info| info.exposes)
         .find(|e| e.host_port == port);
-    match found {
-        Some(e) if !e.host.is_unspecified() => e.host_addr(),
-        Some(e) if e.host.is_ipv6() => (std::net::Ipv6Addr::LOCALHOST, port).into(),
+    Some(match found? {
+        e if !e.host.is_unspecified() => e.host_addr(),
+        e if e.host.is_ipv6() => (std::net::Ipv6Addr::LOCALHOST, port).into(),
         _ => (std::net::Ipv4Addr::LOCALHOST, port).into(),
-    }
+    })
 }
 
 /// The sockets of a VM being received, in its directory.
@@ -1108,4 +1195,60 @@ fn refuse(mut m: ferry_transport::migration::Incoming, reason: &str) {
         .send(&ferry_transport::migration::SourceMsg::Refused {
             reason: reason.to_string(),
         });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exec_output_from_the_guest_is_capped() {
+        let max = ferry_agent_proto::MAX_EXEC_OUTPUT;
+        let mut fits = b64_encode(&vec![1u8; max]);
+        assert!(!cap_exec_output(&mut fits));
+        let mut big = b64_encode(&vec![1u8; max + 10_000]);
+        assert!(cap_exec_output(&mut big));
+        let n = ferry_agent_proto::b64_decode(&big).unwrap().len();
+        assert!(n <= max && n + 3 > max, "{n}");
+    }
+
+    /// A guest flooding agent events while nobody drains them: the queue
+    /// stops at the cap, a disconnect still gets through, and once drained
+    /// events queue again. Checked to fail without the cap (all 5000
+    /// events were queued).
+    #[test]
+    fn agent_events_queued_for_the_supervisor_are_capped() {
+        let (tx, rx) = channel();
+        let queue = EventQueue {
+            rx,
+            agent_queued: Arc::default(),
+        };
+        let logged = AtomicBool::new(false);
+        for i in 0..5000 {
+            queue_agent_event(
+                &tx,
+                &queue.agent_queued,
+                &logged,
+                AgentEvent::Live { uptime_ms: i },
+            );
+        }
+        queue_agent_event(&tx, &queue.agent_queued, &logged, AgentEvent::Disconnected);
+        let mut taken = Vec::new();
+        while let Ok(SupervisorEvent::Agent(ev)) = queue.try_recv() {
+            taken.push(ev);
+        }
+        assert_eq!(taken.len(), MAX_QUEUED_AGENT_EVENTS + 1);
+        assert_eq!(taken.last(), Some(&AgentEvent::Disconnected));
+        assert_eq!(queue.agent_queued.load(Ordering::SeqCst), 0);
+        queue_agent_event(
+            &tx,
+            &queue.agent_queued,
+            &logged,
+            AgentEvent::Live { uptime_ms: 1 },
+        );
+        assert!(matches!(
+            queue.recv_timeout(Duration::from_secs(1)),
+            Ok(SupervisorEvent::Agent(AgentEvent::Live { .. }))
+        ));
+    }
 }

@@ -44,13 +44,19 @@ impl VmDir {
     fn claim(paths: &Paths, name: &str, resume: bool) -> Result<Self, NameError> {
         validate_name(name)?;
         let vms = paths.vms();
-        std::fs::create_dir_all(&vms).map_err(FileError::at(&vms))?;
+        crate::paths::private_dir(&paths.state).map_err(FileError::at(&paths.state))?;
+        crate::paths::private_dir(&vms).map_err(FileError::at(&vms))?;
         let path = vms.join(name);
-        let fresh = match std::fs::create_dir(&path) {
-            Ok(()) => true,
-            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => false,
-            Err(e) => return Err(FileError::at(&path)(e).into()),
+        let fresh = {
+            use std::os::unix::fs::DirBuilderExt;
+            match std::fs::DirBuilder::new().mode(0o700).create(&path) {
+                Ok(()) => true,
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => false,
+                Err(e) => return Err(FileError::at(&path)(e).into()),
+            }
         };
+        // One made by an older ferry: for its owner only, too.
+        crate::paths::private_dir(&path).map_err(FileError::at(&path))?;
         let lock_path = path.join("lock");
         let lock = File::options()
             .create(true)
@@ -388,6 +394,39 @@ mod tests {
         let again = VmDir::create(&p, "web-1").unwrap();
         again.remove();
         assert!(!tmp.path().join("vms/web-1").exists());
+    }
+
+    /// State directories are 0700, even ones an older ferry made 0755;
+    /// copies of memory and disk are 0600. Checked to fail without the
+    /// defence (plain `create_dir_all`/`File::create`: 0755 and 0644 here).
+    #[test]
+    fn state_directories_and_memory_files_are_private() {
+        use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        let tmp = tempfile::tempdir().unwrap();
+        let state = tmp.path().join("state");
+        let p = paths(&state);
+        // An old VM directory, made open to all.
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o755)
+            .create(state.join("vms/old"))
+            .unwrap();
+        std::fs::set_permissions(&state, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let dir = VmDir::create(&p, "web-1").unwrap();
+        let old = VmDir::create(&p, "old").unwrap();
+        for d in [state.clone(), p.vms(), dir.path().into(), old.path().into()] {
+            assert_eq!(mode(&d), 0o700, "{}", d.display());
+        }
+        let memory = dir.path().join(files::MEMORY);
+        crate::paths::private_file(&memory).unwrap();
+        assert_eq!(mode(&memory), 0o600);
+        let src = tmp.path().join("src");
+        std::fs::write(&src, b"ram").unwrap();
+        std::fs::set_permissions(&src, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let copy = dir.path().join("copy");
+        crate::start::package::copy_sparse(&src, &copy).unwrap();
+        assert_eq!(mode(&copy), 0o600);
     }
 
     #[test]

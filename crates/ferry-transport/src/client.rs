@@ -64,10 +64,11 @@ impl RemotePackage {
     ///   any URL ending in `/` is read as a listing), a registry's
     ///   `http://HOST:PORT/packages/NAME`, or the URL of a package file on any
     ///   HTTP server that supports range requests.
-    /// - `token`: sent as `Authorization: Bearer <token>`.
+    /// - `token`: sent as `Authorization: Bearer <token>`; checked first
+    ///   (at least [`MIN_TOKEN_LEN`](crate::MIN_TOKEN_LEN) characters).
     ///
     /// # Errors
-    /// [`TransportError::BadUrl`], [`TransportError::Connect`],
+    /// [`TransportError::BadToken`], [`TransportError::BadUrl`], [`TransportError::Connect`],
     /// [`TransportError::Unauthorized`], [`TransportError::NotFound`],
     /// [`TransportError::NotARegistry`], [`TransportError::EmptyRegistry`],
     /// [`TransportError::AmbiguousRegistry`],
@@ -76,6 +77,23 @@ impl RemotePackage {
     ///
     /// [`Package::open`]: ferry_package::Package::open
     pub fn open(url: &str, token: Option<&str>) -> Result<RemotePackage, TransportError> {
+        RemotePackage::open_with(url, token, None)
+    }
+
+    /// As [`RemotePackage::open`], with TLS settings for `https://` (a CA of
+    /// one's own, a client certificate); `None`: the public roots.
+    ///
+    /// # Errors
+    /// As [`RemotePackage::open`], and [`TransportError::Tls`] for a CA or
+    /// client certificate that cannot be read.
+    pub fn open_with(
+        url: &str,
+        token: Option<&str>,
+        tls: Option<&crate::ClientTls>,
+    ) -> Result<RemotePackage, TransportError> {
+        // A short token is refused before any network I/O.
+        let token = token.map(|t| crate::Token::new(t.trim())).transpose()?;
+        let tls_config = tls.map(crate::ClientTls::ureq_config).transpose()?;
         let uri = parse_url(url)?;
         let agent = ureq::Agent::new_with_config(
             ureq::Agent::config_builder()
@@ -86,12 +104,13 @@ impl RemotePackage {
                 // A stalled transfer fails instead of hanging a run.
                 .timeout_per_read(Some(Duration::from_secs(30)))
                 .user_agent(concat!("ferry/", env!("CARGO_PKG_VERSION")))
+                .tls_config(tls_config.unwrap_or_default())
                 .build(),
         );
         let mut http = Http {
             url: url.to_string(),
             agent,
-            auth: token.map(|t| format!("Bearer {}", t.trim())),
+            auth: token.map(|t| format!("Bearer {}", t.expose())),
             etag: None,
             fetched: AtomicU64::new(0),
         };
@@ -367,6 +386,12 @@ impl Http {
                         detail: describe(&e),
                     })
                 }
+                Err(e) if tls_failure(&e) => {
+                    return Err(TransportError::TlsRefused {
+                        url: self.url.clone(),
+                        detail: describe(&e),
+                    })
+                }
                 Err(e) => {
                     return Err(TransportError::Request {
                         url: self.url.clone(),
@@ -455,6 +480,18 @@ fn transient(e: &ureq::Error) -> bool {
 }
 
 /// An error of the HTTP client in words (without its "io: " prefixes).
+/// Whether `e` is rustls refusing the handshake (directly, or inside an
+/// I/O error).
+fn tls_failure(e: &ureq::Error) -> bool {
+    match e {
+        ureq::Error::Rustls(_) => true,
+        ureq::Error::Io(io) => io
+            .get_ref()
+            .is_some_and(|inner| inner.downcast_ref::<rustls::Error>().is_some()),
+        _ => false,
+    }
+}
+
 fn describe(e: &ureq::Error) -> String {
     match e {
         ureq::Error::Io(io) => io.to_string(),
@@ -471,16 +508,8 @@ fn parse_url(url: &str) -> Result<Uri, TransportError> {
     };
     let uri: Uri = url.parse().map_err(|_| bad("it does not parse"))?;
     match uri.scheme_str() {
-        Some("http") => {}
-        #[cfg(feature = "https")]
-        Some("https") => {}
-        #[cfg(not(feature = "https"))]
-        Some("https") => {
-            return Err(bad(
-                "this ferry was built without https support; use http:// (behind a TLS-terminating proxy) or build with the `https` feature",
-            ))
-        }
-        _ => return Err(bad("only http:// URLs are supported")),
+        Some("http") | Some("https") => {}
+        _ => return Err(bad("only http:// and https:// URLs are supported")),
     }
     if uri.host().is_none_or(str::is_empty) {
         return Err(bad("it has no host"));

@@ -27,9 +27,6 @@ pub enum TransportError {
         /// The second path given.
         second: PathBuf,
     },
-    /// The token cannot be used in an `Authorization` header.
-    #[error("the registry token {0}: give one of printable ASCII without spaces (for instance from `openssl rand -hex 32`)")]
-    BadToken(&'static str),
     /// The listening socket could not be bound.
     #[error("cannot listen on {addr}: {source}: pick another address with --listen (is another registry running there?)")]
     Bind {
@@ -54,6 +51,15 @@ pub enum TransportError {
         /// The underlying error.
         source: std::io::Error,
     },
+
+    /// A token was refused before any request: too short, empty or with
+    /// characters a header cannot carry.
+    #[error("{0}")]
+    BadToken(#[from] crate::TokenError),
+
+    /// TLS could not be set up (a certificate or key file, `tls init`).
+    #[error(transparent)]
+    Tls(#[from] crate::TlsError),
 
     // ---- remote packages (client) ----
     /// The URL cannot be fetched from.
@@ -83,6 +89,15 @@ pub enum TransportError {
         /// What was asked for.
         what: String,
         /// The underlying error.
+        detail: String,
+    },
+    /// The TLS handshake failed: an unknown CA, a certificate for another
+    /// name or out of date, or a server that wants a client certificate.
+    #[error("{url}: the TLS handshake failed ({detail}): pass --ca FILE with the registry's CA (and --client-cert/--client-key if it asks for one); its certificate must hold the name used and be in date")]
+    TlsRefused {
+        /// The URL.
+        url: String,
+        /// rustls' reason.
         detail: String,
     },
     /// The server wants a token, or refused the one sent.

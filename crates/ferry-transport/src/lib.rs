@@ -43,9 +43,14 @@ mod error;
 pub mod migration;
 mod range;
 mod server;
+mod tls;
+mod token;
 
 pub use client::RemotePackage;
 pub use error::TransportError;
 pub use server::{
     ListedPackage, Listing, Registry, RegistryConfig, RunningRegistry, ServedPackage,
+    MAX_REGISTRY_CONNECTIONS, TLS_HANDSHAKE_DEADLINE,
 };
+pub use tls::{init as tls_init, ClientTls, ServerTls, TlsError, TlsFiles};
+pub use token::{Token, TokenError, MIN_TOKEN_LEN};

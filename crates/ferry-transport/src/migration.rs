@@ -28,7 +28,6 @@ use std::time::{Duration, Instant};
 
 use ferry_engine::LiveStats;
 use serde::{Deserialize, Serialize};
-use subtle::ConstantTimeEq;
 
 mod offer;
 #[cfg(test)]
@@ -36,11 +35,32 @@ mod tests;
 
 pub use offer::{Blob, VmOffer};
 
+use crate::Token;
+
 /// The protocol version; a peer refuses another major version.
 pub const PROTOCOL_VERSION: u32 = 1;
 
-/// How long a new connection has to say hello.
-const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a new connection has to say its whole hello (an overall
+/// deadline: a caller trickling one byte every few seconds is cut off).
+pub const HANDSHAKE_DEADLINE: Duration = Duration::from_secs(10);
+
+/// How long a destination waits, in all, for the source's offer after its
+/// hello (the source hashes the kernel and initramfs first).
+const OFFER_DEADLINE: Duration = Duration::from_secs(30);
+
+/// The longest control line (a JSON message) read: an offer is a few KiB.
+pub const MAX_LINE: usize = 1 << 20;
+
+/// The longest hello line read.
+const MAX_HELLO: usize = 64 * 1024;
+
+/// How many connections may be in their handshake at once; more are closed
+/// at once (a flood of idle connections holds no thread).
+pub const MAX_HANDSHAKES: usize = 64;
+
+/// The longest pause of the accept loop after an accept error (EMFILE...):
+/// it backs off from 10 ms, doubling, instead of spinning.
+const MAX_ACCEPT_BACKOFF: Duration = Duration::from_secs(1);
 
 /// Migration protocol errors.
 #[derive(Debug, thiserror::Error)]
@@ -89,8 +109,9 @@ impl MigrationError {
     }
 }
 
-/// The first line on every connection.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+/// The first line on every connection. Its `Debug` output leaves the token
+/// out.
+#[derive(Clone, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "kebab-case")]
 pub enum Hello {
     /// The control connection of a new migration.
@@ -111,6 +132,30 @@ pub enum Hello {
         /// Which channel.
         channel: ChannelKind,
     },
+}
+
+impl std::fmt::Debug for Hello {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Hello::Control { v, .. } => f
+                .debug_struct("Control")
+                .field("v", v)
+                .field("token", &"<redacted>")
+                .finish(),
+            Hello::Channel {
+                v,
+                session,
+                channel,
+                ..
+            } => f
+                .debug_struct("Channel")
+                .field("v", v)
+                .field("token", &"<redacted>")
+                .field("session", session)
+                .field("channel", channel)
+                .finish(),
+        }
+    }
 }
 
 /// The data channels.
@@ -187,6 +232,9 @@ pub struct Control {
     reader: BufReader<TcpStream>,
     writer: TcpStream,
     peer: String,
+    /// The start of a line whose end has not arrived yet (kept across a
+    /// timeout, so that a poll never loses half a message).
+    pending: Vec<u8>,
 }
 
 impl Control {
@@ -203,6 +251,7 @@ impl Control {
             reader: BufReader::new(stream),
             writer,
             peer,
+            pending: Vec::new(),
         })
     }
 
@@ -220,29 +269,68 @@ impl Control {
             .map_err(MigrationError::io(format!("writing to {}", self.peer)))
     }
 
-    /// Receives one message, waiting up to `timeout` (`None`: forever).
+    /// Receives one message, waiting up to `timeout` in all (`None`:
+    /// forever). A line longer than [`MAX_LINE`] is refused.
     pub fn recv<T: for<'de> Deserialize<'de>>(
         &mut self,
         timeout: Option<Duration>,
     ) -> Result<T, MigrationError> {
-        let _ = self.reader.get_ref().set_read_timeout(timeout);
-        let mut line = String::new();
-        match self.reader.read_line(&mut line) {
-            Ok(0) => Err(MigrationError::Closed(self.peer.clone())),
-            Ok(_) => serde_json::from_str(&line)
-                .map_err(|e| MigrationError::Protocol(format!("{e}: {}", line.trim()))),
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-                ) =>
-            {
-                Err(MigrationError::Timeout(format!(
-                    "waiting for {}",
-                    self.peer
-                )))
+        let line = self.read_line(timeout.map(|t| Instant::now() + t))?;
+        let line = String::from_utf8_lossy(&line);
+        serde_json::from_str(&line)
+            .map_err(|e| MigrationError::Protocol(format!("{e}: {}", offer::shown(line.trim()))))
+    }
+
+    /// Reads up to the next newline, by `deadline` (an overall limit, not
+    /// one per read), at most [`MAX_LINE`] bytes.
+    fn read_line(&mut self, deadline: Option<Instant>) -> Result<Vec<u8>, MigrationError> {
+        use std::io::ErrorKind;
+        loop {
+            if let Some(d) = deadline {
+                let left = d.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    return Err(MigrationError::Timeout(format!(
+                        "waiting for {}",
+                        self.peer
+                    )));
+                }
+                let _ = self.reader.get_ref().set_read_timeout(Some(left));
+            } else {
+                let _ = self.reader.get_ref().set_read_timeout(None);
             }
-            Err(e) => Err(MigrationError::io(format!("reading from {}", self.peer))(e)),
+            let buf = match self.reader.fill_buf() {
+                Ok(buf) => buf,
+                Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+                Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
+                    return Err(MigrationError::Timeout(format!(
+                        "waiting for {}",
+                        self.peer
+                    )))
+                }
+                Err(e) => return Err(MigrationError::io(format!("reading from {}", self.peer))(e)),
+            };
+            if buf.is_empty() {
+                return Err(MigrationError::Closed(self.peer.clone()));
+            }
+            let (take, done) = match buf.iter().position(|&b| b == b'\n') {
+                Some(i) => (i + 1, true),
+                None => (buf.len(), false),
+            };
+            let room = (MAX_LINE + 1).saturating_sub(self.pending.len());
+            self.pending.extend_from_slice(&buf[..take.min(room)]);
+            self.reader.consume(take);
+            if self.pending.len() > MAX_LINE {
+                self.pending.clear();
+                return Err(MigrationError::Protocol(format!(
+                    "{} sent a control line longer than {MAX_LINE} bytes",
+                    self.peer
+                )));
+            }
+            if done {
+                let mut line = std::mem::take(&mut self.pending);
+                line.pop();
+                return Ok(line);
+            }
         }
     }
 
@@ -266,18 +354,38 @@ impl Control {
     }
 
     /// Receives a blob's `len` bytes (after its [`SourceMsg::Blob`]) into
-    /// `dest`.
+    /// `dest` (created 0600). On any failure `dest` is removed: nothing is
+    /// left behind.
     pub fn recv_blob_into(&mut self, len: u64, dest: &Path) -> Result<(), MigrationError> {
+        let received = self.recv_blob_file(len, dest);
+        if received.is_err() {
+            let _ = std::fs::remove_file(dest);
+        }
+        received
+    }
+
+    fn recv_blob_file(&mut self, len: u64, dest: &Path) -> Result<(), MigrationError> {
+        use std::os::unix::fs::OpenOptionsExt;
         let _ = self
             .reader
             .get_ref()
             .set_read_timeout(Some(Duration::from_secs(60)));
-        let mut file = std::fs::File::create(dest)
+        let mut file = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(dest)
             .map_err(MigrationError::io(format!("creating {}", dest.display())))?;
+        // A partial line held back by a poll would be lost: there is none
+        // here (a blob follows its header at once).
         let copied = std::io::copy(&mut (&mut self.reader).take(len), &mut file)
             .map_err(MigrationError::io(format!("receiving from {}", self.peer)))?;
         if copied != len {
-            return Err(MigrationError::Closed(self.peer.clone()));
+            return Err(MigrationError::Protocol(format!(
+                "{} sent {copied} of the {len} bytes it announced, then closed",
+                self.peer
+            )));
         }
         file.sync_all()
             .map_err(MigrationError::io(format!("writing {}", dest.display())))
@@ -292,16 +400,16 @@ impl Control {
 /// [`MigrationError::Protocol`] for an offer that does not read (the
 /// message names a missing field) or does not validate, after telling the
 /// source (with [`DestMsg::Abort`]); or a connection error.
-pub fn connect(addr: &str, token: &str) -> Result<(Control, String, VmOffer), MigrationError> {
+pub fn connect(addr: &str, token: &Token) -> Result<(Control, String, VmOffer), MigrationError> {
     let stream = dial(addr)?;
     let mut control = Control::new(stream)?;
     control.send(&Hello::Control {
         v: PROTOCOL_VERSION,
-        token: token.to_string(),
+        token: token.expose().to_string(),
     })?;
     // Read untyped first, so that an unreadable offer gets its own message
     // (not the whole line) and the source is told why.
-    let msg = control.recv::<serde_json::Value>(Some(Duration::from_secs(30)))?;
+    let msg = control.recv::<serde_json::Value>(Some(OFFER_DEADLINE))?;
     let msg = serde_json::from_value::<SourceMsg>(msg)
         .map_err(|e| MigrationError::Protocol(format!("unreadable offer from {addr}: {e}")))
         .and_then(|msg| {
@@ -334,14 +442,14 @@ pub fn connect(addr: &str, token: &str) -> Result<(Control, String, VmOffer), Mi
 /// The destination's side: opens data channel `kind` of `session`.
 pub fn open_channel(
     addr: &str,
-    token: &str,
+    token: &Token,
     session: &str,
     kind: ChannelKind,
 ) -> Result<TcpStream, MigrationError> {
     let mut stream = dial(addr)?;
     let mut hello = serde_json::to_vec(&Hello::Channel {
         v: PROTOCOL_VERSION,
-        token: token.to_string(),
+        token: token.expose().to_string(),
         session: session.to_string(),
         channel: kind,
     })
@@ -447,10 +555,34 @@ impl Drop for Incoming {
 }
 
 struct ServerShared {
-    token: String,
+    token: Token,
+    limits: ServerLimits,
+    /// Connections in their handshake now (see [`MAX_HANDSHAKES`]).
+    handshakes: std::sync::atomic::AtomicUsize,
+    /// Whether a refusal over the cap was logged (once per flood).
+    over_cap_logged: AtomicBool,
     sessions: Mutex<HashMap<String, Sender<(ChannelKind, TcpStream)>>>,
     parked: Mutex<HashMap<(String, ChannelKind), TcpStream>>,
     stopping: AtomicBool,
+}
+
+/// A listener's limits on unauthenticated callers.
+#[derive(Debug, Clone, Copy)]
+pub struct ServerLimits {
+    /// The overall deadline for a connection's hello
+    /// ([`HANDSHAKE_DEADLINE`]).
+    pub handshake: Duration,
+    /// Connections in their handshake at once ([`MAX_HANDSHAKES`]).
+    pub max_handshakes: usize,
+}
+
+impl Default for ServerLimits {
+    fn default() -> Self {
+        ServerLimits {
+            handshake: HANDSHAKE_DEADLINE,
+            max_handshakes: MAX_HANDSHAKES,
+        }
+    }
 }
 
 /// The source's listener: authenticates every connection and hands new
@@ -462,10 +594,21 @@ pub struct Server {
 }
 
 impl Server {
-    /// Listens on `addr`. Every caller must present `token`.
+    /// Listens on `addr`. Every caller must present `token` (a [`Token`]:
+    /// never empty or short).
     pub fn bind(
         addr: SocketAddr,
-        token: &str,
+        token: &Token,
+        on_migration: impl Fn(Incoming) + Send + Sync + 'static,
+    ) -> Result<Server, MigrationError> {
+        Server::bind_with(addr, token, ServerLimits::default(), on_migration)
+    }
+
+    /// As [`Server::bind`], with other limits (tests use short deadlines).
+    pub fn bind_with(
+        addr: SocketAddr,
+        token: &Token,
+        limits: ServerLimits,
         on_migration: impl Fn(Incoming) + Send + Sync + 'static,
     ) -> Result<Server, MigrationError> {
         let listener =
@@ -474,7 +617,10 @@ impl Server {
             .local_addr()
             .map_err(MigrationError::io("reading the listen address"))?;
         let shared = Arc::new(ServerShared {
-            token: token.to_string(),
+            token: token.clone(),
+            limits,
+            handshakes: Default::default(),
+            over_cap_logged: AtomicBool::new(false),
             sessions: Mutex::default(),
             parked: Mutex::default(),
             stopping: AtomicBool::new(false),
@@ -525,19 +671,55 @@ fn accept_loop(
     on_migration: impl Fn(Incoming) + Send + Sync + 'static,
 ) {
     let on_migration = Arc::new(on_migration);
-    for stream in listener.incoming() {
+    let mut backoff = Duration::ZERO;
+    loop {
+        let accepted = listener.accept();
         if shared.stopping.load(Ordering::SeqCst) {
             return;
         }
-        let Ok(stream) = stream else { continue };
+        let stream = match accepted {
+            Ok((stream, _)) => {
+                backoff = Duration::ZERO;
+                stream
+            }
+            Err(e) => {
+                // EMFILE and the like do not go away by retrying at once:
+                // back off (10 ms, doubling, up to 1 s), log once a streak.
+                if backoff.is_zero() {
+                    tracing::warn!("the migration listener cannot accept: {e}; backing off");
+                }
+                backoff = (backoff * 2).clamp(Duration::from_millis(10), MAX_ACCEPT_BACKOFF);
+                std::thread::sleep(backoff);
+                continue;
+            }
+        };
+        // A connection past the cap is closed at once: no thread for it.
+        let n = shared.handshakes.fetch_add(1, Ordering::SeqCst);
+        if n >= shared.limits.max_handshakes {
+            shared.handshakes.fetch_sub(1, Ordering::SeqCst);
+            if !shared.over_cap_logged.swap(true, Ordering::SeqCst) {
+                tracing::warn!(
+                    "more than {} migration connections in their handshake: closing the excess",
+                    shared.limits.max_handshakes
+                );
+            }
+            let _ = stream.shutdown(Shutdown::Both);
+            continue;
+        }
         let (shared, on_migration) = (shared.clone(), on_migration.clone());
-        let _ = std::thread::Builder::new()
+        let spawned = std::thread::Builder::new()
             .name("migration hello".into())
-            .spawn(move || {
-                if let Err(e) = greet(stream, &shared, &*on_migration) {
-                    tracing::info!("refused a migration connection: {e}");
+            .spawn({
+                let shared = shared.clone();
+                move || {
+                    if let Err(e) = greet(stream, &shared, &*on_migration) {
+                        tracing::info!("refused a migration connection: {e}");
+                    }
                 }
             });
+        if spawned.is_err() {
+            shared.handshakes.fetch_sub(1, Ordering::SeqCst);
+        }
     }
 }
 
@@ -551,8 +733,13 @@ fn greet(
         .map(|a| a.to_string())
         .unwrap_or_else(|_| "?".into());
     // Read exactly the hello line: on a data channel, the channel's bytes
-    // (e.g. an NBD server's greeting) may follow at once.
-    let line = read_hello_line(&mut stream)?;
+    // (e.g. an NBD server's greeting) may follow at once. The handshake
+    // slot is given back once the hello is read (or not).
+    let line = read_hello_line(&mut stream, shared.limits.handshake);
+    if shared.handshakes.fetch_sub(1, Ordering::SeqCst) <= shared.limits.max_handshakes {
+        shared.over_cap_logged.store(false, Ordering::SeqCst);
+    }
+    let line = line?;
     let hello: Hello = serde_json::from_str(&line)
         .map_err(|e| MigrationError::Protocol(format!("bad hello from {peer}: {e}")))?;
     let (v, token) = match &hello {
@@ -571,7 +758,7 @@ fn greet(
             reason: reason.to_string(),
         })
     };
-    if !bool::from(token.as_bytes().ct_eq(shared.token.as_bytes())) {
+    if !shared.token.matches(token.as_bytes()) {
         return refuse(&stream, "wrong token: pass the source's --token");
     }
     if v != PROTOCOL_VERSION {
@@ -625,22 +812,35 @@ fn greet(
     }
 }
 
-/// Reads one line, byte by byte, so that nothing after it is consumed.
-fn read_hello_line(stream: &mut TcpStream) -> Result<String, MigrationError> {
-    let _ = stream.set_read_timeout(Some(HELLO_TIMEOUT));
+/// Reads one line, byte by byte, so that nothing after it is consumed, by
+/// an overall `deadline` from now.
+fn read_hello_line(stream: &mut TcpStream, deadline: Duration) -> Result<String, MigrationError> {
+    let until = Instant::now() + deadline;
     let mut line = Vec::new();
     let mut byte = [0u8; 1];
     loop {
+        let left = until.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(MigrationError::Timeout(format!(
+                "waiting for a hello: none in {deadline:?}"
+            )));
+        }
+        let _ = stream.set_read_timeout(Some(left));
         match stream.read(&mut byte) {
             Ok(0) => return Err(MigrationError::Closed("before its hello".into())),
             Ok(_) if byte[0] == b'\n' => break,
             Ok(_) => {
                 line.push(byte[0]);
-                if line.len() > 64 * 1024 {
+                if line.len() > MAX_HELLO {
                     return Err(MigrationError::Protocol("hello line too long".into()));
                 }
             }
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) => {}
             Err(e) => return Err(MigrationError::io("reading a hello")(e)),
         }
     }

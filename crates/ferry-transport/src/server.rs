@@ -29,11 +29,10 @@ use axum::routing::get;
 use axum::Router;
 use ferry_package::Package;
 use serde::{Deserialize, Serialize};
-use subtle::ConstantTimeEq;
 use tracing::{debug, info, warn};
 
 use crate::range::{self, RangeRequest};
-use crate::TransportError;
+use crate::{Token, TransportError};
 
 /// Bytes read from a package file at a time while streaming it.
 const READ_SIZE: u64 = 256 << 10;
@@ -43,6 +42,11 @@ const READ_SIZE: u64 = 256 << 10;
 /// short enough that Ctrl-C feels immediate.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
 
+/// The most connections the registry serves at once. More are closed as
+/// soon as they are accepted (logged once per flood), so that clients that
+/// connect and say nothing hold a bounded amount of memory and tasks.
+pub const MAX_REGISTRY_CONNECTIONS: usize = 256;
+
 /// What the registry serves and where it listens.
 #[derive(Debug, Clone)]
 pub struct RegistryConfig {
@@ -50,8 +54,9 @@ pub struct RegistryConfig {
     pub packages: Vec<PathBuf>,
     /// The address to listen on (port 0 picks a free port).
     pub listen: SocketAddr,
-    /// When set, every request must carry `Authorization: Bearer <token>`.
-    pub token: Option<String>,
+    /// When set, every request must carry `Authorization: Bearer <token>`
+    /// (checked where it was read: see [`Token::new`]).
+    pub token: Option<Token>,
 }
 
 /// The answer to `GET /`.
@@ -96,12 +101,14 @@ struct AppState {
     packages: HashMap<String, Arc<Served>>,
     /// `GET /`, serialised once.
     listing: Bytes,
-    token: Option<Vec<u8>>,
+    token: Option<Token>,
 }
 
 /// A registry bound to its address, its packages checked, not yet serving.
 pub struct Registry {
     listener: std::net::TcpListener,
+    max_connections: usize,
+    tls: Option<crate::ServerTls>,
     addr: SocketAddr,
     served: Vec<ServedPackage>,
     state: Arc<AppState>,
@@ -125,15 +132,12 @@ impl Registry {
     /// # Errors
     /// [`TransportError::NoPackages`], [`TransportError::OpenPackage`],
     /// [`TransportError::BadPackageName`], [`TransportError::DuplicateName`],
-    /// [`TransportError::BadToken`] or [`TransportError::Bind`].
+    /// or [`TransportError::Bind`].
     pub fn bind(config: RegistryConfig) -> Result<Registry, TransportError> {
         if config.packages.is_empty() {
             return Err(TransportError::NoPackages);
         }
-        let token = match config.token {
-            Some(t) => Some(check_token(t)?),
-            None => None,
-        };
+        let token = config.token;
         let mut packages = HashMap::new();
         let mut served: Vec<ServedPackage> = Vec::new();
         for path in &config.packages {
@@ -187,6 +191,8 @@ impl Registry {
         let addr = listener.local_addr().map_err(bind)?;
         Ok(Registry {
             listener,
+            max_connections: MAX_REGISTRY_CONNECTIONS,
+            tls: None,
             addr,
             served,
             state: Arc::new(AppState {
@@ -200,6 +206,25 @@ impl Registry {
     /// The address it listens on (with the real port when port 0 was asked).
     pub fn local_addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// Serves at most `n` connections at once (default
+    /// [`MAX_REGISTRY_CONNECTIONS`]).
+    pub fn with_max_connections(mut self, n: usize) -> Registry {
+        self.max_connections = n.max(1);
+        self
+    }
+
+    /// Speaks only TLS, with `tls` (plain HTTP to it fails the
+    /// handshake). A handshake must end within [`TLS_HANDSHAKE_DEADLINE`].
+    pub fn with_tls(mut self, tls: crate::ServerTls) -> Registry {
+        self.tls = Some(tls);
+        self
+    }
+
+    /// Whether it speaks TLS (its URLs are `https://`).
+    pub fn is_tls(&self) -> bool {
+        self.tls.is_some()
     }
 
     /// The packages it serves, in the order given.
@@ -220,7 +245,14 @@ impl Registry {
     ) -> Result<(), TransportError> {
         let addr = self.addr;
         let serve_err = |source| TransportError::Serve { addr, source };
-        let listener = tokio::net::TcpListener::from_std(self.listener).map_err(serve_err)?;
+        let listener = CappedListener {
+            inner: tokio::net::TcpListener::from_std(self.listener).map_err(serve_err)?,
+            permits: Arc::new(tokio::sync::Semaphore::new(self.max_connections)),
+            over_cap_logged: false,
+            tls: self
+                .tls
+                .map(|t| tokio_rustls::TlsAcceptor::from(t.0.clone())),
+        };
         info!(%addr, packages = self.served.len(), "registry listening");
 
         let app = Router::new()
@@ -269,6 +301,7 @@ impl Registry {
     /// [`TransportError::Setup`] if the thread or the runtime cannot start.
     pub fn spawn(self) -> Result<RunningRegistry, TransportError> {
         let addr = self.addr;
+        let tls = self.is_tls();
         let rt = runtime()?;
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
         let thread = std::thread::Builder::new()
@@ -284,6 +317,7 @@ impl Registry {
             })?;
         Ok(RunningRegistry {
             addr,
+            tls,
             stop: Some(tx),
             thread: Some(thread),
         })
@@ -295,6 +329,7 @@ impl Registry {
 #[derive(Debug)]
 pub struct RunningRegistry {
     addr: SocketAddr,
+    tls: bool,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     thread: Option<std::thread::JoinHandle<Result<(), TransportError>>>,
 }
@@ -305,9 +340,10 @@ impl RunningRegistry {
         self.addr
     }
 
-    /// Its root URL, `http://ADDR/`.
+    /// Its root URL, `http://ADDR/` (`https://` with TLS).
     pub fn url(&self) -> String {
-        format!("http://{}/", self.addr)
+        let scheme = if self.tls { "https" } else { "http" };
+        format!("{scheme}://{}/", self.addr)
     }
 
     /// Stops it and waits until it has stopped.
@@ -352,17 +388,211 @@ fn runtime() -> Result<tokio::runtime::Runtime, TransportError> {
         })
 }
 
-/// Checks that a token can be sent in a header and is worth something.
-fn check_token(token: String) -> Result<Vec<u8>, TransportError> {
-    if token.is_empty() {
-        return Err(TransportError::BadToken("is empty"));
+/// The registry's listener: at most as many connections at once as it has
+/// permits; one past that is closed at once. Accept errors are retried
+/// with a pause by axum's own listener.
+struct CappedListener {
+    inner: tokio::net::TcpListener,
+    permits: Arc<tokio::sync::Semaphore>,
+    over_cap_logged: bool,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+}
+
+/// How long a client has for its TLS handshake, in all.
+pub const TLS_HANDSHAKE_DEADLINE: Duration = Duration::from_secs(10);
+
+impl axum::serve::Listener for CappedListener {
+    type Io = RegistryIo;
+    type Addr = SocketAddr;
+
+    async fn accept(&mut self) -> (RegistryIo, SocketAddr) {
+        loop {
+            let (io, addr) = axum::serve::Listener::accept(&mut self.inner).await;
+            match self.permits.clone().try_acquire_owned() {
+                Ok(permit) => {
+                    self.over_cap_logged = false;
+                    let stream = CappedStream {
+                        io,
+                        _permit: permit,
+                    };
+                    // The handshake runs on the connection's own task (its
+                    // first read or write), never in this accept loop.
+                    let io = match &self.tls {
+                        None => RegistryIo::Plain(stream),
+                        Some(acceptor) => {
+                            let accept = acceptor.accept(stream);
+                            RegistryIo::Handshake(Box::pin(async move {
+                                match tokio::time::timeout(TLS_HANDSHAKE_DEADLINE, accept).await {
+                                    Ok(r) => r,
+                                    Err(_) => Err(std::io::Error::new(
+                                        std::io::ErrorKind::TimedOut,
+                                        "TLS handshake deadline passed",
+                                    )),
+                                }
+                            }))
+                        }
+                    };
+                    return (io, addr);
+                }
+                Err(_) => {
+                    if !self.over_cap_logged {
+                        warn!("the registry serves its most connections at once: closing new ones until some end");
+                        self.over_cap_logged = true;
+                    }
+                    drop(io);
+                }
+            }
+        }
     }
-    if !token.bytes().all(|b| b.is_ascii_graphic()) {
-        return Err(TransportError::BadToken(
-            "holds spaces, control or non-ASCII characters",
-        ));
+
+    fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.inner.local_addr()
     }
-    Ok(token.into_bytes())
+}
+
+type Handshake = std::pin::Pin<
+    Box<dyn Future<Output = std::io::Result<tokio_rustls::server::TlsStream<CappedStream>>> + Send>,
+>;
+
+/// A registry connection: plain, or TLS (first its handshake).
+enum RegistryIo {
+    Plain(CappedStream),
+    Handshake(Handshake),
+    Tls(Box<tokio_rustls::server::TlsStream<CappedStream>>),
+    Failed,
+}
+
+impl RegistryIo {
+    /// Drives a pending handshake; `Ready(Ok)` once the stream is usable.
+    fn ready(&mut self, cx: &mut std::task::Context<'_>) -> std::task::Poll<std::io::Result<()>> {
+        use std::task::Poll;
+        if let RegistryIo::Handshake(h) = self {
+            match h.as_mut().poll(cx) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(Ok(tls)) => *self = RegistryIo::Tls(Box::new(tls)),
+                Poll::Ready(Err(e)) => {
+                    debug!("a TLS handshake failed: {e}");
+                    *self = RegistryIo::Failed;
+                    return Poll::Ready(Err(e));
+                }
+            }
+        }
+        match self {
+            RegistryIo::Failed => Poll::Ready(Err(std::io::Error::new(
+                std::io::ErrorKind::NotConnected,
+                "TLS handshake failed",
+            ))),
+            _ => Poll::Ready(Ok(())),
+        }
+    }
+}
+
+macro_rules! io_dispatch {
+    ($self:ident, $cx:ident, $io:ident => $e:expr) => {{
+        let this = $self.get_mut();
+        match this.ready($cx) {
+            std::task::Poll::Pending => return std::task::Poll::Pending,
+            std::task::Poll::Ready(Err(e)) => return std::task::Poll::Ready(Err(e)),
+            std::task::Poll::Ready(Ok(())) => {}
+        }
+        match this {
+            RegistryIo::Plain($io) => {
+                let $io = std::pin::Pin::new($io);
+                $e
+            }
+            RegistryIo::Tls(tls) => {
+                let $io = std::pin::Pin::new(&mut **tls);
+                $e
+            }
+            RegistryIo::Handshake(_) | RegistryIo::Failed => unreachable!("ready() resolved it"),
+        }
+    }};
+}
+
+impl tokio::io::AsyncRead for RegistryIo {
+    fn poll_read(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        io_dispatch!(self, cx, io => io.poll_read(cx, buf))
+    }
+}
+
+impl tokio::io::AsyncWrite for RegistryIo {
+    fn poll_write(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        io_dispatch!(self, cx, io => io.poll_write(cx, buf))
+    }
+
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        io_dispatch!(self, cx, io => io.poll_flush(cx))
+    }
+
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        io_dispatch!(self, cx, io => io.poll_shutdown(cx))
+    }
+}
+
+/// A connection holding its place under the cap until it is dropped.
+struct CappedStream {
+    io: tokio::net::TcpStream,
+    _permit: tokio::sync::OwnedSemaphorePermit,
+}
+
+impl tokio::io::AsyncRead for CappedStream {
+    fn poll_read(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.get_mut().io).poll_read(cx, buf)
+    }
+}
+
+impl tokio::io::AsyncWrite for CappedStream {
+    fn poll_write(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.get_mut().io).poll_write(cx, buf)
+    }
+
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.get_mut().io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.get_mut().io).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
 }
 
 /// Percent-encodes a name for a URL path segment: everything but RFC 3986's
@@ -402,7 +632,7 @@ async fn guard(State(state): State<Arc<AppState>>, req: Request, next: Next) -> 
 
 /// Whether `headers` carry `Authorization: Bearer <token>`, compared in
 /// constant time so the answer's timing says nothing about the token.
-fn authorized(headers: &HeaderMap, token: &[u8]) -> bool {
+fn authorized(headers: &HeaderMap, token: &Token) -> bool {
     let Some(value) = headers.get(header::AUTHORIZATION) else {
         return false;
     };
@@ -415,7 +645,7 @@ fn authorized(headers: &HeaderMap, token: &[u8]) -> bool {
         return false;
     }
     let given = value[7..].trim_ascii();
-    given.ct_eq(token).into()
+    token.matches(given)
 }
 
 /// `GET /`.
@@ -581,27 +811,20 @@ mod tests {
     #[test]
     fn bearer_tokens() {
         let mut h = HeaderMap::new();
-        assert!(!authorized(&h, b"secret"));
+        let secret = Token::new("secret-secret-secret").unwrap();
+        assert!(!authorized(&h, &secret));
         for (value, ok) in [
-            ("Bearer secret", true),
-            ("bearer  secret ", true),
-            ("Bearer secret2", false),
-            ("Bearer secre", false),
-            ("Basic secret", false),
+            ("Bearer secret-secret-secret", true),
+            ("bearer  secret-secret-secret ", true),
+            ("Bearer secret-secret-secret2", false),
+            ("Bearer secret-secret-secre", false),
+            ("Basic secret-secret-secret", false),
             ("Bearer", false),
-            ("secret", false),
+            ("secret-secret-secret", false),
         ] {
             h.insert(header::AUTHORIZATION, HeaderValue::from_static(value));
-            assert_eq!(authorized(&h, b"secret"), ok, "{value}");
+            assert_eq!(authorized(&h, &secret), ok, "{value}");
         }
-    }
-
-    #[test]
-    fn tokens_must_fit_a_header() {
-        assert!(check_token("abc-123_=".into()).is_ok());
-        assert!(check_token(String::new()).is_err());
-        assert!(check_token("a b".into()).is_err());
-        assert!(check_token("ä".into()).is_err());
     }
 
     #[test]

@@ -175,7 +175,7 @@ fn a_root_with_several_packages_asks_which() {
 fn tokens() {
     let dir = tempfile::tempdir().unwrap();
     let a = make_package(dir.path(), "a.ferry", 1);
-    let reg = serve(&[&a], Some("tok-123"));
+    let reg = serve(&[&a], Some("tok-123-tok-123-tok"));
     let url = format!("{}packages/a.ferry", reg.url());
 
     let e = RemotePackage::open(&url, None).unwrap_err();
@@ -185,7 +185,14 @@ fn tokens() {
             "{url}: 401 Unauthorized: the registry needs a token: pass --token or --token-file"
         )
     );
+    // A short token is refused before any request (the server's log
+    // would show one otherwise; here the message is the token's own).
     let e = RemotePackage::open(&reg.url(), Some("nope")).unwrap_err();
+    assert_eq!(
+        one_line(&e),
+        "the token is 4 characters; use at least 16 (e.g. `openssl rand -hex 16`)"
+    );
+    let e = RemotePackage::open(&reg.url(), Some("nope-nope-nope-nope")).unwrap_err();
     assert_eq!(
         one_line(&e),
         format!(
@@ -193,7 +200,7 @@ fn tokens() {
             reg.url()
         )
     );
-    let remote = RemotePackage::open(&reg.url(), Some("tok-123")).unwrap();
+    let remote = RemotePackage::open(&reg.url(), Some("tok-123-tok-123-tok")).unwrap();
     assert_same_as_local(&remote, &Package::open(&a).unwrap());
 }
 

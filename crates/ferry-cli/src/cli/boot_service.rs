@@ -102,7 +102,11 @@ fn serve(args: ServeArgs, paths: &Paths, ctx: &super::Ctx) -> anyhow::Result<Exi
         });
     }
     let token = match &args.token_file {
-        Some(f) => Some(super::registry::read_token(f)?),
+        Some(f) => Some(
+            super::tokens::read_file("--token-file", f)?
+                .expose()
+                .to_string(),
+        ),
         None => None,
     };
     let guarded = token.is_some();
@@ -146,7 +150,11 @@ fn run_load(args: LoadArgs, ctx: &super::Ctx) -> anyhow::Result<ExitCode> {
         .map_err(|e| bad(format!("cannot read {}: {e}", args.file.display())))?;
     let list = ferry_bootsvc::client::parse_node_list(&text).map_err(bad)?;
     let token = match &args.token_file {
-        Some(f) => Some(super::registry::read_token(f)?),
+        Some(f) => Some(
+            super::tokens::read_file("--token-file", f)?
+                .expose()
+                .to_string(),
+        ),
         None => None,
     };
     let report =

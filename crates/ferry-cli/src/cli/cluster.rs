@@ -64,8 +64,9 @@ pub fn run(args: Args, ctx: &super::Ctx) -> anyhow::Result<ExitCode> {
     let token = args
         .token_file
         .as_deref()
-        .map(super::registry::read_token)
-        .transpose()?;
+        .map(|f| super::tokens::read_file("--token-file", f))
+        .transpose()?
+        .map(|t| t.expose().to_string());
     let client = ClusterClient::new(&args.manager, token, Duration::from_secs(args.timeout_s));
     let json = ctx.render.json();
     let print = |value: serde_json::Value, human: String| {

@@ -27,6 +27,10 @@ pub struct Args {
     /// the token in FILE.
     #[arg(long = "token-file", value_name = "FILE")]
     token_file: Option<PathBuf>,
+    /// The registries' token, from FILE: the manager reads package
+    /// descriptions with it and hands it to the node that creates.
+    #[arg(long = "registry-token-file", value_name = "FILE")]
+    registry_token_file: Option<PathBuf>,
     /// Listen beyond loopback without TLS (anyone on the network can read
     /// the traffic, the token included).
     #[arg(long)]
@@ -61,7 +65,12 @@ pub fn run(args: Args, paths: &Paths, ctx: &super::Ctx) -> anyhow::Result<ExitCo
     let token = args
         .token_file
         .as_deref()
-        .map(super::registry::read_token)
+        .map(|f| super::tokens::read_file("--token-file", f))
+        .transpose()?;
+    let registry_token = args
+        .registry_token_file
+        .as_deref()
+        .map(|f| super::tokens::read_file("--registry-token-file", f))
         .transpose()?;
     let cancel = ctx.cancel()?;
     let (tx, rx) = tokio_oneshot();
@@ -77,6 +86,7 @@ pub fn run(args: Args, paths: &Paths, ctx: &super::Ctx) -> anyhow::Result<ExitCo
         token: token.clone(),
         op_timeout: Duration::from_secs(args.op_timeout_s),
         registry_timeout: Duration::from_secs(30),
+        registry_token,
         etcd: args.etcd.map(|endpoints| manager::EtcdConfig {
             endpoints,
             prefix: args.etcd_prefix,

@@ -27,6 +27,8 @@ mod signals;
 mod start;
 mod stop;
 mod supervise;
+mod tls;
+mod tokens;
 mod up;
 mod worker;
 
@@ -101,6 +103,8 @@ enum Command {
     Worker(worker::Args),
     /// Talk to a manager: nodes, instances, create, migrate, delete, watch.
     Cluster(cluster::Args),
+    /// TLS certificates for a test cluster (`tls init DIR`).
+    Tls(tls::Args),
     /// The supervisor of one detached VM (started by ferry itself).
     #[command(hide = true)]
     Supervise(supervise::Args),
@@ -190,6 +194,7 @@ pub fn run(cli: Cli, started: Instant, ctx: &Ctx) -> anyhow::Result<ExitCode> {
         Command::Worker(args) => worker::run(args, &paths, ctx),
         Command::Cluster(args) => cluster::run(args, ctx),
         Command::Supervise(args) => supervise::run(args, &paths),
+        Command::Tls(args) => tls::run(args),
     }
 }
 

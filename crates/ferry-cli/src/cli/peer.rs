@@ -29,13 +29,32 @@ pub struct Args {
     #[arg(long, value_name = "ADDR")]
     listen: Option<SocketAddr>,
     /// Bearer token: for the registry, the source peer and --listen.
-    /// Other users of this host can see it in the process list: prefer
-    /// --token-file.
-    #[arg(long, value_name = "TOKEN", conflicts_with = "token_file")]
-    token: Option<String>,
-    /// Read the token from FILE (surrounding whitespace is ignored).
-    #[arg(long = "token-file", value_name = "FILE")]
-    token_file: Option<PathBuf>,
+    #[command(flatten)]
+    token: super::tokens::SharedToken,
+    /// The registry role's token (reading a package from an http(s)://
+    /// --from), from FILE: overrides --token/--token-file for it.
+    #[arg(long = "registry-token-file", value_name = "FILE")]
+    registry_token_file: Option<PathBuf>,
+    /// The migrate role's token (a HOST:PORT --from, and --listen), from
+    /// FILE: overrides --token/--token-file for it.
+    #[arg(long = "migrate-token-file", value_name = "FILE")]
+    migrate_token_file: Option<PathBuf>,
+    /// Trust this CA (PEM) for an https:// --from instead of the public
+    /// roots (e.g. ca.crt from `ferry tls init`).
+    #[arg(long, value_name = "FILE")]
+    ca: Option<PathBuf>,
+    /// Present this client certificate (PEM) to an https:// registry that
+    /// asks for one.
+    #[arg(long = "client-cert", value_name = "FILE", requires = "client_key")]
+    client_cert: Option<PathBuf>,
+    /// The client certificate's key (PEM).
+    #[arg(long = "client-key", value_name = "FILE", requires = "client_cert")]
+    client_key: Option<PathBuf>,
+    /// Allow plain TCP/HTTP off loopback (a HOST:PORT or http:// --from,
+    /// --listen on another address): the token and the VM's memory then
+    /// travel in clear.
+    #[arg(long)]
+    insecure: bool,
     /// Where Ctrl-C suspends the VM to (default: ./<name>.ferry).
     #[arg(long, value_name = "FILE")]
     save: Option<PathBuf>,
@@ -62,23 +81,89 @@ pub struct Args {
     net: super::NetArgs,
 }
 
+/// The plain (unencrypted) links off loopback that `from` and `listen` ask
+/// for, as the flags name them.
+fn plain_off_loopback(from: &str, listen: Option<SocketAddr>) -> Vec<String> {
+    let loopback = |host: &str| {
+        let host = host.trim_start_matches('[').trim_end_matches(']');
+        host.eq_ignore_ascii_case("localhost")
+            || host
+                .parse::<std::net::IpAddr>()
+                .is_ok_and(|ip| ip.is_loopback())
+    };
+    let mut plain = Vec::new();
+    if !from.starts_with("https://") {
+        let rest = from.strip_prefix("http://").unwrap_or(from);
+        let authority = rest.split('/').next().unwrap_or(rest);
+        let host = match authority.rsplit_once(':') {
+            Some((h, p)) if p.bytes().all(|b| b.is_ascii_digit()) => h,
+            _ => authority,
+        };
+        if !loopback(host) {
+            plain.push(format!("--from {from}"));
+        }
+    }
+    if let Some(l) = listen.filter(|l| !l.ip().is_loopback()) {
+        plain.push(format!("--listen {l}"));
+    }
+    plain
+}
+
+/// `p` made absolute (a detached supervisor runs in '/').
+fn absolute(p: PathBuf) -> PathBuf {
+    std::path::absolute(&p).unwrap_or(p)
+}
+
 /// How long a detached peer's VM may take to run here (a large package
 /// fetched from a registry, or a long migration).
 const DETACHED_READY: Duration = Duration::from_secs(1800);
 
 pub fn run(args: Args, paths: &Paths, started: Instant, ctx: &Ctx) -> anyhow::Result<ExitCode> {
     let net = args.net.choice()?;
-    let token = match (&args.token, &args.token_file) {
-        (Some(t), _) => Some(t.clone()),
-        (None, Some(f)) => Some(super::registry::read_token(f)?),
-        (None, None) => None,
-    };
+    // Plain links off loopback only when asked for, and said so.
+    let plain = plain_off_loopback(&args.from, args.listen);
+    if !plain.is_empty() {
+        if !args.insecure {
+            return Err(RuntimeError::BadOption(format!(
+                "{}: plain TCP off loopback sends the token and the VM's memory in clear: use loopback addresses or an https:// registry, or pass --insecure",
+                plain.join(", ")
+            ))
+            .into());
+        }
+        use ferry_runtime::EventSink;
+        ctx.render.emit(ferry_runtime::Event::Warning {
+            message: format!(
+                "--insecure: {} in clear (token and memory)",
+                plain.join(", ")
+            ),
+        });
+    }
+    // Every token is checked here, before any network I/O.
+    let shared = args.token.read()?;
+    let registry_token = super::tokens::role(
+        "--registry-token-file",
+        args.registry_token_file.as_deref(),
+        &shared,
+    )?;
+    let migrate_token = super::tokens::role(
+        "--migrate-token-file",
+        args.migrate_token_file.as_deref(),
+        &shared,
+    )?;
     let opts = PeerOptions {
         from: args.from.clone(),
         name: args.name.clone(),
         net,
         listen: args.listen,
-        token,
+        registry_token,
+        registry_tls: (args.ca.is_some() || args.client_cert.is_some()).then(|| {
+            ferry_transport::ClientTls {
+                ca: args.ca.clone().map(absolute),
+                client_cert: args.client_cert.clone().map(absolute),
+                client_key: args.client_key.clone().map(absolute),
+            }
+        }),
+        migrate_token,
         accel: args.accel.into(),
         console: super::console(args.console || args.enable_input),
         input: args
@@ -108,7 +193,11 @@ fn detached(
     let name = match &opts.name {
         Some(n) => n.clone(),
         None if opts.from_registry() => {
-            let remote = ferry_transport::RemotePackage::open(&opts.from, opts.token.as_deref())?;
+            let remote = ferry_transport::RemotePackage::open_with(
+                &opts.from,
+                opts.registry_token.as_ref().map(|t| t.expose()),
+                opts.registry_tls.as_ref(),
+            )?;
             let meta = remote.vm_meta()?;
             ferry_runtime::vmdir::generate_name(&meta.recipe)
         }
@@ -130,7 +219,9 @@ fn detached(
         name: name.clone(),
         from: StartFrom::Peer {
             source: opts.from.clone(),
-            token: opts.token.clone(),
+            registry_token: opts.registry_token.clone(),
+            registry_tls: opts.registry_tls.clone(),
+            migrate_token: opts.migrate_token.clone(),
             listen: opts.listen,
             save,
             max_bandwidth: opts.max_bandwidth,

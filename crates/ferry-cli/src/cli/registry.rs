@@ -1,10 +1,9 @@
 //! `ferry registry`.
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::ExitCode;
 
-use ferry_runtime::RuntimeError;
 use ferry_transport::{Registry, RegistryConfig};
 
 #[derive(clap::Args, Debug)]
@@ -16,28 +15,70 @@ pub struct Args {
     /// The address to listen on (port 0 picks a free port).
     #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:7070")]
     listen: SocketAddr,
-    /// Require `Authorization: Bearer TOKEN` on every request. Other users
-    /// of this host can see it in the process list: prefer --token-file.
-    #[arg(long, value_name = "TOKEN", conflicts_with = "token_file")]
-    token: Option<String>,
-    /// Read the token from FILE (surrounding whitespace is ignored).
-    #[arg(long = "token-file", value_name = "FILE")]
-    token_file: Option<PathBuf>,
+    /// Require `Authorization: Bearer TOKEN` on every request.
+    #[command(flatten)]
+    token: super::tokens::SharedToken,
+    /// The registry role's token (reading packages), from FILE: overrides
+    /// --token/--token-file here.
+    #[arg(long = "registry-token-file", value_name = "FILE")]
+    registry_token_file: Option<PathBuf>,
+    /// Speak only TLS, with this certificate (PEM; e.g. from `ferry tls
+    /// init`).
+    #[arg(long = "tls-cert", value_name = "FILE", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// The certificate's key (PEM).
+    #[arg(long = "tls-key", value_name = "FILE", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// Require client certificates signed by this CA (PEM).
+    #[arg(long = "client-ca", value_name = "FILE", requires = "tls_cert")]
+    client_ca: Option<PathBuf>,
+    /// Serve plain HTTP on an address that is not loopback (packages and
+    /// the token then travel in clear).
+    #[arg(long, conflicts_with = "tls_cert")]
+    insecure: bool,
 }
 
 pub fn run(args: Args, ctx: &super::Ctx) -> anyhow::Result<ExitCode> {
     use ferry_runtime::{Event, EventSink};
-    let token = match (args.token, args.token_file) {
-        (Some(token), _) => Some(token),
-        (None, Some(file)) => Some(read_token(&file)?),
-        (None, None) => None,
-    };
+    let shared = args.token.read()?;
+    let token = super::tokens::role(
+        "--registry-token-file",
+        args.registry_token_file.as_deref(),
+        &shared,
+    )?;
     let guarded = token.is_some();
-    let registry = Registry::bind(RegistryConfig {
+    let tls = match (&args.tls_cert, &args.tls_key) {
+        (Some(cert), Some(key)) => Some(ferry_transport::ServerTls::from_files(
+            cert,
+            key,
+            args.client_ca.as_deref(),
+        )?),
+        _ => None,
+    };
+    if tls.is_none() && !args.listen.ip().is_loopback() && !args.insecure {
+        return Err(ferry_runtime::RuntimeError::BadOption(format!(
+            "--listen {}: plain HTTP off loopback sends packages and the token in clear: pass --tls-cert FILE --tls-key FILE (see `ferry tls init`), or --insecure",
+            args.listen
+        ))
+        .into());
+    }
+    let mut registry = Registry::bind(RegistryConfig {
         packages: args.packages,
         listen: args.listen,
         token,
     })?;
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    if let Some(tls) = tls {
+        registry = registry.with_tls(tls);
+    }
+    if args.insecure {
+        ctx.render.emit(Event::Warning {
+            message: format!(
+                "--insecure: serving plain HTTP on {}; packages and the token travel in clear",
+                args.listen
+            ),
+        });
+    }
     let cancel = ctx.cancel()?;
     for p in registry.packages() {
         ctx.render.emit(Event::RegistryPackage {
@@ -47,7 +88,7 @@ pub fn run(args: Args, ctx: &super::Ctx) -> anyhow::Result<ExitCode> {
             url: p.entry.url.clone(),
         });
     }
-    let url = format!("http://{}", registry.local_addr());
+    let url = format!("{scheme}://{}", registry.local_addr());
     let running = registry.spawn()?;
     ctx.render.emit(Event::Listening {
         url,
@@ -63,14 +104,4 @@ pub fn run(args: Args, ctx: &super::Ctx) -> anyhow::Result<ExitCode> {
     }
     running.stop()?;
     Ok(ExitCode::SUCCESS)
-}
-
-pub(super) fn read_token(file: &Path) -> Result<String, RuntimeError> {
-    let text = std::fs::read_to_string(file).map_err(|e| {
-        RuntimeError::BadOption(format!(
-            "cannot read the token file {}: {e}: check --token-file",
-            file.display()
-        ))
-    })?;
-    Ok(text.trim().to_string())
 }

@@ -32,6 +32,10 @@ pub struct Args {
     /// Memory to offer to VMs, MiB (default: the host's).
     #[arg(long = "capacity-mib", value_name = "MIB")]
     capacity_mib: Option<u64>,
+    /// Let instances serve migrations in plain TCP on a non-loopback
+    /// address (peers have no TLS yet).
+    #[arg(long)]
+    insecure: bool,
     /// Ports instances serve migrations on, FIRST-LAST.
     #[arg(long, value_name = "FIRST-LAST", default_value = "17000-17099")]
     ports: String,
@@ -57,8 +61,23 @@ pub fn run(args: Args, paths: &Paths, ctx: &super::Ctx) -> anyhow::Result<ExitCo
     let token = args
         .token_file
         .as_deref()
-        .map(super::registry::read_token)
-        .transpose()?;
+        .map(|f| super::tokens::read_file("--token-file", f))
+        .transpose()?
+        .map(|t| t.expose().to_string());
+    if !advertise.is_loopback() {
+        if !args.insecure {
+            return Err(RuntimeError::BadOption(format!(
+                "--advertise {advertise}: instances would serve their migrations there in plain TCP (token and memory in clear), and peers have no TLS yet: pass --insecure, or use a loopback address"
+            ))
+            .into());
+        }
+        use ferry_runtime::EventSink;
+        ctx.render.emit(ferry_runtime::Event::Warning {
+            message: format!(
+                "--insecure: instances serve their migrations on {advertise} in plain TCP"
+            ),
+        });
+    }
     // QEMU must be there; each VM then probes its accelerator with its
     // own kernel (`--accel auto`): without a usable /dev/kvm that is TCG.
     super::engine(paths)?;

@@ -73,12 +73,18 @@ pub struct Shared {
     /// How long a create, move or delete may take before the caller gets
     /// an error.
     pub op_timeout: Duration,
+    /// The registries' token, if they need one.
+    pub registry_token: Option<ferry_transport::Token>,
 }
 
 impl Shared {
     /// The state, loaded from `store`. Nodes count as heard from now: a
     /// restarted manager gives each a full lease to report again.
-    pub fn load(store: Store, op_timeout: Duration) -> Result<Arc<Shared>, ApiError> {
+    pub fn load(
+        store: Store,
+        op_timeout: Duration,
+        registry_token: Option<ferry_transport::Token>,
+    ) -> Result<Arc<Shared>, ApiError> {
         let snap = store.load().map_err(ApiError::store)?;
         let now = Instant::now();
         let nodes = snap
@@ -113,6 +119,7 @@ impl Shared {
             wake: Notify::new(),
             events: broadcast::channel(1024).0,
             op_timeout,
+            registry_token,
         }))
     }
 
@@ -225,7 +232,8 @@ impl Shared {
             let kind = CommandKind::Create {
                 name: name.clone(),
                 source,
-                token: rec.token.clone(),
+                registry_token: self.registry_token.clone(),
+                token: instance_token(&rec.token)?,
                 expose: req.expose.clone(),
             };
             core.put(rec, self)?;
@@ -318,7 +326,7 @@ impl Shared {
             let kind = CommandKind::Receive {
                 name: name.to_string(),
                 from,
-                token: rec.token.clone(),
+                token: instance_token(&rec.token)?,
                 expose: rec.expose.clone(),
             };
             core.put(rec, self)?;
@@ -862,6 +870,15 @@ impl Core {
             self.metrics.migrations_failed += 1;
         }
     }
+}
+
+/// An instance's stored credential as a token.
+fn instance_token(t: &str) -> Result<ferry_transport::Token, ApiError> {
+    ferry_transport::Token::new(t).map_err(|e| {
+        ApiError::conflict(format!(
+            "the instance's stored credential is not usable ({e}): delete and create it again"
+        ))
+    })
 }
 
 /// A random credential: 32 hex characters.

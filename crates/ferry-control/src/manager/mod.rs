@@ -38,13 +38,16 @@ pub struct ManagerConfig {
     pub store: PathBuf,
     /// When set, every request (API and link) needs `Authorization: Bearer`
     /// with it.
-    pub token: Option<String>,
+    pub token: Option<ferry_transport::Token>,
     /// How long a create, move or delete may take.
     pub op_timeout: Duration,
     /// How long a registry may take to describe a package.
     pub registry_timeout: Duration,
     /// Keep the records in etcd, with a leader among several managers.
     pub etcd: Option<EtcdConfig>,
+    /// The registries' token, if they need one: the manager reads package
+    /// descriptions with it and hands it to the node that creates.
+    pub registry_token: Option<ferry_transport::Token>,
 }
 
 /// `--etcd`: several managers share records in etcd; one leads.
@@ -292,15 +295,16 @@ pub fn run(
             )
         }
     };
-    let shared = Shared::load(store, config.op_timeout).map_err(|e| {
-        ManagerError::Store(StoreError::Database {
-            path: config.store.clone(),
-            detail: e.detail,
-        })
-    })?;
+    let shared =
+        Shared::load(store, config.op_timeout, config.registry_token.clone()).map_err(|e| {
+            ManagerError::Store(StoreError::Database {
+                path: config.store.clone(),
+                detail: e.detail,
+            })
+        })?;
     let state = routes::AppState {
         shared: shared.clone(),
-        token: config.token.clone().map(Arc::from),
+        token: config.token.clone(),
         registry_timeout: config.registry_timeout,
     };
     rt.block_on(async move {

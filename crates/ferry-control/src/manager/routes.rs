@@ -16,7 +16,6 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::Deserialize;
-use subtle::ConstantTimeEq;
 
 use super::{ApiError, Shared};
 use crate::api::{CreateInstance, InstanceState, MigrateInstance, NodeState};
@@ -28,7 +27,7 @@ pub struct AppState {
     /// The manager's state.
     pub shared: Arc<Shared>,
     /// The token every request needs, if any.
-    pub token: Option<Arc<str>>,
+    pub token: Option<ferry_transport::Token>,
     /// How long a registry may take to describe a package.
     pub registry_timeout: Duration,
 }
@@ -77,7 +76,7 @@ async fn guard(State(state): State<AppState>, req: Request, next: Next) -> Respo
             .and_then(|v| v.strip_prefix("Bearer "))
             .map(str::trim)
             .unwrap_or("");
-        if !bool::from(given.as_bytes().ct_eq(token.as_bytes())) {
+        if !token.matches(given.as_bytes()) {
             return ApiError::unauthorized().into_response();
         }
     }
@@ -312,10 +311,15 @@ async fn metrics(State(s): State<AppState>) -> Response {
 async fn create(s: &AppState, req: &CreateInstance) -> Result<crate::api::Instance, ApiError> {
     let url = source_url(&req.source)?;
     let probe_url = url.clone();
+    let token = s.shared.registry_token.clone();
     let described = tokio::time::timeout(
         s.registry_timeout,
         tokio::task::spawn_blocking(move || {
-            let remote = ferry_transport::RemotePackage::open(&probe_url, None)?;
+            let remote = ferry_transport::RemotePackage::open_with(
+                &probe_url,
+                token.as_ref().map(|t| t.expose()),
+                None,
+            )?;
             remote.vm_meta()
         }),
     )

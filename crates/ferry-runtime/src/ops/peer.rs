@@ -9,6 +9,7 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use ferry_engine::{AccelChoice, Engine, LiveLimits};
+use ferry_transport::Token;
 
 use crate::events::{CancelAction, EventSink};
 use crate::owner::{own, Outcome, OwnedVm, OwnerOptions};
@@ -27,8 +28,15 @@ pub struct PeerOptions {
     pub net: NetChoice,
     /// Serve the VM to the next peer on this address.
     pub listen: Option<SocketAddr>,
-    /// Bearer token for the registry, the source peer and `--listen`.
-    pub token: Option<String>,
+    /// Bearer token for reading from the registry (`--registry-token-file`,
+    /// else `--token`).
+    pub registry_token: Option<Token>,
+    /// TLS settings for an `https://` registry (`--ca`, `--client-cert`,
+    /// `--client-key`).
+    pub registry_tls: Option<ferry_transport::ClientTls>,
+    /// Bearer token for migrating: from the source peer, and of `--listen`
+    /// (`--migrate-token-file`, else `--token`).
+    pub migrate_token: Option<Token>,
     /// Accelerator choice (must match the VM's).
     pub accel: AccelChoice,
     /// Where the guest console is copied besides its log.
@@ -51,14 +59,14 @@ impl PeerOptions {
 
     /// Refuses what cannot work, before any network I/O.
     pub fn check(&self) -> Result<(), RuntimeError> {
-        if self.listen.is_some() && self.token.is_none() {
+        if self.listen.is_some() && self.migrate_token.is_none() {
             return Err(RuntimeError::BadOption(
-                "--listen needs --token or --token-file: peers never send a VM's memory to an unauthenticated caller".into(),
+                "--listen needs --migrate-token-file, --token or --token-file: peers never send a VM's memory to an unauthenticated caller".into(),
             ));
         }
-        if !self.from_registry() && self.token.is_none() {
+        if !self.from_registry() && self.migrate_token.is_none() {
             return Err(RuntimeError::BadOption(format!(
-                "migrating from the peer {} needs its token: pass --token or --token-file",
+                "migrating from the peer {} needs its token: pass --migrate-token-file, --token or --token-file",
                 self.from
             )));
         }
@@ -81,7 +89,8 @@ pub fn take(
             paths,
             &RegistryStart {
                 url: opts.from.clone(),
-                token: opts.token.clone(),
+                token: opts.registry_token.clone(),
+                tls: opts.registry_tls.clone(),
                 name: opts.name.clone(),
                 accel: opts.accel,
                 console: opts.console.clone(),
@@ -97,7 +106,7 @@ pub fn take(
             paths,
             &IncomingStart {
                 from: opts.from.clone(),
-                token: opts.token.clone().expect("checked"),
+                token: opts.migrate_token.clone().expect("checked"),
                 name: opts.name.clone(),
                 accel: opts.accel,
                 console: opts.console.clone(),
@@ -119,7 +128,7 @@ pub fn owner_options(opts: &PeerOptions, name: &str) -> OwnerOptions {
                 .clone()
                 .unwrap_or_else(|| PathBuf::from(format!("{name}.ferry"))),
         ),
-        listen: opts.listen.zip(opts.token.clone()),
+        listen: opts.listen.zip(opts.migrate_token.clone()),
         limits: LiveLimits {
             max_bandwidth: opts
                 .max_bandwidth

@@ -38,8 +38,8 @@ pub use ferry_transport::migration::{Blob, VmOffer};
 pub struct IncomingStart {
     /// The source peer, `HOST:PORT`.
     pub from: String,
-    /// Its token.
-    pub token: String,
+    /// Its token (the migrate role's).
+    pub token: ferry_transport::Token,
     /// The VM's name here; the source's if `None`.
     pub name: Option<String>,
     /// Accelerator choice (it must be the VM's).
@@ -61,7 +61,7 @@ pub fn start(
     cancel: &Cancel,
 ) -> Result<OwnedVm, MigrateError> {
     let addr = opts.from.as_str();
-    let token = opts.token.as_str();
+    let token = &opts.token;
     // The offer comes checked: digests are hex, never paths; sizes agree.
     let (mut control, session, offer) = migration::connect(addr, token)?;
     let failed = |detail: String| MigrateError::Failed {
@@ -223,6 +223,9 @@ pub fn start(
 }
 
 /// A file from the offer, from the blob cache or fetched from the source.
+/// `blob.sha256` is 64 lowercase hex digits ([`VmOffer::validate`]), so the
+/// cache path stays in `dir`; the source must send exactly the offered
+/// size, and what does not arrive whole and right is removed.
 fn fetch_blob(
     control: &mut migration::Control,
     name: &str,
@@ -230,19 +233,27 @@ fn fetch_blob(
     dir: &Path,
 ) -> Result<PathBuf, MigrateError> {
     let path = dir.join(&blob.sha256);
+    debug_assert_eq!(path.parent(), Some(dir));
     if path.exists() {
         return Ok(path);
     }
-    std::fs::create_dir_all(dir).map_err(FileError::at(dir))?;
+    crate::paths::private_dir(dir).map_err(FileError::at(dir))?;
     control.send(&DestMsg::Fetch {
         name: name.to_string(),
     })?;
     let len = match control.recv::<SourceMsg>(Some(Duration::from_secs(60)))? {
-        SourceMsg::Blob { len, .. } => len,
+        SourceMsg::Blob { name: sent, len } if sent == name => len,
         other => {
             return Err(MigrationError::Protocol(format!("expected {name}, got {other:?}")).into())
         }
     };
+    if len != blob.size {
+        return Err(MigrationError::Protocol(format!(
+            "the source offered a {name} of {} bytes and sends {len}",
+            blob.size
+        ))
+        .into());
+    }
     let part = path.with_extension(format!("part-{}", std::process::id()));
     control.recv_blob_into(len, &part)?;
     if sha256_of(&part)? != blob.sha256 {

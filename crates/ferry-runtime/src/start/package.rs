@@ -258,6 +258,10 @@ pub(crate) fn copy_sparse(from: &Path, to: &Path) -> Result<(), StartError> {
         .status()
         .map_err(FileError::at(to))?;
     if status.success() {
+        // cp keeps the source's mode: a copy of memory or disk is private.
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(to, std::fs::Permissions::from_mode(0o600))
+            .map_err(FileError::at(to))?;
         Ok(())
     } else {
         Err(FileError {

@@ -39,7 +39,9 @@ pub struct RegistryStart {
     /// The package's URL.
     pub url: String,
     /// The registry's token.
-    pub token: Option<String>,
+    pub token: Option<ferry_transport::Token>,
+    /// TLS settings for an `https://` registry (`None`: the public roots).
+    pub tls: Option<ferry_transport::ClientTls>,
     /// The VM's name here; the recipe's and a suffix if `None`.
     pub name: Option<String>,
     /// Accelerator choice (it must be the package's).
@@ -63,7 +65,11 @@ pub fn plan(
     opts: &RegistryStart,
     events: &dyn EventSink,
 ) -> Result<(StartPlan<'static>, LazySlot), StartError> {
-    let remote = Arc::new(RemotePackage::open(&opts.url, opts.token.as_deref())?);
+    let remote = Arc::new(RemotePackage::open_with(
+        &opts.url,
+        opts.token.as_ref().map(|t| t.expose()),
+        opts.tls.as_ref(),
+    )?);
     let meta = remote.vm_meta()?;
     super::check_host_memory(meta.provenance.memory_mib)?;
     let name = opts

@@ -64,6 +64,12 @@ impl VmOffer {
                     shown(&blob.sha256)
                 ));
             }
+            if blob.size == 0 || blob.size > MAX_BLOB_SIZE {
+                return bad(format!(
+                    "gives the {what} a size of {} bytes (1 byte to {MAX_BLOB_SIZE})",
+                    blob.size
+                ));
+            }
         }
         if self.disk_size == 0 {
             return bad("gives a disk of 0 bytes".into());
@@ -71,6 +77,10 @@ impl VmOffer {
         Ok(())
     }
 }
+
+/// The largest kernel or initramfs a destination fetches: 1 GiB (a
+/// hostile source cannot fill the destination's disk with one).
+pub const MAX_BLOB_SIZE: u64 = 1 << 30;
 
 /// The VM name rule of the runtime (`validate_name`), repeated here so that
 /// an offer is refused before anything is made from it.
@@ -90,7 +100,7 @@ fn valid_sha256(digest: &str) -> bool {
 }
 
 /// A string from the peer, quoted and cut short for a message.
-fn shown(s: &str) -> String {
+pub(super) fn shown(s: &str) -> String {
     const MAX: usize = 80;
     match s.char_indices().nth(MAX) {
         Some((end, _)) => format!("{:?}…", &s[..end]),
@@ -193,6 +203,14 @@ pub(super) mod tests {
         }
         let msg = refused(|o| o.name = "x".repeat(10_000));
         assert!(msg.len() < 300, "the name is cut short: {msg}");
+    }
+
+    #[test]
+    fn blob_sizes_are_bounded() {
+        let msg = refused(|o| o.kernel.size = 0);
+        assert!(msg.contains("kernel a size of 0 bytes"), "{msg}");
+        let msg = refused(|o| o.initramfs.size = MAX_BLOB_SIZE + 1);
+        assert!(msg.contains("initramfs a size of"), "{msg}");
     }
 
     #[test]

@@ -1,7 +1,7 @@
 //! The control messages as a peer of this or another version sends them,
 //! and the destination's first step ([`connect`]) against a scripted source.
 
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpListener;
 
 use serde_json::json;
@@ -11,6 +11,22 @@ use super::*;
 
 fn decode(v: serde_json::Value) -> Result<SourceMsg, serde_json::Error> {
     serde_json::from_value(v)
+}
+
+#[test]
+fn a_hello_never_shows_its_token() {
+    let hello = Hello::Control {
+        v: 1,
+        token: "migrate-token-0123".into(),
+    };
+    assert!(!format!("{hello:?}").contains("migrate-token"));
+    let hello = Hello::Channel {
+        v: 1,
+        token: "migrate-token-0123".into(),
+        session: "s".into(),
+        channel: ChannelKind::State,
+    };
+    assert!(!format!("{hello:?}").contains("migrate-token"));
 }
 
 #[test]
@@ -128,6 +144,11 @@ fn scripted_source(offer: serde_json::Value) -> (String, std::thread::JoinHandle
     (addr, source)
 }
 
+/// A token good enough to send.
+pub(super) fn token() -> Token {
+    Token::new("migrate-token-0123").unwrap()
+}
+
 fn offer_msg(vm: serde_json::Value) -> serde_json::Value {
     json!({"type": "offer", "session": "s1", "vm": vm})
 }
@@ -135,7 +156,7 @@ fn offer_msg(vm: serde_json::Value) -> serde_json::Value {
 #[test]
 fn connect_returns_a_checked_offer() {
     let (addr, source) = scripted_source(offer_msg(offer_json()));
-    let (control, session, vm) = connect(&addr, "t").unwrap();
+    let (control, session, vm) = connect(&addr, &token()).unwrap();
     assert_eq!(session, "s1");
     assert_eq!(vm, offer());
     drop(control);
@@ -147,7 +168,7 @@ fn connect_refuses_a_path_for_a_digest_and_tells_the_source() {
     let mut vm = offer_json();
     vm["kernel"]["sha256"] = json!("../../etc/passwd");
     let (addr, source) = scripted_source(offer_msg(vm));
-    let e = connect(&addr, "t").err().unwrap();
+    let e = connect(&addr, &token()).err().unwrap();
     assert!(matches!(e, MigrationError::Protocol(_)), "{e:?}");
     assert!(
         e.to_string().contains("kernel digest \"../../etc/passwd\""),
@@ -166,10 +187,154 @@ fn connect_names_a_missing_field() {
     let mut vm = offer_json();
     vm.as_object_mut().unwrap().remove("disk_size");
     let (addr, source) = scripted_source(offer_msg(vm));
-    let e = connect(&addr, "t").err().unwrap();
+    let e = connect(&addr, &token()).err().unwrap();
     assert!(matches!(e, MigrationError::Protocol(_)), "{e:?}");
     let msg = e.to_string();
     assert!(msg.contains("unreadable offer"), "{msg}");
     assert!(msg.contains("missing field `disk_size`"), "{msg}");
     assert!(source.join().unwrap().contains(r#""type":"abort""#));
+}
+
+// ---- hostile callers of the source's listener, and hostile sources ----
+//
+// Each was checked to fail without its defence by reverting it once
+// locally: the per-read hello timeout (the trickled hello then stayed
+// open past 20 s), no handshake cap (the 65th connection then waited for
+// its hello), and `read_line` without MAX_LINE (the oversized offer was
+// read whole and reported as unreadable JSON instead).
+
+/// A listener that counts the migrations it is handed.
+fn listener(limits: ServerLimits) -> (Server, Arc<AtomicU64>) {
+    let handed = Arc::new(AtomicU64::new(0));
+    let h = handed.clone();
+    let server = Server::bind_with(
+        "127.0.0.1:0".parse().unwrap(),
+        &token(),
+        limits,
+        move |_| {
+            h.fetch_add(1, Ordering::SeqCst);
+        },
+    )
+    .unwrap();
+    (server, handed)
+}
+
+/// Whether the listener closed `s` (EOF or reset) within `within`.
+fn closed_within(s: &mut std::net::TcpStream, within: Duration) -> bool {
+    s.set_read_timeout(Some(within)).unwrap();
+    let mut buf = [0u8; 256];
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) => return true,
+            Ok(_) => continue, // a refusal line, then EOF
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return true,
+            Err(_) => return false,
+        }
+    }
+}
+
+#[test]
+fn a_hello_trickled_byte_by_byte_is_cut_off_at_the_deadline() {
+    let (server, handed) = listener(ServerLimits::default());
+    let mut s = std::net::TcpStream::connect(server.local_addr()).unwrap();
+    let hello = br#"{"type":"control","v":1,"token":"migrate-token-0123"}"#;
+    let started = Instant::now();
+    // One byte every 3 s: each read comes well within any per-read
+    // timeout, but the whole hello would take minutes.
+    let mut cut = false;
+    for b in hello.iter() {
+        if s.write_all(&[*b]).is_err() {
+            cut = true;
+            break;
+        }
+        if closed_within(&mut s, Duration::from_secs(3)) {
+            cut = true;
+            break;
+        }
+        assert!(started.elapsed() < Duration::from_secs(20), "never cut off");
+    }
+    assert!(cut, "the whole trickled hello was read");
+    let took = started.elapsed();
+    assert!(
+        took >= HANDSHAKE_DEADLINE - Duration::from_millis(500) && took < Duration::from_secs(16),
+        "cut off after {took:?}, not at the {HANDSHAKE_DEADLINE:?} deadline"
+    );
+    assert_eq!(handed.load(Ordering::SeqCst), 0);
+}
+
+#[test]
+fn connections_past_the_cap_are_closed_at_once_and_a_wrong_token_refused() {
+    let limits = ServerLimits {
+        handshake: Duration::from_secs(30),
+        max_handshakes: 4,
+    };
+    let (server, handed) = listener(limits);
+    let addr = server.local_addr();
+    // Four idle callers hold every handshake slot.
+    let idle: Vec<_> = (0..4)
+        .map(|_| std::net::TcpStream::connect(addr).unwrap())
+        .collect();
+    std::thread::sleep(Duration::from_millis(300));
+    let mut fifth = std::net::TcpStream::connect(addr).unwrap();
+    assert!(
+        closed_within(&mut fifth, Duration::from_secs(5)),
+        "a connection past the cap is closed at once"
+    );
+    // Once they go, a caller is served again: a wrong and an empty token
+    // are refused with one line, before anything of the VM is sent.
+    drop(idle);
+    std::thread::sleep(Duration::from_millis(300));
+    for t in ["wrong-token-0123456", ""] {
+        let mut s = std::net::TcpStream::connect(addr).unwrap();
+        writeln!(s, r#"{{"type":"control","v":1,"token":"{t}"}}"#).unwrap();
+        let mut line = String::new();
+        BufReader::new(&s).read_line(&mut line).unwrap();
+        let msg: SourceMsg = serde_json::from_str(&line).unwrap();
+        assert!(
+            matches!(&msg, SourceMsg::Refused { reason } if reason.starts_with("wrong token")),
+            "{msg:?}"
+        );
+        assert!(closed_within(&mut s, Duration::from_secs(5)));
+    }
+    assert_eq!(handed.load(Ordering::SeqCst), 0);
+    // The right token is handed on.
+    let (_c, _) = {
+        let mut s = std::net::TcpStream::connect(addr).unwrap();
+        writeln!(
+            s,
+            r#"{{"type":"control","v":1,"token":"migrate-token-0123"}}"#
+        )
+        .unwrap();
+        (s, ())
+    };
+    let t = Instant::now();
+    while handed.load(Ordering::SeqCst) == 0 && t.elapsed() < Duration::from_secs(5) {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(handed.load(Ordering::SeqCst), 1);
+}
+
+#[test]
+fn an_oversized_control_line_is_refused() {
+    // An offer line of MAX_LINE + 1 MiB of padding, without a newline
+    // until the end: refused once MAX_LINE is passed.
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let source = std::thread::spawn(move || {
+        let (stream, _) = listener.accept().unwrap();
+        let mut reader = BufReader::new(stream.try_clone().unwrap());
+        let mut line = String::new();
+        reader.read_line(&mut line).unwrap();
+        let pad = vec![b' '; MAX_LINE + (1 << 20)];
+        let _ = (&stream).write_all(&pad);
+        let _ = (&stream).write_all(b"\n");
+    });
+    let e = connect(&addr, &token()).err().unwrap();
+    assert!(matches!(e, MigrationError::Protocol(_)), "{e:?}");
+    assert!(
+        e.to_string()
+            .contains(&format!("sent a control line longer than {MAX_LINE} bytes")),
+        "{e}"
+    );
+    let _ = source.join();
 }

@@ -129,7 +129,7 @@ pub fn serve(packages: &[&Path], token: Option<&str>) -> RunningRegistry {
     Registry::bind(RegistryConfig {
         packages: packages.iter().map(|p| p.to_path_buf()).collect(),
         listen: "127.0.0.1:0".parse().unwrap(),
-        token: token.map(str::to_string),
+        token: token.map(|t| ferry_transport::Token::new(t).unwrap()),
     })
     .unwrap()
     .spawn()
