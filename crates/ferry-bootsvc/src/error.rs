@@ -16,9 +16,6 @@ pub enum BootSvcError {
     /// The store could not be opened.
     #[error(transparent)]
     Store(#[from] StoreError),
-    /// The token is unusable.
-    #[error("the token {0}: use printable ASCII without spaces")]
-    BadToken(&'static str),
     /// `--advertise` is not a usable address.
     #[error("--advertise {0:?} is not an address nodes can use (e.g. 10.0.0.1:27778 or http://host:27778)")]
     BadAdvertise(String),

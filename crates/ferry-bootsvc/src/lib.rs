@@ -50,8 +50,9 @@ pub struct BootServiceConfig {
     pub listen: SocketAddr,
     /// The store directory: `state.json` and `files/`.
     pub store: PathBuf,
-    /// When set, writes need `Authorization: Bearer <token>`.
-    pub token: Option<String>,
+    /// When set, writes need `Authorization: Bearer <token>` (a checked
+    /// token: 16 characters or more, as everywhere in ferry).
+    pub token: Option<ferry_transport::Token>,
     /// The base URL nodes are told to use (`http://host:port`); `None`:
     /// the listening address.
     pub advertise: Option<String>,
@@ -60,7 +61,7 @@ pub struct BootServiceConfig {
 /// Shared by every request.
 pub(crate) struct AppState {
     pub(crate) store: Store,
-    pub(crate) token: Option<Vec<u8>>,
+    pub(crate) token: Option<ferry_transport::Token>,
     /// `http://host:port`, no trailing slash.
     pub(crate) advertise: String,
     pub(crate) files: PathBuf,
@@ -105,17 +106,10 @@ impl BootService {
     /// taken address fails here, before anything is served.
     ///
     /// # Errors
-    /// [`BootSvcError::Store`], [`BootSvcError::BadToken`],
+    /// [`BootSvcError::Store`],
     /// [`BootSvcError::BadAdvertise`] or [`BootSvcError::Bind`].
     pub fn bind(config: BootServiceConfig) -> Result<BootService, BootSvcError> {
-        let token = match config.token {
-            Some(t) if t.is_empty() => return Err(BootSvcError::BadToken("is empty")),
-            Some(t) if !t.bytes().all(|b| b.is_ascii_graphic()) => {
-                return Err(BootSvcError::BadToken("holds spaces or control characters"))
-            }
-            Some(t) => Some(t.into_bytes()),
-            None => None,
-        };
+        let token = config.token;
         let store = Store::open(&config.store)?;
         let files = config.store.join("files");
         std::fs::create_dir_all(&files).map_err(|source| {

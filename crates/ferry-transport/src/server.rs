@@ -630,22 +630,9 @@ async fn guard(State(state): State<Arc<AppState>>, req: Request, next: Next) -> 
     response
 }
 
-/// Whether `headers` carry `Authorization: Bearer <token>`, compared in
-/// constant time so the answer's timing says nothing about the token.
+/// Whether `headers` carry `Authorization: Bearer <token>` ([`Token::authorizes`]).
 fn authorized(headers: &HeaderMap, token: &Token) -> bool {
-    let Some(value) = headers.get(header::AUTHORIZATION) else {
-        return false;
-    };
-    let value = value.as_bytes();
-    // The scheme is case-insensitive.
-    let Some(scheme) = value.get(..7) else {
-        return false;
-    };
-    if !scheme.eq_ignore_ascii_case(b"bearer ") {
-        return false;
-    }
-    let given = value[7..].trim_ascii();
-    token.matches(given)
+    token.authorizes(headers)
 }
 
 /// `GET /`.

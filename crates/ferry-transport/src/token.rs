@@ -68,6 +68,23 @@ impl Token {
     pub fn matches(&self, given: &[u8]) -> bool {
         given.ct_eq(self.0.as_bytes()).into()
     }
+
+    /// Whether `headers` carry `Authorization: Bearer <this token>` (the
+    /// scheme in any case, the token compared in constant time): the one
+    /// check every ferry server (registry, manager, boot service) makes.
+    pub fn authorizes(&self, headers: &axum::http::HeaderMap) -> bool {
+        let Some(value) = headers.get(axum::http::header::AUTHORIZATION) else {
+            return false;
+        };
+        let value = value.as_bytes();
+        let Some(scheme) = value.get(..7) else {
+            return false;
+        };
+        if !scheme.eq_ignore_ascii_case(b"bearer ") {
+            return false;
+        }
+        self.matches(value[7..].trim_ascii())
+    }
 }
 
 impl std::fmt::Debug for Token {

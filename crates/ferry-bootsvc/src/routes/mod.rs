@@ -17,7 +17,6 @@ use axum::response::{IntoResponse, Response};
 use axum::Router;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
-use subtle::ConstantTimeEq;
 use tracing::debug;
 
 use crate::error::ApiError;
@@ -52,20 +51,9 @@ async fn guard(State(state): State<Arc<AppState>>, req: Request, next: Next) -> 
     response
 }
 
-/// Whether `headers` carry `Authorization: Bearer <token>`, compared in
-/// constant time so the answer's timing says nothing about the token.
-fn authorized(headers: &HeaderMap, token: &[u8]) -> bool {
-    let Some(value) = headers.get(header::AUTHORIZATION) else {
-        return false;
-    };
-    let value = value.as_bytes();
-    let Some(scheme) = value.get(..7) else {
-        return false;
-    };
-    if !scheme.eq_ignore_ascii_case(b"bearer ") {
-        return false;
-    }
-    value[7..].trim_ascii().ct_eq(token).into()
+/// Whether `headers` carry `Authorization: Bearer <token>`.
+fn authorized(headers: &HeaderMap, token: &ferry_transport::Token) -> bool {
+    token.authorizes(headers)
 }
 
 /// A query string's pairs, decoded, repeated keys kept in order.

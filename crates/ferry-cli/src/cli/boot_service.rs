@@ -102,11 +102,7 @@ fn serve(args: ServeArgs, paths: &Paths, ctx: &super::Ctx) -> anyhow::Result<Exi
         });
     }
     let token = match &args.token_file {
-        Some(f) => Some(
-            super::tokens::read_file("--token-file", f)?
-                .expose()
-                .to_string(),
-        ),
+        Some(f) => Some(super::tokens::read_file("--token-file", f)?),
         None => None,
     };
     let guarded = token.is_some();
