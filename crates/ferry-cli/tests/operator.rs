@@ -17,6 +17,9 @@
 //!   nothing is created.
 //! - RBAC: the operator works with exactly the permissions of
 //!   `deploy/rbac.yaml`; a second replica waits for the Lease.
+//! - The operator SIGKILLed right after a create reached the manager, and
+//!   while its finalizer waits for a move to end (a delete while moving);
+//!   two Instances on the same source.
 //!
 //! The tests skip (saying so) only when Go is missing, so that
 //! kube-apiserver cannot be built; they never fake the API server.
@@ -803,4 +806,99 @@ fn the_operator_works_with_exactly_the_permissions_in_deploy() {
     drop(second);
     drop(op);
     let _ = n1.ferry(e1).args(["stop", "--all", "--discard"]).output();
+}
+
+#[test]
+fn the_operator_killed_at_each_step_leaves_nothing_behind() {
+    let _lock = vm_lock();
+    if !kube_available() {
+        return;
+    }
+    let hosts = TestHosts::create(&["r", "m", "n1", "n2"]);
+    let (m, n1, n2) = (&hosts["m"], &hosts["n1"], &hosts["n2"]);
+    let mut envs = Vec::new();
+    let cl = cluster(&hosts, &mut envs, &["n1", "n2"]);
+    let (e1, e2, em) = (&envs[0], &envs[1], &envs[3]);
+    let kube = Kube::start(m, false);
+    kube.install_crd();
+    let extra = ["--lease-namespace", "default"];
+    let mut op = operator(m, em, &kube, "kubeconfig", "op-a", &extra, "ready");
+
+    // SIGKILLed right after the create was sent to the manager: the
+    // restarted operator finds the create in the manager's record.
+    let out = kube.apply(&sample(&cl.registry));
+    assert!(out.status.success(), "{}", describe(&out));
+    let rec = wait_until(Duration::from_secs(60), "the create to be sent", || {
+        let r = vm_record(m, "default.kv");
+        (!r.is_null()).then_some(r)
+    });
+    op.kill().unwrap();
+    let _ = op.wait();
+    drop(op);
+    eprintln!("killed with the VM {}", rec["state"]);
+    let mut op = operator(m, em, &kube, "kubeconfig", "op-a", &extra, "ready");
+    let (seen, _) = watch_until(
+        &kube,
+        "kv",
+        "kv to run on node-1",
+        Duration::from_secs(180),
+        |i| running_on_node(i, "node-1"),
+    );
+    eprintln!("create across a kill: {seen:?}");
+    assert_eq!(running_on(n1, e1), ["default.kv"], "one VM, not two");
+
+    // Two Instances on the same source: two VMs.
+    let kv2 = sample(&cl.registry)
+        .replace("name: kv", "name: kv2")
+        .replace("nodeName: node-1", "nodeName: node-2")
+        .replace("16379:6379", "16380:6379");
+    let out = kube.apply(&kv2);
+    assert!(out.status.success(), "{}", describe(&out));
+    watch_until(
+        &kube,
+        "kv2",
+        "kv2 to run on node-2",
+        Duration::from_secs(180),
+        |i| running_on_node(i, "node-2"),
+    );
+    assert_eq!(running_on(n2, e2), ["default.kv2"]);
+
+    // A delete while a move runs, and the operator SIGKILLed while its
+    // finalizer waits for the move: the VM goes, then the object.
+    patch_node(&kube, "kv", "node-2");
+    watch_until(
+        &kube,
+        "kv",
+        "the move to start",
+        Duration::from_secs(30),
+        |i| condition(i, "Migrating")["status"] == "True",
+    );
+    kube.ok(&["delete", "instance", "kv", "--wait=false"]);
+    wait_until(Duration::from_secs(10), "the delete to be seen", || {
+        (!kube.instance("kv")["metadata"]["deletionTimestamp"].is_null()).then_some(())
+    });
+    op.kill().unwrap();
+    let _ = op.wait();
+    drop(op);
+    let op = operator(m, em, &kube, "kubeconfig", "op-a", &extra, "ready");
+    wait_until(Duration::from_secs(180), "kv to be gone", || {
+        kube.instance("kv").is_null().then_some(())
+    });
+    assert_eq!(vm_record(m, "default.kv"), Value::Null);
+    wait_until(Duration::from_secs(30), "no copy of kv left", || {
+        let left: Vec<String> = running_on(n1, e1)
+            .into_iter()
+            .chain(running_on(n2, e2))
+            .filter(|n| n == "default.kv")
+            .collect();
+        (left.is_empty() && qemu_pids("default.kv").is_empty()).then_some(())
+    });
+    assert_eq!(running_on(n2, e2), ["default.kv2"], "kv2 untouched");
+
+    kube.ok(&["delete", "instance", "kv2", "--timeout=120s"]);
+    assert!(running_on(n2, e2).is_empty());
+    drop(op);
+    for (n, e) in [(n1, e1), (n2, e2)] {
+        let _ = n.ferry(e).args(["stop", "--all", "--discard"]).output();
+    }
 }
