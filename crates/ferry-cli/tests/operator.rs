@@ -19,7 +19,8 @@
 //!   `deploy/rbac.yaml`; a second replica waits for the Lease.
 //! - The operator SIGKILLed right after a create reached the manager, and
 //!   while its finalizer waits for a move to end (a delete while moving);
-//!   two Instances on the same source.
+//!   two Instances on the same source; the manager killed: Degraded with
+//!   the reason, and the step taken once it is back.
 //!
 //! The tests skip (saying so) only when Go is missing, so that
 //! kube-apiserver cannot be built; they never fake the API server.
@@ -191,7 +192,7 @@ fn start(host: &Host, env: &FerryEnv, args: &[&str], ready: &str) -> KillOnDrop 
 
 struct Cluster {
     _registry: KillOnDrop,
-    _manager: KillOnDrop,
+    manager: KillOnDrop,
     _workers: Vec<KillOnDrop>,
     registry: String,
 }
@@ -218,22 +219,7 @@ fn cluster(hosts: &TestHosts, envs: &mut Vec<FerryEnv>, nodes: &[&str]) -> Clust
         "listening on ",
     );
     let link = format!("{}:{LINK_PORT}", m.addr());
-    let store = em.state.path().join("manager-store");
-    let manager = start(
-        m,
-        &em,
-        &[
-            "manager",
-            "--workers-listen",
-            &link,
-            "--insecure",
-            "--store",
-            store.to_str().unwrap(),
-            "--op-timeout-s",
-            "300",
-        ],
-        "listening on ",
-    );
+    let manager = manager(m, &em);
     let mut workers = Vec::new();
     for (i, n) in nodes.iter().enumerate() {
         let e = hosts[*n].ferry_env(bin);
@@ -259,10 +245,32 @@ fn cluster(hosts: &TestHosts, envs: &mut Vec<FerryEnv>, nodes: &[&str]) -> Clust
     envs.push(em);
     Cluster {
         _registry: registry,
-        _manager: manager,
+        manager,
         _workers: workers,
         registry: format!("{}:{REGISTRY_PORT}", r.addr()),
     }
+}
+
+/// `ferry manager` on `m`, its store in `em`'s state (so a restart finds
+/// its records).
+fn manager(m: &Host, em: &FerryEnv) -> KillOnDrop {
+    let link = format!("{}:{LINK_PORT}", m.addr());
+    let store = em.state.path().join("manager-store");
+    start(
+        m,
+        em,
+        &[
+            "manager",
+            "--workers-listen",
+            &link,
+            "--insecure",
+            "--store",
+            store.to_str().unwrap(),
+            "--op-timeout-s",
+            "300",
+        ],
+        "listening on ",
+    )
 }
 
 /// `ferry operator run` inside `m` (where the manager's API is on
@@ -895,8 +903,39 @@ fn the_operator_killed_at_each_step_leaves_nothing_behind() {
     });
     assert_eq!(running_on(n2, e2), ["default.kv2"], "kv2 untouched");
 
+    // The manager unreachable: Degraded with the reason; once it is back,
+    // the retries (with backoff) take the step.
+    let mut cl = cl;
+    cl.manager.kill().unwrap();
+    let _ = cl.manager.wait();
+    patch_node(&kube, "kv2", "node-1");
+    let (_, k) = watch_until(
+        &kube,
+        "kv2",
+        "kv2 to be Degraded",
+        Duration::from_secs(30),
+        |i| condition(i, "Degraded")["reason"] == "ManagerUnreachable",
+    );
+    assert!(
+        condition(&k, "Degraded")["message"]
+            .as_str()
+            .unwrap()
+            .contains("127.0.0.1:1400"),
+        "{k}"
+    );
+    assert_eq!(k["status"]["state"], "Running", "still where it was: {k}");
+    cl.manager = manager(m, em);
+    watch_until(
+        &kube,
+        "kv2",
+        "kv2 to move once the manager is back",
+        Duration::from_secs(180),
+        |i| running_on_node(i, "node-1") && condition(i, "Degraded")["status"] == "False",
+    );
+    assert_eq!(running_on(n1, e1), ["default.kv2"]);
+
     kube.ok(&["delete", "instance", "kv2", "--timeout=120s"]);
-    assert!(running_on(n2, e2).is_empty());
+    assert!(running_on(n1, e1).is_empty());
     drop(op);
     for (n, e) in [(n1, e1), (n2, e2)] {
         let _ = n.ferry(e).args(["stop", "--all", "--discard"]).output();
