@@ -44,7 +44,7 @@ etcd_peer_port=${ETCD_PEER_PORT:-2380}
 say() { echo "kube-apiserver.sh: $*" >&2; }
 
 find_go() {
-  if [ -n "${GO:-}" ]; then echo "$GO"; return; fi
+  if [ -n "${GO:-}" ]; then { [ -x "$GO" ] || command -v "$GO" >/dev/null 2>&1; } && echo "$GO"; return 0; fi
   command -v go 2>/dev/null || { [ -x /usr/local/go/bin/go ] && echo /usr/local/go/bin/go; } || true
 }
 

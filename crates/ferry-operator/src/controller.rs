@@ -671,3 +671,74 @@ pub async fn run_controller(api: Api<Instance>, ctx: Arc<Context>) {
         })
         .await;
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::crd::InstanceSpec;
+
+    fn instance(ns: &str, name: &str) -> Instance {
+        let mut i = Instance::new(
+            name,
+            InstanceSpec {
+                package_raddr: "10.0.0.1:7070".into(),
+                node_name: "node-1".into(),
+                memory: None,
+                exposes: Vec::new(),
+            },
+        );
+        i.metadata.namespace = Some(ns.into());
+        i.metadata.generation = Some(3);
+        i
+    }
+
+    #[test]
+    fn vm_names_are_namespace_dot_name() {
+        assert_eq!(vm_name(&instance("default", "kv")), "default.kv");
+        assert!(ferry_control_name_ok("default.kv").is_ok());
+        assert!(ferry_control_name_ok(&format!("default.{}", "a".repeat(60))).is_err());
+    }
+
+    #[test]
+    fn a_condition_keeps_its_transition_time_until_its_status_changes() {
+        let mut inst = instance("default", "kv");
+        let mut st = Status::of(&inst);
+        st.set("Ready", true, "Running", "running on node-1");
+        let first = st.new.conditions[0].last_transition_time.clone();
+        assert_eq!(st.new.observed_generation, Some(3));
+        assert!(st.condition_changed("Ready"));
+
+        inst.status = Some(st.new.clone());
+        std::thread::sleep(Duration::from_millis(5));
+        let mut st = Status::of(&inst);
+        st.set("Ready", true, "Running", "running on node-1 (again)");
+        assert_eq!(st.new.conditions[0].last_transition_time, first);
+        assert!(!st.condition_changed("Ready"));
+        st.set("Ready", false, "NodeLost", "node-1 stopped reporting");
+        assert_ne!(st.new.conditions[0].last_transition_time, first);
+        assert!(st.condition_changed("Ready"));
+        assert_eq!(st.new.conditions.len(), 1, "one condition per type");
+    }
+
+    #[test]
+    fn moves_become_records_with_a_phase() {
+        let mv = |ok, ended: Option<u64>| api::Move {
+            from: "node-1".into(),
+            to: "node-2".into(),
+            started_unix_ms: 1_700_000_000_000,
+            ended_unix_ms: ended,
+            ok,
+            error: None,
+            downtime_ms: ended.map(|_| 20),
+        };
+        let running = move_record(&mv(None, None));
+        assert_eq!(running.phase, "Running");
+        assert_eq!(running.start_time, "2023-11-14T22:13:20Z");
+        assert_eq!(running.end_time, None);
+        let done = move_record(&mv(Some(true), Some(1_700_000_001_500)));
+        assert_eq!(done.phase, "Succeeded");
+        assert_eq!(done.end_time.as_deref(), Some("2023-11-14T22:13:21.5Z"));
+        assert_eq!(done.downtime_ms, Some(20));
+        assert_eq!(move_record(&mv(Some(false), Some(1))).phase, "Failed");
+    }
+}

@@ -205,4 +205,20 @@ mod tests {
             serde_json::json!({})
         );
     }
+
+    #[test]
+    fn deploy_crd_yaml_is_what_ferry_operator_crd_prints() {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../../deploy/crd.yaml");
+        let file = std::fs::read_to_string(path).unwrap();
+        let body: String = file
+            .lines()
+            .filter(|l| !l.starts_with('#'))
+            .map(|l| format!("{l}\n"))
+            .collect();
+        assert_eq!(
+            body.trim_end(),
+            crd_yaml().trim_end(),
+            "regenerate it: ferry operator crd > deploy/crd.yaml (keep the comment line)"
+        );
+    }
 }
