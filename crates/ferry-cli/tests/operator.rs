@@ -807,10 +807,40 @@ fn the_operator_works_with_exactly_the_permissions_in_deploy() {
         "the waiting replica acted: {log_b}"
     );
 
+    // The leader stopped cleanly (SIGTERM) hands the Lease on at once,
+    // well before it would expire (6 s), and the other replica acts: it
+    // deletes the VM, with the same permissions.
+    let mut op = op;
+    ferry_test_support::send_signal(op.id(), libc::SIGTERM);
+    let status = wait_until(Duration::from_secs(30), "the leader to exit", || {
+        op.try_wait().unwrap()
+    });
+    assert!(status.success(), "{status:?}");
+    let exited = Instant::now();
+    wait_until(Duration::from_secs(10), "op-b to take the lease", || {
+        let holder = kube.ok(&[
+            "get",
+            "lease",
+            "-n",
+            "ferry-system",
+            "ferry-operator",
+            "-o",
+            "jsonpath={.spec.holderIdentity}",
+        ]);
+        (holder == "op-b").then_some(())
+    });
+    assert!(
+        exited.elapsed() < Duration::from_secs(5),
+        "taken over in {:?}, not after the lease expired",
+        exited.elapsed()
+    );
+
     kube.ok(&["delete", "instance", "kv", "--timeout=120s"]);
     assert_eq!(kube.instance("kv"), Value::Null);
     assert!(running_on(n1, e1).is_empty());
     assert!(qemu_pids("default.kv").is_empty(), "no QEMU left");
+    let log_b = std::fs::read_to_string(kube.path("operator-op-b.log")).unwrap_or_default();
+    assert!(!log_b.contains("forbidden"), "{log_b}");
     drop(second);
     drop(op);
     let _ = n1.ferry(e1).args(["stop", "--all", "--discard"]).output();

@@ -169,7 +169,14 @@ pub async fn run(
     match lock {
         Some(lock) => {
             tokio::select! {
-                _ = controller => Ok(()),
+                _ = controller => {
+                    // A clean shutdown: hand the Lease on at once.
+                    metrics.set_leader(false);
+                    if let Err(e) = lock.release().await {
+                        tracing::warn!(error = %e, "releasing the lease");
+                    }
+                    Ok(())
+                }
                 lost = lock.hold() => {
                     metrics.set_leader(false);
                     Err(lost.into())
