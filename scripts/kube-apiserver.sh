@@ -25,7 +25,7 @@
 # Exit codes: 0 ok, 1 failure, 2 usage, 4 Go is missing (and nothing cached).
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
-cache=${FERRY_KUBE_CACHE:-$HOME/.cache/ferry/kube}
+cache=${FERRY_KUBE_CACHE:-${XDG_CACHE_HOME:-${HOME:-/root}/.cache}/ferry/kube}
 mod=$root/tools/kube-apiserver
 kube_version=$(sed -nE 's#^(require)?[[:space:]]*k8s\.io/kubernetes (v[0-9.]+).*#\2#p' "$mod/go.mod" | head -1)
 # What is built depends on go.mod, go.sum and the flags (the version stamp).
@@ -92,6 +92,16 @@ fetch_etcd() {
   rm -rf "$etcd_dir" && mv "$etcd_dir.tmp" "$etcd_dir"
 }
 
+# Builds and fetches what is missing, one caller at a time.
+prepare() {
+  mkdir -p "$cache"
+  (
+    flock 9
+    build_kube
+    fetch_etcd
+  ) 9>"$cache/.lock"
+}
+
 stop_pid() {
   local f=$1
   [ -f "$f" ] || return 0
@@ -131,8 +141,7 @@ EOF
 start() {
   local rbac=AlwaysAllow
   [ "${1:-}" = --rbac ] && rbac=RBAC
-  build_kube
-  fetch_etcd
+  prepare
   mkdir -p "$dir/pki"
   dir=$(cd "$dir" && pwd)
   stop_all
@@ -208,8 +217,7 @@ stop_all() {
 
 case "${1:-}" in
   build)
-    build_kube
-    fetch_etcd
+    prepare
     echo "$bin"
     ;;
   start)

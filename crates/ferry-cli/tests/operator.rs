@@ -440,10 +440,12 @@ fn events(kube: &Kube, name: &str) -> Vec<String> {
 
 #[test]
 fn kubectl_creates_moves_and_deletes_a_vm_through_the_operator() {
-    let _lock = vm_lock();
+    // Built before the VM lock: a first build takes minutes, and the
+    // test's time limit runs from the lock.
     if !kube_available() {
         return;
     }
+    let _lock = vm_lock();
     let hosts = TestHosts::create(&["r", "m", "n1", "n2", "client"]);
     let (m, n1, n2) = (&hosts["m"], &hosts["n1"], &hosts["n2"]);
     let mut envs = Vec::new();
@@ -736,10 +738,12 @@ fn kubectl_creates_moves_and_deletes_a_vm_through_the_operator() {
 
 #[test]
 fn the_operator_works_with_exactly_the_permissions_in_deploy() {
-    let _lock = vm_lock();
+    // Built before the VM lock: a first build takes minutes, and the
+    // test's time limit runs from the lock.
     if !kube_available() {
         return;
     }
+    let _lock = vm_lock();
     let hosts = TestHosts::create(&["r", "m", "n1"]);
     let (m, n1) = (&hosts["m"], &hosts["n1"]);
     let mut envs = Vec::new();
@@ -848,10 +852,12 @@ fn the_operator_works_with_exactly_the_permissions_in_deploy() {
 
 #[test]
 fn the_operator_killed_at_each_step_leaves_nothing_behind() {
-    let _lock = vm_lock();
+    // Built before the VM lock: a first build takes minutes, and the
+    // test's time limit runs from the lock.
     if !kube_available() {
         return;
     }
+    let _lock = vm_lock();
     let hosts = TestHosts::create(&["r", "m", "n1", "n2"]);
     let (m, n1, n2) = (&hosts["m"], &hosts["n1"], &hosts["n2"]);
     let mut envs = Vec::new();
