@@ -6,6 +6,17 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
 scripts/build.sh --debug
+# The operator tests' real API server: kube-apiserver and kubectl built from
+# k8s.io/kubernetes (the first time: minutes; then cached in
+# ~/.cache/ferry/kube) and etcd from Debian trixie. Without Go the operator
+# tests skip, saying so.
+kube_rc=0
+scripts/kube-apiserver.sh build >/dev/null || kube_rc=$?
+if [ "$kube_rc" = 4 ]; then
+  echo "scripts/test.sh: Go is missing: the operator tests (tests/operator.rs) will skip" >&2
+elif [ "$kube_rc" != 0 ]; then
+  exit "$kube_rc"
+fi
 cargo fmt --all -- --check
 cargo clippy -q --all-targets -- -D warnings
 export FERRY_AGENT=$PWD/target/agent/x86_64-unknown-linux-gnu/agent/ferry-agent

@@ -15,6 +15,7 @@ mod inspect;
 mod logs;
 mod manager;
 mod net;
+mod operator;
 mod package;
 mod peer;
 mod ps;
@@ -105,6 +106,8 @@ enum Command {
     Cluster(cluster::Args),
     /// TLS certificates for a test cluster (`tls init DIR`).
     Tls(tls::Args),
+    /// The Kubernetes operator: Instance objects become VMs.
+    Operator(operator::Args),
     /// The supervisor of one detached VM (started by ferry itself).
     #[command(hide = true)]
     Supervise(supervise::Args),
@@ -192,6 +195,7 @@ pub fn run(cli: Cli, started: Instant, ctx: &Ctx) -> anyhow::Result<ExitCode> {
         Command::Clean(args) => clean::run(args, &paths, ctx),
         Command::Manager(args) => manager::run(args, &paths, ctx),
         Command::Worker(args) => worker::run(args, &paths, ctx),
+        Command::Operator(args) => operator::run(args),
         Command::Cluster(args) => cluster::run(args, ctx),
         Command::Supervise(args) => supervise::run(args, &paths),
         Command::Tls(args) => tls::run(args),

@@ -119,6 +119,17 @@ fn body<T: for<'de> Deserialize<'de>>(bytes: &Bytes) -> Result<T, ApiError> {
     serde_json::from_slice(bytes).map_err(|e| ApiError::bad(format!("the request body: {e}")))
 }
 
+/// Runs a create, move or delete to its end even when its client goes
+/// away (a closed connection drops the handler): one dropped half-way would
+/// leave its instance busy, refusing every later operation.
+async fn detached<T: Send + 'static>(
+    op: impl std::future::Future<Output = Result<T, ApiError>> + Send + 'static,
+) -> Result<T, ApiError> {
+    tokio::spawn(op)
+        .await
+        .unwrap_or_else(|e| Err(ApiError::unavailable(format!("the operation stopped: {e}"))))
+}
+
 async fn seed_nodes(State(s): State<AppState>) -> Response {
     Json(s.shared.nodes()).into_response()
 }
@@ -138,7 +149,7 @@ async fn seed_create_or_move(
     Path((node, address)): Path<(String, String)>,
 ) -> Response {
     let address = address.trim_start_matches('/').to_string();
-    let result = async {
+    let result = detached(async move {
         s.shared.node(&node)?;
         let instance = match s.shared.instance_at(&address) {
             Some(i) => s.shared.migrate(&i.name, &node).await?,
@@ -152,7 +163,7 @@ async fn seed_create_or_move(
             }
         };
         Ok::<_, ApiError>(instance.address.unwrap_or_default())
-    }
+    })
     .await;
     match result {
         Ok(addr) => Json(addr).into_response(),
@@ -166,7 +177,7 @@ async fn seed_delete(
     Path((node, address)): Path<(String, String)>,
 ) -> Response {
     let address = address.trim_start_matches('/').to_string();
-    let result = async {
+    let result = detached(async move {
         s.shared.node(&node)?;
         let i = s
             .shared
@@ -175,7 +186,7 @@ async fn seed_delete(
             .ok_or_else(|| ApiError::unknown_instance(&format!("at {address} on {node}")))?;
         s.shared.delete(&i.name).await?;
         Ok::<_, ApiError>(address)
-    }
+    })
     .await;
     match result {
         Ok(addr) => Json(addr).into_response(),
@@ -209,10 +220,10 @@ async fn v1_instance(State(s): State<AppState>, Path(name): Path<String>) -> Res
 }
 
 async fn v1_create(State(s): State<AppState>, bytes: Bytes) -> Response {
-    let result = async {
+    let result = detached(async move {
         let req: CreateInstance = body(&bytes)?;
         create(&s, &req).await
-    }
+    })
     .await;
     match result {
         Ok(i) => (StatusCode::CREATED, Json(i)).into_response(),
@@ -221,10 +232,10 @@ async fn v1_create(State(s): State<AppState>, bytes: Bytes) -> Response {
 }
 
 async fn v1_migrate(State(s): State<AppState>, Path(name): Path<String>, bytes: Bytes) -> Response {
-    let result = async {
+    let result = detached(async move {
         let req: MigrateInstance = body(&bytes)?;
         s.shared.migrate(&name, &req.node).await
-    }
+    })
     .await;
     match result {
         Ok(i) => Json(i).into_response(),
@@ -233,7 +244,7 @@ async fn v1_migrate(State(s): State<AppState>, Path(name): Path<String>, bytes: 
 }
 
 async fn v1_delete(State(s): State<AppState>, Path(name): Path<String>) -> Response {
-    match s.shared.delete(&name).await {
+    match detached(async move { s.shared.delete(&name).await }).await {
         Ok(i) => Json(i).into_response(),
         Err(e) => e.into_response(),
     }
