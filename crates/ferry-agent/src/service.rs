@@ -53,6 +53,12 @@ pub fn start(agent: &Arc<Agent>) {
     };
     let pid = spawned.child.id() as i32;
     lock(&agent.service).pid = Some(pid);
+    // For `ferry shell`, which enters the service's namespaces.
+    let pid_file = std::path::Path::new(crate::shell::SERVICE_PID_FILE);
+    if let Some(dir) = pid_file.parent() {
+        let _ = std::fs::create_dir_all(dir);
+    }
+    let _ = std::fs::write(pid_file, format!("{pid}\n"));
     debug!("service started, pid {pid}");
     let agent_for_thread = Arc::clone(agent);
     let watcher = std::thread::Builder::new()
@@ -134,6 +140,7 @@ pub fn watch_liveness(agent: &Arc<Agent>) {
             agent.live.store(true, Ordering::SeqCst);
             info!("live");
             announce_live(&agent);
+            crate::agent::arm_test_hang();
         });
     if let Err(e) = spawned {
         info!("cannot start the liveness check: {e}");

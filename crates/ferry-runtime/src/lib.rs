@@ -32,6 +32,7 @@ pub mod package_meta;
 mod paths;
 pub mod record;
 pub mod save;
+pub mod shell;
 pub mod start;
 pub mod vm;
 pub mod vmdir;

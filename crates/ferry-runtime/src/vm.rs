@@ -233,6 +233,7 @@ pub struct RunningVm {
     live: Arc<AtomicBool>,
     agent_generation: Arc<AtomicU64>,
     _control: Option<ControlServer>,
+    _shell: Option<crate::shell::ShellRelay>,
     control_extension: Extension,
 }
 
@@ -483,6 +484,7 @@ impl RunningVm {
             live: Arc::default(),
             agent_generation: Arc::default(),
             _control: None,
+            _shell: None,
             control_extension: Arc::default(),
         };
         if let Err(e) = running.connect_agent() {
@@ -503,6 +505,21 @@ impl RunningVm {
         });
         let control_path = running.dir().path().join(files::CONTROL);
         running._control = Some(ControlServer::start(&control_path, handler)?);
+        // The shell channel: a VM from a package made before it existed
+        // has none, and its clients are told so.
+        let guest_shell = match running.vm.shell_stream() {
+            Ok(stream) => Some(stream),
+            Err(e) => {
+                tracing::info!("no shell channel: {e}");
+                None
+            }
+        };
+        let shell_path = running.dir().path().join(files::SHELL);
+        running._shell = Some(crate::shell::ShellRelay::start(
+            &shell_path,
+            &config.name,
+            guest_shell,
+        )?);
         Ok(running)
     }
 
@@ -889,6 +906,7 @@ impl Drop for RunningVm {
         self.agent.lock().expect("agent slot").take();
         self.vm.kill();
         self._control.take();
+        self._shell.take();
         // After the engine: the tap and namespace are in use until it exits.
         self.network.take();
         if let Some(dir) = self.dir.take() {

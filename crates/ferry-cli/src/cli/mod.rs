@@ -23,6 +23,7 @@ pub mod render;
 mod restart;
 mod rm;
 mod run;
+mod shell;
 mod signals;
 mod start;
 mod stop;
@@ -67,6 +68,9 @@ enum Command {
     BootService(boot_service::Args),
     /// Run a command inside a running VM.
     Exec(exec::Args),
+    /// A shell (a real terminal) or a command in a running VM, even when its
+    /// service, network or agent are broken.
+    Shell(shell::Args),
     /// Boot a blueprint, wait until its service is live, snapshot it into a package.
     Package(package::Args),
     /// Resume a package; Ctrl-C suspends it back into the package.
@@ -172,6 +176,7 @@ pub fn run(cli: Cli, started: Instant, ctx: &Ctx) -> anyhow::Result<ExitCode> {
         Command::Boot(args) => boot::run(args, &paths, started, ctx),
         Command::BootService(args) => boot_service::run(args, &paths, ctx),
         Command::Exec(args) => exec::run(args, &paths),
+        Command::Shell(args) => shell::run(args, &paths),
         Command::Package(args) => package::run(args, &paths, ctx),
         Command::Run(args) => run::run(args, &paths, started, ctx),
         Command::Inspect(args) => inspect::run(args),

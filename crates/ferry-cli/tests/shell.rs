@@ -1,0 +1,411 @@
+//! `ferry shell` driven as a person would: through a terminal (a private
+//! tmux server: type, read the screen), with real QEMU and real guests.
+//! It must work with the service killed, the guest network down, the
+//! agent hung, and in an image with no shell or tools of its own.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use ferry_test_support::{
+    blueprint, describe, fixtures_dir, guest_binary, spawn_until_live, vm_lock, wait_until,
+    workspace_root, FerryEnv,
+};
+
+fn env() -> FerryEnv {
+    FerryEnv::new(env!("CARGO_BIN_EXE_ferry"))
+}
+
+/// `ferry shell VM -- ARGS` with `stdin` piped in.
+fn shell(env: &FerryEnv, vm: &str, args: &[&str], stdin: &[u8]) -> Output {
+    let mut child = env
+        .cmd()
+        .args(["shell", vm, "--"])
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run ferry shell");
+    child.stdin.take().unwrap().write_all(stdin).unwrap();
+    child.wait_with_output().unwrap()
+}
+
+fn stdout(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// A private tmux server: its sessions are terminals a test types into.
+struct Tmux {
+    socket: String,
+}
+
+impl Tmux {
+    fn new(tag: &str) -> Self {
+        assert!(
+            Command::new("tmux").arg("-V").output().is_ok(),
+            "tmux is missing: run scripts/setup.sh (apt-get install tmux)"
+        );
+        Self {
+            socket: format!("ferry-test-{tag}-{}", std::process::id()),
+        }
+    }
+
+    fn tmux(&self, args: &[&str]) -> Output {
+        Command::new("tmux")
+            .args(["-L", &self.socket])
+            .args(args)
+            .env_remove("TMUX")
+            .output()
+            .expect("run tmux")
+    }
+
+    /// Starts `ferry shell VM` in a new `cols` x `rows` terminal `name`.
+    fn open(&self, env: &FerryEnv, name: &str, vm: &str, cols: u16, rows: u16) {
+        let ferry = env.ferry.to_str().unwrap();
+        let command = format!(
+            "env FERRY_STATE={} TERM=xterm {ferry} shell {vm}; echo ferry-shell-exited=$?; sleep 600",
+            env.state.path().display()
+        );
+        let out = self.tmux(&[
+            "new-session",
+            "-d",
+            "-s",
+            name,
+            "-x",
+            &cols.to_string(),
+            "-y",
+            &rows.to_string(),
+            &command,
+        ]);
+        assert!(out.status.success(), "{}", describe(&out));
+    }
+
+    fn keys(&self, name: &str, keys: &[&str]) {
+        let mut args = vec!["send-keys", "-t", name];
+        args.extend_from_slice(keys);
+        let out = self.tmux(&args);
+        assert!(out.status.success(), "{}", describe(&out));
+    }
+
+    /// Types `line` and Enter.
+    fn line(&self, name: &str, line: &str) {
+        self.keys(name, &["-l", line]);
+        self.keys(name, &["Enter"]);
+    }
+
+    fn screen(&self, name: &str) -> String {
+        let out = self.tmux(&["capture-pane", "-p", "-J", "-S", "-200", "-t", name]);
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// Waits until the screen shows `text` (`count` times in all).
+    fn wait_for(&self, name: &str, text: &str, count: usize, timeout: Duration) -> String {
+        let start = Instant::now();
+        loop {
+            let screen = self.screen(name);
+            if screen.matches(text).count() >= count {
+                return screen;
+            }
+            assert!(
+                start.elapsed() < timeout,
+                "timed out after {timeout:?} waiting for {count} x {text:?} on terminal {name}; the screen:\n{screen}"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    fn resize(&self, name: &str, cols: u16, rows: u16) {
+        let out = self.tmux(&[
+            "resize-window",
+            "-t",
+            name,
+            "-x",
+            &cols.to_string(),
+            "-y",
+            &rows.to_string(),
+        ]);
+        assert!(out.status.success(), "{}", describe(&out));
+    }
+}
+
+impl Drop for Tmux {
+    fn drop(&mut self) {
+        let _ = self.tmux(&["kill-server"]);
+    }
+}
+
+const T: Duration = Duration::from_secs(30);
+
+/// The checks a person would make in a shell in the tiny VM: the
+/// service's process, the network, the mounts, the service's files.
+fn look_around(tmux: &Tmux, term: &str, n: usize, service: &str) {
+    tmux.line(term, "ps; echo ps-done");
+    let screen = tmux.wait_for(term, "\nps-done", n, T);
+    assert!(screen.contains(service), "ps shows the service:\n{screen}");
+    tmux.line(term, "ip addr show eth0; mount; echo look-done");
+    let screen = tmux.wait_for(term, "\nlook-done", n, T);
+    assert!(screen.contains("eth0"), "{screen}");
+    assert!(screen.contains("/dev/vda on / type ext4"), "{screen}");
+}
+
+#[test]
+fn commands_exit_codes_pipes_and_several_at_once() {
+    let _lock = vm_lock();
+    let env = env();
+    let bp = blueprint("tiny");
+    let (_boot, _) = spawn_until_live(
+        &env,
+        &[
+            "boot",
+            "--blueprint",
+            bp.to_str().unwrap(),
+            "--name",
+            "sh-cmd",
+        ],
+        Duration::from_secs(120),
+    );
+
+    // The exit code propagates; stdout and stderr stay apart.
+    let out = shell(
+        &env,
+        "sh-cmd",
+        &["sh", "-c", "echo out; echo err >&2; exit 7"],
+        b"",
+    );
+    assert_eq!(out.status.code(), Some(7), "{}", describe(&out));
+    assert_eq!(stdout(&out), "out\n");
+    assert_eq!(String::from_utf8_lossy(&out.stderr), "err\n");
+
+    // Standard input as a pipe, a big one.
+    let input: Vec<u8> = (0..200_000u32)
+        .flat_map(|i| format!("{i}\n").into_bytes())
+        .collect();
+    let out = shell(&env, "sh-cmd", &["wc", "-l"], &input);
+    assert!(out.status.success(), "{}", describe(&out));
+    assert_eq!(stdout(&out).trim(), "200000");
+
+    // A command that does not exist: 127, as from a shell.
+    let out = shell(&env, "sh-cmd", &["no-such-command"], b"");
+    assert_eq!(out.status.code(), Some(127), "{}", describe(&out));
+
+    // A signal's death is 128 + its number.
+    let out = shell(&env, "sh-cmd", &["sh", "-c", "kill -TERM $$"], b"");
+    assert_eq!(out.status.code(), Some(143), "{}", describe(&out));
+
+    // Several at once: each sees its own session.
+    let children: Vec<_> = (0..4)
+        .map(|i| {
+            env.cmd()
+                .args(["shell", "sh-cmd", "--", "sh", "-c"])
+                .arg(format!("sleep 1; echo session-{i}; exit {i}"))
+                .stdin(Stdio::null())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    for (i, child) in children.into_iter().enumerate() {
+        let out = child.wait_with_output().unwrap();
+        assert_eq!(out.status.code(), Some(i as i32), "{}", describe(&out));
+        assert_eq!(stdout(&out), format!("session-{i}\n"));
+    }
+
+    // Bad input: no such VM.
+    let out = shell(&env, "no-such-vm", &["true"], b"");
+    assert_eq!(out.status.code(), Some(3), "{}", describe(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("no running VM is named 'no-such-vm'"),
+        "{}",
+        describe(&out)
+    );
+}
+
+#[test]
+fn interactive_shell_through_a_terminal() {
+    let _lock = vm_lock();
+    let env = env();
+    let bp = blueprint("tiny");
+    let (_boot, _) = spawn_until_live(
+        &env,
+        &[
+            "boot",
+            "--blueprint",
+            bp.to_str().unwrap(),
+            "--name",
+            "sh-pty",
+        ],
+        Duration::from_secs(120),
+    );
+    let tmux = Tmux::new("pty");
+    tmux.open(&env, "a", "sh-pty", 100, 30);
+    tmux.open(&env, "b", "sh-pty", 80, 24);
+    tmux.wait_for("a", "ferry-tiny:/# ", 1, T);
+    tmux.wait_for("b", "ferry-tiny:/# ", 1, T);
+
+    // ps shows the service; the network, mounts and files are visible.
+    look_around(&tmux, "a", 1, "httpd -f -p 8080");
+    tmux.line("a", "cat /srv/www/index.html");
+    tmux.wait_for("a", "hello from a ferry tiny guest", 1, T);
+
+    // It is a real terminal, of the client's size; a resize reaches it.
+    tmux.line("a", "tty; stty size");
+    let screen = tmux.wait_for("a", "30 100", 1, T);
+    assert!(screen.contains("/dev/pts/"), "{screen}");
+    tmux.resize("a", 120, 40);
+    std::thread::sleep(Duration::from_millis(500));
+    tmux.line("a", "stty size");
+    tmux.wait_for("a", "40 120", 1, T);
+    // The other session has its own size.
+    tmux.line("b", "stty size");
+    tmux.wait_for("b", "24 80", 1, T);
+
+    // Ctrl-C interrupts a guest sleep, not the shell.
+    tmux.line("a", "sleep 600");
+    std::thread::sleep(Duration::from_millis(700));
+    tmux.keys("a", &["C-c"]);
+    std::thread::sleep(Duration::from_millis(300));
+    tmux.line("a", "echo sleep-ended=$?");
+    tmux.wait_for("a", "\nsleep-ended=130", 1, T);
+    tmux.line("a", "echo still-here");
+    tmux.wait_for("a", "\nstill-here", 1, T);
+
+    // Exiting one shell ends that ferry shell with 0 and leaves the VM and
+    // the other shell alone.
+    tmux.line("a", "exit");
+    tmux.wait_for("a", "ferry-shell-exited=0", 1, T);
+    tmux.line("b", "echo b-alive");
+    tmux.wait_for("b", "\nb-alive", 1, T);
+    let out = env.run(&["exec", "sh-pty", "--", "true"]);
+    assert!(out.status.success(), "{}", describe(&out));
+
+    // A closed terminal hangs its session up: nothing stays in the guest.
+    tmux.line("b", "sleep 777");
+    std::thread::sleep(Duration::from_millis(700));
+    let _ = tmux.tmux(&["kill-session", "-t", "b"]);
+    wait_until(Duration::from_secs(20), "the hung-up sleep to go", || {
+        let out = shell(&env, "sh-pty", &["ps"], b"");
+        (!stdout(&out).contains("sleep 777")).then_some(())
+    });
+}
+
+#[test]
+fn shell_works_with_the_service_killed_and_the_network_down() {
+    let _lock = vm_lock();
+    let env = env();
+    let bp = blueprint("tiny");
+    let (_boot, _) = spawn_until_live(
+        &env,
+        &[
+            "boot",
+            "--blueprint",
+            bp.to_str().unwrap(),
+            "--name",
+            "sh-broken",
+        ],
+        Duration::from_secs(120),
+    );
+    let out = shell(
+        &env,
+        "sh-broken",
+        &["sh", "-c", "kill -9 $(pidof httpd); ip link set eth0 down"],
+        b"",
+    );
+    assert!(out.status.success(), "{}", describe(&out));
+    let tmux = Tmux::new("broken");
+    tmux.open(&env, "a", "sh-broken", 100, 30);
+    tmux.wait_for("a", "ferry-tiny:/# ", 1, T);
+    tmux.line("a", "ps; ip link show eth0; echo check-done");
+    let screen = tmux.wait_for("a", "\ncheck-done", 1, T);
+    assert!(
+        !screen.contains("httpd -f"),
+        "the service is dead:\n{screen}"
+    );
+    assert!(
+        screen.contains("eth0: <BROADCAST,MULTICAST> "),
+        "eth0 is down:\n{screen}"
+    );
+    tmux.line("a", "echo $((6*7))");
+    tmux.wait_for("a", "\n42", 1, T);
+}
+
+/// A blueprint with no shell or tools on its disk (`rootfs.kind =
+/// "empty"`, the service is ferry-web) whose agent hangs once live
+/// (the test-only kernel flag `ferry.test.hang-agent`).
+fn bare_hung_blueprint(env: &FerryEnv) -> PathBuf {
+    guest_binary("ferry-web");
+    let text = std::fs::read_to_string(workspace_root().join("recipes/web.toml"))
+        .unwrap()
+        .replace("name = \"web\"", "name = \"bare\"")
+        .replace("kind = \"busybox\"", "kind = \"empty\"")
+        .replace("init_on_free=1\"", "init_on_free=1 ferry.test.hang-agent\"");
+    assert!(text.contains("kind = \"empty\"") && text.contains("hang-agent"));
+    let recipe = fixtures_dir().join("shell-bare.toml");
+    std::fs::write(&recipe, text).unwrap();
+    let bp = env.state.path().join("bare");
+    let out = env.run(&[
+        "blueprint",
+        "build",
+        "--quiet",
+        "--recipe",
+        recipe.to_str().unwrap(),
+        "--out",
+        bp.to_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "{}", describe(&out));
+    bp
+}
+
+#[test]
+fn shell_works_with_a_hung_agent_and_no_shell_in_the_image() {
+    let _lock = vm_lock();
+    let env = env();
+    let bp = bare_hung_blueprint(&env);
+    let (_boot, _) = spawn_until_live(
+        &env,
+        &[
+            "boot",
+            "--blueprint",
+            bp.to_str().unwrap(),
+            "--name",
+            "sh-bare",
+        ],
+        Duration::from_secs(120),
+    );
+    // The agent answers nothing any more.
+    let started = Instant::now();
+    let mut exec = env
+        .cmd()
+        .args(["exec", "sh-bare", "--timeout", "1", "--", "true"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_secs(4));
+    assert!(
+        exec.try_wait().unwrap().is_none(),
+        "exec through the hung agent should not have finished"
+    );
+    let _ = exec.kill();
+    let _ = exec.wait();
+    assert!(started.elapsed() >= Duration::from_secs(4));
+
+    // The image has no shell of its own; ferry's comes from /ferry.
+    let out = shell(
+        &env,
+        "sh-bare",
+        &["/ferry/bin/sh", "-c", "ls /bin /usr/bin 2>&1; echo ok"],
+        b"",
+    );
+    assert!(out.status.success(), "{}", describe(&out));
+    assert!(stdout(&out).contains("No such file"), "{}", describe(&out));
+
+    let tmux = Tmux::new("bare");
+    tmux.open(&env, "a", "sh-bare", 100, 30);
+    tmux.wait_for("a", "ferry-bare:/# ", 1, T);
+    look_around(&tmux, "a", 1, "ferry-web --listen");
+    tmux.line("a", "ls /var/lib/ferry-web && echo files-ok");
+    tmux.wait_for("a", "\nfiles-ok", 1, T);
+}
