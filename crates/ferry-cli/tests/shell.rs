@@ -8,6 +8,8 @@ use std::path::PathBuf;
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+mod common;
+
 use ferry_test_support::{
     blueprint, describe, fixtures_dir, guest_binary, spawn_until_live, vm_lock, wait_until,
     workspace_root, FerryEnv,
@@ -63,9 +65,15 @@ impl Tmux {
 
     /// Starts `ferry shell VM` in a new `cols` x `rows` terminal `name`.
     fn open(&self, env: &FerryEnv, name: &str, vm: &str, cols: u16, rows: u16) {
+        self.open_ferry(env, name, &format!("shell {vm}"), cols, rows);
+    }
+
+    /// Starts `ferry ARGS` in a new `cols` x `rows` terminal `name`; when
+    /// it ends, the terminal shows `ferry-shell-exited=CODE`.
+    fn open_ferry(&self, env: &FerryEnv, name: &str, args: &str, cols: u16, rows: u16) {
         let ferry = env.ferry.to_str().unwrap();
         let command = format!(
-            "env FERRY_STATE={} TERM=xterm {ferry} shell {vm}; echo ferry-shell-exited=$?; sleep 600",
+            "env FERRY_STATE={} TERM=xterm {ferry} {args}; echo ferry-shell-exited=$?; sleep 600",
             env.state.path().display()
         );
         let out = self.tmux(&[
@@ -408,4 +416,105 @@ fn shell_works_with_a_hung_agent_and_no_shell_in_the_image() {
     look_around(&tmux, "a", 1, "ferry-web --listen");
     tmux.line("a", "ls /var/lib/ferry-web && echo files-ok");
     tmux.wait_for("a", "\nfiles-ok", 1, T);
+}
+
+/// Stops the test's detached VMs, whatever happens.
+struct Fleet<'a>(&'a FerryEnv);
+
+impl Drop for Fleet<'_> {
+    fn drop(&mut self) {
+        let _ = self.0.run(&["stop", "--all", "--discard"]);
+    }
+}
+
+#[test]
+fn watch_on_error_shell_opens_a_shell_in_the_failing_vm_of_a_fleet() {
+    let _lock = vm_lock();
+    let env = env();
+    let pkg = common::tiny_package(&env);
+    let _fleet = Fleet(&env);
+    let out = env.run(&[
+        "up",
+        "--package",
+        pkg.to_str().unwrap(),
+        "-n",
+        "2",
+        "--name-prefix",
+        "w",
+    ]);
+    assert!(out.status.success(), "{}", describe(&out));
+
+    // Detached clones of a package have the shell channel too.
+    let out = shell(
+        &env,
+        "w-0",
+        &["sh", "-c", "echo i-am-w-0 > /root/marker"],
+        b"",
+    );
+    assert!(out.status.success(), "{}", describe(&out));
+    let out = shell(
+        &env,
+        "w-1",
+        &["sh", "-c", "echo i-am-w-1 > /root/marker"],
+        b"",
+    );
+    assert!(out.status.success(), "{}", describe(&out));
+
+    let tmux = Tmux::new("watch");
+    tmux.open_ferry(&env, "w", "watch --all --on-error shell", 100, 30);
+    tmux.wait_for("w", "watching every VM", 1, T);
+    // A report-only watch beside it, as a pipe.
+    let mut report = env
+        .cmd()
+        .args(["watch", "w-0", "w-1"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+
+    // w-1's service crashes.
+    let out = env.run(&["exec", "w-1", "--", "sh", "-c", "kill -9 $(pidof httpd)"]);
+    assert!(out.status.success(), "{}", describe(&out));
+
+    let screen = tmux.wait_for("w", "ferry-tiny:/# ", 1, T);
+    assert!(
+        screen.contains("[VM w-1 error] service exited with code 137 (killed by signal 9)"),
+        "{screen}"
+    );
+    assert!(!screen.contains("[VM w-0 error]"), "{screen}");
+    tmux.line("w", "cat /root/marker");
+    tmux.wait_for("w", "\ni-am-w-1", 1, T);
+    tmux.line("w", "exit 5");
+    tmux.wait_for("w", "ferry-shell-exited=5", 1, T);
+
+    // The same error in ps --json, ferry logs and the report-only watch.
+    let out = env.run(&["ps", "--json"]);
+    let rows: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let w1 = rows
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["name"] == "w-1")
+        .unwrap();
+    assert_eq!(w1["last_error"]["kind"], "service-exited", "{rows}");
+    let w0 = rows
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["name"] == "w-0")
+        .unwrap();
+    assert!(w0["last_error"].is_null(), "{rows}");
+    let out = env.run(&["logs", "w-1"]);
+    assert!(
+        stdout(&out).contains("[ferry] error: service exited with code 137"),
+        "{}",
+        describe(&out)
+    );
+    let _ = report.kill();
+    let out = report.wait_with_output().unwrap();
+    assert_eq!(
+        stdout(&out),
+        "[VM w-1 error] service exited with code 137 (killed by signal 9)\n"
+    );
 }

@@ -25,6 +25,7 @@ pub mod detach;
 pub mod error;
 pub mod events;
 pub mod fleet;
+pub mod guest_errors;
 pub mod locks;
 pub mod ops;
 pub mod owner;

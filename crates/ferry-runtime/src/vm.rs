@@ -25,6 +25,7 @@ use crate::control::{
     CONTROL_API_VERSION,
 };
 use crate::error::{FileError, StartError, VmError};
+use crate::guest_errors::{ErrorLog, GuestError, GuestErrorKind};
 use crate::vmdir::{files, ConsoleLog, VmDir, CONSOLE_LOG_CAP};
 use crate::Paths;
 
@@ -41,6 +42,8 @@ pub enum SupervisorEvent {
     Agent(AgentEvent),
     /// A peer asks to take this VM over (see [`crate::owner`]).
     Migration(Box<ferry_transport::migration::Incoming>),
+    /// Something went wrong in the guest (already recorded).
+    GuestError(GuestError),
 }
 
 use crate::start::Prepare;
@@ -63,6 +66,9 @@ pub enum Wake {
     Jobs,
     /// A peer asks to take the VM over.
     Migration(Box<ferry_transport::migration::Incoming>),
+    /// Something went wrong in the guest (already recorded in its
+    /// directory); the owner reports it and waits on.
+    GuestError(GuestError),
 }
 
 impl std::fmt::Debug for Wake {
@@ -71,6 +77,7 @@ impl std::fmt::Debug for Wake {
             Wake::Cancel => write!(f, "Cancel"),
             Wake::Jobs => write!(f, "Jobs"),
             Wake::Migration(m) => write!(f, "Migration({})", m.control.peer()),
+            Wake::GuestError(e) => write!(f, "GuestError({e:?})"),
         }
     }
 }
@@ -83,6 +90,7 @@ impl std::fmt::Debug for SupervisorEvent {
             SupervisorEvent::VmExited(r) => write!(f, "VmExited({r:?})"),
             SupervisorEvent::Agent(e) => write!(f, "Agent({e:?})"),
             SupervisorEvent::Migration(m) => write!(f, "Migration({})", m.control.peer()),
+            SupervisorEvent::GuestError(e) => write!(f, "GuestError({e:?})"),
         }
     }
 }
@@ -235,6 +243,9 @@ pub struct RunningVm {
     _control: Option<ControlServer>,
     _shell: Option<crate::shell::ShellRelay>,
     control_extension: Extension,
+    errors: ErrorLog,
+    /// The service exit last recorded as an error (once per exit).
+    service_exit_seen: Arc<Mutex<Option<i32>>>,
 }
 
 /// Answers the control requests the VM itself does not (`stop`), once its
@@ -464,12 +475,14 @@ impl RunningVm {
                 .map(|n| n.exposes().to_vec())
                 .unwrap_or_default(),
         }));
+        let errors = ErrorLog::new(dir.path(), console.clone());
         if let Some(events) = vm.take_events() {
             pump_vm_events(
                 events,
                 console.clone(),
                 sender.clone(),
                 config.console.clone(),
+                errors.clone(),
             );
         }
         let mut running = RunningVm {
@@ -486,6 +499,8 @@ impl RunningVm {
             _control: None,
             _shell: None,
             control_extension: Arc::default(),
+            errors,
+            service_exit_seen: Arc::default(),
         };
         if let Err(e) = running.connect_agent() {
             // A guest that stops at once takes the engine (and its agent
@@ -556,9 +571,31 @@ impl RunningVm {
         // (because we replaced it) must not trigger another reconnect.
         let generation = self.agent_generation.fetch_add(1, Ordering::SeqCst) + 1;
         let current = self.agent_generation.clone();
+        let errors = self.errors.clone();
+        let seen = self.service_exit_seen.clone();
         let client = AgentClient::new(stream, move |ev| {
             if ev == AgentEvent::Disconnected && current.load(Ordering::SeqCst) != generation {
                 return;
+            }
+            if let AgentEvent::Status(s) = &ev {
+                let mut seen = seen.lock().expect("service exit");
+                if s.service_exit.is_some() && *seen != s.service_exit {
+                    *seen = s.service_exit;
+                    let code = s.service_exit.unwrap_or_default();
+                    let what = match code {
+                        127 => "the service could not be started (exit code 127)".to_string(),
+                        c if c > 128 => {
+                            format!(
+                                "service exited with code {c} (killed by signal {})",
+                                c - 128
+                            )
+                        }
+                        c => format!("service exited with code {c}"),
+                    };
+                    let e = GuestError::now(GuestErrorKind::ServiceExited, what);
+                    errors.record(&e);
+                    let _ = sender.send(SupervisorEvent::GuestError(e));
+                }
             }
             let _ = sender.send(SupervisorEvent::Agent(ev));
         })?;
@@ -706,6 +743,7 @@ impl RunningVm {
                 refuse(*m, "the VM is not live yet");
                 Ok(())
             }
+            SupervisorEvent::GuestError(_) => Ok(()),
         }
     }
 
@@ -786,6 +824,7 @@ impl RunningVm {
                 Ok(SupervisorEvent::Cancel) => return Ok(Wake::Cancel),
                 Ok(SupervisorEvent::Jobs) => return Ok(Wake::Jobs),
                 Ok(SupervisorEvent::Migration(m)) => return Ok(Wake::Migration(m)),
+                Ok(SupervisorEvent::GuestError(e)) => return Ok(Wake::GuestError(e)),
                 Ok(SupervisorEvent::VmExited(reason)) => return Err(self.died(reason)),
                 Ok(SupervisorEvent::Agent(AgentEvent::Disconnected)) => {
                     // Exec requests fail until the channel is back.
@@ -809,6 +848,7 @@ impl RunningVm {
                 Ok(SupervisorEvent::Jobs) => {}
                 Ok(SupervisorEvent::VmExited(reason)) => return Err(self.died(reason)),
                 Ok(SupervisorEvent::Migration(m)) => refuse(*m, "this VM is busy"),
+                Ok(SupervisorEvent::GuestError(_)) => {}
                 Ok(SupervisorEvent::Agent(AgentEvent::Disconnected)) => {
                     let _ = self.reconnect_agent();
                 }
@@ -989,14 +1029,20 @@ fn pump_vm_events(
     console: Arc<Mutex<ConsoleLog>>,
     sender: Sender<SupervisorEvent>,
     echo: Option<ConsoleSink>,
+    errors: ErrorLog,
 ) {
     std::thread::Builder::new()
         .name("vm-events".into())
         .spawn(move || {
+            let mut scanner = crate::guest_errors::ConsoleScanner::default();
             for ev in events {
                 match ev {
                     VmEvent::Console(bytes) => {
                         console.lock().expect("console").write(&bytes);
+                        for e in scanner.push(&bytes) {
+                            errors.record(&e);
+                            let _ = sender.send(SupervisorEvent::GuestError(e));
+                        }
                         if let Some(echo) = &echo {
                             echo(&bytes);
                         }

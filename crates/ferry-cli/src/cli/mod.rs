@@ -29,6 +29,7 @@ mod start;
 mod stop;
 mod supervise;
 mod up;
+mod watch;
 mod worker;
 
 use std::path::PathBuf;
@@ -89,6 +90,10 @@ enum Command {
     Ps(ps::Args),
     /// Print a VM's console log; -f follows it.
     Logs(logs::Args),
+    /// Follow VMs and print one line per error (service exited, kernel
+    /// oops or panic, OOM); --on-error shell opens a shell in the first
+    /// that fails.
+    Watch(watch::Args),
     /// Suspend a VM (or every VM) keeping its state; --discard drops it.
     Stop(stop::Args),
     /// Resume a suspended VM, detached, with the ports and fleet it had.
@@ -177,6 +182,7 @@ pub fn run(cli: Cli, started: Instant, ctx: &Ctx) -> anyhow::Result<ExitCode> {
         Command::BootService(args) => boot_service::run(args, &paths, ctx),
         Command::Exec(args) => exec::run(args, &paths),
         Command::Shell(args) => shell::run(args, &paths),
+        Command::Watch(args) => watch::run(args, &paths),
         Command::Package(args) => package::run(args, &paths, ctx),
         Command::Run(args) => run::run(args, &paths, started, ctx),
         Command::Inspect(args) => inspect::run(args),

@@ -26,6 +26,28 @@ pub struct Args {
     command: Vec<String>,
 }
 
+impl Args {
+    /// An interactive shell in `name` (`ferry watch --on-error shell`).
+    pub fn interactive(name: &str) -> Self {
+        Self {
+            name: name.to_string(),
+            tty: false,
+            no_tty: false,
+            command: Vec::new(),
+        }
+    }
+
+    /// `command` in `name`, without a terminal (`ferry watch --on-error exec`).
+    pub fn command(name: &str, command: &[String]) -> Self {
+        Self {
+            name: name.to_string(),
+            tty: false,
+            no_tty: true,
+            command: command.to_vec(),
+        }
+    }
+}
+
 pub fn run(args: Args, paths: &Paths) -> anyhow::Result<ExitCode> {
     let stdin = std::io::stdin();
     let stdout = std::io::stdout();
