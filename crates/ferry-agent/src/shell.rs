@@ -189,15 +189,13 @@ impl Server {
             }
             Kind::Ping => self.send(&ShellFrame::new(Kind::Pong, id, frame.payload)),
             Kind::Open => {
-                let reply = match frame.parse::<OpenRequest>() {
+                // `open` itself sends `opened`, before any output.
+                let opened = match frame.parse::<OpenRequest>() {
                     Ok(request) => self.open(id, &request),
                     Err(e) => Err(e),
                 };
-                match reply {
-                    Ok(opened) => self.send(&ShellFrame::json(Kind::Opened, id, &opened)),
-                    Err(message) => {
-                        self.send(&ShellFrame::new(Kind::OpenFailed, id, message.into_bytes()))
-                    }
+                if let Err(message) = opened {
+                    self.send(&ShellFrame::new(Kind::OpenFailed, id, message.into_bytes()));
                 }
             }
             Kind::Stdin | Kind::StdinEof | Kind::Resize => {
@@ -235,7 +233,8 @@ impl Server {
         }
     }
 
-    fn open(self: &Arc<Self>, id: u32, request: &OpenRequest) -> Result<Opened, String> {
+    /// Starts a session and sends `opened` (before any of its output).
+    fn open(self: &Arc<Self>, id: u32, request: &OpenRequest) -> Result<(), String> {
         if lock(&self.sessions).contains_key(&id) {
             return Err(format!("session {id} is open already"));
         }
@@ -322,6 +321,11 @@ impl Server {
         // The command's own stdio ends are the child's now.
         drop(command);
         let pid = child.id() as i32;
+        self.send(&ShellFrame::json(
+            Kind::Opened,
+            id,
+            &Opened { pid, entered },
+        ));
         let (input_tx, input_rx) = mpsc::channel::<Input>();
         let (done_tx, done_rx) = mpsc::channel::<()>();
         match master {
@@ -372,7 +376,7 @@ impl Server {
                 lock(&server.sessions).remove(&id);
                 server.send(&ShellFrame::exit(id, code));
             });
-        Ok(Opened { pid, entered })
+        Ok(())
     }
 
     fn spawn_output(

@@ -221,6 +221,24 @@ fn commands_exit_codes_pipes_and_several_at_once() {
         assert_eq!(stdout(&out), format!("session-{i}\n"));
     }
 
+    // A hung guest (its QEMU stopped): a clear error in bounded time.
+    let qemu = ferry_test_support::qemu_pids("sh-cmd");
+    assert_eq!(qemu.len(), 1, "{qemu:?}");
+    ferry_test_support::send_signal(qemu[0], libc::SIGSTOP);
+    let started = Instant::now();
+    let out = shell(&env, "sh-cmd", &["true"], b"");
+    ferry_test_support::send_signal(qemu[0], libc::SIGCONT);
+    assert_eq!(out.status.code(), Some(5), "{}", describe(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("did not answer within 10 s"),
+        "{}",
+        describe(&out)
+    );
+    assert!(started.elapsed() < Duration::from_secs(25));
+    // And it recovers.
+    let out = shell(&env, "sh-cmd", &["true"], b"");
+    assert!(out.status.success(), "{}", describe(&out));
+
     // Bad input: no such VM.
     let out = shell(&env, "no-such-vm", &["true"], b"");
     assert_eq!(out.status.code(), Some(3), "{}", describe(&out));
@@ -477,7 +495,8 @@ fn watch_on_error_shell_opens_a_shell_in_the_failing_vm_of_a_fleet() {
     let out = env.run(&["exec", "w-1", "--", "sh", "-c", "kill -9 $(pidof httpd)"]);
     assert!(out.status.success(), "{}", describe(&out));
 
-    let screen = tmux.wait_for("w", "ferry-tiny:/# ", 1, T);
+    // Clones are named after their VM: the prompt says which it is.
+    let screen = tmux.wait_for("w", "w-1:/# ", 1, T);
     assert!(
         screen.contains("[VM w-1 error] service exited with code 137 (killed by signal 9)"),
         "{screen}"
@@ -508,6 +527,16 @@ fn watch_on_error_shell_opens_a_shell_in_the_failing_vm_of_a_fleet() {
     let out = env.run(&["logs", "w-1"]);
     assert!(
         stdout(&out).contains("[ferry] error: service exited with code 137"),
+        "{}",
+        describe(&out)
+    );
+    // A suspended VM: say so, and how to resume it.
+    let out = env.run(&["stop", "w-0"]);
+    assert!(out.status.success(), "{}", describe(&out));
+    let out = shell(&env, "w-0", &["true"], b"");
+    assert_eq!(out.status.code(), Some(3), "{}", describe(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("'ferry start w-0' resumes it"),
         "{}",
         describe(&out)
     );

@@ -510,7 +510,7 @@ impl Vm for QemuVm {
     fn shell_stream(&self) -> Result<UnixStream, EngineError> {
         let Some(path) = &self.shell_socket else {
             return Err(EngineError::Unsupported(
-                "the shell channel in a VM saved before ferry had one",
+                "a shell channel in VMs from packages made before ferry had one",
             ));
         };
         UnixStream::connect(path).map_err(|e| {

@@ -45,12 +45,22 @@ pub enum ShellError {
     /// The VM is not running.
     #[error(transparent)]
     Name(#[from] NameError),
+    /// The VM exists but does not run.
+    #[error("VM '{name}' is {state}, not running: 'ferry start {name}' resumes it, then 'ferry shell {name}'")]
+    NotRunning {
+        /// The VM.
+        name: String,
+        /// Its state.
+        state: crate::record::RecordState,
+    },
     /// The VM runs without a shell channel: it was resumed from a package
-    /// made before ferry had one.
-    #[error("VM '{name}' has no shell channel: it was resumed from a package made before ferry had one; re-package it ('ferry stop {name}' then 'ferry package' from its blueprint) to get 'ferry shell', or use 'ferry exec {name} -- CMD' meanwhile")]
+    /// made before ferry had one, or its engine has none.
+    #[error("VM '{name}' has no shell channel ({reason}): re-package it from a blueprint built by this ferry ('ferry package') to get 'ferry shell', or use 'ferry exec {name} -- CMD' meanwhile")]
     NoShellPort {
         /// The VM.
         name: String,
+        /// Why, as the engine said.
+        reason: String,
     },
     /// The caller is neither root nor the user the VM runs as.
     #[error("not allowed: {0}")]
@@ -83,7 +93,9 @@ impl ShellError {
     pub fn exit_class(&self) -> ExitClass {
         match self {
             ShellError::Name(n) => n.exit_class(),
-            ShellError::NoShellPort { .. } | ShellError::NotAllowed(_) => ExitClass::BadInput,
+            ShellError::NotRunning { .. }
+            | ShellError::NoShellPort { .. }
+            | ShellError::NotAllowed(_) => ExitClass::BadInput,
             ShellError::Timeout { .. } => ExitClass::VmFailed,
             ShellError::Guest(_) => ExitClass::Other,
             ShellError::Socket { .. } => ExitClass::Other,
@@ -94,6 +106,7 @@ impl ShellError {
         match kind {
             "no-shell-port" => ShellError::NoShellPort {
                 name: name.to_string(),
+                reason: message,
             },
             "not-allowed" => ShellError::NotAllowed(message),
             "timeout" => ShellError::Timeout {
@@ -219,7 +232,20 @@ impl ShellSession {
 /// # Errors
 /// See [`ShellError`].
 pub fn connect(paths: &Paths, name: &str, open: OpenRequest) -> Result<ShellSession, ShellError> {
-    let dir = running_vm_dir(paths, name)?;
+    let dir = match running_vm_dir(paths, name) {
+        Ok(dir) => dir,
+        Err(e) => {
+            return Err(match crate::fleet::state_of(paths, name) {
+                Some((state, _)) if state != crate::record::RecordState::Running => {
+                    ShellError::NotRunning {
+                        name: name.to_string(),
+                        state,
+                    }
+                }
+                _ => e.into(),
+            })
+        }
+    };
     let path = dir.join(files::SHELL);
     let err = |detail: String| ShellError::Socket {
         path: path.clone(),
@@ -229,6 +255,7 @@ pub fn connect(paths: &Paths, name: &str, open: OpenRequest) -> Result<ShellSess
         // A VM whose owner predates the shell channel has no socket.
         return Err(ShellError::NoShellPort {
             name: name.to_string(),
+            reason: "its owner is an older ferry".into(),
         });
     }
     let mut stream = UnixStream::connect(&path).map_err(|e| err(format!("cannot connect: {e}")))?;
@@ -318,7 +345,8 @@ impl GuestLink {
             if left.is_zero() {
                 return false;
             }
-            drop(ready);
+            // Said while holding `ready`: no session can be opened between
+            // this check and the hello (a hello hangs every session up).
             self.send(&ShellFrame::json(
                 Kind::Hello,
                 0,
@@ -327,7 +355,6 @@ impl GuestLink {
                     who: format!("ferry {}", env!("CARGO_PKG_VERSION")),
                 },
             ));
-            ready = self.ready.lock().expect("ready");
             ready = self
                 .ready_cv
                 .wait_timeout(ready, left.min(Duration::from_secs(1)))
@@ -347,22 +374,22 @@ pub struct ShellRelay {
 
 struct RelayState {
     name: String,
-    link: Option<Arc<GuestLink>>,
+    /// The guest link, or why there is none.
+    link: Result<Arc<GuestLink>, String>,
     next_id: AtomicU32,
     owner_uid: u32,
 }
 
 impl ShellRelay {
     /// Listens on `path` for clients of the VM `name`; `guest` is the
-    /// engine's shell stream, `None` for a VM without a shell channel
-    /// (clients are told so).
+    /// engine's shell stream, or why the VM has none (clients are told).
     ///
     /// # Errors
     /// The socket cannot be made.
     pub fn start(
         path: &Path,
         name: &str,
-        guest: Option<UnixStream>,
+        guest: Result<UnixStream, String>,
     ) -> Result<Self, crate::error::FileError> {
         use crate::error::FileError;
         let _ = std::fs::remove_file(path);
@@ -371,8 +398,8 @@ impl ShellRelay {
         use std::os::unix::fs::PermissionsExt;
         let _ = std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o666));
         let link = match guest {
-            Some(stream) => Some(start_link(stream).map_err(FileError::at("shell link"))?),
-            None => None,
+            Ok(stream) => Ok(start_link(stream).map_err(FileError::at("shell link"))?),
+            Err(reason) => Err(reason),
         };
         let state = Arc::new(RelayState {
             name: name.to_string(),
@@ -551,12 +578,9 @@ fn serve_client(state: &RelayState, mut conn: UnixStream) {
         }
     };
     let _ = conn.set_read_timeout(None);
-    let Some(link) = state.link.clone() else {
-        return refuse(
-            &mut conn,
-            "no-shell-port",
-            format!("VM '{}' has no shell channel", state.name),
-        );
+    let link = match &state.link {
+        Ok(link) => link.clone(),
+        Err(reason) => return refuse(&mut conn, "no-shell-port", reason.clone()),
     };
     if !link.ensure_ready(GUEST_ANSWER_TIMEOUT) {
         let what = if link.dead.load(Ordering::SeqCst) {
@@ -576,6 +600,9 @@ fn serve_client(state: &RelayState, mut conn: UnixStream) {
         forget(&link);
         return refuse(&mut conn, "timeout", "the shell channel closed".into());
     }
+    // Frames of the session that come before `opened` (an older guest may
+    // send output first) are passed on after it.
+    let mut early = Vec::new();
     let opened = loop {
         match rx.recv_timeout(GUEST_ANSWER_TIMEOUT) {
             Ok(f) if f.kind == Kind::Opened => match f.parse::<Opened>() {
@@ -593,7 +620,7 @@ fn serve_client(state: &RelayState, mut conn: UnixStream) {
                     String::from_utf8_lossy(&f.payload).into_owned(),
                 );
             }
-            Ok(_) => continue,
+            Ok(f) => early.push(f),
             Err(_) => {
                 forget(&link);
                 link.send(&ShellFrame::new(Kind::Close, id, Vec::new()));
@@ -605,6 +632,12 @@ fn serve_client(state: &RelayState, mut conn: UnixStream) {
         forget(&link);
         link.send(&ShellFrame::new(Kind::Close, id, Vec::new()));
         return;
+    }
+    for mut f in early {
+        f.session = CLIENT_SESSION;
+        if conn.write_all(&f.encode()).is_err() {
+            break;
+        }
     }
     let Ok(writer) = conn.try_clone() else {
         forget(&link);

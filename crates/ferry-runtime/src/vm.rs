@@ -522,13 +522,10 @@ impl RunningVm {
         running._control = Some(ControlServer::start(&control_path, handler)?);
         // The shell channel: a VM from a package made before it existed
         // has none, and its clients are told so.
-        let guest_shell = match running.vm.shell_stream() {
-            Ok(stream) => Some(stream),
-            Err(e) => {
-                tracing::info!("no shell channel: {e}");
-                None
-            }
-        };
+        let guest_shell = running.vm.shell_stream().map_err(|e| {
+            tracing::info!("no shell channel: {e}");
+            e.to_string()
+        });
         let shell_path = running.dir().path().join(files::SHELL);
         running._shell = Some(crate::shell::ShellRelay::start(
             &shell_path,

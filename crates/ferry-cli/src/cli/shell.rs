@@ -65,7 +65,7 @@ pub fn run(args: Args, paths: &Paths) -> anyhow::Result<ExitCode> {
     };
     let mut session = match connect(paths, &args.name, open) {
         Ok(s) => s,
-        Err(ShellError::NoShellPort { name }) if argv.is_some() => {
+        Err(ShellError::NoShellPort { name, .. }) if argv.is_some() => {
             // A VM from a package made before the shell channel: the
             // agent's exec still runs a command (no terminal, no streaming).
             eprintln!(
