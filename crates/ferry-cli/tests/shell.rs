@@ -239,6 +239,27 @@ fn commands_exit_codes_pipes_and_several_at_once() {
     let out = shell(&env, "sh-cmd", &["true"], b"");
     assert!(out.status.success(), "{}", describe(&out));
 
+    // Another user may not, even where the files let him reach the socket.
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let open = std::fs::Permissions::from_mode(0o755);
+        std::fs::set_permissions(env.state.path(), open).unwrap();
+    }
+    let out = Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
+        .arg(&env.ferry)
+        .args(["shell", "sh-cmd", "--", "true"])
+        .env("FERRY_STATE", env.state.path())
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(3), "{}", describe(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("not allowed: uid 65534"),
+        "{}",
+        describe(&out)
+    );
+
     // Bad input: no such VM.
     let out = shell(&env, "no-such-vm", &["true"], b"");
     assert_eq!(out.status.code(), Some(3), "{}", describe(&out));
@@ -546,4 +567,82 @@ fn watch_on_error_shell_opens_a_shell_in_the_failing_vm_of_a_fleet() {
         stdout(&out),
         "[VM w-1 error] service exited with code 137 (killed by signal 9)\n"
     );
+}
+
+#[test]
+fn watch_reports_a_failed_liveness_check_and_runs_a_command_on_error() {
+    let _lock = vm_lock();
+    let env = env();
+    // The service is a sleep beside a daemonised httpd: killing httpd fails
+    // the liveness check while the service runs on.
+    let text = std::fs::read_to_string(workspace_root().join("recipes/tiny.toml"))
+        .unwrap()
+        .replace("name = \"tiny\"", "name = \"flaky\"")
+        .replace(
+            "command = [\"httpd\", \"-f\", \"-p\", \"8080\", \"-h\", \"/srv/www\"]",
+            "command = [\"sh\", \"-c\", \"httpd -p 8080 -h /srv/www; exec sleep 1000000\"]",
+        );
+    assert!(text.contains("exec sleep"), "{text}");
+    let recipe = fixtures_dir().join("shell-flaky.toml");
+    std::fs::write(&recipe, text).unwrap();
+    let bp = env.state.path().join("flaky");
+    let out = env.run(&[
+        "blueprint",
+        "build",
+        "--quiet",
+        "--recipe",
+        recipe.to_str().unwrap(),
+        "--out",
+        bp.to_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "{}", describe(&out));
+    let (_boot, _) = spawn_until_live(
+        &env,
+        &[
+            "boot",
+            "--blueprint",
+            bp.to_str().unwrap(),
+            "--name",
+            "sh-flaky",
+        ],
+        Duration::from_secs(120),
+    );
+    let mut watch = env
+        .cmd()
+        .args([
+            "watch",
+            "sh-flaky",
+            "--on-error",
+            "exec",
+            "sh",
+            "-c",
+            "echo on-error-ran; cat /srv/www/index.html",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    let out = shell(&env, "sh-flaky", &["sh", "-c", "killall httpd"], b"");
+    assert!(out.status.success(), "{}", describe(&out));
+    wait_until(Duration::from_secs(60), "the liveness failure", || {
+        let out = env.run(&["ps", "--json"]);
+        let rows: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+        (rows[0]["last_error"]["kind"] == "liveness-failed").then_some(())
+    });
+    // The on-error command has run by the time the error is recorded,
+    // or very soon after.
+    std::thread::sleep(Duration::from_secs(3));
+    let _ = watch.kill();
+    let out = watch.wait_with_output().unwrap();
+    let text = stdout(&out);
+    assert!(
+        text.starts_with(
+            "[VM sh-flaky error] service failed its liveness check (it still runs)\non-error-ran\nhello from a ferry tiny guest\n"
+        ),
+        "{text}"
+    );
+    // The service itself runs on.
+    let out = shell(&env, "sh-flaky", &["pidof", "sleep"], b"");
+    assert!(out.status.success(), "{}", describe(&out));
 }

@@ -29,6 +29,9 @@ const ERRORS_CAP: u64 = 1 << 20;
 pub enum GuestErrorKind {
     /// The service exited (or never started).
     ServiceExited,
+    /// The service, live before, failed its liveness check (3 times in a
+    /// row, 2 s apart); it still runs.
+    LivenessFailed,
     /// A kernel oops or BUG.
     KernelOops,
     /// A kernel panic.

@@ -570,11 +570,25 @@ impl RunningVm {
         let current = self.agent_generation.clone();
         let errors = self.errors.clone();
         let seen = self.service_exit_seen.clone();
+        let was_live = self.live.clone();
         let client = AgentClient::new(stream, move |ev| {
             if ev == AgentEvent::Disconnected && current.load(Ordering::SeqCst) != generation {
                 return;
             }
+            if matches!(ev, AgentEvent::Live { .. }) {
+                was_live.store(true, Ordering::SeqCst);
+            }
             if let AgentEvent::Status(s) = &ev {
+                // Live before, not live now, and still running: the agent's
+                // recheck failed.
+                if !s.live && s.service_exit.is_none() && was_live.swap(false, Ordering::SeqCst) {
+                    let e = GuestError::now(
+                        GuestErrorKind::LivenessFailed,
+                        "service failed its liveness check (it still runs)",
+                    );
+                    errors.record(&e);
+                    let _ = sender.send(SupervisorEvent::GuestError(e));
+                }
                 let mut seen = seen.lock().expect("service exit");
                 if s.service_exit.is_some() && *seen != s.service_exit {
                     *seen = s.service_exit;
