@@ -646,3 +646,65 @@ fn watch_reports_a_failed_liveness_check_and_runs_a_command_on_error() {
     let out = shell(&env, "sh-flaky", &["pidof", "sleep"], b"");
     assert!(out.status.success(), "{}", describe(&out));
 }
+
+#[test]
+fn a_vm_from_a_package_without_the_shell_channel_falls_back_or_refuses() {
+    let _lock = vm_lock();
+    let env = env();
+    let bp = blueprint("tiny");
+    // A package with the devices of one made before the shell channel.
+    let pkg = env.state.path().join("old.ferry");
+    let out = env
+        .cmd()
+        .env("FERRY_SHELL_PORT", "off")
+        .args([
+            "package",
+            "--blueprint",
+            bp.to_str().unwrap(),
+            "--out",
+            pkg.to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", describe(&out));
+    // Resumed by a ferry that has the channel: same devices as saved.
+    let (_run, _) = spawn_until_live(
+        &env,
+        &[
+            "run",
+            "--package",
+            pkg.to_str().unwrap(),
+            "--clone",
+            "--name",
+            "sh-old",
+        ],
+        Duration::from_secs(120),
+    );
+    // A command falls back to the agent, with a note.
+    let out = shell(
+        &env,
+        "sh-old",
+        &["sh", "-c", "cat; echo out; exit 4"],
+        b"in\n",
+    );
+    assert_eq!(out.status.code(), Some(4), "{}", describe(&out));
+    assert_eq!(stdout(&out), "in\nout\n");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("note: VM 'sh-old' has no shell channel"),
+        "{}",
+        describe(&out)
+    );
+    // An interactive shell is refused, naming the fix.
+    let out = env
+        .cmd()
+        .args(["shell", "sh-old"])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(3), "{}", describe(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("re-package it"),
+        "{}",
+        describe(&out)
+    );
+}

@@ -234,7 +234,11 @@ impl Engine for QemuEngine {
     }
 
     fn boot(&self, spec: &VmSpec) -> Result<Box<dyn Vm>, EngineError> {
-        let provenance = self.provenance(spec, self.boot_memory_extra_kib(spec.accel)?, true)?;
+        let provenance = self.provenance(
+            spec,
+            self.boot_memory_extra_kib(spec.accel)?,
+            shell_port_wanted(),
+        )?;
         Ok(Box::new(vm::QemuVm::start(
             &self.launch()?,
             spec,
@@ -360,6 +364,15 @@ impl QemuEngine {
             shell_port,
         })
     }
+}
+
+/// `FERRY_SHELL_PORT=off` boots VMs without the shell channel, as ferry
+/// did before it had one: the devices of such a VM (and of packages made
+/// from it) are those of older packages. Used to check the fallback.
+pub const SHELL_PORT_ENV: &str = "FERRY_SHELL_PORT";
+
+fn shell_port_wanted() -> bool {
+    std::env::var(SHELL_PORT_ENV).map_or(true, |v| v != "off")
 }
 
 fn host_cpu_model() -> String {
