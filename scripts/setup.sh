@@ -4,7 +4,8 @@
 # busybox-static and e2fsprogs for blueprints, debootstrap for Debian-based
 # recipes, redis-tools for the demo and tests, iproute2 and iptables for
 # networking, kmod and cpio for the KVM lab VM (../shared/tools/kvm-lab.sh),
-# curl for the boot service's and the control plane's tests and bench/bootsvc.
+# curl for the boot service's and the control plane's tests and bench/bootsvc,
+# tmux for the `ferry shell` tests and bench/shell (a terminal to type into).
 # Needs root.
 #
 #   scripts/setup.sh            install
@@ -76,7 +77,7 @@ debian_mirror() {
 }
 
 pkgs=(busybox-static e2fsprogs debootstrap redis-tools
-      iproute2 iptables procps ca-certificates kmod cpio python3 curl)
+      iproute2 iptables procps ca-certificates kmod cpio python3 curl tmux)
 codename=$(. /etc/os-release && echo "${VERSION_CODENAME:-}")
 want_qemu=
 use_backports=

@@ -7,6 +7,8 @@
 //! frame carries the protocol version `v`; see `docs/agent-protocol.md`.
 #![warn(missing_docs)]
 
+pub mod shell;
+
 use std::collections::BTreeMap;
 
 use base64::Engine as _;

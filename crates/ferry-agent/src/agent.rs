@@ -178,6 +178,24 @@ fn serve_port(agent: &Arc<Agent>, explicit: Option<&Path>) {
     agent.outbox.detach(Duration::from_secs(1));
 }
 
+/// Set (test hook) once the agent is to stop answering the host.
+static HANG: AtomicBool = AtomicBool::new(false);
+
+/// The kernel command-line word that makes the agent hang once live: a
+/// test-only hook that shows `ferry shell` works with a hung agent. The
+/// agent keeps reaping and running the service; it just never reads
+/// another request.
+pub const TEST_HANG_FLAG: &str = "ferry.test.hang-agent";
+
+/// Arms the hang hook if the kernel command line asks for it.
+pub fn arm_test_hang() {
+    let cmdline = std::fs::read_to_string("/proc/cmdline").unwrap_or_default();
+    if sys::is_pid1() && cmdline.split_whitespace().any(|w| w == TEST_HANG_FLAG) {
+        info!("{TEST_HANG_FLAG}: no longer answering the host (test hook)");
+        HANG.store(true, Ordering::SeqCst);
+    }
+}
+
 /// How long to wait before reading again while the host is not connected.
 const DISCONNECTED_POLL: Duration = Duration::from_millis(10);
 
@@ -193,7 +211,11 @@ fn read_requests(agent: &Arc<Agent>, mut reader: PortReader) {
     let mut connected = true;
     let mut errors = 0;
     loop {
-        match reader.read(&mut buf) {
+        let read = reader.read(&mut buf);
+        while HANG.load(Ordering::SeqCst) {
+            std::thread::sleep(Duration::from_secs(3600));
+        }
+        match read {
             Ok(0) => {
                 if connected {
                     debug!("host disconnected");

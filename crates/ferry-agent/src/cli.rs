@@ -13,7 +13,9 @@ pub const USAGE: &str =
                      virtio-serial port named ferry.agent, found in sysfs)\n\
   --fleet-file PATH  where set-fleet writes the fleet (default:\n\
                      /run/ferry/fleet.json)\n\
-  --debug            log every request (also FERRY_AGENT_DEBUG=1)";
+  --debug            log every request (also FERRY_AGENT_DEBUG=1)\n\
+  --shell-server     serve `ferry shell` sessions on the port named\n\
+                     ferry.shell instead (started by /ferry/init)";
 
 /// What the command line asks for.
 #[derive(Debug, PartialEq, Eq)]
@@ -38,6 +40,8 @@ pub struct Options {
     pub fleet_file: PathBuf,
     /// Log every request.
     pub debug: bool,
+    /// Be the shell server (`--shell-server`), not the agent.
+    pub shell_server: bool,
 }
 
 impl Default for Options {
@@ -47,6 +51,7 @@ impl Default for Options {
             port: None,
             fleet_file: PathBuf::from(ferry_agent_proto::FLEET_FILE_PATH),
             debug: false,
+            shell_server: false,
         }
     }
 }
@@ -78,6 +83,7 @@ pub fn parse(args: impl IntoIterator<Item = OsString>) -> Result<Command, String
             "--port" => options.port = Some(value()?),
             "--fleet-file" => options.fleet_file = value()?,
             "--debug" => options.debug = true,
+            "--shell-server" => options.shell_server = true,
             "-h" | "--help" => return Ok(Command::Help),
             "-V" | "--version" => return Ok(Command::Version),
             other => return Err(format!("unknown argument '{other}'")),

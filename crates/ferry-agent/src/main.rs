@@ -15,7 +15,8 @@
 //! port, [`outbox`] owns every write to it, [`handlers`] answers requests,
 //! [`service`] runs the guest's service and its liveness check, [`exec`] runs
 //! commands for the host, [`fleet`] writes the fleet file, and [`sys`] wraps
-//! the few raw system calls.
+//! the few raw system calls. The same binary, run with `--shell-server`, is
+//! the guest's shell server ([`shell`]), a process of its own.
 
 #[macro_use]
 mod log;
@@ -30,6 +31,7 @@ mod outbox;
 mod port;
 mod reaper;
 mod service;
+mod shell;
 mod sys;
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -60,6 +62,9 @@ fn main() -> ExitCode {
         }
     };
     log::set_debug(options.debug);
+    if options.shell_server {
+        shell::serve(options.port.as_deref());
+    }
 
     // `agent::run` only returns by panicking: shutdown ends the process from
     // inside the handler.

@@ -63,22 +63,25 @@ pub fn open(path: &Path) -> io::Result<(PortReader, PortWriter)> {
 /// has nothing to do. `explicit` is `--port`; `None` means discover the
 /// virtio-serial port.
 pub fn open_when_ready(explicit: Option<&Path>) -> (PortReader, PortWriter) {
+    open_named_when_ready(explicit, ferry_agent_proto::PORT_NAME)
+}
+
+/// [`open_when_ready`] for the virtio-serial port named `name` (the shell
+/// server's is [`ferry_agent_proto::shell::SHELL_PORT_NAME`]).
+pub fn open_named_when_ready(explicit: Option<&Path>, name: &str) -> (PortReader, PortWriter) {
     let started = Instant::now();
     let mut complained = false;
     loop {
         let attempt = match explicit {
             Some(path) => open(path).map(|port| (path.to_path_buf(), port)),
-            None => match find_port(Path::new(SYSFS_PORTS), ferry_agent_proto::PORT_NAME) {
+            None => match find_port(Path::new(SYSFS_PORTS), name) {
                 Some(dev) => {
                     let path = PathBuf::from("/dev").join(dev);
                     open(&path).map(|port| (path, port))
                 }
                 None => Err(io::Error::new(
                     io::ErrorKind::NotFound,
-                    format!(
-                        "no virtio-serial port named {} under {SYSFS_PORTS}",
-                        ferry_agent_proto::PORT_NAME
-                    ),
+                    format!("no virtio-serial port named {name} under {SYSFS_PORTS}"),
                 )),
             },
         };

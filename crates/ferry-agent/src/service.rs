@@ -23,6 +23,10 @@ const LIVENESS_INTERVAL: Duration = Duration::from_millis(50);
 const TCP_PROBE_TIMEOUT: Duration = Duration::from_millis(200);
 /// An exec liveness probe running longer than this is killed and failed.
 const EXEC_PROBE_TIMEOUT: Duration = Duration::from_secs(5);
+/// How often liveness is checked once it has passed.
+const RECHECK_INTERVAL: Duration = Duration::from_secs(2);
+/// Failures in a row after which a live service is reported not live.
+const RECHECK_FAILURES: u32 = 3;
 /// How long to wait before saying liveness has not passed yet.
 const COMPLAIN_AFTER: Duration = Duration::from_secs(30);
 
@@ -53,6 +57,12 @@ pub fn start(agent: &Arc<Agent>) {
     };
     let pid = spawned.child.id() as i32;
     lock(&agent.service).pid = Some(pid);
+    // For `ferry shell`, which enters the service's namespaces.
+    let pid_file = std::path::Path::new(crate::shell::SERVICE_PID_FILE);
+    if let Some(dir) = pid_file.parent() {
+        let _ = std::fs::create_dir_all(dir);
+    }
+    let _ = std::fs::write(pid_file, format!("{pid}\n"));
     debug!("service started, pid {pid}");
     let agent_for_thread = Arc::clone(agent);
     let watcher = std::thread::Builder::new()
@@ -134,9 +144,39 @@ pub fn watch_liveness(agent: &Arc<Agent>) {
             agent.live.store(true, Ordering::SeqCst);
             info!("live");
             announce_live(&agent);
+            crate::agent::arm_test_hang();
+            keep_checking(&agent, &mut probe);
         });
     if let Err(e) = spawned {
         info!("cannot start the liveness check: {e}");
+    }
+}
+
+/// Checks liveness on after the service first passed, every
+/// [`RECHECK_INTERVAL`], for `ferry watch`: after [`RECHECK_FAILURES`]
+/// failures in a row the guest is no longer live and the host gets a
+/// `status` event saying so; a pass makes it live again (a `live` event).
+/// Stops once the service has exited (its exit is reported already).
+fn keep_checking(agent: &Agent, probe: &mut Probe) {
+    let mut failures = 0;
+    loop {
+        std::thread::sleep(RECHECK_INTERVAL);
+        if lock(&agent.service).exit.is_some() {
+            return;
+        }
+        if probe.passes(agent) {
+            failures = 0;
+            if !agent.live.swap(true, Ordering::SeqCst) {
+                info!("live again");
+                announce_live(agent);
+            }
+        } else {
+            failures += 1;
+            if failures == RECHECK_FAILURES && agent.live.swap(false, Ordering::SeqCst) {
+                info!("the service failed its liveness check {RECHECK_FAILURES} times in a row");
+                agent.outbox.event(&Reply::Status(agent.status()));
+            }
+        }
     }
 }
 

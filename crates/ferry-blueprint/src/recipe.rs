@@ -74,6 +74,9 @@ pub struct KernelSpec {
 pub enum RootfsSpec {
     /// Only busybox (installed with all its applets).
     Busybox,
+    /// Nothing but the directories every guest needs (and ferry's own
+    /// `/ferry`): no shell, no tools. The service comes from `[binaries]`.
+    Empty,
     /// Debian via debootstrap.
     Debootstrap {
         /// The Debian suite, e.g. `bookworm`.

@@ -54,6 +54,17 @@ pub fn prepare(
             write(&stage.join("etc/passwd"), "root:x:0:0:root:/root:/bin/sh\n")?;
             write(&stage.join("etc/group"), "root:x:0:\n")?;
         }
+        RootfsSpec::Empty => {
+            progress.step("making an empty root file system (no shell, no tools)");
+            for dir in ["etc", "root", "var", "usr/local/bin"] {
+                mkdir(&stage.join(dir))?;
+            }
+            write(
+                &stage.join("etc/passwd"),
+                "root:x:0:0:root:/root:/nonexistent\n",
+            )?;
+            write(&stage.join("etc/group"), "root:x:0:\n")?;
+        }
         RootfsSpec::Debootstrap { .. } => {
             let tree = debootstrap(spec, cache, progress)?;
             progress.step("copying the cached Debian tree");
@@ -291,6 +302,9 @@ $bb ip link set lo up
 $bb ip link set {iface} up
 $bb ip addr add {addr}/{prefix} dev {iface}
 $bb ip route add default via {gw}
+# The shell server (`ferry shell`) is a process of its own, started before
+# the agent and its service, so that neither can take it down.
+/ferry/ferry-agent --shell-server &
 exec /ferry/ferry-agent
 "#,
         iface = net.interface,

@@ -192,6 +192,7 @@ fn a_fleet_comes_up_finds_itself_by_name_suspends_resumes_and_leaves_nothing() {
         "memory_mib",
         "unique_memory_mib",
         "exposes",
+        "last_error",
     ]
     .into();
     for (i, row) in rows.iter().enumerate() {

@@ -186,6 +186,11 @@ pub struct Provenance {
     pub memory_extra_kib: u64,
     /// Number of vCPUs.
     pub cpus: u32,
+    /// Whether the VM has the shell channel (`ferry shell`). States made
+    /// before it existed lack it (`false`), and a restore must give the
+    /// guest the same devices, so such a VM keeps going without one.
+    #[serde(default)]
+    pub shell_port: bool,
 }
 
 impl Provenance {
@@ -375,6 +380,13 @@ pub trait Vm: Send {
     /// A fresh connection to the guest agent's channel. The previous one, if
     /// any, is closed by the engine.
     fn agent_stream(&self) -> Result<UnixStream, EngineError>;
+
+    /// A fresh connection to the guest's shell channel (`ferry shell`), or
+    /// `Unsupported` when the engine or this VM has none. The previous
+    /// connection, if any, is closed by the engine.
+    fn shell_stream(&self) -> Result<UnixStream, EngineError> {
+        Err(EngineError::Unsupported("the shell channel"))
+    }
 
     /// A writer into the guest's serial console (what a user would type), or
     /// `None` after the first call or if the engine has none.

@@ -234,7 +234,11 @@ impl Engine for QemuEngine {
     }
 
     fn boot(&self, spec: &VmSpec) -> Result<Box<dyn Vm>, EngineError> {
-        let provenance = self.provenance(spec, self.boot_memory_extra_kib(spec.accel)?)?;
+        let provenance = self.provenance(
+            spec,
+            self.boot_memory_extra_kib(spec.accel)?,
+            shell_port_wanted(),
+        )?;
         Ok(Box::new(vm::QemuVm::start(
             &self.launch()?,
             spec,
@@ -245,7 +249,11 @@ impl Engine for QemuEngine {
 
     fn restore(&self, spec: &VmSpec, state: &SavedState) -> Result<Box<dyn Vm>, EngineError> {
         self.check_provenance(spec, &state.provenance, "saved")?;
-        let provenance = self.provenance(spec, state.provenance.memory_extra_kib)?;
+        let provenance = self.provenance(
+            spec,
+            state.provenance.memory_extra_kib,
+            state.provenance.shell_port,
+        )?;
         Ok(Box::new(vm::QemuVm::start(
             &self.launch()?,
             spec,
@@ -262,7 +270,8 @@ impl Engine for QemuEngine {
     ) -> Result<Box<dyn Vm>, EngineError> {
         self.check_provenance(spec, provenance, "started")?;
         let sender = provenance;
-        let provenance = self.provenance(spec, provenance.memory_extra_kib)?;
+        let provenance =
+            self.provenance(spec, provenance.memory_extra_kib, provenance.shell_port)?;
         Ok(Box::new(vm::QemuVm::start(
             &self.launch()?,
             spec,
@@ -336,8 +345,14 @@ impl QemuEngine {
     }
 
     /// What a VM started now from `spec` is made with; `memory_extra_kib`
-    /// is kept from the saved state on a restore, so the size matches.
-    fn provenance(&self, spec: &VmSpec, memory_extra_kib: u64) -> Result<Provenance, EngineError> {
+    /// is kept from the saved state on a restore, so the size matches, and
+    /// so is `shell_port`, so the devices do.
+    fn provenance(
+        &self,
+        spec: &VmSpec,
+        memory_extra_kib: u64,
+        shell_port: bool,
+    ) -> Result<Provenance, EngineError> {
         Ok(Provenance {
             engine: self.name().to_string(),
             engine_version: self.version()?,
@@ -346,8 +361,18 @@ impl QemuEngine {
             memory_mib: spec.memory_mib,
             memory_extra_kib,
             cpus: spec.cpus,
+            shell_port,
         })
     }
+}
+
+/// `FERRY_SHELL_PORT=off` boots VMs without the shell channel, as ferry
+/// did before it had one: the devices of such a VM (and of packages made
+/// from it) are those of older packages. Used to check the fallback.
+pub const SHELL_PORT_ENV: &str = "FERRY_SHELL_PORT";
+
+fn shell_port_wanted() -> bool {
+    std::env::var(SHELL_PORT_ENV).map_or(true, |v| v != "off")
 }
 
 fn host_cpu_model() -> String {

@@ -56,6 +56,8 @@ pub struct QemuVm {
     /// QEMU's standard input is the serial console's input.
     stdin: Option<ChildStdin>,
     agent_socket: PathBuf,
+    /// The shell channel's socket, when the VM has one.
+    shell_socket: Option<PathBuf>,
     /// The agent connection made before a cold-booted guest ran, handed
     /// out by the first [`Vm::agent_stream`].
     first_agent: Mutex<Option<UnixStream>>,
@@ -165,8 +167,14 @@ impl QemuVm {
         }
         let qmp_socket = spec.run_dir.join("qmp.sock");
         let agent_socket = spec.run_dir.join("agent.sock");
+        let shell_socket = provenance
+            .shell_port
+            .then(|| spec.run_dir.join("shell-port.sock"));
         let _ = std::fs::remove_file(&qmp_socket);
         let _ = std::fs::remove_file(&agent_socket);
+        if let Some(s) = &shell_socket {
+            let _ = std::fs::remove_file(s);
+        }
 
         let state_from = match &start {
             Start::Boot => None,
@@ -188,6 +196,7 @@ impl QemuVm {
             provenance.memory_bytes() >> 10,
             &qmp_socket,
             &agent_socket,
+            shell_socket.as_deref(),
             !matches!(start, Start::Boot),
             // A cold boot starts paused so that the agent socket is
             // connected before the guest can run (and stop, taking the
@@ -260,6 +269,7 @@ impl QemuVm {
                 events: Some(rx),
                 stdin,
                 agent_socket,
+                shell_socket,
                 first_agent: Mutex::default(),
                 provenance,
                 version: launch.version,
@@ -509,6 +519,20 @@ impl Vm for QemuVm {
         }
     }
 
+    fn shell_stream(&self) -> Result<UnixStream, EngineError> {
+        let Some(path) = &self.shell_socket else {
+            return Err(EngineError::Unsupported(
+                "a shell channel in VMs from packages made before ferry had one",
+            ));
+        };
+        UnixStream::connect(path).map_err(|e| {
+            self.exited_or(io(
+                format!("connecting to the shell socket {}", path.display()),
+                e,
+            ))
+        })
+    }
+
     fn take_console_input(&mut self) -> Option<Box<dyn std::io::Write + Send>> {
         self.stdin
             .take()
@@ -746,6 +770,7 @@ fn qemu_args(
     memory_kib: u64,
     qmp: &Path,
     agent: &Path,
+    shell: Option<&Path>,
     incoming: bool,
     paused: bool,
 ) -> Vec<String> {
@@ -817,7 +842,14 @@ fn qemu_args(
         "-device",
         &format!("virtio-net-device,netdev=net0,mac={GUEST_MAC}"),
     ]);
-    push(&["-device", "virtio-serial-device,max_ports=2"]);
+    // Port 0 is reserved for a console; the agent's is 1, the shell's 2. A
+    // VM saved before the shell channel existed keeps its two ports (a
+    // restore needs the same devices).
+    let max_ports = if shell.is_some() { 3 } else { 2 };
+    push(&[
+        "-device",
+        &format!("virtio-serial-device,max_ports={max_ports}"),
+    ]);
     push(&[
         "-chardev",
         &format!(
@@ -826,6 +858,19 @@ fn qemu_args(
         ),
     ]);
     push(&["-device", "virtserialport,chardev=agent,name=ferry.agent"]);
+    if let Some(shell) = shell {
+        push(&[
+            "-chardev",
+            &format!(
+                "socket,id=shell,path={},server=on,wait=off",
+                shell.display()
+            ),
+        ]);
+        push(&[
+            "-device",
+            "virtserialport,chardev=shell,name=ferry.shell,nr=2",
+        ]);
+    }
     push(&[
         "-qmp",
         &format!("unix:{},server=on,wait=off", qmp.display()),

@@ -607,6 +607,8 @@ pub fn class_of(e: &(dyn std::error::Error + 'static)) -> Option<ExitClass> {
         Some(x.exit_class())
     } else if let Some(x) = e.downcast_ref::<VmError>() {
         Some(x.exit_class())
+    } else if let Some(x) = e.downcast_ref::<crate::shell::ShellError>() {
+        Some(x.exit_class())
     } else if let Some(x) = e.downcast_ref::<NameError>() {
         Some(x.exit_class())
     } else if e.downcast_ref::<FileError>().is_some() {

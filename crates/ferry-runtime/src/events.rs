@@ -130,6 +130,16 @@ pub enum Event {
         /// How long the suspend took.
         ms: u64,
     },
+    /// Something went wrong inside a running guest: its service exited, a
+    /// kernel oops or panic, the OOM killer (`docs/shell.md`).
+    GuestError {
+        /// The VM.
+        name: String,
+        /// `service-exited`, `kernel-oops`, `kernel-panic` or `oom`.
+        kind: crate::guest_errors::GuestErrorKind,
+        /// One line: what happened.
+        what: String,
+    },
     /// A suspend failed; nothing was lost: the old package is unchanged.
     SuspendFailed {
         /// The package it was written to.

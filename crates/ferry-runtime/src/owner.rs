@@ -200,6 +200,14 @@ pub fn own(
         };
         let mut jobs = Vec::new();
         match wake {
+            Wake::GuestError(e) => {
+                events.emit(Event::GuestError {
+                    name: owned.name.clone(),
+                    kind: e.kind,
+                    what: e.what,
+                });
+                continue;
+            }
             Wake::Cancel => jobs.push(Job::Stop {
                 action: opts.on_cancel,
                 reply: None,

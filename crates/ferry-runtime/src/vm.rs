@@ -25,6 +25,7 @@ use crate::control::{
     CONTROL_API_VERSION,
 };
 use crate::error::{FileError, StartError, VmError};
+use crate::guest_errors::{ErrorLog, GuestError, GuestErrorKind};
 use crate::vmdir::{files, ConsoleLog, VmDir, CONSOLE_LOG_CAP};
 use crate::Paths;
 
@@ -110,6 +111,8 @@ pub enum SupervisorEvent {
     Agent(AgentEvent),
     /// A peer asks to take this VM over (see [`crate::owner`]).
     Migration(Box<ferry_transport::migration::Incoming>),
+    /// Something went wrong in the guest (already recorded).
+    GuestError(GuestError),
 }
 
 use crate::start::Prepare;
@@ -135,6 +138,9 @@ pub enum Wake {
     Jobs,
     /// A peer asks to take the VM over.
     Migration(Box<ferry_transport::migration::Incoming>),
+    /// Something went wrong in the guest (already recorded in its
+    /// directory); the owner reports it and waits on.
+    GuestError(GuestError),
 }
 
 impl std::fmt::Debug for Wake {
@@ -143,6 +149,7 @@ impl std::fmt::Debug for Wake {
             Wake::Cancel => write!(f, "Cancel"),
             Wake::Jobs => write!(f, "Jobs"),
             Wake::Migration(m) => write!(f, "Migration({})", m.control.peer()),
+            Wake::GuestError(e) => write!(f, "GuestError({e:?})"),
         }
     }
 }
@@ -155,6 +162,7 @@ impl std::fmt::Debug for SupervisorEvent {
             SupervisorEvent::VmExited(r) => write!(f, "VmExited({r:?})"),
             SupervisorEvent::Agent(e) => write!(f, "Agent({e:?})"),
             SupervisorEvent::Migration(m) => write!(f, "Migration({})", m.control.peer()),
+            SupervisorEvent::GuestError(e) => write!(f, "GuestError({e:?})"),
         }
     }
 }
@@ -305,7 +313,11 @@ pub struct RunningVm {
     live: Arc<AtomicBool>,
     agent_generation: Arc<AtomicU64>,
     _control: Option<ControlServer>,
+    _shell: Option<crate::shell::ShellRelay>,
     control_extension: Extension,
+    errors: ErrorLog,
+    /// The service exit last recorded as an error (once per exit).
+    service_exit_seen: Arc<Mutex<Option<i32>>>,
 }
 
 /// Answers the control requests the VM itself does not (`stop`), once its
@@ -535,12 +547,14 @@ impl RunningVm {
                 .map(|n| n.exposes().to_vec())
                 .unwrap_or_default(),
         }));
+        let errors = ErrorLog::new(dir.path(), console.clone());
         if let Some(events) = vm.take_events() {
             pump_vm_events(
                 events,
                 console.clone(),
                 sender.clone(),
                 config.console.clone(),
+                errors.clone(),
             );
         }
         let mut running = RunningVm {
@@ -558,7 +572,10 @@ impl RunningVm {
             live: Arc::default(),
             agent_generation: Arc::default(),
             _control: None,
+            _shell: None,
             control_extension: Arc::default(),
+            errors,
+            service_exit_seen: Arc::default(),
         };
         if let Err(e) = running.connect_agent() {
             // A guest that stops at once takes the engine (and its agent
@@ -578,6 +595,18 @@ impl RunningVm {
         });
         let control_path = running.dir().path().join(files::CONTROL);
         running._control = Some(ControlServer::start(&control_path, handler)?);
+        // The shell channel: a VM from a package made before it existed
+        // has none, and its clients are told so.
+        let guest_shell = running.vm.shell_stream().map_err(|e| {
+            tracing::info!("no shell channel: {e}");
+            e.to_string()
+        });
+        let shell_path = running.dir().path().join(files::SHELL);
+        running._shell = Some(crate::shell::ShellRelay::start(
+            &shell_path,
+            &config.name,
+            guest_shell,
+        )?);
         Ok(running)
     }
 
@@ -616,9 +645,45 @@ impl RunningVm {
         let current = self.agent_generation.clone();
         let queued = self.events.agent_queued.clone();
         let logged = AtomicBool::new(false);
+        let errors = self.errors.clone();
+        let seen = self.service_exit_seen.clone();
+        let was_live = self.live.clone();
         let client = AgentClient::new(stream, move |ev| {
             if ev == AgentEvent::Disconnected && current.load(Ordering::SeqCst) != generation {
                 return;
+            }
+            if matches!(ev, AgentEvent::Live { .. }) {
+                was_live.store(true, Ordering::SeqCst);
+            }
+            if let AgentEvent::Status(s) = &ev {
+                // Live before, not live now, and still running: the agent's
+                // recheck failed.
+                if !s.live && s.service_exit.is_none() && was_live.swap(false, Ordering::SeqCst) {
+                    let e = GuestError::now(
+                        GuestErrorKind::LivenessFailed,
+                        "service failed its liveness check (it still runs)",
+                    );
+                    errors.record(&e);
+                    let _ = sender.send(SupervisorEvent::GuestError(e));
+                }
+                let mut seen = seen.lock().expect("service exit");
+                if s.service_exit.is_some() && *seen != s.service_exit {
+                    *seen = s.service_exit;
+                    let code = s.service_exit.unwrap_or_default();
+                    let what = match code {
+                        127 => "the service could not be started (exit code 127)".to_string(),
+                        c if c > 128 => {
+                            format!(
+                                "service exited with code {c} (killed by signal {})",
+                                c - 128
+                            )
+                        }
+                        c => format!("service exited with code {c}"),
+                    };
+                    let e = GuestError::now(GuestErrorKind::ServiceExited, what);
+                    errors.record(&e);
+                    let _ = sender.send(SupervisorEvent::GuestError(e));
+                }
             }
             queue_agent_event(&sender, &queued, &logged, ev);
         })?;
@@ -766,6 +831,7 @@ impl RunningVm {
                 refuse(*m, "the VM is not live yet");
                 Ok(())
             }
+            SupervisorEvent::GuestError(_) => Ok(()),
         }
     }
 
@@ -846,6 +912,7 @@ impl RunningVm {
                 Ok(SupervisorEvent::Cancel) => return Ok(Wake::Cancel),
                 Ok(SupervisorEvent::Jobs) => return Ok(Wake::Jobs),
                 Ok(SupervisorEvent::Migration(m)) => return Ok(Wake::Migration(m)),
+                Ok(SupervisorEvent::GuestError(e)) => return Ok(Wake::GuestError(e)),
                 Ok(SupervisorEvent::VmExited(reason)) => return Err(self.died(reason)),
                 Ok(SupervisorEvent::Agent(AgentEvent::Disconnected)) => {
                     // Exec requests fail until the channel is back.
@@ -869,6 +936,7 @@ impl RunningVm {
                 Ok(SupervisorEvent::Jobs) => {}
                 Ok(SupervisorEvent::VmExited(reason)) => return Err(self.died(reason)),
                 Ok(SupervisorEvent::Migration(m)) => refuse(*m, "this VM is busy"),
+                Ok(SupervisorEvent::GuestError(_)) => {}
                 Ok(SupervisorEvent::Agent(AgentEvent::Disconnected)) => {
                     let _ = self.reconnect_agent();
                 }
@@ -969,6 +1037,7 @@ impl Drop for RunningVm {
         self.agent.lock().expect("agent slot").take();
         self.vm.kill();
         self._control.take();
+        self._shell.take();
         // After the engine: the tap and namespace are in use until it exits.
         self.network.take();
         if let Some(dir) = self.dir.take() {
@@ -1063,14 +1132,20 @@ fn pump_vm_events(
     console: Arc<Mutex<ConsoleLog>>,
     sender: Sender<SupervisorEvent>,
     echo: Option<ConsoleSink>,
+    errors: ErrorLog,
 ) {
     std::thread::Builder::new()
         .name("vm-events".into())
         .spawn(move || {
+            let mut scanner = crate::guest_errors::ConsoleScanner::default();
             for ev in events {
                 match ev {
                     VmEvent::Console(bytes) => {
                         console.lock().expect("console").write(&bytes);
+                        for e in scanner.push(&bytes) {
+                            errors.record(&e);
+                            let _ = sender.send(SupervisorEvent::GuestError(e));
+                        }
                         if let Some(echo) = &echo {
                             echo(&bytes);
                         }

@@ -223,6 +223,8 @@ pub fn remove_leftover_network(dir: &Path) {
 pub mod files {
     /// The control socket.
     pub const CONTROL: &str = "control.sock";
+    /// The shell socket (`ferry shell` clients; see `crate::shell`).
+    pub const SHELL: &str = "shell.sock";
     /// The console log.
     pub const CONSOLE: &str = "console.log";
     /// The console log before its last rotation.

@@ -24,6 +24,7 @@ pub mod render;
 mod restart;
 mod rm;
 mod run;
+mod shell;
 mod signals;
 mod start;
 mod stop;
@@ -31,6 +32,7 @@ mod supervise;
 mod tls;
 mod tokens;
 mod up;
+mod watch;
 mod worker;
 
 use std::path::PathBuf;
@@ -70,6 +72,9 @@ enum Command {
     BootService(boot_service::Args),
     /// Run a command inside a running VM.
     Exec(exec::Args),
+    /// A shell (a real terminal) or a command in a running VM, even when its
+    /// service, network or agent are broken.
+    Shell(shell::Args),
     /// Boot a blueprint, wait until its service is live, snapshot it into a package.
     Package(package::Args),
     /// Resume a package; Ctrl-C suspends it back into the package.
@@ -88,6 +93,10 @@ enum Command {
     Ps(ps::Args),
     /// Print a VM's console log; -f follows it.
     Logs(logs::Args),
+    /// Follow VMs and print one line per error (service exited, kernel
+    /// oops or panic, OOM); --on-error shell opens a shell in the first
+    /// that fails.
+    Watch(watch::Args),
     /// Suspend a VM (or every VM) keeping its state; --discard drops it.
     Stop(stop::Args),
     /// Resume a suspended VM, detached, with the ports and fleet it had.
@@ -179,6 +188,8 @@ pub fn run(cli: Cli, started: Instant, ctx: &Ctx) -> anyhow::Result<ExitCode> {
         Command::Boot(args) => boot::run(args, &paths, started, ctx),
         Command::BootService(args) => boot_service::run(args, &paths, ctx),
         Command::Exec(args) => exec::run(args, &paths),
+        Command::Shell(args) => shell::run(args, &paths),
+        Command::Watch(args) => watch::run(args, &paths),
         Command::Package(args) => package::run(args, &paths, ctx),
         Command::Run(args) => run::run(args, &paths, started, ctx),
         Command::Inspect(args) => inspect::run(args),

@@ -119,6 +119,7 @@ pub fn vm_meta(generation: u64) -> ferry_package::VmMeta {
             accel: ferry_engine::Accel::Tcg,
             memory_mib: 64,
             memory_extra_kib: 0,
+            shell_port: true,
             cpus: 1,
         },
         recipe: "test".into(),

@@ -44,6 +44,8 @@ pub struct VmInfo {
     pub note: Option<String>,
     /// The guest's last console lines, for a crashed VM.
     pub console_tail: Vec<String>,
+    /// The last error seen in the guest (`docs/shell.md`).
+    pub last_error: Option<crate::guest_errors::GuestError>,
 }
 
 /// `ferry ps --json`: one object per VM with exactly these keys.
@@ -65,6 +67,8 @@ pub struct PsJson {
     pub unique_memory_mib: Option<u64>,
     /// Exposed ports.
     pub exposes: Vec<PsExpose>,
+    /// The last error seen in the guest: `{"unix_ms", "kind", "what"}`.
+    pub last_error: Option<crate::guest_errors::GuestError>,
 }
 
 /// One exposed port in [`PsJson`].
@@ -94,6 +98,7 @@ impl From<&VmInfo> for PsJson {
                     guest: e.guest_port,
                 })
                 .collect(),
+            last_error: v.last_error.clone(),
         }
     }
 }
@@ -135,6 +140,7 @@ pub fn info(paths: &Paths, name: &str) -> Option<VmInfo> {
         detached: record.is_some(),
         note: record.as_ref().and_then(|r| r.note.clone()),
         console_tail: Vec::new(),
+        last_error: crate::guest_errors::last_error(&dir),
     };
     match state {
         RecordState::Running => {
@@ -245,7 +251,8 @@ fn console_tail(dir: &Path, n: usize) -> Vec<String> {
 }
 
 /// The last `n` lines of VM directory `dir`'s console log.
-fn console_lines(dir: &Path, n: usize) -> Vec<String> {
+/// The last `n` lines of the console log of the VM in `dir`.
+pub fn console_lines(dir: &Path, n: usize) -> Vec<String> {
     let path = dir.join(files::CONSOLE);
     let Ok(mut f) = std::fs::File::open(&path) else {
         return Vec::new();

@@ -70,6 +70,7 @@ pub fn plan(
             accel: accel.accel,
             memory_mib,
             memory_extra_kib: 0,
+            shell_port: true,
             cpus,
         },
         recipe: m.recipe.clone(),
