@@ -37,7 +37,7 @@ use serde::{Deserialize, Serialize};
 use crate::error::{FileError, StartError};
 use crate::events::{Event, EventSink};
 use crate::ops::peer::PeerOptions;
-use crate::owner::{own, Outcome, OwnedVm, OwnerOptions};
+use crate::owner::{own_and_tell, Outcome, OwnedVm, OwnerOptions};
 use crate::record::{FleetSpec, NetSpec, RecordState, VmRecord};
 use crate::start::package::{self, Detached, Mode, PackageStart};
 use crate::start::StartPlan;
@@ -432,8 +432,9 @@ pub fn supervise(
         exposes: status.exposes.clone(),
     };
     tracing::info!(ms = report.ms, "live");
-    ready.send(&ReadyMsg::Live(report));
-    let outcome = own(engine, paths, owned, owner, events)?;
+    let outcome = own_and_tell(engine, paths, owned, owner, events, || {
+        ready.send(&ReadyMsg::Live(report))
+    })?;
     tracing::info!(?outcome, "supervisor done");
     Ok(outcome)
 }

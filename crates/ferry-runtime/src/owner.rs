@@ -139,9 +139,24 @@ pub enum Outcome {
 pub fn own(
     engine: &dyn Engine,
     paths: &Paths,
+    owned: OwnedVm,
+    opts: OwnerOptions,
+    events: &dyn EventSink,
+) -> Result<Outcome, RuntimeError> {
+    own_and_tell(engine, paths, owned, opts, events, || {})
+}
+
+/// [`own`], calling `held` once the owner answers requests (`ferry stop`,
+/// moves): a supervisor reports the VM live only then, so that a stop
+/// sent right after `up` returns is taken by the owner, never refused as
+/// "still starting".
+pub fn own_and_tell(
+    engine: &dyn Engine,
+    paths: &Paths,
     mut owned: OwnedVm,
     opts: OwnerOptions,
     events: &dyn EventSink,
+    held: impl FnOnce(),
 ) -> Result<Outcome, RuntimeError> {
     let inbox = Arc::new(Inbox {
         jobs: Mutex::default(),
@@ -183,6 +198,7 @@ pub fn own(
         .clone()
         .or_else(|| owned.record.as_ref().and_then(|r| r.saved.clone()))
         .unwrap_or_else(|| owned.vm.dir().path().join(files::SAVED));
+    held();
     let status = owned.vm.status();
     events.emit(Event::Running {
         name: owned.name.clone(),
