@@ -31,6 +31,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+use ferry_transport::ServerThread;
 use tracing::info;
 
 pub use error::{ApiError, BootSvcError, LoadError};
@@ -214,58 +215,16 @@ impl BootService {
     /// # Errors
     /// [`BootSvcError::Setup`] if the thread cannot start.
     pub fn spawn(self) -> Result<RunningBootService, BootSvcError> {
-        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-        let thread = std::thread::Builder::new()
-            .name("boot-service".into())
-            .spawn(move || {
-                self.run_until(async move {
-                    let _ = rx.await;
-                })
-            })
-            .map_err(|source| BootSvcError::Setup {
+        ServerThread::spawn("boot-service", move |stop| self.run_until(stop.wait())).map_err(
+            |source| BootSvcError::Setup {
                 what: "thread",
                 source,
-            })?;
-        Ok(RunningBootService {
-            stop: Some(tx),
-            thread: Some(thread),
-        })
+            },
+        )
     }
 }
 
 /// A service serving on its own thread ([`BootService::spawn`]); dropping
-/// it stops the service.
-#[derive(Debug)]
-pub struct RunningBootService {
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
-    thread: Option<std::thread::JoinHandle<Result<(), BootSvcError>>>,
-}
-
-impl RunningBootService {
-    /// Stops it and waits until it has stopped.
-    ///
-    /// # Errors
-    /// What the server failed with, if it did.
-    pub fn stop(mut self) -> Result<(), BootSvcError> {
-        self.stop_and_join()
-    }
-
-    fn stop_and_join(&mut self) -> Result<(), BootSvcError> {
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
-        }
-        match self.thread.take().map(|t| t.join()) {
-            Some(Ok(result)) => result,
-            Some(Err(panic)) => std::panic::resume_unwind(panic),
-            None => Ok(()),
-        }
-    }
-}
-
-impl Drop for RunningBootService {
-    fn drop(&mut self) {
-        if let Err(e) = self.stop_and_join() {
-            tracing::warn!("{e}");
-        }
-    }
-}
+/// it stops the service, [`ServerThread::stop`] stops it and returns what
+/// it failed with.
+pub type RunningBootService = ServerThread<BootSvcError>;

@@ -14,7 +14,6 @@
 //!   worker, a plain listener beyond loopback.
 
 use std::net::SocketAddr;
-use std::path::Path;
 use std::process::Output;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -26,6 +25,7 @@ use ferry_test_support::{
 use serde_json::Value;
 
 mod common;
+use common::hosts::{curl, registry, start};
 use common::kv::{in_netns, missing, writer, Writes};
 use common::{env, recipe_package};
 
@@ -33,30 +33,6 @@ const REGISTRY_PORT: u16 = 7070;
 const LINK_PORT: u16 = 1399;
 const REDIS_PORT: u16 = 16379;
 const TOKEN: &str = "control-plane-test-token-0123456789";
-
-/// `ferry ARGS` inside `host`, until a line starts with `ready`.
-fn start(host: &Host, env: &FerryEnv, args: &[&str], ready: &str) -> KillOnDrop {
-    let mut cmd = host.ferry(env);
-    cmd.args(args).current_dir(env.state.path());
-    spawn_until(cmd, ready, Duration::from_secs(120)).0
-}
-
-fn registry(r: &Host, env: &FerryEnv, pkg: &Path) -> KillOnDrop {
-    let listen = format!("0.0.0.0:{REGISTRY_PORT}");
-    start(
-        r,
-        env,
-        &[
-            "registry",
-            "--package",
-            pkg.to_str().unwrap(),
-            "--listen",
-            &listen,
-            "--insecure",
-        ],
-        "listening on ",
-    )
-}
 
 fn manager(m: &Host, env: &FerryEnv, extra: &[&str]) -> KillOnDrop {
     let link = format!("{}:{LINK_PORT}", m.addr());
@@ -91,22 +67,6 @@ fn worker(n: &Host, env: &FerryEnv, name: &str, m: &Host, extra: &[&str]) -> Kil
     ];
     args.extend_from_slice(extra);
     start(n, env, &args, "registered as node ")
-}
-
-/// `curl ARGS` inside `host`: the HTTP status and the body as JSON (or
-/// as a string when it is not JSON).
-fn curl(host: &Host, args: &[&str]) -> (u16, Value) {
-    let out = host
-        .cmd("curl")
-        .args(["-sS", "--max-time", "600", "-w", "\n%{http_code}"])
-        .args(args)
-        .output()
-        .expect("curl");
-    assert!(out.status.success(), "curl {args:?}: {}", describe(&out));
-    let text = String::from_utf8_lossy(&out.stdout).to_string();
-    let (body, code) = text.rsplit_once('\n').expect("a status line");
-    let json = serde_json::from_str(body).unwrap_or_else(|_| Value::String(body.to_string()));
-    (code.trim().parse().expect("a status"), json)
 }
 
 /// The HTTP status of `url` inside `host`, or `None` if nothing answered
@@ -180,7 +140,7 @@ fn the_reference_curl_sequence_creates_moves_and_deletes() {
         n1.ferry_env(bin),
         n2.ferry_env(bin),
     );
-    let _registry = registry(r, &er, &pkg);
+    let _registry = registry(r, &er, &pkg, REGISTRY_PORT, None);
     let _manager = manager(m, &em, &[]);
     let _w1 = worker(n1, &e1, "node-1", m, &[]);
     let _w2 = worker(n2, &e2, "node-2", m, &[]);
@@ -324,7 +284,7 @@ fn a_redis_writer_loses_nothing_while_the_instance_moves_and_the_manager_and_a_w
     let bin = env!("CARGO_BIN_EXE_ferry");
     let (er, em) = (r.ferry_env(bin), m.ferry_env(bin));
     let envs: Vec<FerryEnv> = ns.iter().map(|n| n.ferry_env(bin)).collect();
-    let _registry = registry(r, &er, &pkg);
+    let _registry = registry(r, &er, &pkg, REGISTRY_PORT, None);
     let mut mgr = manager(m, &em, &[]);
     let mut workers: Vec<KillOnDrop> = ns
         .iter()
@@ -688,7 +648,7 @@ fn bad_input_gets_a_status_and_a_problem_that_names_the_fix() {
     // real registry.
     let er = r.ferry_env(bin);
     let pkg = recipe_package(&env(), "redis");
-    let _registry = registry(r, &er, &pkg);
+    let _registry = registry(r, &er, &pkg, REGISTRY_PORT, None);
     let (status, problem) = api(&[
         "-X",
         "POST",
@@ -770,7 +730,7 @@ fn with_etcd_a_follower_takes_over_when_the_leader_dies() {
             .success()
             .then_some(())
     });
-    let _registry = registry(r, &er, &pkg);
+    let _registry = registry(r, &er, &pkg, REGISTRY_PORT, None);
     let etcd_flags = ["--etcd", client_url.as_str(), "--leader-ttl-s", "3"];
     let mut leader = manager(m1, &em1, &etcd_flags);
     wait_until(Duration::from_secs(30), "m1 to lead", || {

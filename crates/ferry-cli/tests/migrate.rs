@@ -19,6 +19,7 @@ use ferry_test_support::{
 };
 
 mod common;
+use common::hosts::{registry, start_with_lines as start};
 use common::kv::{in_netns, missing, writer, Redis, Writes};
 use common::{env, recipe_package, stop};
 
@@ -26,37 +27,6 @@ const TOKEN: &str = "test-token-0123456789";
 const REDIS_PORT: u16 = 16379;
 const PEER_PORT: u16 = 7100;
 const REGISTRY_PORT: u16 = 7070;
-
-/// `ferry ARGS` inside `host`, started and awaited until a line starts with
-/// `ready`.
-fn start(host: &Host, env: &FerryEnv, args: &[&str], ready: &str) -> (KillOnDrop, Vec<String>) {
-    let mut cmd = host.ferry(env);
-    // Ctrl-C saves a peer's VM into ./<name>.ferry: keep it in the test's
-    // own state directory.
-    cmd.args(args).current_dir(env.state.path());
-    spawn_until(cmd, ready, Duration::from_secs(180))
-}
-
-fn registry(r: &Host, env: &FerryEnv, pkg: &Path) -> KillOnDrop {
-    let listen = format!("0.0.0.0:{REGISTRY_PORT}");
-    start(
-        r,
-        env,
-        &[
-            "registry",
-            "--package",
-            pkg.to_str().unwrap(),
-            "--listen",
-            &listen,
-            // Plain HTTP between test hosts, on purpose.
-            "--insecure",
-            "--token",
-            TOKEN,
-        ],
-        "listening on ",
-    )
-    .0
-}
 
 fn peer_args<'a>(from: &'a str, name: &'a str, listen: &'a str, expose: &'a str) -> Vec<&'a str> {
     vec![
@@ -277,7 +247,7 @@ fn registry_peer_and_a_migration_chain_lose_no_acknowledged_write() {
         b.ferry_env(bin),
         c.ferry_env(bin),
     );
-    let _registry = registry(r, &er, &pkg);
+    let _registry = registry(r, &er, &pkg, REGISTRY_PORT, Some(TOKEN));
     let listen = format!("0.0.0.0:{PEER_PORT}");
     let expose = format!("0.0.0.0:{REDIS_PORT}:6379");
     let url = format!("http://{}:{REGISTRY_PORT}/", r.addr());
@@ -515,7 +485,7 @@ impl Lab {
         let hosts = TestHosts::create(&["r", "a", "b"]);
         let bin = env!("CARGO_BIN_EXE_ferry");
         let r = &hosts["r"];
-        let registry = registry(r, &r.ferry_env(bin), &pkg);
+        let registry = registry(r, &r.ferry_env(bin), &pkg, REGISTRY_PORT, Some(TOKEN));
         Lab {
             _registry: registry,
             ea: hosts["a"].ferry_env(bin),
@@ -764,7 +734,7 @@ fn a_damaged_chunk_from_the_registry_is_named() {
     let mut bytes = std::fs::read(&damaged).unwrap();
     bytes[chunk.offset as usize + 10] ^= 0xff;
     std::fs::write(&damaged, bytes).unwrap();
-    let _registry = registry(r, &er, &damaged);
+    let _registry = registry(r, &er, &damaged, REGISTRY_PORT, Some(TOKEN));
     let url = format!("http://{}:{REGISTRY_PORT}/packages/damaged.ferry", r.addr());
     let out = a
         .ferry(&ea)

@@ -34,12 +34,12 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use ferry_test_support::{
-    describe, qemu_pids, spawn_until, vm_lock, wait_until, workspace_root, FerryEnv, Host,
-    KillOnDrop, TestHosts,
+    describe, qemu_pids, vm_lock, wait_until, workspace_root, FerryEnv, Host, KillOnDrop, TestHosts,
 };
 use serde_json::Value;
 
 mod common;
+use common::hosts::{registry, start};
 use common::kv::{in_netns, missing, writer, Writes};
 use common::{env, recipe_package};
 
@@ -183,13 +183,6 @@ fn condition(inst: &Value, type_: &str) -> Value {
         .unwrap_or(Value::Null)
 }
 
-/// `ferry ARGS` inside `host`, until a line starts with `ready`.
-fn start(host: &Host, env: &FerryEnv, args: &[&str], ready: &str) -> KillOnDrop {
-    let mut cmd = host.ferry(env);
-    cmd.args(args).current_dir(env.state.path());
-    spawn_until(cmd, ready, Duration::from_secs(120)).0
-}
-
 struct Cluster {
     _registry: KillOnDrop,
     manager: KillOnDrop,
@@ -205,20 +198,7 @@ fn cluster(hosts: &TestHosts, envs: &mut Vec<FerryEnv>, nodes: &[&str]) -> Clust
     let (r, m) = (&hosts["r"], &hosts["m"]);
     let er = r.ferry_env(bin);
     let em = m.ferry_env(bin);
-    let listen = format!("0.0.0.0:{REGISTRY_PORT}");
-    let registry = start(
-        r,
-        &er,
-        &[
-            "registry",
-            "--package",
-            pkg.to_str().unwrap(),
-            "--listen",
-            &listen,
-            "--insecure",
-        ],
-        "listening on ",
-    );
+    let registry = registry(r, &er, &pkg, REGISTRY_PORT, None);
     let link = format!("{}:{LINK_PORT}", m.addr());
     let manager = manager(m, &em);
     let mut workers = Vec::new();

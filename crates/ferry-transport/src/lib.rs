@@ -43,6 +43,7 @@ mod error;
 pub mod migration;
 mod range;
 mod server;
+mod thread;
 mod tls;
 mod token;
 
@@ -52,5 +53,6 @@ pub use server::{
     ListedPackage, Listing, Registry, RegistryConfig, RunningRegistry, ServedPackage,
     MAX_REGISTRY_CONNECTIONS, TLS_HANDSHAKE_DEADLINE,
 };
+pub use thread::{ServerThread, StopSignal};
 pub use tls::{init as tls_init, ClientTls, ServerTls, TlsError, TlsFiles};
 pub use token::{Token, TokenError, MIN_TOKEN_LEN};

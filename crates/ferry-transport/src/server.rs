@@ -32,6 +32,7 @@ use serde::{Deserialize, Serialize};
 use tracing::{debug, info, warn};
 
 use crate::range::{self, RangeRequest};
+use crate::thread::ServerThread;
 use crate::{Token, TransportError};
 
 /// Bytes read from a package file at a time while streaming it.
@@ -303,24 +304,14 @@ impl Registry {
         let addr = self.addr;
         let tls = self.is_tls();
         let rt = runtime()?;
-        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-        let thread = std::thread::Builder::new()
-            .name("registry".into())
-            .spawn(move || {
-                rt.block_on(self.serve_until(async move {
-                    let _ = rx.await;
-                }))
-            })
-            .map_err(|source| TransportError::Setup {
-                what: "thread",
-                source,
-            })?;
-        Ok(RunningRegistry {
-            addr,
-            tls,
-            stop: Some(tx),
-            thread: Some(thread),
+        let thread = ServerThread::spawn("registry", move |stop| {
+            rt.block_on(self.serve_until(stop.wait()))
         })
+        .map_err(|source| TransportError::Setup {
+            what: "thread",
+            source,
+        })?;
+        Ok(RunningRegistry { addr, tls, thread })
     }
 }
 
@@ -330,8 +321,7 @@ impl Registry {
 pub struct RunningRegistry {
     addr: SocketAddr,
     tls: bool,
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
-    thread: Option<std::thread::JoinHandle<Result<(), TransportError>>>,
+    thread: ServerThread<TransportError>,
 }
 
 impl RunningRegistry {
@@ -350,27 +340,8 @@ impl RunningRegistry {
     ///
     /// # Errors
     /// What the server failed with, if it did.
-    pub fn stop(mut self) -> Result<(), TransportError> {
-        self.stop_and_join()
-    }
-
-    fn stop_and_join(&mut self) -> Result<(), TransportError> {
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
-        }
-        match self.thread.take().map(|t| t.join()) {
-            Some(Ok(result)) => result,
-            Some(Err(panic)) => std::panic::resume_unwind(panic),
-            None => Ok(()),
-        }
-    }
-}
-
-impl Drop for RunningRegistry {
-    fn drop(&mut self) {
-        if let Err(e) = self.stop_and_join() {
-            warn!("{e}");
-        }
+    pub fn stop(self) -> Result<(), TransportError> {
+        self.thread.stop()
     }
 }
 

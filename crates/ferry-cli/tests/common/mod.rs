@@ -1,6 +1,7 @@
 //! Helpers shared by the tests that run packages.
 #![allow(dead_code)]
 
+pub mod hosts;
 pub mod kv;
 
 use std::path::PathBuf;
