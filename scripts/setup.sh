@@ -52,8 +52,9 @@ fi
 aptget() { apt-get "${apt_opts[@]}" "$@"; }
 
 # The major version of `qemu-system-x86_64 --version` ($1: the binary).
+# Empty when it does not run (on a fresh machine there is none yet).
 qemu_major() {
-  "$1" --version 2>/dev/null | sed -n '1s/.*version \([0-9]*\)\..*/\1/p'
+  { "$1" --version 2>/dev/null || true; } | sed -n '1s/.*version \([0-9]*\)\..*/\1/p'
 }
 
 # Writes $2 to file $1 unless it already holds exactly that; says whether
