@@ -179,7 +179,7 @@ impl Drop for ControlServer {
 
 /// The uid of the process at the other end of `conn` (`SO_PEERCRED`: what
 /// the kernel recorded when it connected, which it cannot forge).
-fn peer_uid(conn: &UnixStream) -> std::io::Result<u32> {
+pub(crate) fn peer_uid(conn: &UnixStream) -> std::io::Result<u32> {
     use std::os::unix::io::AsRawFd;
     let mut cred = libc::ucred {
         pid: 0,
@@ -266,12 +266,18 @@ pub fn call(
         .map_err(|e| err(e.to_string()))?;
     let mut line = serde_json::to_vec(request).expect("json");
     line.push(b'\n');
-    conn.write_all(&line)
-        .map_err(|e| err(format!("cannot send: {e}")))?;
+    // A refused caller (another uid) is answered before its request is
+    // read, and the connection closed: the send may fail, but the answer is
+    // already waiting and says why.
+    let sent = conn.write_all(&line);
     let mut reply = String::new();
-    BufReader::new(conn)
-        .read_line(&mut reply)
-        .map_err(|e| err(format!("no reply: {e}")))?;
+    let read = BufReader::new(conn).read_line(&mut reply);
+    match (read, sent) {
+        (Ok(n), _) if n > 0 => {}
+        (_, Err(e)) => return Err(err(format!("cannot send: {e}"))),
+        (Err(e), Ok(())) => return Err(err(format!("no reply: {e}"))),
+        (Ok(_), Ok(())) => {}
+    }
     if reply.is_empty() {
         return Err(err(
             "the supervisor closed the connection without answering".into(),

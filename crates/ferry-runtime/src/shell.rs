@@ -15,7 +15,6 @@
 
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Read, Write};
-use std::os::fd::AsRawFd;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
@@ -265,14 +264,20 @@ pub fn connect(paths: &Paths, name: &str, open: OpenRequest) -> Result<ShellSess
     })
     .expect("json");
     line.push(b'\n');
-    stream
-        .write_all(&line)
-        .map_err(|e| err(format!("cannot send: {e}")))?;
+    // The owner refuses some clients (another uid) before it reads their
+    // hello, then closes: the send fails, but its answer is already waiting
+    // and says more than a broken pipe.
+    let sent = stream.write_all(&line);
     // The owner waits up to GUEST_ANSWER_TIMEOUT twice (hello, open).
     stream
         .set_read_timeout(Some(GUEST_ANSWER_TIMEOUT * 2 + Duration::from_secs(5)))
         .map_err(|e| err(e.to_string()))?;
-    let welcome = read_line(&mut stream).map_err(|e| err(format!("no answer: {e}")))?;
+    let welcome = match (read_line(&mut stream), sent) {
+        (Ok(welcome), _) if !welcome.is_empty() => welcome,
+        (_, Err(e)) => return Err(err(format!("cannot send: {e}"))),
+        (Ok(welcome), Ok(())) => welcome,
+        (Err(e), Ok(())) => return Err(err(format!("no answer: {e}"))),
+    };
     stream
         .set_read_timeout(None)
         .map_err(|e| err(e.to_string()))?;
@@ -497,31 +502,6 @@ fn start_link(stream: UnixStream) -> std::io::Result<Arc<GuestLink>> {
     Ok(link)
 }
 
-/// The uid of the process at the other end of `conn`.
-fn peer_uid(conn: &UnixStream) -> std::io::Result<u32> {
-    let mut cred = libc::ucred {
-        pid: 0,
-        uid: 0,
-        gid: 0,
-    };
-    let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
-    // SAFETY: `cred` and `len` are valid for writes and describe a ucred,
-    // which is what SO_PEERCRED fills in.
-    let rc = unsafe {
-        libc::getsockopt(
-            conn.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_PEERCRED,
-            (&mut cred as *mut libc::ucred).cast(),
-            &mut len,
-        )
-    };
-    if rc != 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    Ok(cred.uid)
-}
-
 fn welcome(conn: &mut UnixStream, w: &ClientWelcome) -> bool {
     let mut line = serde_json::to_vec(w).expect("json");
     line.push(b'\n');
@@ -539,7 +519,7 @@ fn refuse(conn: &mut UnixStream, kind: &str, message: String) {
 }
 
 fn serve_client(state: &RelayState, mut conn: UnixStream) {
-    match peer_uid(&conn) {
+    match crate::control::peer_uid(&conn) {
         Ok(uid) if uid == 0 || uid == state.owner_uid => {}
         Ok(uid) => {
             return refuse(
