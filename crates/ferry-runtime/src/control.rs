@@ -2,7 +2,7 @@
 //! (`ferry exec`, `ps`, `stop`) reach a VM's supervisor. One JSON
 //! request per line, one JSON reply per line; see `docs/control-api.md`.
 
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -223,8 +223,21 @@ fn check_peer(conn: &UnixStream) -> Result<(), String> {
 fn refuse(mut conn: UnixStream, message: String) {
     let mut out = serde_json::to_vec(&ControlReply::Error { message }).expect("json");
     out.push(b'\n');
+    answer_unread(&mut conn, &out);
+}
+
+/// Writes `answer` to a caller whose request was not read (it is refused
+/// before), then takes in that request, up to its first line, 64 KiB or
+/// 1 s, before the connection closes: a client that sends before it reads
+/// would otherwise see its send fail (a broken pipe) instead of the answer.
+pub(crate) fn answer_unread(conn: &mut UnixStream, answer: &[u8]) {
     let _ = conn.set_write_timeout(Some(Duration::from_secs(1)));
-    let _ = conn.write_all(&out);
+    if conn.write_all(answer).is_err() {
+        return;
+    }
+    let _ = conn.set_read_timeout(Some(Duration::from_secs(1)));
+    let mut request = Vec::new();
+    let _ = BufReader::new(conn.take(64 * 1024)).read_until(b'\n', &mut request);
 }
 
 fn serve(conn: UnixStream, handler: &dyn ControlHandler) {
@@ -300,6 +313,10 @@ mod tests {
         }
     }
 
+    /// Both tests start a server in this one process and one counts the
+    /// process's "control" threads: they take turns, or the count races.
+    static SERVERS: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
     fn control_threads() -> usize {
         std::fs::read_dir("/proc/self/task")
             .unwrap()
@@ -325,10 +342,12 @@ mod tests {
             eprintln!("skipped: switching to another uid needs root");
             return;
         }
+        let _turn = SERVERS.lock().unwrap_or_else(|e| e.into_inner());
+        let before = control_threads();
         let dir = tempfile::tempdir().unwrap();
         std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
         let path = dir.path().join("control.sock");
-        let _server = ControlServer::start(&path, Arc::new(Echo)).unwrap();
+        let server = ControlServer::start(&path, Arc::new(Echo)).unwrap();
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o777)).unwrap();
         let client = r#"
 import socket, sys
@@ -369,10 +388,17 @@ print(s.makefile().readline().strip())
                 message: "Status".into()
             }
         );
+        drop(server);
+        // The next test counts threads: this listener's must be gone.
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while control_threads() > before && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 
     #[test]
     fn a_dropped_server_leaves_no_thread_and_no_socket() {
+        let _turn = SERVERS.lock().unwrap_or_else(|e| e.into_inner());
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("control.sock");
         let before = control_threads();

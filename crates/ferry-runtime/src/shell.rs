@@ -518,20 +518,30 @@ fn refuse(conn: &mut UnixStream, kind: &str, message: String) {
     );
 }
 
+/// Refuses a client whose uid may not use this VM, before its hello is read.
+fn refuse_unread(conn: &mut UnixStream, message: String) {
+    let mut line = serde_json::to_vec(&ClientWelcome::Error {
+        message,
+        kind: "not-allowed".into(),
+    })
+    .expect("json");
+    line.push(b'\n');
+    crate::control::answer_unread(conn, &line);
+}
+
 fn serve_client(state: &RelayState, mut conn: UnixStream) {
     match crate::control::peer_uid(&conn) {
         Ok(uid) if uid == 0 || uid == state.owner_uid => {}
         Ok(uid) => {
-            return refuse(
+            return refuse_unread(
                 &mut conn,
-                "not-allowed",
                 format!(
                     "uid {uid} is neither root nor the user VM '{}' runs as (uid {})",
                     state.name, state.owner_uid
                 ),
             )
         }
-        Err(e) => return refuse(&mut conn, "not-allowed", format!("SO_PEERCRED: {e}")),
+        Err(e) => return refuse_unread(&mut conn, format!("SO_PEERCRED: {e}")),
     }
     let _ = conn.set_read_timeout(Some(Duration::from_secs(10)));
     let hello = {
