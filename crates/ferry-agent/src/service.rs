@@ -143,8 +143,10 @@ pub fn watch_liveness(agent: &Arc<Agent>) {
             }
             agent.live.store(true, Ordering::SeqCst);
             info!("live");
-            announce_live(&agent);
+            // Armed before the host hears "live": a request it sends at
+            // once must already find the agent hung (the test raced).
             crate::agent::arm_test_hang();
+            announce_live(&agent);
             keep_checking(&agent, &mut probe);
         });
     if let Err(e) = spawned {

@@ -431,15 +431,18 @@ fn shell_works_with_a_hung_agent_and_no_shell_in_the_image() {
     let mut exec = env
         .cmd()
         .args(["exec", "sh-bare", "--timeout", "1", "--", "true"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
         .spawn()
         .unwrap();
     std::thread::sleep(Duration::from_secs(4));
-    assert!(
-        exec.try_wait().unwrap().is_none(),
-        "exec through the hung agent should not have finished"
-    );
+    if exec.try_wait().unwrap().is_some() {
+        let out = exec.wait_with_output().unwrap();
+        panic!(
+            "exec through the hung agent should not have finished: {}",
+            describe(&out)
+        );
+    }
     let _ = exec.kill();
     let _ = exec.wait();
     assert!(started.elapsed() >= Duration::from_secs(4));
