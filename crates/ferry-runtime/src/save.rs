@@ -21,7 +21,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use ferry_agent_proto::Request;
 use ferry_engine::{Engine, Provenance};
-use ferry_package::{Package, PackageWriter, SectionKind, DEFAULT_CHUNK_SIZE};
+use ferry_package::{Package, PackageWriter, SecretKey, SectionKind, DEFAULT_CHUNK_SIZE};
 
 use crate::error::VmError;
 use crate::events::{Event, EventSink};
@@ -114,14 +114,16 @@ impl SaveError {
     }
 }
 
-/// Saves `owned` into `target` and returns the new package's metadata.
-/// Leaves the VM paused; on error the old package is unchanged.
+/// Saves `owned` into `target` (signed with `sign`, if given) and returns
+/// the new package's metadata. Leaves the VM paused; on error the old
+/// package is unchanged.
 pub fn save(
     engine: &dyn Engine,
     owned: &mut OwnedVm,
     target: &Path,
     from: StateFrom,
     generation: Generation,
+    sign: Option<&SecretKey>,
     events: &dyn EventSink,
 ) -> Result<PackageMeta, SaveError> {
     check_writable(target)?;
@@ -181,6 +183,7 @@ pub fn save(
         &owned.save.kernel,
         &owned.save.initramfs,
         old.as_ref(),
+        sign,
         events,
     )?;
     adopt_into_cache(owned, target);
@@ -220,6 +223,7 @@ fn write_package(
     kernel: &Path,
     initramfs: &Path,
     old: Option<&Package>,
+    sign: Option<&SecretKey>,
     events: &dyn EventSink,
 ) -> Result<(), SaveError> {
     let dir = vm.dir().path().to_path_buf();
@@ -253,6 +257,9 @@ fn write_package(
         events.emit(phase(&format!("{kind}-written"), t));
     }
     let t = Instant::now();
+    if let Some(key) = sign {
+        writer.sign_with(key.clone());
+    }
     writer.commit(meta)?;
     events.emit(phase("committed", t));
     Ok(())
