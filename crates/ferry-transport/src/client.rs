@@ -627,7 +627,8 @@ mod tests {
     #[test]
     fn pins() {
         let d = "ab".repeat(32);
-        let (url, pin) = split_pin(&format!("http://h:1/packages/a#sha256={d}")).unwrap();
+        let full = format!("http://h:1/packages/a#sha256={d}");
+        let (url, pin) = split_pin(&full).unwrap();
         assert_eq!(url, "http://h:1/packages/a");
         assert_eq!(pin.unwrap().to_hex(), d);
         assert!(split_pin("http://h:1/p").unwrap().1.is_none());
