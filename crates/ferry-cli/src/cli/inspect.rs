@@ -94,6 +94,7 @@ fn to_json(i: &ferry_runtime::ops::Inspection) -> serde_json::Value {
         Err(e) => json!({ "error": e }),
     };
     json!({
+        "v": 1,
         "type": "package",
         "path": i.path,
         "format": format!("{}.{}", i.format.0, i.format.1),

@@ -32,6 +32,7 @@ pub fn run(args: Args, json: bool) -> anyhow::Result<ExitCode> {
                 println!(
                     "{}",
                     serde_json::json!({
+                        "v": 1,
                         "type": "key",
                         "secret": files.secret,
                         "public": files.public,
