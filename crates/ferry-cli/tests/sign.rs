@@ -83,7 +83,11 @@ fn key_files_are_typed_private_and_never_replaced() {
     let before = std::fs::read(&key).unwrap();
     let out = env.run(&["key", "gen", "--out", prefix.to_str().unwrap()]);
     assert_eq!(out.status.code(), Some(3), "{}", describe(&out));
-    assert!(error_line(&out).contains("exists already"), "{}", describe(&out));
+    assert!(
+        error_line(&out).contains("exists already"),
+        "{}",
+        describe(&out)
+    );
     assert_eq!(std::fs::read(&key).unwrap(), before);
 
     // --json: one object, with the key id.

@@ -111,10 +111,14 @@ impl PackageIndex {
         if start < crate::HEADER_SIZE {
             return None;
         }
-        let overlaps = self.sections.iter().flat_map(|s| s.chunks.iter().flatten()).any(|c| {
-            // `from_parts` checked that no chunk ends past the table.
-            c.offset < self.table_offset && c.offset + c.stored_len > start
-        });
+        let overlaps = self
+            .sections
+            .iter()
+            .flat_map(|s| s.chunks.iter().flatten())
+            .any(|c| {
+                // `from_parts` checked that no chunk ends past the table.
+                c.offset < self.table_offset && c.offset + c.stored_len > start
+            });
         (!overlaps).then_some(start..self.table_offset)
     }
 

@@ -120,7 +120,8 @@ impl PublicKey {
             hint: "PREFIX.pub",
             detail,
         };
-        let bytes = parse_key_file(&text, PUBLIC_KEY_HEADER, SECRET_KEY_HEADER).map_err(malformed)?;
+        let bytes =
+            parse_key_file(&text, PUBLIC_KEY_HEADER, SECRET_KEY_HEADER).map_err(malformed)?;
         PublicKey::from_bytes(&bytes)
             .ok_or_else(|| malformed("the 32 bytes are not an ed25519 public key".into()))
     }
@@ -192,14 +193,15 @@ impl SecretKey {
         };
         let mode = std::fs::metadata(path).map_err(io)?.permissions().mode() & 0o7777;
         let text = std::fs::read_to_string(path).map_err(io)?;
-        let bytes = parse_key_file(&text, SECRET_KEY_HEADER, PUBLIC_KEY_HEADER).map_err(|detail| {
-            KeyError::Malformed {
-                path: path.to_path_buf(),
-                wanted: "ferry secret key",
-                hint: "PREFIX.key",
-                detail,
-            }
-        })?;
+        let bytes =
+            parse_key_file(&text, SECRET_KEY_HEADER, PUBLIC_KEY_HEADER).map_err(|detail| {
+                KeyError::Malformed {
+                    path: path.to_path_buf(),
+                    wanted: "ferry secret key",
+                    hint: "PREFIX.key",
+                    detail,
+                }
+            })?;
         if mode & 0o077 != 0 {
             return Err(KeyError::NotPrivate {
                 path: path.to_path_buf(),
@@ -312,7 +314,9 @@ fn parse_key_file(text: &str, header: &str, other: &str) -> Result<[u8; 32], Str
     let mut lines = text.lines();
     let first = lines.next().unwrap_or("").trim_end();
     if first == other {
-        return Err(format!("it starts with `{other}`: the other file of the pair"));
+        return Err(format!(
+            "it starts with `{other}`: the other file of the pair"
+        ));
     }
     if first != header {
         return Err(format!("it does not start with `{header}`"));
@@ -379,7 +383,10 @@ mod tests {
         assert!(err.contains("give the PREFIX.pub file"), "{err}");
         std::fs::set_permissions(&files.secret, std::fs::Permissions::from_mode(0o644)).unwrap();
         let err = SecretKey::load(&files.secret).unwrap_err();
-        assert!(matches!(err, KeyError::NotPrivate { mode: 0o644, .. }), "{err}");
+        assert!(
+            matches!(err, KeyError::NotPrivate { mode: 0o644, .. }),
+            "{err}"
+        );
         assert!(err.to_string().contains("chmod 600"), "{err}");
         std::fs::write(&files.public, "ferry-ed25519-pub v1\nxyz\n").unwrap();
         let err = PublicKey::load(&files.public).unwrap_err().to_string();

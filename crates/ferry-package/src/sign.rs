@@ -259,7 +259,10 @@ mod tests {
     #[test]
     fn pins_parse_hex_only() {
         assert!(TablePin::parse(&"ab".repeat(32)).is_ok());
-        assert_eq!(TablePin::parse(&"AB".repeat(32)).unwrap().to_hex(), "ab".repeat(32));
+        assert_eq!(
+            TablePin::parse(&"AB".repeat(32)).unwrap().to_hex(),
+            "ab".repeat(32)
+        );
         assert!(TablePin::parse("abc").is_err());
         assert!(TablePin::parse(&"zz".repeat(32)).is_err());
     }

@@ -54,7 +54,11 @@ fn without_trust_anything_passes() {
     let key = SecretKey::generate();
     let unsigned = write(dir.path(), "u.ferry", b"abc", None);
     let signed = write(dir.path(), "s.ferry", b"abc", Some(&key));
-    assert!(Package::open(&unsigned).unwrap().index().signature().is_none());
+    assert!(Package::open(&unsigned)
+        .unwrap()
+        .index()
+        .signature()
+        .is_none());
     check(&TrustedKeys::default(), &unsigned).unwrap();
     check(&TrustedKeys::default(), &signed).unwrap();
 }
@@ -101,7 +105,10 @@ fn a_repacked_table_with_the_old_signature_is_refused() {
     let sig = p.index().signature().expect("the block is still there");
     assert!(!sig.matches_table);
     let err = trust(&[&key]).check(p.index()).unwrap_err();
-    assert!(matches!(err, PackageError::SignatureMismatch { .. }), "{err}");
+    assert!(
+        matches!(err, PackageError::SignatureMismatch { .. }),
+        "{err}"
+    );
     assert!(err.to_string().contains("changed or re-packed"), "{err}");
 }
 
@@ -112,7 +119,12 @@ fn a_signature_taken_from_another_package_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     let key = SecretKey::generate();
     let good = write(dir.path(), "good.ferry", &mixed_input(5), Some(&key));
-    let evil = write(dir.path(), "evil.ferry", &mixed_input(6), Some(&SecretKey::generate()));
+    let evil = write(
+        dir.path(),
+        "evil.ferry",
+        &mixed_input(6),
+        Some(&SecretKey::generate()),
+    );
     let block_of = |path: &Path| {
         let bytes = std::fs::read(path).unwrap();
         let (off, _) = table_range(&bytes);
@@ -127,7 +139,10 @@ fn a_signature_taken_from_another_package_is_refused() {
     p.verify(&mut |_, _| {}).unwrap();
     assert_eq!(p.index().signature().unwrap().signer, key.public_key());
     let err = trust(&[&key]).check(p.index()).unwrap_err();
-    assert!(matches!(err, PackageError::SignatureMismatch { .. }), "{err}");
+    assert!(
+        matches!(err, PackageError::SignatureMismatch { .. }),
+        "{err}"
+    );
 }
 
 /// A reader of format 1.0 that knows nothing of signatures (the header and

@@ -180,10 +180,12 @@ pub fn save(
         &mut owned.vm,
         target,
         &meta,
-        &owned.save.kernel,
-        &owned.save.initramfs,
-        old.as_ref(),
-        sign,
+        Inputs {
+            kernel: &owned.save.kernel,
+            initramfs: &owned.save.initramfs,
+            old: old.as_ref(),
+            sign,
+        },
         events,
     )?;
     adopt_into_cache(owned, target);
@@ -214,18 +216,31 @@ fn quiesce_and_save(
     Ok(provenance)
 }
 
+/// What a package is written from besides the VM itself.
+struct Inputs<'a> {
+    kernel: &'a Path,
+    initramfs: &'a Path,
+    /// The package the VM came from, whose unchanged chunks are reused.
+    old: Option<&'a Package>,
+    /// Signs the new package.
+    sign: Option<&'a SecretKey>,
+}
+
 /// Writes the paused, saved VM into `dest` (beside, then renamed), reusing
-/// unchanged chunks of `old`.
+/// unchanged chunks of `inputs.old`, signed with `inputs.sign` if given.
 fn write_package(
     vm: &mut RunningVm,
     dest: &Path,
     meta: &PackageMeta,
-    kernel: &Path,
-    initramfs: &Path,
-    old: Option<&Package>,
-    sign: Option<&SecretKey>,
+    inputs: Inputs<'_>,
     events: &dyn EventSink,
 ) -> Result<(), SaveError> {
+    let Inputs {
+        kernel,
+        initramfs,
+        old,
+        sign,
+    } = inputs;
     let dir = vm.dir().path().to_path_buf();
     let disk = dir.join(DISK_EXPORT);
     let t = Instant::now();

@@ -284,7 +284,8 @@ impl Http {
         // room for one, and costs no request.
         Ok(match index.signature_range() {
             Some(r) => {
-                let block = self.fetch(r.start, r.end - r.start, "the signature block", file_len)?;
+                let block =
+                    self.fetch(r.start, r.end - r.start, "the signature block", file_len)?;
                 index.with_signature_block(&block)
             }
             None => index,

@@ -466,7 +466,10 @@ fn signatures_and_pins_over_http() {
         .check(remote.index())
         .unwrap();
     let header_and_table = HEADER_SIZE_U64 + table_len(&signed);
-    assert_eq!(remote.bytes_fetched(), header_and_table + SIGNATURE_BLOCK_LEN);
+    assert_eq!(
+        remote.bytes_fetched(),
+        header_and_table + SIGNATURE_BLOCK_LEN
+    );
     // An unsigned package costs no request for a block it cannot have.
     let remote = RemotePackage::open(&format!("{base}/u.ferry"), None).unwrap();
     assert!(remote.index().signature().is_none());
@@ -486,7 +489,10 @@ fn signatures_and_pins_over_http() {
     assert_eq!(remote.url(), format!("{base}/s.ferry"));
     let err = RemotePackage::open(&format!("{base}/u.ferry#sha256={digest}"), None).unwrap_err();
     assert!(
-        matches!(err, TransportError::Package(PackageError::PinMismatch { .. })),
+        matches!(
+            err,
+            TransportError::Package(PackageError::PinMismatch { .. })
+        ),
         "{err}"
     );
     assert!(one_line(&err).contains("is not the pinned one"), "{err}");
