@@ -190,6 +190,28 @@ fn a_signed_package_runs_under_trust_and_others_are_refused() {
         )
     );
 
+    // The same refusal, before any supervisor starts, from `run --detach`
+    // and `up`.
+    for args in [
+        vec!["run", "--detach", "--name", "t-bad"],
+        vec!["up", "-n", "1", "--name-prefix", "t-bad"],
+    ] {
+        let out = env
+            .cmd()
+            .args(&args)
+            .args(["--package", unsigned.to_str().unwrap()])
+            .args(["--trust", public.to_str().unwrap()])
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(3), "{args:?}: {}", describe(&out));
+        assert!(
+            error_line(&out).contains("is not signed by a trusted key"),
+            "{args:?}: {}",
+            describe(&out)
+        );
+        assert!(qemu_pids("t-bad").is_empty() && qemu_pids("t-bad-0").is_empty());
+    }
+
     // Signed, but by a key not trusted.
     let out = run_fails_with(&env, &signed, &["--trust", other_public.to_str().unwrap()]);
     assert_eq!(out.status.code(), Some(3), "{}", describe(&out));
