@@ -111,6 +111,20 @@ fn key_files_are_typed_private_and_never_replaced() {
         "{}",
         describe(&out)
     );
+    // A live migration carries no package to check.
+    let out = env.run(&[
+        "peer",
+        "--from",
+        "127.0.0.1:9",
+        "--trust",
+        public.to_str().unwrap(),
+    ]);
+    assert_eq!(out.status.code(), Some(3), "{}", describe(&out));
+    assert!(
+        error_line(&out).contains("--trust checks packages from a registry"),
+        "{}",
+        describe(&out)
+    );
     // A secret key others can read is not used to sign (before any boot).
     std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).unwrap();
     let out = env.run(&[

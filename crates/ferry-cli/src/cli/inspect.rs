@@ -30,10 +30,7 @@ pub fn run(args: Args, json: bool) -> anyhow::Result<ExitCode> {
         i.file_size,
         i.file_size >> 20
     ));
-    out(&format!(
-        "table:     sha256 {} (pin: #sha256=…)",
-        i.table_sha256
-    ));
+    out(&format!("table:     sha256 {}", i.table_sha256));
     out(&match &i.signature {
         None => "signature: none".to_string(),
         Some(s) if s.matches_table => format!("signature: ed25519, key id {}", s.key_id),
