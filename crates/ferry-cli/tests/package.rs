@@ -2,17 +2,15 @@
 //! live guest, resume it without a reboot, suspend it back, and refuse bad
 //! packages without ever changing them.
 
-use std::path::Path;
-use std::process::Output;
 use std::time::Duration;
 
-use ferry_package::{Package, PackageWriter, SectionKind, VmMeta, DEFAULT_CHUNK_SIZE};
-use ferry_test_support::{
-    describe, qemu_pids, send_signal, spawn_until_live, vm_lock, wait_until, FerryEnv, KillOnDrop,
-};
+use ferry_package::{Package, SectionKind};
+use ferry_test_support::{describe, qemu_pids, send_signal, spawn_until_live, vm_lock, wait_until};
 
 mod common;
-use common::{copy_of_package, env, error_line, exec, stop, tiny_package, uptime};
+use common::{
+    copy_of_package, env, error_line, exec, rewrite, run_fails, stop, tiny_package, uptime,
+};
 
 #[test]
 fn package_run_suspend_and_run_again_keeps_everything() {
@@ -119,52 +117,6 @@ fn package_run_suspend_and_run_again_keeps_everything() {
     assert!(up2 >= up1, "uptime continues: {up1} -> {up2}");
     let out = stop(&mut run);
     assert!(out.status.success(), "{}", describe(&out));
-}
-
-/// Rewrites a package through the library: `edit` changes its metadata,
-/// `skip` leaves a section out.
-fn rewrite(src: &Path, dst: &Path, edit: impl FnOnce(&mut VmMeta), skip: Option<SectionKind>) {
-    let pkg = Package::open(src).unwrap();
-    let tmp = tempfile::tempdir().unwrap();
-    let mut w = PackageWriter::create(dst).unwrap();
-    for s in pkg.sections() {
-        if Some(s.kind) == skip {
-            continue;
-        }
-        let f = tmp.path().join(s.kind.to_string());
-        pkg.extract(s.kind, &f, &mut |_, _| {}).unwrap();
-        w.add_file(s.kind, &f, DEFAULT_CHUNK_SIZE, None, &mut |_, _| {})
-            .unwrap();
-    }
-    let mut meta = pkg.vm_meta().unwrap();
-    edit(&mut meta);
-    w.commit(&meta).unwrap();
-}
-
-fn run_fails(env: &FerryEnv, pkg: &Path) -> Output {
-    let before = std::fs::read(pkg).unwrap();
-    let child = env
-        .cmd()
-        .args(["run", "--package", pkg.to_str().unwrap(), "--name", "t-bad"])
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut child = KillOnDrop::new(child);
-    wait_until(
-        Duration::from_secs(60),
-        "ferry run to refuse the package",
-        || child.try_wait().unwrap(),
-    );
-    let out = child.into_inner().wait_with_output().unwrap();
-    assert!(!out.status.success(), "{}", describe(&out));
-    assert!(
-        std::fs::read(pkg).unwrap() == before,
-        "the package is byte-for-byte unchanged"
-    );
-    assert!(qemu_pids("t-bad").is_empty());
-    assert!(!env.vm_dir("t-bad").exists());
-    out
 }
 
 #[test]

@@ -467,6 +467,7 @@ impl Worker {
                 listen: Some(listen),
                 save: self.files.saved_package(name),
                 max_bandwidth: None,
+                trust: Default::default(),
             },
             accel: ferry_engine::AccelChoice::Auto,
             net: NetSpec {

@@ -123,6 +123,41 @@ pub enum PackageError {
         /// What is missing or wrong (names the field).
         detail: String,
     },
+    /// `--trust` asks for a signature and the package has none (or one
+    /// this version cannot read).
+    #[error("package {package} is not signed by a trusted key (it carries no signature): sign it with `ferry package --sign KEY`, or drop --trust")]
+    NotSigned {
+        /// The package (a path or a URL).
+        package: String,
+    },
+    /// The package is signed, by a key no `--trust` names.
+    #[error("package {package} is not signed by a trusted key (it is signed by key {key_id}): pass --trust with that key's .pub file if you trust it, or sign the package with `ferry package --sign KEY` of a trusted key")]
+    UntrustedSigner {
+        /// The package.
+        package: String,
+        /// The signer's key id.
+        key_id: String,
+    },
+    /// The signature is by a trusted key but not of this package's table:
+    /// the package was changed (re-packed) after it was signed, or its
+    /// signature was taken from another package.
+    #[error("package {package} is not signed by a trusted key (its signature by key {key_id} does not match its content: it was changed or re-packed after signing): fetch the original, or sign it again with `ferry package --sign KEY`")]
+    SignatureMismatch {
+        /// The package.
+        package: String,
+        /// The key id the signature names.
+        key_id: String,
+    },
+    /// The package's table digest is not the one pinned (`#sha256=`).
+    #[error("package {package} is not the pinned one (its table sha256 is {actual}, the URL pins {pinned}): the server holds another package under this name; fetch the pinned package, or update the pin after checking the new one")]
+    PinMismatch {
+        /// The package.
+        package: String,
+        /// The digest pinned.
+        pinned: String,
+        /// The digest found.
+        actual: String,
+    },
     /// The destination of a package has no file name.
     #[error("{0} does not name a file: give the path of the package file to write")]
     InvalidDestination(PathBuf),

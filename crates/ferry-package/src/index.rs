@@ -15,6 +15,7 @@ use sha2::{Digest, Sha256};
 
 use crate::error::PackageError;
 use crate::header::Header;
+use crate::sign::{self, PackageSignature, SIGNATURE_BLOCK_LEN};
 use crate::table::{self, SectionInfo, SectionKind, Table};
 
 /// The checked header and section table of a package: its version, metadata
@@ -25,9 +26,11 @@ pub struct PackageIndex {
     source: PathBuf,
     file_len: u64,
     version: (u16, u16),
+    table_offset: u64,
     table_sha256: [u8; 32],
     metadata: serde_json::Value,
     sections: Vec<SectionInfo>,
+    signature: Option<PackageSignature>,
 }
 
 impl PackageIndex {
@@ -91,10 +94,50 @@ impl PackageIndex {
             source: source.to_path_buf(),
             file_len,
             version: (h.major, h.minor),
+            table_offset: h.table_offset,
             table_sha256: h.table_sha256,
             metadata: parsed.metadata,
             sections: parsed.sections,
+            signature: None,
         })
+    }
+
+    /// Where the package's signature block would lie: the
+    /// [`SIGNATURE_BLOCK_LEN`] bytes just before the table, when they are
+    /// in the data area and no chunk refers to them. `None`: the package
+    /// cannot hold a signature (it is unsigned).
+    pub fn signature_range(&self) -> Option<Range<u64>> {
+        let start = self.table_offset.checked_sub(SIGNATURE_BLOCK_LEN)?;
+        if start < crate::HEADER_SIZE {
+            return None;
+        }
+        let overlaps = self
+            .sections
+            .iter()
+            .flat_map(|s| s.chunks.iter().flatten())
+            .any(|c| {
+                // `from_parts` checked that no chunk ends past the table.
+                c.offset < self.table_offset && c.offset + c.stored_len > start
+            });
+        (!overlaps).then_some(start..self.table_offset)
+    }
+
+    /// Reads the bytes at [`signature_range`](Self::signature_range) as a
+    /// signature block and checks the signature against this table. Bytes
+    /// that are not a signature block this version reads leave the
+    /// package unsigned.
+    pub fn with_signature_block(mut self, block: &[u8]) -> PackageIndex {
+        self.signature = sign::decode_block(block, &self.table_sha256);
+        self
+    }
+
+    /// The package's signature, if it has one (read by
+    /// [`with_signature_block`](Self::with_signature_block); a local
+    /// [`Package`](crate::Package) reads it on open). Whether the signer is
+    /// trusted is [`TrustedKeys::check`](crate::TrustedKeys::check)'s
+    /// question.
+    pub fn signature(&self) -> Option<&PackageSignature> {
+        self.signature.as_ref()
     }
 
     /// What the package was read from (as given to [`from_parts`](Self::from_parts)).

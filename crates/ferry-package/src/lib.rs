@@ -13,6 +13,10 @@
 //! The metadata of a package is a [`VmMeta`]: what the VM inside is and
 //! what it was made with (see `meta.rs` for how versions stay compatible).
 //!
+//! A package may be signed ([`PackageWriter::sign_with`]): an ed25519
+//! signature of its table's digest, in a block that readers of format 1.0
+//! ignore; [`TrustedKeys::check`] is what `--trust` runs (see `sign.rs`).
+//!
 //! ```no_run
 //! use ferry_package::{Package, PackageWriter, SectionKind, VmMeta, DEFAULT_CHUNK_SIZE};
 //! use std::path::Path;
@@ -36,15 +40,22 @@ mod chunk;
 mod error;
 mod header;
 mod index;
+mod key;
 mod meta;
 mod reader;
+mod sign;
 mod table;
 mod writer;
 
 pub use error::PackageError;
 pub use index::PackageIndex;
+pub use key::{
+    generate_key_pair, KeyError, KeyPairFiles, PublicKey, SecretKey, PUBLIC_KEY_HEADER,
+    SECRET_KEY_HEADER,
+};
 pub use meta::VmMeta;
 pub use reader::{Package, VerifyReport};
+pub use sign::{PackageSignature, TablePin, TrustedKeys, SIGNATURE_BLOCK_LEN};
 pub use table::{ChunkEntry, Compression, SectionInfo, SectionKind};
 pub use writer::{PackageWriter, WriteStats};
 

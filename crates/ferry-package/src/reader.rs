@@ -43,7 +43,9 @@ pub struct VerifyReport {
 
 impl Package {
     /// Opens `path` and checks its header and section table (not the chunks:
-    /// see [`verify`](Self::verify)).
+    /// see [`verify`](Self::verify)), and reads its signature if it has one
+    /// (whether it is trusted is [`TrustedKeys::check`](crate::TrustedKeys::check)'s
+    /// question).
     ///
     /// # Errors
     /// [`PackageError::Io`], [`PackageError::NotAPackage`],
@@ -58,7 +60,12 @@ impl Package {
         // The header checks bounded the length by MAX_TABLE_LEN.
         let mut table = vec![0u8; (range.end - range.start) as usize];
         read_at(&file, path, &mut table, range.start)?;
-        let index = PackageIndex::from_parts(path, &head, &table, file_len)?;
+        let mut index = PackageIndex::from_parts(path, &head, &table, file_len)?;
+        if let Some(r) = index.signature_range() {
+            let mut block = vec![0u8; (r.end - r.start) as usize];
+            read_at(&file, path, &mut block, r.start)?;
+            index = index.with_signature_block(&block);
+        }
         Ok(Package {
             path: path.to_path_buf(),
             file,

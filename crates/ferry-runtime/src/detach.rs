@@ -32,6 +32,7 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use ferry_engine::{Accel, AccelChoice, Engine};
+use ferry_package::TrustedKeys;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{FileError, StartError};
@@ -74,12 +75,18 @@ pub enum StartFrom {
         /// The starting command has checked every chunk already.
         #[serde(default)]
         verified: bool,
+        /// Keys one of which must have signed the package (`--trust`).
+        #[serde(default, skip_serializing_if = "TrustedKeys::is_empty")]
+        trust: TrustedKeys,
     },
     /// The package itself, suspended back into it by `ferry stop`
     /// (`run --detach` without `--clone`).
     Package {
         /// The package.
         package: PathBuf,
+        /// Keys one of which must have signed the package (`--trust`).
+        #[serde(default, skip_serializing_if = "TrustedKeys::is_empty")]
+        trust: TrustedKeys,
     },
     /// The VM's own saved state (`ferry start` of a suspended VM); its
     /// network and fleet come from its record.
@@ -107,6 +114,9 @@ pub enum StartFrom {
         /// Cap on a migration out, bytes per second.
         #[serde(default)]
         max_bandwidth: Option<u64>,
+        /// Keys one of which must have signed a registry's package.
+        #[serde(default, skip_serializing_if = "TrustedKeys::is_empty")]
+        trust: TrustedKeys,
     },
 }
 
@@ -451,7 +461,7 @@ fn start(
     let name = &spec.name;
     let started = Instant::now();
     let live_timeout = Duration::from_secs(spec.live_timeout_s);
-    let package_start = |package: PathBuf, mode, verified, detached| PackageStart {
+    let package_start = |package: PathBuf, mode, verified, trust, detached| PackageStart {
         package,
         name: name.clone(),
         mode,
@@ -460,6 +470,7 @@ fn start(
         net: spec.net.clone(),
         live_timeout,
         verified,
+        trust,
         started,
         detached: Some(detached),
     };
@@ -472,26 +483,32 @@ fn start(
         ..OwnerOptions::default()
     };
     let plan = match &spec.from {
-        StartFrom::Clone { package, verified } => package::plan(
+        StartFrom::Clone {
+            package,
+            verified,
+            trust,
+        } => package::plan(
             engine,
             paths,
             package_start(
                 package.clone(),
                 Mode::Clone,
                 *verified,
+                trust.clone(),
                 Detached {
                     fleet: spec.fleet.clone(),
                     previous: None,
                 },
             ),
         )?,
-        StartFrom::Package { package } => package::plan(
+        StartFrom::Package { package, trust } => package::plan(
             engine,
             paths,
             package_start(
                 package.clone(),
                 Mode::Own,
                 false,
+                trust.clone(),
                 Detached {
                     fleet: spec.fleet.clone(),
                     previous: None,
@@ -524,10 +541,12 @@ fn start(
             };
             owner.fleet = record.fleet.clone();
             // What it saved into is its own to write back into.
+            // Its own saved state: ferry wrote it, unsigned.
             let mut opts = package_start(
                 saved,
                 Mode::Own,
                 false,
+                TrustedKeys::default(),
                 Detached {
                     fleet: record.fleet.clone(),
                     previous: None,
@@ -548,6 +567,7 @@ fn start(
             listen,
             save,
             max_bandwidth,
+            trust,
         } => {
             redirect_output(log);
             let opts = PeerOptions {
@@ -564,6 +584,7 @@ fn start(
                 save: Some(save.clone()),
                 started,
                 max_bandwidth: *max_bandwidth,
+                trust: trust.clone(),
             };
             let mut owned = crate::ops::peer::take(engine, paths, &opts, events, cancel)?;
             let status = owned.vm.status();
@@ -659,6 +680,7 @@ mod tests {
             from: StartFrom::Clone {
                 package: "/p/web.ferry".into(),
                 verified: true,
+                trust: TrustedKeys::default(),
             },
             accel: AccelChoice::Auto,
             net: NetSpec::default(),

@@ -623,6 +623,12 @@ pub fn class_of(e: &(dyn std::error::Error + 'static)) -> Option<ExitClass> {
         Some(transport_class(t))
     } else if e.downcast_ref::<ferry_package::PackageError>().is_some() {
         Some(ExitClass::BadInput)
+    } else if let Some(k) = e.downcast_ref::<ferry_package::KeyError>() {
+        Some(if k.is_bad_input() {
+            ExitClass::BadInput
+        } else {
+            ExitClass::Other
+        })
     } else {
         e.downcast_ref::<MigrationError>()
             .map(MigrateError::exit_class_of_protocol)

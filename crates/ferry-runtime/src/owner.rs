@@ -386,7 +386,7 @@ fn stop(
             } else {
                 StateFrom::Engine
             };
-            match save(engine, owned, save_to, from, Generation::Next, events) {
+            match save(engine, owned, save_to, from, Generation::Next, None, events) {
                 Ok(meta) => {
                     owned.save.meta = meta;
                     let ms = t.elapsed().as_millis() as u64;

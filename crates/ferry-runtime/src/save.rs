@@ -21,7 +21,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use ferry_agent_proto::Request;
 use ferry_engine::{Engine, Provenance};
-use ferry_package::{Package, PackageWriter, SectionKind, DEFAULT_CHUNK_SIZE};
+use ferry_package::{Package, PackageWriter, SecretKey, SectionKind, DEFAULT_CHUNK_SIZE};
 
 use crate::error::VmError;
 use crate::events::{Event, EventSink};
@@ -114,14 +114,16 @@ impl SaveError {
     }
 }
 
-/// Saves `owned` into `target` and returns the new package's metadata.
-/// Leaves the VM paused; on error the old package is unchanged.
+/// Saves `owned` into `target` (signed with `sign`, if given) and returns
+/// the new package's metadata. Leaves the VM paused; on error the old
+/// package is unchanged.
 pub fn save(
     engine: &dyn Engine,
     owned: &mut OwnedVm,
     target: &Path,
     from: StateFrom,
     generation: Generation,
+    sign: Option<&SecretKey>,
     events: &dyn EventSink,
 ) -> Result<PackageMeta, SaveError> {
     check_writable(target)?;
@@ -178,9 +180,12 @@ pub fn save(
         &mut owned.vm,
         target,
         &meta,
-        &owned.save.kernel,
-        &owned.save.initramfs,
-        old.as_ref(),
+        Inputs {
+            kernel: &owned.save.kernel,
+            initramfs: &owned.save.initramfs,
+            old: old.as_ref(),
+            sign,
+        },
         events,
     )?;
     adopt_into_cache(owned, target);
@@ -211,17 +216,31 @@ fn quiesce_and_save(
     Ok(provenance)
 }
 
+/// What a package is written from besides the VM itself.
+struct Inputs<'a> {
+    kernel: &'a Path,
+    initramfs: &'a Path,
+    /// The package the VM came from, whose unchanged chunks are reused.
+    old: Option<&'a Package>,
+    /// Signs the new package.
+    sign: Option<&'a SecretKey>,
+}
+
 /// Writes the paused, saved VM into `dest` (beside, then renamed), reusing
-/// unchanged chunks of `old`.
+/// unchanged chunks of `inputs.old`, signed with `inputs.sign` if given.
 fn write_package(
     vm: &mut RunningVm,
     dest: &Path,
     meta: &PackageMeta,
-    kernel: &Path,
-    initramfs: &Path,
-    old: Option<&Package>,
+    inputs: Inputs<'_>,
     events: &dyn EventSink,
 ) -> Result<(), SaveError> {
+    let Inputs {
+        kernel,
+        initramfs,
+        old,
+        sign,
+    } = inputs;
     let dir = vm.dir().path().to_path_buf();
     let disk = dir.join(DISK_EXPORT);
     let t = Instant::now();
@@ -253,6 +272,9 @@ fn write_package(
         events.emit(phase(&format!("{kind}-written"), t));
     }
     let t = Instant::now();
+    if let Some(key) = sign {
+        writer.sign_with(key.clone());
+    }
     writer.commit(meta)?;
     events.emit(phase("committed", t));
     Ok(())

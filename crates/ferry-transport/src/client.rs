@@ -9,7 +9,9 @@ use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use ferry_package::{PackageError, PackageIndex, SectionInfo, SectionKind, VmMeta, HEADER_SIZE};
+use ferry_package::{
+    PackageError, PackageIndex, SectionInfo, SectionKind, TablePin, VmMeta, HEADER_SIZE,
+};
 use tracing::{debug, warn};
 use ureq::http::{header, Response, Uri};
 use ureq::Body;
@@ -63,7 +65,10 @@ impl RemotePackage {
     /// - `url`: a registry root serving one package (`http://HOST:PORT/`,
     ///   any URL ending in `/` is read as a listing), a registry's
     ///   `http://HOST:PORT/packages/NAME`, or the URL of a package file on any
-    ///   HTTP server that supports range requests.
+    ///   HTTP server that supports range requests. Any of them may end in
+    ///   `#sha256=<table sha256>` (a pin): the package's table must then
+    ///   have that digest, checked before anything but the header and
+    ///   the table is fetched.
     /// - `token`: sent as `Authorization: Bearer <token>`; checked first
     ///   (at least [`MIN_TOKEN_LEN`](crate::MIN_TOKEN_LEN) characters).
     ///
@@ -73,7 +78,8 @@ impl RemotePackage {
     /// [`TransportError::NotARegistry`], [`TransportError::EmptyRegistry`],
     /// [`TransportError::AmbiguousRegistry`],
     /// [`TransportError::RangeUnsupported`], [`TransportError::Package`] for a
-    /// damaged or unsupported header or table, or another transfer error.
+    /// damaged or unsupported header or table or a pin that does not match
+    /// ([`PackageError::PinMismatch`]), or another transfer error.
     ///
     /// [`Package::open`]: ferry_package::Package::open
     pub fn open(url: &str, token: Option<&str>) -> Result<RemotePackage, TransportError> {
@@ -94,6 +100,7 @@ impl RemotePackage {
         // A short token is refused before any network I/O.
         let token = token.map(|t| crate::Token::new(t.trim())).transpose()?;
         let tls_config = tls.map(crate::ClientTls::ureq_config).transpose()?;
+        let (url, pin) = split_pin(url)?;
         let uri = parse_url(url)?;
         let agent = ureq::Agent::new_with_config(
             ureq::Agent::config_builder()
@@ -119,11 +126,14 @@ impl RemotePackage {
             debug!(url = %http.url, "the registry serves one package");
         }
         let index = http.read_index()?;
+        if let Some(pin) = pin {
+            pin.check(&index)?;
+        }
         Ok(RemotePackage { http, index })
     }
 
     /// The package's URL (the registry's URL for it when opened from a
-    /// registry root).
+    /// registry root), without its `#sha256=` pin.
     pub fn url(&self) -> &str {
         &self.http.url
     }
@@ -268,12 +278,18 @@ impl Http {
             "the section table",
             file_len,
         )?;
-        Ok(PackageIndex::from_parts(
-            source,
-            &head,
-            &table_bytes,
-            file_len,
-        )?)
+        let index = PackageIndex::from_parts(source, &head, &table_bytes, file_len)?;
+        // A signed package has its signature block just before the table
+        // (one more small range); an unsigned one written by ferry has no
+        // room for one, and costs no request.
+        Ok(match index.signature_range() {
+            Some(r) => {
+                let block =
+                    self.fetch(r.start, r.end - r.start, "the signature block", file_len)?;
+                index.with_signature_block(&block)
+            }
+            None => index,
+        })
     }
 
     /// Fetches `len` bytes at `start`, checking that the server's file has
@@ -500,6 +516,25 @@ fn describe(e: &ureq::Error) -> String {
     }
 }
 
+/// `url` without its `#sha256=<digest>` pin, and the pin. Any other
+/// fragment is refused: a typo must not drop the pin silently.
+fn split_pin(url: &str) -> Result<(&str, Option<TablePin>), TransportError> {
+    let Some((base, fragment)) = url.split_once('#') else {
+        return Ok((url, None));
+    };
+    let bad = |detail: String| TransportError::BadUrl {
+        url: url.to_string(),
+        detail,
+    };
+    let digest = fragment.strip_prefix("sha256=").ok_or_else(|| {
+        bad(format!(
+            "its fragment `#{fragment}` is not a pin: the only fragment ferry reads is `#sha256=<table sha256>`"
+        ))
+    })?;
+    let pin = TablePin::parse(digest).map_err(|e| bad(format!("the pin {e}")))?;
+    Ok((base, Some(pin)))
+}
+
 /// Checks that `url` is one this client can fetch from.
 fn parse_url(url: &str) -> Result<Uri, TransportError> {
     let bad = |detail: &str| TransportError::BadUrl {
@@ -588,5 +623,19 @@ mod tests {
         assert!(parse_url("ftp://h/p").is_err());
         assert!(parse_url("/just/a/path").is_err());
         assert!(parse_url("not a url").is_err());
+    }
+
+    #[test]
+    fn pins() {
+        let d = "ab".repeat(32);
+        let full = format!("http://h:1/packages/a#sha256={d}");
+        let (url, pin) = split_pin(&full).unwrap();
+        assert_eq!(url, "http://h:1/packages/a");
+        assert_eq!(pin.unwrap().to_hex(), d);
+        assert!(split_pin("http://h:1/p").unwrap().1.is_none());
+        for bad in ["http://h/p#sha256=12", "http://h/p#md5=ab", "http://h/p#"] {
+            let e = split_pin(bad).unwrap_err();
+            assert!(matches!(e, TransportError::BadUrl { .. }), "{bad}: {e}");
+        }
     }
 }

@@ -79,6 +79,11 @@ pub struct ListedPackage {
     pub table_sha256: String,
     /// Where to fetch it: `/packages/<name>`, percent-encoded.
     pub url: String,
+    /// The key id of its signer, when it carries a signature that matches
+    /// its table. Informational only: a client trusts a signer through
+    /// `--trust`, checked on the package itself, never through this.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signed_by: Option<String>,
 }
 
 /// A package the registry serves, and the file it came from.
@@ -164,6 +169,10 @@ impl Registry {
                 name: name.clone(),
                 size: index.file_len(),
                 table_sha256,
+                signed_by: index
+                    .signature()
+                    .filter(|s| s.matches_table)
+                    .map(|s| s.key_id()),
             };
             served.push(ServedPackage {
                 path: path.clone(),

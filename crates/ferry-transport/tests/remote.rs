@@ -435,3 +435,81 @@ fn a_server_killed_mid_read_is_a_clear_error() {
     let e = remote.read_chunk(SectionKind::Disk, 0).unwrap_err();
     assert!(matches!(e, TransportError::Connect { .. }), "{e}");
 }
+
+/// A signed package over HTTP: the signature block is fetched (one 128-byte
+/// range) and checked against the table; a `#sha256=` pin is checked right
+/// after the table is read; the listing names the signer.
+#[test]
+fn signatures_and_pins_over_http() {
+    use ferry_package::{PackageWriter, SecretKey, TrustedKeys, SIGNATURE_BLOCK_LEN};
+    let dir = tempfile::tempdir().unwrap();
+    let key = SecretKey::generate();
+    let unsigned = make_package(dir.path(), "u.ferry", 1);
+    // The same content, signed.
+    let signed = dir.path().join("s.ferry");
+    let local = Package::open(&unsigned).unwrap();
+    let mut w = PackageWriter::create(&signed).unwrap();
+    for s in local.sections() {
+        w.add_bytes(s.kind, &local.read_bytes(s.kind).unwrap())
+            .unwrap();
+    }
+    w.sign_with(key.clone());
+    w.commit(&local.vm_meta().unwrap()).unwrap();
+    let reg = serve(&[&unsigned, &signed], None);
+    let base = format!("http://{}/packages", reg.local_addr());
+
+    let remote = RemotePackage::open(&format!("{base}/s.ferry"), None).unwrap();
+    let sig = remote.index().signature().expect("signed");
+    assert!(sig.matches_table);
+    assert_eq!(sig.signer, key.public_key());
+    TrustedKeys::new(vec![key.public_key()])
+        .check(remote.index())
+        .unwrap();
+    let header_and_table = HEADER_SIZE_U64 + table_len(&signed);
+    assert_eq!(
+        remote.bytes_fetched(),
+        header_and_table + SIGNATURE_BLOCK_LEN
+    );
+    // An unsigned package costs no request for a block it cannot have.
+    let remote = RemotePackage::open(&format!("{base}/u.ferry"), None).unwrap();
+    assert!(remote.index().signature().is_none());
+    assert_eq!(
+        remote.bytes_fetched(),
+        HEADER_SIZE_U64 + table_len(&unsigned)
+    );
+    let err = TrustedKeys::new(vec![key.public_key()])
+        .check(remote.index())
+        .unwrap_err();
+    assert!(matches!(err, PackageError::NotSigned { .. }), "{err}");
+
+    // Pins.
+    let digest = Package::open(&signed).unwrap().index().table_sha256();
+    let pinned = format!("{base}/s.ferry#sha256={digest}");
+    let remote = RemotePackage::open(&pinned, None).unwrap();
+    assert_eq!(remote.url(), format!("{base}/s.ferry"));
+    let err = RemotePackage::open(&format!("{base}/u.ferry#sha256={digest}"), None).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            TransportError::Package(PackageError::PinMismatch { .. })
+        ),
+        "{err}"
+    );
+    assert!(one_line(&err).contains("is not the pinned one"), "{err}");
+
+    // The listing names the signer (for people; clients check themselves).
+    let r = get(reg.local_addr(), "/");
+    let listing: ferry_transport::Listing = serde_json::from_slice(&r.body).unwrap();
+    assert_eq!(listing.packages[0].signed_by, None);
+    assert_eq!(
+        listing.packages[1].signed_by.as_deref(),
+        Some(key.public_key().key_id().as_str())
+    );
+}
+
+const HEADER_SIZE_U64: u64 = ferry_package::HEADER_SIZE;
+
+fn table_len(path: &std::path::Path) -> u64 {
+    let bytes = std::fs::read(path).unwrap();
+    u64::from_le_bytes(bytes[24..32].try_into().unwrap())
+}

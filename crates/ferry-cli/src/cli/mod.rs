@@ -12,6 +12,7 @@ mod clean;
 mod cluster;
 mod exec;
 mod inspect;
+mod key;
 mod logs;
 mod manager;
 mod net;
@@ -81,6 +82,8 @@ enum Command {
     Run(run::Args),
     /// Show what a package holds; --verify checks every chunk.
     Inspect(inspect::Args),
+    /// Keys for signing packages (`key gen --out PREFIX`).
+    Key(key::Args),
     /// Pre-made VM network namespaces with NAT to a host interface.
     Net(net::Args),
     /// Serve packages over HTTP (read-only, byte ranges) until Ctrl-C.
@@ -120,6 +123,25 @@ enum Command {
     /// The supervisor of one detached VM (started by ferry itself).
     #[command(hide = true)]
     Supervise(supervise::Args),
+}
+
+/// `--trust PUB` (repeatable): only packages signed by one of these keys
+/// are run.
+#[derive(clap::Args, Debug, Default)]
+pub struct TrustArgs {
+    /// Run the package only if it is signed by this key (a PREFIX.pub from
+    /// `ferry key gen`; repeatable: any one of them). An unsigned package,
+    /// one signed by another key, or one changed since it was signed is
+    /// refused before anything of it runs.
+    #[arg(long = "trust", value_name = "PUB")]
+    trust: Vec<PathBuf>,
+}
+
+impl TrustArgs {
+    /// The keys, read (and checked) before anything else is done.
+    pub fn keys(&self) -> anyhow::Result<ferry_package::TrustedKeys> {
+        Ok(ferry_package::TrustedKeys::load(&self.trust)?)
+    }
 }
 
 /// `--accel` values.
@@ -192,7 +214,8 @@ pub fn run(cli: Cli, started: Instant, ctx: &Ctx) -> anyhow::Result<ExitCode> {
         Command::Watch(args) => watch::run(args, &paths),
         Command::Package(args) => package::run(args, &paths, ctx),
         Command::Run(args) => run::run(args, &paths, started, ctx),
-        Command::Inspect(args) => inspect::run(args),
+        Command::Inspect(args) => inspect::run(args, cli.json),
+        Command::Key(args) => key::run(args, cli.json),
         Command::Net(args) => net::run(args, &paths, ctx),
         Command::Registry(args) => registry::run(args, ctx),
         Command::Peer(args) => peer::run(args, &paths, started, ctx),

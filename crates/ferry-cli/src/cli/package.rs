@@ -34,11 +34,21 @@ pub struct Args {
     /// Copy the guest's console to standard error.
     #[arg(long)]
     console: bool,
+    /// Sign the package with this key (a PREFIX.key from `ferry key gen`),
+    /// so that `--trust PREFIX.pub` accepts it.
+    #[arg(long, value_name = "KEY")]
+    sign: Option<PathBuf>,
     #[command(flatten)]
     net: super::NetArgs,
 }
 
 pub fn run(args: Args, paths: &Paths, ctx: &Ctx) -> anyhow::Result<ExitCode> {
+    // Read before the VM boots: a bad key must not cost a boot.
+    let sign = args
+        .sign
+        .as_deref()
+        .map(ferry_package::SecretKey::load)
+        .transpose()?;
     let engine = super::engine(paths)?;
     let net = args.net.choice()?;
     let opts = PackageOptions {
@@ -50,6 +60,7 @@ pub fn run(args: Args, paths: &Paths, ctx: &Ctx) -> anyhow::Result<ExitCode> {
         live_timeout: args.live_timeout.map(Duration::from_secs),
         console: super::console(args.console),
         net,
+        sign,
     };
     package(&engine, paths, &opts, &ctx.render, &ctx.cancel()?)?;
     Ok(ExitCode::SUCCESS)

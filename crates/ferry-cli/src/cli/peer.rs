@@ -18,7 +18,9 @@ pub struct Args {
     /// Where the VM comes from: `http(s)://…` (a registry root serving one
     /// package, `…/packages/NAME`, or any URL of a package file) to resume
     /// it, or `HOST:PORT` (a peer started with --listen) to live-migrate
-    /// the VM running there to this host.
+    /// the VM running there to this host. A package URL may end in
+    /// `#sha256=<table sha256>` (as `ferry inspect` and the registry's
+    /// listing show it): any other package is then refused.
     #[arg(long, value_name = "SOURCE")]
     from: String,
     /// The VM's name here (default: the source VM's name, or the recipe's
@@ -77,6 +79,9 @@ pub struct Args {
     /// $FERRY_STATE/logs/peer-NAME.log.
     #[arg(short, long, conflicts_with_all = ["enable_input", "console"])]
     detach: bool,
+    /// (With an http(s):// --from.)
+    #[command(flatten)]
+    trust: super::TrustArgs,
     #[command(flatten)]
     net: super::NetArgs,
 }
@@ -150,8 +155,10 @@ pub fn run(args: Args, paths: &Paths, started: Instant, ctx: &Ctx) -> anyhow::Re
         args.migrate_token_file.as_deref(),
         &shared,
     )?;
+    let trust = args.trust.keys()?;
     let opts = PeerOptions {
         from: args.from.clone(),
+        trust,
         name: args.name.clone(),
         net,
         listen: args.listen,
@@ -198,6 +205,7 @@ fn detached(
                 opts.registry_token.as_ref().map(|t| t.expose()),
                 opts.registry_tls.as_ref(),
             )?;
+            opts.trust.check(remote.index())?;
             let meta = remote.vm_meta()?;
             ferry_runtime::vmdir::generate_name(&meta.recipe)
         }
@@ -225,6 +233,7 @@ fn detached(
             listen: opts.listen,
             save,
             max_bandwidth: opts.max_bandwidth,
+            trust: opts.trust.clone(),
         },
         accel: accel.into(),
         net: NetSpec::from_choice(&opts.net),

@@ -41,13 +41,16 @@ pub struct Args {
     #[arg(short, long)]
     detach: bool,
     #[command(flatten)]
+    trust: super::TrustArgs,
+    #[command(flatten)]
     net: super::NetArgs,
 }
 
 pub fn run(args: Args, paths: &Paths, started: Instant, ctx: &Ctx) -> anyhow::Result<ExitCode> {
     let net = args.net.choice()?;
+    let trust = args.trust.keys()?;
     if args.detach {
-        return detached(args, net, paths, ctx);
+        return detached(args, net, trust, paths, ctx);
     }
     let engine = super::engine(paths)?;
     let opts = RunOptions {
@@ -61,12 +64,19 @@ pub fn run(args: Args, paths: &Paths, started: Instant, ctx: &Ctx) -> anyhow::Re
             .then(|| Box::new(std::io::stdin()) as Box<dyn std::io::Read + Send>),
         started,
         net,
+        trust,
     };
     run_package(&engine, paths, opts, &ctx.render, &ctx.cancel()?)?;
     Ok(ExitCode::SUCCESS)
 }
 
-fn detached(args: Args, net: NetChoice, paths: &Paths, ctx: &Ctx) -> anyhow::Result<ExitCode> {
+fn detached(
+    args: Args,
+    net: NetChoice,
+    trust: ferry_package::TrustedKeys,
+    paths: &Paths,
+    ctx: &Ctx,
+) -> anyhow::Result<ExitCode> {
     if args.console {
         anyhow::bail!(RuntimeError::BadOption(
             "--console shows the console of a VM in the foreground: with --detach, use 'ferry logs NAME -f'".into()
@@ -76,6 +86,7 @@ fn detached(args: Args, net: NetChoice, paths: &Paths, ctx: &Ctx) -> anyhow::Res
         Some(n) => n,
         None => {
             let pkg = ferry_package::Package::open(&args.package)?;
+            trust.check(pkg.index())?;
             generate_name(&ferry_runtime::package_meta::read(&pkg)?.recipe)
         }
     };
@@ -87,6 +98,7 @@ fn detached(args: Args, net: NetChoice, paths: &Paths, ctx: &Ctx) -> anyhow::Res
         net: NetSpec::from_choice(&net),
         live_timeout: Duration::from_secs(60),
         ferry: std::env::current_exe()?,
+        trust,
     };
     if ctx.render.json() {
         run_detached(paths, &opts, &ctx.render, &ctx.cancel()?)?;

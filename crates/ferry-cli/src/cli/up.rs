@@ -42,6 +42,8 @@ pub struct Args {
     /// Seconds each clone may take to be live.
     #[arg(long = "live-timeout", value_name = "S", default_value_t = 60)]
     live_timeout: u64,
+    #[command(flatten)]
+    trust: super::TrustArgs,
 }
 
 pub fn run(args: Args, paths: &Paths, ctx: &Ctx) -> anyhow::Result<ExitCode> {
@@ -55,6 +57,7 @@ pub fn run(args: Args, paths: &Paths, ctx: &Ctx) -> anyhow::Result<ExitCode> {
         accel: args.accel.into(),
         live_timeout: Duration::from_secs(args.live_timeout),
         ferry: std::env::current_exe()?,
+        trust: args.trust.keys()?,
     };
     up(paths, &opts, &ctx.render, &ctx.cancel()?)?;
     Ok(ExitCode::SUCCESS)

@@ -4,11 +4,14 @@
 pub mod hosts;
 pub mod kv;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Output};
 use std::time::Duration;
 
-use ferry_test_support::{blueprint, describe, fixtures_dir, send_signal, wait_until, FerryEnv};
+use ferry_package::{Package, PackageWriter, SecretKey, SectionKind, VmMeta, DEFAULT_CHUNK_SIZE};
+use ferry_test_support::{
+    blueprint, describe, fixtures_dir, qemu_pids, send_signal, wait_until, FerryEnv, KillOnDrop,
+};
 
 pub fn env() -> FerryEnv {
     FerryEnv::new(env!("CARGO_BIN_EXE_ferry"))
@@ -108,4 +111,72 @@ pub fn error_line(out: &Output) -> String {
         .rfind(|l| l.starts_with("ferry: "))
         .unwrap_or_else(|| panic!("no error line: {}", describe(out)))
         .to_string()
+}
+
+/// Rewrites a package through the library: `edit` changes its metadata,
+/// `skip` leaves a section out.
+pub fn rewrite(src: &Path, dst: &Path, edit: impl FnOnce(&mut VmMeta), skip: Option<SectionKind>) {
+    rewrite_with(src, dst, edit, skip, None)
+}
+
+/// [`rewrite`], signing the new package with `sign` if given.
+pub fn rewrite_with(
+    src: &Path,
+    dst: &Path,
+    edit: impl FnOnce(&mut VmMeta),
+    skip: Option<SectionKind>,
+    sign: Option<&SecretKey>,
+) {
+    let pkg = Package::open(src).unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let mut w = PackageWriter::create(dst).unwrap();
+    for s in pkg.sections() {
+        if Some(s.kind) == skip {
+            continue;
+        }
+        let f = tmp.path().join(s.kind.to_string());
+        pkg.extract(s.kind, &f, &mut |_, _| {}).unwrap();
+        w.add_file(s.kind, &f, DEFAULT_CHUNK_SIZE, None, &mut |_, _| {})
+            .unwrap();
+    }
+    let mut meta = pkg.vm_meta().unwrap();
+    edit(&mut meta);
+    if let Some(k) = sign {
+        w.sign_with(k.clone());
+    }
+    w.commit(&meta).unwrap();
+}
+
+/// `ferry run --package PKG --name t-bad`, which must fail: no VM is left
+/// and the package is byte-for-byte unchanged.
+pub fn run_fails(env: &FerryEnv, pkg: &Path) -> Output {
+    run_fails_with(env, pkg, &[])
+}
+
+/// [`run_fails`] with more arguments for `ferry run`.
+pub fn run_fails_with(env: &FerryEnv, pkg: &Path, extra: &[&str]) -> Output {
+    let before = std::fs::read(pkg).unwrap();
+    let child = env
+        .cmd()
+        .args(["run", "--package", pkg.to_str().unwrap(), "--name", "t-bad"])
+        .args(extra)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut child = KillOnDrop::new(child);
+    wait_until(
+        Duration::from_secs(60),
+        "ferry run to refuse the package",
+        || child.try_wait().unwrap(),
+    );
+    let out = child.into_inner().wait_with_output().unwrap();
+    assert!(!out.status.success(), "{}", describe(&out));
+    assert!(
+        std::fs::read(pkg).unwrap() == before,
+        "the package is byte-for-byte unchanged"
+    );
+    assert!(qemu_pids("t-bad").is_empty());
+    assert!(!env.vm_dir("t-bad").exists());
+    out
 }

@@ -29,7 +29,7 @@ use std::time::{Duration, Instant};
 use ferry_agent_proto::{FleetMember, Liveness};
 use ferry_engine::AccelChoice;
 use ferry_net::ExposeSpec;
-use ferry_package::{Package, SectionKind};
+use ferry_package::{Package, SectionKind, TrustedKeys};
 
 use crate::cache::SectionCache;
 use crate::detach::{launch, DetachSpec, Launch, StartFrom, Started};
@@ -74,6 +74,8 @@ pub struct UpOptions {
     pub live_timeout: Duration,
     /// The `ferry` binary, which supervisors run.
     pub ferry: PathBuf,
+    /// Keys one of which must have signed the package (`--trust`).
+    pub trust: TrustedKeys,
 }
 
 /// `ferry up`: starts `count` copy-on-write clones of a package, each a
@@ -96,6 +98,7 @@ pub fn up(
         ));
     }
     let pkg = Package::open(&opts.package)?;
+    opts.trust.check(pkg.index())?;
     let package = std::fs::canonicalize(&opts.package).map_err(FileError::at(&opts.package))?;
     let meta = read_meta(&pkg)?;
     let prefix = opts
@@ -153,6 +156,8 @@ pub fn up(
             from: StartFrom::Clone {
                 package: package.clone(),
                 verified: true,
+                // Checked again by each supervisor, on the file it opens.
+                trust: opts.trust.clone(),
             },
             accel: opts.accel,
             net: NetSpec {
@@ -464,6 +469,8 @@ pub struct RunDetachedOptions {
     pub live_timeout: Duration,
     /// The `ferry` binary.
     pub ferry: PathBuf,
+    /// Keys one of which must have signed the package (`--trust`).
+    pub trust: TrustedKeys,
 }
 
 /// `ferry run --detach`: starts the package (or a clone of it) as a
@@ -475,7 +482,11 @@ pub fn run_detached(
     cancel: &Cancel,
 ) -> Result<Started, FleetError> {
     validate_name(&opts.name)?;
-    read_meta(&Package::open(&opts.package)?)?;
+    let pkg = Package::open(&opts.package)?;
+    // Refused here, before a supervisor starts (which checks again).
+    opts.trust.check(pkg.index())?;
+    read_meta(&pkg)?;
+    drop(pkg);
     let package = std::fs::canonicalize(&opts.package).map_err(FileError::at(&opts.package))?;
     check_names_free(paths, std::slice::from_ref(&opts.name)).map_err(|_| {
         match state_of(paths, &opts.name) {
@@ -498,9 +509,13 @@ pub fn run_detached(
             StartFrom::Clone {
                 package,
                 verified: false,
+                trust: opts.trust.clone(),
             }
         } else {
-            StartFrom::Package { package }
+            StartFrom::Package {
+                package,
+                trust: opts.trust.clone(),
+            }
         },
         accel: opts.accel,
         net: opts.net.clone(),

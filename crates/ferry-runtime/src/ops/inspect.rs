@@ -24,6 +24,16 @@ pub struct SectionRow {
     pub digest: String,
 }
 
+/// Who signed a package.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SignatureRow {
+    /// The signer's key id (`ferry key gen` prints it).
+    pub key_id: String,
+    /// Whether the signature matches the package's table; `false`: it was
+    /// changed after signing, or the signature came from another package.
+    pub matches_table: bool,
+}
+
 /// What `ferry inspect` found.
 #[derive(Debug, Clone)]
 pub struct Inspection {
@@ -33,6 +43,10 @@ pub struct Inspection {
     pub format: (u16, u16),
     /// The file's size.
     pub file_size: u64,
+    /// The sha256 of its section table: what a `#sha256=` pin names.
+    pub table_sha256: String,
+    /// Its signature, if it is signed.
+    pub signature: Option<SignatureRow>,
     /// The VM's metadata, or why it cannot be read.
     pub meta: Result<PackageMeta, String>,
     /// The sections.
@@ -69,6 +83,11 @@ pub fn inspect(path: &Path, verify: bool) -> Result<Inspection, RuntimeError> {
         path: path.to_path_buf(),
         format: (major, minor),
         file_size: pkg.file_size(),
+        table_sha256: pkg.index().table_sha256(),
+        signature: pkg.index().signature().map(|s| SignatureRow {
+            key_id: s.key_id(),
+            matches_table: s.matches_table,
+        }),
         meta: package_meta::read(&pkg).map_err(|e| e.to_string()),
         sections,
         verified,

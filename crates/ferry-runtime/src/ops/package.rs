@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use ferry_blueprint::Blueprint;
 use ferry_engine::{AccelChoice, Engine};
-use ferry_package::Package;
+use ferry_package::{Package, SecretKey};
 
 use crate::events::{Event, EventSink};
 use crate::save::{save, Generation, StateFrom};
@@ -35,6 +35,8 @@ pub struct PackageOptions {
     /// The network the VM is packaged in (what the guest sees is the same
     /// in every namespace, so this does not change the package).
     pub net: NetChoice,
+    /// Sign the package with this key (`--sign`).
+    pub sign: Option<SecretKey>,
 }
 
 /// What `ferry package` made.
@@ -86,6 +88,7 @@ pub fn package(
         &opts.out,
         StateFrom::Engine,
         Generation::First,
+        opts.sign.as_ref(),
         events,
     )?;
     drop(owned);

@@ -9,6 +9,7 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use ferry_engine::{AccelChoice, Engine, LiveLimits};
+use ferry_package::TrustedKeys;
 use ferry_transport::Token;
 
 use crate::events::{CancelAction, EventSink};
@@ -37,6 +38,9 @@ pub struct PeerOptions {
     /// Bearer token for migrating: from the source peer, and of `--listen`
     /// (`--migrate-token-file`, else `--token`).
     pub migrate_token: Option<Token>,
+    /// The keys one of which must have signed a registry's package
+    /// (`--trust`); empty: no signature needed.
+    pub trust: TrustedKeys,
     /// Accelerator choice (must match the VM's).
     pub accel: AccelChoice,
     /// Where the guest console is copied besides its log.
@@ -59,6 +63,12 @@ impl PeerOptions {
 
     /// Refuses what cannot work, before any network I/O.
     pub fn check(&self) -> Result<(), RuntimeError> {
+        if !self.trust.is_empty() && !self.from_registry() {
+            return Err(RuntimeError::BadOption(format!(
+                "--trust checks packages from a registry; {} is a peer, whose VM comes by live migration with no package to check: drop --trust, or resume the package from its registry",
+                self.from
+            )));
+        }
         if self.listen.is_some() && self.migrate_token.is_none() {
             return Err(RuntimeError::BadOption(
                 "--listen needs --migrate-token-file, --token or --token-file: peers never send a VM's memory to an unauthenticated caller".into(),
@@ -91,6 +101,7 @@ pub fn take(
                 url: opts.from.clone(),
                 token: opts.registry_token.clone(),
                 tls: opts.registry_tls.clone(),
+                trust: opts.trust.clone(),
                 name: opts.name.clone(),
                 accel: opts.accel,
                 console: opts.console.clone(),

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use ferry_engine::{AccelChoice, Engine};
-use ferry_package::Package;
+use ferry_package::{Package, TrustedKeys};
 
 use crate::events::{CancelAction, EventSink};
 use crate::owner::{own, Outcome, OwnerOptions};
@@ -33,6 +33,8 @@ pub struct RunOptions {
     pub started: Instant,
     /// Its network.
     pub net: NetChoice,
+    /// The keys one of which must have signed the package (`--trust`).
+    pub trust: TrustedKeys,
 }
 
 /// `ferry run`.
@@ -45,7 +47,11 @@ pub fn run(
 ) -> Result<Outcome, RuntimeError> {
     let name = match &opts.name {
         Some(n) => n.clone(),
-        None => generate_name(&crate::package_meta::read(&Package::open(&opts.package)?)?.recipe),
+        None => {
+            let pkg = Package::open(&opts.package)?;
+            opts.trust.check(pkg.index())?;
+            generate_name(&crate::package_meta::read(&pkg)?.recipe)
+        }
     };
     let plan = start::package::plan(
         engine,
@@ -59,6 +65,7 @@ pub fn run(
             net: NetSpec::from_choice(&opts.net),
             live_timeout: Duration::from_secs(60),
             verified: false,
+            trust: opts.trust.clone(),
             started: opts.started,
             detached: None,
         },

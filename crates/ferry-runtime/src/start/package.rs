@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use ferry_agent_proto::Identity;
 use ferry_engine::{AccelChoice, Engine, SavedState};
-use ferry_package::{Package, SectionKind};
+use ferry_package::{Package, SectionKind, TrustedKeys};
 
 use super::{saved_accel, How, StartPlan};
 use crate::cache::SectionCache;
@@ -61,6 +61,9 @@ pub struct PackageStart {
     pub live_timeout: Duration,
     /// Every chunk was checked already (by `ferry up`, once for all clones).
     pub verified: bool,
+    /// The keys one of which must have signed the package (`--trust`);
+    /// empty: no signature needed.
+    pub trust: TrustedKeys,
     /// When the operation started.
     pub started: Instant,
     /// Detached: the record to keep, with its fleet.
@@ -103,6 +106,8 @@ pub fn plan(
     // Opened once: the checks, the cache, the verifier and the prepare step
     // all read this one handle (reads are positioned, so it is shared).
     let pkg = Arc::new(Package::open(&opts.package)?);
+    // Before anything of the package is used (extracted, cached, run).
+    opts.trust.check(pkg.index())?;
     let meta = package_meta::read(&pkg)?;
     for kind in SectionKind::ALL {
         pkg.section(kind)?;

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use ferry_engine::{AccelChoice, Engine, SavedState};
 use ferry_lazydisk::{LazyDisk, LazyDiskOptions, NbdServer, RemoteSection};
-use ferry_package::SectionKind;
+use ferry_package::{SectionKind, TrustedKeys};
 use ferry_transport::RemotePackage;
 
 use super::package::DEVICE_STATE_IN;
@@ -42,6 +42,10 @@ pub struct RegistryStart {
     pub token: Option<ferry_transport::Token>,
     /// TLS settings for an `https://` registry (`None`: the public roots).
     pub tls: Option<ferry_transport::ClientTls>,
+    /// The keys one of which must have signed the package (`--trust`);
+    /// empty: no signature needed. (A `#sha256=` pin in the URL is
+    /// checked by [`RemotePackage`] itself.)
+    pub trust: TrustedKeys,
     /// The VM's name here; the recipe's and a suffix if `None`.
     pub name: Option<String>,
     /// Accelerator choice (it must be the package's).
@@ -70,6 +74,8 @@ pub fn plan(
         opts.token.as_ref().map(|t| t.expose()),
         opts.tls.as_ref(),
     )?);
+    // Against the table just read, before any section is fetched.
+    opts.trust.check(remote.index())?;
     let meta = remote.vm_meta()?;
     super::check_host_memory(meta.provenance.memory_mib)?;
     let name = opts
