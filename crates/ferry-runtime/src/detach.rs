@@ -83,7 +83,12 @@ pub enum StartFrom {
     },
     /// The VM's own saved state (`ferry start` of a suspended VM); its
     /// network and fleet come from its record.
-    Saved,
+    Saved {
+        /// Serve its next migration (a control-plane worker resuming an
+        /// instance: it stays movable); none for `ferry start`.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        serve: Option<Serve>,
+    },
     /// A peer's VM (`ferry peer --detach`): from a registry or another
     /// peer, served on `listen`, saved into `save` by `ferry stop`.
     Peer {
@@ -108,6 +113,15 @@ pub enum StartFrom {
         #[serde(default)]
         max_bandwidth: Option<u64>,
     },
+}
+
+/// Where a resumed VM serves its next migration, and with which token.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Serve {
+    /// The migration listener's address.
+    pub listen: SocketAddr,
+    /// The token a destination must present.
+    pub token: ferry_transport::Token,
 }
 
 /// A supervisor's report once its VM is live.
@@ -498,7 +512,8 @@ fn start(
                 },
             ),
         )?,
-        StartFrom::Saved => {
+        StartFrom::Saved { serve } => {
+            owner.listen = serve.clone().map(|s| (s.listen, s.token));
             let dir = VmDir::resume(paths, name)?;
             redirect_output(log);
             let Some(record) = VmRecord::load(dir.path()) else {
