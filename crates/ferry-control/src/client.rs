@@ -381,7 +381,11 @@ impl ClusterClient {
 
     /// Suspends an instance on its node; returns once it is saved.
     pub fn suspend(&self, name: &str) -> Result<Instance, ClusterError> {
-        self.call("POST", &format!("/v1/instances/{name}/suspend"), None::<&()>)
+        self.call(
+            "POST",
+            &format!("/v1/instances/{name}/suspend"),
+            None::<&()>,
+        )
     }
 
     /// Resumes a suspended instance on its node; returns once it runs.

@@ -96,7 +96,10 @@ impl axum::serve::Listener for CappedListener {
                 }
                 Err(_) => {
                     if !self.over_cap_logged {
-                        warn!(server = self.what, "serving the most connections at once: closing new ones until some end");
+                        warn!(
+                            server = self.what,
+                            "serving the most connections at once: closing new ones until some end"
+                        );
                         self.over_cap_logged = true;
                     }
                     drop(io);
@@ -263,4 +266,3 @@ impl tokio::io::AsyncWrite for CappedStream {
         self.io.is_write_vectored()
     }
 }
-

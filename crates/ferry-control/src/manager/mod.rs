@@ -319,18 +319,16 @@ pub fn run(
     };
     let tls = config.tls.clone();
     rt.block_on(async move {
-        let api = capped(api, tls.as_ref(), "manager API").map_err(|source| {
-            ManagerError::Serve {
+        let api =
+            capped(api, tls.as_ref(), "manager API").map_err(|source| ManagerError::Serve {
                 addr: api_addr,
                 source,
-            }
-        })?;
-        let link = capped(link, tls.as_ref(), "manager link").map_err(|source| {
-            ManagerError::Serve {
+            })?;
+        let link =
+            capped(link, tls.as_ref(), "manager link").map_err(|source| ManagerError::Serve {
                 addr: link_addr,
                 source,
-            }
-        })?;
+            })?;
         let leases = {
             let shared = shared.clone();
             tokio::spawn(async move {

@@ -607,13 +607,7 @@ mod tests {
         for path in router_paths(router) {
             let concrete: String = path
                 .split('/')
-                .map(|seg| {
-                    if seg.starts_with('{') {
-                        "x1"
-                    } else {
-                        seg
-                    }
-                })
+                .map(|seg| if seg.starts_with('{') { "x1" } else { seg })
                 .collect::<Vec<_>>()
                 .join("/");
             for method in ["GET", "POST", "PUT", "PATCH", "DELETE"] {
@@ -677,7 +671,13 @@ mod tests {
         ] {
             assert!(doc["paths"][path].is_object(), "{path}");
         }
-        for schema in ["Instance", "Node", "Problem", "CreateInstance", "ClusterEvent"] {
+        for schema in [
+            "Instance",
+            "Node",
+            "Problem",
+            "CreateInstance",
+            "ClusterEvent",
+        ] {
             assert!(doc["components"]["schemas"][schema].is_object(), "{schema}");
         }
     }
