@@ -695,6 +695,20 @@ mod tests {
     }
 
     #[test]
+    fn a_saved_start_serves_only_when_asked() {
+        let plain: StartFrom = serde_json::from_str(r#"{"kind":"saved"}"#).unwrap();
+        assert_eq!(plain, StartFrom::Saved { serve: None });
+        let serving = StartFrom::Saved {
+            serve: Some(Serve {
+                listen: "10.0.0.1:17000".parse().unwrap(),
+                token: ferry_transport::Token::new("instance-token-0123456789").unwrap(),
+            }),
+        };
+        let json = serde_json::to_string(&serving).unwrap();
+        assert_eq!(serde_json::from_str::<StartFrom>(&json).unwrap(), serving);
+    }
+
+    #[test]
     fn a_ready_pipe_needs_an_open_descriptor() {
         assert!(ReadyPipe::from_fd(987).is_err());
         assert!(ReadyPipe::from_fd(1).is_err());
