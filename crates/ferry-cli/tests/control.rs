@@ -12,6 +12,12 @@
 //! - Bad input: tokens, unknown nodes and instances, malformed addresses,
 //!   a source that is nothing, no room, a node name held by another live
 //!   worker, a plain listener beyond loopback.
+//! - TLS: the seed's curl sequence over `https://` (`--cacert`); plain
+//!   HTTP to a TLS listener, a worker without the CA or with another CA,
+//!   and (with `--client-ca`) clients without a certificate are refused,
+//!   and nothing is created.
+//! - Suspend and resume through the API: a Redis key written before is
+//!   there after, and no QEMU runs while it is suspended.
 
 use std::net::SocketAddr;
 use std::process::Output;
@@ -26,7 +32,7 @@ use serde_json::Value;
 
 mod common;
 use common::hosts::{curl, registry, start};
-use common::kv::{in_netns, missing, writer, Writes};
+use common::kv::{in_netns, missing, writer, Redis, Writes};
 use common::{env, recipe_package};
 
 const REGISTRY_PORT: u16 = 7070;
@@ -34,14 +40,23 @@ const LINK_PORT: u16 = 1399;
 const REDIS_PORT: u16 = 16379;
 const TOKEN: &str = "control-plane-test-token-0123456789";
 
+/// `ferry manager` on `m`, its workers' link on `m`'s address in plain
+/// HTTP (`--insecure`) between test hosts.
 fn manager(m: &Host, env: &FerryEnv, extra: &[&str]) -> KillOnDrop {
+    let mut args = vec!["--insecure"];
+    args.extend_from_slice(extra);
+    manager_with(m, env, &args)
+}
+
+/// `ferry manager` on `m` with the flags `extra` (say how it may listen
+/// on `m`'s address: `--insecure`, or TLS).
+fn manager_with(m: &Host, env: &FerryEnv, extra: &[&str]) -> KillOnDrop {
     let link = format!("{}:{LINK_PORT}", m.addr());
     let store = env.state.path().join("manager-store");
     let mut args = vec![
         "manager",
         "--workers-listen",
         &link,
-        "--insecure",
         "--store",
         store.to_str().unwrap(),
         "--op-timeout-s",
@@ -53,6 +68,11 @@ fn manager(m: &Host, env: &FerryEnv, extra: &[&str]) -> KillOnDrop {
 
 fn worker(n: &Host, env: &FerryEnv, name: &str, m: &Host, extra: &[&str]) -> KillOnDrop {
     let link = format!("{}:{LINK_PORT}", m.addr());
+    worker_at(n, env, name, &link, extra)
+}
+
+/// `ferry worker` on `n` for the manager's link at `plane`.
+fn worker_at(n: &Host, env: &FerryEnv, name: &str, plane: &str, extra: &[&str]) -> KillOnDrop {
     let mut args = vec![
         "worker",
         "--name",
@@ -60,7 +80,7 @@ fn worker(n: &Host, env: &FerryEnv, name: &str, m: &Host, extra: &[&str]) -> Kil
         "--host-interface",
         n.interface(),
         "--control-plane",
-        &link,
+        plane,
         "--lease-s",
         "3",
         "--insecure",
@@ -804,5 +824,385 @@ fn with_etcd_a_follower_takes_over_when_the_leader_dies() {
         ],
     );
     assert!(running_on(n1, &e1).is_empty());
+    discard_all(n1, &e1);
+}
+
+/// `ferry tls init DIR` on the test host `m` (server certificate valid for
+/// its address too): the directory.
+fn tls_init(m: &Host, env: &FerryEnv, name: &str) -> std::path::PathBuf {
+    let dir = env.state.path().join(name);
+    let out = env.run(&[
+        "tls",
+        "init",
+        dir.to_str().unwrap(),
+        "--san",
+        &m.addr().to_string(),
+    ]);
+    assert!(out.status.success(), "{}", describe(&out));
+    dir
+}
+
+/// A worker on `n` that must be refused at once (exit 3) with a line
+/// holding `says`.
+fn refused_worker(n: &Host, env: &FerryEnv, plane: &str, extra: &[&str], says: &str) {
+    let out = n
+        .ferry(env)
+        .args([
+            "worker",
+            "--name",
+            "node-x",
+            "--host-interface",
+            n.interface(),
+            "--insecure",
+            "--control-plane",
+            plane,
+        ])
+        .args(extra)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(3), "{}", describe(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains(says),
+        "{}",
+        describe(&out)
+    );
+}
+
+/// Whether `curl ARGS` inside `host` fails to get any HTTP answer.
+fn curl_fails(host: &Host, args: &[&str]) -> bool {
+    let out = host
+        .cmd("curl")
+        .args(["-sS", "--max-time", "20", "-o", "/dev/null"])
+        .args(args)
+        .output()
+        .unwrap();
+    !out.status.success()
+}
+
+#[test]
+fn tls_refuses_plain_http_wrong_cas_and_missing_client_certificates() {
+    let hosts = TestHosts::create(&["m", "n1"]);
+    let (m, n1) = (&hosts["m"], &hosts["n1"]);
+    let bin = env!("CARGO_BIN_EXE_ferry");
+    let (em, e1) = (m.ferry_env(bin), n1.ferry_env(bin));
+    let tls = tls_init(m, &em, "tls");
+    let other = tls_init(m, &em, "other-ca");
+    let file = |d: &std::path::Path, f: &str| d.join(f).to_str().unwrap().to_string();
+    let (ca, cert, key) = (
+        file(&tls, "ca.crt"),
+        file(&tls, "server.crt"),
+        file(&tls, "server.key"),
+    );
+    let (client_cert, client_key) = (file(&tls, "client.crt"), file(&tls, "client.key"));
+    // Both listeners speak only TLS, with client certificates required: no
+    // --insecure needed beyond loopback.
+    let _manager = manager_with(
+        m,
+        &em,
+        &["--tls-cert", &cert, "--tls-key", &key, "--client-ca", &ca],
+    );
+    let plane = format!("https://{}:{LINK_PORT}", m.addr());
+    let api = "https://localhost:1400/v1/nodes";
+
+    // Plain HTTP to either TLS listener gets no answer.
+    assert!(curl_fails(m, &["http://localhost:1400/nodes"]));
+    assert!(curl_fails(
+        m,
+        &[&format!("http://{}:{LINK_PORT}/link/v1/register", m.addr())]
+    ));
+    // A client without a certificate is refused in the handshake.
+    assert!(curl_fails(m, &["--cacert", &ca, api]));
+    // A worker without the CA, with another CA, or without a client
+    // certificate is refused (exit 3, one line naming the fix).
+    refused_worker(n1, &e1, &plane, &[], "--ca");
+    refused_worker(
+        n1,
+        &e1,
+        &plane,
+        &[
+            "--ca",
+            &file(&other, "ca.crt"),
+            "--client-cert",
+            &client_cert,
+            "--client-key",
+            &client_key,
+        ],
+        "TLS handshake failed",
+    );
+    refused_worker(n1, &e1, &plane, &["--ca", &ca], "TLS handshake failed");
+    // Nothing was registered, nothing created.
+    let nodes = ok(
+        m,
+        &[
+            "--cacert",
+            &ca,
+            "--cert",
+            &client_cert,
+            "--key",
+            &client_key,
+            api,
+        ],
+    );
+    assert_eq!(nodes, Value::Array(vec![]), "{nodes}");
+    assert!(running_on(n1, &e1).is_empty());
+
+    // With all three a worker registers (a bare HOST:PORT is https:// with
+    // --ca), and `ferry cluster` sees it.
+    let _w1 = worker_at(
+        n1,
+        &e1,
+        "node-1",
+        &format!("{}:{LINK_PORT}", m.addr()),
+        &[
+            "--ca",
+            &ca,
+            "--client-cert",
+            &client_cert,
+            "--client-key",
+            &client_key,
+        ],
+    );
+    let out = m
+        .ferry(&em)
+        .args([
+            "cluster",
+            "--json",
+            "--manager",
+            "https://localhost:1400",
+            "--ca",
+            &ca,
+        ])
+        .args([
+            "--client-cert",
+            &client_cert,
+            "--client-key",
+            &client_key,
+            "nodes",
+        ])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", describe(&out));
+    let nodes: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(nodes[0]["name"], "node-1", "{nodes}");
+    // `ferry cluster` without its certificate: refused, naming the fix.
+    let out = m
+        .ferry(&em)
+        .args([
+            "cluster",
+            "--manager",
+            "https://localhost:1400",
+            "--ca",
+            &ca,
+            "nodes",
+        ])
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "{}", describe(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("TLS handshake failed"),
+        "{}",
+        describe(&out)
+    );
+}
+
+#[test]
+fn the_reference_curl_sequence_over_https() {
+    let _lock = vm_lock();
+    let pkg = recipe_package(&env(), "redis");
+    let hosts = TestHosts::create(&["r", "m", "n1", "n2"]);
+    let (r, m, n1, n2) = (&hosts["r"], &hosts["m"], &hosts["n1"], &hosts["n2"]);
+    let bin = env!("CARGO_BIN_EXE_ferry");
+    let (er, em, e1, e2) = (
+        r.ferry_env(bin),
+        m.ferry_env(bin),
+        n1.ferry_env(bin),
+        n2.ferry_env(bin),
+    );
+    let tls = tls_init(m, &em, "tls");
+    let file = |f: &str| tls.join(f).to_str().unwrap().to_string();
+    let ca = file("ca.crt");
+    let _registry = registry(r, &er, &pkg, REGISTRY_PORT, None);
+    let _manager = manager_with(
+        m,
+        &em,
+        &[
+            "--tls-cert",
+            &file("server.crt"),
+            "--tls-key",
+            &file("server.key"),
+        ],
+    );
+    let plane = format!("https://{}:{LINK_PORT}", m.addr());
+    let _w1 = worker_at(n1, &e1, "node-1", &plane, &["--ca", &ca]);
+    let _w2 = worker_at(n2, &e2, "node-2", &plane, &["--ca", &ca]);
+    let https = |args: &[&str]| {
+        let mut all = vec!["--cacert", ca.as_str()];
+        all.extend_from_slice(args);
+        ok(m, &all)
+    };
+    let listed = |node: &str| -> Vec<String> {
+        https(&[&format!("https://localhost:1400/nodes/{node}/instances")])
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|i| i["name"].as_str().unwrap().to_string())
+            .collect()
+    };
+
+    let nodes = https(&["https://localhost:1400/nodes"]);
+    assert_eq!(nodes.as_array().unwrap().len(), 2, "{nodes}");
+    let registry_addr = format!("{}:{REGISTRY_PORT}", r.addr());
+    let a1 = https(&[
+        "-X",
+        "POST",
+        &format!("https://localhost:1400/nodes/node-1/instances/{registry_addr}"),
+    ]);
+    let a1 = a1.as_str().unwrap().to_string();
+    assert!(a1.starts_with(&n1.addr().to_string()), "{a1}");
+    let name = listed("node-1")[0].clone();
+    let a2 = https(&[
+        "-X",
+        "POST",
+        &format!("https://localhost:1400/nodes/node-2/instances/{a1}"),
+    ]);
+    let a2 = a2.as_str().unwrap().to_string();
+    assert!(a2.starts_with(&n2.addr().to_string()), "{a2}");
+    assert!(listed("node-1").is_empty());
+    assert_eq!(listed("node-2"), std::slice::from_ref(&name));
+    // Its source tears its copy down a moment after the switch.
+    wait_until(Duration::from_secs(30), "the VM to leave node-1", || {
+        running_on(n1, &e1).is_empty().then_some(())
+    });
+    let a3 = https(&[
+        "-X",
+        "POST",
+        &format!("https://localhost:1400/nodes/node-1/instances/{a2}"),
+    ]);
+    let a3 = a3.as_str().unwrap().to_string();
+    assert_eq!(listed("node-1"), std::slice::from_ref(&name));
+    wait_until(Duration::from_secs(30), "the VM to leave node-2", || {
+        running_on(n2, &e2).is_empty().then_some(())
+    });
+    https(&[
+        "-X",
+        "DELETE",
+        &format!("https://localhost:1400/nodes/node-1/instances/{a3}"),
+    ]);
+    assert!(listed("node-1").is_empty());
+    assert!(qemu_pids(&name).is_empty(), "no QEMU left for {name}");
+
+    // The OpenAPI document, over the same listener: every seed and /v1
+    // route (the unit test in routes.rs checks it against the router).
+    let doc = https(&["https://localhost:1400/openapi.json"]);
+    assert!(doc["openapi"].as_str().unwrap().starts_with('3'), "{doc}");
+    for path in [
+        "/nodes",
+        "/nodes/{node}/instances",
+        "/nodes/{node}/instances/{address}",
+        "/v1/nodes",
+        "/v1/nodes/{name}",
+        "/v1/instances",
+        "/v1/instances/{name}",
+        "/v1/instances/{name}/migrate",
+        "/v1/instances/{name}/suspend",
+        "/v1/instances/{name}/resume",
+        "/v1/events",
+    ] {
+        assert!(doc["paths"][path].is_object(), "{path} is documented");
+    }
+    discard_all(n1, &e1);
+    discard_all(n2, &e2);
+}
+
+#[test]
+fn suspend_and_resume_through_the_api_keep_the_guests_data() {
+    let _lock = vm_lock();
+    let pkg = recipe_package(&env(), "redis");
+    let hosts = TestHosts::create(&["r", "m", "n1", "client"]);
+    let (r, m, n1) = (&hosts["r"], &hosts["m"], &hosts["n1"]);
+    let bin = env!("CARGO_BIN_EXE_ferry");
+    let (er, em, e1) = (r.ferry_env(bin), m.ferry_env(bin), n1.ferry_env(bin));
+    let _registry = registry(r, &er, &pkg, REGISTRY_PORT, None);
+    let _manager = manager(m, &em, &[]);
+    let _w1 = worker(n1, &e1, "node-1", m, &[]);
+    let create = cluster(
+        m,
+        &em,
+        &[
+            "create",
+            &format!("{}:{REGISTRY_PORT}", r.addr()),
+            "--name",
+            "kv",
+            "--expose",
+            &format!("{REDIS_PORT}:6379"),
+        ],
+    );
+    assert!(create.status.success(), "{}", describe(&create));
+    let redis = SocketAddr::new(n1.addr().into(), REDIS_PORT);
+    let client = hosts["client"].name().to_string();
+    let kv = move |args: Vec<String>| {
+        in_netns(&client.clone(), move || {
+            let mut c = Redis::connect(redis).expect("redis answers");
+            let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+            c.send(&refs).unwrap();
+            c.reply().unwrap()
+        })
+        .join()
+        .unwrap()
+    };
+    assert_eq!(
+        kv(vec!["SET".into(), "kept".into(), "across-suspend".into()]).as_deref(),
+        Some("OK")
+    );
+
+    // A resume of a running instance is refused, and changes nothing.
+    let (status, problem) = curl(
+        m,
+        &["-X", "POST", "http://localhost:1400/v1/instances/kv/resume"],
+    );
+    assert_eq!(status, 409, "{problem}");
+
+    let (status, suspended) = curl(
+        m,
+        &[
+            "-X",
+            "POST",
+            "http://localhost:1400/v1/instances/kv/suspend",
+        ],
+    );
+    assert_eq!(status, 200, "{suspended}");
+    assert_eq!(suspended["state"], "suspended", "{suspended}");
+    assert!(suspended["address"].is_null(), "{suspended}");
+    assert!(qemu_pids("kv").is_empty(), "its QEMU is gone");
+    // The next heartbeats keep it suspended.
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(instance(m, &em, "kv")["state"], "suspended");
+    let (status, problem) = curl(
+        m,
+        &[
+            "-X",
+            "POST",
+            "http://localhost:1400/v1/instances/kv/suspend",
+        ],
+    );
+    assert_eq!(status, 409, "{problem}");
+
+    let resumed = cluster(m, &em, &["resume", "kv"]);
+    assert!(resumed.status.success(), "{}", describe(&resumed));
+    let resumed: Value = serde_json::from_slice(&resumed.stdout).unwrap();
+    assert_eq!(resumed["state"], "running", "{resumed}");
+    assert!(
+        resumed["address"].as_str().is_some(),
+        "it serves its next move: {resumed}"
+    );
+    assert!(!qemu_pids("kv").is_empty());
+    assert_eq!(
+        kv(vec!["GET".into(), "kept".into()]).as_deref(),
+        Some("across-suspend")
+    );
+
+    let deleted = cluster(m, &em, &["delete", "kv"]);
+    assert!(deleted.status.success(), "{}", describe(&deleted));
+    assert!(qemu_pids("kv").is_empty());
     discard_all(n1, &e1);
 }

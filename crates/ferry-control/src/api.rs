@@ -1,7 +1,8 @@
 //! The manager's API, version 1, as types: what `ferry cluster`, scripts
 //! and the Kubernetes operator send and get back. Every body is one of
 //! these, serialised as JSON; fields are only added within a version, and
-//! readers ignore the fields they do not know.
+//! readers ignore the fields they do not know. Their JSON schemas in
+//! `GET /openapi.json` are derived from these definitions (utoipa).
 
 use serde::{Deserialize, Serialize};
 
@@ -9,7 +10,7 @@ use serde::{Deserialize, Serialize};
 pub const API_VERSION: u32 = 1;
 
 /// A host that runs VMs: a `ferry worker`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Node {
     /// Its name (`--name`), unique in the cluster.
     pub name: String,
@@ -35,7 +36,7 @@ pub struct Node {
 }
 
 /// Whether a node holds its lease.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "kebab-case")]
 pub enum NodeState {
     /// It reports within its lease.
@@ -45,7 +46,7 @@ pub enum NodeState {
 }
 
 /// A VM the control plane runs.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Instance {
     /// Its name, unique in the cluster (also its VM's name on its node).
     pub name: String,
@@ -78,7 +79,7 @@ pub struct Instance {
 
 /// Where an instance is in its life: `pending` → `starting` → `running`
 /// → `migrating` → `running`, or `suspended`, `failed`, `lost`, `deleted`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "kebab-case")]
 pub enum InstanceState {
     /// Recorded, not sent to its node yet.
@@ -107,7 +108,7 @@ impl std::fmt::Display for InstanceState {
 }
 
 /// One move of an instance between nodes.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Move {
     /// The node it left.
     pub from: String,
@@ -130,7 +131,7 @@ pub struct Move {
 }
 
 /// `POST /v1/instances`.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct CreateInstance {
     /// A registry: its root (`http://HOST:PORT/`, serving one package), a
     /// package URL, or `HOST:PORT` for `http://HOST:PORT/`.
@@ -149,14 +150,14 @@ pub struct CreateInstance {
 }
 
 /// `POST /v1/instances/{name}/migrate`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct MigrateInstance {
     /// The node to move it to.
     pub node: String,
 }
 
 /// An error, as RFC 7807 problem JSON (`application/problem+json`).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Problem {
     /// A URI naming the kind of problem (`about:blank` when the status says
     /// it all).
@@ -174,7 +175,7 @@ pub struct Problem {
 }
 
 /// One event of `GET /v1/events` (server-sent events, `data:` lines).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(tag = "type", rename_all = "kebab-case")]
 pub enum ClusterEvent {
     /// A node registered, reported again after it was lost, or was lost.

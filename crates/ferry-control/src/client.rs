@@ -12,27 +12,36 @@ use serde::Serialize;
 use crate::api::{ClusterEvent, CreateInstance, Instance, MigrateInstance, Node, Problem};
 use crate::link::{Command, CommandResult, Heartbeat, Outcome, Register, Registered};
 
-/// `HOST:PORT` as `http://HOST:PORT`; a URL as given, without a trailing `/`.
-fn base_url(addr: &str) -> String {
+/// `HOST:PORT` as `http://HOST:PORT` (`https://` with TLS settings); a
+/// URL as given, without a trailing `/`.
+fn base_url(addr: &str, tls: bool) -> String {
     let url = if addr.starts_with("http://") || addr.starts_with("https://") {
         addr.to_string()
+    } else if tls {
+        format!("https://{addr}")
     } else {
         format!("http://{addr}")
     };
     url.trim_end_matches('/').to_string()
 }
 
-fn agent(read_timeout: Duration) -> ureq::Agent {
-    ureq::Agent::new_with_config(
-        ureq::Agent::config_builder()
-            .http_status_as_error(false)
-            .timeout_connect(Some(Duration::from_secs(5)))
-            .timeout_recv_response(Some(read_timeout))
-            .timeout_recv_body(Some(read_timeout))
-            .user_agent(concat!("ferry/", env!("CARGO_PKG_VERSION")))
-            .build(),
-    )
+/// An agent for the manager; `read_timeout` none: no limit (event
+/// streams).
+fn agent(read_timeout: Option<Duration>, tls: Option<&ureq::tls::TlsConfig>) -> ureq::Agent {
+    let mut config = ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .timeout_connect(Some(Duration::from_secs(5)))
+        .timeout_recv_response(read_timeout)
+        .timeout_recv_body(read_timeout)
+        .user_agent(concat!("ferry/", env!("CARGO_PKG_VERSION")));
+    if let Some(tls) = tls {
+        config = config.tls_config(tls.clone());
+    }
+    ureq::Agent::new_with_config(config.build())
 }
+
+/// What to do when the TLS handshake with the manager fails.
+const TLS_FIX: &str = "pass --ca FILE with the manager's CA (and --client-cert/--client-key if it asks for one, --client-ca); its certificate must hold the name used and be in date";
 
 /// An HTTP exchange: its status and body, or why there was none.
 enum Answer {
@@ -40,6 +49,8 @@ enum Answer {
     Status(u16, Vec<u8>),
     /// It could not be reached.
     Unreachable(String),
+    /// The TLS handshake failed: trying again will not help.
+    TlsRefused(String),
 }
 
 fn exchange(
@@ -82,6 +93,9 @@ fn exchange(
             }
             Answer::Status(status, bytes)
         }
+        Err(e) if ferry_transport::is_tls_failure(&e) => {
+            Answer::TlsRefused(format!("the TLS handshake failed ({e}): {TLS_FIX}"))
+        }
         Err(e) => Answer::Unreachable(e.to_string()),
     }
 }
@@ -111,11 +125,15 @@ pub enum LinkError {
     Follower(String),
 }
 
+/// How long a link call may take to answer (a long poll waits up to 60 s).
+const LINK_READ_TIMEOUT: Duration = Duration::from_secs(70);
+
 /// A worker's client for the manager's link. With several managers (etcd,
 /// one leader), it moves on to the next address when one does not answer
 /// or answers that it is a follower (503), and stays with the one that
 /// serves.
 pub struct LinkClient {
+    addrs: Vec<String>,
     bases: Vec<String>,
     current: std::sync::atomic::AtomicUsize,
     token: Option<String>,
@@ -126,17 +144,34 @@ impl LinkClient {
     /// For the manager at `addrs` (`HOST:PORT` or a URL; several,
     /// comma-separated).
     pub fn new(addrs: &str, token: Option<String>) -> LinkClient {
+        let addrs: Vec<String> = addrs
+            .split(',')
+            .map(str::trim)
+            .filter(|a| !a.is_empty())
+            .map(String::from)
+            .collect();
         LinkClient {
-            bases: addrs
-                .split(',')
-                .map(str::trim)
-                .filter(|a| !a.is_empty())
-                .map(base_url)
-                .collect(),
+            bases: addrs.iter().map(|a| base_url(a, false)).collect(),
+            addrs,
             current: Default::default(),
             token,
-            agent: agent(Duration::from_secs(70)),
+            agent: agent(Some(LINK_READ_TIMEOUT), None),
         }
+    }
+
+    /// Speaks TLS with `tls` (a CA, a client certificate): a bare
+    /// `HOST:PORT` is then `https://HOST:PORT`.
+    ///
+    /// # Errors
+    /// A certificate or key file cannot be read.
+    pub fn with_tls(
+        mut self,
+        tls: &ferry_transport::ClientTls,
+    ) -> Result<LinkClient, ferry_transport::TlsError> {
+        let config = tls.ureq_config()?;
+        self.bases = self.addrs.iter().map(|a| base_url(a, true)).collect();
+        self.agent = agent(Some(LINK_READ_TIMEOUT), Some(&config));
+        Ok(self)
     }
 
     fn call<T: DeserializeOwned>(
@@ -187,6 +222,7 @@ impl LinkClient {
                 detail_of(&bytes)
             ))),
             Answer::Unreachable(e) => Err(LinkError::Unreachable(format!("{url}: {e}"))),
+            Answer::TlsRefused(e) => Err(LinkError::Refused(format!("{url}: {e}"))),
         }
     }
 
@@ -253,8 +289,11 @@ impl ClusterError {
 
 /// A client for the manager's API (`ferry cluster`).
 pub struct ClusterClient {
+    url: String,
     base: String,
     token: Option<String>,
+    timeout: Duration,
+    tls: Option<ureq::tls::TlsConfig>,
     agent: ureq::Agent,
 }
 
@@ -263,10 +302,29 @@ impl ClusterClient {
     /// that create or move VMs may take `timeout`.
     pub fn new(url: &str, token: Option<String>, timeout: Duration) -> ClusterClient {
         ClusterClient {
-            base: base_url(url),
+            url: url.to_string(),
+            base: base_url(url, false),
             token,
-            agent: agent(timeout),
+            timeout,
+            tls: None,
+            agent: agent(Some(timeout), None),
         }
+    }
+
+    /// Speaks TLS with `tls` (a CA, a client certificate): a bare
+    /// `HOST:PORT` is then `https://HOST:PORT`.
+    ///
+    /// # Errors
+    /// A certificate or key file cannot be read.
+    pub fn with_tls(
+        mut self,
+        tls: &ferry_transport::ClientTls,
+    ) -> Result<ClusterClient, ferry_transport::TlsError> {
+        let config = tls.ureq_config()?;
+        self.base = base_url(&self.url, true);
+        self.agent = agent(Some(self.timeout), Some(&config));
+        self.tls = Some(config);
+        Ok(self)
     }
 
     fn call<T: DeserializeOwned>(
@@ -287,7 +345,9 @@ impl ClusterClient {
                 status,
                 detail: detail_of(&bytes),
             }),
-            Answer::Unreachable(detail) => Err(ClusterError::Unreachable { url, detail }),
+            Answer::Unreachable(detail) | Answer::TlsRefused(detail) => {
+                Err(ClusterError::Unreachable { url, detail })
+            }
         }
     }
 
@@ -319,6 +379,20 @@ impl ClusterClient {
         self.call("POST", &format!("/v1/instances/{name}/migrate"), Some(&req))
     }
 
+    /// Suspends an instance on its node; returns once it is saved.
+    pub fn suspend(&self, name: &str) -> Result<Instance, ClusterError> {
+        self.call(
+            "POST",
+            &format!("/v1/instances/{name}/suspend"),
+            None::<&()>,
+        )
+    }
+
+    /// Resumes a suspended instance on its node; returns once it runs.
+    pub fn resume(&self, name: &str) -> Result<Instance, ClusterError> {
+        self.call("POST", &format!("/v1/instances/{name}/resume"), None::<&()>)
+    }
+
     /// Deletes an instance.
     pub fn delete(&self, name: &str) -> Result<Instance, ClusterError> {
         self.call("DELETE", &format!("/v1/instances/{name}"), None::<&()>)
@@ -328,19 +402,18 @@ impl ClusterClient {
     /// returns false or the stream ends.
     pub fn watch(&self, mut each: impl FnMut(ClusterEvent) -> bool) -> Result<(), ClusterError> {
         let url = format!("{}/v1/events", self.base);
-        let agent = ureq::Agent::new_with_config(
-            ureq::Agent::config_builder()
-                .http_status_as_error(false)
-                .timeout_connect(Some(Duration::from_secs(5)))
-                .build(),
-        );
+        let agent = agent(None, self.tls.as_ref());
         let mut r = agent.get(&url);
         if let Some(t) = &self.token {
             r = r.header("Authorization", &format!("Bearer {t}"));
         }
         let mut resp = r.call().map_err(|e| ClusterError::Unreachable {
             url: url.clone(),
-            detail: e.to_string(),
+            detail: if ferry_transport::is_tls_failure(&e) {
+                format!("the TLS handshake failed ({e}): {TLS_FIX}")
+            } else {
+                e.to_string()
+            },
         })?;
         let status = resp.status().as_u16();
         if status != 200 {

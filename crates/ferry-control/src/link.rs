@@ -8,7 +8,7 @@
 //!  worker                                   manager
 //!    │ POST /link/v1/register  ───────────▶   (node ready, session)
 //!    │ POST /link/v1/heartbeat ───────────▶   every lease/3: free memory and every VM it runs
-//!    │ GET  /link/v1/commands  ───────────▶   long poll: create / receive / delete
+//!    │ GET  /link/v1/commands  ───────────▶   long poll: create / receive / delete / suspend / resume
 //!    │ POST /link/v1/results   ───────────▶   what became of each command
 //! ```
 //!
@@ -129,6 +129,20 @@ pub enum CommandKind {
     Delete {
         /// The instance.
         name: String,
+    },
+    /// Suspend instance `name` into its saved package on this node (the
+    /// runtime's one save path, as `ferry stop` does).
+    Suspend {
+        /// The instance.
+        name: String,
+    },
+    /// Resume the suspended instance `name` from its saved package on this
+    /// node, serving its next migration with `token`.
+    Resume {
+        /// The instance.
+        name: String,
+        /// Its credential.
+        token: ferry_transport::Token,
     },
 }
 

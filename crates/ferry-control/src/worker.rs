@@ -39,6 +39,9 @@ pub struct WorkerConfig {
     pub manager: String,
     /// The manager's token.
     pub token: Option<String>,
+    /// TLS to the manager (`--ca`, `--client-cert`, `--client-key`): a
+    /// bare `HOST:PORT` is then `https://`.
+    pub tls: Option<ferry_transport::ClientTls>,
     /// The address instances and exposed ports are reached at.
     pub advertise: IpAddr,
     /// The lease, seconds.
@@ -61,6 +64,10 @@ pub enum WorkerError {
     /// The manager refused it (a token, a name held by another worker).
     #[error("the manager refused this worker: {0}")]
     Refused(String),
+    /// A TLS file (`--ca`, `--client-cert`, `--client-key`) could not be
+    /// read.
+    #[error(transparent)]
+    Tls(#[from] ferry_transport::TlsError),
     /// Its own state could not be read or written.
     #[error("{path}: {source}")]
     State {
@@ -156,11 +163,15 @@ pub fn run(
     let files = WorkerFiles {
         dir: config.paths.state.join("worker"),
     };
+    let mut link = LinkClient::new(&config.manager, config.token.clone());
+    if let Some(tls) = &config.tls {
+        link = link.with_tls(tls)?;
+    }
     let worker = Arc::new(Worker {
         id: files.id()?,
         instances: Mutex::new(files.load()),
         files,
-        link: LinkClient::new(&config.manager, config.token.clone()),
+        link,
         session: Mutex::new(None),
         children: Arc::new(Mutex::new(Vec::new())),
         starting: Mutex::new(Default::default()),
@@ -216,6 +227,8 @@ fn describe(c: &Command) -> String {
         CommandKind::Create { name, source, .. } => format!("create {name} from {source}"),
         CommandKind::Receive { name, from, .. } => format!("receive {name} from {from}"),
         CommandKind::Delete { name } => format!("delete {name}"),
+        CommandKind::Suspend { name } => format!("suspend {name}"),
+        CommandKind::Resume { name, .. } => format!("resume {name}"),
     }
 }
 
@@ -393,6 +406,8 @@ impl Worker {
                 expose,
             } => self.start(name, from, None, token, expose),
             CommandKind::Delete { name } => self.delete(name),
+            CommandKind::Suspend { name } => self.suspend(name),
+            CommandKind::Resume { name, token } => self.resume(name, token),
         };
         if let Outcome::Failed { message, .. } = &outcome {
             tracing::warn!(command = describe(&c), error = message, "command failed");
@@ -544,6 +559,103 @@ impl Worker {
             SocketAddr::new(self.config.advertise, port).to_string(),
         );
         Some(port)
+    }
+
+    /// Suspends instance `name` into its saved package here (`ferry
+    /// stop`'s path: the runtime's one save path); its migration port is
+    /// given back.
+    fn suspend(&self, name: &str) -> Outcome {
+        let result = fleet::stop(
+            &self.config.paths,
+            &Target::One(name.to_string()),
+            false,
+            &NoEvents,
+        );
+        if let Err(e) = result {
+            return Outcome::Failed {
+                class: e.exit_class().name().into(),
+                message: e.to_string(),
+            };
+        }
+        let mut known = self.instances.lock().expect("instances");
+        known.addresses.remove(name);
+        let _ = self.files.save(&known);
+        Outcome::Done {
+            report: Report {
+                name: name.to_string(),
+                state: "suspended".into(),
+                address: None,
+                exposes: Vec::new(),
+                memory_mib: None,
+                note: None,
+            },
+            downtime_ms: None,
+        }
+    }
+
+    /// Resumes the suspended instance `name` from its saved package here,
+    /// serving its next migration on a port of `--ports` with `token`.
+    fn resume(&self, name: &str, token: &ferry_transport::Token) -> Outcome {
+        let failed = |class: &str, message: String| Outcome::Failed {
+            class: class.into(),
+            message,
+        };
+        let Some(port) = self.claim_port(name) else {
+            return failed(
+                "bad-input",
+                format!(
+                    "no free port in {}-{} to serve the instance's migrations: widen --ports",
+                    self.config.ports.start,
+                    self.config.ports.end - 1
+                ),
+            );
+        };
+        let listen = SocketAddr::new(self.config.advertise, port);
+        if let Err(e) = self.files.save(&self.instances.lock().expect("instances")) {
+            return failed("other", e.to_string());
+        }
+        self.starting
+            .lock()
+            .expect("starting")
+            .insert(name.to_string());
+        let resumed = fleet::resume(
+            &self.config.paths,
+            &self.config.ferry,
+            name,
+            Some(ferry_runtime::detach::Serve {
+                listen,
+                token: token.clone(),
+            }),
+            START_TIMEOUT,
+            &Cancel::new(),
+        );
+        self.starting.lock().expect("starting").remove(name);
+        match resumed {
+            Ok(Some(s)) => {
+                self.children.lock().expect("children").push(s.pid);
+                Outcome::Done {
+                    report: Report {
+                        name: name.to_string(),
+                        state: "running".into(),
+                        address: Some(listen.to_string()),
+                        exposes: s.exposes.iter().map(ToString::to_string).collect(),
+                        memory_mib: None,
+                        note: None,
+                    },
+                    downtime_ms: None,
+                }
+            }
+            Ok(None) => failed(
+                "bad-input",
+                format!("'{name}' runs here already: it was not suspended"),
+            ),
+            Err(e) => {
+                let mut known = self.instances.lock().expect("instances");
+                known.addresses.remove(name);
+                let _ = self.files.save(&known);
+                failed(e.exit_class().name(), e.to_string())
+            }
+        }
     }
 
     fn delete(&self, name: &str) -> Outcome {

@@ -33,6 +33,8 @@ pub struct Options {
     pub manager_url: String,
     /// The manager's token.
     pub manager_token: Option<String>,
+    /// TLS to the manager (`--ca`, `--client-cert`, `--client-key`).
+    pub manager_tls: Option<ferry_transport::ClientTls>,
     /// How long a create or a move may take.
     pub op_timeout: Duration,
     /// A kubeconfig file (default: as kubectl: `KUBECONFIG`, then
@@ -89,6 +91,9 @@ pub enum OperatorError {
     /// Leader election failed.
     #[error(transparent)]
     Leader(#[from] leader::LeaderError),
+    /// A TLS file for the manager could not be read.
+    #[error(transparent)]
+    Tls(#[from] ferry_transport::TlsError),
 }
 
 async fn client(kubeconfig: Option<&PathBuf>) -> Result<Client, OperatorError> {
@@ -157,7 +162,12 @@ pub async fn run(
     } else {
         None
     };
-    let manager = manager::Manager::new(&opts.manager_url, opts.manager_token, opts.op_timeout);
+    let manager = manager::Manager::new(
+        &opts.manager_url,
+        opts.manager_token,
+        opts.op_timeout,
+        opts.manager_tls.as_ref(),
+    )?;
     let ctx = Arc::new(controller::Context::new(
         client,
         manager,

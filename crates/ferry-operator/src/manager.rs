@@ -50,12 +50,25 @@ impl ManagerError {
 }
 
 impl Manager {
-    /// The manager at `url`; a create or a move may take `op_timeout`.
-    pub fn new(url: &str, token: Option<String>, op_timeout: Duration) -> Manager {
-        Manager {
-            client: Arc::new(ClusterClient::new(url, token, op_timeout)),
-            url: url.to_string(),
+    /// The manager at `url`, over TLS with `tls` if given; a create or a
+    /// move may take `op_timeout`.
+    ///
+    /// # Errors
+    /// A TLS certificate or key file cannot be read.
+    pub fn new(
+        url: &str,
+        token: Option<String>,
+        op_timeout: Duration,
+        tls: Option<&ferry_transport::ClientTls>,
+    ) -> Result<Manager, ferry_transport::TlsError> {
+        let mut client = ClusterClient::new(url, token, op_timeout);
+        if let Some(tls) = tls {
+            client = client.with_tls(tls)?;
         }
+        Ok(Manager {
+            client: Arc::new(client),
+            url: url.to_string(),
+        })
     }
 
     /// Its URL, as given.

@@ -90,7 +90,12 @@ pub enum StartFrom {
     },
     /// The VM's own saved state (`ferry start` of a suspended VM); its
     /// network and fleet come from its record.
-    Saved,
+    Saved {
+        /// Serve its next migration (a control-plane worker resuming an
+        /// instance: it stays movable); none for `ferry start`.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        serve: Option<Serve>,
+    },
     /// A peer's VM (`ferry peer --detach`): from a registry or another
     /// peer, served on `listen`, saved into `save` by `ferry stop`.
     Peer {
@@ -118,6 +123,15 @@ pub enum StartFrom {
         #[serde(default, skip_serializing_if = "TrustedKeys::is_empty")]
         trust: TrustedKeys,
     },
+}
+
+/// Where a resumed VM serves its next migration, and with which token.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Serve {
+    /// The migration listener's address.
+    pub listen: SocketAddr,
+    /// The token a destination must present.
+    pub token: ferry_transport::Token,
 }
 
 /// A supervisor's report once its VM is live.
@@ -515,7 +529,8 @@ fn start(
                 },
             ),
         )?,
-        StartFrom::Saved => {
+        StartFrom::Saved { serve } => {
+            owner.listen = serve.clone().map(|s| (s.listen, s.token));
             let dir = VmDir::resume(paths, name)?;
             redirect_output(log);
             let Some(record) = VmRecord::load(dir.path()) else {
@@ -699,6 +714,20 @@ mod tests {
         let json = serde_json::to_string(&msg).unwrap();
         assert_eq!(json, r#"{"result":"failed","code":3,"message":"no"}"#);
         assert_eq!(serde_json::from_str::<ReadyMsg>(&json).unwrap(), msg);
+    }
+
+    #[test]
+    fn a_saved_start_serves_only_when_asked() {
+        let plain: StartFrom = serde_json::from_str(r#"{"kind":"saved"}"#).unwrap();
+        assert_eq!(plain, StartFrom::Saved { serve: None });
+        let serving = StartFrom::Saved {
+            serve: Some(Serve {
+                listen: "10.0.0.1:17000".parse().unwrap(),
+                token: ferry_transport::Token::new("instance-token-0123456789").unwrap(),
+            }),
+        };
+        let json = serde_json::to_string(&serving).unwrap();
+        assert_eq!(serde_json::from_str::<StartFrom>(&json).unwrap(), serving);
     }
 
     #[test]

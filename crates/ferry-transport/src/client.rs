@@ -402,7 +402,7 @@ impl Http {
                         detail: describe(&e),
                     })
                 }
-                Err(e) if tls_failure(&e) => {
+                Err(e) if crate::is_tls_failure(&e) => {
                     return Err(TransportError::TlsRefused {
                         url: self.url.clone(),
                         detail: describe(&e),
@@ -498,16 +498,6 @@ fn transient(e: &ureq::Error) -> bool {
 /// An error of the HTTP client in words (without its "io: " prefixes).
 /// Whether `e` is rustls refusing the handshake (directly, or inside an
 /// I/O error).
-fn tls_failure(e: &ureq::Error) -> bool {
-    match e {
-        ureq::Error::Rustls(_) => true,
-        ureq::Error::Io(io) => io
-            .get_ref()
-            .is_some_and(|inner| inner.downcast_ref::<rustls::Error>().is_some()),
-        _ => false,
-    }
-}
-
 fn describe(e: &ureq::Error) -> String {
     match e {
         ureq::Error::Io(io) => io.to_string(),

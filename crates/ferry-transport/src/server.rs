@@ -31,6 +31,7 @@ use ferry_package::Package;
 use serde::{Deserialize, Serialize};
 use tracing::{debug, info, warn};
 
+use crate::listener::CappedListener;
 use crate::range::{self, RangeRequest};
 use crate::thread::ServerThread;
 use crate::{Token, TransportError};
@@ -226,7 +227,8 @@ impl Registry {
     }
 
     /// Speaks only TLS, with `tls` (plain HTTP to it fails the
-    /// handshake). A handshake must end within [`TLS_HANDSHAKE_DEADLINE`].
+    /// handshake). A handshake must end within
+    /// [`TLS_HANDSHAKE_DEADLINE`](crate::TLS_HANDSHAKE_DEADLINE).
     pub fn with_tls(mut self, tls: crate::ServerTls) -> Registry {
         self.tls = Some(tls);
         self
@@ -255,14 +257,13 @@ impl Registry {
     ) -> Result<(), TransportError> {
         let addr = self.addr;
         let serve_err = |source| TransportError::Serve { addr, source };
-        let listener = CappedListener {
-            inner: tokio::net::TcpListener::from_std(self.listener).map_err(serve_err)?,
-            permits: Arc::new(tokio::sync::Semaphore::new(self.max_connections)),
-            over_cap_logged: false,
-            tls: self
-                .tls
-                .map(|t| tokio_rustls::TlsAcceptor::from(t.0.clone())),
-        };
+        let listener = CappedListener::new(
+            self.listener,
+            self.max_connections,
+            self.tls.as_ref(),
+            "registry",
+        )
+        .map_err(serve_err)?;
         info!(%addr, packages = self.served.len(), "registry listening");
 
         let app = Router::new()
@@ -366,213 +367,6 @@ fn runtime() -> Result<tokio::runtime::Runtime, TransportError> {
             what: "runtime",
             source,
         })
-}
-
-/// The registry's listener: at most as many connections at once as it has
-/// permits; one past that is closed at once. Accept errors are retried
-/// with a pause by axum's own listener.
-struct CappedListener {
-    inner: tokio::net::TcpListener,
-    permits: Arc<tokio::sync::Semaphore>,
-    over_cap_logged: bool,
-    tls: Option<tokio_rustls::TlsAcceptor>,
-}
-
-/// How long a client has for its TLS handshake, in all.
-pub const TLS_HANDSHAKE_DEADLINE: Duration = Duration::from_secs(10);
-
-impl axum::serve::Listener for CappedListener {
-    type Io = RegistryIo;
-    type Addr = SocketAddr;
-
-    async fn accept(&mut self) -> (RegistryIo, SocketAddr) {
-        loop {
-            let (io, addr) = axum::serve::Listener::accept(&mut self.inner).await;
-            match self.permits.clone().try_acquire_owned() {
-                Ok(permit) => {
-                    self.over_cap_logged = false;
-                    let stream = CappedStream {
-                        io,
-                        _permit: permit,
-                    };
-                    // The handshake runs on the connection's own task (its
-                    // first read or write), never in this accept loop.
-                    let io = match &self.tls {
-                        None => RegistryIo::Plain(stream),
-                        Some(acceptor) => {
-                            let accept = acceptor.accept(stream);
-                            RegistryIo::Handshake(Box::pin(async move {
-                                match tokio::time::timeout(TLS_HANDSHAKE_DEADLINE, accept).await {
-                                    Ok(r) => r,
-                                    Err(_) => Err(std::io::Error::new(
-                                        std::io::ErrorKind::TimedOut,
-                                        "TLS handshake deadline passed",
-                                    )),
-                                }
-                            }))
-                        }
-                    };
-                    return (io, addr);
-                }
-                Err(_) => {
-                    if !self.over_cap_logged {
-                        warn!("the registry serves its most connections at once: closing new ones until some end");
-                        self.over_cap_logged = true;
-                    }
-                    drop(io);
-                }
-            }
-        }
-    }
-
-    fn local_addr(&self) -> std::io::Result<SocketAddr> {
-        self.inner.local_addr()
-    }
-}
-
-type Handshake = std::pin::Pin<
-    Box<dyn Future<Output = std::io::Result<tokio_rustls::server::TlsStream<CappedStream>>> + Send>,
->;
-
-/// A registry connection: plain, or TLS (first its handshake).
-enum RegistryIo {
-    Plain(CappedStream),
-    Handshake(Handshake),
-    Tls(Box<tokio_rustls::server::TlsStream<CappedStream>>),
-    Failed,
-}
-
-impl RegistryIo {
-    /// Drives a pending handshake; `Ready(Ok)` once the stream is usable.
-    fn ready(&mut self, cx: &mut std::task::Context<'_>) -> std::task::Poll<std::io::Result<()>> {
-        use std::task::Poll;
-        if let RegistryIo::Handshake(h) = self {
-            match h.as_mut().poll(cx) {
-                Poll::Pending => return Poll::Pending,
-                Poll::Ready(Ok(tls)) => *self = RegistryIo::Tls(Box::new(tls)),
-                Poll::Ready(Err(e)) => {
-                    debug!("a TLS handshake failed: {e}");
-                    *self = RegistryIo::Failed;
-                    return Poll::Ready(Err(e));
-                }
-            }
-        }
-        match self {
-            RegistryIo::Failed => Poll::Ready(Err(std::io::Error::new(
-                std::io::ErrorKind::NotConnected,
-                "TLS handshake failed",
-            ))),
-            _ => Poll::Ready(Ok(())),
-        }
-    }
-}
-
-macro_rules! io_dispatch {
-    ($self:ident, $cx:ident, $io:ident => $e:expr) => {{
-        let this = $self.get_mut();
-        match this.ready($cx) {
-            std::task::Poll::Pending => return std::task::Poll::Pending,
-            std::task::Poll::Ready(Err(e)) => return std::task::Poll::Ready(Err(e)),
-            std::task::Poll::Ready(Ok(())) => {}
-        }
-        match this {
-            RegistryIo::Plain($io) => {
-                let $io = std::pin::Pin::new($io);
-                $e
-            }
-            RegistryIo::Tls(tls) => {
-                let $io = std::pin::Pin::new(&mut **tls);
-                $e
-            }
-            RegistryIo::Handshake(_) | RegistryIo::Failed => unreachable!("ready() resolved it"),
-        }
-    }};
-}
-
-impl tokio::io::AsyncRead for RegistryIo {
-    fn poll_read(
-        self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        buf: &mut tokio::io::ReadBuf<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        io_dispatch!(self, cx, io => io.poll_read(cx, buf))
-    }
-}
-
-impl tokio::io::AsyncWrite for RegistryIo {
-    fn poll_write(
-        self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        buf: &[u8],
-    ) -> std::task::Poll<std::io::Result<usize>> {
-        io_dispatch!(self, cx, io => io.poll_write(cx, buf))
-    }
-
-    fn poll_flush(
-        self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        io_dispatch!(self, cx, io => io.poll_flush(cx))
-    }
-
-    fn poll_shutdown(
-        self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        io_dispatch!(self, cx, io => io.poll_shutdown(cx))
-    }
-}
-
-/// A connection holding its place under the cap until it is dropped.
-struct CappedStream {
-    io: tokio::net::TcpStream,
-    _permit: tokio::sync::OwnedSemaphorePermit,
-}
-
-impl tokio::io::AsyncRead for CappedStream {
-    fn poll_read(
-        self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        buf: &mut tokio::io::ReadBuf<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        std::pin::Pin::new(&mut self.get_mut().io).poll_read(cx, buf)
-    }
-}
-
-impl tokio::io::AsyncWrite for CappedStream {
-    fn poll_write(
-        self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        buf: &[u8],
-    ) -> std::task::Poll<std::io::Result<usize>> {
-        std::pin::Pin::new(&mut self.get_mut().io).poll_write(cx, buf)
-    }
-
-    fn poll_flush(
-        self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        std::pin::Pin::new(&mut self.get_mut().io).poll_flush(cx)
-    }
-
-    fn poll_shutdown(
-        self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        std::pin::Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
-    }
-
-    fn poll_write_vectored(
-        self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        bufs: &[std::io::IoSlice<'_>],
-    ) -> std::task::Poll<std::io::Result<usize>> {
-        std::pin::Pin::new(&mut self.get_mut().io).poll_write_vectored(cx, bufs)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.io.is_write_vectored()
-    }
 }
 
 /// Percent-encodes a name for a URL path segment: everything but RFC 3986's

@@ -1,5 +1,6 @@
-//! TLS for the registry (rustls, with ring): the certificates of a test
-//! cluster ([`init`], `ferry tls init`), a listener's configuration
+//! TLS for ferry's HTTP servers and clients (rustls, with ring: the
+//! registry, the manager's API and its workers' link): the certificates of
+//! a test cluster ([`init`], `ferry tls init`), a listener's configuration
 //! ([`ServerTls`]: `--tls-cert`, `--tls-key`, `--client-ca`) and a client's
 //! ([`ClientTls`]: `--ca`, `--client-cert`, `--client-key`).
 //!
@@ -280,7 +281,10 @@ pub struct ClientTls {
 
 impl ClientTls {
     /// The settings as ureq takes them, the files read and checked now.
-    pub(crate) fn ureq_config(&self) -> Result<ureq::tls::TlsConfig, TlsError> {
+    ///
+    /// # Errors
+    /// [`TlsError::BadPem`] for a file that cannot be read.
+    pub fn ureq_config(&self) -> Result<ureq::tls::TlsConfig, TlsError> {
         use ureq::tls::{Certificate, ClientCert, PrivateKey, RootCerts, TlsConfig, TlsProvider};
         let mut b = TlsConfig::builder().provider(TlsProvider::Rustls);
         if let Some(ca) = &self.ca {
@@ -308,5 +312,18 @@ impl ClientTls {
             b = b.client_cert(Some(ClientCert::new_with_certs(&chain, key)));
         }
         Ok(b.build())
+    }
+}
+
+/// Whether a ureq call failed in its TLS handshake (an unknown CA, a
+/// certificate for another name or out of date, a server that wants a
+/// client certificate): an error to report with the fix, not to retry.
+pub fn is_tls_failure(e: &ureq::Error) -> bool {
+    match e {
+        ureq::Error::Rustls(_) => true,
+        ureq::Error::Io(io) => io
+            .get_ref()
+            .is_some_and(|inner| inner.downcast_ref::<rustls::Error>().is_some()),
+        _ => false,
     }
 }

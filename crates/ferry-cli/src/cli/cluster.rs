@@ -11,12 +11,16 @@ use super::render::out;
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
-    /// The manager's API (`http://HOST:1400`).
+    /// The manager's API (`http://HOST:1400`, or `https://` when it has
+    /// TLS).
     #[arg(long, value_name = "URL", default_value = "http://127.0.0.1:1400")]
     manager: String,
     /// The manager's token, from FILE.
     #[arg(long = "token-file", value_name = "FILE")]
     token_file: Option<PathBuf>,
+    /// TLS to the manager (`ferry manager --tls-cert`).
+    #[command(flatten)]
+    tls: super::tls::ClientTlsArgs,
     /// Seconds a create, move or delete may take.
     #[arg(long = "timeout-s", value_name = "S", default_value_t = 900)]
     timeout_s: u64,
@@ -51,6 +55,17 @@ enum Verb {
         /// The node.
         node: String,
     },
+    /// Suspend an instance on its node (its memory and disk saved there);
+    /// returns once it is saved.
+    Suspend {
+        /// The instance.
+        name: String,
+    },
+    /// Resume a suspended instance on its node; returns once it runs.
+    Resume {
+        /// The instance.
+        name: String,
+    },
     /// Delete an instance (its VM and its state).
     Delete {
         /// The instance.
@@ -67,7 +82,12 @@ pub fn run(args: Args, ctx: &super::Ctx) -> anyhow::Result<ExitCode> {
         .map(|f| super::tokens::read_file("--token-file", f))
         .transpose()?
         .map(|t| t.expose().to_string());
-    let client = ClusterClient::new(&args.manager, token, Duration::from_secs(args.timeout_s));
+    let mut client = ClusterClient::new(&args.manager, token, Duration::from_secs(args.timeout_s));
+    if let Some(tls) = args.tls.settings() {
+        client = client
+            .with_tls(&tls)
+            .map_err(|e| ferry_runtime::RuntimeError::BadOption(e.to_string()))?;
+    }
     let json = ctx.render.json();
     let print = |value: serde_json::Value, human: String| {
         if json {
@@ -115,6 +135,23 @@ pub fn run(args: Args, ctx: &super::Ctx) -> anyhow::Result<ExitCode> {
                 .unwrap_or_default();
             let human = format!(
                 "{} moved to {} at {}{downtime}",
+                i.name,
+                i.node,
+                i.address.as_deref().unwrap_or("?")
+            );
+            print(serde_json::to_value(&i)?, human);
+        }
+        Verb::Suspend { name } => {
+            let i = client.suspend(&name)?;
+            print(
+                serde_json::to_value(&i)?,
+                format!("{} suspended on {}", i.name, i.node),
+            );
+        }
+        Verb::Resume { name } => {
+            let i = client.resume(&name)?;
+            let human = format!(
+                "{} runs on {} at {}",
                 i.name,
                 i.node,
                 i.address.as_deref().unwrap_or("?")

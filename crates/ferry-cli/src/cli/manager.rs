@@ -31,9 +31,12 @@ pub struct Args {
     /// descriptions with it and hands it to the node that creates.
     #[arg(long = "registry-token-file", value_name = "FILE")]
     registry_token_file: Option<PathBuf>,
+    /// TLS on both listeners (the API and the workers' link).
+    #[command(flatten)]
+    tls: super::tls::ServerTlsArgs,
     /// Listen beyond loopback without TLS (anyone on the network can read
     /// the traffic, the token included).
-    #[arg(long)]
+    #[arg(long, conflicts_with = "tls_cert")]
     insecure: bool,
     /// Keep the records in etcd (`http://HOST:2379[,...]`) instead of
     /// --store: several managers then share them, one leads, and a
@@ -59,9 +62,13 @@ pub struct Args {
 }
 
 pub fn run(args: Args, paths: &Paths, ctx: &super::Ctx) -> anyhow::Result<ExitCode> {
-    for addr in [args.listen, args.workers_listen] {
-        plain_listener_allowed(addr, args.insecure, ctx)?;
+    let tls = args.tls.config()?;
+    if tls.is_none() {
+        for addr in [args.listen, args.workers_listen] {
+            plain_listener_allowed(addr, args.insecure, ctx)?;
+        }
     }
+    let scheme = if tls.is_some() { "https" } else { "http" };
     let token = args
         .token_file
         .as_deref()
@@ -87,6 +94,7 @@ pub fn run(args: Args, paths: &Paths, ctx: &super::Ctx) -> anyhow::Result<ExitCo
         op_timeout: Duration::from_secs(args.op_timeout_s),
         registry_timeout: Duration::from_secs(30),
         registry_token,
+        tls,
         etcd: args.etcd.map(|endpoints| manager::EtcdConfig {
             endpoints,
             prefix: args.etcd_prefix,
@@ -101,11 +109,11 @@ pub fn run(args: Args, paths: &Paths, ctx: &super::Ctx) -> anyhow::Result<ExitCo
         },
         |api, link| {
             render.emit(Event::Listening {
-                url: format!("http://{api}"),
+                url: format!("{scheme}://{api}"),
                 token_required: token.is_some(),
             });
             render.emit(Event::Notice {
-                message: format!("workers connect to {link}"),
+                message: format!("workers connect to {scheme}://{link}"),
             });
         },
     )?;
@@ -131,7 +139,7 @@ pub(super) fn plain_listener_allowed(
     }
     if !insecure {
         return Err(RuntimeError::BadOption(format!(
-            "{addr} is not a loopback address, and this listener has no TLS yet: pass --insecure to serve plain HTTP there anyway, or listen on 127.0.0.1"
+            "{addr} is not a loopback address: pass --tls-cert FILE --tls-key FILE (see `ferry tls init`), or --insecure to serve plain HTTP there anyway, or listen on 127.0.0.1"
         )));
     }
     ctx.render.emit(Event::Warning {

@@ -325,7 +325,8 @@ pub fn exit_class(e: &anyhow::Error) -> ferry_runtime::ExitClass {
                     })
                 } else if let Some(w) = c.downcast_ref::<ferry_control::worker::WorkerError>() {
                     Some(match w {
-                        ferry_control::worker::WorkerError::Refused(_) => ExitClass::BadInput,
+                        ferry_control::worker::WorkerError::Refused(_)
+                        | ferry_control::worker::WorkerError::Tls(_) => ExitClass::BadInput,
                         _ => ExitClass::Other,
                     })
                 } else {

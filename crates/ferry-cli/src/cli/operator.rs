@@ -33,6 +33,9 @@ struct RunArgs {
     /// The manager's token, from FILE.
     #[arg(long = "token-file", value_name = "FILE")]
     token_file: Option<PathBuf>,
+    /// TLS to the manager (`ferry manager --tls-cert`).
+    #[command(flatten)]
+    tls: super::tls::ClientTlsArgs,
     /// Seconds a create or a move may take.
     #[arg(long = "timeout-s", value_name = "S", default_value_t = 900)]
     timeout_s: u64,
@@ -88,6 +91,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     let opts = Options {
         manager_url: a.manager,
         manager_token: token,
+        manager_tls: a.tls.settings(),
         op_timeout: Duration::from_secs(a.timeout_s),
         kubeconfig: a.kubeconfig,
         namespace: a.namespace,

@@ -22,16 +22,8 @@ pub struct Args {
     /// --token/--token-file here.
     #[arg(long = "registry-token-file", value_name = "FILE")]
     registry_token_file: Option<PathBuf>,
-    /// Speak only TLS, with this certificate (PEM; e.g. from `ferry tls
-    /// init`).
-    #[arg(long = "tls-cert", value_name = "FILE", requires = "tls_key")]
-    tls_cert: Option<PathBuf>,
-    /// The certificate's key (PEM).
-    #[arg(long = "tls-key", value_name = "FILE", requires = "tls_cert")]
-    tls_key: Option<PathBuf>,
-    /// Require client certificates signed by this CA (PEM).
-    #[arg(long = "client-ca", value_name = "FILE", requires = "tls_cert")]
-    client_ca: Option<PathBuf>,
+    #[command(flatten)]
+    tls: super::tls::ServerTlsArgs,
     /// Serve plain HTTP on an address that is not loopback (packages and
     /// the token then travel in clear).
     #[arg(long, conflicts_with = "tls_cert")]
@@ -47,14 +39,7 @@ pub fn run(args: Args, ctx: &super::Ctx) -> anyhow::Result<ExitCode> {
         &shared,
     )?;
     let guarded = token.is_some();
-    let tls = match (&args.tls_cert, &args.tls_key) {
-        (Some(cert), Some(key)) => Some(ferry_transport::ServerTls::from_files(
-            cert,
-            key,
-            args.client_ca.as_deref(),
-        )?),
-        _ => None,
-    };
+    let tls = args.tls.config()?;
     if tls.is_none() && !args.listen.ip().is_loopback() && !args.insecure {
         return Err(ferry_runtime::RuntimeError::BadOption(format!(
             "--listen {}: plain HTTP off loopback sends packages and the token in clear: pass --tls-cert FILE --tls-key FILE (see `ferry tls init`), or --insecure",

@@ -54,3 +54,63 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         }
     }
 }
+
+/// A server's TLS flags (`ferry registry`, `ferry manager`).
+#[derive(clap::Args, Debug, Default)]
+pub struct ServerTlsArgs {
+    /// Speak only TLS, with this certificate (PEM; e.g. from `ferry tls
+    /// init`).
+    #[arg(long = "tls-cert", value_name = "FILE", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// The certificate's key (PEM).
+    #[arg(long = "tls-key", value_name = "FILE", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// Require client certificates signed by this CA (PEM).
+    #[arg(long = "client-ca", value_name = "FILE", requires = "tls_cert")]
+    pub client_ca: Option<PathBuf>,
+}
+
+impl ServerTlsArgs {
+    /// The listener's TLS configuration, the files read and checked now;
+    /// none without `--tls-cert`.
+    pub fn config(&self) -> Result<Option<ferry_transport::ServerTls>, RuntimeError> {
+        match (&self.tls_cert, &self.tls_key) {
+            (Some(cert), Some(key)) => {
+                ferry_transport::ServerTls::from_files(cert, key, self.client_ca.as_deref())
+                    .map(Some)
+                    .map_err(|e| RuntimeError::BadOption(e.to_string()))
+            }
+            _ => Ok(None),
+        }
+    }
+}
+
+/// A client's TLS flags for an `https://` server (`ferry worker`, `ferry
+/// cluster`, `ferry operator`).
+#[derive(clap::Args, Debug, Default)]
+pub struct ClientTlsArgs {
+    /// Trust this CA (PEM) instead of the public roots (e.g. ca.crt from
+    /// `ferry tls init`); a bare HOST:PORT is then https://.
+    #[arg(long, value_name = "FILE")]
+    pub ca: Option<PathBuf>,
+    /// Present this client certificate (PEM) to a server that asks for one
+    /// (`--client-ca`).
+    #[arg(long = "client-cert", value_name = "FILE", requires = "client_key")]
+    pub client_cert: Option<PathBuf>,
+    /// The client certificate's key (PEM).
+    #[arg(long = "client-key", value_name = "FILE", requires = "client_cert")]
+    pub client_key: Option<PathBuf>,
+}
+
+impl ClientTlsArgs {
+    /// The settings, if any flag was given (paths made absolute: they may
+    /// travel to a process with another working directory).
+    pub fn settings(&self) -> Option<ferry_transport::ClientTls> {
+        let absolute = |p: &PathBuf| std::path::absolute(p).unwrap_or_else(|_| p.clone());
+        (self.ca.is_some() || self.client_cert.is_some()).then(|| ferry_transport::ClientTls {
+            ca: self.ca.as_ref().map(absolute),
+            client_cert: self.client_cert.as_ref().map(absolute),
+            client_key: self.client_key.as_ref().map(absolute),
+        })
+    }
+}

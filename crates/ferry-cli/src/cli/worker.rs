@@ -12,8 +12,9 @@ pub struct Args {
     /// This node's name in the cluster.
     #[arg(long)]
     name: String,
-    /// The manager's workers' address (`ferry manager --workers-listen`);
-    /// with several managers (`--etcd`), each, comma-separated.
+    /// The manager's workers' address (`ferry manager --workers-listen`),
+    /// `HOST:PORT` or `https://HOST:PORT`; with several managers
+    /// (`--etcd`), each, comma-separated.
     #[arg(long = "control-plane", value_name = "HOST:PORT")]
     control_plane: String,
     /// The interface whose address instances and exposed ports use.
@@ -29,6 +30,9 @@ pub struct Args {
     /// The manager's token, from FILE.
     #[arg(long = "token-file", value_name = "FILE")]
     token_file: Option<PathBuf>,
+    /// TLS to the manager (`ferry manager --tls-cert`).
+    #[command(flatten)]
+    tls: super::tls::ClientTlsArgs,
     /// Memory to offer to VMs, MiB (default: the host's).
     #[arg(long = "capacity-mib", value_name = "MIB")]
     capacity_mib: Option<u64>,
@@ -91,6 +95,7 @@ pub fn run(args: Args, paths: &Paths, ctx: &super::Ctx) -> anyhow::Result<ExitCo
         name: args.name,
         manager: args.control_plane,
         token,
+        tls: args.tls.settings(),
         advertise,
         lease_s: args.lease_s,
         capacity_mib: args.capacity_mib,

@@ -442,6 +442,100 @@ impl Shared {
         Ok(rec.instance)
     }
 
+    /// Suspends instance `name` on its node into its saved package (its
+    /// QEMU goes, its memory and disk are kept there) and waits until it
+    /// is saved.
+    pub async fn suspend(&self, name: &str) -> Result<Instance, ApiError> {
+        let (id, rx) = {
+            let mut core = self.lock();
+            let rec = core.idle_on_ready_node(name, "suspended")?;
+            if rec.instance.state != InstanceState::Running {
+                return Err(ApiError::conflict(format!(
+                    "'{name}' is {}, not running: only a running instance is suspended",
+                    rec.instance.state
+                )));
+            }
+            core.busy.insert(name.to_string());
+            let node = rec.instance.node.clone();
+            core.send(
+                &node,
+                CommandKind::Suspend {
+                    name: name.to_string(),
+                },
+            )
+        };
+        self.wake.notify_waiters();
+        let outcome = self.wait(id, rx).await;
+        self.settle_op(name, outcome, |rec, _| {
+            rec.instance.state = InstanceState::Suspended;
+            rec.instance.reason = Some("suspended through the API".into());
+            rec.instance.address = None;
+            rec.instance.exposes = Vec::new();
+        })
+    }
+
+    /// Resumes the suspended instance `name` from its saved package on its
+    /// node and waits until it runs (and serves its next migration) again.
+    pub async fn resume(&self, name: &str) -> Result<Instance, ApiError> {
+        let (id, rx) = {
+            let mut core = self.lock();
+            let rec = core.idle_on_ready_node(name, "resumed")?;
+            if rec.instance.state != InstanceState::Suspended {
+                return Err(ApiError::conflict(format!(
+                    "'{name}' is {}, not suspended: only a suspended instance is resumed",
+                    rec.instance.state
+                )));
+            }
+            let node = rec.instance.node.clone();
+            core.room(&node, rec.instance.memory_mib)?;
+            let kind = CommandKind::Resume {
+                name: name.to_string(),
+                token: instance_token(&rec.token)?,
+            };
+            core.busy.insert(name.to_string());
+            core.send(&node, kind)
+        };
+        self.wake.notify_waiters();
+        let outcome = self.wait(id, rx).await;
+        self.settle_op(name, outcome, |rec, report| {
+            rec.instance.state = InstanceState::Running;
+            rec.instance.reason = None;
+            rec.instance.address = report.address.clone();
+            rec.instance.exposes = report.exposes.clone();
+        })
+    }
+
+    /// Ends a suspend or a resume of `name`: on success `done` updates its
+    /// record with the node's report; on failure the record stays as it
+    /// was (the next heartbeats say where the VM is) and the caller gets
+    /// the error.
+    fn settle_op(
+        &self,
+        name: &str,
+        outcome: Result<Outcome, ApiError>,
+        done: impl FnOnce(&mut InstanceRecord, &Report),
+    ) -> Result<Instance, ApiError> {
+        let mut core = self.lock();
+        core.busy.remove(name);
+        let mut rec = core
+            .instances
+            .get(name)
+            .cloned()
+            .ok_or_else(|| ApiError::unknown_instance(name))?;
+        match outcome {
+            Ok(Outcome::Done { report, .. }) => {
+                done(&mut rec, &report);
+                let view = rec.instance.clone();
+                core.put(rec, self)?;
+                Ok(view)
+            }
+            Ok(Outcome::Failed { class, message }) => {
+                Err(ApiError::worker(&rec.instance.node, &class, &message))
+            }
+            Err(e) => Err(e),
+        }
+    }
+
     async fn wait(&self, id: u64, rx: oneshot::Receiver<Outcome>) -> Result<Outcome, ApiError> {
         match tokio::time::timeout(self.op_timeout, rx).await {
             Ok(Ok(o)) => Ok(o),
@@ -624,6 +718,32 @@ impl Shared {
 }
 
 impl Core {
+    /// Instance `name`, if no other operation on it runs and its node holds
+    /// its lease (`what`: what the caller is about to do with it).
+    fn idle_on_ready_node(&self, name: &str, what: &str) -> Result<InstanceRecord, ApiError> {
+        let rec = self
+            .instances
+            .get(name)
+            .cloned()
+            .ok_or_else(|| ApiError::unknown_instance(name))?;
+        if self.busy.contains(name) || rec.instance.state == InstanceState::Migrating {
+            return Err(ApiError::conflict(format!(
+                "'{name}' is being created, moved, suspended, resumed or deleted already: wait for that to end"
+            )));
+        }
+        let node = &rec.instance.node;
+        let ready = self
+            .nodes
+            .get(node)
+            .is_some_and(|n| n.rec.node.state == NodeState::Ready);
+        if !ready {
+            return Err(ApiError::conflict(format!(
+                "'{name}' is on {node}, which does not hold its lease: it cannot be {what} until {node} reports again"
+            )));
+        }
+        Ok(rec)
+    }
+
     fn node_view(&self, n: &NodeEntry) -> Node {
         let mut node = n.rec.node.clone();
         node.instances = self.count_on(&node.name);
@@ -794,9 +914,13 @@ impl Core {
                     rec.instance.exposes = r.exposes.clone();
                 }
                 "suspended" | "stopped" if here && open_move.is_none() => {
+                    // A suspend through the API keeps its reason.
+                    if rec.instance.state != InstanceState::Suspended || r.note.is_some() {
+                        rec.instance.reason = r.note.clone();
+                    }
                     rec.instance.state = InstanceState::Suspended;
-                    rec.instance.reason = r.note.clone();
                     rec.instance.address = None;
+                    rec.instance.exposes = Vec::new();
                 }
                 "crashed" if here && open_move.is_none() => {
                     rec.instance.state = InstanceState::Failed;

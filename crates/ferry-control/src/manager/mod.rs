@@ -27,6 +27,11 @@ pub use self::core::Shared;
 /// How long requests still running get after a shutdown is asked for.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
 
+/// The most connections each listener (the API, the link) serves at once:
+/// more are closed as soon as they are accepted. Each worker holds about
+/// three (its long poll, a heartbeat, a result); each `watch` one.
+pub const MAX_CONNECTIONS: usize = 512;
+
 /// How `ferry manager` runs.
 #[derive(Debug, Clone)]
 pub struct ManagerConfig {
@@ -48,6 +53,10 @@ pub struct ManagerConfig {
     /// The registries' token, if they need one: the manager reads package
     /// descriptions with it and hands it to the node that creates.
     pub registry_token: Option<ferry_transport::Token>,
+    /// Speak only TLS on both listeners (`--tls-cert`, `--tls-key`,
+    /// `--client-ca`), each handshake bounded by
+    /// [`ferry_transport::TLS_HANDSHAKE_DEADLINE`].
+    pub tls: Option<ferry_transport::ServerTls>,
 }
 
 /// `--etcd`: several managers share records in etcd; one leads.
@@ -281,6 +290,7 @@ pub fn run(
                 etcd.clone(),
                 me.clone(),
                 e.ttl_s,
+                config.tls.clone(),
                 stop_rx.clone(),
             ))?;
             let Some(lease) = standby else {
@@ -307,13 +317,15 @@ pub fn run(
         token: config.token.clone(),
         registry_timeout: config.registry_timeout,
     };
+    let tls = config.tls.clone();
     rt.block_on(async move {
-        let api = tokio::net::TcpListener::from_std(api).map_err(|source| ManagerError::Serve {
-            addr: api_addr,
-            source,
-        })?;
+        let api =
+            capped(api, tls.as_ref(), "manager API").map_err(|source| ManagerError::Serve {
+                addr: api_addr,
+                source,
+            })?;
         let link =
-            tokio::net::TcpListener::from_std(link).map_err(|source| ManagerError::Serve {
+            capped(link, tls.as_ref(), "manager link").map_err(|source| ManagerError::Serve {
                 addr: link_addr,
                 source,
             })?;
@@ -365,6 +377,16 @@ pub fn run(
     })
 }
 
+/// A listener serving at most [`MAX_CONNECTIONS`], over TLS when `tls`
+/// is given. Must be called on the runtime.
+fn capped(
+    l: std::net::TcpListener,
+    tls: Option<&ferry_transport::ServerTls>,
+    what: &'static str,
+) -> std::io::Result<ferry_transport::CappedListener> {
+    ferry_transport::CappedListener::new(l, MAX_CONNECTIONS, tls, what)
+}
+
 /// Answers every request with 503 (naming the leader) while it campaigns
 /// for leadership; returns its lease once elected, or `None` if a shutdown
 /// came first.
@@ -374,6 +396,7 @@ async fn standby(
     etcd: crate::etcd::Etcd,
     me: crate::etcd::LeaderValue,
     ttl_s: u64,
+    tls: Option<ferry_transport::ServerTls>,
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) -> Result<Option<String>, ManagerError> {
     let leader_now: Arc<std::sync::Mutex<String>> = Arc::default();
@@ -401,9 +424,10 @@ async fn standby(
     let (done_tx, done_rx) = tokio::sync::watch::channel(false);
     let serve = |l: std::net::TcpListener, rx: tokio::sync::watch::Receiver<bool>| {
         let app = router(answer.clone());
+        let tls = tls.clone();
         async move {
             let addr = l.local_addr().ok();
-            if let Ok(l) = tokio::net::TcpListener::from_std(l) {
+            if let Ok(l) = capped(l, tls.as_ref(), "standby manager") {
                 let _ = axum::serve(l, app)
                     .with_graceful_shutdown(async move {
                         let mut rx = rx;

@@ -18,7 +18,10 @@ use axum::{Json, Router};
 use serde::Deserialize;
 
 use super::{ApiError, Shared};
-use crate::api::{CreateInstance, InstanceState, MigrateInstance, NodeState};
+use crate::api::{
+    ClusterEvent, CreateInstance, Instance, InstanceState, MigrateInstance, Node, NodeState,
+    Problem,
+};
 use crate::link::{CommandResult, Heartbeat, Register, Registered};
 
 /// What every handler gets.
@@ -46,11 +49,64 @@ pub fn api(state: AppState) -> Router {
         .route("/v1/instances", get(v1_instances).post(v1_create))
         .route("/v1/instances/{name}", get(v1_instance).delete(v1_delete))
         .route("/v1/instances/{name}/migrate", post(v1_migrate))
+        .route("/v1/instances/{name}/suspend", post(v1_suspend))
+        .route("/v1/instances/{name}/resume", post(v1_resume))
         .route("/v1/events", get(v1_events))
         .route("/metrics", get(metrics))
+        .route("/openapi.json", get(openapi_json))
         .fallback(not_found)
         .layer(middleware::from_fn_with_state(state.clone(), guard))
         .with_state(state)
+}
+
+/// The API's OpenAPI document, generated from the handlers' `#[utoipa::path]`
+/// annotations and the types in [`crate::api`]. Every route of [`api`] is
+/// in it: a unit test below checks the router against it.
+#[derive(utoipa::OpenApi)]
+#[openapi(
+    info(
+        title = "ferry manager",
+        description = "ferry's control plane: nodes, and instances placed, moved, suspended and deleted across them. Errors are RFC 7807 problem JSON. docs/control-plane.md explains each route.",
+    ),
+    paths(
+        seed_nodes,
+        seed_instances,
+        seed_create_or_move,
+        seed_delete,
+        v1_nodes,
+        v1_node,
+        v1_instances,
+        v1_create,
+        v1_instance,
+        v1_delete,
+        v1_migrate,
+        v1_suspend,
+        v1_resume,
+        v1_events,
+        metrics,
+        openapi_json,
+    ),
+    components(schemas(Node, NodeState, Instance, InstanceState, crate::api::Move, CreateInstance, MigrateInstance, Problem, ClusterEvent)),
+    tags(
+        (name = "seed", description = "The seed-compatible routes, kept exactly"),
+        (name = "v1", description = "The resource API, version 1"),
+        (name = "operations", description = "Metrics and this document"),
+    )
+)]
+pub struct ApiDoc;
+
+/// The OpenAPI document of the API, as JSON.
+pub fn openapi() -> utoipa::openapi::OpenApi {
+    let mut doc = <ApiDoc as utoipa::OpenApi>::openapi();
+    doc.info.version = env!("CARGO_PKG_VERSION").to_string();
+    doc
+}
+
+#[utoipa::path(get, path = "/openapi.json", tag = "operations",
+    summary = "This document",
+    responses((status = 200, description = "The OpenAPI document of this API", body = Object)))]
+async fn openapi_json() -> Response {
+    Json(openapi()).into_response()
 }
 
 /// The workers' link.
@@ -130,10 +186,18 @@ async fn detached<T: Send + 'static>(
         .unwrap_or_else(|e| Err(ApiError::unavailable(format!("the operation stopped: {e}"))))
 }
 
+#[utoipa::path(get, path = "/nodes", tag = "seed",
+    summary = "Every node (seed-compatible)",
+    responses((status = 200, description = "Every node", body = [Node])))]
 async fn seed_nodes(State(s): State<AppState>) -> Response {
     Json(s.shared.nodes()).into_response()
 }
 
+#[utoipa::path(get, path = "/nodes/{node}/instances", tag = "seed",
+    summary = "The instances on a node (seed-compatible)",
+    params(("node" = String, Path, description = "The node's name")),
+    responses((status = 200, description = "The instances on it", body = [Instance]),
+        (status = 404, description = "No such node", body = Problem, content_type = "application/problem+json")))]
 async fn seed_instances(State(s): State<AppState>, Path(node): Path<String>) -> Response {
     match s.shared.instances(Some(&node)) {
         Ok(list) => Json(list).into_response(),
@@ -144,6 +208,16 @@ async fn seed_instances(State(s): State<AppState>, Path(node): Path<String>) -> 
 /// `POST /nodes/NODE/instances/ADDRESS`: an instance's address moves it
 /// to NODE; any other address is a registry to create one from. Answers
 /// the instance's (new) address as a JSON string.
+#[utoipa::path(post, path = "/nodes/{node}/instances/{address}", tag = "seed",
+    summary = "Create an instance from a registry, or move one here (seed-compatible)",
+    description = "An instance's address moves that instance to the node; any other HOST:PORT (or URL, slashes and all) is a registry to create one from there. Answers once it runs there (and, for a move, is gone from its source).",
+    params(("node" = String, Path, description = "The node's name"), ("address" = String, Path, description = "An instance's HOST:PORT, or a registry's HOST:PORT or URL")),
+    responses((status = 200, description = "The instance's (new) address", body = String),
+        (status = 400, description = "Malformed address, or neither an instance nor a registry", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "No such node", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "Already there, busy, or no room (free_mib)", body = Problem, content_type = "application/problem+json"),
+        (status = 502, description = "The node failed", body = Problem, content_type = "application/problem+json"),
+        (status = 504, description = "The node did not answer in time", body = Problem, content_type = "application/problem+json")))]
 async fn seed_create_or_move(
     State(s): State<AppState>,
     Path((node, address)): Path<(String, String)>,
@@ -172,6 +246,12 @@ async fn seed_create_or_move(
 }
 
 /// `DELETE /nodes/NODE/instances/ADDRESS`.
+#[utoipa::path(delete, path = "/nodes/{node}/instances/{address}", tag = "seed",
+    summary = "Delete the instance at an address (seed-compatible)",
+    params(("node" = String, Path, description = "The node's name"), ("address" = String, Path, description = "The instance's HOST:PORT")),
+    responses((status = 200, description = "The address", body = String),
+        (status = 404, description = "No such node, or no instance at that address on it", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "Busy, or its node does not hold its lease", body = Problem, content_type = "application/problem+json")))]
 async fn seed_delete(
     State(s): State<AppState>,
     Path((node, address)): Path<(String, String)>,
@@ -194,10 +274,18 @@ async fn seed_delete(
     }
 }
 
+#[utoipa::path(get, path = "/v1/nodes", tag = "v1",
+    summary = "Every node",
+    responses((status = 200, description = "Every node", body = [Node])))]
 async fn v1_nodes(State(s): State<AppState>) -> Response {
     Json(s.shared.nodes()).into_response()
 }
 
+#[utoipa::path(get, path = "/v1/nodes/{name}", tag = "v1",
+    summary = "One node",
+    params(("name" = String, Path, description = "The node's name")),
+    responses((status = 200, description = "The node", body = Node),
+        (status = 404, description = "No such node", body = Problem, content_type = "application/problem+json")))]
 async fn v1_node(State(s): State<AppState>, Path(name): Path<String>) -> Response {
     match s.shared.node(&name) {
         Ok(n) => Json(n).into_response(),
@@ -205,6 +293,9 @@ async fn v1_node(State(s): State<AppState>, Path(name): Path<String>) -> Respons
     }
 }
 
+#[utoipa::path(get, path = "/v1/instances", tag = "v1",
+    summary = "Every instance",
+    responses((status = 200, description = "Every instance", body = [Instance])))]
 async fn v1_instances(State(s): State<AppState>) -> Response {
     match s.shared.instances(None) {
         Ok(list) => Json(list).into_response(),
@@ -212,6 +303,11 @@ async fn v1_instances(State(s): State<AppState>) -> Response {
     }
 }
 
+#[utoipa::path(get, path = "/v1/instances/{name}", tag = "v1",
+    summary = "One instance",
+    params(("name" = String, Path, description = "The instance's name")),
+    responses((status = 200, description = "The instance", body = Instance),
+        (status = 404, description = "No such instance", body = Problem, content_type = "application/problem+json")))]
 async fn v1_instance(State(s): State<AppState>, Path(name): Path<String>) -> Response {
     match s.shared.instance(&name) {
         Ok(i) => Json(i).into_response(),
@@ -219,6 +315,16 @@ async fn v1_instance(State(s): State<AppState>, Path(name): Path<String>) -> Res
     }
 }
 
+#[utoipa::path(post, path = "/v1/instances", tag = "v1",
+    summary = "Create an instance from a registry",
+    description = "Without a node, the ready node with the most free memory that fits. Answers once it runs.",
+    request_body = CreateInstance,
+    responses((status = 201, description = "It runs", body = Instance),
+        (status = 400, description = "Malformed body or source", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "No such node", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "A name taken, or no room (free_mib)", body = Problem, content_type = "application/problem+json"),
+        (status = 502, description = "The node failed", body = Problem, content_type = "application/problem+json"),
+        (status = 504, description = "The node did not answer in time", body = Problem, content_type = "application/problem+json")))]
 async fn v1_create(State(s): State<AppState>, bytes: Bytes) -> Response {
     let result = detached(async move {
         let req: CreateInstance = body(&bytes)?;
@@ -231,6 +337,17 @@ async fn v1_create(State(s): State<AppState>, bytes: Bytes) -> Response {
     }
 }
 
+#[utoipa::path(post, path = "/v1/instances/{name}/migrate", tag = "v1",
+    summary = "Move an instance to another node",
+    description = "Answers once it runs there; a failed move leaves it running where it was.",
+    params(("name" = String, Path, description = "The instance's name")),
+    request_body = MigrateInstance,
+    responses((status = 200, description = "It runs on the node", body = Instance),
+        (status = 400, description = "Malformed body", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "No such instance or node", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "Already there, busy, not running, or no room", body = Problem, content_type = "application/problem+json"),
+        (status = 502, description = "The node failed; the instance stays where it was", body = Problem, content_type = "application/problem+json"),
+        (status = 504, description = "The node did not answer in time", body = Problem, content_type = "application/problem+json")))]
 async fn v1_migrate(State(s): State<AppState>, Path(name): Path<String>, bytes: Bytes) -> Response {
     let result = detached(async move {
         let req: MigrateInstance = body(&bytes)?;
@@ -243,6 +360,45 @@ async fn v1_migrate(State(s): State<AppState>, Path(name): Path<String>, bytes: 
     }
 }
 
+#[utoipa::path(post, path = "/v1/instances/{name}/suspend", tag = "v1",
+    summary = "Suspend an instance on its node",
+    description = "Its node saves it into its package (memory and disk) and stops its engine. Answers once it is saved: state suspended.",
+    params(("name" = String, Path, description = "The instance's name")),
+    responses((status = 200, description = "It is suspended", body = Instance),
+        (status = 404, description = "No such instance", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "Busy, not running, or its node does not hold its lease", body = Problem, content_type = "application/problem+json"),
+        (status = 502, description = "The node failed; the instance runs on", body = Problem, content_type = "application/problem+json"),
+        (status = 504, description = "The node did not answer in time", body = Problem, content_type = "application/problem+json")))]
+async fn v1_suspend(State(s): State<AppState>, Path(name): Path<String>) -> Response {
+    match detached(async move { s.shared.suspend(&name).await }).await {
+        Ok(i) => Json(i).into_response(),
+        Err(e) => e.into_response(),
+    }
+}
+
+#[utoipa::path(post, path = "/v1/instances/{name}/resume", tag = "v1",
+    summary = "Resume a suspended instance on its node",
+    description = "Its node resumes it from its saved package; it serves its next migration again. Answers once it runs.",
+    params(("name" = String, Path, description = "The instance's name")),
+    responses((status = 200, description = "It runs", body = Instance),
+        (status = 404, description = "No such instance", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "Busy, not suspended, no room, or its node does not hold its lease", body = Problem, content_type = "application/problem+json"),
+        (status = 502, description = "The node failed", body = Problem, content_type = "application/problem+json"),
+        (status = 504, description = "The node did not answer in time", body = Problem, content_type = "application/problem+json")))]
+async fn v1_resume(State(s): State<AppState>, Path(name): Path<String>) -> Response {
+    match detached(async move { s.shared.resume(&name).await }).await {
+        Ok(i) => Json(i).into_response(),
+        Err(e) => e.into_response(),
+    }
+}
+
+#[utoipa::path(delete, path = "/v1/instances/{name}", tag = "v1",
+    summary = "Delete an instance (its VM and its state)",
+    params(("name" = String, Path, description = "The instance's name")),
+    responses((status = 200, description = "The instance as it was, state deleted", body = Instance),
+        (status = 404, description = "No such instance", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "Busy, or its node does not hold its lease", body = Problem, content_type = "application/problem+json"),
+        (status = 502, description = "The node failed", body = Problem, content_type = "application/problem+json")))]
 async fn v1_delete(State(s): State<AppState>, Path(name): Path<String>) -> Response {
     match detached(async move { s.shared.delete(&name).await }).await {
         Ok(i) => Json(i).into_response(),
@@ -252,6 +408,10 @@ async fn v1_delete(State(s): State<AppState>, Path(name): Path<String>) -> Respo
 
 /// `GET /v1/events`: every change as it happens, one JSON object per
 /// server-sent event.
+#[utoipa::path(get, path = "/v1/events", tag = "v1",
+    summary = "Every change as it happens",
+    description = "Server-sent events; each `data:` line is one JSON ClusterEvent.",
+    responses((status = 200, description = "An event stream", body = ClusterEvent, content_type = "text/event-stream")))]
 async fn v1_events(
     State(s): State<AppState>,
 ) -> Sse<impl futures_util::Stream<Item = Result<SseEvent, Infallible>>> {
@@ -273,6 +433,9 @@ async fn v1_events(
 }
 
 /// Prometheus text format.
+#[utoipa::path(get, path = "/metrics", tag = "operations",
+    summary = "Prometheus metrics",
+    responses((status = 200, description = "Prometheus text format", body = String, content_type = "text/plain")))]
 async fn metrics(State(s): State<AppState>) -> Response {
     let nodes = s.shared.nodes();
     let instances = s.shared.instances(None).unwrap_or_default();
@@ -417,6 +580,107 @@ async fn link_result(State(s): State<AppState>, bytes: Bytes) -> Response {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The router's paths, from its `Debug` output (axum has no other way
+    /// to list them). Fails loudly if that output changes.
+    fn router_paths(router: &Router) -> Vec<String> {
+        let text = format!("{router:?}");
+        let mut paths: Vec<String> = text
+            .split('"')
+            .filter(|s| s.starts_with('/') && !s.contains(' '))
+            .map(String::from)
+            .collect();
+        paths.sort();
+        paths.dedup();
+        assert!(
+            paths.iter().any(|p| p == "/v1/instances"),
+            "axum's Debug output of a Router changed: {text}"
+        );
+        paths
+    }
+
+    /// Every method each path of the API router answers, found by asking
+    /// it (a route that is not there answers 405, or the fallback's 404).
+    async fn routes_served(router: &Router) -> Vec<(String, String)> {
+        use tower::ServiceExt;
+        let mut found = Vec::new();
+        for path in router_paths(router) {
+            let concrete: String = path
+                .split('/')
+                .map(|seg| if seg.starts_with('{') { "x1" } else { seg })
+                .collect::<Vec<_>>()
+                .join("/");
+            for method in ["GET", "POST", "PUT", "PATCH", "DELETE"] {
+                let req = axum::http::Request::builder()
+                    .method(method)
+                    .uri(&concrete)
+                    .body(axum::body::Body::empty())
+                    .unwrap();
+                let resp = router.clone().oneshot(req).await.unwrap();
+                let status = resp.status();
+                // Only a 404's body is read: an event stream never ends.
+                let fallback = status == StatusCode::NOT_FOUND
+                    && axum::body::to_bytes(resp.into_body(), 1 << 20)
+                        .await
+                        .ok()
+                        .and_then(|b| serde_json::from_slice::<Problem>(&b).ok())
+                        .is_some_and(|p| p.title == "not found");
+                if status != StatusCode::METHOD_NOT_ALLOWED && !fallback {
+                    // OpenAPI has no catch-all segments: `{*x}` is `{x}`.
+                    found.push((method.to_lowercase(), path.replace("{*", "{")));
+                }
+            }
+        }
+        found.sort();
+        found
+    }
+
+    #[tokio::test]
+    async fn the_openapi_document_lists_every_route_of_the_api() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = crate::store::Store::open(&dir.path().join("store")).unwrap();
+        let shared = Shared::load(store, Duration::from_secs(1), None).unwrap();
+        let router = api(AppState {
+            shared,
+            token: None,
+            registry_timeout: Duration::from_secs(1),
+        });
+        let served = routes_served(&router).await;
+        let doc = serde_json::to_value(openapi()).unwrap();
+        let mut documented: Vec<(String, String)> = doc["paths"]
+            .as_object()
+            .unwrap()
+            .iter()
+            .flat_map(|(path, item)| {
+                item.as_object()
+                    .unwrap()
+                    .keys()
+                    .filter(|k| ["get", "post", "put", "patch", "delete"].contains(&k.as_str()))
+                    .map(move |m| (m.clone(), path.clone()))
+            })
+            .collect();
+        documented.sort();
+        assert_eq!(
+            served, documented,
+            "every route the API serves is in /openapi.json, and nothing else"
+        );
+        for path in [
+            "/nodes",
+            "/nodes/{node}/instances/{address}",
+            "/v1/instances/{name}/suspend",
+        ] {
+            assert!(doc["paths"][path].is_object(), "{path}");
+        }
+        for schema in [
+            "Instance",
+            "Node",
+            "Problem",
+            "CreateInstance",
+            "ClusterEvent",
+        ] {
+            assert!(doc["components"]["schemas"][schema].is_object(), "{schema}");
+        }
+    }
 
     #[test]
     fn sources_are_registries_or_refused() {

@@ -275,6 +275,20 @@ pub fn start(
     live_timeout: Duration,
     cancel: &Cancel,
 ) -> Result<Option<Started>, FleetError> {
+    resume(paths, ferry, name, None, live_timeout, cancel)
+}
+
+/// [`start`], and with `serve` the resumed VM serves its next migration
+/// there (a control-plane worker's instance stays movable). Returns `None`
+/// if it runs already.
+pub fn resume(
+    paths: &Paths,
+    ferry: &Path,
+    name: &str,
+    serve: Option<crate::detach::Serve>,
+    live_timeout: Duration,
+    cancel: &Cancel,
+) -> Result<Option<Started>, FleetError> {
     let Some((state, record)) = state_of(paths, name) else {
         return Err(unknown(paths, name));
     };
@@ -300,7 +314,7 @@ pub fn start(
     }
     let spec = DetachSpec {
         name: name.to_string(),
-        from: StartFrom::Saved,
+        from: StartFrom::Saved { serve },
         accel: choice_of(record.accel),
         net: record.net.clone(),
         fleet: record.fleet.clone(),
