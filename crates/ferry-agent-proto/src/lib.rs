@@ -417,6 +417,18 @@ impl Decoder {
     }
 }
 
+/// Cuts a base64 `*_b64` field to at most `max_bytes` decoded bytes (whole
+/// base64 quanta); whether it cut. The host applies it to what a guest's
+/// agent sends ([`MAX_EXEC_OUTPUT`]): the agent caps its output too, but a
+/// guest is not trusted to.
+pub fn cap_b64(b64: &mut String, max_bytes: usize) -> bool {
+    if b64.len() <= max_bytes.div_ceil(3) * 4 {
+        return false;
+    }
+    b64.truncate(max_bytes / 3 * 4);
+    true
+}
+
 /// Base64-encodes bytes for the `*_b64` fields.
 pub fn b64_encode(data: &[u8]) -> String {
     base64::engine::general_purpose::STANDARD.encode(data)

@@ -41,7 +41,7 @@
 mod client;
 mod error;
 pub mod migration;
-mod range;
+pub mod range;
 mod server;
 mod thread;
 mod tls;
