@@ -25,7 +25,8 @@
 # between runs, not committed). One process, one core. A crash stops that
 # target and is written to fuzz/artifacts/<target>/; the script goes on
 # with the others, prints a summary line per target (runs, runs a second,
-# coverage), and exits 1 if any target crashed. Reproduce a crash with
+# coverage once the corpus is loaded -> at the end, in edges; features;
+# corpus size), and exits 1 if any target crashed. Reproduce a crash with
 #   fuzz/target/<triple>/release/<target> fuzz/artifacts/<target>/crash-...
 # and, once fixed, keep the input as fuzz/corpus/<target>/crash-<what> so
 # that `cargo test -p ferry-fuzz` replays it from then on.
@@ -100,11 +101,13 @@ for t in "${targets[@]}"; do
   rate=$(sed -n 's/^stat::average_exec_per_sec: *//p' "$log" | tail -1)
   # The last status line: "#N <event> cov: C ft: F corp: K/S ...".
   status=$(grep -E '^#[0-9]+' "$log" | tail -1 || true)
+  # Coverage once the corpus was loaded, before any new input.
+  start=$(grep -E '^#[0-9]+[[:space:]]+INITED' "$log" | sed -n 's/.* cov: \([0-9]*\).*/\1/p' | tail -1)
   cov=$(sed -n 's/.* cov: \([0-9]*\).*/\1/p' <<<"$status")
   ft=$(sed -n 's/.* ft: \([0-9]*\).*/\1/p' <<<"$status")
   corp=$(sed -n 's/.* corp: \([0-9]*\).*/\1/p' <<<"$status")
-  line=$(printf '%-14s %4ss  %10s runs  %7s/s  cov %5s  ft %6s  corpus %5s' \
-    "$t" "$seconds" "${runs:-?}" "${rate:-?}" "${cov:-?}" "${ft:-?}" "${corp:-?}")
+  line=$(printf '%-14s %4ss  %10s runs  %7s/s  cov %5s -> %5s  ft %6s  corpus %5s' \
+    "$t" "$seconds" "${runs:-?}" "${rate:-?}" "${start:-?}" "${cov:-?}" "${ft:-?}" "${corp:-?}")
   if [ "$rc" != 0 ]; then
     crashed+=("$t")
     line="$line  CRASH: $(grep -o "Test unit written to .*" "$log" | tail -1 | sed 's/Test unit written to //')"
