@@ -417,6 +417,25 @@ impl Decoder {
     }
 }
 
+/// Cuts a base64 `*_b64` field to at most `max_bytes` decoded bytes (whole
+/// base64 quanta); whether it cut. The host applies it to what a guest's
+/// agent sends ([`MAX_EXEC_OUTPUT`]): the agent caps its output too, but a
+/// guest is not trusted to.
+pub fn cap_b64(b64: &mut String, max_bytes: usize) -> bool {
+    if b64.len() <= max_bytes.div_ceil(3) * 4 {
+        return false;
+    }
+    // Base64 is ASCII, so a well-formed field is cut exactly there; a
+    // guest may send any text, so cut on a character boundary (found by
+    // fuzzing: cutting inside a multi-byte character panicked the host).
+    let mut end = max_bytes / 3 * 4;
+    while !b64.is_char_boundary(end) {
+        end -= 1;
+    }
+    b64.truncate(end);
+    true
+}
+
 /// Base64-encodes bytes for the `*_b64` fields.
 pub fn b64_encode(data: &[u8]) -> String {
     base64::engine::general_purpose::STANDARD.encode(data)
@@ -557,6 +576,19 @@ mod tests {
             decode::<Request>(line).unwrap_err(),
             DecodeError::Version(2)
         );
+    }
+
+    #[test]
+    fn exec_output_caps_cut_whole_quanta_and_never_inside_a_character() {
+        let mut fits = b64_encode(b"123456");
+        assert!(!cap_b64(&mut fits, 6));
+        let mut long = b64_encode(b"123456789");
+        assert!(cap_b64(&mut long, 6));
+        assert_eq!(b64_decode(&long).unwrap(), b"123456");
+        // Not base64 at all, with a 4-byte character across the cut.
+        let mut hostile = "UFF\u{1F4A9}E9ORwo=".to_string();
+        assert!(cap_b64(&mut hostile, 3));
+        assert_eq!(hostile, "UFF");
     }
 
     #[test]

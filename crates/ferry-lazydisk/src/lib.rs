@@ -44,5 +44,5 @@ mod sys;
 
 pub use disk::{ChunkFailure, ChunkState, Extent, LazyDisk, LazyDiskOptions, LazyDiskStatus};
 pub use error::{LazyDiskError, NbdError, SharedError};
-pub use nbd::{NbdOptions, NbdServer, MAX_PAYLOAD};
+pub use nbd::{replay_client, ClientReplay, NbdOptions, NbdServer, ReplayedRequest, MAX_PAYLOAD};
 pub use source::{ChunkSource, LocalSection, RemoteSection};

@@ -90,12 +90,7 @@ fn queue_agent_event(
 /// Cuts a base64 exec stream to [`ferry_agent_proto::MAX_EXEC_OUTPUT`]
 /// bytes (whole base64 quanta); whether it cut.
 fn cap_exec_output(b64: &mut String) -> bool {
-    let max = ferry_agent_proto::MAX_EXEC_OUTPUT;
-    if b64.len() <= max.div_ceil(3) * 4 {
-        return false;
-    }
-    b64.truncate(max / 3 * 4);
-    true
+    ferry_agent_proto::cap_b64(b64, ferry_agent_proto::MAX_EXEC_OUTPUT)
 }
 
 /// What the supervisor waits on, from every source, in one channel.

@@ -435,7 +435,7 @@ impl Http {
     ) -> Result<(u64, u64, u64), TransportError> {
         let value = header_str(response, header::CONTENT_RANGE);
         value
-            .and_then(parse_content_range)
+            .and_then(crate::range::parse_content_range)
             .ok_or_else(|| self.bad_response(what, format!("Content-Range {value:?}")))
     }
 
@@ -561,41 +561,14 @@ fn header_str(response: &Response<Body>, name: header::HeaderName) -> Option<&st
     response.headers().get(name).and_then(|v| v.to_str().ok())
 }
 
-/// Parses `bytes FIRST-LAST/TOTAL`.
-fn parse_content_range(value: &str) -> Option<(u64, u64, u64)> {
-    let rest = value.trim().strip_prefix("bytes ")?;
-    let (range, total) = rest.split_once('/')?;
-    let (first, last) = range.split_once('-')?;
-    let (first, last, total) = (
-        first.trim().parse().ok()?,
-        last.trim().parse().ok()?,
-        total.trim().parse().ok()?,
-    );
-    (first <= last && last < total).then_some((first, last, total))
-}
-
 /// The length in `Content-Range: bytes */LEN` of a 416.
 fn unsatisfied_length(response: &Response<Body>) -> Option<u64> {
-    header_str(response, header::CONTENT_RANGE)?
-        .trim()
-        .strip_prefix("bytes */")?
-        .trim()
-        .parse()
-        .ok()
+    header_str(response, header::CONTENT_RANGE).and_then(crate::range::parse_unsatisfied)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn content_ranges() {
-        assert_eq!(parse_content_range("bytes 0-9/100"), Some((0, 9, 100)));
-        assert_eq!(parse_content_range("bytes 9-0/100"), None);
-        assert_eq!(parse_content_range("bytes 0-100/100"), None);
-        assert_eq!(parse_content_range("bytes */100"), None);
-        assert_eq!(parse_content_range("0-9/100"), None);
-    }
 
     #[test]
     fn urls() {

@@ -42,7 +42,7 @@ mod client;
 mod error;
 mod listener;
 pub mod migration;
-mod range;
+pub mod range;
 mod server;
 mod thread;
 mod tls;

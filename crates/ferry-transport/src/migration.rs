@@ -276,9 +276,7 @@ impl Control {
         timeout: Option<Duration>,
     ) -> Result<T, MigrationError> {
         let line = self.read_line(timeout.map(|t| Instant::now() + t))?;
-        let line = String::from_utf8_lossy(&line);
-        serde_json::from_str(&line)
-            .map_err(|e| MigrationError::Protocol(format!("{e}: {}", offer::shown(line.trim()))))
+        decode_line(&line)
     }
 
     /// Reads up to the next newline, by `deadline` (an overall limit, not
@@ -410,15 +408,7 @@ pub fn connect(addr: &str, token: &Token) -> Result<(Control, String, VmOffer), 
     // Read untyped first, so that an unreadable offer gets its own message
     // (not the whole line) and the source is told why.
     let msg = control.recv::<serde_json::Value>(Some(OFFER_DEADLINE))?;
-    let msg = serde_json::from_value::<SourceMsg>(msg)
-        .map_err(|e| MigrationError::Protocol(format!("unreadable offer from {addr}: {e}")))
-        .and_then(|msg| {
-            if let SourceMsg::Offer { vm, .. } = &msg {
-                vm.validate()?;
-            }
-            Ok(msg)
-        });
-    let msg = match msg {
+    let msg = match first_source_msg(msg, addr) {
         Ok(msg) => msg,
         Err(e) => {
             let _ = control.send(&DestMsg::Abort {
@@ -739,9 +729,7 @@ fn greet(
     if shared.handshakes.fetch_sub(1, Ordering::SeqCst) <= shared.limits.max_handshakes {
         shared.over_cap_logged.store(false, Ordering::SeqCst);
     }
-    let line = line?;
-    let hello: Hello = serde_json::from_str(&line)
-        .map_err(|e| MigrationError::Protocol(format!("bad hello from {peer}: {e}")))?;
+    let hello = decode_hello(&line?, &peer)?;
     let (v, token) = match &hello {
         Hello::Control { v, token } | Hello::Channel { v, token, .. } => (*v, token),
     };
@@ -814,7 +802,7 @@ fn greet(
 
 /// Reads one line, byte by byte, so that nothing after it is consumed, by
 /// an overall `deadline` from now.
-fn read_hello_line(stream: &mut TcpStream, deadline: Duration) -> Result<String, MigrationError> {
+fn read_hello_line(stream: &mut TcpStream, deadline: Duration) -> Result<Vec<u8>, MigrationError> {
     let until = Instant::now() + deadline;
     let mut line = Vec::new();
     let mut byte = [0u8; 1];
@@ -844,7 +832,51 @@ fn read_hello_line(stream: &mut TcpStream, deadline: Duration) -> Result<String,
             Err(e) => return Err(MigrationError::io("reading a hello")(e)),
         }
     }
-    String::from_utf8(line).map_err(|_| MigrationError::Protocol("hello is not UTF-8".into()))
+    Ok(line)
+}
+
+// What a peer sends, decoded from its bytes alone: the functions below are
+// all the parsing the listener and both ends of a control connection do, so
+// that tests and the fuzzer (`fuzz/`, target `migration`) reach it without
+// a socket.
+
+/// Decodes a hello line (without its newline) from `peer`, as the listener
+/// does before it checks the token.
+///
+/// # Errors
+/// [`MigrationError::Protocol`]: not UTF-8, or not a [`Hello`].
+pub fn decode_hello(line: &[u8], peer: &str) -> Result<Hello, MigrationError> {
+    let line = std::str::from_utf8(line)
+        .map_err(|_| MigrationError::Protocol("hello is not UTF-8".into()))?;
+    serde_json::from_str(line)
+        .map_err(|e| MigrationError::Protocol(format!("bad hello from {peer}: {e}")))
+}
+
+/// Decodes one control line (without its newline) as `T`, as
+/// [`Control::recv`] does with each line it reads.
+///
+/// # Errors
+/// [`MigrationError::Protocol`] quoting the start of the line.
+pub fn decode_line<T: for<'de> Deserialize<'de>>(line: &[u8]) -> Result<T, MigrationError> {
+    let line = String::from_utf8_lossy(line);
+    serde_json::from_str(&line)
+        .map_err(|e| MigrationError::Protocol(format!("{e}: {}", offer::shown(line.trim()))))
+}
+
+/// Reads the first message a source sends a destination from `addr`
+/// (already decoded as JSON): an offer, [validated](VmOffer::validate), or
+/// any other [`SourceMsg`].
+///
+/// # Errors
+/// [`MigrationError::Protocol`]: not a [`SourceMsg`] (the message names a
+/// missing field), or an offer that does not validate.
+pub fn first_source_msg(msg: serde_json::Value, addr: &str) -> Result<SourceMsg, MigrationError> {
+    let msg = serde_json::from_value::<SourceMsg>(msg)
+        .map_err(|e| MigrationError::Protocol(format!("unreadable offer from {addr}: {e}")))?;
+    if let SourceMsg::Offer { vm, .. } = &msg {
+        vm.validate()?;
+    }
+    Ok(msg)
 }
 
 fn random_session() -> String {

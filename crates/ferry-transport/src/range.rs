@@ -1,15 +1,19 @@
 //! The `Range` request header (RFC 9110 §14), as far as a package server
-//! needs it: one byte range.
+//! needs it: one byte range; and the `Content-Range` answer header, as far
+//! as a package client needs it.
 //!
 //! Clients of packages ask for one range at a time (a header, a table, a
 //! chunk), so several ranges in one request (a multipart answer) are not
 //! supported: such a request, like one with another unit or bad syntax, gets
 //! the whole file, which RFC 9110 allows ("a server MAY ignore the Range
 //! header field").
+//!
+//! Both parse what a peer sent, so they are fuzzed (`fuzz/`, target
+//! `http_range`): they are public for that, and for tests.
 
 /// What to send for a request, given its `Range` header and the file length.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum RangeRequest {
+pub enum RangeRequest {
     /// The whole file (200).
     Full,
     /// Bytes `first..=last` (206); `last < len`.
@@ -25,7 +29,7 @@ pub(crate) enum RangeRequest {
 
 /// Decides what a request with `Range: header` gets from a file of `len`
 /// bytes.
-pub(crate) fn parse(header: Option<&str>, len: u64) -> RangeRequest {
+pub fn parse(header: Option<&str>, len: u64) -> RangeRequest {
     let Some(header) = header else {
         return RangeRequest::Full;
     };
@@ -83,6 +87,25 @@ pub(crate) fn parse(header: Option<&str>, len: u64) -> RangeRequest {
     }
 }
 
+/// Parses `Content-Range: bytes FIRST-LAST/TOTAL` (a 206's): the three
+/// numbers, or `None` unless `FIRST <= LAST < TOTAL`.
+pub fn parse_content_range(value: &str) -> Option<(u64, u64, u64)> {
+    let rest = value.trim().strip_prefix("bytes ")?;
+    let (range, total) = rest.split_once('/')?;
+    let (first, last) = range.split_once('-')?;
+    let (first, last, total) = (
+        first.trim().parse().ok()?,
+        last.trim().parse().ok()?,
+        total.trim().parse().ok()?,
+    );
+    (first <= last && last < total).then_some((first, last, total))
+}
+
+/// Parses `Content-Range: bytes */LEN` (a 416's): the file's length.
+pub fn parse_unsatisfied(value: &str) -> Option<u64> {
+    value.trim().strip_prefix("bytes */")?.trim().parse().ok()
+}
+
 /// A decimal number of one or more digits; numbers past `u64::MAX` saturate
 /// (they are still past the end of any file).
 fn number(s: &str) -> Option<u64> {
@@ -127,6 +150,18 @@ mod tests {
             parse(Some("bytes=99999999999999999999999-"), 100),
             Unsatisfiable
         );
+    }
+
+    #[test]
+    fn content_ranges() {
+        assert_eq!(parse_content_range("bytes 0-9/100"), Some((0, 9, 100)));
+        assert_eq!(parse_content_range("bytes 9-0/100"), None);
+        assert_eq!(parse_content_range("bytes 0-100/100"), None);
+        assert_eq!(parse_content_range("bytes */100"), None);
+        assert_eq!(parse_content_range("0-9/100"), None);
+        assert_eq!(parse_unsatisfied("bytes */100"), Some(100));
+        assert_eq!(parse_unsatisfied(" bytes */ 7 "), Some(7));
+        assert_eq!(parse_unsatisfied("bytes 0-1/100"), None);
     }
 
     #[test]

@@ -4,7 +4,7 @@
 use std::io::{self, BufReader, Read, Write};
 use std::net::Shutdown;
 use std::os::unix::net::UnixStream;
-use std::sync::mpsc::{self, Receiver, SyncSender};
+use std::sync::mpsc::{self, Receiver};
 use std::sync::{Mutex, PoisonError};
 
 use tracing::{debug, warn};
@@ -37,7 +37,7 @@ struct Session {
 /// Serves one client until it disconnects, breaks the protocol, or the
 /// server shuts the connection's reading side.
 pub(super) fn serve(stream: UnixStream, disk: &LazyDisk, options: &NbdOptions, id: u64) {
-    let result = handshake(&stream, disk, options).and_then(|go| match go {
+    let result = handshake(&stream, disk.size(), options).and_then(|go| match go {
         Some(session) => {
             debug!(connection = id, ?session, "NBD client in transmission");
             transmission(&stream, disk, options, session)
@@ -83,11 +83,12 @@ fn transmission_flags(options: &NbdOptions) -> u16 {
     flags
 }
 
-/// Fixed newstyle negotiation. Returns what the client negotiated if it
-/// entered transmission (`None`: it aborted).
-fn handshake(
-    mut s: &UnixStream,
-    disk: &LazyDisk,
+/// Fixed newstyle negotiation with the client on `s`, for an export of
+/// `size` bytes. Returns what the client negotiated if it entered
+/// transmission (`None`: it aborted).
+fn handshake<S: Read + Write>(
+    mut s: S,
+    size: u64,
     options: &NbdOptions,
 ) -> io::Result<Option<Session>> {
     let mut hello = Vec::with_capacity(18);
@@ -95,7 +96,7 @@ fn handshake(
     hello.extend_from_slice(&IHAVEOPT.to_be_bytes());
     hello.extend_from_slice(&(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES).to_be_bytes());
     s.write_all(&hello)?;
-    let client = read_u32(s)?;
+    let client = read_u32(&mut s)?;
     if client & !(FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES) != 0 {
         return Err(protocol(format!("unknown client flags {client:#x}")));
     }
@@ -105,12 +106,12 @@ fn handshake(
     let flags = transmission_flags(options);
     let mut session = Session::default();
     loop {
-        let magic = read_u64(s)?;
+        let magic = read_u64(&mut s)?;
         if magic != IHAVEOPT {
             return Err(protocol(format!("option magic {magic:#x}")));
         }
-        let option = read_u32(s)?;
-        let len = read_u32(s)?;
+        let option = read_u32(&mut s)?;
+        let len = read_u32(&mut s)?;
         if len > MAX_OPTION_LEN {
             return Err(protocol(format!("option {option} of {len} bytes")));
         }
@@ -129,7 +130,7 @@ fn handshake(
                     )));
                 }
                 let mut out = Vec::with_capacity(134);
-                out.extend_from_slice(&disk.size().to_be_bytes());
+                out.extend_from_slice(&size.to_be_bytes());
                 out.extend_from_slice(&flags.to_be_bytes());
                 if !no_zeroes {
                     out.extend_from_slice(&[0u8; 124]);
@@ -169,7 +170,7 @@ fn handshake(
                 }
                 let mut export = Vec::with_capacity(12);
                 export.extend_from_slice(&INFO_EXPORT.to_be_bytes());
-                export.extend_from_slice(&disk.size().to_be_bytes());
+                export.extend_from_slice(&size.to_be_bytes());
                 export.extend_from_slice(&flags.to_be_bytes());
                 let mut out = reply(REP_INFO, &export);
                 if infos.contains(&INFO_BLOCK_SIZE) {
@@ -282,14 +283,16 @@ fn transmission(
         for _ in 0..options.workers_per_connection.max(1) {
             scope.spawn(|| worker(&rx, &writer, disk, options, session));
         }
-        let result = read_requests(&mut reader, &tx);
+        let result = read_requests(&mut reader, |job| tx.send(job).is_ok());
         // Workers finish the requests already read, then stop.
         drop(tx);
         result
     })
 }
 
-fn read_requests(reader: &mut impl Read, tx: &SyncSender<Job>) -> io::Result<()> {
+/// Reads requests (and the payloads of writes) and hands each to `run`
+/// until the client disconnects or `run` returns false.
+fn read_requests(reader: &mut impl Read, mut run: impl FnMut(Job) -> bool) -> io::Result<()> {
     loop {
         let mut header = [0u8; REQUEST_LEN];
         match reader.read_exact(&mut header) {
@@ -315,7 +318,7 @@ fn read_requests(reader: &mut impl Read, tx: &SyncSender<Job>) -> io::Result<()>
         if req.kind == CMD_DISC {
             return Ok(());
         }
-        if tx.send(Job { req, payload }).is_err() {
+        if !run(Job { req, payload }) {
             return Ok(());
         }
     }
@@ -403,21 +406,16 @@ fn structured_reply(req: &Request, result: Result<Answer, u32>) -> Vec<Vec<u8>> 
     }
 }
 
-/// Runs one request; what it answers, or an NBD error number.
-fn execute(
-    job: &Job,
-    disk: &LazyDisk,
-    options: &NbdOptions,
-    session: Session,
-) -> Result<Answer, u32> {
+/// Whether a request may run on an export of `size` bytes, before it
+/// touches the disk: `Err` is the NBD error number it gets.
+fn check(req: &Request, size: u64, options: &NbdOptions, session: Session) -> Result<(), u32> {
     let Request {
         flags,
         kind,
         offset,
         len,
         ..
-    } = job.req;
-    let len64 = u64::from(len);
+    } = *req;
     let allowed = CMD_FLAG_FUA
         | match kind {
             CMD_WRITE_ZEROES => CMD_FLAG_NO_HOLE,
@@ -427,31 +425,59 @@ fn execute(
     if flags & !allowed != 0 {
         return Err(EINVAL);
     }
-    let fua = flags & CMD_FLAG_FUA != 0;
     let writes = matches!(kind, CMD_WRITE | CMD_TRIM | CMD_WRITE_ZEROES);
     if writes && options.read_only {
         return Err(EPERM);
     }
     if kind == CMD_FLUSH {
         // Offset and length are reserved (zero) for a flush.
-        return flush(disk).map(|()| Answer::Done);
+        return Ok(());
     }
     // Writes past the end are "no space", other requests "invalid".
     if offset
-        .checked_add(len64)
-        .is_none_or(|end| end > disk.size())
+        .checked_add(u64::from(len))
+        .is_none_or(|end| end > size)
     {
         return Err(match kind {
             CMD_WRITE | CMD_WRITE_ZEROES => ENOSPC,
             _ => EINVAL,
         });
     }
+    match kind {
+        CMD_READ if len > MAX_PAYLOAD => Err(EINVAL),
+        CMD_READ | CMD_WRITE | CMD_TRIM | CMD_WRITE_ZEROES | CMD_CACHE => Ok(()),
+        // Without a selected context (or with nothing to describe) the
+        // protocol has no answer to give.
+        CMD_BLOCK_STATUS if !session.allocation || len == 0 => Err(EINVAL),
+        CMD_BLOCK_STATUS => Ok(()),
+        _ => Err(EINVAL),
+    }
+}
+
+/// Runs one request; what it answers, or an NBD error number.
+fn execute(
+    job: &Job,
+    disk: &LazyDisk,
+    options: &NbdOptions,
+    session: Session,
+) -> Result<Answer, u32> {
+    check(&job.req, disk.size(), options, session)?;
+    let Request {
+        flags,
+        kind,
+        offset,
+        len,
+        ..
+    } = job.req;
+    let len64 = u64::from(len);
+    let fua = flags & CMD_FLAG_FUA != 0;
+    let writes = matches!(kind, CMD_WRITE | CMD_TRIM | CMD_WRITE_ZEROES);
+    if kind == CMD_FLUSH {
+        return flush(disk).map(|()| Answer::Done);
+    }
     let done = |()| Answer::Done;
     let result = match kind {
         CMD_READ => {
-            if len > MAX_PAYLOAD {
-                return Err(EINVAL);
-            }
             let mut buf = vec![0u8; len as usize];
             disk.read_at(&mut buf, offset).map(|()| Answer::Data(buf))
         }
@@ -461,9 +487,6 @@ fn execute(
             .write_zeroes(offset, len64, flags & CMD_FLAG_NO_HOLE == 0)
             .map(done),
         CMD_CACHE => disk.cache(offset, len64).map(done),
-        // Without a selected context (or with nothing to describe) the
-        // protocol has no answer to give.
-        CMD_BLOCK_STATUS if !session.allocation || len == 0 => return Err(EINVAL),
         CMD_BLOCK_STATUS => disk.extents(offset, len64).map(|mut extents| {
             let keep = if flags & CMD_FLAG_REQ_ONE != 0 {
                 1
@@ -513,4 +536,102 @@ fn errno(e: &LazyDiskError, kind: u16) -> u32 {
             EIO
         }
     }
+}
+
+/// One request as [`replay_client`] saw it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReplayedRequest {
+    /// The command (`NBD_CMD_*`).
+    pub command: u16,
+    /// Its flags.
+    pub flags: u16,
+    /// Where on the export.
+    pub offset: u64,
+    /// How many bytes.
+    pub len: u32,
+    /// Bytes of payload read with it (a write's data).
+    pub payload: usize,
+    /// 0 if the server would run it, else the NBD error it would answer.
+    pub verdict: u32,
+}
+
+/// What a client's bytes come to on the server, without a disk or a socket.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ClientReplay {
+    /// The client finished the handshake and entered transmission.
+    pub transmission: bool,
+    /// It negotiated structured replies.
+    pub structured: bool,
+    /// It selected the `base:allocation` context.
+    pub allocation: bool,
+    /// Bytes the server sent during the handshake.
+    pub handshake_reply: usize,
+    /// The requests read in transmission, in order.
+    pub requests: Vec<ReplayedRequest>,
+    /// Why the server would drop the client, if it would (a protocol error;
+    /// bytes that end early are a disconnect, not an error).
+    pub error: Option<String>,
+}
+
+/// Decodes `input` as everything a client sends to an [`NbdServer`]
+/// exporting `size` bytes with `options`: the handshake, then requests,
+/// each checked as the server checks it before it would touch the disk.
+/// This is all the parsing the server does, reachable without a socket,
+/// for tests and the fuzzer (`fuzz/`, target `nbd`).
+///
+/// [`NbdServer`]: super::NbdServer
+pub fn replay_client(input: &[u8], size: u64, options: &NbdOptions) -> ClientReplay {
+    /// The client's bytes to read, the server's answers counted.
+    struct Wire<'a> {
+        input: &'a [u8],
+        written: usize,
+    }
+    impl Read for Wire<'_> {
+        fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+            self.input.read(buf)
+        }
+    }
+    impl Write for Wire<'_> {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            self.written += buf.len();
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+    let mut wire = Wire { input, written: 0 };
+    let mut replay = ClientReplay::default();
+    let ended = |e: io::Error| (e.kind() != io::ErrorKind::UnexpectedEof).then(|| e.to_string());
+    let session = match handshake(&mut wire, size, options) {
+        Ok(Some(session)) => session,
+        Ok(None) => {
+            replay.handshake_reply = wire.written;
+            return replay;
+        }
+        Err(e) => {
+            replay.handshake_reply = wire.written;
+            replay.error = ended(e);
+            return replay;
+        }
+    };
+    replay.handshake_reply = wire.written;
+    replay.transmission = true;
+    replay.structured = session.structured;
+    replay.allocation = session.allocation;
+    let mut requests = Vec::new();
+    let result = read_requests(&mut wire.input, |job| {
+        requests.push(ReplayedRequest {
+            command: job.req.kind,
+            flags: job.req.flags,
+            offset: job.req.offset,
+            len: job.req.len,
+            payload: job.payload.len(),
+            verdict: check(&job.req, size, options, session).err().unwrap_or(0),
+        });
+        true
+    });
+    replay.requests = requests;
+    replay.error = result.err().and_then(ended);
+    replay
 }

@@ -37,6 +37,8 @@ use crate::error::NbdError;
 use crate::sys;
 use crate::LazyDisk;
 
+pub use conn::{replay_client, ClientReplay, ReplayedRequest};
+
 /// Largest READ or WRITE payload accepted: the 32 MiB the protocol says
 /// every server should take, and the maximum advertised to clients.
 pub const MAX_PAYLOAD: u32 = 32 << 20;
