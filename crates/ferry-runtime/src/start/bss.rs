@@ -341,7 +341,7 @@ pub fn rewrite_params(
             let (before, url) = rest.split_at(at + "http://".len());
             out.push_str(before);
             let end = url
-                .find(|c: char| matches!(c, '/' | '?' | '#' | ';' | ',' | '"' | '\''))
+                .find(['/', '?', '#', ';', ',', '"', '\''])
                 .unwrap_or(url.len());
             let authority = &url[..end];
             match split_authority(authority).and_then(|(host, port)| Some((loopback(&host)?, port)))
