@@ -172,8 +172,11 @@ fn a_node_boots_from_the_boot_service_with_its_mac_params_and_cloud_init() {
         Duration::from_secs(180),
     );
     assert!(
-        lines.iter().any(|l| l.starts_with("accel: ")),
-        "the same events as 'ferry boot': {lines:?}"
+        lines.iter().any(|l| l.starts_with("accel: "))
+            && lines
+                .iter()
+                .any(|l| l.starts_with(&format!("fetched the boot data of {MAC} from {url}"))),
+        "the same events as 'ferry boot', and what was fetched: {lines:?}"
     );
     let (mac, cmdline) = guest_view(&env, "n1");
     assert_eq!(mac, MAC, "the guest NIC has the node's MAC");
@@ -229,7 +232,8 @@ fn a_node_boots_from_the_boot_service_with_its_mac_params_and_cloud_init() {
             .map(|a| format!("{a}:{forbidden_port}"))
             .take(2),
     );
-    // (busybox's `wget -T` crashes in this guest; `nc -w` does not.)
+    // (busybox's `wget -T` crashes in this guest; `nc` under `timeout`
+    // does not, and gives up on a connection that never answers.)
     for target in &targets {
         let (addr, port) = target.rsplit_once(':').unwrap();
         let out = env.run(&[
@@ -238,9 +242,15 @@ fn a_node_boots_from_the_boot_service_with_its_mac_params_and_cloud_init() {
             "--",
             "sh",
             "-c",
-            &format!("printf x | nc -w 3 {addr} {port}; true"),
+            &format!("printf x | timeout 5 nc -w 3 {addr} {port}; echo tried"),
         ]);
-        assert!(out.status.success(), "{target}: {}", describe(&out));
+        assert!(
+            out.status.success()
+                && String::from_utf8_lossy(&out.stdout).contains("tried")
+                && !String::from_utf8_lossy(&out.stderr).contains("not found"),
+            "{target}: {}",
+            describe(&out)
+        );
         assert!(
             forbidden.accept().is_err(),
             "the guest connected to {target}, a host port that no forward names"

@@ -160,9 +160,11 @@ fn plan_in(
         .filter_map(|p| std::fs::metadata(p).ok())
         .map(|m| m.len())
         .sum();
-    events.emit(Event::Fetched {
-        from: url.clone(),
-        bytes,
+    events.emit(Event::Notice {
+        message: format!(
+            "fetched the boot data of {mac} from {url}: kernel, initrd and root image, {} MiB, checked",
+            bytes >> 20
+        ),
     });
     events.emit(Event::Phase {
         phase: "boot-data-fetched".into(),
