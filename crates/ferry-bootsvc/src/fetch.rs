@@ -6,6 +6,10 @@
 //! on before its boot service waits for it); an answer that says no (404
 //! for an unknown MAC, a kernel URL that 404s, a digest that differs) is
 //! final at once, so the VM is never started on bad input.
+//!
+//! A root image named in the params as dracut's `root=live:URL` (what
+//! OpenCHAMI's nodes boot from) is downloaded too, the same way: ferry's
+//! guest takes its root file system from its disk, so that is its disk.
 
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
@@ -40,6 +44,8 @@ pub struct FetchedBoot {
     pub kernel: PathBuf,
     /// The initrd file, if the boot data has one.
     pub initrd: Option<PathBuf>,
+    /// The root image the params name as `root=live:URL`, if they do.
+    pub root: Option<PathBuf>,
     /// The kernel's URL, as the service gave it.
     pub kernel_url: String,
 }
@@ -124,6 +130,15 @@ pub fn split_digest(url: &str, mac: &str) -> Result<(String, Option<String>), Fe
         });
     }
     Ok((base.to_string(), Some(hex.to_ascii_lowercase())))
+}
+
+/// The URL of `root=live:URL` in kernel params (dracut's live root, as
+/// OpenCHAMI's boot parameters name a node's image), if there is one.
+pub fn root_live_url(params: &str) -> Option<&str> {
+    params
+        .split_whitespace()
+        .filter_map(|w| w.strip_prefix("root=live:"))
+        .find(|u| u.starts_with("http://") || u.starts_with("https://"))
 }
 
 /// One GET, retried while the service is unreachable or answers 5xx.
@@ -291,10 +306,19 @@ pub fn fetch_boot(
         download(&agent, &data.initrd.path, &mac, &path, opts, &mut on_retry)?;
         Some(path)
     };
+    let root = match root_live_url(&params) {
+        None => None,
+        Some(url) => {
+            let path = opts.dest.join("rootfs");
+            download(&agent, url, &mac, &path, opts, &mut on_retry)?;
+            Some(path)
+        }
+    };
     Ok(FetchedBoot {
         params,
         kernel,
         initrd,
+        root,
         kernel_url: data.kernel.path,
     })
 }
@@ -315,5 +339,15 @@ mod tests {
             ("http://h/k".to_string(), None)
         );
         assert!(split_digest("http://h/k#sha256=abc", "m").is_err());
+    }
+
+    #[test]
+    fn the_root_image_is_root_live() {
+        assert_eq!(
+            root_live_url("console=ttyS0 root=live:http://h/r.img#sha256=ab quiet"),
+            Some("http://h/r.img#sha256=ab")
+        );
+        assert_eq!(root_live_url("root=/dev/vda root=live:nfs://x"), None);
+        assert_eq!(root_live_url("console=ttyS0"), None);
     }
 }

@@ -150,6 +150,9 @@ pub struct VmSpec {
     pub accel: Accel,
     /// Network device attachment.
     pub net: NetAttachment,
+    /// The guest NIC's MAC (`aa:bb:cc:dd:ee:ff`); `None`: the engine's
+    /// fixed one, the same for every guest.
+    pub guest_mac: Option<String>,
     /// A directory the engine may use for its sockets and files.
     pub run_dir: PathBuf,
 }

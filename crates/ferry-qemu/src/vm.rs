@@ -840,7 +840,10 @@ fn qemu_args(
     }
     push(&[
         "-device",
-        &format!("virtio-net-device,netdev=net0,mac={GUEST_MAC}"),
+        &format!(
+            "virtio-net-device,netdev=net0,mac={}",
+            spec.guest_mac.as_deref().unwrap_or(GUEST_MAC)
+        ),
     ]);
     // Port 0 is reserved for a console; the agent's is 1, the shell's 2. A
     // VM saved before the shell channel existed keeps its two ports (a

@@ -51,6 +51,7 @@ fn the_agent_channel_of_a_guest_that_powered_off_names_the_exit() {
         memory_shared: true,
         accel: Accel::Tcg,
         net: NetAttachment::Isolated,
+        guest_mac: None,
         run_dir: run_dir.path().to_path_buf(),
     };
     let mut vm = engine.boot(&spec).unwrap();

@@ -261,6 +261,17 @@ pub enum StartError {
         /// The exit code the supervisor gave it (`ferry`'s classes).
         code: u8,
     },
+    /// The boot data of `--from-bss` could not be had, or is unusable.
+    #[error(transparent)]
+    BootData(#[from] ferry_bootsvc::fetch::FetchBootError),
+    /// The `--from-bss` URL is not a boot service's base URL.
+    #[error("--from-bss {url}: {why} (the boot service's base URL, e.g. http://127.0.0.1:27778)")]
+    BadBssUrl {
+        /// The URL.
+        url: String,
+        /// What is wrong with it.
+        why: String,
+    },
     /// A failure inside ferry (a bug or a broken invariant).
     #[error("internal error: {0}")]
     Internal(String),
@@ -288,6 +299,8 @@ impl StartError {
             StartError::Name(n) => n.exit_class(),
             StartError::Vm(v) => v.exit_class(),
             StartError::DetachedStart { code, .. } => ExitClass::from_code(*code),
+            StartError::BootData(b) => boot_data_class(b),
+            StartError::BadBssUrl { .. } => BadInput,
             StartError::Internal(_) | StartError::File(_) => Other,
         }
     }
@@ -663,6 +676,20 @@ pub fn net_class(e: &ferry_net::NetError) -> ExitClass {
         ExitClass::MissingHost
     } else {
         ExitClass::Other
+    }
+}
+
+/// The class of a `--from-bss` boot data failure.
+pub fn boot_data_class(e: &ferry_bootsvc::fetch::FetchBootError) -> ExitClass {
+    use ferry_bootsvc::fetch::FetchBootError as F;
+    match e {
+        // What the user or the service's data says: final, not retried.
+        F::BadMac(_)
+        | F::NoBootData { .. }
+        | F::Http { .. }
+        | F::BadBootData { .. }
+        | F::DigestMismatch { .. } => ExitClass::BadInput,
+        F::ServiceDown { .. } | F::Io { .. } => ExitClass::Other,
     }
 }
 

@@ -258,6 +258,21 @@ pub struct BootImage {
     /// When set, the disk is served over NBD on this Unix socket (a lazy
     /// disk) and `disk` is not used.
     pub disk_server: Option<PathBuf>,
+    /// The guest NIC's MAC; `None`: the engine's fixed one.
+    pub guest_mac: Option<String>,
+    /// Host services this guest reaches at its gateway besides the ports
+    /// VMs expose (the boot service and the URLs in its boot parameters).
+    pub gateway_forwards: Vec<GatewayForward>,
+}
+
+/// A port of the guest's gateway that leads to a host service: a guest
+/// that dials `gateway:port` is connected to `to`, from the host.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GatewayForward {
+    /// The gateway's port.
+    pub port: u16,
+    /// The host address it leads to.
+    pub to: std::net::SocketAddr,
 }
 
 impl BootImage {
@@ -281,6 +296,8 @@ impl From<&Blueprint> for BootImage {
             source: bp.dir.display().to_string(),
             network: bp.manifest.network.clone(),
             disk_server: None,
+            guest_mac: None,
+            gateway_forwards: Vec::new(),
         }
     }
 }
@@ -469,6 +486,7 @@ impl RunningVm {
                 },
                 None => NetAttachment::Isolated,
             },
+            guest_mac: image.guest_mac.clone(),
             run_dir: dir.path().to_path_buf(),
         };
         let result = match kind {
@@ -1208,12 +1226,21 @@ fn attach_network(
         prefix: n.prefix_len,
     };
     let vms = paths.vms();
+    // This guest's own forwards first (they are what its boot data names),
+    // then whatever a VM exposes; nothing else.
+    let forwards = image.gateway_forwards.clone();
     let network = ferry_net::VmNetwork::attach(ferry_net::VmNetOptions {
         vm_name: config.name.clone(),
         netns: netns.clone(),
         private_prefix: paths.net_prefix.clone(),
         exposes: exposes.clone(),
-        resolve: Some(Arc::new(move |port| exposed_host_addr(&vms, port))),
+        resolve: Some(Arc::new(move |port| {
+            forwards
+                .iter()
+                .find(|f| f.port == port)
+                .map(|f| f.to)
+                .or_else(|| exposed_host_addr(&vms, port))
+        })),
         guest,
     })?;
     let info = NetInfo {

@@ -393,6 +393,7 @@ fn an_unknown_request_type_gets_an_error_and_the_agent_carries_on() {
         memory_shared: true,
         accel: cfg.accel,
         net: NetAttachment::Isolated,
+        guest_mac: None,
         run_dir: run_dir.path().to_path_buf(),
     };
     let mut vm: Box<dyn Vm> = s.engine.boot(&spec).unwrap();

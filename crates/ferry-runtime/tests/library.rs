@@ -8,7 +8,7 @@ use ferry_engine::AccelChoice;
 use ferry_qemu::QemuEngine;
 use ferry_runtime::control::{call, ControlReply, ControlRequest};
 use ferry_runtime::events::{Collect, Event};
-use ferry_runtime::ops::{self, BootOptions, PackageOptions, RunOptions};
+use ferry_runtime::ops::{self, BootOptions, BootSource, PackageOptions, RunOptions};
 use ferry_runtime::owner::Outcome;
 use ferry_runtime::vm::NetChoice;
 use ferry_runtime::vmdir::files;
@@ -121,7 +121,7 @@ fn boot_package_run_suspend_resume_through_the_library() {
         &engine,
         &paths,
         &BootOptions {
-            blueprint: tiny.clone(),
+            source: BootSource::Blueprint(tiny.clone()),
             name: Some("lib-boot".into()),
             memory_mib: None,
             cpus: None,
@@ -243,7 +243,7 @@ fn a_cancel_before_the_vm_is_live_stops_the_start() {
         &engine,
         &paths,
         &BootOptions {
-            blueprint: blueprint("tiny"),
+            source: BootSource::Blueprint(blueprint("tiny")),
             name: Some("lib-cancelled".into()),
             memory_mib: None,
             cpus: None,

@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
-use ferry_runtime::ops::{boot, BootOptions};
+use ferry_runtime::ops::{boot, BootOptions, BootSource};
 use ferry_runtime::Paths;
 
 use super::Ctx;
@@ -12,9 +12,21 @@ use super::Ctx;
 #[derive(clap::Args, Debug)]
 pub struct Args {
     /// The blueprint directory (from 'ferry blueprint build').
-    #[arg(long)]
-    blueprint: PathBuf,
-    /// The VM's name (default: the recipe's name and a random suffix).
+    #[arg(
+        long,
+        required_unless_present = "from_bss",
+        conflicts_with = "from_bss"
+    )]
+    blueprint: Option<PathBuf>,
+    /// Boot what a boot service (BSS, 'ferry boot-service') has for --mac:
+    /// its base URL, e.g. http://127.0.0.1:27778.
+    #[arg(long = "from-bss", value_name = "URL", requires = "mac")]
+    from_bss: Option<String>,
+    /// With --from-bss: the node's MAC, also the guest NIC's.
+    #[arg(long, value_name = "MAC", requires = "from_bss")]
+    mac: Option<String>,
+    /// The VM's name (default: the recipe's name, or `node`, and a random
+    /// suffix).
     #[arg(long)]
     name: Option<String>,
     /// Guest memory in MiB (default: the blueprint's).
@@ -42,8 +54,14 @@ pub struct Args {
 pub fn run(args: Args, paths: &Paths, started: Instant, ctx: &Ctx) -> anyhow::Result<ExitCode> {
     let engine = super::engine(paths)?;
     let net = args.net.choice()?;
+    let source = match (args.blueprint, args.from_bss, args.mac) {
+        (Some(bp), _, _) => BootSource::Blueprint(bp),
+        (None, Some(url), Some(mac)) => BootSource::Bss { url, mac },
+        // clap makes sure one of the two is given.
+        _ => unreachable!("--blueprint or --from-bss with --mac"),
+    };
     let opts = BootOptions {
-        blueprint: args.blueprint,
+        source,
         name: args.name,
         memory_mib: args.memory_size,
         cpus: args.cpus,

@@ -1,6 +1,7 @@
-//! `ferry boot`: cold-boots a blueprint, waits for its service, then either
-//! shuts down (`exit_when_live`) or runs until the caller cancels, then
-//! shuts the guest down cleanly.
+//! `ferry boot`: cold-boots a blueprint (or a node's boot data from a boot
+//! service, `--from-bss`), waits for its service, then either shuts down
+//! (`exit_when_live`) or runs until the caller cancels, then shuts the
+//! guest down cleanly.
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -10,16 +11,31 @@ use ferry_engine::{AccelChoice, Engine};
 
 use crate::events::{CancelAction, EventSink};
 use crate::owner::{own, Outcome, OwnerOptions};
-use crate::start::{self, blueprint::BlueprintStart};
+use crate::start::{self, blueprint::BlueprintStart, bss::BssStart};
 use crate::vm::{ConsoleSink, NetChoice};
 use crate::vmdir::generate_name;
 use crate::{Cancel, Paths, RuntimeError};
 
+/// What `ferry boot` boots.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BootSource {
+    /// A blueprint directory (`--blueprint`).
+    Blueprint(PathBuf),
+    /// The boot data a boot service has for a MAC (`--from-bss URL --mac
+    /// MAC`).
+    Bss {
+        /// The service's base URL.
+        url: String,
+        /// The node's MAC, also the guest NIC's.
+        mac: String,
+    },
+}
+
 /// Options of `ferry boot`.
 #[derive(Clone)]
 pub struct BootOptions {
-    /// The blueprint directory.
-    pub blueprint: PathBuf,
+    /// What it boots.
+    pub source: BootSource,
     /// The VM's name; generated if `None`.
     pub name: Option<String>,
     /// Guest memory; the blueprint's default if `None`.
@@ -48,25 +64,43 @@ pub fn boot(
     events: &dyn EventSink,
     cancel: &Cancel,
 ) -> Result<Outcome, RuntimeError> {
-    let name = match &opts.name {
-        Some(n) => n.clone(),
-        None => generate_name(&Blueprint::load(&opts.blueprint)?.manifest.recipe),
+    let plan = match &opts.source {
+        BootSource::Blueprint(blueprint) => start::blueprint::plan(
+            engine,
+            paths,
+            &BlueprintStart {
+                blueprint: blueprint.clone(),
+                name: match &opts.name {
+                    Some(n) => n.clone(),
+                    None => generate_name(&Blueprint::load(blueprint)?.manifest.recipe),
+                },
+                memory_mib: opts.memory_mib,
+                cpus: opts.cpus,
+                accel: opts.accel,
+                console: opts.console.clone(),
+                live_timeout: opts.live_timeout,
+                net: opts.net.clone(),
+                started: opts.started,
+            },
+        )?,
+        BootSource::Bss { url, mac } => start::bss::plan(
+            engine,
+            paths,
+            &BssStart {
+                url: url.clone(),
+                mac: mac.clone(),
+                name: opts.name.clone().unwrap_or_else(|| generate_name("node")),
+                memory_mib: opts.memory_mib,
+                cpus: opts.cpus,
+                accel: opts.accel,
+                console: opts.console.clone(),
+                live_timeout: opts.live_timeout,
+                net: opts.net.clone(),
+                started: opts.started,
+            },
+            events,
+        )?,
     };
-    let plan = start::blueprint::plan(
-        engine,
-        paths,
-        &BlueprintStart {
-            blueprint: opts.blueprint.clone(),
-            name,
-            memory_mib: opts.memory_mib,
-            cpus: opts.cpus,
-            accel: opts.accel,
-            console: opts.console.clone(),
-            live_timeout: opts.live_timeout,
-            net: opts.net.clone(),
-            started: opts.started,
-        },
-    )?;
     let mut owned = start::execute(engine, paths, plan, events, cancel)?;
     if opts.exit_when_live {
         owned.vm.shutdown_guest()?;

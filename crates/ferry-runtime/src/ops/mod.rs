@@ -23,7 +23,7 @@ pub mod package;
 pub mod peer;
 pub mod run;
 
-pub use boot::{boot, BootOptions};
+pub use boot::{boot, BootOptions, BootSource};
 pub use exec::{exec, ExecResult};
 pub use inspect::{inspect, Inspection};
 pub use package::{package, PackageOptions, Packaged};

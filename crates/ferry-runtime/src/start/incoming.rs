@@ -90,6 +90,8 @@ pub fn start(
             source: format!("peer {addr}"),
             network: offer.meta.network.clone(),
             disk_server: None,
+            guest_mac: None,
+            gateway_forwards: Vec::new(),
         };
         let accel = super::saved_accel(engine, opts.accel, &image, offer.meta.provenance.accel)?;
         let config = VmConfig::saved(

@@ -2,6 +2,8 @@
 //! *source* that only knows how to make a [`StartPlan`]:
 //!
 //! - [`blueprint`]: a cold boot (`ferry boot`, `ferry package`);
+//! - [`bss`]: a cold boot of a node's boot data from a boot service
+//!   (`ferry boot --from-bss URL --mac MAC`);
 //! - [`package`]: a local package (`ferry run`, a clone, `run --detach`,
 //!   `ferry up`, `ferry start` of a suspended VM);
 //! - [`registry`]: a remote package, its disk served lazily (`ferry peer
@@ -17,12 +19,14 @@
 //!
 //! ```text
 //!  blueprint ─┐
+//!  bss ───────┤
 //!  package ───┤   StartPlan   ┌──────────┐   OwnedVm   ┌───────┐
 //!  registry ──┼──────────────▶│ execute  │────────────▶│ owner │──▶ save / move / stop
 //!  incoming ──┘               └──────────┘             └───────┘
 //! ```
 
 pub mod blueprint;
+pub mod bss;
 pub mod incoming;
 pub mod package;
 pub mod registry;

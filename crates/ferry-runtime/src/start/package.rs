@@ -130,6 +130,8 @@ pub fn plan(
         source: opts.package.display().to_string(),
         network: meta.network.clone(),
         disk_server: None,
+        guest_mac: None,
+        gateway_forwards: Vec::new(),
     };
     let accel = saved_accel(engine, opts.accel, &image, meta.provenance.accel)?;
     let vm_dir = paths.vms().join(name);

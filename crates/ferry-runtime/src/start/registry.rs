@@ -115,6 +115,8 @@ pub fn plan(
         source: opts.url.clone(),
         network: meta.network.clone(),
         disk_server: Some(disk_socket.clone()),
+        guest_mac: None,
+        gateway_forwards: Vec::new(),
     };
     let accel = saved_accel(engine, opts.accel, &image, meta.provenance.accel)?;
     let config = VmConfig::saved(
