@@ -194,7 +194,9 @@ pub fn launch(ferry: &Path, paths: &Paths, spec: &DetachSpec) -> Result<Launch, 
         .stdin(Stdio::piped())
         .stdout(Stdio::null())
         .stderr(Stdio::null())
-        .current_dir("/");
+        .current_dir("/")
+        // The caller's paths, not whatever this process's environment says.
+        .envs(paths.env_vars());
     if std::env::var_os("FERRY_LOG").is_none() {
         cmd.env("FERRY_LOG", "info");
     }

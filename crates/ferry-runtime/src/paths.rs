@@ -47,6 +47,23 @@ pub struct Paths {
 }
 
 impl Paths {
+    /// The environment that makes [`Paths::from_env`] in another ferry
+    /// process (a detached VM's supervisor) give these paths, made absolute
+    /// (that process starts in `/`). A library caller's paths need not be
+    /// its own environment's.
+    pub fn env_vars(&self) -> [(&'static str, std::ffi::OsString); 3] {
+        let absolute = |p: &PathBuf| {
+            std::path::absolute(p)
+                .unwrap_or_else(|_| p.clone())
+                .into_os_string()
+        };
+        [
+            ("FERRY_STATE", absolute(&self.state)),
+            ("FERRY_CACHE", absolute(&self.cache)),
+            ("FERRY_NET_PREFIX", self.net_prefix.clone().into()),
+        ]
+    }
+
     /// From the environment, with the documented defaults.
     pub fn from_env() -> Self {
         let state = std::env::var_os("FERRY_STATE")
