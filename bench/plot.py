@@ -39,7 +39,7 @@ MOMENTS = [
     ("copy", "copy begins", "#1f77b4"),
     ("switch", "switch", "#d62728"),
     ("live", "running at the destination", "#2ca02c"),
-    ("end", "source exits", "#9467bd"),
+    ("end", "source lets go (moved-out)", "#9467bd"),
 ]
 GAP_COLOUR = "#ff7f0e"
 LINE_COLOUR = "#333333"
@@ -55,11 +55,13 @@ class Svg:
     def add(self, text):
         self.parts.append(text)
 
-    def text(self, x, y, s, size=12, anchor="start", weight="normal", colour="#000", rotate=None):
+    def text(self, x, y, s, size=12, anchor="start", weight="normal", colour="#000", rotate=None, halo=False):
         tr = f' transform="rotate({rotate} {x:.1f} {y:.1f})"' if rotate is not None else ""
+        # A halo: a white outline under the letters, readable over lines.
+        ha = ' stroke="#ffffff" stroke-width="3" paint-order="stroke"' if halo else ""
         self.add(
             f'<text x="{x:.1f}" y="{y:.1f}" font-size="{size}" text-anchor="{anchor}" '
-            f'font-weight="{weight}" fill="{colour}"{tr}>{escape(str(s))}</text>'
+            f'font-weight="{weight}" fill="{colour}"{tr}{ha}>{escape(str(s))}</text>'
         )
 
     def line(self, x1, y1, x2, y2, colour="#000", width=1, dash=None, opacity=1):
@@ -243,7 +245,7 @@ def timeline_panel(svg, box, counts, bucket, gaps, ev, t0, t1, origin, unit, yma
         lx = min(max(sx(a), x + 4), x + w - 4)
         anchor = "start" if lx < x + w * 0.6 else "end"
         svg.text(lx if anchor == "start" else min(sx(b), x + w - 4), y + h - 12, label, size=11,
-                 anchor=anchor, colour="#b35900", weight="bold")
+                 anchor=anchor, colour="#b35900", weight="bold", halo=True)
     # The moments, as vertical lines.
     for key, _, colour in MOMENTS:
         t = number(ev.get(key))
@@ -320,7 +322,7 @@ def timeline(args):
         gap = number(ev.get("gap"))
         head = ev.get("label") or f"migration {i + 1}"
         if gap is not None:
-            head += f": longest gap {gap:.0f} ms (the bench's figure)"
+            head += f": client-seen downtime {gap:.0f} ms"
         svg.text(left, y - 10, head, size=13, weight="bold")
         b = timeline_panel(svg, (left, y, full_w, h), counts, bucket, gaps, ev, t0, t1, start, "s", ymax)
         svg.text(left + full_w / 2, y + h + 34, f"{since} (bins of {b} ms)",
