@@ -31,10 +31,6 @@ const STDERR_TAIL: usize = 4096;
 /// that fails then is QEMU exiting, and its reason is the error to give.
 const EXIT_GRACE: Duration = Duration::from_secs(5);
 
-/// How much longer [`QemuVm::kill`] waits for a killed QEMU that is slow
-/// to end (its pending I/O) before it gives up waiting.
-const KILL_WAIT: Duration = Duration::from_secs(60);
-
 /// How long the waiter lets the stderr reader drain what QEMU said last.
 const STDERR_DRAIN: Duration = Duration::from_millis(200);
 
@@ -749,22 +745,7 @@ impl Vm for QemuVm {
         if self.watch.exit.lock().expect("watch").is_none() {
             kill_pid(self.pid);
         }
-        // A killed QEMU ends its pending I/O (its disk, its memory file)
-        // before it is gone. Seen once on a loaded host: a suspend reported
-        // done while its QEMU still ran, so this wait of 5 s ran out. Callers
-        // count on "killed" meaning "gone": wait on, saying so.
-        if self.wait_exit(Duration::from_secs(5)).is_none() {
-            tracing::warn!(
-                pid = self.pid,
-                "QEMU has not ended 5 s after SIGKILL; waiting"
-            );
-            if self.wait_exit(KILL_WAIT).is_none() {
-                tracing::warn!(
-                    pid = self.pid,
-                    "QEMU still runs {KILL_WAIT:?} after SIGKILL"
-                );
-            }
-        }
+        let _ = self.wait_exit(Duration::from_secs(5));
     }
 
     fn wait_exit(&mut self, timeout: Duration) -> Option<ExitReason> {
