@@ -151,23 +151,31 @@ struct Follow {
     seen: Mutex<Vec<String>>,
 }
 
-/// Starts `cmd` and follows what it prints.
+/// Starts `cmd` and follows what it prints (its standard error as lines
+/// that start with `stderr: `, for the failure message).
 fn follow(cmd: &mut std::process::Command) -> Follow {
     let mut child = cmd
         .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
         .spawn()
         .expect("spawn");
-    let stdout = child.stdout.take().expect("piped");
     let (tx, lines) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in std::io::BufRead::lines(std::io::BufReader::new(stdout)) {
-            let Ok(line) = line else { break };
-            if tx.send(line).is_err() {
-                break;
+    fn forward(
+        from: impl std::io::Read + Send + 'static,
+        prefix: &'static str,
+        tx: std::sync::mpsc::Sender<String>,
+    ) {
+        std::thread::spawn(move || {
+            for line in std::io::BufRead::lines(std::io::BufReader::new(from)) {
+                let Ok(line) = line else { break };
+                if tx.send(format!("{prefix}{line}")).is_err() {
+                    break;
+                }
             }
-        }
-    });
+        });
+    }
+    forward(child.stdout.take().expect("piped"), "", tx.clone());
+    forward(child.stderr.take().expect("piped"), "stderr: ", tx);
     Follow {
         _child: KillOnDrop::new(child),
         lines,
@@ -1299,7 +1307,7 @@ fn suspend_and_resume_through_the_api_keep_the_guests_data() {
     assert!(killed.status.success(), "{}", describe(&killed));
     let event = raw.wait_for(
         Duration::from_secs(30),
-        "a guest-error event for kv-sr",
+        "guest-error event for kv-sr",
         |l| {
             let ev: Value = serde_json::from_str(l.strip_prefix("data:")?.trim()).ok()?;
             (ev["type"] == "guest-error" && ev["name"] == "kv-sr").then_some(ev)
@@ -1309,9 +1317,11 @@ fn suspend_and_resume_through_the_api_keep_the_guests_data() {
     assert_eq!(event["error"]["kind"], "service-exited", "{event}");
     let what = event["error"]["what"].as_str().expect("what").to_string();
     assert!(what.contains("killed by signal 9"), "{event}");
-    human.wait_for(Duration::from_secs(10), "ferry cluster watch's line", |l| {
-        (l == format!("[VM kv-sr error] {what}")).then_some(())
-    });
+    human.wait_for(
+        Duration::from_secs(10),
+        "[VM kv-sr error] line from ferry cluster watch",
+        |l| (l == format!("[VM kv-sr error] {what}")).then_some(()),
+    );
     let (status, shown) = curl(m, &["http://localhost:1400/v1/instances/kv-sr"]);
     assert_eq!(status, 200, "{shown}");
     assert_eq!(shown["last_error"], event["error"], "{shown}");
