@@ -17,7 +17,9 @@
 //!   and (with `--client-ca`) clients without a certificate are refused,
 //!   and nothing is created.
 //! - Suspend and resume through the API: a Redis key written before is
-//!   there after, and no QEMU runs while it is suspended.
+//!   there after, and no QEMU runs while it is suspended. Then its Redis
+//!   is killed in the guest: a `guest-error` event names the instance
+//!   (once), `ferry cluster watch` shows it, the instance keeps it.
 
 use std::net::SocketAddr;
 use std::process::Output;
@@ -140,6 +142,77 @@ fn running_on(n: &Host, env: &FerryEnv) -> Vec<String> {
         .filter(|v| v["state"] == "running")
         .map(|v| v["name"].as_str().unwrap().to_string())
         .collect()
+}
+
+/// A command's standard output, line by line, as it comes.
+struct Follow {
+    _child: KillOnDrop,
+    lines: std::sync::mpsc::Receiver<String>,
+    seen: Mutex<Vec<String>>,
+}
+
+/// Starts `cmd` and follows what it prints (its standard error as lines
+/// that start with `stderr: `, for the failure message).
+fn follow(cmd: &mut std::process::Command) -> Follow {
+    let mut child = cmd
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    let (tx, lines) = std::sync::mpsc::channel();
+    fn forward(
+        from: impl std::io::Read + Send + 'static,
+        prefix: &'static str,
+        tx: std::sync::mpsc::Sender<String>,
+    ) {
+        std::thread::spawn(move || {
+            for line in std::io::BufRead::lines(std::io::BufReader::new(from)) {
+                let Ok(line) = line else { break };
+                if tx.send(format!("{prefix}{line}")).is_err() {
+                    break;
+                }
+            }
+        });
+    }
+    forward(child.stdout.take().expect("piped"), "", tx.clone());
+    forward(child.stderr.take().expect("piped"), "stderr: ", tx);
+    Follow {
+        _child: KillOnDrop::new(child),
+        lines,
+        seen: Mutex::new(Vec::new()),
+    }
+}
+
+impl Follow {
+    /// The first line (from the start) that `f` accepts, or a panic with
+    /// every line after `timeout`.
+    fn wait_for<T>(&self, timeout: Duration, what: &str, f: impl Fn(&str) -> Option<T>) -> T {
+        let deadline = std::time::Instant::now() + timeout;
+        let mut seen = self.seen.lock().unwrap();
+        if let Some(v) = seen.iter().find_map(|l| f(l)) {
+            return v;
+        }
+        loop {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) => {
+                    let found = f(&line);
+                    seen.push(line);
+                    if let Some(v) = found {
+                        return v;
+                    }
+                }
+                Err(_) => panic!("no {what} within {timeout:?}; it printed: {seen:#?}"),
+            }
+        }
+    }
+
+    /// Every line printed so far.
+    fn lines_so_far(&self) -> Vec<String> {
+        let mut seen = self.seen.lock().unwrap();
+        seen.extend(self.lines.try_iter());
+        seen.clone()
+    }
 }
 
 /// Drops every VM a worker's host still runs.
@@ -1132,7 +1205,9 @@ fn suspend_and_resume_through_the_api_keep_the_guests_data() {
             "create",
             &format!("{}:{REGISTRY_PORT}", r.addr()),
             "--name",
-            "kv",
+            // Not `kv`: `qemu_pids` looks machine-wide, and benchmarks
+            // on the same host run VMs named `kv` outside the VM lock.
+            "kv-sr",
             "--expose",
             &format!("{REDIS_PORT}:6379"),
         ],
@@ -1158,7 +1233,11 @@ fn suspend_and_resume_through_the_api_keep_the_guests_data() {
     // A resume of a running instance is refused, and changes nothing.
     let (status, problem) = curl(
         m,
-        &["-X", "POST", "http://localhost:1400/v1/instances/kv/resume"],
+        &[
+            "-X",
+            "POST",
+            "http://localhost:1400/v1/instances/kv-sr/resume",
+        ],
     );
     assert_eq!(status, 409, "{problem}");
 
@@ -1167,27 +1246,27 @@ fn suspend_and_resume_through_the_api_keep_the_guests_data() {
         &[
             "-X",
             "POST",
-            "http://localhost:1400/v1/instances/kv/suspend",
+            "http://localhost:1400/v1/instances/kv-sr/suspend",
         ],
     );
     assert_eq!(status, 200, "{suspended}");
     assert_eq!(suspended["state"], "suspended", "{suspended}");
     assert!(suspended["address"].is_null(), "{suspended}");
-    assert!(qemu_pids("kv").is_empty(), "its QEMU is gone");
+    assert!(qemu_pids("kv-sr").is_empty(), "its QEMU is gone");
     // The next heartbeats keep it suspended.
     std::thread::sleep(Duration::from_secs(3));
-    assert_eq!(instance(m, &em, "kv")["state"], "suspended");
+    assert_eq!(instance(m, &em, "kv-sr")["state"], "suspended");
     let (status, problem) = curl(
         m,
         &[
             "-X",
             "POST",
-            "http://localhost:1400/v1/instances/kv/suspend",
+            "http://localhost:1400/v1/instances/kv-sr/suspend",
         ],
     );
     assert_eq!(status, 409, "{problem}");
 
-    let resumed = cluster(m, &em, &["resume", "kv"]);
+    let resumed = cluster(m, &em, &["resume", "kv-sr"]);
     assert!(resumed.status.success(), "{}", describe(&resumed));
     let resumed: Value = serde_json::from_slice(&resumed.stdout).unwrap();
     assert_eq!(resumed["state"], "running", "{resumed}");
@@ -1195,14 +1274,71 @@ fn suspend_and_resume_through_the_api_keep_the_guests_data() {
         resumed["address"].as_str().is_some(),
         "it serves its next move: {resumed}"
     );
-    assert!(!qemu_pids("kv").is_empty());
+    assert!(!qemu_pids("kv-sr").is_empty());
     assert_eq!(
         kv(vec!["GET".into(), "kept".into()]).as_deref(),
         Some("across-suspend")
     );
 
-    let deleted = cluster(m, &em, &["delete", "kv"]);
+    // An error in the guest reaches the control plane: its service is
+    // killed on node-1; `GET /v1/events` tells a `guest-error` naming the
+    // instance, `ferry cluster watch` shows it as `ferry watch` does, and
+    // the instance keeps it as its `last_error`.
+    let raw = follow(m.cmd("curl").args([
+        "-sSN",
+        "--max-time",
+        "120",
+        "http://localhost:1400/v1/events",
+    ]));
+    let human = follow(m.ferry(&em).args(["cluster", "watch"]));
+    std::thread::sleep(Duration::from_millis(500));
+    let killed = n1
+        .ferry(&e1)
+        .args([
+            "exec",
+            "kv-sr",
+            "--",
+            "sh",
+            "-c",
+            "kill -9 $(pidof redis-server)",
+        ])
+        .output()
+        .unwrap();
+    assert!(killed.status.success(), "{}", describe(&killed));
+    let event = raw.wait_for(
+        Duration::from_secs(30),
+        "guest-error event for kv-sr",
+        |l| {
+            let ev: Value = serde_json::from_str(l.strip_prefix("data:")?.trim()).ok()?;
+            (ev["type"] == "guest-error" && ev["name"] == "kv-sr").then_some(ev)
+        },
+    );
+    assert_eq!(event["node"], "node-1", "{event}");
+    assert_eq!(event["error"]["kind"], "service-exited", "{event}");
+    let what = event["error"]["what"].as_str().expect("what").to_string();
+    assert!(what.contains("killed by signal 9"), "{event}");
+    human.wait_for(
+        Duration::from_secs(10),
+        "[VM kv-sr error] line from ferry cluster watch",
+        |l| (l == format!("[VM kv-sr error] {what}")).then_some(()),
+    );
+    let (status, shown) = curl(m, &["http://localhost:1400/v1/instances/kv-sr"]);
+    assert_eq!(status, 200, "{shown}");
+    assert_eq!(shown["last_error"], event["error"], "{shown}");
+    // Later heartbeats report the same error: it is not told again.
+    std::thread::sleep(Duration::from_secs(3));
+    let again = raw.lines_so_far();
+    assert_eq!(
+        again
+            .iter()
+            .filter(|l| l.contains("\"guest-error\""))
+            .count(),
+        1,
+        "{again:?}"
+    );
+
+    let deleted = cluster(m, &em, &["delete", "kv-sr"]);
     assert!(deleted.status.success(), "{}", describe(&deleted));
-    assert!(qemu_pids("kv").is_empty());
+    assert!(qemu_pids("kv-sr").is_empty());
     discard_all(n1, &e1);
 }

@@ -34,6 +34,7 @@ fn main() {
                     downtime_ms: Some(30),
                 }],
                 created_unix: 1,
+                last_error: None,
             },
             token: "0".repeat(32),
             expose: vec!["16379:6379".into()],

@@ -75,6 +75,41 @@ pub struct Instance {
     pub moves: Vec<Move>,
     /// When it was created, Unix seconds.
     pub created_unix: u64,
+    /// The last error its node saw in the guest (the service exited, a
+    /// kernel oops or panic, the OOM killer), kept until a newer one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<GuestError>,
+}
+
+/// An error in a running guest, as its node's runtime saw it (`ferry ps
+/// --json`'s `last_error`, `ferry watch`'s lines). The API's own copy of
+/// the runtime's record: its `kind` is a string so that a reader keeps
+/// working when a newer worker reports a kind it does not know.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct GuestError {
+    /// When the node saw it, Unix milliseconds.
+    pub unix_ms: u64,
+    /// What kind: `service-exited`, `liveness-failed`, `kernel-oops`,
+    /// `kernel-panic` or `oom`.
+    #[schema(example = "service-exited")]
+    pub kind: String,
+    /// One line: what happened.
+    #[schema(example = "service exited with code 137 (killed by signal 9)")]
+    pub what: String,
+}
+
+impl From<ferry_runtime::guest_errors::GuestError> for GuestError {
+    fn from(e: ferry_runtime::guest_errors::GuestError) -> Self {
+        let kind = serde_json::to_value(e.kind)
+            .ok()
+            .and_then(|v| v.as_str().map(String::from))
+            .unwrap_or_else(|| "unknown".into());
+        Self {
+            unix_ms: e.unix_ms,
+            kind,
+            what: e.what,
+        }
+    }
 }
 
 /// Where an instance is in its life: `pending` → `starting` → `running`
@@ -192,6 +227,16 @@ pub enum ClusterEvent {
     Deleted {
         /// Its name.
         name: String,
+    },
+    /// An error in an instance's guest that its node reported for the
+    /// first time (also the instance's `last_error` from now on).
+    GuestError {
+        /// The instance.
+        name: String,
+        /// The node it runs on.
+        node: String,
+        /// The error.
+        error: GuestError,
     },
 }
 

@@ -84,6 +84,11 @@ pub struct Report {
     /// Why it stopped or crashed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub note: Option<String>,
+    /// The last error seen in its guest (its `errors.jsonl`); a manager
+    /// that has not seen this one yet records it and tells watchers.
+    /// Absent from older workers, ignored by older managers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<crate::api::GuestError>,
 }
 
 /// A command for a worker.

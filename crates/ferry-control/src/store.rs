@@ -318,6 +318,7 @@ mod tests {
                 memory_mib: 256,
                 moves: vec![],
                 created_unix: 1,
+                last_error: None,
             },
             token: "t".repeat(32),
             expose: vec!["16379:6379".into()],

@@ -351,6 +351,7 @@ impl Worker {
                 exposes: v.exposes.iter().map(ToString::to_string).collect(),
                 memory_mib: v.memory_mib,
                 note: v.note,
+                last_error: v.last_error.map(Into::into),
                 name: v.name,
             })
             .collect();
@@ -363,6 +364,7 @@ impl Worker {
                     exposes: Vec::new(),
                     memory_mib: None,
                     note: None,
+                    last_error: None,
                 });
             }
         }
@@ -531,6 +533,7 @@ impl Worker {
                         exposes: s.exposes.iter().map(ToString::to_string).collect(),
                         memory_mib: None,
                         note: None,
+                        last_error: None,
                     },
                     downtime_ms,
                 }
@@ -588,6 +591,7 @@ impl Worker {
                 exposes: Vec::new(),
                 memory_mib: None,
                 note: None,
+                last_error: None,
             },
             downtime_ms: None,
         }
@@ -641,6 +645,7 @@ impl Worker {
                         exposes: s.exposes.iter().map(ToString::to_string).collect(),
                         memory_mib: None,
                         note: None,
+                        last_error: None,
                     },
                     downtime_ms: None,
                 }
@@ -690,6 +695,7 @@ impl Worker {
                 exposes: Vec::new(),
                 memory_mib: None,
                 note: None,
+                last_error: None,
             },
             downtime_ms: None,
         }

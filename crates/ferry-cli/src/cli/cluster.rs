@@ -179,6 +179,9 @@ pub fn run(args: Args, ctx: &super::Ctx) -> anyhow::Result<ExitCode> {
                             .unwrap_or_default()
                     ),
                     ClusterEvent::Deleted { name } => format!("instance {name} deleted"),
+                    ClusterEvent::GuestError { name, error, .. } => {
+                        super::watch::error_line(name, &error.what)
+                    }
                 };
                 print(serde_json::to_value(&ev).unwrap_or_default(), human);
                 !cancel.is_cancelled()

@@ -166,7 +166,7 @@ fn human(event: &Event) -> Option<Line> {
                 path.display()
             )
         }),
-        Event::GuestError { name, what, .. } => Err(format!("[VM {name} error] {what}")),
+        Event::GuestError { name, what, .. } => Err(super::watch::error_line(name, what)),
         Event::ShuttingDown { name } => Err(format!("shutting down '{name}'")),
         Event::Discarding { name } => Err(format!("discarding clone '{name}'")),
         Event::Serving { name, addr } => Out(format!("serving VM '{name}' to peers on {addr}")),

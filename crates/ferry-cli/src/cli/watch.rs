@@ -29,6 +29,12 @@ enum OnError {
     Exec(Vec<String>),
 }
 
+/// The one line an error in VM `name`'s guest is shown as, here, in
+/// `ferry run`'s output and in `ferry cluster watch`.
+pub fn error_line(name: &str, what: &str) -> String {
+    format!("[VM {name} error] {what}")
+}
+
 pub fn run(args: Args, paths: &Paths) -> anyhow::Result<ExitCode> {
     let on_error = match args.on_error.split_first() {
         None => OnError::Report,
@@ -62,7 +68,7 @@ pub fn run(args: Args, paths: &Paths) -> anyhow::Result<ExitCode> {
         for (name, error) in watch.poll() {
             {
                 let mut out = std::io::stdout().lock();
-                writeln!(out, "[VM {name} error] {}", error.what)?;
+                writeln!(out, "{}", error_line(&name, &error.what))?;
                 out.flush()?;
             }
             match &on_error {

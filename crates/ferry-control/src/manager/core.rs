@@ -225,6 +225,7 @@ impl Shared {
                     memory_mib,
                     moves: Vec::new(),
                     created_unix: now_unix(),
+                    last_error: None,
                 },
                 token: random_token(),
                 expose: req.expose.clone(),
@@ -932,8 +933,21 @@ impl Core {
                 }
                 _ => {}
             }
+            // An error its node saw in the guest that the record does not
+            // have yet (a restarted manager has it in its store, so it is
+            // told once).
+            let new_error = r
+                .last_error
+                .as_ref()
+                .filter(|e| {
+                    rec.instance.node == node && rec.instance.last_error.as_ref() != Some(*e)
+                })
+                .cloned();
+            if let Some(e) = &new_error {
+                rec.instance.last_error = Some(e.clone());
+            }
             if rec.instance != before {
-                changed.push(rec);
+                changed.push((rec, new_error));
             }
         }
         // Recorded here, running, and not reported: gone.
@@ -957,11 +971,17 @@ impl Core {
                 "its VM is no longer on {node} (stopped outside the control plane, or its state was removed)"
             ));
             rec.instance.address = None;
-            changed.push(rec);
+            changed.push((rec, None));
         }
-        for rec in changed {
+        for (rec, new_error) in changed {
+            let (name, node) = (rec.instance.name.clone(), rec.instance.node.clone());
             if let Err(e) = self.put(rec, shared) {
                 tracing::warn!(error = %e.detail, "cannot record an instance");
+                continue;
+            }
+            if let Some(error) = new_error {
+                tracing::info!(vm = name, node, what = error.what, "guest error");
+                shared.emit(ClusterEvent::GuestError { name, node, error });
             }
         }
     }
@@ -1011,4 +1031,161 @@ pub fn random_token() -> String {
     let mut b = [0u8; 16];
     rand::thread_rng().fill_bytes(&mut b);
     b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::api::GuestError;
+
+    fn report(error: Option<GuestError>) -> Report {
+        Report {
+            name: "kv".into(),
+            state: "running".into(),
+            address: Some("10.0.0.1:1500".into()),
+            exposes: Vec::new(),
+            memory_mib: Some(256),
+            note: None,
+            last_error: error,
+        }
+    }
+
+    fn error(unix_ms: u64, what: &str) -> GuestError {
+        GuestError {
+            unix_ms,
+            kind: "service-exited".into(),
+            what: what.into(),
+        }
+    }
+
+    fn guest_errors(rx: &mut broadcast::Receiver<ClusterEvent>) -> Vec<(String, String, u64)> {
+        let mut found = Vec::new();
+        while let Ok(ev) = rx.try_recv() {
+            if let ClusterEvent::GuestError { name, node, error } = ev {
+                found.push((name, node, error.unix_ms));
+            }
+        }
+        found
+    }
+
+    /// A guest error is told once, when a worker first reports it; the
+    /// instance keeps it, also across a manager restart.
+    #[test]
+    fn a_new_guest_error_is_recorded_and_told_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        store
+            .put_instance(&InstanceRecord {
+                instance: Instance {
+                    name: "kv".into(),
+                    source: "http://r/".into(),
+                    node: "node-1".into(),
+                    state: InstanceState::Running,
+                    reason: None,
+                    address: None,
+                    exposes: Vec::new(),
+                    memory_mib: 256,
+                    moves: Vec::new(),
+                    created_unix: 1,
+                    last_error: None,
+                },
+                token: "t".repeat(32),
+                expose: Vec::new(),
+            })
+            .unwrap();
+        drop(store);
+        let register = |shared: &Shared, instances: Vec<Report>| {
+            shared
+                .register(Register {
+                    name: "node-1".into(),
+                    worker_id: "w1".into(),
+                    address: "10.0.0.1".into(),
+                    accel: "tcg".into(),
+                    cpus: 2,
+                    memory_mib: 1024,
+                    free_mib: 512,
+                    lease_s: 10,
+                    instances,
+                })
+                .unwrap()
+        };
+        let shared = Shared::load(
+            Store::open(dir.path()).unwrap(),
+            Duration::from_secs(5),
+            None,
+        )
+        .unwrap();
+        let mut rx = shared.events.subscribe();
+        let session = register(&shared, vec![report(None)]);
+        assert!(guest_errors(&mut rx).is_empty());
+
+        let beat = |e: Option<GuestError>| {
+            shared
+                .heartbeat(Heartbeat {
+                    session: session.clone(),
+                    free_mib: 512,
+                    instances: vec![report(e)],
+                })
+                .unwrap()
+        };
+        beat(Some(error(10, "service exited with code 137")));
+        assert_eq!(
+            guest_errors(&mut rx),
+            vec![("kv".into(), "node-1".into(), 10)]
+        );
+        assert_eq!(
+            shared.instance("kv").unwrap().last_error,
+            Some(error(10, "service exited with code 137"))
+        );
+        // The same error again, or none: nothing new.
+        beat(Some(error(10, "service exited with code 137")));
+        beat(None);
+        assert!(guest_errors(&mut rx).is_empty());
+        assert_eq!(
+            shared.instance("kv").unwrap().last_error.unwrap().unix_ms,
+            10
+        );
+        beat(Some(error(20, "service exited with code 1")));
+        assert_eq!(
+            guest_errors(&mut rx),
+            vec![("kv".into(), "node-1".into(), 20)]
+        );
+        drop(shared);
+
+        // A restarted manager knows it already.
+        let shared = Shared::load(
+            Store::open(dir.path()).unwrap(),
+            Duration::from_secs(5),
+            None,
+        )
+        .unwrap();
+        let mut rx = shared.events.subscribe();
+        register(
+            &shared,
+            vec![report(Some(error(20, "service exited with code 1")))],
+        );
+        assert!(guest_errors(&mut rx).is_empty());
+        assert_eq!(
+            shared.instance("kv").unwrap().last_error.unwrap().unix_ms,
+            20
+        );
+    }
+
+    /// Older workers send no `last_error`; older managers ignore it.
+    #[test]
+    fn reports_without_last_error_still_parse() {
+        let old = r#"{"name":"kv","state":"running","exposes":[],"memory_mib":256}"#;
+        let r: Report = serde_json::from_str(old).unwrap();
+        assert_eq!(r.last_error, None);
+        let json = serde_json::to_value(report(None)).unwrap();
+        assert!(json.get("last_error").is_none(), "{json}");
+        let json = serde_json::to_value(report(Some(error(1, "x")))).unwrap();
+        assert_eq!(json["last_error"]["kind"], "service-exited");
+        // The runtime's kinds keep their names.
+        use ferry_runtime::guest_errors as rt;
+        let e = GuestError::from(rt::GuestError::now(rt::GuestErrorKind::Oom, "oom"));
+        assert_eq!(e.kind, "oom");
+        let e = GuestError::from(rt::GuestError::now(rt::GuestErrorKind::ServiceExited, "x"));
+        assert_eq!(e.kind, "service-exited");
+    }
 }

@@ -86,7 +86,7 @@ pub fn api(state: AppState) -> Router {
         metrics,
         openapi_json,
     ),
-    components(schemas(Node, NodeState, Instance, InstanceState, crate::api::Move, CreateInstance, MigrateInstance, Problem, ClusterEvent)),
+    components(schemas(Node, NodeState, Instance, InstanceState, crate::api::Move, crate::api::GuestError, CreateInstance, MigrateInstance, Problem, ClusterEvent)),
     tags(
         (name = "seed", description = "The seed-compatible routes, kept exactly"),
         (name = "v1", description = "The resource API, version 1"),
@@ -677,6 +677,7 @@ mod tests {
             "Problem",
             "CreateInstance",
             "ClusterEvent",
+            "GuestError",
         ] {
             assert!(doc["components"]["schemas"][schema].is_object(), "{schema}");
         }
