@@ -1280,6 +1280,34 @@ fn suspend_and_resume_through_the_api_keep_the_guests_data() {
         Some("across-suspend")
     );
 
+    // `ferry shell` works in a VM a peer runs (the worker's VMs are
+    // detached peers), as root, seeing the service, exit code passed on.
+    let shell = n1
+        .ferry(&e1)
+        .args([
+            "shell",
+            "kv-sr",
+            "--",
+            "sh",
+            "-c",
+            "id -u; pidof redis-server >/dev/null && echo service-seen; exit 3",
+        ])
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    assert_eq!(shell.status.code(), Some(3), "{}", describe(&shell));
+    assert!(
+        !String::from_utf8_lossy(&shell.stderr).contains("no shell channel"),
+        "through the shell channel, not the agent: {}",
+        describe(&shell)
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&shell.stdout).trim(),
+        "0\nservice-seen",
+        "{}",
+        describe(&shell)
+    );
+
     // An error in the guest reaches the control plane: its service is
     // killed on node-1; `GET /v1/events` tells a `guest-error` naming the
     // instance, `ferry cluster watch` shows it as `ferry watch` does, and
