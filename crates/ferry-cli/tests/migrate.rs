@@ -324,16 +324,24 @@ fn registry_peer_and_a_migration_chain_lose_no_acknowledged_write() {
         let lines: Vec<String> = stamped.iter().map(|(_, l)| l.clone()).collect();
         // The copy was live, as the clients saw it: from the destination's
         // start of the copy to the VM running there, Redis acknowledged
-        // writes throughout, both the writer's and the bulk loader's; the
-        // longest stretch without an acknowledged write (the switch) is
-        // well under half of it. A copy of a paused VM would be one gap.
+        // writes throughout, both the writer's and the bulk loader's, in
+        // the copy's first half too; the longest stretch without an
+        // acknowledged write (the switch) is under half of the copy, or
+        // at most the engine's own pause plus a second (the guest's resume
+        // and the client's reconnect: on QEMU 10 under this test's bulk
+        // load the engine once paused 810 ms of a 2.8 s copy, and the
+        // client saw 1.57 s). A copy of a paused VM would be one gap, with
+        // nothing acknowledged in its first half.
         let copy_from = stamp_of(&stamped, "receiving VM 'kv'");
         let copy_to = stamp_of(&stamped, "migrated VM 'kv'");
         let window = copy_to.duration_since(copy_from);
-        let (writes_in, gap) = {
+        let (writes_in, gap, first_half) = {
             let w = writes.lock().unwrap();
-            answered_within(&w.acked_at, copy_from, copy_to)
+            let (n, gap) = answered_within(&w.acked_at, copy_from, copy_to);
+            let (first, _) = answered_within(&w.acked_at, copy_from, copy_from + window / 2);
+            (n, gap, first)
         };
+        let paused = Duration::from_millis(migration_times(&lines).1);
         let (bulk_in, bulk_errors) = {
             let b = bulk_seen.lock().unwrap();
             let (n, _) = answered_within(&b.acked_at, copy_from, copy_to);
@@ -351,8 +359,10 @@ fn registry_peer_and_a_migration_chain_lose_no_acknowledged_write() {
             migration_times(&lines)
         );
         assert!(
-            writes_in >= 10 && gap * 2 < window,
-            "{writes_in} writes acknowledged during the {window:?} copy, longest gap {gap:?}: the copy was not live: {lines:?}"
+            writes_in >= 10
+                && first_half >= 5
+                && (gap * 2 < window || gap <= paused + Duration::from_secs(1)),
+            "{writes_in} writes acknowledged during the {window:?} copy ({first_half} in its first half), longest gap {gap:?}, the engine paused {paused:?}: the copy was not live: {lines:?}"
         );
         assert!(
             bulk_in > 0,
