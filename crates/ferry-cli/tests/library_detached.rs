@@ -18,7 +18,9 @@ use ferry_runtime::fleet::{self, RunDetachedOptions};
 use ferry_runtime::record::{NetSpec, RecordState};
 use ferry_runtime::vmdir::files;
 use ferry_runtime::{ops, Cancel, Paths};
-use ferry_test_support::{cache_dir, qemu_pids, vm_lock, wait_until, FerryEnv};
+use ferry_test_support::{
+    cache_dir, qemu_pids, raw_control_request, vm_lock, wait_until, FerryEnv,
+};
 
 /// Stops what the test started, whatever happens.
 struct Cleanup<'a>(&'a FerryEnv);
@@ -40,18 +42,6 @@ fn exec(paths: &Paths, vm: &str, script: &str) -> String {
     .expect("exec");
     assert_eq!(out.exit_code, 0, "{}", String::from_utf8_lossy(&out.stderr));
     String::from_utf8_lossy(&out.stdout).trim().to_string()
-}
-
-/// Sends one raw line to a control socket and returns the raw reply.
-fn raw_request(socket: &std::path::Path, line: &str) -> String {
-    use std::io::{BufRead, BufReader, Write};
-    let mut conn = std::os::unix::net::UnixStream::connect(socket).unwrap();
-    conn.set_read_timeout(Some(Duration::from_secs(10)))
-        .unwrap();
-    conn.write_all(format!("{line}\n").as_bytes()).unwrap();
-    let mut reply = String::new();
-    BufReader::new(conn).read_line(&mut reply).unwrap();
-    reply
 }
 
 /// Whether process `pid` still runs. The supervisors this test started
@@ -128,7 +118,7 @@ fn a_detached_owner_through_the_library_alone() {
         other => panic!("status: {other:?}"),
     }
     for bad in [r#"{"op":"frobnicate"}"#, "not json", r#"{"op":"exec"}"#] {
-        let reply = raw_request(&socket, bad);
+        let reply = raw_control_request(&socket, bad);
         assert!(
             reply.contains(r#""type":"error""#) && reply.contains("bad request"),
             "{bad}: {reply}"

@@ -13,7 +13,9 @@ use ferry_runtime::owner::Outcome;
 use ferry_runtime::vm::NetChoice;
 use ferry_runtime::vmdir::files;
 use ferry_runtime::{Cancel, Paths};
-use ferry_test_support::{blueprint, cache_dir, qemu_pids, vm_lock, wait_until};
+use ferry_test_support::{
+    blueprint, cache_dir, qemu_pids, raw_control_request, vm_lock, wait_until,
+};
 
 fn paths(state: &std::path::Path) -> Paths {
     Paths {
@@ -21,18 +23,6 @@ fn paths(state: &std::path::Path) -> Paths {
         cache: cache_dir(),
         net_prefix: "ferry".into(),
     }
-}
-
-/// Sends one raw line to a control socket and returns the raw reply.
-fn raw_request(socket: &std::path::Path, line: &str) -> String {
-    use std::io::{BufRead, BufReader, Write};
-    let mut conn = std::os::unix::net::UnixStream::connect(socket).unwrap();
-    conn.set_read_timeout(Some(Duration::from_secs(10)))
-        .unwrap();
-    conn.write_all(format!("{line}\n").as_bytes()).unwrap();
-    let mut reply = String::new();
-    BufReader::new(conn).read_line(&mut reply).unwrap();
-    reply
 }
 
 fn has(events: &Collect, pred: impl Fn(&Event) -> bool) -> bool {
@@ -208,7 +198,7 @@ fn boot_package_run_suspend_resume_through_the_library() {
             other => panic!("status: {other:?}"),
         }
         for bad in [r#"{"op":"frobnicate"}"#, "not json", r#"{"op":"exec"}"#] {
-            let reply = raw_request(&socket, bad);
+            let reply = raw_control_request(&socket, bad);
             assert!(
                 reply.contains(r#""type":"error""#) && reply.contains("bad request"),
                 "{bad}: {reply}"

@@ -273,6 +273,21 @@ pub fn wait_until<T>(timeout: Duration, what: &str, mut f: impl FnMut() -> Optio
     }
 }
 
+/// Sends one raw line to a VM's control socket and returns the raw reply
+/// line: for tests of what the socket does with malformed requests, which
+/// the typed client cannot send.
+pub fn raw_control_request(socket: &Path, line: &str) -> String {
+    use std::io::{BufRead, BufReader, Write};
+    let mut conn = std::os::unix::net::UnixStream::connect(socket).expect("connect");
+    conn.set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("read timeout");
+    conn.write_all(format!("{line}\n").as_bytes())
+        .expect("send");
+    let mut reply = String::new();
+    BufReader::new(conn).read_line(&mut reply).expect("reply");
+    reply
+}
+
 /// Pids of QEMU processes running the VM named `name`.
 pub fn qemu_pids(name: &str) -> Vec<u32> {
     let out = Command::new("pgrep")
