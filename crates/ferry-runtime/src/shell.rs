@@ -502,10 +502,14 @@ fn start_link(stream: UnixStream) -> std::io::Result<Arc<GuestLink>> {
     Ok(link)
 }
 
-fn welcome(conn: &mut UnixStream, w: &ClientWelcome) -> bool {
+fn welcome_line(w: &ClientWelcome) -> Vec<u8> {
     let mut line = serde_json::to_vec(w).expect("json");
     line.push(b'\n');
-    conn.write_all(&line).is_ok()
+    line
+}
+
+fn welcome(conn: &mut UnixStream, w: &ClientWelcome) -> bool {
+    conn.write_all(&welcome_line(w)).is_ok()
 }
 
 fn refuse(conn: &mut UnixStream, kind: &str, message: String) {
@@ -520,12 +524,10 @@ fn refuse(conn: &mut UnixStream, kind: &str, message: String) {
 
 /// Refuses a client whose uid may not use this VM, before its hello is read.
 fn refuse_unread(conn: &mut UnixStream, message: String) {
-    let mut line = serde_json::to_vec(&ClientWelcome::Error {
+    let line = welcome_line(&ClientWelcome::Error {
         message,
         kind: "not-allowed".into(),
-    })
-    .expect("json");
-    line.push(b'\n');
+    });
     crate::control::answer_unread(conn, &line);
 }
 
