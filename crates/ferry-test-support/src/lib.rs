@@ -154,9 +154,14 @@ pub struct VmLock {
 }
 
 /// Serialises VM tests across threads and test binaries. Once the lock is
-/// held, the test's time limit runs ([`watchdog`]).
+/// held, the test's time limit runs ([`watchdog`]). `$FERRY_TEST_VM_LOCK`
+/// names another lock file, so that several checkouts on one host (each
+/// with its own fixtures) still run one VM test at a time.
 pub fn vm_lock() -> VmLock {
-    let lock = lock_file(&fixtures_dir().join("vm.lock"));
+    let path = std::env::var_os("FERRY_TEST_VM_LOCK")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| fixtures_dir().join("vm.lock"));
+    let lock = lock_file(&path);
     VmLock {
         _limit: watchdog::time_limit(watchdog::configured_limit()),
         _lock: lock,
