@@ -463,13 +463,32 @@ impl std::ops::DerefMut for KillOnDrop {
     }
 }
 
+/// How long a guarded child gets to end after SIGTERM before SIGKILL.
+const TERM_GRACE: Duration = Duration::from_secs(8);
+
 impl Drop for KillOnDrop {
+    /// SIGTERM first, so that a foreground `ferry boot` or `ferry peer`
+    /// stops its VM and removes its network namespace (a SIGKILL leaves
+    /// both behind for the next test to trip over); SIGKILL after
+    /// [`TERM_GRACE`].
     fn drop(&mut self) {
-        if let Some(child) = self.0.as_mut() {
-            if let Ok(None) = child.try_wait() {
-                let _ = child.kill();
-                let _ = child.wait();
+        let Some(child) = self.0.as_mut() else { return };
+        if !matches!(child.try_wait(), Ok(None)) {
+            return;
+        }
+        if let Ok(pid) = i32::try_from(child.id()) {
+            // SAFETY: kill(2) with a pid we spawned and have not reaped
+            // (try_wait said it is running), so it cannot be reused yet.
+            unsafe { libc::kill(pid, libc::SIGTERM) };
+            let deadline = Instant::now() + TERM_GRACE;
+            while Instant::now() < deadline {
+                if !matches!(child.try_wait(), Ok(None)) {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(50));
             }
         }
+        let _ = child.kill();
+        let _ = child.wait();
     }
 }
