@@ -119,6 +119,53 @@ fn package_run_suspend_and_run_again_keeps_everything() {
     assert!(out.status.success(), "{}", describe(&out));
 }
 
+/// A package is checked in full beside its first resume; an unchanged
+/// package is not hashed again beside the next (issue 12); one damaged in
+/// place since is checked again and refused.
+#[test]
+fn an_unchanged_package_is_checked_once_and_a_changed_one_again() {
+    let _lock = vm_lock();
+    let env = env();
+    let pkg = copy_of_package(&env, "checked.ferry");
+    let run = |name: &str| {
+        let mut cmd = env.cmd();
+        cmd.args(["run", "--json", "--clone", "--name", name, "--package"])
+            .arg(&pkg);
+        let (mut child, lines) = ferry_test_support::spawn_until(
+            cmd,
+            r#"{"v":1,"type":"live""#,
+            Duration::from_secs(120),
+        );
+        let out = stop(&mut child);
+        assert!(out.status.success(), "{}", describe(&out));
+        lines
+            .iter()
+            .any(|l| l.contains(r#""phase":"package-verified""#))
+    };
+    assert!(run("c1"), "the first run checks every chunk");
+    assert!(
+        !run("c2"),
+        "the second run of the unchanged package does not"
+    );
+
+    // One byte of the kernel section flipped in place, same size.
+    let chunk = Package::open(&pkg)
+        .unwrap()
+        .section(SectionKind::Kernel)
+        .unwrap()
+        .chunks
+        .iter()
+        .flatten()
+        .next()
+        .unwrap()
+        .clone();
+    let mut bytes = std::fs::read(&pkg).unwrap();
+    bytes[(chunk.offset + chunk.stored_len / 2) as usize] ^= 0x55;
+    std::fs::write(&pkg, &bytes).unwrap();
+    let out = run_fails(&env, &pkg);
+    assert!(error_line(&out).contains("corrupt"), "{}", describe(&out));
+}
+
 #[test]
 fn bad_packages_are_refused_and_left_unchanged() {
     let _lock = vm_lock();

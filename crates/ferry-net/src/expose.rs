@@ -295,7 +295,34 @@ pub(crate) fn dial_in(ns: &File, addr: SocketAddr) -> std::io::Result<TcpStream>
     if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
         return Err(std::io::Error::last_os_error());
     }
-    TcpStream::connect_timeout(&addr, DIAL_TIMEOUT)
+    dial_quickly(addr, DIAL_TIMEOUT)
+}
+
+/// How long one attempt of [`dial_quickly`] waits for the guest's answer
+/// before it sends a new SYN.
+const DIAL_ATTEMPT: Duration = Duration::from_millis(100);
+
+/// Connects to `addr` within `limit`, sending a fresh SYN every
+/// [`DIAL_ATTEMPT`] instead of waiting for the kernel's retransmission.
+///
+/// Why: a client that connects while the VM is resuming or switching hosts
+/// makes the proxy dial a guest that is not running yet; that SYN is lost,
+/// and the kernel sends the next one only after its initial RTO of 1 s. A
+/// resumed Redis then answered its first PING over a second after the
+/// guest ran (bench/resume). A refused connection is not retried: the
+/// guest is running and nothing listens there.
+fn dial_quickly(addr: SocketAddr, limit: Duration) -> std::io::Result<TcpStream> {
+    let started = std::time::Instant::now();
+    loop {
+        let left = limit.saturating_sub(started.elapsed());
+        if left.is_zero() {
+            return Err(std::io::ErrorKind::TimedOut.into());
+        }
+        match TcpStream::connect_timeout(&addr, left.min(DIAL_ATTEMPT)) {
+            Err(e) if e.kind() == std::io::ErrorKind::TimedOut => continue,
+            other => return other,
+        }
+    }
 }
 
 /// The destination a REDIRECTed connection was originally sent to.
@@ -339,6 +366,65 @@ mod tests {
             let e = bad.parse::<ExposeSpec>().unwrap_err().to_string();
             assert!(e.contains("--expose"), "{bad}: {e}");
         }
+    }
+
+    /// A listener whose accept queue is full drops SYNs, as a guest that
+    /// is not running yet does. Once it accepts again, a quick dial
+    /// connects within an attempt or two; the kernel's own retransmission
+    /// would take a second.
+    #[test]
+    fn a_dial_to_a_guest_that_drops_syns_connects_soon_after_it_answers() {
+        use std::os::unix::io::FromRawFd;
+        // SAFETY: a new socket; its descriptor is handed to the
+        // TcpListener below, which owns and closes it.
+        let listener = unsafe {
+            let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
+            assert!(fd >= 0);
+            let addr = libc::sockaddr_in {
+                sin_family: libc::AF_INET as libc::sa_family_t,
+                sin_port: 0,
+                sin_addr: libc::in_addr {
+                    s_addr: u32::from(Ipv4Addr::LOCALHOST).to_be(),
+                },
+                sin_zero: [0; 8],
+            };
+            let len = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
+            assert_eq!(
+                libc::bind(fd, &addr as *const _ as *const libc::sockaddr, len),
+                0
+            );
+            assert_eq!(libc::listen(fd, 0), 0);
+            TcpListener::from_raw_fd(fd)
+        };
+        let addr = listener.local_addr().unwrap();
+        // Fill the accept queue until a connect goes unanswered.
+        let mut held = Vec::new();
+        while let Ok(s) = TcpStream::connect_timeout(&addr, Duration::from_millis(200)) {
+            held.push(s);
+            assert!(held.len() < 64, "the accept queue never filled");
+        }
+        let opened = std::time::Instant::now() + Duration::from_millis(300);
+        let acceptor = std::thread::spawn(move || {
+            std::thread::sleep(opened.saturating_duration_since(std::time::Instant::now()));
+            let mut accepted = Vec::new();
+            listener.set_nonblocking(true).unwrap();
+            let until = std::time::Instant::now() + Duration::from_secs(5);
+            while std::time::Instant::now() < until {
+                match listener.accept() {
+                    Ok((s, _)) => accepted.push(s),
+                    Err(_) => std::thread::sleep(Duration::from_millis(5)),
+                }
+            }
+            accepted.len()
+        });
+        let dialled = dial_quickly(addr, Duration::from_secs(5)).expect("connects");
+        let after_open = std::time::Instant::now().saturating_duration_since(opened);
+        assert!(
+            after_open < Duration::from_millis(600),
+            "connected {after_open:?} after the listener accepted again"
+        );
+        drop((dialled, held));
+        assert!(acceptor.join().unwrap() >= 1);
     }
 
     #[test]

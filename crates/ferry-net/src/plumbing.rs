@@ -9,7 +9,7 @@ use std::os::unix::io::AsRawFd;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use crate::iptables::Chain;
+use crate::iptables::{Batch, Chain};
 use crate::ns::Netns;
 use crate::{nl, NetError, NS_VETH_NAME};
 
@@ -60,8 +60,24 @@ fn nat_chain() -> Chain {
 /// Creates namespace `name` with its veth link, addresses, route,
 /// forwarding and NAT. On failure nothing of it is left.
 pub fn provision(name: &str) -> Result<(Netns, NamespaceRecord), NetError> {
+    let mut rules = Batch::default();
+    let (ns, rec) = provision_leaving_rules(name, &mut rules)?;
+    if let Err(e) = rules.apply(Some(&ns), true) {
+        drop(ns);
+        let _ = unprovision(name);
+        return Err(e);
+    }
+    Ok((ns, rec))
+}
+
+/// As [`provision`], but the NAT rules are added to `rules`, for the
+/// caller to apply with its own in one `iptables-restore`.
+pub(crate) fn provision_leaving_rules(
+    name: &str,
+    rules: &mut Batch,
+) -> Result<(Netns, NamespaceRecord), NetError> {
     let ns = Netns::create(name)?;
-    match build(&ns) {
+    match build(&ns, rules) {
         Ok(rec) => Ok((ns, rec)),
         Err(e) => {
             let host_veth = host_veth_name(name);
@@ -73,7 +89,7 @@ pub fn provision(name: &str) -> Result<(Netns, NamespaceRecord), NetError> {
     }
 }
 
-fn build(ns: &Netns) -> Result<NamespaceRecord, NetError> {
+fn build(ns: &Netns, rules: &mut Batch) -> Result<NamespaceRecord, NetError> {
     let host_veth = host_veth_name(ns.name());
     let rec = {
         let _lock = lock()?;
@@ -97,10 +113,10 @@ fn build(ns: &Netns) -> Result<NamespaceRecord, NetError> {
     nl::default_route(ns, rec.host_addr)?;
     set_ip_forward(Some(ns), "1")?;
     let chain = nat_chain();
-    chain.install(Some(ns))?;
+    rules.install(&chain);
     // Whatever the guest's address (blueprints may choose), it leaves as
     // the namespace's veth address.
-    chain.append(Some(ns), &["-o", NS_VETH_NAME, "-j", "MASQUERADE"])?;
+    rules.append(&chain, &["-o", NS_VETH_NAME, "-j", "MASQUERADE"]);
     Ok(rec)
 }
 

@@ -9,7 +9,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use crate::expose::{self, Dialer, ExposeSpec, Proxy};
-use crate::iptables::Chain;
+use crate::iptables::{Batch, Chain};
 use crate::ns::Netns;
 use crate::plumbing::{self, FileLock};
 use crate::{nl, tap, GuestNet, NetError, TAP_MAC, TAP_NAME};
@@ -100,6 +100,8 @@ impl VmNetwork {
                 })
             }
         };
+        // The namespace's NAT, added with the VM's own rules in `finish`.
+        let mut rules = Batch::default();
         let (ns, created) = match Netns::open(&name)? {
             Some(ns) if opts.netns.is_some() => (ns, None),
             existing => {
@@ -110,7 +112,7 @@ impl VmNetwork {
                     drop(existing);
                     plumbing::unprovision(&name)?;
                 }
-                let (ns, rec) = plumbing::provision(&name)?;
+                let (ns, rec) = plumbing::provision_leaving_rules(&name, &mut rules)?;
                 (ns, Some(rec))
             }
         };
@@ -128,7 +130,7 @@ impl VmNetwork {
         if net.created.is_none() && nl::link_exists(Some(&net.ns), TAP_NAME)? {
             nl::delete_link(Some(&net.ns), TAP_NAME)?;
         }
-        finish(net, listeners, opts)
+        finish(net, rules, listeners, opts)
     }
 
     /// The namespace's name.
@@ -214,7 +216,12 @@ impl Drop for VmNetwork {
 /// the host itself: not its loopback, not any address it holds (listed
 /// now, on every interface), not any ferry namespace link
 /// (`10.201.0.0/16`: the host ends and every other VM's namespace).
-fn isolate(net: &mut VmNetwork, g: &GuestNet, gw_port: &str) -> Result<(), NetError> {
+fn isolate(
+    net: &mut VmNetwork,
+    rules: &mut Batch,
+    g: &GuestNet,
+    gw_port: &str,
+) -> Result<(), NetError> {
     let input = Chain {
         table: "filter",
         parent: "INPUT",
@@ -225,13 +232,12 @@ fn isolate(net: &mut VmNetwork, g: &GuestNet, gw_port: &str) -> Result<(), NetEr
         parent: "FORWARD",
         name: "FERRY-GUEST-FWD".into(),
     };
-    let ns = Some(&*net.ns);
     net.guard_chains.push(input.clone());
-    input.install(ns)?;
+    rules.install(&input);
     let gw = format!("{}/32", g.gateway);
     let t = TAP_NAME;
-    input.append(
-        ns,
+    rules.append(
+        &input,
         &[
             "-i",
             t,
@@ -242,23 +248,23 @@ fn isolate(net: &mut VmNetwork, g: &GuestNet, gw_port: &str) -> Result<(), NetEr
             "-j",
             "RETURN",
         ],
-    )?;
-    input.append(
-        ns,
+    );
+    rules.append(
+        &input,
         &[
             "-i", t, "-d", &gw, "-p", "tcp", "--dport", gw_port, "-j", "RETURN",
         ],
-    )?;
-    input.append(ns, &["-i", t, "-j", "DROP"])?;
+    );
+    rules.append(&input, &["-i", t, "-j", "DROP"]);
     net.guard_chains.push(forward.clone());
-    forward.install(ns)?;
+    rules.install(&forward);
     let mut blocked = vec![
         "127.0.0.0/8".to_string(),
         crate::plumbing::POOL_TEXT.to_string(),
     ];
     blocked.extend(nl::host_addresses()?.iter().map(|a| format!("{a}/32")));
     for dest in &blocked {
-        forward.append(ns, &["-i", t, "-d", dest, "-j", "DROP"])?;
+        rules.append(&forward, &["-i", t, "-d", dest, "-j", "DROP"]);
     }
     Ok(())
 }
@@ -267,6 +273,7 @@ fn isolate(net: &mut VmNetwork, g: &GuestNet, gw_port: &str) -> Result<(), NetEr
 /// failure `net` is dropped, which removes what was made so far.
 fn finish(
     mut net: VmNetwork,
+    mut rules: Batch,
     listeners: Vec<std::net::TcpListener>,
     opts: VmNetOptions,
 ) -> Result<VmNetwork, NetError> {
@@ -292,10 +299,10 @@ fn finish(
         name: "FERRY-GW".into(),
     };
     net.gateway_chain = Some(chain.clone());
-    chain.install(Some(&net.ns))?;
+    rules.install(&chain);
     let gw = format!("{}/32", g.gateway);
-    chain.append(
-        Some(&net.ns),
+    rules.append(
+        &chain,
         &[
             "-i",
             TAP_NAME,
@@ -308,8 +315,12 @@ fn finish(
             "--to-ports",
             &gw_port,
         ],
-    )?;
-    isolate(&mut net, &g, &gw_port)?;
+    );
+    isolate(&mut net, &mut rules, &g, &gw_port)?;
+    // A namespace made just now has none of ferry's rules: one
+    // iptables-restore adds them all.
+    let fresh = net.created.is_some();
+    rules.apply(Some(&net.ns), fresh)?;
     let host_ns = Arc::new(crate::ns::current()?);
     let resolve = opts.resolve.unwrap_or_else(|| Arc::new(|_| None));
     let dial_host: Dialer = Arc::new(move |client: &TcpStream| {

@@ -114,7 +114,11 @@ fn cache_file(cache_dir: &Path, qemu_version: &str, probe: &ProbeGuest) -> Optio
         .collect();
     // The kernel by content, not path: every blueprint of one kernel shares
     // the verdict.
-    let kernel = hex::encode(sha2::Sha256::digest(std::fs::read(&probe.kernel).ok()?));
+    let kernel = crate::memo::text(cache_dir, "kernel-sha256", &probe.kernel, || {
+        Some(hex::encode(sha2::Sha256::digest(
+            std::fs::read(&probe.kernel).ok()?,
+        )))
+    })?;
     let key = format!(
         "{qemu_version}|{}|{cpu}|{}|{kernel}",
         uname.trim(),

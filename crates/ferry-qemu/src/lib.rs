@@ -10,6 +10,7 @@
 #![warn(missing_docs)]
 
 mod accel;
+mod memo;
 mod qmp;
 mod version;
 mod vm;
@@ -109,27 +110,35 @@ impl QemuEngine {
         if let Some(v) = self.version.get() {
             return Ok(v.clone());
         }
-        let out = Command::new(&self.qemu)
-            .arg("--version")
-            .output()
-            .map_err(|e| EngineError::Io {
-                context: format!("running {} --version", self.qemu.display()),
-                source: e,
-            })?;
-        let text = String::from_utf8_lossy(&out.stdout);
-        let version = text
-            .lines()
-            .next()
-            .and_then(|l| l.split("version ").nth(1))
-            .map(|v| v.split_whitespace().next().unwrap_or(v).to_string())
-            .and_then(|v| QemuVersion::parse(&v).map(|parsed| (v, parsed)))
-            .ok_or_else(|| {
-                EngineError::StartFailed(format!(
-                    "unexpected QEMU version output from {}: {}",
-                    self.qemu.display(),
-                    text.trim()
-                ))
-            })?;
+        // Remembered per binary (`memo`); only an answer that parses is kept.
+        let mut failed = None;
+        let text = memo::text(
+            &self.cache_dir,
+            "qemu-version",
+            &self.qemu,
+            || match Command::new(&self.qemu).arg("--version").output() {
+                Ok(out) => {
+                    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+                    if parse_version(&text).is_none() {
+                        failed = Some(text);
+                        return None;
+                    }
+                    Some(text)
+                }
+                Err(e) => {
+                    failed = Some(format!("running it failed: {e}"));
+                    None
+                }
+            },
+        )
+        .unwrap_or_else(|| failed.unwrap_or_default());
+        let version = parse_version(&text).ok_or_else(|| {
+            EngineError::StartFailed(format!(
+                "unexpected QEMU version output from {}: {}",
+                self.qemu.display(),
+                text.trim()
+            ))
+        })?;
         Ok(self.version.get_or_init(|| version).clone())
     }
 
@@ -152,6 +161,16 @@ impl QemuEngine {
         }
         Ok(extra)
     }
+}
+
+/// The version in `qemu-system-x86_64 --version`'s first line, as printed
+/// and parsed.
+fn parse_version(text: &str) -> Option<(String, QemuVersion)> {
+    text.lines()
+        .next()
+        .and_then(|l| l.split("version ").nth(1))
+        .map(|v| v.split_whitespace().next().unwrap_or(v).to_string())
+        .and_then(|v| QemuVersion::parse(&v).map(|parsed| (v, parsed)))
 }
 
 /// QEMU's data directories beside a binary installed outside `/usr`
@@ -339,6 +358,7 @@ impl QemuEngine {
             program: &self.qemu,
             data_dirs: &self.data_dirs,
             qemu_img: &self.qemu_img,
+            cache_dir: &self.cache_dir,
             bios: self.bios,
             version: self.qemu_version()?,
         })

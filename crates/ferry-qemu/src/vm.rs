@@ -86,6 +86,8 @@ pub struct Launch<'a> {
     pub data_dirs: &'a [PathBuf],
     /// The image tool of the same QEMU.
     pub qemu_img: &'a Path,
+    /// ferry's cache, where overlay templates are kept (`memo`).
+    pub cache_dir: &'a Path,
     /// The firmware to name with `-bios`, or `None` for QEMU's default.
     pub bios: Option<&'a str>,
     /// Its release.
@@ -151,7 +153,7 @@ impl QemuVm {
         std::fs::create_dir_all(&spec.run_dir)
             .map_err(|e| io(format!("creating {}", spec.run_dir.display()), e))?;
         if let DiskSpec::CopyOnWrite { base, overlay } = &spec.disk {
-            create_overlay(launch.qemu_img, base, overlay)?;
+            create_overlay(launch.qemu_img, launch.cache_dir, base, overlay)?;
         }
         // QEMU would make a missing memory file with the umask's mode
         // (0644): guest RAM is for its owner only, so make it 0600 first
@@ -928,22 +930,53 @@ fn host_tsc_khz() -> Option<u64> {
 /// Creates the copy-on-write overlay: a qcow2 file backed by the pristine
 /// image. Without `qemu-img` (QEMU's system package does not bring it), a
 /// sparse raw copy does the same job, more slowly for large disks.
-fn create_overlay(qemu_img: &Path, base: &Path, overlay: &Path) -> Result<(), EngineError> {
+///
+/// Every overlay of one base is the same small file (the header names the
+/// base by path), so the first is kept in the cache as a template and the
+/// next VMs get a copy of it: a `qemu-img` run less on every start.
+fn create_overlay(
+    qemu_img: &Path,
+    cache_dir: &Path,
+    base: &Path,
+    overlay: &Path,
+) -> Result<(), EngineError> {
     if overlay.exists() {
         return Ok(());
     }
     let base =
         std::fs::canonicalize(base).map_err(|e| io(format!("disk {}", base.display()), e))?;
+    let template = crate::memo::path(cache_dir, "overlay", &base);
+    if let Some(t) = template.as_ref().filter(|t| t.is_file()) {
+        if std::fs::copy(t, overlay).is_ok() {
+            return Ok(());
+        }
+        let _ = std::fs::remove_file(overlay);
+    }
+    run_qemu_img_create(qemu_img, &base, overlay)?;
+    // Only a qcow2 header is worth keeping (not the raw copy made without
+    // qemu-img).
+    let small = std::fs::metadata(overlay).is_ok_and(|m| m.len() <= 4 << 20);
+    if let (Some(t), true) = (template, small) {
+        if let Ok(bytes) = std::fs::read(overlay) {
+            if bytes.starts_with(b"QFI\xfb") {
+                crate::memo::keep(&t, &bytes);
+            }
+        }
+    }
+    Ok(())
+}
+
+fn run_qemu_img_create(qemu_img: &Path, base: &Path, overlay: &Path) -> Result<(), EngineError> {
     let out = match Command::new(qemu_img)
         .args(["create", "-q", "-f", "qcow2", "-F", "raw", "-b"])
-        .arg(&base)
+        .arg(base)
         .arg(overlay)
         .output()
     {
         Ok(out) => out,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             tracing::warn!("qemu-img not found (package qemu-utils): copying the disk instead");
-            return sparse_copy(&base, overlay);
+            return sparse_copy(base, overlay);
         }
         Err(e) => return Err(io("running qemu-img".into(), e)),
     };

@@ -104,3 +104,88 @@ impl SectionCache {
         Ok(path)
     }
 }
+
+/// Packages whose every chunk was checked, remembered under
+/// `$FERRY_CACHE/verified` by the package file's identity (path, device,
+/// inode, size, modification and status-change times), so that a package
+/// run again from a warm cache is not hashed again beside each resume (it
+/// took the guest's CPU and held `live` back by over a second, issue 12).
+/// Any write to the file moves its status-change time, which user space
+/// cannot set back, so a changed package is checked again.
+pub(crate) struct VerifiedPackages {
+    dir: PathBuf,
+}
+
+impl VerifiedPackages {
+    pub(crate) fn new(cache: &Path) -> Self {
+        Self {
+            dir: cache.join("verified"),
+        }
+    }
+
+    /// The stamp `package` has while it is unchanged, or `None` if it
+    /// cannot be read.
+    pub(crate) fn stamp(&self, package: &Path) -> Option<PathBuf> {
+        use sha2::Digest;
+        use std::os::unix::fs::MetadataExt;
+        let canonical = std::fs::canonicalize(package).ok()?;
+        let m = std::fs::metadata(&canonical).ok()?;
+        let identity = format!(
+            "{}|{}|{}|{}|{}.{}|{}.{}",
+            canonical.display(),
+            m.dev(),
+            m.ino(),
+            m.size(),
+            m.mtime(),
+            m.mtime_nsec(),
+            m.ctime(),
+            m.ctime_nsec()
+        );
+        let key = hex::encode(sha2::Sha256::digest(identity.as_bytes()));
+        Some(self.dir.join(&key[..32]))
+    }
+
+    /// Whether `stamp` (from [`Self::stamp`], taken now) says the package
+    /// was checked as it is.
+    pub(crate) fn known(stamp: Option<&Path>) -> bool {
+        stamp.is_some_and(Path::is_file)
+    }
+
+    /// Remembers that the package was checked as it was when `stamp` was
+    /// taken (before the check began: a package changed during the check
+    /// has another identity by now, and is checked again next time).
+    pub(crate) fn remember(&self, stamp: &Path) {
+        let keep = || -> std::io::Result<()> {
+            crate::paths::private_dir(&self.dir)?;
+            let tmp = stamp.with_extension(format!("tmp{}", std::process::id()));
+            std::fs::write(&tmp, b"every chunk checked\n")?;
+            std::fs::rename(&tmp, stamp)
+        };
+        if let Err(e) = keep() {
+            tracing::debug!("not remembering {}: {e}", stamp.display());
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_checked_package_is_known_until_it_is_written() {
+        let dir = tempfile::tempdir().unwrap();
+        let pkg = dir.path().join("p.ferry");
+        std::fs::write(&pkg, b"package").unwrap();
+        let v = VerifiedPackages::new(&dir.path().join("cache"));
+        let stamp = v.stamp(&pkg).unwrap();
+        assert!(!VerifiedPackages::known(Some(&stamp)));
+        v.remember(&stamp);
+        assert!(VerifiedPackages::known(v.stamp(&pkg).as_deref()));
+        // Same size and contents, written again: checked again.
+        std::fs::write(&pkg, b"package").unwrap();
+        assert!(!VerifiedPackages::known(v.stamp(&pkg).as_deref()));
+        assert!(!VerifiedPackages::known(
+            v.stamp(&dir.path().join("gone")).as_deref()
+        ));
+    }
+}

@@ -19,7 +19,7 @@ use ferry_engine::{AccelChoice, Engine, SavedState};
 use ferry_package::{Package, SectionKind, TrustedKeys};
 
 use super::{saved_accel, How, StartPlan};
-use crate::cache::SectionCache;
+use crate::cache::{SectionCache, VerifiedPackages};
 use crate::error::{FileError, StartError};
 use crate::locks::PackageLock;
 use crate::owner::{Held, SaveInfo};
@@ -114,8 +114,12 @@ pub fn plan(
     }
     // Every chunk is checked, so that a damaged package is refused even
     // where the section cache could stand in for it. The check runs beside
-    // the engine's start-up and is awaited before the VM is declared live.
-    let background_check = (!opts.verified).then(|| verify_in_background(pkg.clone()));
+    // the engine's start-up and is awaited before the VM is declared live;
+    // a package checked before and unchanged since is not checked again.
+    let checked = VerifiedPackages::new(&paths.cache);
+    let stamp = checked.stamp(&opts.package);
+    let background_check = (!opts.verified && !VerifiedPackages::known(stamp.as_deref()))
+        .then(|| verify_in_background(pkg.clone(), checked, stamp));
     super::check_host_memory(meta.provenance.memory_mib)?;
     let cache = SectionCache::new(&paths.cache);
     let kernel = cache.get(&pkg, SectionKind::Kernel)?;
@@ -240,8 +244,11 @@ pub fn plan(
 
 /// Checks every chunk of `pkg` on a thread of lower priority: the
 /// engine's start-up comes first.
+/// Remembers a package that passed (`stamp`, taken before the check).
 fn verify_in_background(
     pkg: Arc<Package>,
+    checked: VerifiedPackages,
+    stamp: Option<PathBuf>,
 ) -> std::thread::JoinHandle<Result<u128, ferry_package::PackageError>> {
     std::thread::spawn(move || {
         // SAFETY: setpriority(2) on the calling thread (who = 0); no
@@ -251,6 +258,9 @@ fn verify_in_background(
         }
         let t = Instant::now();
         pkg.verify(&mut |_, _| {})?;
+        if let Some(stamp) = stamp {
+            checked.remember(&stamp);
+        }
         Ok(t.elapsed().as_millis())
     })
 }

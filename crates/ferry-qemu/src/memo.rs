@@ -1,0 +1,119 @@
+//! Facts about files that are slow to learn, remembered in ferry's cache:
+//! a QEMU binary's version (`--version` starts the whole emulator: 15 ms
+//! on an idle host, hundreds on a busy one), a kernel's digest (the key
+//! of the accelerator verdict: 14 MB hashed) and a disk's copy-on-write
+//! overlay (a `qemu-img` run). Every VM start needed all three before its
+//! engine ran (issue 12: ferry's overhead down to the engine's own).
+//!
+//! A fact is keyed by the file's identity: its path, device, inode, size,
+//! modification and status-change times. The status-change time moves on
+//! every write and cannot be set from user space, so a file changed since
+//! is learnt again. Nothing here is trusted beyond that: a memo that
+//! cannot be read or written is learnt again, or not kept.
+
+use std::io::Write;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+
+use sha2::{Digest, Sha256};
+
+/// The memo of `kind` for `file` under `cache_dir`, or `None` if `file`
+/// cannot be read.
+pub(crate) fn path(cache_dir: &Path, kind: &str, file: &Path) -> Option<PathBuf> {
+    let canonical = std::fs::canonicalize(file).ok()?;
+    let m = std::fs::metadata(&canonical).ok()?;
+    let identity = format!(
+        "{kind}|{}|{}|{}|{}|{}.{}|{}.{}",
+        canonical.display(),
+        m.dev(),
+        m.ino(),
+        m.size(),
+        m.mtime(),
+        m.mtime_nsec(),
+        m.ctime(),
+        m.ctime_nsec()
+    );
+    let key = hex::encode(Sha256::digest(identity.as_bytes()));
+    Some(
+        cache_dir
+            .join("memo")
+            .join(format!("{kind}-{}", &key[..32])),
+    )
+}
+
+/// What `learn` says about `file`, from the memo when there is one.
+pub(crate) fn text(
+    cache_dir: &Path,
+    kind: &str,
+    file: &Path,
+    learn: impl FnOnce() -> Option<String>,
+) -> Option<String> {
+    let memo = path(cache_dir, kind, file);
+    if let Some(known) = memo
+        .as_ref()
+        .and_then(|p| std::fs::read_to_string(p).ok())
+        .filter(|t| !t.is_empty())
+    {
+        return Some(known);
+    }
+    let learnt = learn()?;
+    if let Some(p) = memo {
+        keep(&p, learnt.as_bytes());
+    }
+    Some(learnt)
+}
+
+/// Writes `bytes` to `memo` beside, then renames: a reader never sees half
+/// of it. Failures are only logged (the fact is learnt again next time).
+pub(crate) fn keep(memo: &Path, bytes: &[u8]) {
+    let write = || -> std::io::Result<()> {
+        let dir = memo.parent().expect("memo paths have a parent");
+        std::fs::create_dir_all(dir)?;
+        let name = memo.file_name().expect("memo paths have a name");
+        let tmp = dir.join(format!(
+            ".{}.{}.tmp",
+            name.to_string_lossy(),
+            std::process::id()
+        ));
+        let result = std::fs::File::create(&tmp)
+            .and_then(|mut f| f.write_all(bytes))
+            .and_then(|()| std::fs::rename(&tmp, memo));
+        if result.is_err() {
+            let _ = std::fs::remove_file(&tmp);
+        }
+        result
+    };
+    if let Err(e) = write() {
+        tracing::debug!("not remembering {}: {e}", memo.display());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_fact_is_learnt_once_and_again_after_the_file_changes() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("kernel");
+        std::fs::write(&file, b"one").unwrap();
+        let cache = dir.path().join("cache");
+        let mut learnt = 0;
+        let ask = |learnt: &mut u32| {
+            text(&cache, "digest", &file, || {
+                *learnt += 1;
+                Some(format!("{}", std::fs::read(&file).unwrap().len()))
+            })
+        };
+        assert_eq!(ask(&mut learnt).as_deref(), Some("3"));
+        assert_eq!(ask(&mut learnt).as_deref(), Some("3"));
+        assert_eq!(learnt, 1, "the second answer came from the memo");
+        std::fs::write(&file, b"three").unwrap();
+        assert_eq!(ask(&mut learnt).as_deref(), Some("5"));
+        assert_eq!(learnt, 2, "a changed file is learnt again");
+        assert_eq!(
+            text(&cache, "digest", &dir.path().join("missing"), || None),
+            None
+        );
+    }
+}
