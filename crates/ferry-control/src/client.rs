@@ -400,7 +400,18 @@ impl ClusterClient {
 
     /// Follows `GET /v1/events`, calling `each` for every event until it
     /// returns false or the stream ends.
-    pub fn watch(&self, mut each: impl FnMut(ClusterEvent) -> bool) -> Result<(), ClusterError> {
+    pub fn watch(&self, each: impl FnMut(ClusterEvent) -> bool) -> Result<(), ClusterError> {
+        self.watch_from(|| {}, each)
+    }
+
+    /// As [`ClusterClient::watch`], calling `on_open` once the manager has
+    /// accepted the stream: a follower (the operator) looks at everything
+    /// again then, for what changed while it was not connected.
+    pub fn watch_from(
+        &self,
+        on_open: impl FnOnce(),
+        mut each: impl FnMut(ClusterEvent) -> bool,
+    ) -> Result<(), ClusterError> {
         let url = format!("{}/v1/events", self.base);
         let agent = agent(None, self.tls.as_ref());
         let mut r = agent.get(&url);
@@ -424,6 +435,7 @@ impl ClusterClient {
                 detail: detail_of(&bytes),
             });
         }
+        on_open();
         let reader = std::io::BufReader::new(resp.body_mut().as_reader());
         for line in std::io::BufRead::lines(reader) {
             let line = line.map_err(|e| ClusterError::Unreachable {
