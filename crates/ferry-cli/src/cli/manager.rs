@@ -55,6 +55,11 @@ pub struct Args {
     /// over when the leader dies.
     #[arg(long = "leader-ttl-s", value_name = "S", default_value_t = 5, requires = "etcd", value_parser = clap::value_parser!(u64).range(2..))]
     leader_ttl_s: u64,
+    /// The URL clients reach this manager's API at (with --etcd): while
+    /// another manager leads, this one redirects API requests to the
+    /// leader's (default: http(s)://LISTEN, unless --listen is 0.0.0.0).
+    #[arg(long = "api-url", value_name = "URL", requires = "etcd")]
+    api_url: Option<String>,
     /// Seconds a create, move or delete may take before the caller gets an
     /// error.
     #[arg(long = "op-timeout-s", value_name = "S", default_value_t = 900)]
@@ -99,6 +104,7 @@ pub fn run(args: Args, paths: &Paths, ctx: &super::Ctx) -> anyhow::Result<ExitCo
             endpoints,
             prefix: args.etcd_prefix,
             ttl_s: args.leader_ttl_s,
+            api_url: args.api_url,
         }),
     };
     let render = &ctx.render;
