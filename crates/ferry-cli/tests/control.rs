@@ -1493,3 +1493,100 @@ fn suspend_and_resume_through_the_api_keep_the_guests_data() {
     assert!(qemu_pids("kv-sr").is_empty());
     discard_all(n1, &e1);
 }
+
+/// An `https://` registry with a private CA: the manager reads package
+/// descriptions and workers start VMs from it with `--registry-ca`;
+/// without it, each side refuses the certificate and nothing runs.
+#[test]
+fn an_https_registry_is_read_with_registry_ca() {
+    let _lock = vm_lock();
+    let pkg = recipe_package(&env(), "redis");
+    let hosts = TestHosts::create(&["r", "m", "n1"]);
+    let (r, m, n1) = (&hosts["r"], &hosts["m"], &hosts["n1"]);
+    let bin = env!("CARGO_BIN_EXE_ferry");
+    let (er, em, e1) = (r.ferry_env(bin), m.ferry_env(bin), n1.ferry_env(bin));
+    let tls = tls_init(r, &er, "tls");
+    let ca = tls.join("ca.crt");
+    let ca = ca.to_str().unwrap();
+    let listen = format!("0.0.0.0:{REGISTRY_PORT}");
+    let _registry = start(
+        r,
+        &er,
+        &[
+            "registry",
+            "--package",
+            pkg.to_str().unwrap(),
+            "--listen",
+            &listen,
+            "--tls-cert",
+            tls.join("server.crt").to_str().unwrap(),
+            "--tls-key",
+            tls.join("server.key").to_str().unwrap(),
+        ],
+        "listening on ",
+    );
+    let source = format!("https://{}:{REGISTRY_PORT}/", r.addr());
+    let create = |name: &str| {
+        let body = serde_json::json!({"source": source, "node": "node-1", "name": name});
+        curl(
+            m,
+            &[
+                "-X",
+                "POST",
+                "-H",
+                "Content-Type: application/json",
+                "-d",
+                &body.to_string(),
+                "http://localhost:1400/v1/instances",
+            ],
+        )
+    };
+
+    // The manager without --registry-ca cannot read the registry.
+    let mut mgr = manager(m, &em, &[]);
+    let w = worker(n1, &e1, "node-1", m, &[]);
+    let (status, problem) = create("kv1");
+    assert_eq!(status, 400, "{problem}");
+    let detail = problem["detail"].as_str().unwrap().to_lowercase();
+    assert!(
+        detail.contains("certificate") || detail.contains("tls"),
+        "{problem}"
+    );
+    mgr.kill().unwrap();
+    let _ = mgr.wait();
+
+    // With it, the manager reads it; the worker without it cannot.
+    let _mgr = manager(m, &em, &["--registry-ca", ca]);
+    wait_until(Duration::from_secs(30), "node-1 to register again", || {
+        (status_of(m, "http://localhost:1400/v1/nodes/node-1") == Some(200)).then_some(())
+    });
+    let (status, problem) = create("kv2");
+    assert!(status >= 400, "{status} {problem}");
+    let detail = problem["detail"].as_str().unwrap().to_lowercase();
+    assert!(
+        detail.contains("certificate") || detail.contains("tls"),
+        "{problem}"
+    );
+    assert!(running_on(n1, &e1).is_empty());
+    drop(w);
+
+    // The worker with it: the VM runs from the https registry.
+    let _w = worker(n1, &e1, "node-1", m, &["--registry-ca", ca]);
+    let (status, inst) = create("kv3");
+    assert_eq!(status, 201, "{inst}");
+    assert_eq!(inst["state"], "running", "{inst}");
+    assert_eq!(inst["source"], source.as_str(), "{inst}");
+    assert_eq!(running_on(n1, &e1), ["kv3"]);
+    for name in ["kv2", "kv3"] {
+        let _ = curl(
+            m,
+            &[
+                "-X",
+                "DELETE",
+                &format!("http://localhost:1400/v1/instances/{name}"),
+            ],
+        );
+    }
+    assert!(running_on(n1, &e1).is_empty());
+    discard_all(n1, &e1);
+}

@@ -42,6 +42,9 @@ pub struct WorkerConfig {
     /// TLS to the manager (`--ca`, `--client-cert`, `--client-key`): a
     /// bare `HOST:PORT` is then `https://`.
     pub tls: Option<ferry_transport::ClientTls>,
+    /// TLS for https:// registries (`--registry-ca`): the VMs it starts
+    /// from a registry fetch their package with it.
+    pub registry_tls: Option<ferry_transport::ClientTls>,
     /// The address instances and exposed ports are reached at.
     pub advertise: IpAddr,
     /// The lease, seconds.
@@ -482,7 +485,7 @@ impl Worker {
             from: StartFrom::Peer {
                 source: source.to_string(),
                 registry_token,
-                registry_tls: None,
+                registry_tls: self.config.registry_tls.clone(),
                 migrate_token: Some(token.clone()),
                 serve_token: serve_token.cloned(),
                 listen: Some(listen),

@@ -31,6 +31,11 @@ pub struct Args {
     /// descriptions with it and hands it to the node that creates.
     #[arg(long = "registry-token-file", value_name = "FILE")]
     registry_token_file: Option<PathBuf>,
+    /// Trust this CA (PEM) for https:// registries instead of the public
+    /// roots, when reading package descriptions (workers take their own
+    /// --registry-ca).
+    #[arg(long = "registry-ca", value_name = "FILE")]
+    registry_ca: Option<PathBuf>,
     /// TLS on both listeners (the API and the workers' link).
     #[command(flatten)]
     tls: super::tls::ServerTlsArgs,
@@ -99,6 +104,14 @@ pub fn run(args: Args, paths: &Paths, ctx: &super::Ctx) -> anyhow::Result<ExitCo
         op_timeout: Duration::from_secs(args.op_timeout_s),
         registry_timeout: Duration::from_secs(30),
         registry_token,
+        registry_tls: args
+            .registry_ca
+            .map(|p| std::path::absolute(&p).unwrap_or(p))
+            .map(|ca| ferry_transport::ClientTls {
+                ca: Some(ca),
+                client_cert: None,
+                client_key: None,
+            }),
         tls,
         etcd: args.etcd.map(|endpoints| manager::EtcdConfig {
             endpoints,

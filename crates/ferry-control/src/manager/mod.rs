@@ -53,6 +53,9 @@ pub struct ManagerConfig {
     /// The registries' token, if they need one: the manager reads package
     /// descriptions with it and hands it to the node that creates.
     pub registry_token: Option<ferry_transport::Token>,
+    /// TLS for https:// registries (`--registry-ca`), when the manager
+    /// reads a package's description.
+    pub registry_tls: Option<ferry_transport::ClientTls>,
     /// Speak only TLS on both listeners (`--tls-cert`, `--tls-key`,
     /// `--client-ca`), each handshake bounded by
     /// [`ferry_transport::TLS_HANDSHAKE_DEADLINE`].
@@ -330,6 +333,7 @@ pub fn run(
         shared: shared.clone(),
         token: config.token.clone(),
         registry_timeout: config.registry_timeout,
+        registry_tls: config.registry_tls.clone(),
     };
     let tls = config.tls.clone();
     rt.block_on(async move {
