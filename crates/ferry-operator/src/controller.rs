@@ -493,11 +493,36 @@ async fn apply(
     Ok(action)
 }
 
+/// What to do with a failed VM, recreated `done` times in a row so far,
+/// the last time `since_last_s` ago.
+#[derive(Debug, PartialEq, Eq)]
+enum Recreate {
+    /// Recreate it now.
+    Now,
+    /// Wait this many seconds more.
+    Wait(u64),
+    /// Give up: it failed after [`MAX_RECREATIONS`] recreations.
+    GiveUp,
+}
+
+/// At once the first time; then 10 s, 20 s, 40 s, 80 s after the last
+/// recreation; never more than [`MAX_RECREATIONS`] in a row.
+fn recreate_step(done: u32, since_last_s: Option<u64>) -> Recreate {
+    if done >= MAX_RECREATIONS {
+        return Recreate::GiveUp;
+    }
+    let wait = (RECREATE_BACKOFF * (1u32 << done.min(10))).as_secs();
+    match since_last_s {
+        Some(s) if done > 0 && s < wait => Recreate::Wait(wait - s),
+        _ => Recreate::Now,
+    }
+}
+
 /// A VM the manager reports `failed` (it could not start, it crashed, or
 /// it vanished from its node) is recreated on `spec.nodeName` from
 /// `spec.packageRaddr`: its failed record is deleted, then it is created
-/// as new. At most [`MAX_RECREATIONS`] times in a row, waiting 5 s, 10 s,
-/// 20 s … before each (`status.recreations`, `status.lastRecreateTime`:
+/// as new. At most [`MAX_RECREATIONS`] times in a row, with backoff
+/// ([`recreate_step`]; `status.recreations`, `status.lastRecreateTime`:
 /// kept across operator restarts); then it stays `Failed` and the
 /// Degraded condition says to delete the Instance and apply it again. A
 /// `lost` VM is never recreated: it may still run on its node.
@@ -517,19 +542,6 @@ async fn recreate(
     st.state(State::Failed);
     st.set("Ready", false, "Failed", why.clone());
     let done = st.new.recreations.unwrap_or(0);
-    if done >= MAX_RECREATIONS {
-        let msg = format!(
-            "{why}; recreated {done} times and it failed again: the operator gave up. Look at node {} and the package, then delete the Instance and apply it again",
-            vm.node
-        );
-        st.set("Degraded", true, "RecreateLimit", msg.clone());
-        if st.condition_changed("Degraded") {
-            event(ctx, inst, true, "RecreateLimit", msg).await;
-        }
-        st.write(api, inst).await?;
-        return Ok(Action::requeue(RESYNC));
-    }
-    let wait = RECREATE_BACKOFF * (1u32 << done.min(10));
     let since = st
         .new
         .last_recreate_time
@@ -541,11 +553,20 @@ async fn recreate(
                 .as_secs()
                 .max(0) as u64
         });
-    if let Some(left) = since
-        .filter(|_| done > 0)
-        .map(|s| wait.as_secs().saturating_sub(s))
-        .filter(|l| *l > 0)
-    {
+    let step = recreate_step(done, since);
+    if step == Recreate::GiveUp {
+        let msg = format!(
+            "{why}; recreated {done} times and it failed again: the operator gave up. Look at node {} and the package, then delete the Instance and apply it again",
+            vm.node
+        );
+        st.set("Degraded", true, "RecreateLimit", msg.clone());
+        if st.condition_changed("Degraded") {
+            event(ctx, inst, true, "RecreateLimit", msg).await;
+        }
+        st.write(api, inst).await?;
+        return Ok(Action::requeue(RESYNC));
+    }
+    if let Recreate::Wait(left) = step {
         let msg = format!(
             "{why}; recreating it in {left} s (try {} of {MAX_RECREATIONS})",
             done + 1
@@ -858,6 +879,22 @@ mod tests {
         assert_ne!(st.new.conditions[0].last_transition_time, first);
         assert!(st.condition_changed("Ready"));
         assert_eq!(st.new.conditions.len(), 1, "one condition per type");
+    }
+
+    #[test]
+    fn a_failed_vm_is_recreated_a_bounded_number_of_times_with_backoff() {
+        assert_eq!(recreate_step(0, None), Recreate::Now);
+        assert_eq!(recreate_step(0, Some(0)), Recreate::Now);
+        assert_eq!(recreate_step(1, Some(3)), Recreate::Wait(7));
+        assert_eq!(recreate_step(1, Some(10)), Recreate::Now);
+        assert_eq!(recreate_step(2, Some(5)), Recreate::Wait(15));
+        assert_eq!(recreate_step(4, Some(79)), Recreate::Wait(1));
+        assert_eq!(recreate_step(4, None), Recreate::Now);
+        assert_eq!(
+            recreate_step(MAX_RECREATIONS, Some(1_000)),
+            Recreate::GiveUp
+        );
+        assert_eq!(recreate_step(MAX_RECREATIONS + 3, None), Recreate::GiveUp);
     }
 
     #[test]
