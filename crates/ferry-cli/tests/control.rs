@@ -868,7 +868,12 @@ fn with_etcd_a_follower_takes_over_when_the_leader_dies() {
     let f2: Vec<&str> = f2.iter().map(String::as_str).collect();
     let _follower = manager(m2, &em2, &f2);
     // A follower redirects API requests to the leader (307 keeps the
-    // method and the body); curl -L and `ferry cluster` follow it.
+    // method and the body); curl -L and `ferry cluster` follow it. (Until
+    // its first campaign has read who leads, a few milliseconds after it
+    // listens, it answers 503 "none yet".)
+    wait_until(Duration::from_secs(10), "m2 to know the leader", || {
+        (status_of(m2, "http://localhost:1400/v1/nodes") == Some(307)).then_some(())
+    });
     let out = m2
         .cmd("curl")
         .args([
