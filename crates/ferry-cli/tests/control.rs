@@ -1023,6 +1023,18 @@ fn with_etcd_a_follower_takes_over_when_the_leader_dies() {
         ],
     );
     assert!(running_on(n2, &e2).is_empty());
+    // Its supervisor (which refused the replay) ends too: nothing is left.
+    wait_until(
+        Duration::from_secs(30),
+        "the VM's supervisor to end",
+        || {
+            let out = std::process::Command::new("pgrep")
+                .args(["-f", &format!("supervise --ready-fd [0-9]+ {name}$")])
+                .output()
+                .unwrap();
+            (out.stdout.is_empty() && qemu_pids(&name).is_empty()).then_some(())
+        },
+    );
     drop(workers);
     discard_all(n1, &e1);
     discard_all(n2, &e2);
