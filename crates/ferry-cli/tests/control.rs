@@ -777,25 +777,38 @@ fn etcd_binary() -> String {
     String::from_utf8_lossy(&out.stdout).trim().to_string()
 }
 
+/// The stored record of instance `name` in etcd (the manager's own view,
+/// with what the API never shows: its credential).
+fn etcd_record(e: &Host, client_url: &str, name: &str) -> Value {
+    let script = format!(
+        "k=$(printf %s /ferry/instances/{name} | base64 -w0); curl -sS --max-time 10 -X POST {client_url}/v3/kv/range -d \"{{\\\"key\\\":\\\"$k\\\"}}\" | sed -n 's/.*\"value\":\"\\([^\"]*\\)\".*/\\1/p' | base64 -d"
+    );
+    let out = e.cmd("sh").args(["-c", &script]).output().unwrap();
+    assert!(out.status.success(), "{}", describe(&out));
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|_| panic!("{}", describe(&out)))
+}
+
 #[test]
 fn with_etcd_a_follower_takes_over_when_the_leader_dies() {
     let _lock = vm_lock();
     let pkg = recipe_package(&env(), "redis");
     let etcd = etcd_binary();
-    let hosts = TestHosts::create(&["e", "r", "m1", "m2", "n1"]);
-    let (e, r, m1, m2, n1) = (
+    let hosts = TestHosts::create(&["e", "r", "m1", "m2", "n1", "n2"]);
+    let (e, r, m1, m2, n1, n2) = (
         &hosts["e"],
         &hosts["r"],
         &hosts["m1"],
         &hosts["m2"],
         &hosts["n1"],
+        &hosts["n2"],
     );
     let bin = env!("CARGO_BIN_EXE_ferry");
-    let (er, em1, em2, e1) = (
+    let (er, em1, em2, e1, e2) = (
         r.ferry_env(bin),
         m1.ferry_env(bin),
         m2.ferry_env(bin),
         n1.ferry_env(bin),
+        n2.ferry_env(bin),
     );
     let data = tempfile::tempdir().unwrap();
     let client_url = format!("http://{}:2379", e.addr());
@@ -824,34 +837,82 @@ fn with_etcd_a_follower_takes_over_when_the_leader_dies() {
             .then_some(())
     });
     let _registry = registry(r, &er, &pkg, REGISTRY_PORT, None);
-    let etcd_flags = ["--etcd", client_url.as_str(), "--leader-ttl-s", "3"];
-    let mut leader = manager(m1, &em1, &etcd_flags);
+    // Each manager listens on every address of its host (loopback for
+    // the checks below, its own for the other hosts) and says at which
+    // URL clients reach it.
+    let (url1, url2) = (
+        format!("http://{}:1400", m1.addr()),
+        format!("http://{}:1400", m2.addr()),
+    );
+    let etcd_flags = |url: &str| -> Vec<String> {
+        [
+            "--etcd",
+            client_url.as_str(),
+            "--leader-ttl-s",
+            "3",
+            "--listen",
+            "0.0.0.0:1400",
+            "--api-url",
+            url,
+        ]
+        .map(String::from)
+        .to_vec()
+    };
+    let f1 = etcd_flags(&url1);
+    let f1: Vec<&str> = f1.iter().map(String::as_str).collect();
+    let mut leader = manager(m1, &em1, &f1);
     wait_until(Duration::from_secs(30), "m1 to lead", || {
         (status_of(m1, "http://localhost:1400/v1/nodes") == Some(200)).then_some(())
     });
-    let _follower = manager(m2, &em2, &etcd_flags);
-    let (status, problem) = curl(m2, &["http://localhost:1400/v1/nodes"]);
-    assert_eq!(status, 503, "a follower does not serve: {problem}");
-    assert!(
-        problem["detail"].as_str().unwrap().contains("follower"),
-        "{problem}"
+    let f2 = etcd_flags(&url2);
+    let f2: Vec<&str> = f2.iter().map(String::as_str).collect();
+    let _follower = manager(m2, &em2, &f2);
+    // A follower redirects API requests to the leader (307 keeps the
+    // method and the body); curl -L and `ferry cluster` follow it. (Until
+    // its first campaign has read who leads, a few milliseconds after it
+    // listens, it answers 503 "none yet".)
+    wait_until(Duration::from_secs(10), "m2 to know the leader", || {
+        (status_of(m2, "http://localhost:1400/v1/nodes") == Some(307)).then_some(())
+    });
+    let out = m2
+        .cmd("curl")
+        .args([
+            "-sS",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code} %{redirect_url}",
+        ])
+        .arg("http://localhost:1400/v1/nodes?x=1")
+        .output()
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        format!("307 {url1}/v1/nodes?x=1"),
+        "{}",
+        describe(&out)
     );
+    let (status, nodes) = curl(m2, &["-L", "http://localhost:1400/v1/nodes"]);
+    assert_eq!(status, 200, "{nodes}");
 
     let plane = format!("{}:{LINK_PORT},{}:{LINK_PORT}", m1.addr(), m2.addr());
-    let mut worker_cmd = n1.ferry(&e1);
-    worker_cmd
-        .args([
-            "worker",
-            "--name",
-            "node-1",
-            "--host-interface",
-            "eth0",
-            "--lease-s",
-            "3",
-        ])
-        .args(["--control-plane", &plane, "--insecure"])
-        .current_dir(e1.state.path());
-    let _w1 = spawn_until(worker_cmd, "registered as node ", Duration::from_secs(60)).0;
+    let mut workers = Vec::new();
+    for (n, env, name) in [(n1, &e1, "node-1"), (n2, &e2, "node-2")] {
+        let mut worker_cmd = n.ferry(env);
+        worker_cmd
+            .args([
+                "worker",
+                "--name",
+                name,
+                "--host-interface",
+                "eth0",
+                "--lease-s",
+                "3",
+            ])
+            .args(["--control-plane", &plane, "--insecure"])
+            .current_dir(env.state.path());
+        workers.push(spawn_until(worker_cmd, "registered as node ", Duration::from_secs(60)).0);
+    }
     let created = ok(
         m1,
         &[
@@ -863,10 +924,70 @@ fn with_etcd_a_follower_takes_over_when_the_leader_dies() {
             ),
         ],
     );
-    let address = created.as_str().unwrap().to_string();
+    let first = created.as_str().unwrap().to_string();
+    let name = ok(m1, &["http://localhost:1400/v1/instances"])[0]["name"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let spent = etcd_record(e, &client_url, &name)["token"]
+        .as_str()
+        .unwrap()
+        .to_string();
+
+    // A move through the follower (redirected to the leader), with
+    // `ferry cluster`: the instance takes a fresh credential with it.
+    let out = m2
+        .ferry(&em2)
+        .args([
+            "cluster",
+            "--json",
+            "--manager",
+            &url2,
+            "migrate",
+            &name,
+            "node-2",
+        ])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", describe(&out));
+    let moved: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(moved["node"], "node-2", "{moved}");
+    let address = moved["address"].as_str().unwrap().to_string();
+    assert_ne!(address, first);
+    let rec = etcd_record(e, &client_url, &name);
+    let now = rec["token"].as_str().unwrap();
+    assert_ne!(now, spent, "each move has its own credential");
+    assert!(rec.get("pending_token").is_none(), "{rec}");
+
+    // The first move's credential replayed against the instance's new
+    // address: refused, and the VM stays where it is.
+    let thief = n1.ferry_env(bin);
+    let spent_file = thief.state.path().join("spent-token");
+    std::fs::write(&spent_file, &spent).unwrap();
+    let err_file = thief.state.path().join("peer.err");
+    let mut replay = n1.ferry(&thief);
+    replay
+        .args(["peer", "--from", &address, "--insecure", "--name", "stolen"])
+        .arg("--migrate-token-file")
+        .arg(&spent_file)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&err_file).unwrap());
+    let mut replay = KillOnDrop::new(replay.spawn().unwrap());
+    let status = wait_until(Duration::from_secs(120), "the replay to end", || {
+        replay.try_wait().unwrap()
+    });
+    let err = std::fs::read_to_string(&err_file).unwrap();
+    assert!(!status.success(), "a spent credential moved the VM: {err}");
+    assert!(err.contains("wrong token"), "{err}");
+    assert_eq!(
+        running_on(n2, &e2),
+        std::slice::from_ref(&name),
+        "the VM stays on node-2"
+    );
+    assert!(running_on(n1, &thief).is_empty());
 
     // The leader dies; the follower takes over within a few seconds and
-    // serves the same records; the worker finds it.
+    // serves the same records; the workers find it.
     leader.kill().unwrap();
     let _ = leader.wait();
     let took_over = std::time::Instant::now();
@@ -881,13 +1002,18 @@ fn with_etcd_a_follower_takes_over_when_the_leader_dies() {
     );
     assert_eq!(list.as_array().unwrap().len(), 1, "{list}");
     assert_eq!(list[0]["address"], address.as_str(), "{list}");
-    wait_until(Duration::from_secs(30), "node-1 to report to m2", || {
+    wait_until(Duration::from_secs(30), "the nodes to report to m2", || {
         let nodes = ok(m2, &["http://localhost:1400/v1/nodes"]);
-        (nodes[0]["state"] == "ready" && on_node(m2, "node-1").len() == 1).then_some(())
+        (nodes
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|n| n["state"] == "ready")
+            && on_node(m2, "node-2").len() == 1)
+            .then_some(())
     });
     let i = ok(m2, &["http://localhost:1400/v1/instances"]);
     assert_eq!(i[0]["state"], "running", "{i}");
-    let name = i[0]["name"].as_str().unwrap().to_string();
     ok(
         m2,
         &[
@@ -896,8 +1022,22 @@ fn with_etcd_a_follower_takes_over_when_the_leader_dies() {
             &format!("http://localhost:1400/v1/instances/{name}"),
         ],
     );
-    assert!(running_on(n1, &e1).is_empty());
+    assert!(running_on(n2, &e2).is_empty());
+    // Its supervisor (which refused the replay) ends too: nothing is left.
+    wait_until(
+        Duration::from_secs(30),
+        "the VM's supervisor to end",
+        || {
+            let out = std::process::Command::new("pgrep")
+                .args(["-f", &format!("supervise --ready-fd [0-9]+ {name}$")])
+                .output()
+                .unwrap();
+            (out.stdout.is_empty() && qemu_pids(&name).is_empty()).then_some(())
+        },
+    );
+    drop(workers);
     discard_all(n1, &e1);
+    discard_all(n2, &e2);
 }
 
 /// `ferry tls init DIR` on the test host `m` (server certificate valid for
@@ -1368,5 +1508,102 @@ fn suspend_and_resume_through_the_api_keep_the_guests_data() {
     let deleted = cluster(m, &em, &["delete", "kv-sr"]);
     assert!(deleted.status.success(), "{}", describe(&deleted));
     assert!(qemu_pids("kv-sr").is_empty());
+    discard_all(n1, &e1);
+}
+
+/// An `https://` registry with a private CA: the manager reads package
+/// descriptions and workers start VMs from it with `--registry-ca`;
+/// without it, each side refuses the certificate and nothing runs.
+#[test]
+fn an_https_registry_is_read_with_registry_ca() {
+    let _lock = vm_lock();
+    let pkg = recipe_package(&env(), "redis");
+    let hosts = TestHosts::create(&["r", "m", "n1"]);
+    let (r, m, n1) = (&hosts["r"], &hosts["m"], &hosts["n1"]);
+    let bin = env!("CARGO_BIN_EXE_ferry");
+    let (er, em, e1) = (r.ferry_env(bin), m.ferry_env(bin), n1.ferry_env(bin));
+    let tls = tls_init(r, &er, "tls");
+    let ca = tls.join("ca.crt");
+    let ca = ca.to_str().unwrap();
+    let listen = format!("0.0.0.0:{REGISTRY_PORT}");
+    let _registry = start(
+        r,
+        &er,
+        &[
+            "registry",
+            "--package",
+            pkg.to_str().unwrap(),
+            "--listen",
+            &listen,
+            "--tls-cert",
+            tls.join("server.crt").to_str().unwrap(),
+            "--tls-key",
+            tls.join("server.key").to_str().unwrap(),
+        ],
+        "listening on ",
+    );
+    let source = format!("https://{}:{REGISTRY_PORT}/", r.addr());
+    let create = |name: &str| {
+        let body = serde_json::json!({"source": source, "node": "node-1", "name": name});
+        curl(
+            m,
+            &[
+                "-X",
+                "POST",
+                "-H",
+                "Content-Type: application/json",
+                "-d",
+                &body.to_string(),
+                "http://localhost:1400/v1/instances",
+            ],
+        )
+    };
+
+    // The manager without --registry-ca cannot read the registry.
+    let mut mgr = manager(m, &em, &[]);
+    let w = worker(n1, &e1, "node-1", m, &[]);
+    let (status, problem) = create("kv1");
+    assert_eq!(status, 400, "{problem}");
+    let detail = problem["detail"].as_str().unwrap().to_lowercase();
+    assert!(
+        detail.contains("certificate") || detail.contains("tls"),
+        "{problem}"
+    );
+    mgr.kill().unwrap();
+    let _ = mgr.wait();
+
+    // With it, the manager reads it; the worker without it cannot.
+    let _mgr = manager(m, &em, &["--registry-ca", ca]);
+    wait_until(Duration::from_secs(30), "node-1 to register again", || {
+        (status_of(m, "http://localhost:1400/v1/nodes/node-1") == Some(200)).then_some(())
+    });
+    let (status, problem) = create("kv2");
+    assert!(status >= 400, "{status} {problem}");
+    let detail = problem["detail"].as_str().unwrap().to_lowercase();
+    assert!(
+        detail.contains("certificate") || detail.contains("tls"),
+        "{problem}"
+    );
+    assert!(running_on(n1, &e1).is_empty());
+    drop(w);
+
+    // The worker with it: the VM runs from the https registry.
+    let _w = worker(n1, &e1, "node-1", m, &["--registry-ca", ca]);
+    let (status, inst) = create("kv3");
+    assert_eq!(status, 201, "{inst}");
+    assert_eq!(inst["state"], "running", "{inst}");
+    assert_eq!(inst["source"], source.as_str(), "{inst}");
+    assert_eq!(running_on(n1, &e1), ["kv3"]);
+    for name in ["kv2", "kv3"] {
+        let _ = curl(
+            m,
+            &[
+                "-X",
+                "DELETE",
+                &format!("http://localhost:1400/v1/instances/{name}"),
+            ],
+        );
+    }
+    assert!(running_on(n1, &e1).is_empty());
     discard_all(n1, &e1);
 }

@@ -37,6 +37,7 @@ fn main() {
                 last_error: None,
             },
             token: "0".repeat(32),
+            pending_token: None,
             expose: vec!["16379:6379".into()],
         };
         store.put_instance(&rec).expect("write a record");

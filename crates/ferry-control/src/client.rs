@@ -30,6 +30,9 @@ fn base_url(addr: &str, tls: bool) -> String {
 fn agent(read_timeout: Option<Duration>, tls: Option<&ureq::tls::TlsConfig>) -> ureq::Agent {
     let mut config = ureq::Agent::config_builder()
         .http_status_as_error(false)
+        // Redirects (a follower manager's 307 to its leader) are followed
+        // by the callers, which keep the token: ureq would drop it.
+        .max_redirects(0)
         .timeout_connect(Some(Duration::from_secs(5)))
         .timeout_recv_response(read_timeout)
         .timeout_recv_body(read_timeout)
@@ -47,6 +50,9 @@ const TLS_FIX: &str = "pass --ca FILE with the manager's CA (and --client-cert/-
 enum Answer {
     /// The server answered.
     Status(u16, Vec<u8>),
+    /// It redirected (307/308) to this URL: a follower manager names its
+    /// leader so.
+    Redirect(String),
     /// It could not be reached.
     Unreachable(String),
     /// The TLS handshake failed: trying again will not help.
@@ -87,6 +93,11 @@ fn exchange(
     match result {
         Ok(mut resp) => {
             let status = resp.status().as_u16();
+            if matches!(status, 307 | 308) {
+                if let Some(to) = redirect_target(url, &resp) {
+                    return Answer::Redirect(to);
+                }
+            }
             let mut bytes = Vec::new();
             if let Err(e) = resp.body_mut().as_reader().read_to_end(&mut bytes) {
                 return Answer::Unreachable(format!("reading the answer: {e}"));
@@ -99,6 +110,25 @@ fn exchange(
         Err(e) => Answer::Unreachable(e.to_string()),
     }
 }
+
+/// The absolute URL a 307/308 answer to `url` points at.
+fn redirect_target(url: &str, resp: &ureq::http::Response<ureq::Body>) -> Option<String> {
+    let loc = resp.headers().get("location")?.to_str().ok()?;
+    if loc.starts_with("http://") || loc.starts_with("https://") {
+        return Some(loc.to_string());
+    }
+    // A path: on the same scheme, host and port.
+    let scheme_end = url.find("://")? + 3;
+    let host_end = url[scheme_end..]
+        .find('/')
+        .map(|i| scheme_end + i)
+        .unwrap_or(url.len());
+    loc.starts_with('/')
+        .then(|| format!("{}{loc}", &url[..host_end]))
+}
+
+/// How many redirects a call follows (a follower to its leader is one).
+const MAX_REDIRECTS: usize = 3;
 
 /// The detail of a problem JSON body, or the body as text.
 fn detail_of(body: &[u8]) -> String {
@@ -207,6 +237,9 @@ impl LinkClient {
         let body = body.map(|b| serde_json::to_vec(b).expect("a link message serialises"));
         match exchange(&self.agent, method, &url, self.token.as_deref(), body) {
             Answer::Status(503, bytes) => Err(LinkError::Follower(detail_of(&bytes))),
+            Answer::Redirect(to) => Err(LinkError::Follower(format!(
+                "{url} is a follower: its leader is {to}"
+            ))),
             Answer::Status(204, _) => Ok(None),
             Answer::Status(200, bytes) => serde_json::from_slice(&bytes).map(Some).map_err(|e| {
                 LinkError::Unreachable(format!("the manager's answer to {path}: {e}"))
@@ -333,9 +366,36 @@ impl ClusterClient {
         path: &str,
         body: Option<&impl Serialize>,
     ) -> Result<T, ClusterError> {
-        let url = format!("{}{path}", self.base);
+        let mut url = format!("{}{path}", self.base);
         let body = body.map(|b| serde_json::to_vec(b).expect("a request serialises"));
-        match exchange(&self.agent, method, &url, self.token.as_deref(), body) {
+        let mut answer = exchange(
+            &self.agent,
+            method,
+            &url,
+            self.token.as_deref(),
+            body.clone(),
+        );
+        // A follower manager redirects to its leader: ask it, with the
+        // same token and body.
+        for _ in 0..MAX_REDIRECTS {
+            let Answer::Redirect(to) = &answer else {
+                break;
+            };
+            tracing::debug!(from = url, to, "following a redirect");
+            url = to.clone();
+            answer = exchange(
+                &self.agent,
+                method,
+                &url,
+                self.token.as_deref(),
+                body.clone(),
+            );
+        }
+        match answer {
+            Answer::Redirect(to) => Err(ClusterError::Unreachable {
+                url,
+                detail: format!("more than {MAX_REDIRECTS} redirects (the last to {to})"),
+            }),
             Answer::Status(s, bytes) if (200..300).contains(&s) => serde_json::from_slice(&bytes)
                 .map_err(|e| ClusterError::Unreachable {
                     url,
@@ -400,21 +460,42 @@ impl ClusterClient {
 
     /// Follows `GET /v1/events`, calling `each` for every event until it
     /// returns false or the stream ends.
-    pub fn watch(&self, mut each: impl FnMut(ClusterEvent) -> bool) -> Result<(), ClusterError> {
-        let url = format!("{}/v1/events", self.base);
+    pub fn watch(&self, each: impl FnMut(ClusterEvent) -> bool) -> Result<(), ClusterError> {
+        self.watch_from(|| {}, each)
+    }
+
+    /// As [`ClusterClient::watch`], calling `on_open` once the manager has
+    /// accepted the stream: a follower (the operator) looks at everything
+    /// again then, for what changed while it was not connected.
+    pub fn watch_from(
+        &self,
+        on_open: impl FnOnce(),
+        mut each: impl FnMut(ClusterEvent) -> bool,
+    ) -> Result<(), ClusterError> {
+        let mut url = format!("{}/v1/events", self.base);
         let agent = agent(None, self.tls.as_ref());
-        let mut r = agent.get(&url);
-        if let Some(t) = &self.token {
-            r = r.header("Authorization", &format!("Bearer {t}"));
-        }
-        let mut resp = r.call().map_err(|e| ClusterError::Unreachable {
-            url: url.clone(),
-            detail: if ferry_transport::is_tls_failure(&e) {
-                format!("the TLS handshake failed ({e}): {TLS_FIX}")
-            } else {
-                e.to_string()
-            },
-        })?;
+        let mut hops = 0;
+        let mut resp = loop {
+            let mut r = agent.get(&url);
+            if let Some(t) = &self.token {
+                r = r.header("Authorization", &format!("Bearer {t}"));
+            }
+            let resp = r.call().map_err(|e| ClusterError::Unreachable {
+                url: url.clone(),
+                detail: if ferry_transport::is_tls_failure(&e) {
+                    format!("the TLS handshake failed ({e}): {TLS_FIX}")
+                } else {
+                    e.to_string()
+                },
+            })?;
+            match redirect_target(&url, &resp) {
+                Some(to) if hops < MAX_REDIRECTS && matches!(resp.status().as_u16(), 307 | 308) => {
+                    hops += 1;
+                    url = to;
+                }
+                _ => break resp,
+            }
+        };
         let status = resp.status().as_u16();
         if status != 200 {
             let mut bytes = Vec::new();
@@ -424,6 +505,7 @@ impl ClusterClient {
                 detail: detail_of(&bytes),
             });
         }
+        on_open();
         let reader = std::io::BufReader::new(resp.body_mut().as_reader());
         for line in std::io::BufRead::lines(reader) {
             let line = line.map_err(|e| ClusterError::Unreachable {

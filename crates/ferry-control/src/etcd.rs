@@ -65,6 +65,12 @@ pub struct LeaderValue {
     pub id: String,
     /// Its API address, for followers to point clients at.
     pub api: String,
+    /// The URL clients reach its API at (`--api-url`): followers redirect
+    /// API requests there. Absent from older managers, or when it listens
+    /// on an unspecified address without `--api-url`: followers answer
+    /// 503 naming `api` instead.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub url: Option<String>,
 }
 
 impl Etcd {

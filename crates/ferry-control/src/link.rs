@@ -125,8 +125,15 @@ pub enum CommandKind {
         name: String,
         /// Its current address.
         from: String,
-        /// Its credential (the source serves it with this one).
+        /// The credential of this move: the source serves the instance
+        /// with it, and takes no other.
         token: ferry_transport::Token,
+        /// The credential of its next move, fresh for this one: the
+        /// instance is served with it here, so `token` is no good once
+        /// it has moved (replayed, it is refused). Absent from older
+        /// managers: then `token` serves again.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        serve_token: Option<ferry_transport::Token>,
         /// `HOSTPORT:GUESTPORT` on this node's address.
         expose: Vec<String>,
     },

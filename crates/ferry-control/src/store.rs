@@ -33,8 +33,14 @@ pub struct InstanceRecord {
     #[serde(flatten)]
     pub instance: Instance,
     /// Its credential: the peer serving it accepts only this token. Never
-    /// shown by the API.
+    /// shown by the API. Each move replaces it with a fresh one.
     pub token: String,
+    /// The fresh credential of a move in flight: the destination serves
+    /// the instance with it once it has moved there, and it becomes
+    /// `token` then (also when a restarted manager learns of the move from
+    /// the heartbeats).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pending_token: Option<String>,
     /// Ports asked for, `HOSTPORT:GUESTPORT`, exposed again on each node
     /// it moves to.
     #[serde(default)]
@@ -321,6 +327,7 @@ mod tests {
                 last_error: None,
             },
             token: "t".repeat(32),
+            pending_token: None,
             expose: vec!["16379:6379".into()],
         };
         {

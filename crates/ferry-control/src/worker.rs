@@ -42,6 +42,9 @@ pub struct WorkerConfig {
     /// TLS to the manager (`--ca`, `--client-cert`, `--client-key`): a
     /// bare `HOST:PORT` is then `https://`.
     pub tls: Option<ferry_transport::ClientTls>,
+    /// TLS for https:// registries (`--registry-ca`): the VMs it starts
+    /// from a registry fetch their package with it.
+    pub registry_tls: Option<ferry_transport::ClientTls>,
     /// The address instances and exposed ports are reached at.
     pub advertise: IpAddr,
     /// The lease, seconds.
@@ -400,13 +403,14 @@ impl Worker {
                 registry_token,
                 token,
                 expose,
-            } => self.start(name, source, registry_token.clone(), token, expose),
+            } => self.start(name, source, registry_token.clone(), token, None, expose),
             CommandKind::Receive {
                 name,
                 from,
                 token,
+                serve_token,
                 expose,
-            } => self.start(name, from, None, token, expose),
+            } => self.start(name, from, None, token, serve_token.as_ref(), expose),
             CommandKind::Delete { name } => self.delete(name),
             CommandKind::Suspend { name } => self.suspend(name),
             CommandKind::Resume { name, token } => self.resume(name, token),
@@ -434,13 +438,15 @@ impl Worker {
     }
 
     /// Starts instance `name` from `source` (a registry URL, or the peer
-    /// serving it), serving its next migration with `token`.
+    /// serving it with `token`), serving its next migration with
+    /// `serve_token` (a move's fresh credential), else `token`.
     fn start(
         &self,
         name: &str,
         source: &str,
         registry_token: Option<ferry_transport::Token>,
         token: &ferry_transport::Token,
+        serve_token: Option<&ferry_transport::Token>,
         expose: &[String],
     ) -> Outcome {
         let failed = |class: &str, message: String| Outcome::Failed {
@@ -479,8 +485,9 @@ impl Worker {
             from: StartFrom::Peer {
                 source: source.to_string(),
                 registry_token,
-                registry_tls: None,
+                registry_tls: self.config.registry_tls.clone(),
                 migrate_token: Some(token.clone()),
+                serve_token: serve_token.cloned(),
                 listen: Some(listen),
                 save: self.files.saved_package(name),
                 max_bandwidth: None,

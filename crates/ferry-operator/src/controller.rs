@@ -27,6 +27,7 @@ use kube::{Api, Client, Resource, ResourceExt};
 use serde_json::json;
 
 use crate::crd::{Condition, Instance, InstanceStatus, MoveRecord, State};
+use crate::events::Triggers;
 use crate::manager::{Manager, ManagerError};
 use crate::metrics::{ErrorKind, Metrics, Step};
 
@@ -35,10 +36,21 @@ pub const FINALIZER: &str = "ferry.dev/vm";
 /// The field manager of the status the operator applies.
 pub const FIELD_MANAGER: &str = "ferry-operator";
 
-/// How often a settled Instance is compared with the manager again.
-const RESYNC: Duration = Duration::from_secs(30);
-/// How often one in flight (a create or a move started elsewhere) is.
-const IN_FLIGHT: Duration = Duration::from_secs(2);
+/// How often a settled Instance is compared with the manager again. The
+/// manager's events (`crate::events`) trigger reconciles as things
+/// happen; this is the safety net for an event that was missed.
+const RESYNC: Duration = Duration::from_secs(300);
+/// How often one in flight (a create or a move started elsewhere) is: its
+/// end comes as an event too.
+const IN_FLIGHT: Duration = Duration::from_secs(10);
+/// How many times in a row a failed VM is recreated before the operator
+/// gives up (and says so).
+pub const MAX_RECREATIONS: u32 = 5;
+/// The wait before the first recreation; it doubles with each one.
+const RECREATE_BACKOFF: Duration = Duration::from_secs(5);
+/// A VM that ran this long since its last recreation starts the count
+/// over.
+const RECREATE_FORGET: Duration = Duration::from_secs(600);
 
 /// What every reconcile shares.
 pub struct Context {
@@ -355,6 +367,21 @@ async fn apply(
         Err(e) => return Err(degraded(&mut st, api, inst, ctx, e).await),
     };
     let Some(vm) = vm else {
+        if st.old.package_laddr.is_some() {
+            // It ran once, and the manager has no VM for it any more
+            // (deleted behind the operator's back): create it again.
+            event(
+                ctx,
+                inst,
+                true,
+                "Recreating",
+                format!(
+                    "the manager has no VM {name} any more; creating it again on {} from {}",
+                    inst.spec.node_name, inst.spec.package_raddr
+                ),
+            )
+            .await;
+        }
         return create(inst, api, ctx, st, name).await;
     };
     st.observe(&vm);
@@ -399,6 +426,21 @@ async fn apply(
                 ));
             }
             st.set("Ready", true, "Running", msg);
+            let settled = st
+                .new
+                .last_recreate_time
+                .as_deref()
+                .and_then(|t| t.parse::<k8s_openapi::jiff::Timestamp>().ok())
+                .is_none_or(|t| {
+                    k8s_openapi::jiff::Timestamp::now()
+                        .duration_since(t)
+                        .as_secs()
+                        >= RECREATE_FORGET.as_secs() as i64
+                });
+            if settled {
+                st.new.recreations = None;
+                st.new.last_recreate_time = None;
+            }
             if st.old.conditions.iter().any(|c| c.type_ == "Migrating") {
                 let last = vm.moves.last();
                 let (reason, msg) = match last {
@@ -416,7 +458,10 @@ async fn apply(
             }
             Action::requeue(RESYNC)
         }
-        InstanceState::Failed | InstanceState::Suspended => {
+        InstanceState::Failed => {
+            return recreate(inst, api, ctx, st, vm).await;
+        }
+        InstanceState::Suspended => {
             st.state(State::Failed);
             let why = vm
                 .reason
@@ -446,6 +491,119 @@ async fn apply(
     };
     st.write(api, inst).await?;
     Ok(action)
+}
+
+/// What to do with a failed VM, recreated `done` times in a row so far,
+/// the last time `since_last_s` ago.
+#[derive(Debug, PartialEq, Eq)]
+enum Recreate {
+    /// Recreate it now.
+    Now,
+    /// Wait this many seconds more.
+    Wait(u64),
+    /// Give up: it failed after [`MAX_RECREATIONS`] recreations.
+    GiveUp,
+}
+
+/// At once the first time; then 10 s, 20 s, 40 s, 80 s after the last
+/// recreation; never more than [`MAX_RECREATIONS`] in a row.
+fn recreate_step(done: u32, since_last_s: Option<u64>) -> Recreate {
+    if done >= MAX_RECREATIONS {
+        return Recreate::GiveUp;
+    }
+    let wait = (RECREATE_BACKOFF * (1u32 << done.min(10))).as_secs();
+    match since_last_s {
+        Some(s) if done > 0 && s < wait => Recreate::Wait(wait - s),
+        _ => Recreate::Now,
+    }
+}
+
+/// A VM the manager reports `failed` (it could not start, it crashed, or
+/// it vanished from its node) is recreated on `spec.nodeName` from
+/// `spec.packageRaddr`: its failed record is deleted, then it is created
+/// as new. At most [`MAX_RECREATIONS`] times in a row, with backoff
+/// ([`recreate_step`]; `status.recreations`, `status.lastRecreateTime`:
+/// kept across operator restarts); then it stays `Failed` and the
+/// Degraded condition says to delete the Instance and apply it again. A
+/// `lost` VM is never recreated: it may still run on its node.
+async fn recreate(
+    inst: &Instance,
+    api: &Api<Instance>,
+    ctx: &Context,
+    mut st: Status,
+    vm: api::Instance,
+) -> Result<Action, ReconcileError> {
+    let name = vm.name.clone();
+    let why = vm
+        .reason
+        .clone()
+        .unwrap_or_else(|| format!("it is {}", vm.state));
+    st.observe(&vm);
+    st.state(State::Failed);
+    st.set("Ready", false, "Failed", why.clone());
+    let done = st.new.recreations.unwrap_or(0);
+    let since = st
+        .new
+        .last_recreate_time
+        .as_deref()
+        .and_then(|t| t.parse::<k8s_openapi::jiff::Timestamp>().ok())
+        .map(|t| {
+            k8s_openapi::jiff::Timestamp::now()
+                .duration_since(t)
+                .as_secs()
+                .max(0) as u64
+        });
+    let step = recreate_step(done, since);
+    if step == Recreate::GiveUp {
+        let msg = format!(
+            "{why}; recreated {done} times and it failed again: the operator gave up. Look at node {} and the package, then delete the Instance and apply it again",
+            vm.node
+        );
+        st.set("Degraded", true, "RecreateLimit", msg.clone());
+        if st.condition_changed("Degraded") {
+            event(ctx, inst, true, "RecreateLimit", msg).await;
+        }
+        st.write(api, inst).await?;
+        return Ok(Action::requeue(RESYNC));
+    }
+    if let Recreate::Wait(left) = step {
+        let msg = format!(
+            "{why}; recreating it in {left} s (try {} of {MAX_RECREATIONS})",
+            done + 1
+        );
+        st.set("Degraded", true, "VmFailed", msg);
+        if st.condition_changed("Ready") {
+            event(ctx, inst, true, "Failed", why).await;
+        }
+        st.write(api, inst).await?;
+        return Ok(Action::requeue(Duration::from_secs(left)));
+    }
+    let node = inst.spec.node_name.clone();
+    let msg = format!(
+        "{why}; recreating it on {node} from {} (try {} of {MAX_RECREATIONS})",
+        inst.spec.package_raddr,
+        done + 1
+    );
+    st.set("Degraded", true, "VmFailed", msg.clone());
+    st.set("Ready", false, "Recreating", msg.clone());
+    st.new.recreations = Some(done + 1);
+    st.new.last_recreate_time = Some(now());
+    st.write(api, inst).await?;
+    event(ctx, inst, true, "Recreating", msg).await;
+    match ctx.manager.delete(&name).await {
+        Ok(_) => {}
+        Err(ManagerError::Api {
+            status: 409,
+            detail,
+        }) => return Err(ReconcileError::Busy(detail)),
+        Err(e) => return Err(degraded(&mut st, api, inst, ctx, e).await),
+    }
+    ctx.metrics.step(Step::Recreated);
+    // The status as written: `create` builds on it.
+    let mut next = inst.clone();
+    next.status = Some(st.new.clone());
+    let st = Status::of(&next);
+    create(&next, api, ctx, st, name).await
 }
 
 fn ferry_control_name_ok(name: &str) -> Result<(), String> {
@@ -658,9 +816,12 @@ async fn cleanup(
     }
 }
 
-/// Runs the controller over `api` until a signal or `stop` ends it.
-pub async fn run_controller(api: Api<Instance>, ctx: Arc<Context>) {
+/// Runs the controller over `api` until a signal ends it; `triggers`
+/// (the manager's events) reconcile the Instances they are about.
+pub async fn run_controller(api: Api<Instance>, ctx: Arc<Context>, triggers: Triggers) {
     Controller::new(api, watcher::Config::default().any_semantic())
+        .reconcile_on(triggers.one)
+        .reconcile_all_on(triggers.all)
         .shutdown_on_signal()
         .run(reconcile, error_policy, ctx)
         .for_each(|res| async move {
@@ -718,6 +879,22 @@ mod tests {
         assert_ne!(st.new.conditions[0].last_transition_time, first);
         assert!(st.condition_changed("Ready"));
         assert_eq!(st.new.conditions.len(), 1, "one condition per type");
+    }
+
+    #[test]
+    fn a_failed_vm_is_recreated_a_bounded_number_of_times_with_backoff() {
+        assert_eq!(recreate_step(0, None), Recreate::Now);
+        assert_eq!(recreate_step(0, Some(0)), Recreate::Now);
+        assert_eq!(recreate_step(1, Some(3)), Recreate::Wait(7));
+        assert_eq!(recreate_step(1, Some(10)), Recreate::Now);
+        assert_eq!(recreate_step(2, Some(5)), Recreate::Wait(15));
+        assert_eq!(recreate_step(4, Some(79)), Recreate::Wait(1));
+        assert_eq!(recreate_step(4, None), Recreate::Now);
+        assert_eq!(
+            recreate_step(MAX_RECREATIONS, Some(1_000)),
+            Recreate::GiveUp
+        );
+        assert_eq!(recreate_step(MAX_RECREATIONS + 3, None), Recreate::GiveUp);
     }
 
     #[test]

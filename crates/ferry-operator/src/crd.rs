@@ -7,6 +7,7 @@
 
 use kube::CustomResource;
 use kube::CustomResourceExt;
+use kube::KubeSchema;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
@@ -18,9 +19,25 @@ pub const PACKAGE_RADDR_PATTERN: &str =
 /// The pattern of one `spec.exposes` entry: `HOSTPORT:GUESTPORT`.
 pub const EXPOSE_PATTERN: &str = r"^[0-9]{1,5}:[0-9]{1,5}$";
 
+/// The CEL rule that keeps `spec.exposes` as it was created (set or
+/// unset, and the same list).
+pub const EXPOSES_IMMUTABLE: &str = "has(self.exposes) == has(oldSelf.exposes) && (!has(self.exposes) || self.exposes == oldSelf.exposes)";
+
+/// What the API server answers an edit of `spec.exposes`.
+pub const EXPOSES_IMMUTABLE_MESSAGE: &str = "spec.exposes is immutable: the VM's ports are set when it is created; delete the Instance and apply it again";
+
+/// What the API server answers an edit of `spec.packageRaddr`.
+pub const PACKAGE_RADDR_IMMUTABLE_MESSAGE: &str = "spec.packageRaddr is immutable: the VM was started from it and keeps its own disk and memory since; delete the Instance and apply it again to start from another source";
+
 /// A ferry VM, run by `ferry manager` on the worker `nodeName`; changing
 /// `nodeName` live-migrates it there.
-#[derive(CustomResource, Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+///
+/// `packageRaddr` and `exposes` are immutable (CEL rules the API server
+/// enforces): a VM keeps its disk and memory across moves, and a new
+/// source or other ports would need a new VM, which would lose them.
+/// Delete the Instance and apply it again to start over.
+#[derive(CustomResource, KubeSchema, Deserialize, Serialize, Clone, Debug, PartialEq)]
+#[x_kube(validation = Rule::new(EXPOSES_IMMUTABLE).message(EXPOSES_IMMUTABLE_MESSAGE))]
 #[kube(
     group = "ferry.dev",
     version = "v1alpha1",
@@ -42,6 +59,8 @@ pub struct InstanceSpec {
     #[schemars(regex(
         pattern = r"^(https?://[A-Za-z0-9.:\[\]-]+(/[^\s]*)?|[A-Za-z0-9.-]+:[0-9]{1,5})$"
     ))]
+    #[schemars(length(max = 2048))]
+    #[x_kube(validation = Rule::new("self == oldSelf").message(PACKAGE_RADDR_IMMUTABLE_MESSAGE))]
     pub package_raddr: String,
     /// The worker (`ferry worker --name`) to run on. Change it to move the
     /// VM there.
@@ -55,13 +74,16 @@ pub struct InstanceSpec {
     /// Ports to expose on the node's address, `HOSTPORT:GUESTPORT`. They
     /// move with the VM; read `status.exposes` for where they are now.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 64))]
     pub exposes: Vec<Expose>,
 }
 
 /// One exposed port, `HOSTPORT:GUESTPORT`.
 #[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
 #[serde(transparent)]
-pub struct Expose(#[schemars(regex(pattern = r"^[0-9]{1,5}:[0-9]{1,5}$"))] pub String);
+pub struct Expose(
+    #[schemars(regex(pattern = r"^[0-9]{1,5}:[0-9]{1,5}$"), length(max = 11))] pub String,
+);
 
 /// What the operator observed, written by server-side apply.
 #[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
@@ -93,6 +115,13 @@ pub struct InstanceStatus {
     /// Every move of the VM, oldest first (as the manager records them).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub moves: Vec<MoveRecord>,
+    /// How many times the operator recreated the VM after it failed
+    /// (reset once it has run for a while); it gives up after a few.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub recreations: Option<u32>,
+    /// When it last recreated it (RFC 3339).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_recreate_time: Option<String>,
 }
 
 /// Where an Instance is in its life.

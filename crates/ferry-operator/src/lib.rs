@@ -4,6 +4,7 @@
 //! - [`crd`]: the `Instance` resource, its schema and its YAML.
 //! - [`controller`]: the one idempotent reconcile, its finalizer and its
 //!   status (server-side apply), conditions and Events.
+//! - [`events`]: the manager's event stream as reconcile triggers.
 //! - [`leader`]: leader election with a Lease.
 //! - [`metrics`]: Prometheus counters.
 //! - [`manager`]: the manager's (blocking) client, for async code.
@@ -13,6 +14,7 @@
 
 pub mod controller;
 pub mod crd;
+pub mod events;
 pub mod leader;
 pub mod manager;
 pub mod metrics;
@@ -168,6 +170,7 @@ pub async fn run(
         opts.op_timeout,
         opts.manager_tls.as_ref(),
     )?;
+    let triggers = events::follow(&manager, metrics.clone());
     let ctx = Arc::new(controller::Context::new(
         client,
         manager,
@@ -175,7 +178,7 @@ pub async fn run(
         metrics.clone(),
     ));
     progress(Progress::Ready(opts.namespace.as_deref()));
-    let controller = controller::run_controller(api, ctx);
+    let controller = controller::run_controller(api, ctx, triggers);
     match lock {
         Some(lock) => {
             tokio::select! {

@@ -71,6 +71,12 @@ impl Manager {
         })
     }
 
+    /// The blocking client itself (the event stream runs on a thread of its
+    /// own with it).
+    pub fn client(&self) -> Arc<ClusterClient> {
+        self.client.clone()
+    }
+
     /// Its URL, as given.
     pub fn url(&self) -> &str {
         &self.url

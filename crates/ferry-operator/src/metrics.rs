@@ -16,6 +16,10 @@ pub struct Metrics {
     moves_failed: AtomicU64,
     deletes: AtomicU64,
     leader: AtomicU64,
+    recreates: AtomicU64,
+    manager_events: AtomicU64,
+    events_connected: AtomicU64,
+    events_connects: AtomicU64,
 }
 
 /// What a counted error was about.
@@ -40,6 +44,8 @@ pub enum Step {
     MoveFailed,
     /// A VM was deleted.
     Deleted,
+    /// A failed VM was recreated.
+    Recreated,
 }
 
 impl Metrics {
@@ -70,8 +76,22 @@ impl Metrics {
             Step::Moved => &self.moves_ok,
             Step::MoveFailed => &self.moves_failed,
             Step::Deleted => &self.deletes,
+            Step::Recreated => &self.recreates,
         };
         c.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// An event came from the manager's stream.
+    pub fn manager_event(&self) {
+        self.manager_events.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// The manager's event stream is (or is no longer) connected.
+    pub fn events_connected(&self, on: bool) {
+        if on {
+            self.events_connects.fetch_add(1, Ordering::Relaxed);
+        }
+        self.events_connected.store(on as u64, Ordering::Relaxed);
     }
 
     /// Whether this replica leads.
@@ -97,6 +117,16 @@ impl Metrics {
              ferry_operator_steps_total{{step=\"move\",result=\"ok\"}} {}\n\
              ferry_operator_steps_total{{step=\"move\",result=\"failed\"}} {}\n\
              ferry_operator_steps_total{{step=\"delete\"}} {}\n\
+             ferry_operator_steps_total{{step=\"recreate\"}} {}\n\
+             # HELP ferry_operator_manager_events_total Events read from the manager's /v1/events stream.\n\
+             # TYPE ferry_operator_manager_events_total counter\n\
+             ferry_operator_manager_events_total {}\n\
+             # HELP ferry_operator_manager_event_stream_connects_total Times the manager's event stream was opened.\n\
+             # TYPE ferry_operator_manager_event_stream_connects_total counter\n\
+             ferry_operator_manager_event_stream_connects_total {}\n\
+             # HELP ferry_operator_manager_event_stream_up Whether the manager's event stream is open.\n\
+             # TYPE ferry_operator_manager_event_stream_up gauge\n\
+             ferry_operator_manager_event_stream_up {}\n\
              # HELP ferry_operator_leader Whether this replica holds the lease.\n\
              # TYPE ferry_operator_leader gauge\n\
              ferry_operator_leader {}\n",
@@ -108,6 +138,10 @@ impl Metrics {
             g(&self.moves_ok),
             g(&self.moves_failed),
             g(&self.deletes),
+            g(&self.recreates),
+            g(&self.manager_events),
+            g(&self.events_connects),
+            g(&self.events_connected),
             g(&self.leader),
         )
     }

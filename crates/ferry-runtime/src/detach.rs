@@ -65,6 +65,9 @@ pub struct DetachSpec {
 }
 
 /// Where a detached VM comes from.
+// One is built per start and sent once over a pipe: its size does not
+// matter, and boxing the peer's fields would only make it harder to read.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "kebab-case")]
 pub enum StartFrom {
@@ -111,6 +114,11 @@ pub enum StartFrom {
         /// The token for a peer source and for `listen`.
         #[serde(default)]
         migrate_token: Option<ferry_transport::Token>,
+        /// Serve `listen` with this token instead of `migrate_token`: a
+        /// control-plane worker's VM takes a fresh credential with each
+        /// move, so the one it came with is no good once it has moved.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        serve_token: Option<ferry_transport::Token>,
         /// Serve the VM to the next peer here.
         #[serde(default)]
         listen: Option<SocketAddr>,
@@ -581,6 +589,7 @@ fn start(
             registry_token,
             registry_tls,
             migrate_token,
+            serve_token,
             listen,
             save,
             max_bandwidth,
@@ -621,7 +630,11 @@ fn start(
             };
             record.save(owned.vm.dir().path())?;
             owned.record = Some(record);
-            return Ok((owned, crate::ops::peer::owner_options(&opts, name)));
+            let mut owner = crate::ops::peer::owner_options(&opts, name);
+            if let Some(t) = serve_token {
+                owner.listen = listen.map(|l| (l, t.clone()));
+            }
+            return Ok((owned, owner));
         }
     };
     let plan = StartPlan {

@@ -31,6 +31,11 @@ pub struct Args {
     /// descriptions with it and hands it to the node that creates.
     #[arg(long = "registry-token-file", value_name = "FILE")]
     registry_token_file: Option<PathBuf>,
+    /// Trust this CA (PEM) for https:// registries instead of the public
+    /// roots, when reading package descriptions (workers take their own
+    /// --registry-ca).
+    #[arg(long = "registry-ca", value_name = "FILE")]
+    registry_ca: Option<PathBuf>,
     /// TLS on both listeners (the API and the workers' link).
     #[command(flatten)]
     tls: super::tls::ServerTlsArgs,
@@ -55,6 +60,11 @@ pub struct Args {
     /// over when the leader dies.
     #[arg(long = "leader-ttl-s", value_name = "S", default_value_t = 5, requires = "etcd", value_parser = clap::value_parser!(u64).range(2..))]
     leader_ttl_s: u64,
+    /// The URL clients reach this manager's API at (with --etcd): while
+    /// another manager leads, this one redirects API requests to the
+    /// leader's (default: http(s)://LISTEN, unless --listen is 0.0.0.0).
+    #[arg(long = "api-url", value_name = "URL", requires = "etcd")]
+    api_url: Option<String>,
     /// Seconds a create, move or delete may take before the caller gets an
     /// error.
     #[arg(long = "op-timeout-s", value_name = "S", default_value_t = 900)]
@@ -94,11 +104,20 @@ pub fn run(args: Args, paths: &Paths, ctx: &super::Ctx) -> anyhow::Result<ExitCo
         op_timeout: Duration::from_secs(args.op_timeout_s),
         registry_timeout: Duration::from_secs(30),
         registry_token,
+        registry_tls: args
+            .registry_ca
+            .map(|p| std::path::absolute(&p).unwrap_or(p))
+            .map(|ca| ferry_transport::ClientTls {
+                ca: Some(ca),
+                client_cert: None,
+                client_key: None,
+            }),
         tls,
         etcd: args.etcd.map(|endpoints| manager::EtcdConfig {
             endpoints,
             prefix: args.etcd_prefix,
             ttl_s: args.leader_ttl_s,
+            api_url: args.api_url,
         }),
     };
     let render = &ctx.render;

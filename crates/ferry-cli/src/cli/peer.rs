@@ -230,6 +230,7 @@ fn detached(
             registry_token: opts.registry_token.clone(),
             registry_tls: opts.registry_tls.clone(),
             migrate_token: opts.migrate_token.clone(),
+            serve_token: None,
             listen: opts.listen,
             save,
             max_bandwidth: opts.max_bandwidth,

@@ -33,6 +33,11 @@ pub struct Args {
     /// TLS to the manager (`ferry manager --tls-cert`).
     #[command(flatten)]
     tls: super::tls::ClientTlsArgs,
+    /// Trust this CA (PEM) for https:// registries instead of the public
+    /// roots, when starting VMs from them (`ferry manager --registry-ca`
+    /// for the manager's side).
+    #[arg(long = "registry-ca", value_name = "FILE")]
+    registry_ca: Option<PathBuf>,
     /// Memory to offer to VMs, MiB (default: the host's).
     #[arg(long = "capacity-mib", value_name = "MIB")]
     capacity_mib: Option<u64>,
@@ -96,6 +101,14 @@ pub fn run(args: Args, paths: &Paths, ctx: &super::Ctx) -> anyhow::Result<ExitCo
         manager: args.control_plane,
         token,
         tls: args.tls.settings(),
+        registry_tls: args
+            .registry_ca
+            .map(|p| std::path::absolute(&p).unwrap_or(p))
+            .map(|ca| ferry_transport::ClientTls {
+                ca: Some(ca),
+                client_cert: None,
+                client_key: None,
+            }),
         advertise,
         lease_s: args.lease_s,
         capacity_mib: args.capacity_mib,

@@ -228,6 +228,7 @@ impl Shared {
                     last_error: None,
                 },
                 token: random_token(),
+                pending_token: None,
                 expose: req.expose.clone(),
             };
             let kind = CommandKind::Create {
@@ -314,6 +315,10 @@ impl Shared {
             })?;
             core.room(node, rec.instance.memory_mib)?;
             let mut rec = rec;
+            // A fresh credential for this move: the destination serves the
+            // instance with it, so this move's (the source's) is spent.
+            let fresh = random_token();
+            rec.pending_token = Some(fresh.clone());
             rec.instance.state = InstanceState::Migrating;
             rec.instance.moves.push(Move {
                 from: rec.instance.node.clone(),
@@ -328,6 +333,7 @@ impl Shared {
                 name: name.to_string(),
                 from,
                 token: instance_token(&rec.token)?,
+                serve_token: Some(instance_token(&fresh)?),
                 expose: rec.expose.clone(),
             };
             core.put(rec, self)?;
@@ -352,6 +358,9 @@ impl Shared {
             }) => {
                 last.ok = Some(true);
                 last.downtime_ms = downtime_ms;
+                if let Some(t) = rec.pending_token.take() {
+                    rec.token = t;
+                }
                 rec.instance.node = node.to_string();
                 rec.instance.state = InstanceState::Running;
                 rec.instance.reason = None;
@@ -364,6 +373,9 @@ impl Shared {
             Ok(Outcome::Failed { class, message }) => {
                 last.ok = Some(false);
                 last.error = Some(message.clone());
+                // Nothing serves the fresh credential: the source keeps
+                // serving with its own.
+                rec.pending_token = None;
                 rec.instance.state = InstanceState::Running;
                 core.metrics.migrations_failed += 1;
                 Err(ApiError::worker(
@@ -891,11 +903,17 @@ impl Core {
                             // not reported since this manager started).
                             match self.state_on(&m.to, &r.name) {
                                 Some("starting") | Some("running") | None => continue,
-                                Some(_) => self.end_move(
-                                    &mut rec,
-                                    false,
-                                    Some("the manager restarted during the move; it stayed".into()),
-                                ),
+                                Some(_) => {
+                                    self.end_move(
+                                        &mut rec,
+                                        false,
+                                        Some(
+                                            "the manager restarted during the move; it stayed"
+                                                .into(),
+                                        ),
+                                    );
+                                    rec.pending_token = None;
+                                }
                             }
                         } else {
                             continue;
@@ -906,6 +924,13 @@ impl Core {
                         // saying so.
                         if self.state_on(&rec.instance.node.clone(), &r.name) == Some("running") {
                             continue;
+                        }
+                    }
+                    if rec.instance.node != node {
+                        // It moved (a move this process did not see end):
+                        // it serves with that move's fresh credential.
+                        if let Some(t) = rec.pending_token.take() {
+                            rec.token = t;
                         }
                     }
                     rec.instance.node = node.to_string();
@@ -1090,6 +1115,7 @@ mod tests {
                     last_error: None,
                 },
                 token: "t".repeat(32),
+                pending_token: None,
                 expose: Vec::new(),
             })
             .unwrap();

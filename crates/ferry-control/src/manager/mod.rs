@@ -53,6 +53,9 @@ pub struct ManagerConfig {
     /// The registries' token, if they need one: the manager reads package
     /// descriptions with it and hands it to the node that creates.
     pub registry_token: Option<ferry_transport::Token>,
+    /// TLS for https:// registries (`--registry-ca`), when the manager
+    /// reads a package's description.
+    pub registry_tls: Option<ferry_transport::ClientTls>,
     /// Speak only TLS on both listeners (`--tls-cert`, `--tls-key`,
     /// `--client-ca`), each handshake bounded by
     /// [`ferry_transport::TLS_HANDSHAKE_DEADLINE`].
@@ -68,6 +71,10 @@ pub struct EtcdConfig {
     pub prefix: String,
     /// The leader's lease, seconds: how soon a follower takes over.
     pub ttl_s: u64,
+    /// The URL clients reach this manager's API at, when it leads
+    /// (`--api-url`; default `http(s)://LISTEN` unless it listens on an
+    /// unspecified address): followers redirect API requests there.
+    pub api_url: Option<String>,
 }
 
 /// Why `ferry manager` could not run.
@@ -283,6 +290,16 @@ pub fn run(
             let me = crate::etcd::LeaderValue {
                 id: core::random_token(),
                 api: api_addr.to_string(),
+                url: e.api_url.clone().or_else(|| {
+                    (!api_addr.ip().is_unspecified()).then(|| {
+                        let scheme = if config.tls.is_some() {
+                            "https"
+                        } else {
+                            "http"
+                        };
+                        format!("{scheme}://{api_addr}")
+                    })
+                }),
             };
             let standby = rt.block_on(standby(
                 clone(&api, api_addr)?,
@@ -316,6 +333,7 @@ pub fn run(
         shared: shared.clone(),
         token: config.token.clone(),
         registry_timeout: config.registry_timeout,
+        registry_tls: config.registry_tls.clone(),
     };
     let tls = config.tls.clone();
     rt.block_on(async move {
@@ -387,8 +405,11 @@ fn capped(
     ferry_transport::CappedListener::new(l, MAX_CONNECTIONS, tls, what)
 }
 
-/// Answers every request with 503 (naming the leader) while it campaigns
-/// for leadership; returns its lease once elected, or `None` if a shutdown
+/// Answers while it campaigns for leadership: on the API, a redirect
+/// (307, which keeps the method and body) to the same path at the
+/// leader's URL, or 503 naming the leader when its URL is not known; on
+/// the link, 503 (workers move on to the next manager address
+/// themselves). Returns its lease once elected, or `None` if a shutdown
 /// came first.
 async fn standby(
     api: std::net::TcpListener,
@@ -399,31 +420,42 @@ async fn standby(
     tls: Option<ferry_transport::ServerTls>,
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) -> Result<Option<String>, ManagerError> {
-    let leader_now: Arc<std::sync::Mutex<String>> = Arc::default();
+    let leader_now: Arc<std::sync::Mutex<Option<crate::etcd::LeaderValue>>> = Arc::default();
     let answer = {
         let leader_now = leader_now.clone();
-        move || {
+        move |redirect: bool, uri: &axum::http::Uri| -> Response {
             let leader = leader_now.lock().expect("leader").clone();
-            ApiError::unavailable(format!(
-                "this manager is a follower; the leader is at {}: ask it",
-                if leader.is_empty() {
-                    "(none yet)"
-                } else {
-                    leader.as_str()
+            match leader {
+                Some(crate::etcd::LeaderValue { url: Some(url), .. }) if redirect => {
+                    let path = uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
+                    let location = format!("{}{path}", url.trim_end_matches('/'));
+                    (
+                        StatusCode::TEMPORARY_REDIRECT,
+                        [(axum::http::header::LOCATION, location)],
+                    )
+                        .into_response()
                 }
-            ))
+                leader => ApiError::unavailable(format!(
+                    "this manager is a follower; the leader is at {}: ask it",
+                    leader
+                        .map(|l| l.url.unwrap_or(l.api))
+                        .unwrap_or_else(|| "(none yet)".into())
+                ))
+                .into_response(),
+            }
         }
     };
-    let router = |answer: std::sync::Arc<dyn Fn() -> ApiError + Send + Sync>| {
-        axum::Router::new().fallback(move || {
+    type Answer = std::sync::Arc<dyn Fn(bool, &axum::http::Uri) -> Response + Send + Sync>;
+    let router = |answer: Answer, redirect: bool| {
+        axum::Router::new().fallback(move |uri: axum::http::Uri| {
             let answer = answer.clone();
-            async move { answer() }
+            async move { answer(redirect, &uri) }
         })
     };
-    let answer: std::sync::Arc<dyn Fn() -> ApiError + Send + Sync> = Arc::new(answer);
+    let answer: Answer = Arc::new(answer);
     let (done_tx, done_rx) = tokio::sync::watch::channel(false);
-    let serve = |l: std::net::TcpListener, rx: tokio::sync::watch::Receiver<bool>| {
-        let app = router(answer.clone());
+    let serve = |l: std::net::TcpListener, rx: tokio::sync::watch::Receiver<bool>, redirect| {
+        let app = router(answer.clone(), redirect);
         let tls = tls.clone();
         async move {
             let addr = l.local_addr().ok();
@@ -438,8 +470,8 @@ async fn standby(
             tracing::debug!(?addr, "standby listener closed");
         }
     };
-    let a = tokio::spawn(serve(api, done_rx.clone()));
-    let l = tokio::spawn(serve(link, done_rx));
+    let a = tokio::spawn(serve(api, done_rx.clone(), true));
+    let l = tokio::spawn(serve(link, done_rx, false));
     let value = serde_json::to_vec(&me).expect("serialises");
     let key = etcd.key("leader");
     let elected = loop {
@@ -449,31 +481,29 @@ async fn standby(
         let attempt = {
             let (etcd, key, value) = (etcd.clone(), key.clone(), value.clone());
             tokio::task::spawn_blocking(
-                move || -> Result<Option<String>, crate::etcd::EtcdError> {
+                // Ok(Ok(lease)): elected; Ok(Err(leader)): another leads.
+                move || -> Result<Result<Option<String>, crate::etcd::LeaderValue>, crate::etcd::EtcdError> {
                     let lease = etcd.grant(ttl_s)?;
                     if etcd.create_with_lease(&key, &value, &lease)? {
-                        return Ok(Some(lease));
+                        return Ok(Ok(Some(lease)));
                     }
                     if let Some(v) = etcd.get(&key)? {
                         if let Ok(l) = serde_json::from_slice::<crate::etcd::LeaderValue>(&v) {
-                            return Err(crate::etcd::EtcdError::Answer {
-                                path: "leader".into(),
-                                detail: l.api,
-                            });
+                            return Ok(Err(l));
                         }
                     }
-                    Ok(None)
+                    Ok(Ok(None))
                 },
             )
             .await
-            .unwrap_or(Ok(None))
+            .unwrap_or(Ok(Ok(None)))
         };
         match attempt {
-            Ok(Some(lease)) => break Some(lease),
-            Err(crate::etcd::EtcdError::Answer { path, detail }) if path == "leader" => {
-                *leader_now.lock().expect("leader") = detail;
+            Ok(Ok(Some(lease))) => break Some(lease),
+            Ok(Err(leader)) => {
+                *leader_now.lock().expect("leader") = Some(leader);
             }
-            Ok(None) => {}
+            Ok(Ok(None)) => {}
             Err(e) => tracing::warn!(error = %e, "campaigning for leadership"),
         }
         tokio::select! {

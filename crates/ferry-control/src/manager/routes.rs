@@ -33,6 +33,8 @@ pub struct AppState {
     pub token: Option<ferry_transport::Token>,
     /// How long a registry may take to describe a package.
     pub registry_timeout: Duration,
+    /// TLS for https:// registries (`--registry-ca`).
+    pub registry_tls: Option<ferry_transport::ClientTls>,
 }
 
 /// The API: seed routes, `/v1/`, `/metrics`.
@@ -486,13 +488,14 @@ async fn create(s: &AppState, req: &CreateInstance) -> Result<crate::api::Instan
     let url = source_url(&req.source)?;
     let probe_url = url.clone();
     let token = s.shared.registry_token.clone();
+    let tls = s.registry_tls.clone();
     let described = tokio::time::timeout(
         s.registry_timeout,
         tokio::task::spawn_blocking(move || {
             let remote = ferry_transport::RemotePackage::open_with(
                 &probe_url,
                 token.as_ref().map(|t| t.expose()),
-                None,
+                tls.as_ref(),
             )?;
             remote.vm_meta()
         }),
@@ -644,6 +647,7 @@ mod tests {
             shared,
             token: None,
             registry_timeout: Duration::from_secs(1),
+            registry_tls: None,
         });
         let served = routes_served(&router).await;
         let doc = serde_json::to_value(openapi()).unwrap();
