@@ -481,6 +481,8 @@ impl Worker {
                 registry_token,
                 registry_tls: None,
                 migrate_token: Some(token.clone()),
+                migrate_tls: None,
+                listen_tls: None,
                 listen: Some(listen),
                 save: self.files.saved_package(name),
                 max_bandwidth: None,

@@ -65,6 +65,9 @@ pub struct DetachSpec {
 }
 
 /// Where a detached VM comes from.
+// A spec is made once and sent over a pipe: the peer variant's size costs
+// nothing, and boxes would show in every literal and match.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "kebab-case")]
 pub enum StartFrom {
@@ -111,6 +114,12 @@ pub enum StartFrom {
         /// The token for a peer source and for `listen`.
         #[serde(default)]
         migrate_token: Option<ferry_transport::Token>,
+        /// TLS to a peer source.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        migrate_tls: Option<ferry_transport::ClientTls>,
+        /// Serve `listen` only over TLS.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        listen_tls: Option<ferry_transport::ServerTlsFiles>,
         /// Serve the VM to the next peer here.
         #[serde(default)]
         listen: Option<SocketAddr>,
@@ -581,6 +590,8 @@ fn start(
             registry_token,
             registry_tls,
             migrate_token,
+            migrate_tls,
+            listen_tls,
             listen,
             save,
             max_bandwidth,
@@ -595,6 +606,8 @@ fn start(
                 registry_token: registry_token.clone(),
                 registry_tls: registry_tls.clone(),
                 migrate_token: migrate_token.clone(),
+                migrate_tls: migrate_tls.clone(),
+                listen_tls: listen_tls.clone(),
                 accel: spec.accel,
                 console: None,
                 input: None,
@@ -621,7 +634,7 @@ fn start(
             };
             record.save(owned.vm.dir().path())?;
             owned.record = Some(record);
-            return Ok((owned, crate::ops::peer::owner_options(&opts, name)));
+            return Ok((owned, crate::ops::peer::owner_options(&opts, name)?));
         }
     };
     let plan = StartPlan {

@@ -56,5 +56,8 @@ pub use server::{
     MAX_REGISTRY_CONNECTIONS,
 };
 pub use thread::{ServerThread, StopSignal};
-pub use tls::{init as tls_init, is_tls_failure, ClientTls, ServerTls, TlsError, TlsFiles};
+pub use tls::{
+    init as tls_init, is_tls_failure, ClientTls, PeerClientTls, ServerTls, ServerTlsFiles,
+    TlsError, TlsFiles,
+};
 pub use token::{Token, TokenError, MIN_TOKEN_LEN};
