@@ -50,7 +50,7 @@ mod token;
 
 pub use client::RemotePackage;
 pub use error::TransportError;
-pub use listener::{CappedListener, Conn, TLS_HANDSHAKE_DEADLINE};
+pub use listener::{CappedListener, Conn, HEADER_DEADLINE, TLS_HANDSHAKE_DEADLINE};
 pub use server::{
     ListedPackage, Listing, Registry, RegistryConfig, RunningRegistry, ServedPackage,
     MAX_REGISTRY_CONNECTIONS,
