@@ -745,6 +745,46 @@ mod tests {
         assert_eq!(serde_json::from_str::<StartFrom>(&json).unwrap(), serving);
     }
 
+    /// A detached peer keeps its TLS settings across the pipe; a spec of
+    /// an older ferry (without them) reads as plain.
+    #[test]
+    fn a_peer_spec_carries_its_tls_settings() {
+        let peer = StartFrom::Peer {
+            source: "10.0.0.2:7100".into(),
+            registry_token: None,
+            registry_tls: None,
+            migrate_token: Some(ferry_transport::Token::new("migrate-token-0123456789").unwrap()),
+            migrate_tls: Some(ferry_transport::ClientTls {
+                ca: Some("/tls/ca.crt".into()),
+                client_cert: Some("/tls/client.crt".into()),
+                client_key: Some("/tls/client.key".into()),
+            }),
+            listen_tls: Some(ferry_transport::ServerTlsFiles {
+                cert: "/tls/server.crt".into(),
+                key: "/tls/server.key".into(),
+                client_ca: Some("/tls/ca.crt".into()),
+            }),
+            listen: Some("0.0.0.0:7100".parse().unwrap()),
+            save: "/saved/kv.ferry".into(),
+            max_bandwidth: None,
+            trust: TrustedKeys::default(),
+        };
+        let json = serde_json::to_string(&peer).unwrap();
+        assert_eq!(serde_json::from_str::<StartFrom>(&json).unwrap(), peer);
+        let old: StartFrom = serde_json::from_str(
+            r#"{"kind":"peer","source":"10.0.0.2:7100","save":"/saved/kv.ferry"}"#,
+        )
+        .unwrap();
+        assert!(matches!(
+            old,
+            StartFrom::Peer {
+                migrate_tls: None,
+                listen_tls: None,
+                ..
+            }
+        ));
+    }
+
     #[test]
     fn a_ready_pipe_needs_an_open_descriptor() {
         assert!(ReadyPipe::from_fd(987).is_err());
