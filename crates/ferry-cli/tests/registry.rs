@@ -379,15 +379,15 @@ fn short_tokens_are_refused_before_any_network_io() {
         // are used, and before any connection).
         (
             vec!["peer", "--from", "192.0.2.1:7100", "--token-file", good],
-            "ferry: --from 192.0.2.1:7100: plain TCP off loopback sends the token and the VM's memory in clear: use loopback addresses or an https:// registry, or pass --insecure".into(),
+            "ferry: --from 192.0.2.1:7100: plain TCP off loopback sends the token and the VM's memory in clear: use TLS (--ca for a peer --from, --tls-cert for --listen, an https:// registry) or loopback addresses, or pass --insecure".into(),
         ),
         (
             vec!["peer", "--from", &peer, "--listen", "0.0.0.0:7100", "--token-file", good],
-            "ferry: --listen 0.0.0.0:7100: plain TCP off loopback sends the token and the VM's memory in clear: use loopback addresses or an https:// registry, or pass --insecure".into(),
+            "ferry: --listen 0.0.0.0:7100: plain TCP off loopback sends the token and the VM's memory in clear: use TLS (--ca for a peer --from, --tls-cert for --listen, an https:// registry) or loopback addresses, or pass --insecure".into(),
         ),
         (
             vec!["peer", "--from", "http://reg.example:7070/", "--token-file", good],
-            "ferry: --from http://reg.example:7070/: plain TCP off loopback sends the token and the VM's memory in clear: use loopback addresses or an https:// registry, or pass --insecure".into(),
+            "ferry: --from http://reg.example:7070/: plain TCP off loopback sends the token and the VM's memory in clear: use TLS (--ca for a peer --from, --tls-cert for --listen, an https:// registry) or loopback addresses, or pass --insecure".into(),
         ),
     ];
     for (args, line) in cases {

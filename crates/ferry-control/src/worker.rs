@@ -488,6 +488,8 @@ impl Worker {
                 registry_tls: self.config.registry_tls.clone(),
                 migrate_token: Some(token.clone()),
                 serve_token: serve_token.cloned(),
+                migrate_tls: None,
+                listen_tls: None,
                 listen: Some(listen),
                 save: self.files.saved_package(name),
                 max_bandwidth: None,

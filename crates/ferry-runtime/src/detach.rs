@@ -119,6 +119,12 @@ pub enum StartFrom {
         /// move, so the one it came with is no good once it has moved.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         serve_token: Option<ferry_transport::Token>,
+        /// TLS to a peer source.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        migrate_tls: Option<ferry_transport::ClientTls>,
+        /// Serve `listen` only over TLS.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        listen_tls: Option<ferry_transport::ServerTlsFiles>,
         /// Serve the VM to the next peer here.
         #[serde(default)]
         listen: Option<SocketAddr>,
@@ -590,6 +596,8 @@ fn start(
             registry_tls,
             migrate_token,
             serve_token,
+            migrate_tls,
+            listen_tls,
             listen,
             save,
             max_bandwidth,
@@ -604,6 +612,8 @@ fn start(
                 registry_token: registry_token.clone(),
                 registry_tls: registry_tls.clone(),
                 migrate_token: migrate_token.clone(),
+                migrate_tls: migrate_tls.clone(),
+                listen_tls: listen_tls.clone(),
                 accel: spec.accel,
                 console: None,
                 input: None,
@@ -630,7 +640,7 @@ fn start(
             };
             record.save(owned.vm.dir().path())?;
             owned.record = Some(record);
-            let mut owner = crate::ops::peer::owner_options(&opts, name);
+            let mut owner = crate::ops::peer::owner_options(&opts, name)?;
             if let Some(t) = serve_token {
                 owner.listen = listen.map(|l| (l, t.clone()));
             }
@@ -743,6 +753,47 @@ mod tests {
         };
         let json = serde_json::to_string(&serving).unwrap();
         assert_eq!(serde_json::from_str::<StartFrom>(&json).unwrap(), serving);
+    }
+
+    /// A detached peer keeps its TLS settings across the pipe; a spec of
+    /// an older ferry (without them) reads as plain.
+    #[test]
+    fn a_peer_spec_carries_its_tls_settings() {
+        let peer = StartFrom::Peer {
+            source: "10.0.0.2:7100".into(),
+            registry_token: None,
+            registry_tls: None,
+            migrate_token: Some(ferry_transport::Token::new("migrate-token-0123456789").unwrap()),
+            serve_token: None,
+            migrate_tls: Some(ferry_transport::ClientTls {
+                ca: Some("/tls/ca.crt".into()),
+                client_cert: Some("/tls/client.crt".into()),
+                client_key: Some("/tls/client.key".into()),
+            }),
+            listen_tls: Some(ferry_transport::ServerTlsFiles {
+                cert: "/tls/server.crt".into(),
+                key: "/tls/server.key".into(),
+                client_ca: Some("/tls/ca.crt".into()),
+            }),
+            listen: Some("0.0.0.0:7100".parse().unwrap()),
+            save: "/saved/kv.ferry".into(),
+            max_bandwidth: None,
+            trust: TrustedKeys::default(),
+        };
+        let json = serde_json::to_string(&peer).unwrap();
+        assert_eq!(serde_json::from_str::<StartFrom>(&json).unwrap(), peer);
+        let old: StartFrom = serde_json::from_str(
+            r#"{"kind":"peer","source":"10.0.0.2:7100","save":"/saved/kv.ferry"}"#,
+        )
+        .unwrap();
+        assert!(matches!(
+            old,
+            StartFrom::Peer {
+                migrate_tls: None,
+                listen_tls: None,
+                ..
+            }
+        ));
     }
 
     #[test]

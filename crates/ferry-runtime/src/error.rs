@@ -348,10 +348,13 @@ impl From<StartError> for MigrateError {
 
 impl MigrateError {
     /// The class of a peer protocol failure: a refusal (wrong token, a
-    /// name taken) or an address that cannot be bound is the user's input.
+    /// name taken), a TLS failure (a certificate, a CA, a plain caller) or
+    /// an address that cannot be bound is the user's input.
     fn exit_class_of_protocol(m: &MigrationError) -> ExitClass {
         match m {
-            MigrationError::Refused { .. } | MigrationError::Bind { .. } => ExitClass::BadInput,
+            MigrationError::Refused { .. }
+            | MigrationError::Bind { .. }
+            | MigrationError::Tls { .. } => ExitClass::BadInput,
             _ => ExitClass::Migration,
         }
     }

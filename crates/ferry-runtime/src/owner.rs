@@ -92,6 +92,8 @@ pub struct OwnerOptions {
     pub save_to: Option<PathBuf>,
     /// Serve the VM to peers on this address, with this token.
     pub listen: Option<(SocketAddr, ferry_transport::Token)>,
+    /// Serve it only over TLS (`--tls-cert`, `--tls-key`, `--client-ca`).
+    pub listen_tls: Option<ferry_transport::ServerTls>,
     /// Limits of a migration out.
     pub limits: LiveLimits,
     /// The fleet whose members the guest is told about.
@@ -104,6 +106,7 @@ impl Default for OwnerOptions {
             on_cancel: CancelAction::Suspend,
             save_to: None,
             listen: None,
+            listen_tls: None,
             limits: LiveLimits::default(),
             fleet: None,
         }
@@ -168,7 +171,8 @@ pub fn own_and_tell(
     let _listener = match &opts.listen {
         Some((addr, token)) => {
             let sender = Mutex::new(owned.vm.event_sender());
-            let server = migration::Server::bind(*addr, token, move |incoming| {
+            let tls = opts.listen_tls.as_ref();
+            let server = migration::Server::bind(*addr, token, tls, move |incoming| {
                 let _ = sender
                     .lock()
                     .expect("sender")

@@ -50,11 +50,14 @@ mod token;
 
 pub use client::RemotePackage;
 pub use error::TransportError;
-pub use listener::{CappedListener, Conn, TLS_HANDSHAKE_DEADLINE};
+pub use listener::{CappedListener, Conn, HEADER_DEADLINE, TLS_HANDSHAKE_DEADLINE};
 pub use server::{
     ListedPackage, Listing, Registry, RegistryConfig, RunningRegistry, ServedPackage,
     MAX_REGISTRY_CONNECTIONS,
 };
 pub use thread::{ServerThread, StopSignal};
-pub use tls::{init as tls_init, is_tls_failure, ClientTls, ServerTls, TlsError, TlsFiles};
+pub use tls::{
+    init as tls_init, is_tls_failure, ClientTls, PeerClientTls, ServerTls, ServerTlsFiles,
+    TlsError, TlsFiles,
+};
 pub use token::{Token, TokenError, MIN_TOKEN_LEN};

@@ -17,6 +17,14 @@ use crate::ServerTls;
 /// How long a client has for its TLS handshake, in all.
 pub const TLS_HANDSHAKE_DEADLINE: Duration = Duration::from_secs(10);
 
+/// How long a client has, in all from its connection's accept (TLS
+/// handshake included), to send its first request's headers (up to the
+/// blank line that ends them). An overall deadline, not one per read: a
+/// client trickling a byte every few seconds is cut off all the same, and
+/// silent clients cannot hold every connection slot. (axum's server sets
+/// no header timeout of its own.)
+pub const HEADER_DEADLINE: Duration = Duration::from_secs(10);
+
 /// A listener for `axum::serve`: at most as many connections at once as
 /// it has permits (one past that is closed at once, logged once per
 /// flood); TLS only when it has a [`ServerTls`]. Accept errors are retried
@@ -27,6 +35,7 @@ pub struct CappedListener {
     over_cap_logged: bool,
     tls: Option<tokio_rustls::TlsAcceptor>,
     what: &'static str,
+    header_deadline: Duration,
 }
 
 impl std::fmt::Debug for CappedListener {
@@ -57,7 +66,15 @@ impl CappedListener {
             over_cap_logged: false,
             tls: tls.map(|t| tokio_rustls::TlsAcceptor::from(t.0.clone())),
             what,
+            header_deadline: HEADER_DEADLINE,
         })
+    }
+
+    /// Another deadline for a connection's first request headers than
+    /// [`HEADER_DEADLINE`] (tests).
+    pub fn with_header_deadline(mut self, deadline: Duration) -> CappedListener {
+        self.header_deadline = deadline;
+        self
     }
 }
 
@@ -77,11 +94,11 @@ impl axum::serve::Listener for CappedListener {
                     };
                     // The handshake runs on the connection's own task (its
                     // first read or write), never in this accept loop.
-                    let io = match &self.tls {
-                        None => Conn(ConnState::Plain(stream)),
+                    let state = match &self.tls {
+                        None => ConnState::Plain(stream),
                         Some(acceptor) => {
                             let accept = acceptor.accept(stream);
-                            Conn(ConnState::Handshake(Box::pin(async move {
+                            ConnState::Handshake(Box::pin(async move {
                                 match tokio::time::timeout(TLS_HANDSHAKE_DEADLINE, accept).await {
                                     Ok(r) => r,
                                     Err(_) => Err(std::io::Error::new(
@@ -89,8 +106,15 @@ impl axum::serve::Listener for CappedListener {
                                         "TLS handshake deadline passed",
                                     )),
                                 }
-                            })))
+                            }))
                         }
+                    };
+                    let io = Conn {
+                        state,
+                        head: Some(HeadWatch {
+                            deadline: Box::pin(tokio::time::sleep(self.header_deadline)),
+                            matched: 0,
+                        }),
                     };
                     return (io, addr);
                 }
@@ -118,8 +142,40 @@ type Handshake = std::pin::Pin<
 >;
 
 /// A connection of a [`CappedListener`]: plain, or TLS (first its
-/// handshake).
-pub struct Conn(ConnState);
+/// handshake), its first request's headers due by [`HEADER_DEADLINE`].
+pub struct Conn {
+    state: ConnState,
+    /// Until the first request's headers have arrived.
+    head: Option<HeadWatch>,
+}
+
+/// The first request's headers, on their way.
+struct HeadWatch {
+    deadline: std::pin::Pin<Box<tokio::time::Sleep>>,
+    /// How much of `\r\n\r\n` the bytes read so far end with.
+    matched: usize,
+}
+
+impl HeadWatch {
+    /// Looks for the blank line that ends the headers in `data`, the next
+    /// bytes read; true once found.
+    fn saw(&mut self, data: &[u8]) -> bool {
+        const END: &[u8] = b"\r\n\r\n";
+        for &b in data {
+            self.matched = if b == END[self.matched] {
+                self.matched + 1
+            } else if b == b'\r' {
+                1
+            } else {
+                0
+            };
+            if self.matched == END.len() {
+                return true;
+            }
+        }
+        false
+    }
+}
 
 impl std::fmt::Debug for Conn {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -160,8 +216,8 @@ impl ConnState {
 }
 
 macro_rules! io_dispatch {
-    ($self:ident, $cx:ident, $io:ident => $e:expr) => {{
-        let this = &mut $self.get_mut().0;
+    ($state:expr, $cx:ident, $io:ident => $e:expr) => {{
+        let this: &mut ConnState = $state;
         match this.ready($cx) {
             std::task::Poll::Pending => return std::task::Poll::Pending,
             std::task::Poll::Ready(Err(e)) => return std::task::Poll::Ready(Err(e)),
@@ -187,7 +243,25 @@ impl tokio::io::AsyncRead for Conn {
         cx: &mut std::task::Context<'_>,
         buf: &mut tokio::io::ReadBuf<'_>,
     ) -> std::task::Poll<std::io::Result<()>> {
-        io_dispatch!(self, cx, io => io.poll_read(cx, buf))
+        use std::task::Poll;
+        let this = self.get_mut();
+        if let Some(head) = &mut this.head {
+            if head.deadline.as_mut().poll(cx).is_ready() {
+                debug!("a client's request headers missed their deadline");
+                return Poll::Ready(Err(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    "the request's headers took too long",
+                )));
+            }
+        }
+        let before = buf.filled().len();
+        let read = io_dispatch!(&mut this.state, cx, io => io.poll_read(cx, buf));
+        if let (Poll::Ready(Ok(())), Some(head)) = (&read, &mut this.head) {
+            if head.saw(&buf.filled()[before..]) {
+                this.head = None;
+            }
+        }
+        read
     }
 }
 
@@ -197,21 +271,21 @@ impl tokio::io::AsyncWrite for Conn {
         cx: &mut std::task::Context<'_>,
         buf: &[u8],
     ) -> std::task::Poll<std::io::Result<usize>> {
-        io_dispatch!(self, cx, io => io.poll_write(cx, buf))
+        io_dispatch!(&mut self.get_mut().state, cx, io => io.poll_write(cx, buf))
     }
 
     fn poll_flush(
         self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<std::io::Result<()>> {
-        io_dispatch!(self, cx, io => io.poll_flush(cx))
+        io_dispatch!(&mut self.get_mut().state, cx, io => io.poll_flush(cx))
     }
 
     fn poll_shutdown(
         self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<std::io::Result<()>> {
-        io_dispatch!(self, cx, io => io.poll_shutdown(cx))
+        io_dispatch!(&mut self.get_mut().state, cx, io => io.poll_shutdown(cx))
     }
 }
 

@@ -8,7 +8,9 @@
 //! bearer token; the source checks it (in constant time) before it sends
 //! anything, and never sends memory to an unauthenticated caller. Control
 //! messages are JSON lines; a [`SourceMsg::Blob`] is followed by that many
-//! raw bytes. Links are not encrypted yet.
+//! raw bytes. With TLS (the listener's `--tls-cert`, the caller's `--ca`),
+//! every connection is a TLS connection of its own, handshaken before its
+//! hello; a TLS listener speaks nothing else (see [`PeerStream`]).
 //!
 //! The messages are typed on both ends ([`VmOffer`] for the offer,
 //! [`LiveStats`] for the switch). Between versions of one protocol major: a
@@ -30,12 +32,16 @@ use ferry_engine::LiveStats;
 use serde::{Deserialize, Serialize};
 
 mod offer;
+mod stream;
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tls_tests;
 
 pub use offer::{Blob, VmOffer};
+pub use stream::PeerStream;
 
-use crate::Token;
+use crate::{PeerClientTls, ServerTls, Token};
 
 /// The protocol version; a peer refuses another major version.
 pub const PROTOCOL_VERSION: u32 = 1;
@@ -91,6 +97,15 @@ pub enum MigrationError {
     /// Nothing arrived in time.
     #[error("timed out {0}")]
     Timeout(String),
+    /// TLS with the peer failed (its certificate, ours, or a peer that
+    /// does not speak it). The detail names the fix.
+    #[error("TLS with the peer at {addr} failed: {detail}")]
+    Tls {
+        /// The peer.
+        addr: String,
+        /// What rustls said, and what to do.
+        detail: String,
+    },
     /// Binding the listen address failed.
     #[error("cannot listen on {addr}: {source}: pick another --listen address")]
     Bind {
@@ -103,10 +118,58 @@ pub enum MigrationError {
 }
 
 impl MigrationError {
+    /// An I/O error while doing `what` with `peer`: a TLS error inside it
+    /// becomes [`MigrationError::Tls`], with its fix.
     fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> MigrationError {
         let what = what.into();
-        move |source| MigrationError::Io { what, source }
+        move |source| match stream::rustls_error(&source) {
+            Some(e) => MigrationError::Tls {
+                addr: peer_of(&what),
+                detail: tls_detail(e),
+            },
+            None => MigrationError::Io { what, source },
+        }
     }
+}
+
+/// The peer named at the end of an I/O error's `what` ("reading from
+/// 10.0.0.2:7100").
+fn peer_of(what: &str) -> String {
+    what.rsplit(' ').next().unwrap_or(what).to_string()
+}
+
+/// What a TLS failure means for a migration, with the fix.
+fn tls_detail(e: &rustls::Error) -> String {
+    use rustls::{AlertDescription as A, CertificateError as C, Error as E};
+    let fix = match e {
+        E::InvalidCertificate(C::Expired | C::ExpiredContext { .. }) => {
+            "its certificate has expired: give that peer a current --tls-cert"
+        }
+        E::InvalidCertificate(C::NotValidYet | C::NotValidYetContext { .. }) => {
+            "its certificate is not valid yet: check both hosts' clocks"
+        }
+        E::InvalidCertificate(C::NotValidForName | C::NotValidForNameContext { .. }) => {
+            "its certificate does not name the address dialled: dial a name it holds, or make it with `ferry tls init DIR --san HOST`"
+        }
+        E::InvalidCertificate(C::UnknownIssuer | C::BadSignature) => {
+            "its certificate is not signed by the --ca given: pass the CA that signed its --tls-cert"
+        }
+        E::InvalidCertificate(_) => "its certificate was refused: check --ca and its --tls-cert",
+        E::AlertReceived(
+            A::CertificateRequired
+            | A::BadCertificate
+            | A::UnknownCA
+            | A::CertificateUnknown
+            | A::DecryptError,
+        ) => {
+            "it refused this side's certificate (or its absence): pass --client-cert and --client-key signed by its --client-ca"
+        }
+        E::NoCertificatesPresented => {
+            "no client certificate: pass --client-cert and --client-key signed by this peer's --client-ca"
+        }
+        _ => "check that both peers use TLS (--tls-cert on the listener, --ca on the caller)",
+    };
+    format!("{e}: {fix}")
 }
 
 /// The first line on every connection. Its `Debug` output leaves the token
@@ -229,8 +292,8 @@ pub enum DestMsg {
 
 /// One end of a control connection: JSON lines plus raw blobs.
 pub struct Control {
-    reader: BufReader<TcpStream>,
-    writer: TcpStream,
+    /// Reads are buffered; writes go to the stream itself.
+    reader: BufReader<PeerStream>,
     peer: String,
     /// The start of a line whose end has not arrived yet (kept across a
     /// timeout, so that a poll never loses half a message).
@@ -238,21 +301,23 @@ pub struct Control {
 }
 
 impl Control {
-    fn new(stream: TcpStream) -> Result<Control, MigrationError> {
+    fn new(stream: PeerStream) -> Result<Control, MigrationError> {
         let peer = stream
+            .tcp()
             .peer_addr()
             .map(|a| a.to_string())
             .unwrap_or_else(|_| "?".into());
-        let _ = stream.set_nodelay(true);
-        let writer = stream
-            .try_clone()
-            .map_err(MigrationError::io("cloning the control connection"))?;
+        let _ = stream.tcp().set_nodelay(true);
         Ok(Control {
             reader: BufReader::new(stream),
-            writer,
             peer,
             pending: Vec::new(),
         })
+    }
+
+    /// Whether the connection is TLS.
+    pub fn is_tls(&self) -> bool {
+        self.reader.get_ref().is_tls()
     }
 
     /// The other end's address.
@@ -264,8 +329,10 @@ impl Control {
     pub fn send<T: Serialize>(&mut self, msg: &T) -> Result<(), MigrationError> {
         let mut line = serde_json::to_vec(msg).expect("serialisable");
         line.push(b'\n');
-        self.writer
+        let stream = self.reader.get_mut();
+        stream
             .write_all(&line)
+            .and_then(|()| stream.flush())
             .map_err(MigrationError::io(format!("writing to {}", self.peer)))
     }
 
@@ -308,6 +375,14 @@ impl Control {
                 Err(e) => return Err(MigrationError::io(format!("reading from {}", self.peer))(e)),
             };
             if buf.is_empty() {
+                // A TLS alert record (0x15 0x03) where a line was due: a
+                // TLS listener answering a plain caller.
+                if self.pending.starts_with(&[0x15, 0x03]) {
+                    return Err(MigrationError::Tls {
+                        addr: self.peer.clone(),
+                        detail: "it answered in TLS: it speaks only TLS; pass --ca FILE (the CA that signed its --tls-cert)".into(),
+                    });
+                }
                 return Err(MigrationError::Closed(self.peer.clone()));
             }
             let (take, done) = match buf.iter().position(|&b| b == b'\n') {
@@ -344,10 +419,13 @@ impl Control {
             name: name.to_string(),
             len,
         })?;
-        std::io::copy(&mut file, &mut self.writer).map_err(MigrationError::io(format!(
-            "sending {name} to {}",
-            self.peer
-        )))?;
+        let stream = self.reader.get_mut();
+        std::io::copy(&mut file, stream)
+            .and_then(|_| stream.flush())
+            .map_err(MigrationError::io(format!(
+                "sending {name} to {}",
+                self.peer
+            )))?;
         Ok(())
     }
 
@@ -398,8 +476,16 @@ impl Control {
 /// [`MigrationError::Protocol`] for an offer that does not read (the
 /// message names a missing field) or does not validate, after telling the
 /// source (with [`DestMsg::Abort`]); or a connection error.
-pub fn connect(addr: &str, token: &Token) -> Result<(Control, String, VmOffer), MigrationError> {
-    let stream = dial(addr)?;
+///
+/// With `tls`, the connection is TLS (the peer's certificate checked
+/// against the CA and the host of `addr`) before the hello is sent; a TLS
+/// failure is a [`MigrationError::Tls`] naming the fix.
+pub fn connect(
+    addr: &str,
+    token: &Token,
+    tls: Option<&PeerClientTls>,
+) -> Result<(Control, String, VmOffer), MigrationError> {
+    let stream = dial(addr, tls)?;
     let mut control = Control::new(stream)?;
     control.send(&Hello::Control {
         v: PROTOCOL_VERSION,
@@ -429,14 +515,16 @@ pub fn connect(addr: &str, token: &Token) -> Result<(Control, String, VmOffer), 
     }
 }
 
-/// The destination's side: opens data channel `kind` of `session`.
+/// The destination's side: opens data channel `kind` of `session` (over
+/// TLS with `tls`, as [`connect`]).
 pub fn open_channel(
     addr: &str,
     token: &Token,
+    tls: Option<&PeerClientTls>,
     session: &str,
     kind: ChannelKind,
-) -> Result<TcpStream, MigrationError> {
-    let mut stream = dial(addr)?;
+) -> Result<PeerStream, MigrationError> {
+    let mut stream = dial(addr, tls)?;
     let mut hello = serde_json::to_vec(&Hello::Channel {
         v: PROTOCOL_VERSION,
         token: token.expose().to_string(),
@@ -447,11 +535,52 @@ pub fn open_channel(
     hello.push(b'\n');
     stream
         .write_all(&hello)
+        .and_then(|()| stream.flush())
         .map_err(MigrationError::io(format!("opening a channel to {addr}")))?;
     Ok(stream)
 }
 
-fn dial(addr: &str) -> Result<TcpStream, MigrationError> {
+/// Connects to `addr`, with TLS if `tls` (handshaken within
+/// [`HANDSHAKE_DEADLINE`]).
+fn dial(addr: &str, tls: Option<&PeerClientTls>) -> Result<PeerStream, MigrationError> {
+    let tcp = dial_tcp(addr)?;
+    let Some(tls) = tls else {
+        return Ok(PeerStream::plain(tcp));
+    };
+    let host = match addr.rsplit_once(':') {
+        Some((h, _)) => h.trim_start_matches('[').trim_end_matches(']'),
+        None => addr,
+    };
+    let name = rustls_pki_types::ServerName::try_from(host.to_string()).map_err(|_| {
+        MigrationError::Tls {
+            addr: addr.to_string(),
+            detail: format!("{host:?} is neither a DNS name nor an IP address"),
+        }
+    })?;
+    let conn =
+        rustls::ClientConnection::new(tls.0.clone(), name).map_err(|e| MigrationError::Tls {
+            addr: addr.to_string(),
+            detail: tls_detail(&e),
+        })?;
+    PeerStream::tls(tcp, conn.into(), Instant::now() + HANDSHAKE_DEADLINE).map_err(|e| {
+        match stream::rustls_error(&e) {
+            Some(t) => MigrationError::Tls {
+                addr: addr.to_string(),
+                detail: tls_detail(t),
+            },
+            None if e.kind() == std::io::ErrorKind::UnexpectedEof => MigrationError::Tls {
+                addr: addr.to_string(),
+                detail: "it closed the connection in the TLS handshake: it may not speak TLS (then drop --ca) or may have refused this side's certificate".into(),
+            },
+            None if e.kind() == std::io::ErrorKind::TimedOut => MigrationError::Timeout(format!(
+                "in the TLS handshake with {addr} (more than {HANDSHAKE_DEADLINE:?})"
+            )),
+            None => MigrationError::io(format!("the TLS handshake with {addr}"))(e),
+        }
+    })
+}
+
+fn dial_tcp(addr: &str) -> Result<TcpStream, MigrationError> {
     use std::net::ToSocketAddrs;
     let addrs: Vec<SocketAddr> = addr
         .to_socket_addrs()
@@ -481,7 +610,7 @@ pub struct Incoming {
     pub control: Control,
     /// The session name to put in the offer.
     pub session: String,
-    channels: Receiver<(ChannelKind, TcpStream)>,
+    channels: Receiver<(ChannelKind, PeerStream)>,
     server: Arc<ServerShared>,
 }
 
@@ -492,7 +621,7 @@ impl Incoming {
         &mut self,
         kind: ChannelKind,
         timeout: Duration,
-    ) -> Result<TcpStream, MigrationError> {
+    ) -> Result<PeerStream, MigrationError> {
         let deadline = Instant::now() + timeout;
         let mut parked = self.server.parked.lock().expect("parked");
         if let Some(s) = parked.remove(&(self.session.clone(), kind)) {
@@ -546,13 +675,15 @@ impl Drop for Incoming {
 
 struct ServerShared {
     token: Token,
+    /// TLS only, when set.
+    tls: Option<ServerTls>,
     limits: ServerLimits,
     /// Connections in their handshake now (see [`MAX_HANDSHAKES`]).
     handshakes: std::sync::atomic::AtomicUsize,
     /// Whether a refusal over the cap was logged (once per flood).
     over_cap_logged: AtomicBool,
-    sessions: Mutex<HashMap<String, Sender<(ChannelKind, TcpStream)>>>,
-    parked: Mutex<HashMap<(String, ChannelKind), TcpStream>>,
+    sessions: Mutex<HashMap<String, Sender<(ChannelKind, PeerStream)>>>,
+    parked: Mutex<HashMap<(String, ChannelKind), PeerStream>>,
     stopping: AtomicBool,
 }
 
@@ -585,19 +716,23 @@ pub struct Server {
 
 impl Server {
     /// Listens on `addr`. Every caller must present `token` (a [`Token`]:
-    /// never empty or short).
+    /// never empty or short). With `tls`, every connection must be TLS
+    /// (and present a client certificate if `tls` requires one), its
+    /// handshake and hello done within [`HANDSHAKE_DEADLINE`] in all.
     pub fn bind(
         addr: SocketAddr,
         token: &Token,
+        tls: Option<&ServerTls>,
         on_migration: impl Fn(Incoming) + Send + Sync + 'static,
     ) -> Result<Server, MigrationError> {
-        Server::bind_with(addr, token, ServerLimits::default(), on_migration)
+        Server::bind_with(addr, token, tls, ServerLimits::default(), on_migration)
     }
 
     /// As [`Server::bind`], with other limits (tests use short deadlines).
     pub fn bind_with(
         addr: SocketAddr,
         token: &Token,
+        tls: Option<&ServerTls>,
         limits: ServerLimits,
         on_migration: impl Fn(Incoming) + Send + Sync + 'static,
     ) -> Result<Server, MigrationError> {
@@ -608,6 +743,7 @@ impl Server {
             .map_err(MigrationError::io("reading the listen address"))?;
         let shared = Arc::new(ServerShared {
             token: token.clone(),
+            tls: tls.cloned(),
             limits,
             handshakes: Default::default(),
             over_cap_logged: AtomicBool::new(false),
@@ -714,44 +850,51 @@ fn accept_loop(
 }
 
 fn greet(
-    mut stream: TcpStream,
+    tcp: TcpStream,
     shared: &Arc<ServerShared>,
     on_migration: &dyn Fn(Incoming),
 ) -> Result<(), MigrationError> {
-    let peer = stream
+    let peer = tcp
         .peer_addr()
         .map(|a| a.to_string())
         .unwrap_or_else(|_| "?".into());
-    // Read exactly the hello line: on a data channel, the channel's bytes
-    // (e.g. an NBD server's greeting) may follow at once. The handshake
-    // slot is given back once the hello is read (or not).
-    let line = read_hello_line(&mut stream, shared.limits.handshake);
+    // One deadline for the TLS handshake and the hello together. Read
+    // exactly the hello line: on a data channel, the channel's bytes (e.g.
+    // an NBD server's greeting) may follow at once. The handshake slot is
+    // given back once the hello is read (or not).
+    let deadline = shared.limits.handshake;
+    let until = Instant::now() + deadline;
+    let line = accept_stream(tcp, shared.tls.as_ref(), until, &peer).and_then(|mut stream| {
+        let line = read_hello_line(&mut stream, until, deadline)?;
+        Ok((stream, line))
+    });
     if shared.handshakes.fetch_sub(1, Ordering::SeqCst) <= shared.limits.max_handshakes {
         shared.over_cap_logged.store(false, Ordering::SeqCst);
     }
-    let hello = decode_hello(&line?, &peer)?;
+    let (mut stream, line) = line?;
+    let hello = decode_hello(&line, &peer)?;
     let (v, token) = match &hello {
         Hello::Control { v, token } | Hello::Channel { v, token, .. } => (*v, token),
     };
-    let refuse = |mut stream: &TcpStream, reason: &str| {
+    let refuse = |stream: &mut PeerStream, reason: &str| {
         let mut line = serde_json::to_vec(&SourceMsg::Refused {
             reason: reason.to_string(),
         })
         .expect("serialisable");
         line.push(b'\n');
-        let _ = stream.write_all(&line);
-        let _ = stream.shutdown(Shutdown::Both);
+        let _ = stream.write_all(&line).and_then(|()| stream.flush());
+        stream.close();
         Err(MigrationError::Refused {
             addr: peer.clone(),
             reason: reason.to_string(),
         })
     };
     if !shared.token.matches(token.as_bytes()) {
-        return refuse(&stream, "wrong token: pass the source's --token");
+        return refuse(&mut stream, "wrong token: pass the source's --token");
     }
     if v != PROTOCOL_VERSION {
         return refuse(
-            &stream,
+            &mut stream,
             &format!(
             "protocol version {v} is not {PROTOCOL_VERSION}: use the same ferry version on both peers"
             ),
@@ -760,7 +903,7 @@ fn greet(
     match hello {
         Hello::Control { .. } => {
             if shared.stopping.load(Ordering::SeqCst) {
-                return refuse(&stream, "this peer is shutting down");
+                return refuse(&mut stream, "this peer is shutting down");
             }
             let _ = stream.set_read_timeout(None);
             let control = Control::new(stream)?;
@@ -794,16 +937,113 @@ fn greet(
                     let _ = tx.send((channel, stream));
                     Ok(())
                 }
-                None => refuse(&stream, &format!("unknown session {session}")),
+                None => refuse(&mut stream, &format!("unknown session {session}")),
             }
         }
     }
 }
 
+/// The listener's side of a new connection: plain, or (with `tls`) TLS,
+/// handshaken by `until`. A TLS listener answers a caller whose first byte
+/// is not a TLS handshake with one plain refusal line naming the fix, and
+/// closes; a failed handshake is closed gently (what the caller sent is
+/// read away first), so that the caller reads the TLS alert that says why
+/// instead of a reset.
+fn accept_stream(
+    tcp: TcpStream,
+    tls: Option<&ServerTls>,
+    until: Instant,
+    peer: &str,
+) -> Result<PeerStream, MigrationError> {
+    let Some(tls) = tls else {
+        return Ok(PeerStream::plain(tcp));
+    };
+    let mut first = [0u8; 1];
+    loop {
+        let left = until.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(MigrationError::Timeout(format!(
+                "waiting for {peer}'s TLS handshake"
+            )));
+        }
+        let _ = tcp.set_read_timeout(Some(left));
+        match tcp.peek(&mut first) {
+            Ok(0) => return Err(MigrationError::Closed("before its TLS handshake".into())),
+            Ok(_) => break,
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock
+                        | std::io::ErrorKind::TimedOut
+                        | std::io::ErrorKind::Interrupted
+                ) => {}
+            Err(e) => return Err(MigrationError::io(format!("reading from {peer}"))(e)),
+        }
+    }
+    if first[0] != stream::TLS_HANDSHAKE_RECORD {
+        let mut line = serde_json::to_vec(&SourceMsg::Refused {
+            reason: "this peer speaks only TLS: pass --ca FILE (the CA that signed its --tls-cert)"
+                .into(),
+        })
+        .expect("serialisable");
+        line.push(b'\n');
+        let _ = (&tcp).write_all(&line);
+        linger_close(&tcp);
+        return Err(MigrationError::Tls {
+            addr: peer.to_string(),
+            detail: "it sent plain text to this TLS listener: refused".into(),
+        });
+    }
+    let keep = tcp
+        .try_clone()
+        .map_err(MigrationError::io("cloning a connection"))?;
+    let conn = rustls::ServerConnection::new(tls.0.clone()).map_err(|e| MigrationError::Tls {
+        addr: peer.to_string(),
+        detail: e.to_string(),
+    })?;
+    PeerStream::tls(tcp, conn.into(), until).map_err(|e| {
+        linger_close(&keep);
+        match stream::rustls_error(&e) {
+            Some(t) => MigrationError::Tls {
+                addr: peer.to_string(),
+                detail: t.to_string(),
+            },
+            None if e.kind() == std::io::ErrorKind::TimedOut => {
+                MigrationError::Timeout(format!("in the TLS handshake with {peer}"))
+            }
+            None => MigrationError::io(format!("the TLS handshake with {peer}"))(e),
+        }
+    })
+}
+
+/// Closes `tcp` after reading what the caller still sends (for up to a
+/// second), so that what was written last reaches it before any reset.
+fn linger_close(tcp: &TcpStream) {
+    let _ = tcp.shutdown(Shutdown::Write);
+    let until = Instant::now() + Duration::from_secs(1);
+    let mut sink = [0u8; 4096];
+    let mut r = tcp;
+    loop {
+        let left = until.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            break;
+        }
+        let _ = tcp.set_read_timeout(Some(left));
+        match r.read(&mut sink) {
+            Ok(0) | Err(_) => break,
+            Ok(_) => {}
+        }
+    }
+    let _ = tcp.shutdown(Shutdown::Both);
+}
+
 /// Reads one line, byte by byte, so that nothing after it is consumed, by
-/// an overall `deadline` from now.
-fn read_hello_line(stream: &mut TcpStream, deadline: Duration) -> Result<Vec<u8>, MigrationError> {
-    let until = Instant::now() + deadline;
+/// `until` (an overall deadline, `deadline` long in all).
+fn read_hello_line(
+    stream: &mut PeerStream,
+    until: Instant,
+    deadline: Duration,
+) -> Result<Vec<u8>, MigrationError> {
     let mut line = Vec::new();
     let mut byte = [0u8; 1];
     loop {
@@ -817,6 +1057,18 @@ fn read_hello_line(stream: &mut TcpStream, deadline: Duration) -> Result<Vec<u8>
         match stream.read(&mut byte) {
             Ok(0) => return Err(MigrationError::Closed("before its hello".into())),
             Ok(_) if byte[0] == b'\n' => break,
+            Ok(_)
+                if line.is_empty()
+                    && !stream.is_tls()
+                    && byte[0] == stream::TLS_HANDSHAKE_RECORD =>
+            {
+                // A TLS caller on a plain listener: closed at once (it
+                // sees the end of its handshake), not held to the deadline.
+                stream.close();
+                return Err(MigrationError::Protocol(
+                    "a TLS handshake on a plain listener: start the listener with --tls-cert and --tls-key, or drop --ca on the caller".into(),
+                ));
+            }
             Ok(_) => {
                 line.push(byte[0]);
                 if line.len() > MAX_HELLO {
@@ -887,7 +1139,7 @@ fn random_session() -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
 }
 
-/// Ties a TCP data channel to a Unix socket on this side.
+/// Ties a data channel (plain or TLS) to a Unix socket on this side.
 pub enum Tunnel {
     /// Connect to an existing Unix socket (the engine listens there).
     Dial(PathBuf),
@@ -921,9 +1173,9 @@ impl Drop for TunnelHandle {
 }
 
 impl Tunnel {
-    /// Starts copying between `tcp` and the Unix side, both ways.
-    pub fn start(self, tcp: TcpStream) -> Result<TunnelHandle, MigrationError> {
-        self.start_with(tcp, None)
+    /// Starts copying between `stream` and the Unix side, both ways.
+    pub fn start(self, stream: PeerStream) -> Result<TunnelHandle, MigrationError> {
+        self.start_with(stream, None)
     }
 
     /// As [`Tunnel::start`], and also keeps what the engine sends in a file
@@ -933,7 +1185,7 @@ impl Tunnel {
     /// disk) stops the recording, not the tunnel.
     pub fn start_recording(
         self,
-        tcp: TcpStream,
+        stream: PeerStream,
         record: &Path,
     ) -> Result<TunnelHandle, MigrationError> {
         let partial = partial_path(record);
@@ -943,7 +1195,7 @@ impl Tunnel {
         )))?;
         let _ = std::fs::remove_file(record);
         self.start_with(
-            tcp,
+            stream,
             Some(Recording {
                 file,
                 partial,
@@ -954,9 +1206,10 @@ impl Tunnel {
 
     fn start_with(
         self,
-        tcp: TcpStream,
+        stream: PeerStream,
         record: Option<Recording>,
     ) -> Result<TunnelHandle, MigrationError> {
+        let (tcp, tls) = stream.into_parts();
         let (tx, rx) = channel();
         let bytes = Arc::new(AtomicU64::new(0));
         let counter = bytes.clone();
@@ -969,7 +1222,7 @@ impl Tunnel {
                     "connecting to {}",
                     path.display()
                 )))?;
-                spawn_pipe(tcp, unix, tx, counter, record)?;
+                spawn_pipe(tcp, tls, unix, tx, counter, record)?;
             }
             Tunnel::Listen(path) => {
                 let _ = std::fs::remove_file(&path);
@@ -981,7 +1234,7 @@ impl Tunnel {
                     .name("tunnel accept".into())
                     .spawn(move || {
                         if let Ok((unix, _)) = listener.accept() {
-                            let _ = spawn_pipe(tcp, unix, tx, counter, record);
+                            let _ = spawn_pipe(tcp, tls, unix, tx, counter, record);
                         }
                         let _ = std::fs::remove_file(&path);
                     })
@@ -1041,11 +1294,35 @@ fn partial_path(record: &Path) -> PathBuf {
 
 fn spawn_pipe(
     tcp: TcpStream,
+    tls: Option<Box<rustls::Connection>>,
     unix: UnixStream,
     done: Sender<()>,
     bytes: Arc<AtomicU64>,
     mut record: Option<Recording>,
 ) -> Result<(), MigrationError> {
+    if let Some(conn) = tls {
+        // One thread for both directions (a TLS connection is one state).
+        std::thread::Builder::new()
+            .name("tunnel tls".into())
+            .spawn(move || {
+                let count = |n| {
+                    bytes.fetch_add(n, Ordering::Relaxed);
+                };
+                let pumped = stream::pump_tls(tcp, *conn, unix, &count, &mut |data: &[u8]| {
+                    Recording::write(&mut record, data)
+                });
+                match record {
+                    Some(r) if pumped.engine_side_whole => r.finish(),
+                    Some(r) => {
+                        let _ = std::fs::remove_file(&r.partial);
+                    }
+                    None => {}
+                }
+                let _ = done.send(());
+            })
+            .map_err(MigrationError::io("starting a tunnel"))?;
+        return Ok(());
+    }
     let bytes2 = bytes.clone();
     let tcp2 = tcp
         .try_clone()

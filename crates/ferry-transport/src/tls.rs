@@ -327,3 +327,71 @@ pub fn is_tls_failure(e: &ureq::Error) -> bool {
         _ => false,
     }
 }
+
+/// A server's TLS files (`--tls-cert`, `--tls-key`, `--client-ca`) as
+/// paths, so that they can travel in a detached spec; [`ServerTlsFiles::load`]
+/// reads them.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServerTlsFiles {
+    /// The certificate chain (PEM).
+    pub cert: PathBuf,
+    /// Its key (PEM).
+    pub key: PathBuf,
+    /// Require client certificates signed by this CA (PEM).
+    #[serde(default)]
+    pub client_ca: Option<PathBuf>,
+}
+
+impl ServerTlsFiles {
+    /// The listener's configuration, the files read and checked now.
+    ///
+    /// # Errors
+    /// As [`ServerTls::from_files`].
+    pub fn load(&self) -> Result<ServerTls, TlsError> {
+        ServerTls::from_files(&self.cert, &self.key, self.client_ca.as_deref())
+    }
+}
+
+/// A migration client's TLS (`ferry peer --from HOST:PORT --ca FILE`),
+/// loaded: the peer's certificate must be signed by the given CA (never
+/// the public roots: peers of one cluster share a private CA) and name the
+/// address dialled; a client certificate is presented when asked for.
+#[derive(Clone)]
+pub struct PeerClientTls(pub(crate) Arc<rustls::ClientConfig>);
+
+impl std::fmt::Debug for PeerClientTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("PeerClientTls")
+    }
+}
+
+impl ClientTls {
+    /// The settings for a migration peer, the files read and checked now.
+    ///
+    /// # Errors
+    /// [`TlsError::Config`] without `ca` (a peer is checked against the
+    /// cluster's CA, never the public roots), [`TlsError::BadPem`].
+    pub fn peer(&self) -> Result<PeerClientTls, TlsError> {
+        let Some(ca) = &self.ca else {
+            return Err(TlsError::Config(
+                "TLS to a peer needs --ca FILE (the CA that signed its --tls-cert)".into(),
+            ));
+        };
+        let cfg = |e: rustls::Error| TlsError::Config(e.to_string());
+        let mut roots = rustls::RootCertStore::empty();
+        for c in certs(ca)? {
+            roots.add(c).map_err(cfg)?;
+        }
+        let builder = rustls::ClientConfig::builder_with_provider(provider())
+            .with_safe_default_protocol_versions()
+            .map_err(cfg)?
+            .with_root_certificates(roots);
+        let config = match (&self.client_cert, &self.client_key) {
+            (Some(cert), Some(key_file)) => builder
+                .with_client_auth_cert(certs(cert)?, key(key_file)?)
+                .map_err(cfg)?,
+            _ => builder.with_no_client_auth(),
+        };
+        Ok(PeerClientTls(Arc::new(config)))
+    }
+}

@@ -393,3 +393,61 @@ fn connections_past_the_cap_are_closed() {
     std::thread::sleep(Duration::from_millis(300));
     assert_eq!(get(addr, "/").status, 200);
 }
+
+/// A client that sends its request headers one byte every 2 s is cut off
+/// once `HEADER_DEADLINE` (10 s from its accept) has passed, though each
+/// byte comes well within any per-read timeout (the whole request would
+/// take over a minute); one that sends them at once is served. Checked to
+/// fail without the deadline (the trickle then ran to the test's 20 s
+/// limit).
+#[test]
+fn request_headers_trickled_byte_by_byte_are_cut_off_at_the_deadline() {
+    use std::io::{Read, Write};
+    use std::time::{Duration, Instant};
+    let (_dir, a, _) = two_packages();
+    let reg = Registry::bind(RegistryConfig {
+        packages: vec![a],
+        listen: "127.0.0.1:0".parse().unwrap(),
+        token: None,
+    })
+    .unwrap()
+    .spawn()
+    .unwrap();
+    let addr = reg.local_addr();
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+    let request =
+        b"GET / HTTP/1.1\r\nHost: x\r\nUser-Agent: a-slow-client\r\nConnection: close\r\n\r\n";
+    let started = Instant::now();
+    let mut cut = false;
+    let mut buf = [0u8; 512];
+    for b in request {
+        if s.write_all(&[*b]).is_err() {
+            cut = true;
+            break;
+        }
+        // Waits 2 s for an answer: EOF (or a reset) is the cut.
+        match s.read(&mut buf) {
+            Ok(0) => {
+                cut = true;
+                break;
+            }
+            Ok(n) => panic!("answered: {}", String::from_utf8_lossy(&buf[..n])),
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {
+                cut = true;
+                break;
+            }
+            Err(_) => {}
+        }
+        assert!(started.elapsed() < Duration::from_secs(20), "never cut off");
+    }
+    assert!(cut, "the whole trickled request was read");
+    let took = started.elapsed();
+    assert!(
+        took >= ferry_transport::HEADER_DEADLINE - Duration::from_millis(500)
+            && took < ferry_transport::HEADER_DEADLINE + Duration::from_secs(4),
+        "cut off after {took:?}, not at the {:?} deadline",
+        ferry_transport::HEADER_DEADLINE
+    );
+    assert_eq!(get(addr, "/").status, 200);
+}

@@ -44,7 +44,7 @@ fn a_recording_holds_exactly_what_the_engine_sent_once_it_closed() {
     let (sock, record) = (dir.path().join("state.sock"), dir.path().join("sent"));
     let (near, mut far) = tcp_pair();
     let handle = Tunnel::Listen(sock.clone())
-        .start_recording(near, &record)
+        .start_recording(near.into(), &record)
         .unwrap();
     let mut engine = connect_when_ready(&sock);
     let data: Vec<u8> = (0..3_000_000u32).map(|i| (i * 7 % 251) as u8).collect();
@@ -72,7 +72,7 @@ fn a_stream_cut_short_leaves_no_recording() {
     let (sock, record) = (dir.path().join("state.sock"), dir.path().join("sent"));
     let (near, far) = tcp_pair();
     let handle = Tunnel::Listen(sock.clone())
-        .start_recording(near, &record)
+        .start_recording(near.into(), &record)
         .unwrap();
     let mut engine = connect_when_ready(&sock);
     // The far end goes away: the tunnel cannot deliver the stream.

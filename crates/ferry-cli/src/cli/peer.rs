@@ -42,21 +42,27 @@ pub struct Args {
     #[arg(long = "migrate-token-file", value_name = "FILE")]
     migrate_token_file: Option<PathBuf>,
     /// Trust this CA (PEM) for an https:// --from instead of the public
-    /// roots (e.g. ca.crt from `ferry tls init`).
+    /// roots (e.g. ca.crt from `ferry tls init`). With a HOST:PORT --from,
+    /// migrate over TLS: the source peer's certificate must be signed by
+    /// this CA and name HOST.
     #[arg(long, value_name = "FILE")]
     ca: Option<PathBuf>,
-    /// Present this client certificate (PEM) to an https:// registry that
-    /// asks for one.
+    /// Present this client certificate (PEM) to an https:// registry or a
+    /// TLS source peer that asks for one (its --client-ca).
     #[arg(long = "client-cert", value_name = "FILE", requires = "client_key")]
     client_cert: Option<PathBuf>,
     /// The client certificate's key (PEM).
     #[arg(long = "client-key", value_name = "FILE", requires = "client_cert")]
     client_key: Option<PathBuf>,
-    /// Allow plain TCP/HTTP off loopback (a HOST:PORT or http:// --from,
-    /// --listen on another address): the token and the VM's memory then
-    /// travel in clear.
+    /// Allow plain TCP/HTTP off loopback (a HOST:PORT --from without
+    /// --ca, an http:// --from, --listen on another address without
+    /// --tls-cert): the token and the VM's memory then travel in clear.
     #[arg(long)]
     insecure: bool,
+    /// Serve --listen only over TLS (and, with --client-ca, only to peers
+    /// with a client certificate signed by that CA).
+    #[command(flatten)]
+    listen_tls: super::tls::ServerTlsArgs,
     /// Where Ctrl-C suspends the VM to (default: ./<name>.ferry).
     #[arg(long, value_name = "FILE")]
     save: Option<PathBuf>,
@@ -87,8 +93,14 @@ pub struct Args {
 }
 
 /// The plain (unencrypted) links off loopback that `from` and `listen` ask
-/// for, as the flags name them.
-fn plain_off_loopback(from: &str, listen: Option<SocketAddr>) -> Vec<String> {
+/// for, as the flags name them: a HOST:PORT `from` is TLS with `peer_tls`,
+/// `listen` with `listen_tls`.
+fn plain_off_loopback(
+    from: &str,
+    listen: Option<SocketAddr>,
+    peer_tls: bool,
+    listen_tls: bool,
+) -> Vec<String> {
     let loopback = |host: &str| {
         let host = host.trim_start_matches('[').trim_end_matches(']');
         host.eq_ignore_ascii_case("localhost")
@@ -97,7 +109,9 @@ fn plain_off_loopback(from: &str, listen: Option<SocketAddr>) -> Vec<String> {
                 .is_ok_and(|ip| ip.is_loopback())
     };
     let mut plain = Vec::new();
-    if !from.starts_with("https://") {
+    let https = from.starts_with("https://");
+    let peer_over_tls = peer_tls && !from.starts_with("http://") && !https;
+    if !https && !peer_over_tls {
         let rest = from.strip_prefix("http://").unwrap_or(from);
         let authority = rest.split('/').next().unwrap_or(rest);
         let host = match authority.rsplit_once(':') {
@@ -108,7 +122,7 @@ fn plain_off_loopback(from: &str, listen: Option<SocketAddr>) -> Vec<String> {
             plain.push(format!("--from {from}"));
         }
     }
-    if let Some(l) = listen.filter(|l| !l.ip().is_loopback()) {
+    if let Some(l) = listen.filter(|l| !l.ip().is_loopback() && !listen_tls) {
         plain.push(format!("--listen {l}"));
     }
     plain
@@ -126,11 +140,43 @@ const DETACHED_READY: Duration = Duration::from_secs(1800);
 pub fn run(args: Args, paths: &Paths, started: Instant, ctx: &Ctx) -> anyhow::Result<ExitCode> {
     let net = args.net.choice()?;
     // Plain links off loopback only when asked for, and said so.
-    let plain = plain_off_loopback(&args.from, args.listen);
+    let from_registry = args.from.starts_with("http://") || args.from.starts_with("https://");
+    let client_tls =
+        (args.ca.is_some() || args.client_cert.is_some()).then(|| ferry_transport::ClientTls {
+            ca: args.ca.clone().map(absolute),
+            client_cert: args.client_cert.clone().map(absolute),
+            client_key: args.client_key.clone().map(absolute),
+        });
+    let listen_tls = args
+        .listen_tls
+        .tls_cert
+        .clone()
+        .zip(args.listen_tls.tls_key.clone())
+        .map(|(cert, key)| ferry_transport::ServerTlsFiles {
+            cert: absolute(cert),
+            key: absolute(key),
+            client_ca: args.listen_tls.client_ca.clone().map(absolute),
+        });
+    // The files are read now: a bad one fails before any network I/O.
+    if let Some(files) = &listen_tls {
+        files
+            .load()
+            .map_err(|e| RuntimeError::BadOption(e.to_string()))?;
+    }
+    if let Some(t) = client_tls.as_ref().filter(|_| !from_registry) {
+        t.peer()
+            .map_err(|e| RuntimeError::BadOption(e.to_string()))?;
+    }
+    let plain = plain_off_loopback(
+        &args.from,
+        args.listen,
+        client_tls.is_some(),
+        listen_tls.is_some(),
+    );
     if !plain.is_empty() {
         if !args.insecure {
             return Err(RuntimeError::BadOption(format!(
-                "{}: plain TCP off loopback sends the token and the VM's memory in clear: use loopback addresses or an https:// registry, or pass --insecure",
+                "{}: plain TCP off loopback sends the token and the VM's memory in clear: use TLS (--ca for a peer --from, --tls-cert for --listen, an https:// registry) or loopback addresses, or pass --insecure",
                 plain.join(", ")
             ))
             .into());
@@ -163,14 +209,10 @@ pub fn run(args: Args, paths: &Paths, started: Instant, ctx: &Ctx) -> anyhow::Re
         net,
         listen: args.listen,
         registry_token,
-        registry_tls: (args.ca.is_some() || args.client_cert.is_some()).then(|| {
-            ferry_transport::ClientTls {
-                ca: args.ca.clone().map(absolute),
-                client_cert: args.client_cert.clone().map(absolute),
-                client_key: args.client_key.clone().map(absolute),
-            }
-        }),
+        registry_tls: client_tls.clone().filter(|_| from_registry),
         migrate_token,
+        migrate_tls: client_tls.filter(|_| !from_registry),
+        listen_tls,
         accel: args.accel.into(),
         console: super::console(args.console || args.enable_input),
         input: args
@@ -231,6 +273,8 @@ fn detached(
             registry_tls: opts.registry_tls.clone(),
             migrate_token: opts.migrate_token.clone(),
             serve_token: None,
+            migrate_tls: opts.migrate_tls.clone(),
+            listen_tls: opts.listen_tls.clone(),
             listen: opts.listen,
             save,
             max_bandwidth: opts.max_bandwidth,

@@ -38,6 +38,12 @@ pub struct PeerOptions {
     /// Bearer token for migrating: from the source peer, and of `--listen`
     /// (`--migrate-token-file`, else `--token`).
     pub migrate_token: Option<Token>,
+    /// TLS to a `HOST:PORT` source peer (`--ca`, `--client-cert`,
+    /// `--client-key`); plain TCP without.
+    pub migrate_tls: Option<ferry_transport::ClientTls>,
+    /// Serve `--listen` only over TLS (`--tls-cert`, `--tls-key`,
+    /// `--client-ca`).
+    pub listen_tls: Option<ferry_transport::ServerTlsFiles>,
     /// The keys one of which must have signed a registry's package
     /// (`--trust`); empty: no signature needed.
     pub trust: TrustedKeys,
@@ -69,6 +75,17 @@ impl PeerOptions {
                 self.from
             )));
         }
+        if self.listen_tls.is_some() && self.listen.is_none() {
+            return Err(RuntimeError::BadOption(
+                "--tls-cert serves --listen: add --listen ADDR, or drop --tls-cert".into(),
+            ));
+        }
+        if self.migrate_tls.is_some() && self.from_registry() {
+            return Err(RuntimeError::BadOption(
+                "TLS to a peer is for a HOST:PORT --from; an https:// registry takes --ca as it is"
+                    .into(),
+            ));
+        }
         if self.listen.is_some() && self.migrate_token.is_none() {
             return Err(RuntimeError::BadOption(
                 "--listen needs --migrate-token-file, --token or --token-file: peers never send a VM's memory to an unauthenticated caller".into(),
@@ -93,6 +110,9 @@ pub fn take(
     cancel: &Cancel,
 ) -> Result<OwnedVm, RuntimeError> {
     opts.check()?;
+    // The listener's files are read before the VM is taken: a bad key
+    // fails the command before anything moves.
+    owner_options(opts, "check")?;
     if opts.from_registry() {
         Ok(crate::start::registry::start(
             engine,
@@ -118,6 +138,7 @@ pub fn take(
             &IncomingStart {
                 from: opts.from.clone(),
                 token: opts.migrate_token.clone().expect("checked"),
+                tls: opts.migrate_tls.clone(),
                 name: opts.name.clone(),
                 accel: opts.accel,
                 console: opts.console.clone(),
@@ -131,8 +152,19 @@ pub fn take(
 }
 
 /// How the owner treats a peer's VM.
-pub fn owner_options(opts: &PeerOptions, name: &str) -> OwnerOptions {
-    OwnerOptions {
+///
+/// # Errors
+/// [`RuntimeError::BadOption`] when the listener's TLS files do not load.
+pub fn owner_options(opts: &PeerOptions, name: &str) -> Result<OwnerOptions, RuntimeError> {
+    let listen_tls = match &opts.listen_tls {
+        Some(files) => Some(
+            files
+                .load()
+                .map_err(|e| RuntimeError::BadOption(e.to_string()))?,
+        ),
+        None => None,
+    };
+    Ok(OwnerOptions {
         on_cancel: CancelAction::Suspend,
         save_to: Some(
             opts.save
@@ -140,6 +172,7 @@ pub fn owner_options(opts: &PeerOptions, name: &str) -> OwnerOptions {
                 .unwrap_or_else(|| PathBuf::from(format!("{name}.ferry"))),
         ),
         listen: opts.listen.zip(opts.migrate_token.clone()),
+        listen_tls,
         limits: LiveLimits {
             max_bandwidth: opts
                 .max_bandwidth
@@ -147,7 +180,7 @@ pub fn owner_options(opts: &PeerOptions, name: &str) -> OwnerOptions {
             ..LiveLimits::default()
         },
         fleet: None,
-    }
+    })
 }
 
 /// `ferry peer`: takes the VM, runs it, and serves it on `--listen` until
@@ -163,6 +196,6 @@ pub fn peer(
     if let Some(input) = opts.input.take() {
         owned.vm.forward_input(input)?;
     }
-    let owner = owner_options(&opts, &owned.name);
+    let owner = owner_options(&opts, &owned.name)?;
     own(engine, paths, owned, owner, events)
 }

@@ -40,6 +40,9 @@ pub struct IncomingStart {
     pub from: String,
     /// Its token (the migrate role's).
     pub token: ferry_transport::Token,
+    /// TLS to it (`--ca`, `--client-cert`, `--client-key`); plain TCP
+    /// without.
+    pub tls: Option<ferry_transport::ClientTls>,
     /// The VM's name here; the source's if `None`.
     pub name: Option<String>,
     /// Accelerator choice (it must be the VM's).
@@ -62,8 +65,15 @@ pub fn start(
 ) -> Result<OwnedVm, MigrateError> {
     let addr = opts.from.as_str();
     let token = &opts.token;
+    let tls = match &opts.tls {
+        Some(t) => Some(t.peer().map_err(|e| MigrationError::Tls {
+            addr: addr.to_string(),
+            detail: e.to_string(),
+        })?),
+        None => None,
+    };
     // The offer comes checked: digests are hex, never paths; sizes agree.
-    let (mut control, session, offer) = migration::connect(addr, token)?;
+    let (mut control, session, offer) = migration::connect(addr, token, tls.as_ref())?;
     let failed = |detail: String| MigrateError::Failed {
         direction: "from",
         peer: addr.to_string(),
@@ -137,7 +147,7 @@ pub fn start(
         }
     };
     let sockets = owned.vm.incoming_sockets();
-    let channel = |kind| migration::open_channel(addr, token, &session, kind);
+    let channel = |kind| migration::open_channel(addr, token, tls.as_ref(), &session, kind);
     let tunnels = (|| -> Result<_, MigrationError> {
         let state =
             Tunnel::Dial(sockets.state_socket.clone()).start(channel(ChannelKind::State)?)?;

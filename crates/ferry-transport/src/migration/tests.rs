@@ -156,7 +156,7 @@ fn offer_msg(vm: serde_json::Value) -> serde_json::Value {
 #[test]
 fn connect_returns_a_checked_offer() {
     let (addr, source) = scripted_source(offer_msg(offer_json()));
-    let (control, session, vm) = connect(&addr, &token()).unwrap();
+    let (control, session, vm) = connect(&addr, &token(), None).unwrap();
     assert_eq!(session, "s1");
     assert_eq!(vm, offer());
     drop(control);
@@ -168,7 +168,7 @@ fn connect_refuses_a_path_for_a_digest_and_tells_the_source() {
     let mut vm = offer_json();
     vm["kernel"]["sha256"] = json!("../../etc/passwd");
     let (addr, source) = scripted_source(offer_msg(vm));
-    let e = connect(&addr, &token()).err().unwrap();
+    let e = connect(&addr, &token(), None).err().unwrap();
     assert!(matches!(e, MigrationError::Protocol(_)), "{e:?}");
     assert!(
         e.to_string().contains("kernel digest \"../../etc/passwd\""),
@@ -187,7 +187,7 @@ fn connect_names_a_missing_field() {
     let mut vm = offer_json();
     vm.as_object_mut().unwrap().remove("disk_size");
     let (addr, source) = scripted_source(offer_msg(vm));
-    let e = connect(&addr, &token()).err().unwrap();
+    let e = connect(&addr, &token(), None).err().unwrap();
     assert!(matches!(e, MigrationError::Protocol(_)), "{e:?}");
     let msg = e.to_string();
     assert!(msg.contains("unreadable offer"), "{msg}");
@@ -205,11 +205,20 @@ fn connect_names_a_missing_field() {
 
 /// A listener that counts the migrations it is handed.
 fn listener(limits: ServerLimits) -> (Server, Arc<AtomicU64>) {
+    listener_tls(limits, None)
+}
+
+/// [`listener`], over TLS with `tls`.
+pub(super) fn listener_tls(
+    limits: ServerLimits,
+    tls: Option<&ServerTls>,
+) -> (Server, Arc<AtomicU64>) {
     let handed = Arc::new(AtomicU64::new(0));
     let h = handed.clone();
     let server = Server::bind_with(
         "127.0.0.1:0".parse().unwrap(),
         &token(),
+        tls,
         limits,
         move |_| {
             h.fetch_add(1, Ordering::SeqCst);
@@ -329,7 +338,7 @@ fn an_oversized_control_line_is_refused() {
         let _ = (&stream).write_all(&pad);
         let _ = (&stream).write_all(b"\n");
     });
-    let e = connect(&addr, &token()).err().unwrap();
+    let e = connect(&addr, &token(), None).err().unwrap();
     assert!(matches!(e, MigrationError::Protocol(_)), "{e:?}");
     assert!(
         e.to_string()
