@@ -84,17 +84,42 @@ pub fn build(opts: BuildOptions<'_>) -> Result<Blueprint, BlueprintError> {
     let kernel_file = tmp.join("kernel");
     rootfs::copy(&kernel.vmlinuz, &kernel_file)?;
     let mods = modules::load_order(&kernel.modules, modules::GUEST_MODULES)?;
+    let all: Vec<&str> = modules::GUEST_MODULES
+        .iter()
+        .chain(modules::ROOT_FETCH_MODULES)
+        .copied()
+        .collect();
+    // The modules a fetched root needs beyond the ones always loaded, in
+    // load order.
+    let fetch_mods: Vec<(String, std::path::PathBuf)> = modules::load_order(&kernel.modules, &all)?
+        .into_iter()
+        .filter(|(n, _)| !mods.iter().any(|(m, _)| m == n))
+        .collect();
     let mut cpio = CpioWriter::new();
-    for dir in ["bin", "dev", "proc", "sys", "newroot", "lib", "lib/modules"] {
+    for dir in [
+        "bin",
+        "dev",
+        "proc",
+        "sys",
+        "newroot",
+        "ram",
+        "lib",
+        "lib/modules",
+    ] {
         cpio.dir(dir);
     }
     cpio.char_device("dev/console", 5, 1);
     cpio.file("bin/busybox", 0o755, &read(&busybox)?);
-    for (name, path) in &mods {
+    for (name, path) in mods.iter().chain(&fetch_mods) {
         cpio.file(&format!("lib/modules/{name}.ko"), 0o644, &read(path)?);
     }
     let names: Vec<String> = mods.iter().map(|(n, _)| n.clone()).collect();
-    cpio.file("init", 0o755, rootfs::initramfs_init(&names).as_bytes());
+    let fetch_names: Vec<String> = fetch_mods.iter().map(|(n, _)| n.clone()).collect();
+    cpio.file(
+        "init",
+        0o755,
+        rootfs::initramfs_init(&names, &fetch_names, &recipe.network).as_bytes(),
+    );
     let initramfs_file = tmp.join("initramfs");
     let mut f =
         std::fs::File::create(&initramfs_file).map_err(BlueprintError::io(&initramfs_file))?;

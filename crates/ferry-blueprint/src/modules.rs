@@ -20,6 +20,12 @@ pub const GUEST_MODULES: &[&str] = &[
     "ext4",
 ];
 
+/// Drivers the initramfs loads only when the command line asks it to fetch
+/// its root image over the network (`ferry.root=URL`): the image is a file
+/// in RAM, mounted through a loop device. Every initramfs carries them
+/// (a few tens of KiB), so that any blueprint can boot that way.
+pub const ROOT_FETCH_MODULES: &[&str] = &["loop"];
+
 /// Modules to load, in load order, with their files.
 pub fn load_order(
     modules_dir: &Path,

@@ -15,6 +15,7 @@ const BUILTIN: &[(&str, &str)] = &[
     ("tiny", include_str!("../../../recipes/tiny.toml")),
     ("redis", include_str!("../../../recipes/redis.toml")),
     ("web", include_str!("../../../recipes/web.toml")),
+    ("node", include_str!("../../../recipes/node.toml")),
 ];
 
 /// A recipe, as written in a recipe `.toml` file.
@@ -90,6 +91,12 @@ pub enum RootfsSpec {
         /// The mirror; default: the host's own apt source.
         #[serde(default)]
         mirror: Option<String>,
+        /// Absolute paths removed from the tree before it becomes the disk
+        /// (documentation, manuals, translations): a node image that is
+        /// downloaded into RAM on every boot should carry nothing it does
+        /// not run. The cached tree keeps them.
+        #[serde(default)]
+        remove: Vec<String>,
     },
 }
 
@@ -180,6 +187,11 @@ impl Recipe {
                 "defaults.min_memory_mib is larger than defaults.memory_mib".into(),
             ));
         }
+        if let RootfsSpec::Debootstrap { remove, .. } = &recipe.rootfs {
+            for path in remove {
+                check_removable(path).map_err(|e| bad(format!("rootfs.remove: {e}")))?;
+            }
+        }
         for (guest_path, name) in &recipe.binaries {
             binaries::check_guest_path(guest_path)
                 .and_then(|()| binaries::check_name(name))
@@ -187,6 +199,28 @@ impl Recipe {
         }
         Ok(recipe)
     }
+}
+
+/// A path `rootfs.remove` may name: absolute, no `..`, not the root and
+/// not ferry's own `/ferry`.
+fn check_removable(path: &str) -> Result<(), String> {
+    let rel = path
+        .strip_prefix('/')
+        .ok_or_else(|| format!("'{path}' is not absolute"))?
+        .trim_end_matches('/');
+    if rel.is_empty()
+        || rel
+            .split('/')
+            .any(|c| c.is_empty() || c == "." || c == "..")
+    {
+        return Err(format!(
+            "'{path}' must name a path below / without '.', '..' or '//'"
+        ));
+    }
+    if rel == "ferry" || rel.starts_with("ferry/") {
+        return Err(format!("'{path}' is ferry's own"));
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -204,6 +238,25 @@ mod tests {
         let web = Recipe::find("web").unwrap();
         assert_eq!(web.liveness.check, Liveness::Tcp { port: 8000 });
         assert_eq!(web.binaries["/usr/local/bin/ferry-web"], "ferry-web");
+        let node = Recipe::find("node").unwrap();
+        assert!(node.service.is_some());
+        assert!(matches!(node.liveness.check, Liveness::Exec { .. }));
+    }
+
+    #[test]
+    fn removed_paths_are_checked() {
+        assert!(check_removable("/usr/share/doc").is_ok());
+        assert!(check_removable("/usr/share/man/").is_ok());
+        for bad in [
+            "usr/share",
+            "/",
+            "/usr/../etc",
+            "/usr//x",
+            "/ferry",
+            "/ferry/init",
+        ] {
+            assert!(check_removable(bad).is_err(), "{bad}");
+        }
     }
 
     #[test]
@@ -224,7 +277,7 @@ mod tests {
     fn unknown_recipe_names_the_known_ones() {
         let e = Recipe::find("nginx").unwrap_err().to_string();
         assert!(e.contains("unknown recipe 'nginx'"), "{e}");
-        assert!(e.contains("tiny, redis, web"), "{e}");
+        assert!(e.contains("tiny, redis, web, node"), "{e}");
     }
 
     #[test]

@@ -85,6 +85,22 @@ pub fn prepare(
                     Command::new("cp").arg("-a").arg(&tree).arg(stage),
                 )?;
             }
+            let RootfsSpec::Debootstrap { remove, .. } = spec else {
+                unreachable!("matched above");
+            };
+            for path in remove {
+                // Checked when the recipe was read: absolute, below `/`.
+                let target = stage.join(path.trim_start_matches('/'));
+                let gone = match std::fs::symlink_metadata(&target) {
+                    Ok(m) if m.is_dir() => std::fs::remove_dir_all(&target),
+                    Ok(_) => std::fs::remove_file(&target),
+                    Err(_) => Ok(()),
+                };
+                gone.map_err(BlueprintError::io(&target))?;
+            }
+            if !remove.is_empty() {
+                progress.detail(&format!("removed {}", remove.join(" ")));
+            }
         }
     }
     Ok(())
@@ -101,6 +117,7 @@ fn debootstrap(
         variant,
         include,
         mirror,
+        ..
     } = spec
     else {
         unreachable!("only called for debootstrap recipes");
@@ -314,11 +331,21 @@ exec /ferry/ferry-agent
     )
 }
 
-/// The initramfs `/init`: loads the virtio drivers in order, mounts the disk
-/// and switches to it. With `ferry.probe` on the command line it only says
-/// `FERRY-PROBE-OK` and powers off: that is how ferry checks that an
-/// accelerator really runs a Linux guest.
-pub fn initramfs_init(modules: &[String]) -> String {
+/// The initramfs `/init`: loads the virtio drivers in order, mounts the root
+/// file system and switches to it. With `ferry.probe` on the command line it
+/// only says `FERRY-PROBE-OK` and powers off: that is how ferry checks that
+/// an accelerator really runs a Linux guest.
+///
+/// The root file system is the disk (`/dev/vda`), unless the command line
+/// names a root image as `ferry.root=URL` (a stateless node: the image is
+/// what a boot service hands out, and the node keeps nothing). Then the
+/// initramfs brings up the guest's network with `net` (the same addressing
+/// `/ferry/init` sets up again later), downloads the image into RAM
+/// (retrying while the server does not answer), checks it against the
+/// `#sha256=HEX` the URL may carry, and mounts it through a loop device
+/// (`fetch_modules`); the disk is not touched. Any failure is one
+/// `ferry-init:` line on the console and a power-off.
+pub fn initramfs_init(modules: &[String], fetch_modules: &[String], net: &NetworkConfig) -> String {
     format!(
         r#"#!/bin/busybox sh
 # Written by ferry's blueprint builder.
@@ -330,19 +357,58 @@ mount -t devtmpfs devtmpfs /dev
 fail() {{ echo "ferry-init: $*" >/dev/console; sync; poweroff -f; }}
 for m in {modules}; do insmod /lib/modules/$m.ko || fail "cannot load module $m"; done
 if grep -q ferry.probe /proc/cmdline; then echo FERRY-PROBE-OK; poweroff -f; fi
-i=0
-while [ ! -b /dev/vda ]; do
-  i=$((i+1)); [ $i -gt 3000 ] && fail "no disk /dev/vda after 30 s"
-  usleep 10000
+root_url=
+for w in $(cat /proc/cmdline); do
+  case "$w" in ferry.root=*) root_url="${{w#ferry.root=}}" ;; esac
 done
-mount -t ext4 -o rw /dev/vda /newroot || fail "cannot mount /dev/vda"
-[ -x /newroot/ferry/init ] || fail "/ferry/init is missing or not executable on the disk"
+if [ -n "$root_url" ]; then
+  for m in {fetch_modules}; do insmod /lib/modules/$m.ko || fail "cannot load module $m"; done
+  url="${{root_url%%#*}}"
+  sum=
+  case "$root_url" in *'#sha256='*) sum="${{root_url##*#sha256=}}" ;; esac
+  ip link set lo up
+  ip link set {iface} up
+  ip addr add {addr}/{prefix} dev {iface}
+  ip route add default via {gw}
+  mount -t tmpfs -o size=95%,mode=0700 tmpfs /ram || fail "cannot mount a tmpfs for the root image"
+  i=0
+  until wget -q -O /ram/root.img "$url"; do
+    i=$((i+1))
+    [ $i -ge 6 ] && fail "cannot fetch the root image $url (tried $i times; is the VM's memory larger than the image?)"
+    echo "ferry-init: fetching $url failed; try $((i+1)) in $i s" >/dev/console
+    rm -f /ram/root.img
+    sleep $i
+  done
+  if [ -n "$sum" ]; then
+    got="$(sha256sum /ram/root.img)"
+    got="${{got%% *}}"
+    [ "$got" = "$sum" ] || fail "the root image $url has sha256 $got, the URL says $sum"
+  fi
+  mount -t ext4 -o loop,rw /ram/root.img /newroot || fail "cannot mount the root image from $url"
+  read up _ < /proc/uptime
+  echo "ferry-init: root image from $url in RAM, $(($(stat -c %s /ram/root.img) >> 20)) MiB, at ${{up}} s" >/dev/console
+  ip addr flush dev {iface}
+  ip link set {iface} down
+else
+  i=0
+  while [ ! -b /dev/vda ]; do
+    i=$((i+1)); [ $i -gt 3000 ] && fail "no disk /dev/vda after 30 s"
+    usleep 10000
+  done
+  mount -t ext4 -o rw /dev/vda /newroot || fail "cannot mount /dev/vda"
+fi
+[ -x /newroot/ferry/init ] || fail "/ferry/init is missing or not executable on the root file system"
 umount /proc /sys
 mount --move /dev /newroot/dev
 exec switch_root /newroot /ferry/init
 fail "switch_root failed"
 "#,
-        modules = modules.join(" ")
+        modules = modules.join(" "),
+        fetch_modules = fetch_modules.join(" "),
+        iface = net.interface,
+        addr = net.guest_address,
+        prefix = net.prefix_len,
+        gw = net.gateway
     )
 }
 

@@ -10,6 +10,8 @@
 //! A root image named in the params as dracut's `root=live:URL` (what
 //! OpenCHAMI's nodes boot from) is downloaded too, the same way: ferry's
 //! guest takes its root file system from its disk, so that is its disk.
+//! A root image named as `ferry.root=URL` is the guest's to download (its
+//! initramfs fetches it into RAM); here it is only checked to be there.
 
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
@@ -141,6 +143,16 @@ pub fn root_live_url(params: &str) -> Option<&str> {
         .find(|u| u.starts_with("http://") || u.starts_with("https://"))
 }
 
+/// The URL of `ferry.root=URL` in kernel params: a root image the guest's
+/// initramfs downloads into RAM itself (a ferry blueprint's `disk.ext4`),
+/// for a stateless node that keeps nothing on a disk.
+pub fn ferry_root_url(params: &str) -> Option<&str> {
+    params
+        .split_whitespace()
+        .filter_map(|w| w.strip_prefix("ferry.root="))
+        .find(|u| u.starts_with("http://"))
+}
+
 /// One GET, retried while the service is unreachable or answers 5xx.
 /// `on_retry(try, delay, why)` hears of each retry.
 fn get_retrying(
@@ -155,6 +167,35 @@ fn get_retrying(
     for attempt in 1..=attempts {
         match agent.get(url).call() {
             Ok(r) if r.status().as_u16() < 500 => return Ok(r),
+            Ok(r) => last = format!("HTTP {}", r.status().as_u16()),
+            Err(e) => last = e.to_string(),
+        }
+        if attempt < attempts {
+            on_retry(attempt, delay, &last);
+            std::thread::sleep(delay);
+            delay = delay.saturating_mul(2).min(Duration::from_secs(30));
+        }
+    }
+    Err(FetchBootError::ServiceDown {
+        url: url.to_string(),
+        attempts,
+        detail: last,
+    })
+}
+
+/// One HEAD, retried as [`get_retrying`] retries; the status.
+fn head_retrying(
+    agent: &ureq::Agent,
+    url: &str,
+    opts: &FetchOptions,
+    on_retry: &mut dyn FnMut(u32, Duration, &str),
+) -> Result<u16, FetchBootError> {
+    let attempts = opts.attempts.max(1);
+    let mut delay = opts.first_delay;
+    let mut last = String::new();
+    for attempt in 1..=attempts {
+        match agent.head(url).call() {
+            Ok(r) if r.status().as_u16() < 500 => return Ok(r.status().as_u16()),
             Ok(r) => last = format!("HTTP {}", r.status().as_u16()),
             Err(e) => last = e.to_string(),
         }
@@ -314,6 +355,19 @@ pub fn fetch_boot(
             Some(path)
         }
     };
+    // The guest fetches a `ferry.root=` image itself; that it is there is
+    // checked now, so that a URL that 404s starts no VM.
+    if let Some(url) = ferry_root_url(&params) {
+        let (plain, _) = split_digest(url, &mac)?;
+        let status = head_retrying(&agent, &plain, opts, &mut on_retry)?;
+        if status != 200 {
+            return Err(FetchBootError::Http {
+                url: plain,
+                status,
+                detail: "the root image (ferry.root=) is not there".into(),
+            });
+        }
+    }
     Ok(FetchedBoot {
         params,
         kernel,
@@ -349,5 +403,11 @@ mod tests {
         );
         assert_eq!(root_live_url("root=/dev/vda root=live:nfs://x"), None);
         assert_eq!(root_live_url("console=ttyS0"), None);
+        assert_eq!(
+            ferry_root_url("quiet ferry.root=http://h/d.ext4#sha256=ab ds=x"),
+            Some("http://h/d.ext4#sha256=ab")
+        );
+        assert_eq!(ferry_root_url("ferry.root=https://h/d.ext4"), None);
+        assert_eq!(ferry_root_url("root=live:http://h/r.img"), None);
     }
 }

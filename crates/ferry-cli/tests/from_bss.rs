@@ -368,3 +368,81 @@ fn a_boot_service_that_stays_down_is_retried_then_one_clear_line() {
         "four retries said, then the error: {stderr}"
     );
 }
+
+/// Boot parameters for a node with MAC whose root is `ferry.root=` of the
+/// tiny disk, with `digest` in its URL.
+fn register_ram_root(url: &str, files: &[(&str, String)], mac: &str, digest: &str) {
+    let file_url = |i: usize| format!("{url}/files/{}#sha256={}", files[i].0, files[i].1);
+    let (code, body) = http(
+        "POST",
+        &format!("{url}/boot/v1/bootparameters"),
+        Some(&json!({
+            "macs": [mac],
+            "kernel": file_url(0),
+            "initrd": file_url(1),
+            "params": format!("ferry.root={url}/files/{}#sha256={digest}", files[2].0),
+        })),
+    );
+    assert_eq!(code, 201, "{body}");
+}
+
+#[test]
+fn ferry_root_puts_the_image_in_ram_and_a_wrong_digest_powers_the_guest_off() {
+    let _lock = vm_lock();
+    let env = env();
+    let store = env.state.path().join("bss-store");
+    let files = serve_tiny(&store);
+    let (_svc, port) = service_on_free_port(&store);
+    let url = format!("http://127.0.0.1:{port}");
+    let good = "de:ca:fc:0f:fe:21";
+    let bad = "de:ca:fc:0f:fe:22";
+    register_ram_root(&url, &files, good, &files[2].1);
+    register_ram_root(&url, &files, bad, &"0".repeat(64));
+
+    // The guest fetched its root into RAM: / is a loop device, the disk
+    // (the placeholder) is not mounted, and the image is not in the VM's
+    // directory on the host.
+    let (mut boot, lines) = spawn_until_live(
+        &env,
+        &boot_args(&url, good, "n-ram"),
+        Duration::from_secs(180),
+    );
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.contains("the guest fetches its root image (ferry.root=) into RAM")),
+        "{lines:?}"
+    );
+    let root = exec(&env, "n-ram", "awk '$2 == \"/\" {print $1}' /proc/mounts");
+    assert!(root.starts_with("/dev/loop"), "root is {root}");
+    assert_eq!(
+        exec(&env, "n-ram", "grep -c '^/dev/vda' /proc/mounts || true"),
+        "0"
+    );
+    assert_eq!(
+        exec(&env, "n-ram", "cat /srv/www/index.html"),
+        "hello from a ferry tiny guest"
+    );
+    let boot_dir = env.vm_dir("n-ram").join("boot");
+    assert!(!boot_dir.join("rootfs").exists());
+    assert_eq!(
+        std::fs::metadata(boot_dir.join("empty.img")).unwrap().len(),
+        1 << 20
+    );
+    let out = stop(&mut boot);
+    assert!(out.status.success(), "{}", describe(&out));
+
+    // A digest that differs: the initramfs says so and powers off; ferry
+    // reports the stop with that line.
+    let out = env.run(&boot_args(&url, bad, "n-ram-bad"));
+    assert!(!out.status.success(), "{}", describe(&out));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("ferry-init: the root image")
+            && stderr.contains(&format!("has sha256 {}", files[2].1))
+            && stderr.contains(&format!("the URL says {}", "0".repeat(64))),
+        "{}",
+        describe(&out)
+    );
+    assert!(qemu_pids("n-ram-bad").is_empty());
+}

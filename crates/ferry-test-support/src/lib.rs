@@ -158,12 +158,18 @@ pub struct VmLock {
 /// names another lock file, so that several checkouts on one host (each
 /// with its own fixtures) still run one VM test at a time.
 pub fn vm_lock() -> VmLock {
+    vm_lock_for(watchdog::configured_limit())
+}
+
+/// [`vm_lock`] for a test that boots several slow guests in a row: its
+/// time limit is `at_least`, or the configured one if that is longer.
+pub fn vm_lock_for(at_least: Duration) -> VmLock {
     let path = std::env::var_os("FERRY_TEST_VM_LOCK")
         .map(PathBuf::from)
         .unwrap_or_else(|| fixtures_dir().join("vm.lock"));
     let lock = lock_file(&path);
     VmLock {
-        _limit: watchdog::time_limit(watchdog::configured_limit()),
+        _limit: watchdog::time_limit(at_least.max(watchdog::configured_limit())),
         _lock: lock,
     }
 }

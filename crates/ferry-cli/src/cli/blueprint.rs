@@ -18,7 +18,7 @@ pub struct Args {
 enum Command {
     /// Build a blueprint (kernel, initramfs, disk.ext4, blueprint.toml) from a recipe.
     Build {
-        /// A built-in recipe (tiny, redis, web) or the path of a recipe .toml file.
+        /// A built-in recipe (tiny, redis, web, node) or the path of a recipe .toml file.
         #[arg(long)]
         recipe: String,
         /// The blueprint directory to create.

@@ -4,7 +4,10 @@
 //! The service is asked for the MAC's boot data; its kernel, initrd and
 //! root image (`root=live:URL` in the params, as OpenCHAMI names a node's
 //! image) are downloaded into the VM's new directory, each checked against
-//! the `#sha256=` its URL carries, and only then is anything started. The
+//! the `#sha256=` its URL carries, and only then is anything started. A
+//! root image named as `ferry.root=URL` instead is the guest's to fetch
+//! (its initramfs downloads it into RAM: a stateless node); ferry only
+//! checks that it is there, and the VM's disk is an empty placeholder. The
 //! guest boots them with ferry's own command line followed by the params,
 //! its NIC has that MAC, and it reaches the boot service and the loopback
 //! URLs of its params at its gateway: those URLs are rewritten to the
@@ -152,19 +155,43 @@ fn plan_in(
     let initramfs = fetched.initrd.clone().ok_or_else(|| {
         unusable("it names no initrd; ferry's guest boots a ferry initramfs (a blueprint's initramfs.cpio.gz)")
     })?;
-    let disk = fetched.root.clone().ok_or_else(|| {
-        unusable("its params name no root image; ferry's guest takes its root file system from its disk: add root=live:URL (a blueprint's disk image) to them")
-    })?;
-    let bytes: u64 = [&fetched.kernel, &initramfs, &disk]
+    let guest_fetches_root = fetch::ferry_root_url(&fetched.params).is_some();
+    let disk = match (&fetched.root, guest_fetches_root) {
+        (Some(_), true) => {
+            return Err(unusable(
+                "its params name two root images (root=live: and ferry.root=); name one",
+            ))
+        }
+        (Some(root), false) => root.clone(),
+        // The guest downloads its root into RAM and keeps nothing: its disk
+        // is an empty placeholder (every ferry VM has one).
+        (None, true) => empty_disk(&dir.path().join(BOOT_FILES))?,
+        (None, false) => return Err(unusable(
+            "its params name no root image; ferry's guest takes its root file system from its disk or from a URL: add root=live:URL or ferry.root=URL (a blueprint's disk image) to them",
+        )),
+    };
+    let fetched_files: &[&std::path::Path] = if guest_fetches_root {
+        &[&fetched.kernel, &initramfs]
+    } else {
+        &[&fetched.kernel, &initramfs, &disk]
+    };
+    let bytes: u64 = fetched_files
         .iter()
         .filter_map(|p| std::fs::metadata(p).ok())
         .map(|m| m.len())
         .sum();
     events.emit(Event::Notice {
-        message: format!(
-            "fetched the boot data of {mac} from {url}: kernel, initrd and root image, {} MiB, checked",
-            bytes >> 20
-        ),
+        message: if guest_fetches_root {
+            format!(
+                "fetched the boot data of {mac} from {url}: kernel and initrd, {} MiB, checked; the guest fetches its root image (ferry.root=) into RAM",
+                bytes >> 20
+            )
+        } else {
+            format!(
+                "fetched the boot data of {mac} from {url}: kernel, initrd and root image, {} MiB, checked",
+                bytes >> 20
+            )
+        },
     });
     events.emit(Event::Phase {
         phase: "boot-data-fetched".into(),
@@ -247,6 +274,19 @@ fn plan_in(
         held: Held::default(),
         record: None,
     })
+}
+
+/// Size of the placeholder disk of a guest that fetches its root image.
+const EMPTY_DISK_BYTES: u64 = 1 << 20;
+
+/// A placeholder disk in `dir`: sparse, all zeros, never mounted.
+fn empty_disk(dir: &std::path::Path) -> Result<std::path::PathBuf, StartError> {
+    let path = dir.join("empty.img");
+    let made = std::fs::create_dir_all(dir)
+        .and_then(|()| std::fs::File::create(&path))
+        .and_then(|f| f.set_len(EMPTY_DISK_BYTES));
+    made.map_err(|e| crate::error::FileError::at(&path)(e))?;
+    Ok(path)
 }
 
 /// The MAC for the guest's NIC, normalised (`aa:bb:cc:dd:ee:ff`): six
