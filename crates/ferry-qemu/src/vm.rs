@@ -45,6 +45,11 @@ struct Watch {
     /// Set once QEMU's stderr is closed (all of it is in `stderr_tail`).
     stderr_done: Mutex<bool>,
     stderr_closed: Condvar,
+    /// Set once QEMU's stdout (the guest's console) is closed and all of it
+    /// was sent as [`VmEvent::Console`]: the exit event comes after it, so
+    /// the owner sees a panic's last console lines before the exit.
+    console_done: Mutex<bool>,
+    console_closed: Condvar,
 }
 
 /// A running QEMU process.
@@ -249,7 +254,7 @@ impl QemuVm {
         let stderr = child.stderr.take().expect("piped");
         let watch = Arc::new(Watch::default());
         let (tx, rx) = channel();
-        spawn_console_reader(stdout, tx.clone());
+        spawn_console_reader(stdout, tx.clone(), watch.clone());
         spawn_stderr_reader(stderr, watch.clone());
         spawn_waiter(child, watch.clone(), tx.clone());
 
@@ -896,10 +901,20 @@ fn qemu_args(
 /// host TSC itself and tells the guest (`tsc_early_khz`), and marks it
 /// reliable so no watchdog second-guesses it. KVM guests use kvmclock.
 fn guest_cmdline(spec: &VmSpec) -> String {
-    match (spec.accel, host_tsc_khz()) {
+    let mut cmdline = match (spec.accel, host_tsc_khz()) {
         (Accel::Tcg, Some(khz)) => format!("{} tsc_early_khz={khz} tsc=reliable", spec.cmdline),
         _ => spec.cmdline.clone(),
+    };
+    // A panicking guest restarts (ferry's recipes say `panic=-1`) and
+    // `-no-reboot` turns that into QEMU's exit. On `microvm` the kernel's
+    // usual ways to restart (ACPI, keyboard controller, then a jump into
+    // the BIOS) do not reset the machine: the BIOS jump left a panicked
+    // guest spinning for good, a VM that looked alive. A triple fault
+    // always resets it.
+    if !cmdline.split_whitespace().any(|a| a.starts_with("reboot=")) {
+        cmdline.push_str(" reboot=t");
     }
+    cmdline
 }
 
 /// The host's TSC frequency in kHz, measured once against the monotonic
@@ -997,7 +1012,11 @@ fn on_event(watch: &Watch, ev: QmpEvent) {
     }
 }
 
-fn spawn_console_reader(mut stdout: impl Read + Send + 'static, tx: Sender<VmEvent>) {
+fn spawn_console_reader(
+    mut stdout: impl Read + Send + 'static,
+    tx: Sender<VmEvent>,
+    watch: Arc<Watch>,
+) {
     std::thread::Builder::new()
         .name("vm-console".into())
         .spawn(move || {
@@ -1008,6 +1027,8 @@ fn spawn_console_reader(mut stdout: impl Read + Send + 'static, tx: Sender<VmEve
                 }
                 let _ = tx.send(VmEvent::Console(buf[..n].to_vec()));
             }
+            *watch.console_done.lock().expect("watch") = true;
+            watch.console_closed.notify_all();
         })
         .expect("spawn thread");
 }
@@ -1050,6 +1071,15 @@ fn spawn_waiter(mut child: Child, watch: Arc<Watch>, tx: Sender<VmEvent>) {
             drop(
                 watch
                     .stderr_closed
+                    .wait_timeout_while(done, STDERR_DRAIN, |done| !*done)
+                    .expect("watch"),
+            );
+            // The same for the console: a guest's last words (a panic) come
+            // before its exit.
+            let done = watch.console_done.lock().expect("watch");
+            drop(
+                watch
+                    .console_closed
                     .wait_timeout_while(done, STDERR_DRAIN, |done| !*done)
                     .expect("watch"),
             );
