@@ -901,3 +901,75 @@ fn real_oom_and_kernel_panic_and_a_guest_that_hangs_mid_session() {
     let _ = watch.wait();
     assert_eq!(waited, want);
 }
+
+/// A guest kernel without `virtio_console` (the module blacklisted on its
+/// command line) lacks what both the shell channel and the agent need: it
+/// never becomes a VM, `ferry boot` names the module, and `ferry shell`
+/// into it, during the boot or after, ends at once or within the guest
+/// timeout, never hangs.
+#[test]
+fn a_guest_kernel_without_virtio_console_is_refused_by_name() {
+    let _lock = vm_lock();
+    let env = env();
+    let text = std::fs::read_to_string(workspace_root().join("recipes/tiny.toml"))
+        .unwrap()
+        .replace("name = \"tiny\"", "name = \"novc\"")
+        .replace(
+            "init_on_free=1\"",
+            "init_on_free=1 module_blacklist=virtio_console\"",
+        );
+    assert!(text.contains("module_blacklist"), "{text}");
+    let recipe = fixtures_dir().join("shell-novc.toml");
+    std::fs::write(&recipe, text).unwrap();
+    let bp = env.state.path().join("novc");
+    let out = env.run(&[
+        "blueprint",
+        "build",
+        "--quiet",
+        "--recipe",
+        recipe.to_str().unwrap(),
+        "--out",
+        bp.to_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "{}", describe(&out));
+    let started = Instant::now();
+    let boot = env
+        .cmd()
+        .args([
+            "boot",
+            "--blueprint",
+            bp.to_str().unwrap(),
+            "--name",
+            "novc",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let boot = ferry_test_support::KillOnDrop::new(boot);
+    // A shell asked for while it boots.
+    std::thread::sleep(Duration::from_millis(300));
+    let asked = Instant::now();
+    let out = shell(&env, "novc", &["true"], b"");
+    assert!(!out.status.success(), "{}", describe(&out));
+    assert!(
+        asked.elapsed() < Duration::from_secs(25),
+        "{:?}",
+        asked.elapsed()
+    );
+    let out = boot.into_inner().wait_with_output().unwrap();
+    assert!(!out.status.success(), "{}", describe(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("cannot load module virtio_console"),
+        "{}",
+        describe(&out)
+    );
+    assert!(started.elapsed() < Duration::from_secs(60));
+    let out = shell(&env, "novc", &["true"], b"");
+    assert_eq!(out.status.code(), Some(3), "{}", describe(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("no running VM is named 'novc'"),
+        "{}",
+        describe(&out)
+    );
+}
