@@ -807,6 +807,32 @@ fn real_oom_and_kernel_panic_and_a_guest_that_hangs_mid_session() {
     let out = shell(&env, "e-0", &["true"], b"");
     assert!(out.status.success(), "{}", describe(&out));
 
+    // Ctrl-C on a piped `ferry shell` (SIGINT to the client) leaves
+    // nothing running in the guest.
+    let child = env
+        .cmd()
+        .args(["shell", "e-0", "--", "sleep", "432"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_until(Duration::from_secs(20), "the sleep to run", || {
+        let out = shell(&env, "e-0", &["ps"], b"");
+        stdout(&out).contains("sleep 432").then_some(())
+    });
+    ferry_test_support::send_signal(child.id(), libc::SIGINT);
+    let mut child = child;
+    let _ = child.wait();
+    wait_until(
+        Duration::from_secs(20),
+        "the interrupted sleep to go",
+        || {
+            let out = shell(&env, "e-0", &["ps"], b"");
+            (out.status.success() && !stdout(&out).contains("sleep 432")).then_some(())
+        },
+    );
+
     // A guest that hangs (its QEMU stopped) while a session is open: a
     // timeout with a clear error, not a hang.
     let mut child = env
@@ -881,7 +907,9 @@ fn real_oom_and_kernel_panic_and_a_guest_that_hangs_mid_session() {
     let out = shell(&env, "e-1", &["true"], b"");
     assert_eq!(out.status.code(), Some(3), "{}", describe(&out));
     assert!(
-        String::from_utf8_lossy(&out.stderr).contains("VM 'e-1' is crashed, not running"),
+        String::from_utf8_lossy(&out.stderr).contains(
+            "VM 'e-1' is crashed, not running: it has no saved state to resume ('ferry ps' says why it ended; 'ferry rm e-1' removes it)"
+        ),
         "{}",
         describe(&out)
     );

@@ -54,12 +54,18 @@ pub enum ShellError {
     #[error(transparent)]
     Name(#[from] NameError),
     /// The VM exists but does not run.
-    #[error("VM '{name}' is {state}, not running: 'ferry start {name}' resumes it, then 'ferry shell {name}'")]
+    #[error("VM '{name}' is {state}, not running: {}", if *.resumable {
+        format!("'ferry start {name}' resumes it, then 'ferry shell {name}'")
+    } else {
+        format!("it has no saved state to resume ('ferry ps' says why it ended; 'ferry rm {name}' removes it)")
+    })]
     NotRunning {
         /// The VM.
         name: String,
         /// Its state.
         state: crate::record::RecordState,
+        /// Whether `ferry start` can resume it (it has a saved state).
+        resumable: bool,
     },
     /// The VM runs without a shell channel: it was resumed from a package
     /// made before ferry had one, or its engine has none.
@@ -319,10 +325,11 @@ pub fn connect(paths: &Paths, name: &str, open: OpenRequest) -> Result<ShellSess
         Ok(dir) => dir,
         Err(e) => {
             return Err(match crate::fleet::state_of(paths, name) {
-                Some((state, _)) if state != crate::record::RecordState::Running => {
+                Some((state, record)) if state != crate::record::RecordState::Running => {
                     ShellError::NotRunning {
                         name: name.to_string(),
                         state,
+                        resumable: record.is_some_and(|r| r.resumable()),
                     }
                 }
                 _ => e.into(),
