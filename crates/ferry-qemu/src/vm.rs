@@ -905,16 +905,22 @@ fn guest_cmdline(spec: &VmSpec) -> String {
         (Accel::Tcg, Some(khz)) => format!("{} tsc_early_khz={khz} tsc=reliable", spec.cmdline),
         _ => spec.cmdline.clone(),
     };
-    // A panicking guest restarts (ferry's recipes say `panic=-1`) and
-    // `-no-reboot` turns that into QEMU's exit. On `microvm` the kernel's
-    // usual ways to restart (ACPI, keyboard controller, then a jump into
-    // the BIOS) do not reset the machine: the BIOS jump left a panicked
-    // guest spinning for good, a VM that looked alive. A triple fault
-    // always resets it.
+    restart_by_triple_fault(&mut cmdline);
+    cmdline
+}
+
+/// Adds `reboot=t` unless the command line chooses a restart method.
+///
+/// A panicking guest restarts (ferry's recipes say `panic=-1`) and
+/// `-no-reboot` turns that into QEMU's exit. On `microvm` the kernel's
+/// usual ways to restart (ACPI, keyboard controller, then a jump into the
+/// BIOS) do not reset the machine: the BIOS jump left a panicked guest
+/// spinning for good, a VM that looked alive. A triple fault always
+/// resets it.
+fn restart_by_triple_fault(cmdline: &mut String) {
     if !cmdline.split_whitespace().any(|a| a.starts_with("reboot=")) {
         cmdline.push_str(" reboot=t");
     }
-    cmdline
 }
 
 /// The host's TSC frequency in kHz, measured once against the monotonic
@@ -1171,4 +1177,19 @@ fn shell_quote(path: &Path) -> String {
 
 fn io(context: String, source: std::io::Error) -> EngineError {
     EngineError::Io { context, source }
+}
+
+#[cfg(test)]
+mod cmdline_tests {
+    use super::restart_by_triple_fault;
+
+    #[test]
+    fn a_guest_restarts_by_triple_fault_unless_told_otherwise() {
+        let mut c = "console=ttyS0 panic=-1".to_string();
+        restart_by_triple_fault(&mut c);
+        assert_eq!(c, "console=ttyS0 panic=-1 reboot=t");
+        let mut c = "console=ttyS0 reboot=a".to_string();
+        restart_by_triple_fault(&mut c);
+        assert_eq!(c, "console=ttyS0 reboot=a");
+    }
 }
