@@ -129,11 +129,12 @@ fn boot_args<'a>(url: &'a str, mac: &'a str, name: &'a str) -> Vec<&'a str> {
 }
 
 /// What a guest sees of its boot: NIC address and command line (without
-/// the TSC rate the engine measures on each start).
+/// what the engine adds: the TSC rate it measures on each start, and
+/// `reboot=t`).
 fn guest_view(env: &FerryEnv, name: &str) -> (String, String) {
     let cmdline = exec(env, name, "cat /proc/cmdline")
         .split_whitespace()
-        .filter(|w| !w.starts_with("tsc_early_khz=") && *w != "tsc=reliable")
+        .filter(|w| !w.starts_with("tsc_early_khz=") && *w != "tsc=reliable" && *w != "reboot=t")
         .collect::<Vec<_>>()
         .join(" ");
     (exec(env, name, "cat /sys/class/net/eth0/address"), cmdline)

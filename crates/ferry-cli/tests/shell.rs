@@ -716,3 +716,288 @@ fn a_vm_from_a_package_without_the_shell_channel_falls_back_or_refuses() {
         describe(&out)
     );
 }
+
+/// The `ps --json` row of VM `name`.
+fn ps_row(env: &FerryEnv, name: &str) -> serde_json::Value {
+    let out = env.run(&["ps", "--json"]);
+    let rows: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    rows.as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["name"] == name)
+        .cloned()
+        .unwrap_or(serde_json::Value::Null)
+}
+
+/// Real guest errors, not console lines made up: the OOM killer in a
+/// small guest and a kernel panic (sysrq), each seen by `ferry watch`,
+/// `ps --json` and `ferry logs`; and a guest that hangs while a session is
+/// open ends `ferry shell` with a timeout and leaves nothing running.
+/// (This kernel has no way to cause an oops on purpose: no lkdtm, and
+/// sysrq's crash is a panic.)
+#[test]
+fn real_oom_and_kernel_panic_and_a_guest_that_hangs_mid_session() {
+    let _lock = vm_lock();
+    let env = env();
+    let bp = blueprint("tiny");
+    // A small guest, detached (a VM that died stays in `ps` with its logs).
+    let pkg = env.state.path().join("small.ferry");
+    let out = env.run(&[
+        "package",
+        "--blueprint",
+        bp.to_str().unwrap(),
+        "--memory-size",
+        "128",
+        "--out",
+        pkg.to_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "{}", describe(&out));
+    let _fleet = Fleet(&env);
+    let out = env.run(&[
+        "up",
+        "--package",
+        pkg.to_str().unwrap(),
+        "-n",
+        "2",
+        "--name-prefix",
+        "e",
+    ]);
+    assert!(out.status.success(), "{}", describe(&out));
+    let mut watch = env
+        .cmd()
+        .args(["watch", "e-0", "e-1"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let watched = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+    {
+        use std::io::BufRead;
+        let watched = watched.clone();
+        let lines = std::io::BufReader::new(watch.stdout.take().unwrap());
+        std::thread::spawn(move || {
+            for line in lines.lines().map_while(Result::ok) {
+                let mut w = watched.lock().unwrap();
+                w.push_str(&line);
+                w.push('\n');
+            }
+        });
+    }
+    std::thread::sleep(Duration::from_millis(500));
+
+    // The OOM killer: a memory hog in 128 MiB.
+    let out = shell(&env, "e-0", &["tail", "/dev/zero"], b"");
+    assert_eq!(out.status.code(), Some(137), "{}", describe(&out));
+    let e0 = wait_until(Duration::from_secs(30), "the OOM error in ps", || {
+        let row = ps_row(&env, "e-0");
+        (row["last_error"]["kind"] == "oom").then_some(row)
+    });
+    let what = e0["last_error"]["what"].as_str().unwrap().to_string();
+    assert!(
+        what.starts_with("kernel: Out of memory: Killed process ") && what.contains(" (tail) "),
+        "{e0}"
+    );
+    let out = env.run(&["logs", "e-0"]);
+    assert!(
+        stdout(&out).contains(&format!("[ferry] error: {what}")),
+        "{}",
+        describe(&out)
+    );
+    // The VM lives on.
+    let out = shell(&env, "e-0", &["true"], b"");
+    assert!(out.status.success(), "{}", describe(&out));
+
+    // Ctrl-C on a piped `ferry shell` (SIGINT to the client) leaves
+    // nothing running in the guest.
+    let child = env
+        .cmd()
+        .args(["shell", "e-0", "--", "sleep", "432"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_until(Duration::from_secs(20), "the sleep to run", || {
+        let out = shell(&env, "e-0", &["ps"], b"");
+        stdout(&out).contains("sleep 432").then_some(())
+    });
+    ferry_test_support::send_signal(child.id(), libc::SIGINT);
+    let mut child = child;
+    let _ = child.wait();
+    wait_until(
+        Duration::from_secs(20),
+        "the interrupted sleep to go",
+        || {
+            let out = shell(&env, "e-0", &["ps"], b"");
+            (out.status.success() && !stdout(&out).contains("sleep 432")).then_some(())
+        },
+    );
+
+    // A guest that hangs (its QEMU stopped) while a session is open: a
+    // timeout with a clear error, not a hang.
+    let mut child = env
+        .cmd()
+        .args(["shell", "e-0", "--", "sleep", "321"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_until(Duration::from_secs(20), "the sleep to run", || {
+        let out = shell(&env, "e-0", &["ps"], b"");
+        stdout(&out).contains("sleep 321").then_some(())
+    });
+    let qemu = ferry_test_support::qemu_pids("e-0");
+    assert_eq!(qemu.len(), 1, "{qemu:?}");
+    ferry_test_support::send_signal(qemu[0], libc::SIGSTOP);
+    let stopped = Instant::now();
+    let ended = wait_until(Duration::from_secs(40), "ferry shell to give up", || {
+        child.try_wait().unwrap()
+    });
+    let waited = stopped.elapsed();
+    ferry_test_support::send_signal(qemu[0], libc::SIGCONT);
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(ended.code(), Some(5), "{}", describe(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("did not answer within 20 s"),
+        "{}",
+        describe(&out)
+    );
+    assert!(
+        waited >= Duration::from_secs(15) && waited < Duration::from_secs(35),
+        "{waited:?}"
+    );
+    // Once the guest runs again, the abandoned session is hung up.
+    wait_until(Duration::from_secs(30), "the abandoned sleep to go", || {
+        let out = shell(&env, "e-0", &["ps"], b"");
+        (out.status.success() && !stdout(&out).contains("sleep 321")).then_some(())
+    });
+
+    // A kernel panic.
+    let out = shell(
+        &env,
+        "e-1",
+        &["sh", "-c", "echo c > /proc/sysrq-trigger"],
+        b"",
+    );
+    assert_eq!(out.status.code(), Some(1), "{}", describe(&out));
+    let e1 = wait_until(Duration::from_secs(30), "the panicked VM in ps", || {
+        let row = ps_row(&env, "e-1");
+        (row["state"] == "crashed").then_some(row)
+    });
+    assert_eq!(e1["last_error"]["kind"], "kernel-panic", "{e1}");
+    assert_eq!(
+        e1["last_error"]["what"], "kernel: Kernel panic - not syncing: sysrq triggered crash",
+        "{e1}"
+    );
+    let out = env.run(&["ps"]);
+    assert!(
+        stdout(&out).contains("the guest kernel panicked"),
+        "{}",
+        describe(&out)
+    );
+    let out = env.run(&["logs", "e-1"]);
+    assert!(
+        stdout(&out)
+            .contains("[ferry] error: kernel: Kernel panic - not syncing: sysrq triggered crash"),
+        "{}",
+        describe(&out)
+    );
+    // A shell into the dead VM says so.
+    let out = shell(&env, "e-1", &["true"], b"");
+    assert_eq!(out.status.code(), Some(3), "{}", describe(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains(
+            "VM 'e-1' is crashed, not running: it has no saved state to resume ('ferry ps' says why it ended; 'ferry rm e-1' removes it)"
+        ),
+        "{}",
+        describe(&out)
+    );
+
+    let want = format!(
+        "[VM e-0 error] {what}\n[VM e-1 error] kernel: Kernel panic - not syncing: sysrq triggered crash\n"
+    );
+    let waited = wait_until(
+        Duration::from_secs(10),
+        "both lines from ferry watch",
+        || {
+            let w = watched.lock().unwrap().clone();
+            (w.lines().count() >= 2).then_some(w)
+        },
+    );
+    let _ = watch.kill();
+    let _ = watch.wait();
+    assert_eq!(waited, want);
+}
+
+/// A guest kernel without `virtio_console` (the module blacklisted on its
+/// command line) lacks what both the shell channel and the agent need: it
+/// never becomes a VM, `ferry boot` names the module, and `ferry shell`
+/// into it, during the boot or after, ends at once or within the guest
+/// timeout, never hangs.
+#[test]
+fn a_guest_kernel_without_virtio_console_is_refused_by_name() {
+    let _lock = vm_lock();
+    let env = env();
+    let text = std::fs::read_to_string(workspace_root().join("recipes/tiny.toml"))
+        .unwrap()
+        .replace("name = \"tiny\"", "name = \"novc\"")
+        .replace(
+            "init_on_free=1\"",
+            "init_on_free=1 module_blacklist=virtio_console\"",
+        );
+    assert!(text.contains("module_blacklist"), "{text}");
+    let recipe = fixtures_dir().join("shell-novc.toml");
+    std::fs::write(&recipe, text).unwrap();
+    let bp = env.state.path().join("novc");
+    let out = env.run(&[
+        "blueprint",
+        "build",
+        "--quiet",
+        "--recipe",
+        recipe.to_str().unwrap(),
+        "--out",
+        bp.to_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "{}", describe(&out));
+    let started = Instant::now();
+    let boot = env
+        .cmd()
+        .args([
+            "boot",
+            "--blueprint",
+            bp.to_str().unwrap(),
+            "--name",
+            "novc",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let boot = ferry_test_support::KillOnDrop::new(boot);
+    // A shell asked for while it boots.
+    std::thread::sleep(Duration::from_millis(300));
+    let asked = Instant::now();
+    let out = shell(&env, "novc", &["true"], b"");
+    assert!(!out.status.success(), "{}", describe(&out));
+    assert!(
+        asked.elapsed() < Duration::from_secs(25),
+        "{:?}",
+        asked.elapsed()
+    );
+    let out = boot.into_inner().wait_with_output().unwrap();
+    assert!(!out.status.success(), "{}", describe(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("cannot load module virtio_console"),
+        "{}",
+        describe(&out)
+    );
+    assert!(started.elapsed() < Duration::from_secs(60));
+    let out = shell(&env, "novc", &["true"], b"");
+    assert_eq!(out.status.code(), Some(3), "{}", describe(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("no running VM is named 'novc'"),
+        "{}",
+        describe(&out)
+    );
+}

@@ -45,6 +45,11 @@ struct Watch {
     /// Set once QEMU's stderr is closed (all of it is in `stderr_tail`).
     stderr_done: Mutex<bool>,
     stderr_closed: Condvar,
+    /// Set once QEMU's stdout (the guest's console) is closed and all of it
+    /// was sent as [`VmEvent::Console`]: the exit event comes after it, so
+    /// the owner sees a panic's last console lines before the exit.
+    console_done: Mutex<bool>,
+    console_closed: Condvar,
 }
 
 /// A running QEMU process.
@@ -251,7 +256,7 @@ impl QemuVm {
         let stderr = child.stderr.take().expect("piped");
         let watch = Arc::new(Watch::default());
         let (tx, rx) = channel();
-        spawn_console_reader(stdout, tx.clone());
+        spawn_console_reader(stdout, tx.clone(), watch.clone());
         spawn_stderr_reader(stderr, watch.clone());
         spawn_waiter(child, watch.clone(), tx.clone());
 
@@ -898,9 +903,25 @@ fn qemu_args(
 /// host TSC itself and tells the guest (`tsc_early_khz`), and marks it
 /// reliable so no watchdog second-guesses it. KVM guests use kvmclock.
 fn guest_cmdline(spec: &VmSpec) -> String {
-    match (spec.accel, host_tsc_khz()) {
+    let mut cmdline = match (spec.accel, host_tsc_khz()) {
         (Accel::Tcg, Some(khz)) => format!("{} tsc_early_khz={khz} tsc=reliable", spec.cmdline),
         _ => spec.cmdline.clone(),
+    };
+    restart_by_triple_fault(&mut cmdline);
+    cmdline
+}
+
+/// Adds `reboot=t` unless the command line chooses a restart method.
+///
+/// A panicking guest restarts (ferry's recipes say `panic=-1`) and
+/// `-no-reboot` turns that into QEMU's exit. On `microvm` the kernel's
+/// usual ways to restart (ACPI, keyboard controller, then a jump into the
+/// BIOS) do not reset the machine: the BIOS jump left a panicked guest
+/// spinning for good, a VM that looked alive. A triple fault always
+/// resets it.
+fn restart_by_triple_fault(cmdline: &mut String) {
+    if !cmdline.split_whitespace().any(|a| a.starts_with("reboot=")) {
+        cmdline.push_str(" reboot=t");
     }
 }
 
@@ -1030,7 +1051,11 @@ fn on_event(watch: &Watch, ev: QmpEvent) {
     }
 }
 
-fn spawn_console_reader(mut stdout: impl Read + Send + 'static, tx: Sender<VmEvent>) {
+fn spawn_console_reader(
+    mut stdout: impl Read + Send + 'static,
+    tx: Sender<VmEvent>,
+    watch: Arc<Watch>,
+) {
     std::thread::Builder::new()
         .name("vm-console".into())
         .spawn(move || {
@@ -1041,6 +1066,8 @@ fn spawn_console_reader(mut stdout: impl Read + Send + 'static, tx: Sender<VmEve
                 }
                 let _ = tx.send(VmEvent::Console(buf[..n].to_vec()));
             }
+            *watch.console_done.lock().expect("watch") = true;
+            watch.console_closed.notify_all();
         })
         .expect("spawn thread");
 }
@@ -1083,6 +1110,15 @@ fn spawn_waiter(mut child: Child, watch: Arc<Watch>, tx: Sender<VmEvent>) {
             drop(
                 watch
                     .stderr_closed
+                    .wait_timeout_while(done, STDERR_DRAIN, |done| !*done)
+                    .expect("watch"),
+            );
+            // The same for the console: a guest's last words (a panic) come
+            // before its exit.
+            let done = watch.console_done.lock().expect("watch");
+            drop(
+                watch
+                    .console_closed
                     .wait_timeout_while(done, STDERR_DRAIN, |done| !*done)
                     .expect("watch"),
             );
@@ -1174,4 +1210,19 @@ fn shell_quote(path: &Path) -> String {
 
 fn io(context: String, source: std::io::Error) -> EngineError {
     EngineError::Io { context, source }
+}
+
+#[cfg(test)]
+mod cmdline_tests {
+    use super::restart_by_triple_fault;
+
+    #[test]
+    fn a_guest_restarts_by_triple_fault_unless_told_otherwise() {
+        let mut c = "console=ttyS0 panic=-1".to_string();
+        restart_by_triple_fault(&mut c);
+        assert_eq!(c, "console=ttyS0 panic=-1 reboot=t");
+        let mut c = "console=ttyS0 reboot=a".to_string();
+        restart_by_triple_fault(&mut c);
+        assert_eq!(c, "console=ttyS0 reboot=a");
+    }
 }

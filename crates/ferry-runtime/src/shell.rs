@@ -35,6 +35,15 @@ use crate::Paths;
 /// guest whose kernel hangs gets a clear error instead of a hang.
 pub const GUEST_ANSWER_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// A session whose guest sends nothing, not even the answer to a ping,
+/// for this long while its client waits is ended with
+/// [`ShellError::Timeout`]: the guest kernel (or the VM's owner) hangs.
+/// Generous: a loaded TCG host can stall a guest for seconds.
+pub const GUEST_SILENCE_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// How often a waiting client pings the guest ([`ShellSession::keep_alive`]).
+const KEEPALIVE_EVERY: Duration = Duration::from_secs(5);
+
 /// The session id a client sees on its own connection.
 pub const CLIENT_SESSION: u32 = 1;
 
@@ -45,12 +54,18 @@ pub enum ShellError {
     #[error(transparent)]
     Name(#[from] NameError),
     /// The VM exists but does not run.
-    #[error("VM '{name}' is {state}, not running: 'ferry start {name}' resumes it, then 'ferry shell {name}'")]
+    #[error("VM '{name}' is {state}, not running: {}", if *.resumable {
+        format!("'ferry start {name}' resumes it, then 'ferry shell {name}'")
+    } else {
+        format!("it has no saved state to resume ('ferry ps' says why it ended; 'ferry rm {name}' removes it)")
+    })]
     NotRunning {
         /// The VM.
         name: String,
         /// Its state.
         state: crate::record::RecordState,
+        /// Whether `ferry start` can resume it (it has a saved state).
+        resumable: bool,
     },
     /// The VM runs without a shell channel: it was resumed from a package
     /// made before ferry had one, or its engine has none.
@@ -141,6 +156,22 @@ pub struct ShellSession {
     pending: std::collections::VecDeque<ShellFrame>,
     /// What the guest said when it opened the session.
     pub opened: Opened,
+    alive: Arc<Liveness>,
+}
+
+/// What [`ShellSession::keep_alive`] watches: how long the reader has been
+/// waiting for the guest. Only time spent waiting counts, so a client that
+/// stops reading (its output piped into a pager) is not taken for a hung
+/// guest.
+#[derive(Default)]
+struct Liveness {
+    /// Since when the reader waits without having heard anything; `None`
+    /// while it is not reading.
+    waiting_since: Mutex<Option<Instant>>,
+    /// The session was ended for the guest's silence.
+    silent: AtomicBool,
+    /// The session was dropped.
+    ended: AtomicBool,
 }
 
 /// The writing half of a session.
@@ -218,11 +249,70 @@ impl ShellSession {
                     _ => {}
                 }
             }
-            match self.stream.read(&mut buf) {
+            self.alive
+                .waiting_since
+                .lock()
+                .expect("liveness")
+                .get_or_insert_with(Instant::now);
+            let read = self.stream.read(&mut buf);
+            *self.alive.waiting_since.lock().expect("liveness") = None;
+            match read {
                 Ok(0) | Err(_) => return None,
                 Ok(n) => self.pending.extend(self.decoder.push(&buf[..n])),
             }
         }
+    }
+
+    /// Pings the guest every few seconds while [`Self::recv`] waits, and
+    /// ends the session if nothing at all comes back for
+    /// [`GUEST_SILENCE_TIMEOUT`]: then `recv` returns `None` and
+    /// [`Self::went_silent`] is true. A hung guest kernel (or a stopped VM
+    /// owner) must not leave `ferry shell` hanging; the owner, seeing the
+    /// client go, hangs the session up in the guest.
+    ///
+    /// # Errors
+    /// The socket cannot be duplicated.
+    pub fn keep_alive(&self) -> std::io::Result<()> {
+        let input = self.input()?;
+        let alive = self.alive.clone();
+        std::thread::Builder::new()
+            .name("shell-keepalive".into())
+            .spawn(move || {
+                let mut pinged = Instant::now();
+                while !alive.ended.load(Ordering::SeqCst) {
+                    std::thread::sleep(Duration::from_millis(500));
+                    let waited = alive
+                        .waiting_since
+                        .lock()
+                        .expect("liveness")
+                        .map(|t| t.elapsed());
+                    if waited.is_some_and(|w| w >= GUEST_SILENCE_TIMEOUT) {
+                        alive.silent.store(true, Ordering::SeqCst);
+                        let s = input.stream.lock().expect("shell input");
+                        let _ = s.shutdown(std::net::Shutdown::Both);
+                        return;
+                    }
+                    if waited.is_some() && pinged.elapsed() >= KEEPALIVE_EVERY {
+                        if input.ping(b"keepalive").is_err() {
+                            return;
+                        }
+                        pinged = Instant::now();
+                    }
+                }
+            })?;
+        Ok(())
+    }
+
+    /// Whether [`Self::keep_alive`] ended the session because the guest
+    /// answered nothing for [`GUEST_SILENCE_TIMEOUT`].
+    pub fn went_silent(&self) -> bool {
+        self.alive.silent.load(Ordering::SeqCst)
+    }
+}
+
+impl Drop for ShellSession {
+    fn drop(&mut self) {
+        self.alive.ended.store(true, Ordering::SeqCst);
     }
 }
 
@@ -235,10 +325,11 @@ pub fn connect(paths: &Paths, name: &str, open: OpenRequest) -> Result<ShellSess
         Ok(dir) => dir,
         Err(e) => {
             return Err(match crate::fleet::state_of(paths, name) {
-                Some((state, _)) if state != crate::record::RecordState::Running => {
+                Some((state, record)) if state != crate::record::RecordState::Running => {
                     ShellError::NotRunning {
                         name: name.to_string(),
                         state,
+                        resumable: record.is_some_and(|r| r.resumable()),
                     }
                 }
                 _ => e.into(),
@@ -289,6 +380,7 @@ pub fn connect(paths: &Paths, name: &str, open: OpenRequest) -> Result<ShellSess
             decoder: FrameDecoder::new(),
             pending: Default::default(),
             opened,
+            alive: Arc::default(),
         }),
         ClientWelcome::Error { message, kind } => {
             Err(ShellError::from_welcome(name, message, &kind))

@@ -870,6 +870,20 @@ impl RunningVm {
     fn died(&self, reason: ExitReason) -> VmError {
         // Let the console pump write what the guest said last.
         std::thread::sleep(Duration::from_millis(50));
+        // A panicking guest restarts (`panic=-1`) and the engine stops on a
+        // restart: a panic the console showed just before is the reason.
+        let reason = match reason {
+            ExitReason::Reset
+                if crate::guest_errors::last_error(self.dir().path()).is_some_and(|e| {
+                    e.kind == crate::guest_errors::GuestErrorKind::KernelPanic
+                        && crate::guest_errors::GuestError::now(e.kind, "").unix_ms
+                            < e.unix_ms + 30_000
+                }) =>
+            {
+                ExitReason::Panic
+            }
+            other => other,
+        };
         VmError::VmDied {
             reason: describe_exit(&reason),
             detail: self.console_detail(),

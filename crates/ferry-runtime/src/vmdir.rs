@@ -152,7 +152,9 @@ impl VmDir {
 }
 
 /// What a directory whose VM is not running keeps of it: the lock (so the
-/// name can be claimed again), its record, its saved package and its logs.
+/// name can be claimed again), its record, its saved package and its logs,
+/// with the guest's errors (a crashed VM's last error is what `ps --json`
+/// and `ferry watch` tell about it).
 pub const KEPT: &[&str] = &[
     "lock",
     files::RECORD,
@@ -160,6 +162,7 @@ pub const KEPT: &[&str] = &[
     files::CONSOLE,
     files::CONSOLE_OLD,
     files::SUPERVISOR_LOG,
+    crate::guest_errors::ERRORS_FILE,
 ];
 
 /// Removes everything in `dir` but the files named in `keep`.

@@ -94,6 +94,7 @@ pub fn run(args: Args, paths: &Paths) -> anyhow::Result<ExitCode> {
         Err(e) => return Err(e.into()),
     };
     let input = session.input()?;
+    session.keep_alive()?;
     // Raw mode from here on; restored when `_raw` drops, before any exit.
     let _raw = if tty && stdin.is_terminal() {
         RawMode::enter(stdin.as_raw_fd())
@@ -154,6 +155,15 @@ pub fn run(args: Args, paths: &Paths) -> anyhow::Result<ExitCode> {
             }
             Some(ShellOutput::Exit(code)) => break code,
             Some(ShellOutput::Pong(_)) => {}
+            None if session.went_silent() => {
+                drop(_raw);
+                return Err(ShellError::Timeout {
+                    name: args.name.clone(),
+                    what: "not even a ping, while the session was open".into(),
+                    secs: ferry_runtime::shell::GUEST_SILENCE_TIMEOUT.as_secs(),
+                }
+                .into());
+            }
             None => {
                 drop(_raw);
                 anyhow::bail!(
