@@ -10,6 +10,7 @@
 #![warn(missing_docs)]
 
 mod accel;
+mod confine;
 mod qmp;
 mod version;
 mod vm;
@@ -24,7 +25,9 @@ use ferry_engine::{
 };
 
 pub use accel::kvm_device_problem;
+pub use confine::{Confine, CONFINE_ENV};
 pub use version::QemuVersion;
+pub use vm::SANDBOX;
 
 /// The QEMU program ferry uses unless `$FERRY_QEMU` names another.
 pub const DEFAULT_QEMU: &str = "qemu-system-x86_64";
@@ -55,6 +58,8 @@ pub struct QemuEngine {
     bios: Option<&'static str>,
     /// `--version`'s number as printed, and parsed.
     version: OnceLock<(String, QemuVersion)>,
+    /// How each QEMU is confined.
+    confine: Confine,
 }
 
 impl QemuEngine {
@@ -86,6 +91,7 @@ impl QemuEngine {
             qemu_img,
             bios,
             version: OnceLock::new(),
+            confine: Confine::from_env(),
         })
     }
 
@@ -341,6 +347,7 @@ impl QemuEngine {
             qemu_img: &self.qemu_img,
             bios: self.bios,
             version: self.qemu_version()?,
+            confine: &self.confine,
         })
     }
 

@@ -1,6 +1,7 @@
 //! One QEMU process running one guest.
 
 use std::io::Read;
+use std::os::fd::{AsFd, BorrowedFd};
 use std::os::unix::io::AsRawFd;
 use std::os::unix::net::UnixStream;
 use std::os::unix::process::CommandExt;
@@ -90,6 +91,8 @@ pub struct Launch<'a> {
     pub bios: Option<&'a str>,
     /// Its release.
     pub version: QemuVersion,
+    /// How QEMU is confined.
+    pub confine: &'a crate::Confine,
 }
 
 /// How a QEMU process starts.
@@ -133,6 +136,16 @@ pub fn memory_extra_kib(accel: Accel, version: QemuVersion) -> u64 {
         Accel::Tcg | Accel::Kvm => 0,
     }
 }
+
+/// QEMU's seccomp filter: besides its default list, no obsolete system
+/// calls, no change of user or group, no new processes or programs, no
+/// scheduler or resource-limit changes. Nothing ferry asks of QEMU needs
+/// them once saves and restores go through descriptors (`fd:`).
+pub const SANDBOX: &str = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny";
+
+/// The name under which QEMU holds the file a state is saved to or
+/// loaded from.
+const STATE_FD: &str = "ferry-state";
 
 /// The disk's format node: what an NBD export names.
 const DISK_NODE: &str = "disk0-format";
@@ -203,6 +216,9 @@ impl QemuVm {
             // socket with it).
             matches!(start, Start::Receive(..) | Start::Boot),
         ));
+        if launch.confine.sandbox {
+            cmd.args(["-sandbox", SANDBOX]);
+        }
         cmd.stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
@@ -449,8 +465,16 @@ impl QemuVm {
     /// runs it.
     fn incoming(&mut self, state: &SavedState) -> Result<(), EngineError> {
         self.set_ignore_shared(state.memory_file.is_some())?;
-        let uri = format!("exec:cat {}", shell_quote(&state.device_state));
+        let file = std::fs::File::open(&state.device_state).map_err(|e| {
+            io(
+                format!("opening the saved state {}", state.device_state.display()),
+                e,
+            )
+        })?;
+        let uri = self.hand_fd(STATE_FD, file.as_fd())?;
         self.cmd("migrate-incoming", json!({ "uri": uri }))?;
+        // QEMU holds its own copy now.
+        drop(file);
         self.wait_migration("restore", Duration::from_secs(120))?;
         self.cmd("cont", json!({}))?;
         Ok(())
@@ -489,6 +513,24 @@ impl QemuVm {
             }
             std::thread::sleep(Duration::from_millis(2));
         }
+    }
+
+    /// Hands `fd` to QEMU as `name` and returns the migration URI naming
+    /// it: QEMU reads and writes state through what ferry opened, so its
+    /// sandbox may deny it `exec:` (spawning a shell) and its user need not
+    /// reach ferry's paths. `fd:` works on every QEMU ferry supports
+    /// (`file:` needs 8.2).
+    fn hand_fd(&self, name: &str, fd: BorrowedFd<'_>) -> Result<String, EngineError> {
+        // A name left from an earlier save is replaced.
+        let _ = self.qmp.execute("closefd", json!({ "fdname": name }));
+        self.qmp.send_fd(name, fd).map_err(|e| match e {
+            QmpError::Closed => EngineError::NotRunning(wait_for_tail(&self.watch)),
+            other => EngineError::Command {
+                command: "getfd".into(),
+                detail: other.to_string(),
+            },
+        })?;
+        Ok(format!("fd:{name}"))
     }
 
     fn cmd(&self, command: &str, args: Value) -> Result<Value, EngineError> {
@@ -550,8 +592,11 @@ impl Vm for QemuVm {
     fn save_state(&mut self, device_state: &Path) -> Result<SavedState, EngineError> {
         self.cmd("stop", json!({}))?;
         self.set_ignore_shared(self.memory_in_file)?;
-        let uri = format!("exec:cat > {}", shell_quote(device_state));
+        let file = private_file(device_state)
+            .map_err(|e| io(format!("creating {}", device_state.display()), e))?;
+        let uri = self.hand_fd(STATE_FD, file.as_fd())?;
         self.cmd("migrate", json!({ "uri": uri }))?;
+        drop(file);
         self.wait_migration("saving the VM state", Duration::from_secs(300))?;
         Ok(SavedState {
             device_state: device_state.to_path_buf(),
@@ -1135,8 +1180,18 @@ fn kill_pid(pid: u32) {
     }
 }
 
-fn shell_quote(path: &Path) -> String {
-    format!("'{}'", path.display().to_string().replace('\'', "'\\''"))
+/// Creates (or truncates) `path` for the owner only: a saved state holds
+/// guest memory when the RAM is not in a memory file.
+fn private_file(path: &Path) -> std::io::Result<std::fs::File> {
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)?;
+    file.set_permissions(std::fs::Permissions::from_mode(0o600))?;
+    Ok(file)
 }
 
 fn io(context: String, source: std::io::Error) -> EngineError {
