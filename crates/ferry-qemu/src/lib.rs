@@ -10,6 +10,7 @@
 #![warn(missing_docs)]
 
 mod accel;
+mod cgroup;
 mod confine;
 mod qmp;
 mod version;
@@ -25,7 +26,10 @@ use ferry_engine::{
 };
 
 pub use accel::kvm_device_problem;
-pub use confine::{Confine, CONFINE_ENV};
+pub use cgroup::CgroupParent;
+pub use confine::{
+    Confine, CONFINE_ENV, MEMORY_OVERHEAD_ENV, MEMORY_OVERHEAD_MIB, PIDS_MAX, TCG_TB_SIZE_MIB,
+};
 pub use version::QemuVersion;
 pub use vm::SANDBOX;
 

@@ -17,6 +17,7 @@ use ferry_engine::{
 };
 use serde_json::{json, Value};
 
+use crate::cgroup::VmCgroup;
 use crate::qmp::{Qmp, QmpError, QmpEvent};
 use crate::version::QemuVersion;
 
@@ -46,6 +47,8 @@ struct Watch {
     /// Set once QEMU's stderr is closed (all of it is in `stderr_tail`).
     stderr_done: Mutex<bool>,
     stderr_closed: Condvar,
+    /// The process's cgroup, removed by the waiter once QEMU is gone.
+    cgroup: Mutex<Option<Arc<VmCgroup>>>,
 }
 
 /// A running QEMU process.
@@ -77,6 +80,8 @@ pub struct QemuVm {
     disk_is_nbd: bool,
     /// The image tool of the same QEMU.
     qemu_img: PathBuf,
+    /// The process's cgroup directory, when it has one.
+    cgroup: Option<PathBuf>,
 }
 
 /// Which QEMU runs, and how it finds its data.
@@ -210,11 +215,17 @@ impl QemuVm {
             &qmp_socket,
             &agent_socket,
             shell_socket.as_deref(),
-            !matches!(start, Start::Boot),
-            // A cold boot starts paused so that the agent socket is
-            // connected before the guest can run (and stop, taking the
-            // socket with it).
-            matches!(start, Start::Receive(..) | Start::Boot),
+            Flags {
+                incoming: !matches!(start, Start::Boot),
+                // A cold boot starts paused so that the agent socket is
+                // connected before the guest can run (and stop, taking the
+                // socket with it).
+                paused: matches!(start, Start::Receive(..) | Start::Boot),
+                tcg_tb_mib: launch
+                    .confine
+                    .caps_tcg_cache()
+                    .then_some(crate::confine::TCG_TB_SIZE_MIB),
+            },
         ));
         if launch.confine.sandbox {
             cmd.args(["-sandbox", SANDBOX]);
@@ -233,9 +244,28 @@ impl QemuVm {
             _ => None,
         };
         let netns_fd = netns.as_ref().map(|f| f.as_raw_fd());
+        // Its own cgroup, under ferry's, entered by the child before exec.
+        let cgroup = match &launch.confine.cgroup {
+            Some(parent) => {
+                let limit = provenance.memory_bytes() + launch.confine.memory_overhead;
+                Some(Arc::new(
+                    VmCgroup::create(
+                        parent,
+                        &spec.name,
+                        limit,
+                        launch.confine.memory_overhead,
+                        crate::confine::PIDS_MAX,
+                    )
+                    .map_err(|e| io("creating the VM's cgroup".into(), e))?,
+                ))
+            }
+            None => None,
+        };
+        let cgroup_fds = cgroup.as_ref().map(|c| c.procs_fds()).unwrap_or_default();
         // SAFETY: the closure runs in the child between fork and exec and only
-        // calls prctl, setpgid and setns, which are async-signal-safe; the namespace
-        // file stays open until after the spawn.
+        // calls prctl, setpgid, setns and write, which are async-signal-safe,
+        // and allocates nothing; the namespace and cgroup files stay open
+        // until after the spawn.
         unsafe {
             cmd.pre_exec(move || {
                 // QEMU must not outlive the ferry process that owns it.
@@ -252,6 +282,9 @@ impl QemuVm {
                         return Err(std::io::Error::last_os_error());
                     }
                 }
+                // Into its cgroup before exec: everything QEMU allocates
+                // is counted from its first instruction.
+                crate::cgroup::enter(&cgroup_fds)?;
                 Ok(())
             });
         }
@@ -259,11 +292,14 @@ impl QemuVm {
             .spawn()
             .map_err(|e| io(format!("starting {}", qemu.display()), e))?;
         drop(netns);
+        // The waiter holds it from here on, and removes it.
+        let cgroup_path = cgroup.as_ref().map(|c| c.path().to_path_buf());
         let pid = child.id();
         let stdin = child.stdin.take();
         let stdout = child.stdout.take().expect("piped");
         let stderr = child.stderr.take().expect("piped");
         let watch = Arc::new(Watch::default());
+        *watch.cgroup.lock().expect("watch") = cgroup;
         let (tx, rx) = channel();
         spawn_console_reader(stdout, tx.clone());
         spawn_stderr_reader(stderr, watch.clone());
@@ -299,6 +335,7 @@ impl QemuVm {
                 },
                 disk_is_nbd: matches!(spec.disk, DiskSpec::Nbd { .. }),
                 qemu_img: launch.qemu_img.to_path_buf(),
+                cgroup: cgroup_path,
             },
             Err(e) => {
                 kill_pid(pid);
@@ -548,6 +585,10 @@ impl QemuVm {
 impl Vm for QemuVm {
     fn pid(&self) -> Option<u32> {
         Some(self.pid)
+    }
+
+    fn cgroup(&self) -> Option<PathBuf> {
+        self.cgroup.clone()
     }
 
     fn take_events(&mut self) -> Option<Receiver<VmEvent>> {
@@ -810,20 +851,38 @@ impl Drop for QemuVm {
     }
 }
 
+/// How [`qemu_args`] starts QEMU.
+struct Flags {
+    /// `-incoming defer`.
+    incoming: bool,
+    /// `-S`.
+    paused: bool,
+    /// TCG's translation cache size, in MiB (`None`: QEMU's default).
+    tcg_tb_mib: Option<u64>,
+}
+
 fn qemu_args(
     spec: &VmSpec,
     memory_kib: u64,
     qmp: &Path,
     agent: &Path,
     shell: Option<&Path>,
-    incoming: bool,
-    paused: bool,
+    flags: Flags,
 ) -> Vec<String> {
+    let Flags {
+        incoming,
+        paused,
+        tcg_tb_mib,
+    } = flags;
     let mut a: Vec<String> = Vec::new();
     let mut push = |items: &[&str]| a.extend(items.iter().map(|s| s.to_string()));
+    let tcg = match tcg_tb_mib {
+        Some(mib) => format!("tcg,thread=multi,tb-size={mib}"),
+        None => "tcg,thread=multi".to_string(),
+    };
     let (accel, cpu) = match spec.accel {
         Accel::Kvm => ("kvm", "host"),
-        Accel::Tcg => ("tcg,thread=multi", "max"),
+        Accel::Tcg => (tcg.as_str(), "max"),
     };
     push(&["-name", &format!("ferry:{}", spec.name)]);
     push(&["-M", "microvm,acpi=on,memory-backend=mem"]);
@@ -1099,7 +1158,25 @@ fn spawn_waiter(mut child: Child, watch: Arc<Watch>, tx: Sender<VmEvent>) {
                     .expect("watch"),
             );
             let shutdown = watch.shutdown_reason.lock().expect("watch").clone();
+            let cgroup = watch.cgroup.lock().expect("watch").take();
+            let over_limit = cgroup
+                .as_ref()
+                .filter(|c| c.oom_kills() > 0)
+                .map(|c| over_memory_limit(c));
+            if let Some(c) = &cgroup {
+                tracing::debug!(
+                    cgroup = %c.path().display(),
+                    peak = c.peak_memory(),
+                    limit = c.memory_limit(),
+                    "QEMU's memory"
+                );
+            }
+            // QEMU is gone: its cgroup can go (the last reference).
+            drop(cgroup);
             let reason = match shutdown.as_deref() {
+                _ if over_limit.is_some() => ExitReason::EngineFailed {
+                    detail: over_limit.unwrap_or_default(),
+                },
                 Some("guest-shutdown") => ExitReason::Poweroff,
                 Some("guest-reset") => ExitReason::Reset,
                 Some("guest-panic") => ExitReason::Panic,
@@ -1124,6 +1201,20 @@ fn spawn_waiter(mut child: Child, watch: Arc<Watch>, tx: Sender<VmEvent>) {
             let _ = tx.send(VmEvent::Exited(reason));
         })
         .expect("spawn thread");
+}
+
+/// What to say about a QEMU the kernel killed for its cgroup's memory
+/// limit.
+fn over_memory_limit(cgroup: &VmCgroup) -> String {
+    format!(
+        "QEMU was killed by the kernel: the VM went over its memory limit of {} MiB \
+         (guest RAM plus {} MiB for QEMU; cgroup {}); give the VM less work or more room \
+         with ${}",
+        cgroup.memory_limit() >> 20,
+        cgroup.overhead() >> 20,
+        cgroup.path().display(),
+        crate::confine::MEMORY_OVERHEAD_ENV,
+    )
 }
 
 /// Waits briefly for QEMU's exit and returns what it said on stderr.
