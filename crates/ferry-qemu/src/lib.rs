@@ -28,7 +28,8 @@ use ferry_engine::{
 pub use accel::kvm_device_problem;
 pub use cgroup::CgroupParent;
 pub use confine::{
-    Confine, CONFINE_ENV, MEMORY_OVERHEAD_ENV, MEMORY_OVERHEAD_MIB, PIDS_MAX, TCG_TB_SIZE_MIB,
+    Confine, QemuUser, CONFINE_ENV, MEMORY_OVERHEAD_ENV, MEMORY_OVERHEAD_MIB, PIDS_MAX, QEMU_USER,
+    TCG_TB_SIZE_MIB,
 };
 pub use version::QemuVersion;
 pub use vm::SANDBOX;

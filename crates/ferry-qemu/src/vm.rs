@@ -18,6 +18,7 @@ use ferry_engine::{
 use serde_json::{json, Value};
 
 use crate::cgroup::VmCgroup;
+use crate::confine::{Handed, QemuUser};
 use crate::qmp::{Qmp, QmpError, QmpEvent};
 use crate::version::QemuVersion;
 
@@ -54,7 +55,7 @@ struct Watch {
 /// A running QEMU process.
 pub struct QemuVm {
     pid: u32,
-    qmp: Qmp,
+    qmp: Arc<Qmp>,
     watch: Arc<Watch>,
     events: Option<Receiver<VmEvent>>,
     /// QEMU's standard input is the serial console's input.
@@ -158,6 +159,15 @@ const DISK_NODE: &str = "disk0-format";
 /// The block job that copies the disk to a receiver.
 const MIRROR_JOB: &str = "ferry-mirror";
 
+/// The receiver's disk, as a block node of the sender.
+const MIRROR_TARGET: &str = "ferry-mirror-target";
+
+/// The name of the connection to the receiver's disk, handed to QEMU.
+const MIRROR_FD: &str = "ferry-mirror-conn";
+
+/// The name of the listening socket for an incoming disk, handed to QEMU.
+const INCOMING_DISK_FD: &str = "ferry-incoming-disk";
+
 impl QemuVm {
     /// Starts QEMU for `spec`, as `start` says.
     pub fn start(
@@ -201,6 +211,25 @@ impl QemuVm {
         }
         .filter(|v| **v != provenance.engine_version)
         .cloned();
+        // A QEMU that runs as another user gets what it needs as
+        // descriptors (see `Handed`).
+        let mut handed = Handed::default();
+        let mut tap = None;
+        let over = match launch.confine.user {
+            Some(user) => hand_over(
+                spec,
+                launch,
+                HandOver {
+                    qmp: &qmp_socket,
+                    agent: &agent_socket,
+                    shell: shell_socket.as_deref(),
+                    user,
+                },
+                &mut handed,
+                &mut tap,
+            )?,
+            None => Overrides::default(),
+        };
         let qemu = launch.program;
         let mut cmd = Command::new(qemu);
         for dir in launch.data_dirs {
@@ -225,6 +254,7 @@ impl QemuVm {
                     .confine
                     .caps_tcg_cache()
                     .then_some(crate::confine::TCG_TB_SIZE_MIB),
+                over,
             },
         ));
         if launch.confine.sandbox {
@@ -262,16 +292,14 @@ impl QemuVm {
             None => None,
         };
         let cgroup_fds = cgroup.as_ref().map(|c| c.procs_fds()).unwrap_or_default();
+        let handed_fds = handed.raw().to_vec();
+        let user = launch.confine.user;
         // SAFETY: the closure runs in the child between fork and exec and only
         // calls prctl, setpgid, setns and write, which are async-signal-safe,
         // and allocates nothing; the namespace and cgroup files stay open
         // until after the spawn.
         unsafe {
             cmd.pre_exec(move || {
-                // QEMU must not outlive the ferry process that owns it.
-                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
                 // Its own process group: a Ctrl-C in ferry's terminal goes to
                 // ferry, which suspends or stops the VM, not straight to QEMU.
                 if libc::setpgid(0, 0) != 0 {
@@ -285,6 +313,18 @@ impl QemuVm {
                 // Into its cgroup before exec: everything QEMU allocates
                 // is counted from its first instruction.
                 crate::cgroup::enter(&cgroup_fds)?;
+                if let Some((ifr, target)) = &tap {
+                    crate::confine::open_tap(ifr, *target)?;
+                }
+                crate::confine::keep_open(&handed_fds)?;
+                if let Some(user) = user {
+                    crate::confine::become_user(user)?;
+                }
+                // QEMU must not outlive the ferry process that owns it
+                // (set after the change of user, which clears it).
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
                 Ok(())
             });
         }
@@ -292,6 +332,8 @@ impl QemuVm {
             .spawn()
             .map_err(|e| io(format!("starting {}", qemu.display()), e))?;
         drop(netns);
+        // QEMU has its own copies.
+        drop(handed);
         // The waiter holds it from here on, and removes it.
         let cgroup_path = cgroup.as_ref().map(|c| c.path().to_path_buf());
         let pid = child.id();
@@ -316,7 +358,7 @@ impl QemuVm {
         let mut vm = match qmp {
             Ok(qmp) => QemuVm {
                 pid,
-                qmp,
+                qmp: Arc::new(qmp),
                 watch,
                 events: Some(rx),
                 stdin,
@@ -433,20 +475,41 @@ impl QemuVm {
     /// The VM was started with `-S`: it stays paused after the state is in.
     fn prepare_receive(&mut self, incoming: &Incoming) -> Result<(), EngineError> {
         self.set_ignore_shared(false)?;
-        let _ = std::fs::remove_file(&incoming.disk_socket);
-        let _ = std::fs::remove_file(&incoming.state_socket);
+        // ferry listens on both sockets and hands QEMU the descriptors: a
+        // QEMU running as its own user may not make sockets in ferry's
+        // directories.
+        let disk = listen_at(&incoming.disk_socket)?;
+        self.hand_fd(INCOMING_DISK_FD, disk.as_fd())?;
         self.cmd(
             "nbd-server-start",
-            json!({ "addr": { "type": "unix", "data": {
-                "path": incoming.disk_socket.display().to_string() } } }),
+            json!({ "addr": { "type": "fd", "data": { "str": INCOMING_DISK_FD } } }),
         )?;
+        drop(disk);
         self.cmd(
             "block-export-add",
             json!({ "type": "nbd", "id": "ferry-incoming-disk", "node-name": DISK_NODE,
                     "name": DISK_EXPORT_NAME, "writable": true }),
         )?;
-        let uri = format!("unix:{}", incoming.state_socket.display());
-        self.cmd("migrate-incoming", json!({ "uri": uri }))?;
+        // `fd:` takes a connected stream: the sender's connection is
+        // accepted here, then handed over.
+        let state = listen_at(&incoming.state_socket)?;
+        let qmp = self.qmp.clone();
+        std::thread::Builder::new()
+            .name("vm-incoming".into())
+            .spawn(move || {
+                let handed = state.accept().map_err(QmpError::Io).and_then(|(conn, _)| {
+                    let _ = qmp.execute("closefd", json!({ "fdname": STATE_FD }));
+                    qmp.send_fd(STATE_FD, conn.as_fd())?;
+                    qmp.execute(
+                        "migrate-incoming",
+                        json!({ "uri": format!("fd:{STATE_FD}") }),
+                    )
+                });
+                if let Err(e) = handed {
+                    tracing::warn!(error = %e, "could not hand the incoming state to QEMU");
+                }
+            })
+            .map_err(|e| io("starting a thread".into(), e))?;
         Ok(())
     }
 
@@ -675,15 +738,29 @@ impl Vm for QemuVm {
     }
 
     fn start_disk_copy(&mut self, target_socket: &Path) -> Result<(), EngineError> {
-        let target = format!(
-            "nbd+unix:///{DISK_EXPORT_NAME}?socket={}",
-            target_socket.display()
-        );
+        // The target is an NBD client node on a connection ferry made and
+        // handed over (QEMU may not reach ferry's sockets by path).
+        let _ = self.cmd("blockdev-del", json!({ "node-name": MIRROR_TARGET }));
+        let conn = UnixStream::connect(target_socket)
+            .map_err(|e| io(format!("connecting to {}", target_socket.display()), e))?;
+        let _ = self.qmp.execute("closefd", json!({ "fdname": MIRROR_FD }));
+        self.qmp
+            .send_fd(MIRROR_FD, conn.as_fd())
+            .map_err(|e| EngineError::Command {
+                command: "getfd".into(),
+                detail: e.to_string(),
+            })?;
+        drop(conn);
         self.cmd(
-            "drive-mirror",
-            json!({ "device": "disk0", "job-id": MIRROR_JOB, "target": target,
-                    "format": "raw", "sync": "full", "mode": "existing",
-                    "auto-dismiss": false }),
+            "blockdev-add",
+            json!({ "driver": "raw", "node-name": MIRROR_TARGET,
+                    "file": { "driver": "nbd", "export": DISK_EXPORT_NAME,
+                              "server": { "type": "fd", "str": MIRROR_FD } } }),
+        )?;
+        self.cmd(
+            "blockdev-mirror",
+            json!({ "device": "disk0", "job-id": MIRROR_JOB, "target": MIRROR_TARGET,
+                    "sync": "full", "auto-dismiss": false }),
         )?;
         self.wait_mirror("copying the disk", Duration::from_secs(600), |job| {
             job.is_some_and(|j| j["ready"] == true)
@@ -714,8 +791,11 @@ impl Vm for QemuVm {
         if paused_copy {
             self.cmd("stop", json!({}))?;
         }
-        let uri = format!("unix:{}", socket.display());
+        let conn = UnixStream::connect(socket)
+            .map_err(|e| io(format!("connecting to {}", socket.display()), e))?;
+        let uri = self.hand_fd(STATE_FD, conn.as_fd())?;
         self.cmd("migrate", json!({ "uri": uri }))?;
+        drop(conn);
         let started = Instant::now();
         loop {
             let info = self.cmd("query-migrate", json!({}))?;
@@ -761,6 +841,7 @@ impl Vm for QemuVm {
         if let Some(job) = self.mirror_job()? {
             let error = job["error"].as_str().map(String::from);
             self.cmd("job-dismiss", json!({ "id": MIRROR_JOB }))?;
+            let _ = self.cmd("blockdev-del", json!({ "node-name": MIRROR_TARGET }));
             if let Some(detail) = error {
                 return Err(EngineError::Command {
                     command: "finishing the disk copy".into(),
@@ -783,6 +864,7 @@ impl Vm for QemuVm {
             });
             let _ = self.cmd("job-dismiss", json!({ "id": MIRROR_JOB }));
         }
+        let _ = self.cmd("blockdev-del", json!({ "node-name": MIRROR_TARGET }));
         // Let the migration settle before the caller resumes the VM.
         let started = Instant::now();
         while started.elapsed() < Duration::from_secs(10) {
@@ -859,6 +941,111 @@ struct Flags {
     paused: bool,
     /// TCG's translation cache size, in MiB (`None`: QEMU's default).
     tcg_tb_mib: Option<u64>,
+    /// What a QEMU running as another user gets instead of paths.
+    over: Overrides,
+}
+
+/// Arguments that name descriptors instead of ferry's paths (`None`: the
+/// path).
+#[derive(Default)]
+struct Overrides {
+    kernel: Option<String>,
+    initrd: Option<String>,
+    mem_path: Option<String>,
+    /// `mem_path` is open read-only (a private mapping, QEMU 8.2 or later).
+    mem_readonly: bool,
+    /// The `-drive` source (`file=...,format=...`).
+    drive: Option<String>,
+    /// The `-netdev` value.
+    netdev: Option<String>,
+    /// Listening sockets' descriptors.
+    qmp: Option<i32>,
+    agent: Option<i32>,
+    shell: Option<i32>,
+}
+
+/// The paths [`hand_over`] turns into descriptors.
+struct HandOver<'a> {
+    qmp: &'a Path,
+    agent: &'a Path,
+    shell: Option<&'a Path>,
+    user: QemuUser,
+}
+
+/// Opens (as root) everything QEMU would open by path, for a QEMU that
+/// runs as `how.user`: files as `/proc/self/fd/N`, sockets bound here and
+/// passed listening, the tap opened by the child before it changes user
+/// (into `tap`: the request and the descriptor number it takes).
+fn hand_over(
+    spec: &VmSpec,
+    launch: &Launch<'_>,
+    how: HandOver<'_>,
+    handed: &mut Handed,
+    tap: &mut Option<(crate::confine::TapRequest, i32)>,
+) -> Result<Overrides, EngineError> {
+    let user = how.user;
+    let file = |handed: &mut Handed, path: &Path, write: bool| {
+        handed
+            .file(path, write, user)
+            .map_err(|e| io(format!("opening {} for QEMU", path.display()), e))
+    };
+    let mut over = Overrides {
+        kernel: Some(file(handed, &spec.kernel, false)?),
+        initrd: Some(file(handed, &spec.initramfs, false)?),
+        ..Overrides::default()
+    };
+    // A private mapping of a shared file (a clone's memory) is never
+    // written through: QEMU 8.2 and later map a read-only file writable
+    // and private (`readonly=on,rom=off`); older ones need write access.
+    let memory_write = spec.memory_shared || launch.version < crate::QemuVersion::new(8, 2, 0);
+    over.mem_path = Some(file(handed, &spec.memory_file, memory_write)?);
+    over.mem_readonly = !memory_write;
+    over.drive = Some(match &spec.disk {
+        DiskSpec::Raw(p) => format!(
+            "file={},format=raw,detect-zeroes=unmap",
+            file(handed, p, true)?
+        ),
+        DiskSpec::CopyOnWrite { base, overlay } => {
+            let format = disk_format(overlay);
+            let top = file(handed, overlay, true)?;
+            if format == "qcow2" {
+                // The overlay names its base by path: QEMU gets it by
+                // descriptor too.
+                let base = file(handed, base, false)?;
+                format!("file={top},format=qcow2,backing.driver=raw,backing.file.filename={base}")
+            } else {
+                format!("file={top},format={format}")
+            }
+        }
+        DiskSpec::Nbd { socket } => {
+            let stream = UnixStream::connect(socket)
+                .map_err(|e| io(format!("connecting to {}", socket.display()), e))?;
+            let fd = handed.keep(stream.into());
+            format!("driver=raw,file.driver=nbd,file.server.type=fd,file.server.str={fd}")
+        }
+    });
+    let listen = |handed: &mut Handed, path: &Path| -> Result<i32, EngineError> {
+        let _ = std::fs::remove_file(path);
+        let l = std::os::unix::net::UnixListener::bind(path)
+            .map_err(|e| io(format!("listening on {}", path.display()), e))?;
+        Ok(handed.keep(l.into()))
+    };
+    over.qmp = Some(listen(handed, how.qmp)?);
+    over.agent = Some(listen(handed, how.agent)?);
+    if let Some(shell) = how.shell {
+        over.shell = Some(listen(handed, shell)?);
+    }
+    if let NetAttachment::Tap { ifname, .. } = &spec.net {
+        let ifr =
+            crate::confine::tap_request(ifname).map_err(|e| io(format!("tap {ifname}"), e))?;
+        // A number for the tap, reserved here; the child puts the tap on it.
+        let placeholder =
+            std::fs::File::open("/dev/null").map_err(|e| io("opening /dev/null".into(), e))?;
+        let fd = handed.keep(placeholder.into());
+        *tap = Some((ifr, fd));
+        over.netdev = Some(format!("tap,id=net0,fd={fd}"));
+    }
+    Ok(over)
 }
 
 fn qemu_args(
@@ -873,6 +1060,7 @@ fn qemu_args(
         incoming,
         paused,
         tcg_tb_mib,
+        over,
     } = flags;
     let mut a: Vec<String> = Vec::new();
     let mut push = |items: &[&str]| a.extend(items.iter().map(|s| s.to_string()));
@@ -896,9 +1084,16 @@ fn qemu_args(
     push(&[
         "-object",
         &format!(
-            "memory-backend-file,id=mem,size={memory_kib}K,mem-path={},share={}",
-            spec.memory_file.display(),
-            if spec.memory_shared { "on" } else { "off" }
+            "memory-backend-file,id=mem,size={memory_kib}K,mem-path={},share={}{}",
+            over.mem_path
+                .clone()
+                .unwrap_or_else(|| spec.memory_file.display().to_string()),
+            if spec.memory_shared { "on" } else { "off" },
+            if over.mem_readonly {
+                ",readonly=on,rom=off"
+            } else {
+                ""
+            }
         ),
     ]);
     push(&[
@@ -914,10 +1109,23 @@ fn qemu_args(
         "-serial",
         "chardev:con",
     ]);
-    push(&["-kernel", &spec.kernel.display().to_string()]);
-    push(&["-initrd", &spec.initramfs.display().to_string()]);
+    push(&[
+        "-kernel",
+        &over
+            .kernel
+            .clone()
+            .unwrap_or_else(|| spec.kernel.display().to_string()),
+    ]);
+    push(&[
+        "-initrd",
+        &over
+            .initrd
+            .clone()
+            .unwrap_or_else(|| spec.initramfs.display().to_string()),
+    ]);
     push(&["-append", &guest_cmdline(spec)]);
     let source = match &spec.disk {
+        _ if over.drive.is_some() => over.drive.clone().unwrap_or_default(),
         // Zeros written to a raw disk (a disk being received is filled with
         // them) become holes: the file stays sparse, and the next move of
         // the VM skips them.
@@ -936,6 +1144,9 @@ fn qemu_args(
     ]);
     push(&["-device", "virtio-blk-device,drive=disk0"]);
     match &spec.net {
+        NetAttachment::Tap { .. } if over.netdev.is_some() => {
+            push(&["-netdev", over.netdev.as_deref().unwrap_or_default()])
+        }
         NetAttachment::Isolated => push(&["-netdev", "hubport,id=net0,hubid=0"]),
         NetAttachment::Tap { ifname, .. } => push(&[
             "-netdev",
@@ -957,31 +1168,31 @@ fn qemu_args(
         "-device",
         &format!("virtio-serial-device,max_ports={max_ports}"),
     ]);
-    push(&[
-        "-chardev",
-        &format!(
-            "socket,id=agent,path={},server=on,wait=off",
-            agent.display()
-        ),
-    ]);
+    let socket = |id: &str, fd: Option<i32>, path: &Path| match fd {
+        Some(fd) => format!("socket,id={id},fd={fd},server=on,wait=off"),
+        None => format!("socket,id={id},path={},server=on,wait=off", path.display()),
+    };
+    push(&["-chardev", &socket("agent", over.agent, agent)]);
     push(&["-device", "virtserialport,chardev=agent,name=ferry.agent"]);
     if let Some(shell) = shell {
-        push(&[
-            "-chardev",
-            &format!(
-                "socket,id=shell,path={},server=on,wait=off",
-                shell.display()
-            ),
-        ]);
+        push(&["-chardev", &socket("shell", over.shell, shell)]);
         push(&[
             "-device",
             "virtserialport,chardev=shell,name=ferry.shell,nr=2",
         ]);
     }
-    push(&[
-        "-qmp",
-        &format!("unix:{},server=on,wait=off", qmp.display()),
-    ]);
+    match over.qmp {
+        Some(_) => push(&[
+            "-chardev",
+            &socket("qmp", over.qmp, qmp),
+            "-mon",
+            "chardev=qmp,mode=control",
+        ]),
+        None => push(&[
+            "-qmp",
+            &format!("unix:{},server=on,wait=off", qmp.display()),
+        ]),
+    }
     if incoming {
         push(&["-incoming", "defer"]);
     }
@@ -1283,6 +1494,13 @@ fn private_file(path: &Path) -> std::io::Result<std::fs::File> {
         .open(path)?;
     file.set_permissions(std::fs::Permissions::from_mode(0o600))?;
     Ok(file)
+}
+
+/// A listening Unix socket at `path` (a stale one is replaced).
+fn listen_at(path: &Path) -> Result<std::os::unix::net::UnixListener, EngineError> {
+    let _ = std::fs::remove_file(path);
+    std::os::unix::net::UnixListener::bind(path)
+        .map_err(|e| io(format!("listening on {}", path.display()), e))
 }
 
 fn io(context: String, source: std::io::Error) -> EngineError {
