@@ -28,6 +28,14 @@ pub enum CgroupParent {
 }
 
 impl CgroupParent {
+    /// The directory (the memory controller's, on v1), for messages.
+    pub fn display(&self) -> std::path::Display<'_> {
+        match self {
+            CgroupParent::V2(p) => p.display(),
+            CgroupParent::V1 { memory, .. } => memory.display(),
+        }
+    }
+
     /// ferry's own cgroup, where a memory controller is mounted; `None`
     /// (with the reason) where there is none ferry may use.
     pub fn of_self() -> Result<Self, String> {
@@ -193,8 +201,25 @@ impl VmCgroup {
         };
         match parent {
             CgroupParent::V2(dir) => {
-                // The controllers must be enabled for ferry's children.
-                let _ = std::fs::write(dir.join("cgroup.subtree_control"), "+memory +pids");
+                // The controllers must be enabled for ferry's children (the
+                // kernel refuses while ferry's own cgroup holds processes,
+                // unless it is the root).
+                let enabled =
+                    std::fs::read_to_string(dir.join("cgroup.subtree_control")).unwrap_or_default();
+                let has = |c: &str| enabled.split_whitespace().any(|e| e == c);
+                if !(has("memory") && has("pids")) {
+                    std::fs::write(dir.join("cgroup.subtree_control"), "+memory +pids").map_err(
+                        |e| {
+                            std::io::Error::new(
+                                e.kind(),
+                                format!(
+                                    "cannot give ferry's children the memory and pids \
+                                     controllers ({e}): run ferry in a delegated cgroup of its own"
+                                ),
+                            )
+                        },
+                    )?;
+                }
                 let d = dir.join(&leaf);
                 std::fs::create_dir(&d)?;
                 cg.dirs.push(d.clone());

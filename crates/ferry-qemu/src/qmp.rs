@@ -88,9 +88,14 @@ impl Qmp {
         std::thread::Builder::new()
             .name("qmp-reader".into())
             .spawn(move || read_loop(reader, routes, greeting_tx, on_event))?;
+        // A socket ferry bound itself accepts the connection before QEMU
+        // is up: the greeting gets the rest of the deadline, at least 10 s.
+        let wait = deadline
+            .saturating_duration_since(Instant::now())
+            .max(Duration::from_secs(10));
         greeting_rx
-            .recv_timeout(Duration::from_secs(10))
-            .map_err(|_| QmpError::Timeout(Duration::from_secs(10)))?;
+            .recv_timeout(wait)
+            .map_err(|_| QmpError::Timeout(wait))?;
         let qmp = Qmp {
             writer: Mutex::new(stream),
             pending,

@@ -278,16 +278,24 @@ impl QemuVm {
         let cgroup = match &launch.confine.cgroup {
             Some(parent) => {
                 let limit = provenance.memory_bytes() + launch.confine.memory_overhead;
-                Some(Arc::new(
-                    VmCgroup::create(
-                        parent,
-                        &spec.name,
-                        limit,
-                        launch.confine.memory_overhead,
-                        crate::confine::PIDS_MAX,
-                    )
-                    .map_err(|e| io("creating the VM's cgroup".into(), e))?,
-                ))
+                match VmCgroup::create(
+                    parent,
+                    &spec.name,
+                    limit,
+                    launch.confine.memory_overhead,
+                    crate::confine::PIDS_MAX,
+                ) {
+                    Ok(c) => Some(Arc::new(c)),
+                    // Degraded, not refused: the VM runs with the rest of
+                    // its confinement, and the log says why.
+                    Err(e) => {
+                        tracing::warn!(
+                            "QEMU runs without a cgroup of its own: cannot make one under {}: {e}",
+                            parent.display()
+                        );
+                        None
+                    }
+                }
             }
             None => None,
         };
