@@ -184,5 +184,13 @@ if [ -n "$want_qemu" ]; then
   }
   echo "setup: $(qemu-system-x86_64 --version | head -1)" >&2
 fi
+# The unprivileged user QEMU runs as when ferry runs as root
+# (docs/security.md, "Confined engine"): a system user and group, no login,
+# no home. Made once; an existing one is kept.
+if ! getent passwd ferry-qemu >/dev/null; then
+  useradd --system --user-group --no-create-home --home-dir /nonexistent \
+    --shell /usr/sbin/nologin ferry-qemu
+  echo "setup: made the system user ferry-qemu (QEMU runs as it)" >&2
+fi
 command -v cargo >/dev/null || { echo "setup: cargo not found: install Rust (rustup) first" >&2; exit 1; }
 echo "setup: host ready" >&2

@@ -187,6 +187,8 @@ fn a_fleet_comes_up_finds_itself_by_name_suspends_resumes_and_leaves_nothing() {
         "name",
         "state",
         "pid",
+        "engine_pid",
+        "cgroup",
         "accel",
         "uptime_s",
         "memory_mib",

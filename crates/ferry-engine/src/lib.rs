@@ -377,6 +377,12 @@ pub trait Vm: Send {
     /// Process id of the engine process, if it has one.
     fn pid(&self) -> Option<u32>;
 
+    /// The engine process's cgroup directory, when the engine made one for
+    /// it (shown by `ferry ps --json`).
+    fn cgroup(&self) -> Option<std::path::PathBuf> {
+        None
+    }
+
     /// The event stream; `None` after the first call.
     fn take_events(&mut self) -> Option<Receiver<VmEvent>>;
 

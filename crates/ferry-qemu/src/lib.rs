@@ -10,6 +10,8 @@
 #![warn(missing_docs)]
 
 mod accel;
+mod cgroup;
+mod confine;
 mod memo;
 mod qmp;
 mod version;
@@ -25,7 +27,13 @@ use ferry_engine::{
 };
 
 pub use accel::kvm_device_problem;
+pub use cgroup::CgroupParent;
+pub use confine::{
+    Confine, QemuUser, CONFINE_ENV, MEMORY_OVERHEAD_ENV, MEMORY_OVERHEAD_MIB, PIDS_MAX, QEMU_USER,
+    TCG_TB_SIZE_MIB,
+};
 pub use version::QemuVersion;
+pub use vm::SANDBOX;
 
 /// The QEMU program ferry uses unless `$FERRY_QEMU` names another.
 pub const DEFAULT_QEMU: &str = "qemu-system-x86_64";
@@ -56,6 +64,8 @@ pub struct QemuEngine {
     bios: Option<&'static str>,
     /// `--version`'s number as printed, and parsed.
     version: OnceLock<(String, QemuVersion)>,
+    /// How each QEMU is confined.
+    confine: Confine,
 }
 
 impl QemuEngine {
@@ -87,6 +97,7 @@ impl QemuEngine {
             qemu_img,
             bios,
             version: OnceLock::new(),
+            confine: Confine::from_env(),
         })
     }
 
@@ -361,6 +372,7 @@ impl QemuEngine {
             cache_dir: &self.cache_dir,
             bios: self.bios,
             version: self.qemu_version()?,
+            confine: &self.confine,
         })
     }
 

@@ -8,6 +8,7 @@
 
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Write};
+use std::os::fd::{AsRawFd, BorrowedFd};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -87,9 +88,14 @@ impl Qmp {
         std::thread::Builder::new()
             .name("qmp-reader".into())
             .spawn(move || read_loop(reader, routes, greeting_tx, on_event))?;
+        // A socket ferry bound itself accepts the connection before QEMU
+        // is up: the greeting gets the rest of the deadline, at least 10 s.
+        let wait = deadline
+            .saturating_duration_since(Instant::now())
+            .max(Duration::from_secs(10));
         greeting_rx
-            .recv_timeout(Duration::from_secs(10))
-            .map_err(|_| QmpError::Timeout(Duration::from_secs(10)))?;
+            .recv_timeout(wait)
+            .map_err(|_| QmpError::Timeout(wait))?;
         let qmp = Qmp {
             writer: Mutex::new(stream),
             pending,
@@ -97,6 +103,20 @@ impl Qmp {
         };
         qmp.execute("qmp_capabilities", json!({}))?;
         Ok(qmp)
+    }
+
+    /// Hands `fd` to QEMU under `name` (QMP `getfd`, the descriptor sent
+    /// with the command as `SCM_RIGHTS`): a sandboxed QEMU that may not
+    /// spawn or open ferry's paths reads and writes what ferry opened,
+    /// e.g. as a migration URI `fd:NAME`.
+    pub fn send_fd(&self, name: &str, fd: BorrowedFd<'_>) -> Result<(), QmpError> {
+        self.execute_inner(
+            "getfd",
+            json!({ "fdname": name }),
+            Some(fd),
+            Duration::from_secs(30),
+        )
+        .map(|_| ())
     }
 
     /// Runs a command and returns its `return` value. Waits up to 30 s.
@@ -111,6 +131,16 @@ impl Qmp {
         arguments: Value,
         timeout: Duration,
     ) -> Result<Value, QmpError> {
+        self.execute_inner(command, arguments, None, timeout)
+    }
+
+    fn execute_inner(
+        &self,
+        command: &str,
+        arguments: Value,
+        fd: Option<BorrowedFd<'_>>,
+        timeout: Duration,
+    ) -> Result<Value, QmpError> {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = channel();
         self.pending.lock().expect("qmp lock").insert(id, tx);
@@ -121,7 +151,13 @@ impl Qmp {
         }))
         .expect("json");
         line.push(b'\n');
-        let written = self.writer.lock().expect("qmp lock").write_all(&line);
+        let written = {
+            let mut writer = self.writer.lock().expect("qmp lock");
+            match fd {
+                Some(fd) => send_with_fd(&writer, &line, fd),
+                None => writer.write_all(&line),
+            }
+        };
         if let Err(e) = written {
             self.pending.lock().expect("qmp lock").remove(&id);
             return Err(if e.kind() == std::io::ErrorKind::BrokenPipe {
@@ -139,6 +175,44 @@ impl Qmp {
             Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => Err(QmpError::Closed),
         }
     }
+}
+
+/// Writes `line` with `fd` attached (`SCM_RIGHTS`), the rest of the line
+/// without, as QEMU takes the descriptor with the bytes it arrives with.
+fn send_with_fd(stream: &UnixStream, line: &[u8], fd: BorrowedFd<'_>) -> std::io::Result<()> {
+    let raw = fd.as_raw_fd();
+    let space = 64usize;
+    let mut control = vec![0u8; space];
+    let mut iov = libc::iovec {
+        iov_base: line.as_ptr() as *mut libc::c_void,
+        iov_len: line.len(),
+    };
+    // SAFETY: an all-zero msghdr is a valid empty header.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = control.as_mut_ptr() as *mut libc::c_void;
+    // SAFETY: CMSG_SPACE only computes a size.
+    msg.msg_controllen =
+        unsafe { libc::CMSG_SPACE(std::mem::size_of::<libc::c_int>() as u32) } as _;
+    assert!(msg.msg_controllen as usize <= space);
+    // SAFETY: msg_control points at `control`, large enough for one header
+    // with one int (checked above); CMSG_FIRSTHDR/CMSG_DATA stay inside it.
+    unsafe {
+        let cmsg = libc::CMSG_FIRSTHDR(&msg);
+        (*cmsg).cmsg_level = libc::SOL_SOCKET;
+        (*cmsg).cmsg_type = libc::SCM_RIGHTS;
+        (*cmsg).cmsg_len = libc::CMSG_LEN(std::mem::size_of::<libc::c_int>() as u32) as _;
+        std::ptr::write_unaligned(libc::CMSG_DATA(cmsg) as *mut libc::c_int, raw);
+    }
+    // SAFETY: msg points at live buffers (line, control) for the call.
+    let sent = unsafe { libc::sendmsg(stream.as_raw_fd(), &msg, libc::MSG_NOSIGNAL) };
+    if sent < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    let rest = &line[sent as usize..];
+    let mut stream = stream;
+    stream.write_all(rest)
 }
 
 fn read_loop(

@@ -1,6 +1,7 @@
 //! One QEMU process running one guest.
 
 use std::io::Read;
+use std::os::fd::{AsFd, BorrowedFd};
 use std::os::unix::io::AsRawFd;
 use std::os::unix::net::UnixStream;
 use std::os::unix::process::CommandExt;
@@ -16,6 +17,8 @@ use ferry_engine::{
 };
 use serde_json::{json, Value};
 
+use crate::cgroup::VmCgroup;
+use crate::confine::{Handed, QemuUser};
 use crate::qmp::{Qmp, QmpError, QmpEvent};
 use crate::version::QemuVersion;
 
@@ -50,12 +53,14 @@ struct Watch {
     /// the owner sees a panic's last console lines before the exit.
     console_done: Mutex<bool>,
     console_closed: Condvar,
+    /// The process's cgroup, removed by the waiter once QEMU is gone.
+    cgroup: Mutex<Option<Arc<VmCgroup>>>,
 }
 
 /// A running QEMU process.
 pub struct QemuVm {
     pid: u32,
-    qmp: Qmp,
+    qmp: Arc<Qmp>,
     watch: Arc<Watch>,
     events: Option<Receiver<VmEvent>>,
     /// QEMU's standard input is the serial console's input.
@@ -81,6 +86,8 @@ pub struct QemuVm {
     disk_is_nbd: bool,
     /// The image tool of the same QEMU.
     qemu_img: PathBuf,
+    /// The process's cgroup directory, when it has one.
+    cgroup: Option<PathBuf>,
 }
 
 /// Which QEMU runs, and how it finds its data.
@@ -97,6 +104,8 @@ pub struct Launch<'a> {
     pub bios: Option<&'a str>,
     /// Its release.
     pub version: QemuVersion,
+    /// How QEMU is confined.
+    pub confine: &'a crate::Confine,
 }
 
 /// How a QEMU process starts.
@@ -141,11 +150,30 @@ pub fn memory_extra_kib(accel: Accel, version: QemuVersion) -> u64 {
     }
 }
 
+/// QEMU's seccomp filter: besides its default list, no obsolete system
+/// calls, no change of user or group, no new processes or programs, no
+/// scheduler or resource-limit changes. Nothing ferry asks of QEMU needs
+/// them once saves and restores go through descriptors (`fd:`).
+pub const SANDBOX: &str = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny";
+
+/// The name under which QEMU holds the file a state is saved to or
+/// loaded from.
+const STATE_FD: &str = "ferry-state";
+
 /// The disk's format node: what an NBD export names.
 const DISK_NODE: &str = "disk0-format";
 
 /// The block job that copies the disk to a receiver.
 const MIRROR_JOB: &str = "ferry-mirror";
+
+/// The receiver's disk, as a block node of the sender.
+const MIRROR_TARGET: &str = "ferry-mirror-target";
+
+/// The name of the connection to the receiver's disk, handed to QEMU.
+const MIRROR_FD: &str = "ferry-mirror-conn";
+
+/// The name of the listening socket for an incoming disk, handed to QEMU.
+const INCOMING_DISK_FD: &str = "ferry-incoming-disk";
 
 impl QemuVm {
     /// Starts QEMU for `spec`, as `start` says.
@@ -190,6 +218,25 @@ impl QemuVm {
         }
         .filter(|v| **v != provenance.engine_version)
         .cloned();
+        // A QEMU that runs as another user gets what it needs as
+        // descriptors (see `Handed`).
+        let mut handed = Handed::default();
+        let mut tap = None;
+        let over = match launch.confine.user {
+            Some(user) => hand_over(
+                spec,
+                launch,
+                HandOver {
+                    qmp: &qmp_socket,
+                    agent: &agent_socket,
+                    shell: shell_socket.as_deref(),
+                    user,
+                },
+                &mut handed,
+                &mut tap,
+            )?,
+            None => Overrides::default(),
+        };
         let qemu = launch.program;
         let mut cmd = Command::new(qemu);
         for dir in launch.data_dirs {
@@ -204,12 +251,22 @@ impl QemuVm {
             &qmp_socket,
             &agent_socket,
             shell_socket.as_deref(),
-            !matches!(start, Start::Boot),
-            // A cold boot starts paused so that the agent socket is
-            // connected before the guest can run (and stop, taking the
-            // socket with it).
-            matches!(start, Start::Receive(..) | Start::Boot),
+            Flags {
+                incoming: !matches!(start, Start::Boot),
+                // A cold boot starts paused so that the agent socket is
+                // connected before the guest can run (and stop, taking the
+                // socket with it).
+                paused: matches!(start, Start::Receive(..) | Start::Boot),
+                tcg_tb_mib: launch
+                    .confine
+                    .caps_tcg_cache()
+                    .then_some(crate::confine::TCG_TB_SIZE_MIB),
+                over,
+            },
         ));
+        if launch.confine.sandbox {
+            cmd.args(["-sandbox", SANDBOX]);
+        }
         cmd.stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
@@ -224,15 +281,40 @@ impl QemuVm {
             _ => None,
         };
         let netns_fd = netns.as_ref().map(|f| f.as_raw_fd());
+        // Its own cgroup, under ferry's, entered by the child before exec.
+        let cgroup = match &launch.confine.cgroup {
+            Some(parent) => {
+                let limit = provenance.memory_bytes() + launch.confine.memory_overhead;
+                match VmCgroup::create(
+                    parent,
+                    &spec.name,
+                    limit,
+                    launch.confine.memory_overhead,
+                    crate::confine::PIDS_MAX,
+                ) {
+                    Ok(c) => Some(Arc::new(c)),
+                    // Degraded, not refused: the VM runs with the rest of
+                    // its confinement, and the log says why.
+                    Err(e) => {
+                        tracing::warn!(
+                            "QEMU runs without a cgroup of its own: cannot make one under {}: {e}",
+                            parent.display()
+                        );
+                        None
+                    }
+                }
+            }
+            None => None,
+        };
+        let cgroup_fds = cgroup.as_ref().map(|c| c.procs_fds()).unwrap_or_default();
+        let handed_fds = handed.raw().to_vec();
+        let user = launch.confine.user;
         // SAFETY: the closure runs in the child between fork and exec and only
-        // calls prctl, setpgid and setns, which are async-signal-safe; the namespace
-        // file stays open until after the spawn.
+        // calls prctl, setpgid, setns and write, which are async-signal-safe,
+        // and allocates nothing; the namespace and cgroup files stay open
+        // until after the spawn.
         unsafe {
             cmd.pre_exec(move || {
-                // QEMU must not outlive the ferry process that owns it.
-                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
                 // Its own process group: a Ctrl-C in ferry's terminal goes to
                 // ferry, which suspends or stops the VM, not straight to QEMU.
                 if libc::setpgid(0, 0) != 0 {
@@ -243,6 +325,21 @@ impl QemuVm {
                         return Err(std::io::Error::last_os_error());
                     }
                 }
+                // Into its cgroup before exec: everything QEMU allocates
+                // is counted from its first instruction.
+                crate::cgroup::enter(&cgroup_fds)?;
+                if let Some((ifr, target)) = &tap {
+                    crate::confine::open_tap(ifr, *target)?;
+                }
+                crate::confine::keep_open(&handed_fds)?;
+                if let Some(user) = user {
+                    crate::confine::become_user(user)?;
+                }
+                // QEMU must not outlive the ferry process that owns it
+                // (set after the change of user, which clears it).
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
                 Ok(())
             });
         }
@@ -250,11 +347,16 @@ impl QemuVm {
             .spawn()
             .map_err(|e| io(format!("starting {}", qemu.display()), e))?;
         drop(netns);
+        // QEMU has its own copies.
+        drop(handed);
+        // The waiter holds it from here on, and removes it.
+        let cgroup_path = cgroup.as_ref().map(|c| c.path().to_path_buf());
         let pid = child.id();
         let stdin = child.stdin.take();
         let stdout = child.stdout.take().expect("piped");
         let stderr = child.stderr.take().expect("piped");
         let watch = Arc::new(Watch::default());
+        *watch.cgroup.lock().expect("watch") = cgroup;
         let (tx, rx) = channel();
         spawn_console_reader(stdout, tx.clone(), watch.clone());
         spawn_stderr_reader(stderr, watch.clone());
@@ -271,7 +373,7 @@ impl QemuVm {
         let mut vm = match qmp {
             Ok(qmp) => QemuVm {
                 pid,
-                qmp,
+                qmp: Arc::new(qmp),
                 watch,
                 events: Some(rx),
                 stdin,
@@ -290,6 +392,7 @@ impl QemuVm {
                 },
                 disk_is_nbd: matches!(spec.disk, DiskSpec::Nbd { .. }),
                 qemu_img: launch.qemu_img.to_path_buf(),
+                cgroup: cgroup_path,
             },
             Err(e) => {
                 kill_pid(pid);
@@ -387,20 +490,41 @@ impl QemuVm {
     /// The VM was started with `-S`: it stays paused after the state is in.
     fn prepare_receive(&mut self, incoming: &Incoming) -> Result<(), EngineError> {
         self.set_ignore_shared(false)?;
-        let _ = std::fs::remove_file(&incoming.disk_socket);
-        let _ = std::fs::remove_file(&incoming.state_socket);
+        // ferry listens on both sockets and hands QEMU the descriptors: a
+        // QEMU running as its own user may not make sockets in ferry's
+        // directories.
+        let disk = listen_at(&incoming.disk_socket)?;
+        self.hand_fd(INCOMING_DISK_FD, disk.as_fd())?;
         self.cmd(
             "nbd-server-start",
-            json!({ "addr": { "type": "unix", "data": {
-                "path": incoming.disk_socket.display().to_string() } } }),
+            json!({ "addr": { "type": "fd", "data": { "str": INCOMING_DISK_FD } } }),
         )?;
+        drop(disk);
         self.cmd(
             "block-export-add",
             json!({ "type": "nbd", "id": "ferry-incoming-disk", "node-name": DISK_NODE,
                     "name": DISK_EXPORT_NAME, "writable": true }),
         )?;
-        let uri = format!("unix:{}", incoming.state_socket.display());
-        self.cmd("migrate-incoming", json!({ "uri": uri }))?;
+        // `fd:` takes a connected stream: the sender's connection is
+        // accepted here, then handed over.
+        let state = listen_at(&incoming.state_socket)?;
+        let qmp = self.qmp.clone();
+        std::thread::Builder::new()
+            .name("vm-incoming".into())
+            .spawn(move || {
+                let handed = state.accept().map_err(QmpError::Io).and_then(|(conn, _)| {
+                    let _ = qmp.execute("closefd", json!({ "fdname": STATE_FD }));
+                    qmp.send_fd(STATE_FD, conn.as_fd())?;
+                    qmp.execute(
+                        "migrate-incoming",
+                        json!({ "uri": format!("fd:{STATE_FD}") }),
+                    )
+                });
+                if let Err(e) = handed {
+                    tracing::warn!(error = %e, "could not hand the incoming state to QEMU");
+                }
+            })
+            .map_err(|e| io("starting a thread".into(), e))?;
         Ok(())
     }
 
@@ -456,8 +580,16 @@ impl QemuVm {
     /// runs it.
     fn incoming(&mut self, state: &SavedState) -> Result<(), EngineError> {
         self.set_ignore_shared(state.memory_file.is_some())?;
-        let uri = format!("exec:cat {}", shell_quote(&state.device_state));
+        let file = std::fs::File::open(&state.device_state).map_err(|e| {
+            io(
+                format!("opening the saved state {}", state.device_state.display()),
+                e,
+            )
+        })?;
+        let uri = self.hand_fd(STATE_FD, file.as_fd())?;
         self.cmd("migrate-incoming", json!({ "uri": uri }))?;
+        // QEMU holds its own copy now.
+        drop(file);
         self.wait_migration("restore", Duration::from_secs(120))?;
         self.cmd("cont", json!({}))?;
         Ok(())
@@ -498,6 +630,24 @@ impl QemuVm {
         }
     }
 
+    /// Hands `fd` to QEMU as `name` and returns the migration URI naming
+    /// it: QEMU reads and writes state through what ferry opened, so its
+    /// sandbox may deny it `exec:` (spawning a shell) and its user need not
+    /// reach ferry's paths. `fd:` works on every QEMU ferry supports
+    /// (`file:` needs 8.2).
+    fn hand_fd(&self, name: &str, fd: BorrowedFd<'_>) -> Result<String, EngineError> {
+        // A name left from an earlier save is replaced.
+        let _ = self.qmp.execute("closefd", json!({ "fdname": name }));
+        self.qmp.send_fd(name, fd).map_err(|e| match e {
+            QmpError::Closed => EngineError::NotRunning(wait_for_tail(&self.watch)),
+            other => EngineError::Command {
+                command: "getfd".into(),
+                detail: other.to_string(),
+            },
+        })?;
+        Ok(format!("fd:{name}"))
+    }
+
     fn cmd(&self, command: &str, args: Value) -> Result<Value, EngineError> {
         self.qmp.execute(command, args).map_err(|e| match e {
             QmpError::Closed => EngineError::NotRunning(wait_for_tail(&self.watch)),
@@ -513,6 +663,10 @@ impl QemuVm {
 impl Vm for QemuVm {
     fn pid(&self) -> Option<u32> {
         Some(self.pid)
+    }
+
+    fn cgroup(&self) -> Option<PathBuf> {
+        self.cgroup.clone()
     }
 
     fn take_events(&mut self) -> Option<Receiver<VmEvent>> {
@@ -557,8 +711,11 @@ impl Vm for QemuVm {
     fn save_state(&mut self, device_state: &Path) -> Result<SavedState, EngineError> {
         self.cmd("stop", json!({}))?;
         self.set_ignore_shared(self.memory_in_file)?;
-        let uri = format!("exec:cat > {}", shell_quote(device_state));
+        let file = private_file(device_state)
+            .map_err(|e| io(format!("creating {}", device_state.display()), e))?;
+        let uri = self.hand_fd(STATE_FD, file.as_fd())?;
         self.cmd("migrate", json!({ "uri": uri }))?;
+        drop(file);
         self.wait_migration("saving the VM state", Duration::from_secs(300))?;
         Ok(SavedState {
             device_state: device_state.to_path_buf(),
@@ -596,15 +753,29 @@ impl Vm for QemuVm {
     }
 
     fn start_disk_copy(&mut self, target_socket: &Path) -> Result<(), EngineError> {
-        let target = format!(
-            "nbd+unix:///{DISK_EXPORT_NAME}?socket={}",
-            target_socket.display()
-        );
+        // The target is an NBD client node on a connection ferry made and
+        // handed over (QEMU may not reach ferry's sockets by path).
+        let _ = self.cmd("blockdev-del", json!({ "node-name": MIRROR_TARGET }));
+        let conn = UnixStream::connect(target_socket)
+            .map_err(|e| io(format!("connecting to {}", target_socket.display()), e))?;
+        let _ = self.qmp.execute("closefd", json!({ "fdname": MIRROR_FD }));
+        self.qmp
+            .send_fd(MIRROR_FD, conn.as_fd())
+            .map_err(|e| EngineError::Command {
+                command: "getfd".into(),
+                detail: e.to_string(),
+            })?;
+        drop(conn);
         self.cmd(
-            "drive-mirror",
-            json!({ "device": "disk0", "job-id": MIRROR_JOB, "target": target,
-                    "format": "raw", "sync": "full", "mode": "existing",
-                    "auto-dismiss": false }),
+            "blockdev-add",
+            json!({ "driver": "raw", "node-name": MIRROR_TARGET,
+                    "file": { "driver": "nbd", "export": DISK_EXPORT_NAME,
+                              "server": { "type": "fd", "str": MIRROR_FD } } }),
+        )?;
+        self.cmd(
+            "blockdev-mirror",
+            json!({ "device": "disk0", "job-id": MIRROR_JOB, "target": MIRROR_TARGET,
+                    "sync": "full", "auto-dismiss": false }),
         )?;
         self.wait_mirror("copying the disk", Duration::from_secs(600), |job| {
             job.is_some_and(|j| j["ready"] == true)
@@ -635,8 +806,11 @@ impl Vm for QemuVm {
         if paused_copy {
             self.cmd("stop", json!({}))?;
         }
-        let uri = format!("unix:{}", socket.display());
+        let conn = UnixStream::connect(socket)
+            .map_err(|e| io(format!("connecting to {}", socket.display()), e))?;
+        let uri = self.hand_fd(STATE_FD, conn.as_fd())?;
         self.cmd("migrate", json!({ "uri": uri }))?;
+        drop(conn);
         let started = Instant::now();
         loop {
             let info = self.cmd("query-migrate", json!({}))?;
@@ -682,6 +856,7 @@ impl Vm for QemuVm {
         if let Some(job) = self.mirror_job()? {
             let error = job["error"].as_str().map(String::from);
             self.cmd("job-dismiss", json!({ "id": MIRROR_JOB }))?;
+            let _ = self.cmd("blockdev-del", json!({ "node-name": MIRROR_TARGET }));
             if let Some(detail) = error {
                 return Err(EngineError::Command {
                     command: "finishing the disk copy".into(),
@@ -704,6 +879,7 @@ impl Vm for QemuVm {
             });
             let _ = self.cmd("job-dismiss", json!({ "id": MIRROR_JOB }));
         }
+        let _ = self.cmd("blockdev-del", json!({ "node-name": MIRROR_TARGET }));
         // Let the migration settle before the caller resumes the VM.
         let started = Instant::now();
         while started.elapsed() < Duration::from_secs(10) {
@@ -772,20 +948,144 @@ impl Drop for QemuVm {
     }
 }
 
+/// How [`qemu_args`] starts QEMU.
+struct Flags {
+    /// `-incoming defer`.
+    incoming: bool,
+    /// `-S`.
+    paused: bool,
+    /// TCG's translation cache size, in MiB (`None`: QEMU's default).
+    tcg_tb_mib: Option<u64>,
+    /// What a QEMU running as another user gets instead of paths.
+    over: Overrides,
+}
+
+/// Arguments that name descriptors instead of ferry's paths (`None`: the
+/// path).
+#[derive(Default)]
+struct Overrides {
+    kernel: Option<String>,
+    initrd: Option<String>,
+    mem_path: Option<String>,
+    /// `mem_path` is open read-only (a private mapping, QEMU 8.2 or later).
+    mem_readonly: bool,
+    /// The `-drive` source (`file=...,format=...`).
+    drive: Option<String>,
+    /// The `-netdev` value.
+    netdev: Option<String>,
+    /// Listening sockets' descriptors.
+    qmp: Option<i32>,
+    agent: Option<i32>,
+    shell: Option<i32>,
+}
+
+/// The paths [`hand_over`] turns into descriptors.
+struct HandOver<'a> {
+    qmp: &'a Path,
+    agent: &'a Path,
+    shell: Option<&'a Path>,
+    user: QemuUser,
+}
+
+/// Opens (as root) everything QEMU would open by path, for a QEMU that
+/// runs as `how.user`: files as `/proc/self/fd/N`, sockets bound here and
+/// passed listening, the tap opened by the child before it changes user
+/// (into `tap`: the request and the descriptor number it takes).
+fn hand_over(
+    spec: &VmSpec,
+    launch: &Launch<'_>,
+    how: HandOver<'_>,
+    handed: &mut Handed,
+    tap: &mut Option<(crate::confine::TapRequest, i32)>,
+) -> Result<Overrides, EngineError> {
+    let user = how.user;
+    let file = |handed: &mut Handed, path: &Path, write: bool| {
+        handed
+            .file(path, write, user)
+            .map_err(|e| io(format!("opening {} for QEMU", path.display()), e))
+    };
+    let mut over = Overrides {
+        kernel: Some(file(handed, &spec.kernel, false)?),
+        initrd: Some(file(handed, &spec.initramfs, false)?),
+        ..Overrides::default()
+    };
+    // A private mapping of a shared file (a clone's memory) is never
+    // written through: QEMU 8.2 and later map a read-only file writable
+    // and private (`readonly=on,rom=off`); older ones need write access.
+    let memory_write = spec.memory_shared || launch.version < crate::QemuVersion::new(8, 2, 0);
+    over.mem_path = Some(file(handed, &spec.memory_file, memory_write)?);
+    over.mem_readonly = !memory_write;
+    over.drive = Some(match &spec.disk {
+        DiskSpec::Raw(p) => format!(
+            "file={},format=raw,detect-zeroes=unmap",
+            file(handed, p, true)?
+        ),
+        DiskSpec::CopyOnWrite { base, overlay } => {
+            let format = disk_format(overlay);
+            let top = file(handed, overlay, true)?;
+            if format == "qcow2" {
+                // The overlay names its base by path: QEMU gets it by
+                // descriptor too.
+                let base = file(handed, base, false)?;
+                format!("file={top},format=qcow2,backing.driver=raw,backing.file.filename={base}")
+            } else {
+                format!("file={top},format={format}")
+            }
+        }
+        DiskSpec::Nbd { socket } => {
+            let stream = UnixStream::connect(socket)
+                .map_err(|e| io(format!("connecting to {}", socket.display()), e))?;
+            let fd = handed.keep(stream.into());
+            format!("driver=raw,file.driver=nbd,file.server.type=fd,file.server.str={fd}")
+        }
+    });
+    let listen = |handed: &mut Handed, path: &Path| -> Result<i32, EngineError> {
+        let _ = std::fs::remove_file(path);
+        let l = std::os::unix::net::UnixListener::bind(path)
+            .map_err(|e| io(format!("listening on {}", path.display()), e))?;
+        Ok(handed.keep(l.into()))
+    };
+    over.qmp = Some(listen(handed, how.qmp)?);
+    over.agent = Some(listen(handed, how.agent)?);
+    if let Some(shell) = how.shell {
+        over.shell = Some(listen(handed, shell)?);
+    }
+    if let NetAttachment::Tap { ifname, .. } = &spec.net {
+        let ifr =
+            crate::confine::tap_request(ifname).map_err(|e| io(format!("tap {ifname}"), e))?;
+        // A number for the tap, reserved here; the child puts the tap on it.
+        let placeholder =
+            std::fs::File::open("/dev/null").map_err(|e| io("opening /dev/null".into(), e))?;
+        let fd = handed.keep(placeholder.into());
+        *tap = Some((ifr, fd));
+        over.netdev = Some(format!("tap,id=net0,fd={fd}"));
+    }
+    Ok(over)
+}
+
 fn qemu_args(
     spec: &VmSpec,
     memory_kib: u64,
     qmp: &Path,
     agent: &Path,
     shell: Option<&Path>,
-    incoming: bool,
-    paused: bool,
+    flags: Flags,
 ) -> Vec<String> {
+    let Flags {
+        incoming,
+        paused,
+        tcg_tb_mib,
+        over,
+    } = flags;
     let mut a: Vec<String> = Vec::new();
     let mut push = |items: &[&str]| a.extend(items.iter().map(|s| s.to_string()));
+    let tcg = match tcg_tb_mib {
+        Some(mib) => format!("tcg,thread=multi,tb-size={mib}"),
+        None => "tcg,thread=multi".to_string(),
+    };
     let (accel, cpu) = match spec.accel {
         Accel::Kvm => ("kvm", "host"),
-        Accel::Tcg => ("tcg,thread=multi", "max"),
+        Accel::Tcg => (tcg.as_str(), "max"),
     };
     push(&["-name", &format!("ferry:{}", spec.name)]);
     push(&["-M", "microvm,acpi=on,memory-backend=mem"]);
@@ -799,9 +1099,16 @@ fn qemu_args(
     push(&[
         "-object",
         &format!(
-            "memory-backend-file,id=mem,size={memory_kib}K,mem-path={},share={}",
-            spec.memory_file.display(),
-            if spec.memory_shared { "on" } else { "off" }
+            "memory-backend-file,id=mem,size={memory_kib}K,mem-path={},share={}{}",
+            over.mem_path
+                .clone()
+                .unwrap_or_else(|| spec.memory_file.display().to_string()),
+            if spec.memory_shared { "on" } else { "off" },
+            if over.mem_readonly {
+                ",readonly=on,rom=off"
+            } else {
+                ""
+            }
         ),
     ]);
     push(&[
@@ -817,10 +1124,23 @@ fn qemu_args(
         "-serial",
         "chardev:con",
     ]);
-    push(&["-kernel", &spec.kernel.display().to_string()]);
-    push(&["-initrd", &spec.initramfs.display().to_string()]);
+    push(&[
+        "-kernel",
+        &over
+            .kernel
+            .clone()
+            .unwrap_or_else(|| spec.kernel.display().to_string()),
+    ]);
+    push(&[
+        "-initrd",
+        &over
+            .initrd
+            .clone()
+            .unwrap_or_else(|| spec.initramfs.display().to_string()),
+    ]);
     push(&["-append", &guest_cmdline(spec)]);
     let source = match &spec.disk {
+        _ if over.drive.is_some() => over.drive.clone().unwrap_or_default(),
         // Zeros written to a raw disk (a disk being received is filled with
         // them) become holes: the file stays sparse, and the next move of
         // the VM skips them.
@@ -839,6 +1159,9 @@ fn qemu_args(
     ]);
     push(&["-device", "virtio-blk-device,drive=disk0"]);
     match &spec.net {
+        NetAttachment::Tap { .. } if over.netdev.is_some() => {
+            push(&["-netdev", over.netdev.as_deref().unwrap_or_default()])
+        }
         NetAttachment::Isolated => push(&["-netdev", "hubport,id=net0,hubid=0"]),
         NetAttachment::Tap { ifname, .. } => push(&[
             "-netdev",
@@ -860,31 +1183,31 @@ fn qemu_args(
         "-device",
         &format!("virtio-serial-device,max_ports={max_ports}"),
     ]);
-    push(&[
-        "-chardev",
-        &format!(
-            "socket,id=agent,path={},server=on,wait=off",
-            agent.display()
-        ),
-    ]);
+    let socket = |id: &str, fd: Option<i32>, path: &Path| match fd {
+        Some(fd) => format!("socket,id={id},fd={fd},server=on,wait=off"),
+        None => format!("socket,id={id},path={},server=on,wait=off", path.display()),
+    };
+    push(&["-chardev", &socket("agent", over.agent, agent)]);
     push(&["-device", "virtserialport,chardev=agent,name=ferry.agent"]);
     if let Some(shell) = shell {
-        push(&[
-            "-chardev",
-            &format!(
-                "socket,id=shell,path={},server=on,wait=off",
-                shell.display()
-            ),
-        ]);
+        push(&["-chardev", &socket("shell", over.shell, shell)]);
         push(&[
             "-device",
             "virtserialport,chardev=shell,name=ferry.shell,nr=2",
         ]);
     }
-    push(&[
-        "-qmp",
-        &format!("unix:{},server=on,wait=off", qmp.display()),
-    ]);
+    match over.qmp {
+        Some(_) => push(&[
+            "-chardev",
+            &socket("qmp", over.qmp, qmp),
+            "-mon",
+            "chardev=qmp,mode=control",
+        ]),
+        None => push(&[
+            "-qmp",
+            &format!("unix:{},server=on,wait=off", qmp.display()),
+        ]),
+    }
     if incoming {
         push(&["-incoming", "defer"]);
     }
@@ -1123,7 +1446,25 @@ fn spawn_waiter(mut child: Child, watch: Arc<Watch>, tx: Sender<VmEvent>) {
                     .expect("watch"),
             );
             let shutdown = watch.shutdown_reason.lock().expect("watch").clone();
+            let cgroup = watch.cgroup.lock().expect("watch").take();
+            let over_limit = cgroup
+                .as_ref()
+                .filter(|c| c.oom_kills() > 0)
+                .map(|c| over_memory_limit(c));
+            if let Some(c) = &cgroup {
+                tracing::debug!(
+                    cgroup = %c.path().display(),
+                    peak = c.peak_memory(),
+                    limit = c.memory_limit(),
+                    "QEMU's memory"
+                );
+            }
+            // QEMU is gone: its cgroup can go (the last reference).
+            drop(cgroup);
             let reason = match shutdown.as_deref() {
+                _ if over_limit.is_some() => ExitReason::EngineFailed {
+                    detail: over_limit.unwrap_or_default(),
+                },
                 Some("guest-shutdown") => ExitReason::Poweroff,
                 Some("guest-reset") => ExitReason::Reset,
                 Some("guest-panic") => ExitReason::Panic,
@@ -1148,6 +1489,20 @@ fn spawn_waiter(mut child: Child, watch: Arc<Watch>, tx: Sender<VmEvent>) {
             let _ = tx.send(VmEvent::Exited(reason));
         })
         .expect("spawn thread");
+}
+
+/// What to say about a QEMU the kernel killed for its cgroup's memory
+/// limit.
+fn over_memory_limit(cgroup: &VmCgroup) -> String {
+    format!(
+        "QEMU was killed by the kernel: the VM went over its memory limit of {} MiB \
+         (guest RAM plus {} MiB for QEMU; cgroup {}); give the VM less work or more room \
+         with ${}",
+        cgroup.memory_limit() >> 20,
+        cgroup.overhead() >> 20,
+        cgroup.path().display(),
+        crate::confine::MEMORY_OVERHEAD_ENV,
+    )
 }
 
 /// Waits briefly for QEMU's exit and returns what it said on stderr.
@@ -1204,8 +1559,25 @@ fn kill_pid(pid: u32) {
     }
 }
 
-fn shell_quote(path: &Path) -> String {
-    format!("'{}'", path.display().to_string().replace('\'', "'\\''"))
+/// Creates (or truncates) `path` for the owner only: a saved state holds
+/// guest memory when the RAM is not in a memory file.
+fn private_file(path: &Path) -> std::io::Result<std::fs::File> {
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)?;
+    file.set_permissions(std::fs::Permissions::from_mode(0o600))?;
+    Ok(file)
+}
+
+/// A listening Unix socket at `path` (a stale one is replaced).
+fn listen_at(path: &Path) -> Result<std::os::unix::net::UnixListener, EngineError> {
+    let _ = std::fs::remove_file(path);
+    std::os::unix::net::UnixListener::bind(path)
+        .map_err(|e| io(format!("listening on {}", path.display()), e))
 }
 
 fn io(context: String, source: std::io::Error) -> EngineError {

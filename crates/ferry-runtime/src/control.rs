@@ -83,6 +83,9 @@ pub struct VmStatus {
     pub pid: u32,
     /// The engine process's pid.
     pub engine_pid: Option<u32>,
+    /// The engine process's cgroup directory, when it has one of its own.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cgroup: Option<String>,
     /// Accelerator.
     pub accel: Accel,
     /// Guest memory.

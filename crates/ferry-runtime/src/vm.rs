@@ -548,6 +548,7 @@ impl RunningVm {
             state: "booting".into(),
             pid: std::process::id(),
             engine_pid: vm.pid(),
+            cgroup: vm.cgroup().map(|p| p.display().to_string()),
             accel: config.accel,
             memory_mib: config.memory_mib,
             cpus: config.cpus,

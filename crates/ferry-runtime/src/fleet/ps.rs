@@ -25,6 +25,8 @@ pub struct VmInfo {
     pub pid: Option<u32>,
     /// Its engine's pid, while it runs.
     pub engine_pid: Option<u32>,
+    /// Its engine's cgroup, while it runs in one of its own.
+    pub cgroup: Option<String>,
     /// Its accelerator.
     pub accel: Option<Accel>,
     /// Seconds since its supervisor started it, while it runs.
@@ -57,6 +59,10 @@ pub struct PsJson {
     pub state: RecordState,
     /// Supervisor pid.
     pub pid: Option<u32>,
+    /// The engine's (QEMU's) pid.
+    pub engine_pid: Option<u32>,
+    /// The engine's cgroup directory (`docs/security.md`).
+    pub cgroup: Option<String>,
     /// Accelerator.
     pub accel: Option<Accel>,
     /// Uptime.
@@ -86,6 +92,8 @@ impl From<&VmInfo> for PsJson {
             name: v.name.clone(),
             state: v.state,
             pid: v.pid,
+            engine_pid: v.engine_pid,
+            cgroup: v.cgroup.clone(),
             accel: v.accel,
             uptime_s: v.uptime_s,
             memory_mib: v.memory_mib,
@@ -126,6 +134,7 @@ pub fn info(paths: &Paths, name: &str) -> Option<VmInfo> {
         state,
         pid: None,
         engine_pid: None,
+        cgroup: None,
         accel: record.as_ref().map(|r| r.accel),
         uptime_s: None,
         memory_mib: record.as_ref().map(|r| r.memory_mib),
@@ -152,6 +161,7 @@ pub fn info(paths: &Paths, name: &str) -> Option<VmInfo> {
                 Ok(ControlReply::Status(s)) => {
                     v.pid = Some(s.pid);
                     v.engine_pid = s.engine_pid;
+                    v.cgroup = s.cgroup;
                     v.accel = Some(s.accel);
                     v.uptime_s = Some(s.uptime_s);
                     v.memory_mib = Some(s.memory_mib);

@@ -1,0 +1,274 @@
+//! How ferry confines each QEMU process: QEMU's own seccomp sandbox, and,
+//! when ferry runs as root, an unprivileged user and a cgroup of its own
+//! (`docs/security.md`, "Confined engine").
+//!
+//! Confinement is on by default; `FERRY_CONFINE=0` turns all of it off, for
+//! debugging QEMU itself (e.g. to attach a debugger or let it spawn).
+
+use crate::cgroup::CgroupParent;
+
+/// The environment variable that turns confinement off (`0`).
+pub const CONFINE_ENV: &str = "FERRY_CONFINE";
+
+/// Memory QEMU gets beyond its guest's RAM, in MiB, unless
+/// `$FERRY_QEMU_MEMORY_OVERHEAD_MIB` says otherwise: QEMU's own heap, its
+/// threads' stacks, and under TCG the translation cache (capped at
+/// [`TCG_TB_SIZE_MIB`]). Measured in `docs/security.md`.
+pub const MEMORY_OVERHEAD_MIB: u64 = 256;
+
+/// The environment variable that sets [`MEMORY_OVERHEAD_MIB`] (for tests
+/// and tuning; `0` leaves QEMU nothing beyond its guest's RAM).
+pub const MEMORY_OVERHEAD_ENV: &str = "FERRY_QEMU_MEMORY_OVERHEAD_MIB";
+
+/// The size of TCG's translation cache, in MiB, when QEMU is confined.
+/// QEMU's default is 1 GiB, touched as the guest runs new code: more than
+/// a small VM's memory limit should have to allow for.
+pub const TCG_TB_SIZE_MIB: u64 = 64;
+
+/// The most tasks (processes and threads) one QEMU may have: a vCPU
+/// thread each, a few of its own, and its I/O thread pool (at most 64).
+pub const PIDS_MAX: u64 = 256;
+
+/// What confines the QEMU processes of one engine.
+#[derive(Debug, Clone)]
+pub struct Confine {
+    /// `-sandbox` with [`crate::vm::SANDBOX`].
+    pub sandbox: bool,
+    /// Where each VM's cgroup goes, when ferry may make cgroups.
+    pub cgroup: Option<CgroupParent>,
+    /// Memory beyond the guest's RAM, in bytes.
+    pub memory_overhead: u64,
+    /// The user QEMU runs as, when ferry runs as root and the user exists.
+    pub user: Option<QemuUser>,
+}
+
+/// The unprivileged user QEMU runs as.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct QemuUser {
+    /// Its uid.
+    pub uid: u32,
+    /// Its primary group, which ferry gives the files QEMU opens.
+    pub gid: u32,
+}
+
+/// The user `scripts/setup.sh` makes for QEMU (a system user, no login).
+pub const QEMU_USER: &str = "ferry-qemu";
+
+impl QemuUser {
+    /// [`QEMU_USER`] from `/etc/passwd` (read as a file: no NSS), or why
+    /// not.
+    pub fn lookup() -> Result<Self, String> {
+        let passwd = std::fs::read_to_string("/etc/passwd")
+            .map_err(|e| format!("cannot read /etc/passwd: {e}"))?;
+        passwd
+            .lines()
+            .find_map(|l| {
+                let f: Vec<&str> = l.split(':').collect();
+                if f.len() < 4 || f[0] != QEMU_USER {
+                    return None;
+                }
+                Some(QemuUser {
+                    uid: f[2].parse().ok()?,
+                    gid: f[3].parse().ok()?,
+                })
+            })
+            .filter(|u| u.uid != 0 && u.gid != 0)
+            .ok_or_else(|| format!("there is no user {QEMU_USER} (scripts/setup.sh makes it)"))
+    }
+}
+
+impl Confine {
+    /// No confinement at all.
+    pub fn off() -> Self {
+        Confine {
+            sandbox: false,
+            cgroup: None,
+            memory_overhead: 0,
+            user: None,
+        }
+    }
+
+    /// From `$FERRY_CONFINE` (anything but `0`, or unset: on). The seccomp
+    /// sandbox is on for everyone; a cgroup needs root.
+    pub fn from_env() -> Self {
+        if std::env::var(CONFINE_ENV).is_ok_and(|v| v == "0") {
+            return Self::off();
+        }
+        // SAFETY: geteuid has no preconditions.
+        let root = unsafe { libc::geteuid() } == 0;
+        let cgroup = if root {
+            match CgroupParent::of_self() {
+                Ok(p) => Some(p),
+                Err(why) => {
+                    tracing::warn!("QEMU runs without a cgroup of its own: {why}");
+                    None
+                }
+            }
+        } else {
+            None
+        };
+        let overhead_mib = std::env::var(MEMORY_OVERHEAD_ENV)
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(MEMORY_OVERHEAD_MIB);
+        let user = if root {
+            match QemuUser::lookup() {
+                Ok(u) => Some(u),
+                Err(why) => {
+                    tracing::warn!("QEMU runs as root: {why}");
+                    None
+                }
+            }
+        } else {
+            None
+        };
+        Confine {
+            sandbox: true,
+            cgroup,
+            memory_overhead: overhead_mib << 20,
+            user,
+        }
+    }
+
+    /// Whether QEMU's translation cache is capped (see [`TCG_TB_SIZE_MIB`]).
+    pub fn caps_tcg_cache(&self) -> bool {
+        self.cgroup.is_some()
+    }
+}
+
+/// What ferry hands a QEMU that runs as [`QemuUser`]: descriptors it opened
+/// (as root, where root may go) that the child keeps across exec, named to
+/// QEMU as `/proc/self/fd/N` (files: no directory on the way is searched,
+/// only the file's own mode counts) or `fd=N` (sockets, the tap).
+#[derive(Default)]
+pub struct Handed {
+    /// Every descriptor the child keeps.
+    fds: Vec<std::os::fd::OwnedFd>,
+    /// Their numbers, for the child (no allocation there).
+    raw: Vec<std::os::fd::RawFd>,
+}
+
+impl Handed {
+    /// Opens `path` for QEMU: read-only, or read-write if `write`. The file
+    /// gets `user`'s group, with group read (and write) permission added, so
+    /// that QEMU's own `open` of `/proc/self/fd/N` passes.
+    pub fn file(
+        &mut self,
+        path: &std::path::Path,
+        write: bool,
+        user: QemuUser,
+    ) -> std::io::Result<String> {
+        use std::os::unix::fs::{MetadataExt, PermissionsExt};
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(write)
+            .open(path)?;
+        let meta = file.metadata()?;
+        let want = if write { 0o060 } else { 0o040 };
+        if meta.gid() != user.gid {
+            std::os::unix::fs::fchown(&file, None, Some(user.gid))?;
+        }
+        let mode = meta.permissions().mode() & 0o7777;
+        if mode & want != want {
+            file.set_permissions(std::fs::Permissions::from_mode((mode | want) & 0o777))?;
+        }
+        Ok(format!("/proc/self/fd/{}", self.keep(file.into())))
+    }
+
+    /// Keeps `fd` open in the child; returns its number.
+    pub fn keep(&mut self, fd: std::os::fd::OwnedFd) -> std::os::fd::RawFd {
+        use std::os::fd::AsRawFd;
+        let raw = fd.as_raw_fd();
+        self.fds.push(fd);
+        self.raw.push(raw);
+        raw
+    }
+
+    /// The numbers to keep open across exec (see [`keep_open`]).
+    pub fn raw(&self) -> &[std::os::fd::RawFd] {
+        &self.raw
+    }
+}
+
+/// Clears close-on-exec on `fds`. Runs in the child between fork and exec:
+/// only `fcntl`.
+pub fn keep_open(fds: &[std::os::fd::RawFd]) -> std::io::Result<()> {
+    for &fd in fds {
+        // SAFETY: fcntl on a descriptor number has no memory effects.
+        if unsafe { libc::fcntl(fd, libc::F_SETFD, 0) } != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
+/// Becomes `user` with no supplementary groups. Runs in the child between
+/// fork and exec: only `setgroups`, `setgid`, `setuid`.
+pub fn become_user(user: QemuUser) -> std::io::Result<()> {
+    // SAFETY: these calls take plain integers (and a null list).
+    unsafe {
+        if libc::setgroups(0, std::ptr::null()) != 0
+            || libc::setgid(user.gid) != 0
+            || libc::setuid(user.uid) != 0
+        {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
+/// Opens the tap `ifname` of the current network namespace as QEMU would
+/// (`IFF_TAP | IFF_NO_PI | IFF_VNET_HDR`) and moves it to descriptor
+/// `target`. Runs in the child, after `setns`, before the user changes (a
+/// tap needs `CAP_NET_ADMIN` to attach): only `open`, `ioctl`, `dup2`,
+/// `close`. `ifr` is made by [`tap_request`] in the parent.
+pub fn open_tap(ifr: &TapRequest, target: std::os::fd::RawFd) -> std::io::Result<()> {
+    let ifr = &ifr.0;
+    // SAFETY: a NUL-terminated path; ifr is a valid ifreq for TUNSETIFF;
+    // dup2/close take descriptor numbers.
+    unsafe {
+        let fd = libc::open(c"/dev/net/tun".as_ptr(), libc::O_RDWR);
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        // TUNSETIFF: _IOW('T', 202, int).
+        if libc::ioctl(fd, 0x400454ca, ifr as *const libc::ifreq) != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        if fd != target {
+            if libc::dup2(fd, target) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            libc::close(fd);
+        }
+    }
+    Ok(())
+}
+
+/// A `TUNSETIFF` request, made in the parent for the child.
+pub struct TapRequest(libc::ifreq);
+
+// SAFETY: the request holds a name and flags; its union's pointer member
+// is never set or read.
+unsafe impl Send for TapRequest {}
+// SAFETY: as above; nothing in it is mutated after it is made.
+unsafe impl Sync for TapRequest {}
+
+/// The `TUNSETIFF` request for tap `ifname`.
+pub fn tap_request(ifname: &str) -> std::io::Result<TapRequest> {
+    // SAFETY: an all-zero ifreq is valid.
+    let mut ifr: libc::ifreq = unsafe { std::mem::zeroed() };
+    let name = ifname.as_bytes();
+    if name.is_empty() || name.len() >= ifr.ifr_name.len() || name.contains(&0) {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            format!("bad interface name {ifname:?}"),
+        ));
+    }
+    for (d, s) in ifr.ifr_name.iter_mut().zip(name) {
+        *d = *s as libc::c_char;
+    }
+    ifr.ifr_ifru.ifru_flags =
+        (libc::IFF_TAP | libc::IFF_NO_PI | libc::IFF_VNET_HDR) as libc::c_short;
+    Ok(TapRequest(ifr))
+}
