@@ -49,6 +49,19 @@ pub struct QemuUser {
     pub uid: u32,
     /// Its primary group, which ferry gives the files QEMU opens.
     pub gid: u32,
+    /// The group that may open `/dev/kvm` (Debian: `kvm`), kept as QEMU's
+    /// only supplementary group so that a confined QEMU can use KVM;
+    /// `None` without the device or when it is open to everyone.
+    pub kvm_gid: Option<u32>,
+}
+
+/// The group of `/dev/kvm` when that group may read and write it and
+/// others may not.
+fn kvm_group() -> Option<u32> {
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::metadata("/dev/kvm").ok()?;
+    let mode = m.mode();
+    (mode & 0o060 == 0o060 && mode & 0o006 != 0o006 && m.gid() != 0).then_some(m.gid())
 }
 
 /// The user `scripts/setup.sh` makes for QEMU (a system user, no login).
@@ -70,6 +83,7 @@ impl QemuUser {
                 Some(QemuUser {
                     uid: f[2].parse().ok()?,
                     gid: f[3].parse().ok()?,
+                    kvm_gid: kvm_group(),
                 })
             })
             .filter(|u| u.uid != 0 && u.gid != 0)
@@ -202,12 +216,16 @@ pub fn keep_open(fds: &[std::os::fd::RawFd]) -> std::io::Result<()> {
     Ok(())
 }
 
-/// Becomes `user` with no supplementary groups. Runs in the child between
-/// fork and exec: only `setgroups`, `setgid`, `setuid`.
+/// Becomes `user` with no supplementary group but the one of `/dev/kvm`.
+/// Runs in the child between fork and exec: only `setgroups`, `setgid`,
+/// `setuid`.
 pub fn become_user(user: QemuUser) -> std::io::Result<()> {
-    // SAFETY: these calls take plain integers (and a null list).
+    let groups: [libc::gid_t; 1] = [user.kvm_gid.unwrap_or(user.gid)];
+    let count = usize::from(user.kvm_gid.is_some());
+    // SAFETY: these calls take plain integers and a list of `count`
+    // groups that lives on this stack frame.
     unsafe {
-        if libc::setgroups(0, std::ptr::null()) != 0
+        if libc::setgroups(count, groups.as_ptr()) != 0
             || libc::setgid(user.gid) != 0
             || libc::setuid(user.uid) != 0
         {
