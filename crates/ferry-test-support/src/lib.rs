@@ -469,8 +469,10 @@ impl std::ops::DerefMut for KillOnDrop {
     }
 }
 
-/// How long a guarded child gets to end after SIGTERM before SIGKILL.
-const TERM_GRACE: Duration = Duration::from_secs(8);
+/// How long a guarded child gets to end after SIGTERM before SIGKILL: a
+/// ferry whose guest agent hangs takes about 10 s to stop its VM (the
+/// agent's 5 s, then the engine's power button).
+const TERM_GRACE: Duration = Duration::from_secs(20);
 
 impl Drop for KillOnDrop {
     /// SIGTERM first, so that a foreground `ferry boot` or `ferry peer`
