@@ -220,18 +220,19 @@ impl Batch {
         let out = child
             .wait_with_output()
             .map_err(NetError::io("running iptables-restore"))?;
-        written.map_err(NetError::io("writing to iptables-restore"))?;
-        if out.status.success() {
-            return Ok(());
+        if !out.status.success() {
+            // Its own message first: a write that failed because it had
+            // already given up says less.
+            let detail = String::from_utf8_lossy(&out.stderr).trim().to_string();
+            return Err(refused(
+                format!(
+                    "iptables-restore --noflush <<< {}",
+                    input.replace('\n', "; ")
+                ),
+                detail,
+            ));
         }
-        let detail = String::from_utf8_lossy(&out.stderr).trim().to_string();
-        Err(refused(
-            format!(
-                "iptables-restore --noflush <<< {}",
-                input.replace('\n', "; ")
-            ),
-            detail,
-        ))
+        written.map_err(NetError::io("writing to iptables-restore"))
     }
 }
 
