@@ -478,3 +478,26 @@ pub trait Vm: Send {
     /// Waits until the VM has exited, up to `timeout`.
     fn wait_exit(&mut self, timeout: Duration) -> Option<ExitReason>;
 }
+
+/// A file's identity as caches of facts about it key on (the QEMU engine's
+/// memo of versions, digests and overlays; the runtime's record of checked
+/// packages): its canonical path, device, inode, size, and modification and
+/// status-change times. The status-change time moves on every write and
+/// cannot be set back from user space, so a changed file has another
+/// identity. `None` if the file cannot be read.
+pub fn file_identity(file: &std::path::Path) -> Option<String> {
+    use std::os::unix::fs::MetadataExt;
+    let canonical = std::fs::canonicalize(file).ok()?;
+    let m = std::fs::metadata(&canonical).ok()?;
+    Some(format!(
+        "{}|{}|{}|{}|{}.{}|{}.{}",
+        canonical.display(),
+        m.dev(),
+        m.ino(),
+        m.size(),
+        m.mtime(),
+        m.mtime_nsec(),
+        m.ctime(),
+        m.ctime_nsec()
+    ))
+}

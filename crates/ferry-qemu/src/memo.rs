@@ -12,7 +12,6 @@
 //! cannot be read or written is learnt again, or not kept.
 
 use std::io::Write;
-use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
 use sha2::{Digest, Sha256};
@@ -20,19 +19,7 @@ use sha2::{Digest, Sha256};
 /// The memo of `kind` for `file` under `cache_dir`, or `None` if `file`
 /// cannot be read.
 pub(crate) fn path(cache_dir: &Path, kind: &str, file: &Path) -> Option<PathBuf> {
-    let canonical = std::fs::canonicalize(file).ok()?;
-    let m = std::fs::metadata(&canonical).ok()?;
-    let identity = format!(
-        "{kind}|{}|{}|{}|{}|{}.{}|{}.{}",
-        canonical.display(),
-        m.dev(),
-        m.ino(),
-        m.size(),
-        m.mtime(),
-        m.mtime_nsec(),
-        m.ctime(),
-        m.ctime_nsec()
-    );
+    let identity = format!("{kind}|{}", ferry_engine::file_identity(file)?);
     let key = hex::encode(Sha256::digest(identity.as_bytes()));
     Some(
         cache_dir

@@ -127,20 +127,7 @@ impl VerifiedPackages {
     /// cannot be read.
     pub(crate) fn stamp(&self, package: &Path) -> Option<PathBuf> {
         use sha2::Digest;
-        use std::os::unix::fs::MetadataExt;
-        let canonical = std::fs::canonicalize(package).ok()?;
-        let m = std::fs::metadata(&canonical).ok()?;
-        let identity = format!(
-            "{}|{}|{}|{}|{}.{}|{}.{}",
-            canonical.display(),
-            m.dev(),
-            m.ino(),
-            m.size(),
-            m.mtime(),
-            m.mtime_nsec(),
-            m.ctime(),
-            m.ctime_nsec()
-        );
+        let identity = ferry_engine::file_identity(package)?;
         let key = hex::encode(sha2::Sha256::digest(identity.as_bytes()));
         Some(self.dir.join(&key[..32]))
     }
