@@ -41,27 +41,7 @@ fn service_on_free_port(store: &Path) -> (KillOnDrop, u16) {
 }
 
 fn http(method: &str, url: &str, body: Option<&Value>) -> (u16, String) {
-    let agent = ureq::Agent::new_with_config(
-        ureq::Agent::config_builder()
-            .http_status_as_error(false)
-            .timeout_global(Some(Duration::from_secs(10)))
-            .build(),
-    );
-    let mut b = ureq::http::Request::builder().method(method).uri(url);
-    if body.is_some() {
-        b = b.header("Content-Type", "application/json");
-    }
-    let req = b
-        .body(
-            body.map(|v| serde_json::to_vec(v).unwrap())
-                .unwrap_or_default(),
-        )
-        .unwrap();
-    let mut r = agent.run(req).unwrap();
-    (
-        r.status().as_u16(),
-        r.body_mut().read_to_string().unwrap_or_default(),
-    )
+    common::http_json(method, url, body, None)
 }
 
 fn sha256(path: &Path) -> String {

@@ -44,30 +44,7 @@ fn service(store: &Path, token: &Path, port: u16) -> KillOnDrop {
 }
 
 fn http(method: &str, url: &str, body: Option<&Value>) -> (u16, String) {
-    let agent = ureq::Agent::new_with_config(
-        ureq::Agent::config_builder()
-            .http_status_as_error(false)
-            .timeout_global(Some(Duration::from_secs(10)))
-            .build(),
-    );
-    let mut b = ureq::http::Request::builder()
-        .method(method)
-        .uri(url)
-        .header("Authorization", format!("Bearer {TOKEN}"));
-    if body.is_some() {
-        b = b.header("Content-Type", "application/json");
-    }
-    let req = b
-        .body(
-            body.map(|v| serde_json::to_vec(v).unwrap())
-                .unwrap_or_default(),
-        )
-        .unwrap();
-    let mut r = agent.run(req).unwrap();
-    (
-        r.status().as_u16(),
-        r.body_mut().read_to_string().unwrap_or_default(),
-    )
+    common::http_json(method, url, body, Some(TOKEN))
 }
 
 fn get_json(url: &str) -> Value {

@@ -180,3 +180,38 @@ pub fn run_fails_with(env: &FerryEnv, pkg: &Path, extra: &[&str]) -> Output {
     assert!(!env.vm_dir("t-bad").exists());
     out
 }
+
+/// An HTTP request with an optional JSON body (and a bearer `token`, for
+/// the boot service's writes): the status and the body as text. Statuses
+/// are answers, not errors; a request takes at most 10 s.
+pub fn http_json(
+    method: &str,
+    url: &str,
+    body: Option<&serde_json::Value>,
+    token: Option<&str>,
+) -> (u16, String) {
+    let agent = ureq::Agent::new_with_config(
+        ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .timeout_global(Some(Duration::from_secs(10)))
+            .build(),
+    );
+    let mut b = ureq::http::Request::builder().method(method).uri(url);
+    if let Some(token) = token {
+        b = b.header("Authorization", format!("Bearer {token}"));
+    }
+    if body.is_some() {
+        b = b.header("Content-Type", "application/json");
+    }
+    let req = b
+        .body(
+            body.map(|v| serde_json::to_vec(v).unwrap())
+                .unwrap_or_default(),
+        )
+        .unwrap();
+    let mut r = agent.run(req).unwrap();
+    (
+        r.status().as_u16(),
+        r.body_mut().read_to_string().unwrap_or_default(),
+    )
+}
