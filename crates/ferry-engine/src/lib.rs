@@ -283,6 +283,10 @@ pub enum EngineError {
     },
 }
 
+/// What must be done before a new guest runs, called by the engine at the
+/// last moment (see [`Engine::boot_gated`]).
+pub type BeforeRun<'a> = &'a mut dyn FnMut() -> Result<(), EngineError>;
+
 /// A way to run VMs.
 pub trait Engine: Send + Sync {
     /// Short name, recorded in saved states.
@@ -307,6 +311,32 @@ pub trait Engine: Send + Sync {
 
     /// Starts a VM from a saved state; it runs when this returns.
     fn restore(&self, spec: &VmSpec, state: &SavedState) -> Result<Box<dyn Vm>, EngineError>;
+
+    /// As [`Engine::boot`], calling `before_run` once the engine is ready
+    /// and before the guest's first instruction: what the guest must not
+    /// run without (its firewall) is made while the engine starts, not
+    /// before it. An error from `before_run` stops the VM and is returned.
+    /// By default `before_run` simply comes first.
+    fn boot_gated(
+        &self,
+        spec: &VmSpec,
+        before_run: BeforeRun<'_>,
+    ) -> Result<Box<dyn Vm>, EngineError> {
+        before_run()?;
+        self.boot(spec)
+    }
+
+    /// As [`Engine::restore`], calling `before_run` once the state is
+    /// loaded and before the guest runs (see [`Engine::boot_gated`]).
+    fn restore_gated(
+        &self,
+        spec: &VmSpec,
+        state: &SavedState,
+        before_run: BeforeRun<'_>,
+    ) -> Result<Box<dyn Vm>, EngineError> {
+        before_run()?;
+        self.restore(spec, state)
+    }
 
     /// Starts the receiving end of a live move: a VM that stays paused
     /// while another engine fills its disk (exported, writable, on

@@ -29,7 +29,7 @@ pub mod vmnet;
 pub use error::NetError;
 pub use expose::ExposeSpec;
 pub use plumbing::NamespaceRecord;
-pub use vmnet::{VmNetOptions, VmNetwork};
+pub use vmnet::{PendingNetwork, VmNetOptions, VmNetwork};
 
 /// The guest's address in every VM namespace (set by the blueprint's init).
 pub const GUEST_ADDR: Ipv4Addr = Ipv4Addr::new(172, 100, 100, 2);

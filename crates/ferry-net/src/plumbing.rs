@@ -60,36 +60,27 @@ fn nat_chain() -> Chain {
 /// Creates namespace `name` with its veth link, addresses, route,
 /// forwarding and NAT. On failure nothing of it is left.
 pub fn provision(name: &str) -> Result<(Netns, NamespaceRecord), NetError> {
-    let mut rules = Batch::default();
-    let (ns, rec) = provision_leaving_rules(name, &mut rules)?;
-    if let Err(e) = rules.apply(Some(&ns), true) {
-        drop(ns);
-        let _ = unprovision(name);
-        return Err(e);
-    }
-    Ok((ns, rec))
-}
-
-/// As [`provision`], but the NAT rules are added to `rules`, for the
-/// caller to apply with its own in one `iptables-restore`.
-pub(crate) fn provision_leaving_rules(
-    name: &str,
-    rules: &mut Batch,
-) -> Result<(Netns, NamespaceRecord), NetError> {
     let ns = Netns::create(name)?;
-    match build(&ns, rules) {
+    let mut rules = Batch::default();
+    let built = build(&ns, &mut rules).and_then(|rec| {
+        rules.apply(Some(&ns), true)?;
+        Ok(rec)
+    });
+    match built {
         Ok(rec) => Ok((ns, rec)),
         Err(e) => {
-            let host_veth = host_veth_name(name);
             drop(ns);
-            let _ = nl::delete_link(None, &host_veth);
-            let _ = crate::ns::remove(name);
+            let _ = unprovision(name);
             Err(e)
         }
     }
 }
 
-fn build(ns: &Netns, rules: &mut Batch) -> Result<NamespaceRecord, NetError> {
+/// Links namespace `ns` (just made) to the host: veth pair, addresses,
+/// route, forwarding; its NAT rules are added to `rules`, for the caller to
+/// apply with its own in one `iptables-restore`. The caller removes the
+/// namespace on failure ([`unprovision`] also takes the host's veth end).
+pub(crate) fn build(ns: &Netns, rules: &mut Batch) -> Result<NamespaceRecord, NetError> {
     let host_veth = host_veth_name(ns.name());
     let rec = {
         let _lock = lock()?;

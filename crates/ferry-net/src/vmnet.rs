@@ -42,7 +42,8 @@ pub struct VmNetOptions {
 /// A VM's network, live until dropped.
 pub struct VmNetwork {
     ns: Arc<Netns>,
-    created: Option<crate::NamespaceRecord>,
+    /// Whether ferry made the namespace (and removes it with the VM).
+    created: bool,
     made_tap: bool,
     gateway_chain: Option<Chain>,
     /// The guest's filter chains (see [`isolate`]).
@@ -56,7 +57,7 @@ impl std::fmt::Debug for VmNetwork {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("VmNetwork")
             .field("netns", &self.ns.name())
-            .field("created", &self.created.is_some())
+            .field("created", &self.created)
             .field("exposes", &self.exposes)
             .finish()
     }
@@ -66,6 +67,15 @@ impl VmNetwork {
     /// Sets up the VM's network before its engine starts. Host ports are
     /// bound first, so a port in use fails before anything is created.
     pub fn attach(opts: VmNetOptions) -> Result<VmNetwork, NetError> {
+        Self::prepare(opts)?.finish()
+    }
+
+    /// The part of [`VmNetwork::attach`] the engine needs to start: the
+    /// host ports bound, the namespace and the tap made. The rest (links,
+    /// addresses, routes, firewall, proxies) is [`PendingNetwork::finish`],
+    /// which may run while the engine loads, as long as it is done before
+    /// the guest runs: until then nothing can use the tap.
+    pub fn prepare(opts: VmNetOptions) -> Result<PendingNetwork, NetError> {
         if !crate::is_root() {
             return Err(NetError::NotRoot {
                 what: "give the VM a network (namespace, tap, NAT)".into(),
@@ -100,10 +110,8 @@ impl VmNetwork {
                 })
             }
         };
-        // The namespace's NAT, added with the VM's own rules in `finish`.
-        let mut rules = Batch::default();
         let (ns, created) = match Netns::open(&name)? {
-            Some(ns) if opts.netns.is_some() => (ns, None),
+            Some(ns) if opts.netns.is_some() => (ns, false),
             existing => {
                 // A private namespace that exists while its lock is free is
                 // a crashed run's leftover: start clean.
@@ -112,11 +120,10 @@ impl VmNetwork {
                     drop(existing);
                     plumbing::unprovision(&name)?;
                 }
-                let (ns, rec) = plumbing::provision_leaving_rules(&name, &mut rules)?;
-                (ns, Some(rec))
+                (Netns::create(&name)?, true)
             }
         };
-        let net = VmNetwork {
+        let mut net = VmNetwork {
             ns: Arc::new(ns),
             created,
             made_tap: false,
@@ -127,10 +134,16 @@ impl VmNetwork {
             _lock: lock,
         };
         // An existing namespace: a crashed VM's tap may still be there.
-        if net.created.is_none() && nl::link_exists(Some(&net.ns), TAP_NAME)? {
+        if !net.created && nl::link_exists(Some(&net.ns), TAP_NAME)? {
             nl::delete_link(Some(&net.ns), TAP_NAME)?;
         }
-        finish(net, rules, listeners, opts)
+        tap::create(&net.ns, TAP_NAME)?;
+        net.made_tap = true;
+        Ok(PendingNetwork {
+            net,
+            listeners,
+            opts,
+        })
     }
 
     /// The namespace's name.
@@ -162,12 +175,12 @@ impl VmNetwork {
 
     /// Whether ferry created the namespace for this VM.
     pub fn created_namespace(&self) -> bool {
-        self.created.is_some()
+        self.created
     }
 
     fn teardown(&mut self) -> Result<(), NetError> {
         self.proxies.clear();
-        if self.created.take().is_some() {
+        if std::mem::take(&mut self.created) {
             let name = self.ns.name().to_string();
             // Everything inside goes with the namespace.
             return plumbing::unprovision(&name);
@@ -269,16 +282,62 @@ fn isolate(
     Ok(())
 }
 
-/// Tap, gateway forwarder and exposures, in a namespace that exists. On
-/// failure `net` is dropped, which removes what was made so far.
+/// A VM's network whose namespace and tap exist (enough for the engine to
+/// start), from [`VmNetwork::prepare`]. Dropping it removes what it made.
+pub struct PendingNetwork {
+    net: VmNetwork,
+    listeners: Vec<std::net::TcpListener>,
+    opts: VmNetOptions,
+}
+
+impl PendingNetwork {
+    /// The namespace's name.
+    pub fn netns_name(&self) -> &str {
+        self.net.netns_name()
+    }
+
+    /// Its path, for the engine to enter.
+    pub fn netns_path(&self) -> PathBuf {
+        self.net.netns_path()
+    }
+
+    /// The tap the engine attaches the guest to.
+    pub fn tap(&self) -> &str {
+        self.net.tap()
+    }
+
+    /// The exposures it will serve.
+    pub fn exposes(&self) -> &[ExposeSpec] {
+        self.net.exposes()
+    }
+
+    /// Whether ferry created the namespace for this VM.
+    pub fn created_namespace(&self) -> bool {
+        self.net.created
+    }
+
+    /// Makes the rest: a new namespace's link to the host, the tap's
+    /// address, the gateway forwarder, the guest's firewall and the
+    /// exposures. On failure everything made is removed.
+    pub fn finish(self) -> Result<VmNetwork, NetError> {
+        finish(self.net, self.listeners, self.opts)
+    }
+}
+
+/// Plumbing (for a namespace ferry made), tap address, gateway forwarder
+/// and exposures, in a namespace that exists with its tap. On failure
+/// `net` is dropped, which removes what was made so far.
 fn finish(
     mut net: VmNetwork,
-    mut rules: Batch,
     listeners: Vec<std::net::TcpListener>,
     opts: VmNetOptions,
 ) -> Result<VmNetwork, NetError> {
-    tap::create(&net.ns, TAP_NAME)?;
-    net.made_tap = true;
+    // A namespace made just now has none of ferry's rules: its NAT and the
+    // VM's own rules go in with one iptables-restore.
+    let mut rules = Batch::default();
+    if net.created {
+        plumbing::build(&net.ns, &mut rules)?;
+    }
     let g = opts.guest;
     nl::configure(Some(&net.ns), TAP_NAME, Some(TAP_MAC), g.gateway, g.prefix)?;
 
@@ -317,9 +376,7 @@ fn finish(
         ],
     );
     isolate(&mut net, &mut rules, &g, &gw_port)?;
-    // A namespace made just now has none of ferry's rules: one
-    // iptables-restore adds them all.
-    let fresh = net.created.is_some();
+    let fresh = net.created;
     rules.apply(Some(&net.ns), fresh)?;
     let host_ns = Arc::new(crate::ns::current()?);
     let resolve = opts.resolve.unwrap_or_else(|| Arc::new(|_| None));

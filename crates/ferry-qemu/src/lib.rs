@@ -22,8 +22,8 @@ use std::process::Command;
 use std::sync::OnceLock;
 
 use ferry_engine::{
-    Accel, AccelChoice, AccelDecision, Engine, EngineError, ProbeGuest, Provenance, SavedState, Vm,
-    VmSpec,
+    Accel, AccelChoice, AccelDecision, BeforeRun, Engine, EngineError, ProbeGuest, Provenance,
+    SavedState, Vm, VmSpec,
 };
 
 pub use accel::kvm_device_problem;
@@ -264,6 +264,18 @@ impl Engine for QemuEngine {
     }
 
     fn boot(&self, spec: &VmSpec) -> Result<Box<dyn Vm>, EngineError> {
+        self.boot_gated(spec, &mut || Ok(()))
+    }
+
+    fn restore(&self, spec: &VmSpec, state: &SavedState) -> Result<Box<dyn Vm>, EngineError> {
+        self.restore_gated(spec, state, &mut || Ok(()))
+    }
+
+    fn boot_gated(
+        &self,
+        spec: &VmSpec,
+        before_run: BeforeRun<'_>,
+    ) -> Result<Box<dyn Vm>, EngineError> {
         let provenance = self.provenance(
             spec,
             self.boot_memory_extra_kib(spec.accel)?,
@@ -272,12 +284,17 @@ impl Engine for QemuEngine {
         Ok(Box::new(vm::QemuVm::start(
             &self.launch()?,
             spec,
-            vm::Start::Boot,
+            vm::Start::Boot(before_run),
             provenance,
         )?))
     }
 
-    fn restore(&self, spec: &VmSpec, state: &SavedState) -> Result<Box<dyn Vm>, EngineError> {
+    fn restore_gated(
+        &self,
+        spec: &VmSpec,
+        state: &SavedState,
+        before_run: BeforeRun<'_>,
+    ) -> Result<Box<dyn Vm>, EngineError> {
         self.check_provenance(spec, &state.provenance, "saved")?;
         let provenance = self.provenance(
             spec,
@@ -287,7 +304,7 @@ impl Engine for QemuEngine {
         Ok(Box::new(vm::QemuVm::start(
             &self.launch()?,
             spec,
-            vm::Start::Restore(state),
+            vm::Start::Restore(state, before_run),
             provenance,
         )?))
     }

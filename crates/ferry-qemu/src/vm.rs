@@ -12,8 +12,8 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use ferry_engine::{
-    Accel, DiskSpec, EngineError, ExitReason, Incoming, LiveLimits, LiveStats, NetAttachment,
-    Provenance, SavedState, Vm, VmEvent, VmSpec, DISK_EXPORT_NAME,
+    Accel, BeforeRun, DiskSpec, EngineError, ExitReason, Incoming, LiveLimits, LiveStats,
+    NetAttachment, Provenance, SavedState, Vm, VmEvent, VmSpec, DISK_EXPORT_NAME,
 };
 use serde_json::{json, Value};
 
@@ -110,10 +110,10 @@ pub struct Launch<'a> {
 
 /// How a QEMU process starts.
 pub enum Start<'a> {
-    /// A cold boot.
-    Boot,
-    /// From a saved state; runs once loaded.
-    Restore(&'a SavedState),
+    /// A cold boot; the guest runs after the callback.
+    Boot(BeforeRun<'a>),
+    /// From a saved state; runs once loaded and after the callback.
+    Restore(&'a SavedState, BeforeRun<'a>),
     /// Paused, waiting for a live VM's disk and state, sent by a VM made
     /// as the provenance says.
     Receive(&'a Incoming, &'a Provenance),
@@ -212,8 +212,8 @@ impl QemuVm {
         }
 
         let state_from = match &start {
-            Start::Boot => None,
-            Start::Restore(state) => Some(&state.provenance.engine_version),
+            Start::Boot(_) => None,
+            Start::Restore(state, _) => Some(&state.provenance.engine_version),
             Start::Receive(_, sender) => Some(&sender.engine_version),
         }
         .filter(|v| **v != provenance.engine_version)
@@ -252,11 +252,11 @@ impl QemuVm {
             &agent_socket,
             shell_socket.as_deref(),
             Flags {
-                incoming: !matches!(start, Start::Boot),
+                incoming: !matches!(start, Start::Boot(_)),
                 // A cold boot starts paused so that the agent socket is
                 // connected before the guest can run (and stop, taking the
                 // socket with it).
-                paused: matches!(start, Start::Receive(..) | Start::Boot),
+                paused: matches!(start, Start::Receive(..) | Start::Boot(_)),
                 tcg_tb_mib: launch
                     .confine
                     .caps_tcg_cache()
@@ -405,8 +405,12 @@ impl QemuVm {
             }
         };
         let prepared = match start {
-            Start::Boot => vm.connect_agent_then_run(),
-            Start::Restore(state) => vm.incoming(state).map_err(|e| vm.load_failure(e, "saved")),
+            Start::Boot(before_run) => vm.connect_agent_then_run(before_run),
+            Start::Restore(state, before_run) => vm
+                .incoming(state)
+                .map_err(|e| vm.load_failure(e, "saved"))
+                .and_then(|()| before_run())
+                .and_then(|()| vm.cmd("cont", json!({})).map(|_| ())),
             Start::Receive(incoming, _) => vm.prepare_receive(incoming),
         };
         if let Err(e) = prepared {
@@ -454,9 +458,10 @@ impl QemuVm {
     /// Connects the agent socket of a paused, cold-booted guest, then lets
     /// it run: a guest that stops at once is then seen stopping by the
     /// agent connection, not as a missing socket.
-    fn connect_agent_then_run(&mut self) -> Result<(), EngineError> {
+    fn connect_agent_then_run(&mut self, before_run: BeforeRun<'_>) -> Result<(), EngineError> {
         let stream = self.connect_agent_socket().map_err(|e| self.exited_or(e))?;
         *self.first_agent.lock().expect("first agent") = Some(stream);
+        before_run()?;
         self.cmd("cont", json!({})).map(|_| ())
     }
 
@@ -576,8 +581,8 @@ impl QemuVm {
         }
     }
 
-    /// Loads a saved state into a QEMU started with `-incoming defer`, then
-    /// runs it.
+    /// Loads a saved state into a QEMU started with `-incoming defer`; the
+    /// caller lets it run.
     fn incoming(&mut self, state: &SavedState) -> Result<(), EngineError> {
         self.set_ignore_shared(state.memory_file.is_some())?;
         let file = std::fs::File::open(&state.device_state).map_err(|e| {
@@ -590,9 +595,7 @@ impl QemuVm {
         self.cmd("migrate-incoming", json!({ "uri": uri }))?;
         // QEMU holds its own copy now.
         drop(file);
-        self.wait_migration("restore", Duration::from_secs(120))?;
-        self.cmd("cont", json!({}))?;
-        Ok(())
+        self.wait_migration("restore", Duration::from_secs(120))
     }
 
     fn set_ignore_shared(&self, on: bool) -> Result<(), EngineError> {

@@ -25,6 +25,30 @@ fn read_to_close(mut stream: UnixStream, within: Duration) {
     }
 }
 
+/// The tiny blueprint as VM `name`, TCG, 256 MiB, no network, with
+/// `extra_cmdline` after the blueprint's command line; files in `run_dir`.
+fn tiny_spec(name: &str, extra_cmdline: &str, run_dir: &std::path::Path) -> VmSpec {
+    let bp = Blueprint::load(&blueprint("tiny")).unwrap();
+    VmSpec {
+        name: name.into(),
+        kernel: bp.kernel(),
+        initramfs: bp.initramfs(),
+        cmdline: format!("{}{extra_cmdline}", bp.manifest.cmdline),
+        disk: DiskSpec::CopyOnWrite {
+            base: bp.disk(),
+            overlay: run_dir.join("disk.qcow2"),
+        },
+        memory_mib: 256,
+        cpus: 1,
+        memory_file: run_dir.join("memory"),
+        memory_shared: true,
+        accel: Accel::Tcg,
+        net: NetAttachment::Isolated,
+        guest_mac: None,
+        run_dir: run_dir.to_path_buf(),
+    }
+}
+
 /// The tiny guest with `ferry.probe` on its command line prints a marker and
 /// powers off at once; QEMU (`-no-reboot`) exits, closing the agent channel
 /// and removing the agent socket a moment before the process is gone. Asking
@@ -33,27 +57,9 @@ fn read_to_close(mut stream: UnixStream, within: Duration) {
 #[test]
 fn the_agent_channel_of_a_guest_that_powered_off_names_the_exit() {
     let _lock = vm_lock();
-    let bp = Blueprint::load(&blueprint("tiny")).unwrap();
     let engine = QemuEngine::new("qemu-system-x86_64", &cache_dir()).unwrap();
     let run_dir = tempfile::tempdir().unwrap();
-    let spec = VmSpec {
-        name: "t-gone".into(),
-        kernel: bp.kernel(),
-        initramfs: bp.initramfs(),
-        cmdline: format!("{} ferry.probe", bp.manifest.cmdline),
-        disk: DiskSpec::CopyOnWrite {
-            base: bp.disk(),
-            overlay: run_dir.path().join("disk.qcow2"),
-        },
-        memory_mib: 256,
-        cpus: 1,
-        memory_file: run_dir.path().join("memory"),
-        memory_shared: true,
-        accel: Accel::Tcg,
-        net: NetAttachment::Isolated,
-        guest_mac: None,
-        run_dir: run_dir.path().to_path_buf(),
-    };
+    let spec = tiny_spec("t-gone", " ferry.probe", run_dir.path());
     let mut vm = engine.boot(&spec).unwrap();
     read_to_close(vm.agent_stream().unwrap(), Duration::from_secs(120));
     // The channel closed: connect again at once. A connection made before
@@ -80,4 +86,41 @@ fn the_agent_channel_of_a_guest_that_powered_off_names_the_exit() {
         Some(ExitReason::Poweroff)
     );
     assert!(qemu_pids("t-gone").is_empty());
+}
+
+/// `boot_gated`'s callback runs while QEMU is up (paused) and before the
+/// guest runs; when it fails, the boot fails with its error and no QEMU is
+/// left behind. The runtime makes the VM's firewall in that window.
+#[test]
+fn a_failing_gate_stops_the_boot_and_leaves_no_qemu() {
+    let _lock = vm_lock();
+    let engine = QemuEngine::new("qemu-system-x86_64", &cache_dir()).unwrap();
+    let run_dir = tempfile::tempdir().unwrap();
+    let spec = tiny_spec("t-gate", "", run_dir.path());
+    let mut calls = 0;
+    let mut seen_running = Vec::new();
+    let err = engine
+        .boot_gated(&spec, &mut || {
+            calls += 1;
+            seen_running = qemu_pids("t-gate");
+            Err(ferry_engine::EngineError::StartFailed(
+                "the gate says no".into(),
+            ))
+        })
+        .err()
+        .expect("the boot goes on after its gate failed");
+    assert_eq!(calls, 1);
+    assert!(
+        !seen_running.is_empty(),
+        "QEMU was not running when the gate was called"
+    );
+    assert!(err.to_string().contains("the gate says no"), "{err}");
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !qemu_pids("t-gate").is_empty() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "QEMU outlived its failed boot"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }

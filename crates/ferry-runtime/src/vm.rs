@@ -453,7 +453,7 @@ impl RunningVm {
             CONSOLE_LOG_CAP,
         )?));
         let restoring = !matches!(kind, StartKind::Boot(_));
-        let network = match attach_network(paths, image, config, &dir) {
+        let pending = match prepare_network(paths, image, config, &dir) {
             Ok(n) => n,
             Err(e) => {
                 dir.remove();
@@ -479,7 +479,7 @@ impl RunningVm {
             memory_file: dir.path().join(files::MEMORY),
             memory_shared: !restoring,
             accel: config.accel,
-            net: match &network {
+            net: match &pending {
                 Some(n) => NetAttachment::Tap {
                     ifname: n.tap().to_string(),
                     netns: Some(n.netns_path()),
@@ -489,57 +489,54 @@ impl RunningVm {
             guest_mac: image.guest_mac.clone(),
             run_dir: dir.path().to_path_buf(),
         };
-        let result = match kind {
-            StartKind::Boot(prepare) => {
-                if let Some(Err(e)) = prepare.map(|p| p(&dir)) {
-                    drop(network);
-                    dir.remove();
-                    return Err(e);
-                }
-                engine.boot(&spec)
-            }
-            StartKind::Receive {
-                provenance,
-                disk_size,
-            } => {
-                let disk = dir.path().join(files::RECEIVED_DISK);
-                let made = crate::paths::private_file(&disk).and_then(|f| f.set_len(disk_size));
-                if let Err(e) = made {
-                    drop(network);
-                    dir.remove();
-                    return Err(FileError::at(&disk)(e).into());
-                }
-                let spec = VmSpec {
-                    disk: DiskSpec::Raw(disk),
-                    // Shared: a later suspend writes no RAM copy.
-                    memory_shared: true,
-                    ..spec
+        // The engine starts (QEMU loads the state) while the rest of the
+        // network is made on a thread of its own; the engine waits for it
+        // before the guest's first instruction, so the guest never runs
+        // without its firewall.
+        let (launched, network) = std::thread::scope(|s| {
+            let mut finishing = pending.map(|p| s.spawn(move || p.finish()));
+            let mut network = None;
+            let mut before_run = || -> Result<(), ferry_engine::EngineError> {
+                let Some(thread) = finishing.take() else {
+                    return Ok(());
                 };
-                engine.receive(&spec, provenance, &incoming_of(dir.path()))
-            }
-            StartKind::Restore(state, memory, prepare) => {
-                if let Some(Err(e)) = prepare.map(|p| p(&dir)) {
-                    drop(network);
-                    dir.remove();
-                    return Err(e);
+                let waited = Instant::now();
+                let made = thread
+                    .join()
+                    .unwrap_or_else(|p| std::panic::resume_unwind(p));
+                tracing::debug!(
+                    waited_ms = waited.elapsed().as_millis() as u64,
+                    since_start_ms = started.elapsed().as_millis() as u64,
+                    "network ready for the guest"
+                );
+                let failed = made.is_err();
+                network = Some(made);
+                if failed {
+                    return Err(ferry_engine::EngineError::StartFailed(
+                        "the VM's network could not be made".into(),
+                    ));
                 }
-                let spec = VmSpec {
-                    memory_file: state
-                        .memory_file
-                        .clone()
-                        .unwrap_or(spec.memory_file.clone()),
-                    memory_shared: memory == RestoreMemory::Shared,
-                    ..spec
-                };
-                engine.restore(&spec, state)
+                Ok(())
+            };
+            let launched = start_engine(engine, &dir, spec, kind, &mut before_run);
+            // Whatever the engine did, the network thread is done here.
+            let _ = before_run();
+            (launched, network)
+        });
+        let network = match network.transpose() {
+            Ok(n) => n,
+            Err(e) => {
+                drop(launched);
+                dir.remove();
+                return Err(e.into());
             }
         };
-        let mut vm = match result {
+        let mut vm = match launched {
             Ok(vm) => vm,
             Err(e) => {
                 drop(network);
                 dir.remove();
-                return Err(e.into());
+                return Err(e);
             }
         };
         let status = Arc::new(Mutex::new(VmStatus {
@@ -1216,14 +1213,67 @@ pub fn stdin_payload(data: &[u8]) -> Option<String> {
     (!data.is_empty()).then(|| b64_encode(data))
 }
 
-/// Sets up the VM's network (if it has one) and records it in its state
-/// directory.
-fn attach_network(
+/// Starts the engine for `kind` with `spec`: puts the prepared files in
+/// place first; `before_run` is called before the guest runs.
+fn start_engine(
+    engine: &dyn Engine,
+    dir: &VmDir,
+    spec: VmSpec,
+    kind: StartKind<'_>,
+    before_run: ferry_engine::BeforeRun<'_>,
+) -> Result<Box<dyn ferry_engine::Vm>, StartError> {
+    Ok(match kind {
+        StartKind::Boot(prepare) => {
+            if let Some(p) = prepare {
+                p(dir)?;
+            }
+            engine.boot_gated(&spec, before_run)?
+        }
+        StartKind::Receive {
+            provenance,
+            disk_size,
+        } => {
+            let disk = dir.path().join(files::RECEIVED_DISK);
+            crate::paths::private_file(&disk)
+                .and_then(|f| f.set_len(disk_size))
+                .map_err(FileError::at(&disk))?;
+            let spec = VmSpec {
+                disk: DiskSpec::Raw(disk),
+                // Shared: a later suspend writes no RAM copy.
+                memory_shared: true,
+                ..spec
+            };
+            // It stays paused until the move's end resumes it: nothing
+            // to overlap.
+            before_run()?;
+            engine.receive(&spec, provenance, &incoming_of(dir.path()))?
+        }
+        StartKind::Restore(state, memory, prepare) => {
+            if let Some(p) = prepare {
+                p(dir)?;
+            }
+            let spec = VmSpec {
+                memory_file: state
+                    .memory_file
+                    .clone()
+                    .unwrap_or(spec.memory_file.clone()),
+                memory_shared: memory == RestoreMemory::Shared,
+                ..spec
+            };
+            engine.restore_gated(&spec, state, before_run)?
+        }
+    })
+}
+
+/// Starts the VM's network (if it has one): what the engine needs to
+/// start; the rest is [`ferry_net::PendingNetwork::finish`]. Records it in
+/// its state directory.
+fn prepare_network(
     paths: &Paths,
     image: &BootImage,
     config: &VmConfig,
     dir: &VmDir,
-) -> Result<Option<ferry_net::VmNetwork>, VmError> {
+) -> Result<Option<ferry_net::PendingNetwork>, VmError> {
     let NetChoice::Namespace { netns, exposes } = &config.net else {
         return Ok(None);
     };
@@ -1244,7 +1294,7 @@ fn attach_network(
     // This guest's own forwards first (they are what its boot data names),
     // then whatever a VM exposes; nothing else.
     let forwards = image.gateway_forwards.clone();
-    let network = ferry_net::VmNetwork::attach(ferry_net::VmNetOptions {
+    let network = ferry_net::VmNetwork::prepare(ferry_net::VmNetOptions {
         vm_name: config.name.clone(),
         netns: netns.clone(),
         private_prefix: paths.net_prefix.clone(),
