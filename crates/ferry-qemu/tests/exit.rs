@@ -53,6 +53,7 @@ fn the_agent_channel_of_a_guest_that_powered_off_names_the_exit() {
         net: NetAttachment::Isolated,
         guest_mac: None,
         run_dir: run_dir.path().to_path_buf(),
+        netboot: false,
     };
     let mut vm = engine.boot(&spec).unwrap();
     read_to_close(vm.agent_stream().unwrap(), Duration::from_secs(120));
