@@ -239,6 +239,26 @@ fn a_node_netboots_through_dnsmasq_ipxe_and_the_boot_script() {
         describe(&out)
     );
     assert!(!env.vm_dir("nb-unknown").exists());
+    // A netboot without the VM's network (no DHCP to ask) is refused.
+    let out = env.run(&[
+        "boot",
+        "--from-bss",
+        &url,
+        "--mac",
+        MAC,
+        "--netboot",
+        "--net",
+        "none",
+        "--name",
+        "nb-nonet",
+    ]);
+    assert_eq!(out.status.code(), Some(3), "{}", describe(&out));
+    assert!(
+        error_line(&out).contains("--net none"),
+        "{}",
+        describe(&out)
+    );
+    assert!(!env.vm_dir("nb-nonet").exists());
     let (code, body) = http(
         "POST",
         &format!("{url}/boot/v1/bootparameters"),

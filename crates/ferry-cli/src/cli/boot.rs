@@ -62,6 +62,13 @@ pub struct Args {
 pub fn run(args: Args, paths: &Paths, started: Instant, ctx: &Ctx) -> anyhow::Result<ExitCode> {
     let engine = super::engine(paths)?;
     let net = args.net.choice()?;
+    if args.netboot && matches!(net, ferry_runtime::vm::NetChoice::None) {
+        return Err(ferry_runtime::RuntimeError::BadOption(
+            "--netboot needs the VM's network (its firmware asks DHCP there): drop --net none"
+                .into(),
+        )
+        .into());
+    }
     let source = match (args.blueprint, args.from_bss, args.mac) {
         (Some(bp), _, _) => BootSource::Blueprint(bp),
         (None, Some(url), Some(mac)) => BootSource::Bss {
