@@ -79,7 +79,12 @@ debian_mirror() {
 }
 
 pkgs=(busybox-static e2fsprogs debootstrap redis-tools
-      iproute2 iptables procps ca-certificates kmod cpio python3 curl tmux)
+      iproute2 iptables procps ca-certificates kmod cpio python3 curl tmux
+      dnsmasq-base ipxe-qemu)
+# dnsmasq-base and ipxe-qemu are for the q35 netboot test and bench
+# (FERRY_TEST_NETBOOT=1): dnsmasq-base is the program only, with no system
+# service (the test runs it in the VM's namespace); ipxe-qemu is the NIC
+# boot ROM (/usr/lib/ipxe/qemu/efi-virtio.rom).
 codename=$(. /etc/os-release && echo "${VERSION_CODENAME:-}")
 want_qemu=
 use_backports=
@@ -192,5 +197,10 @@ if ! getent passwd ferry-qemu >/dev/null; then
     --shell /usr/sbin/nologin ferry-qemu
   echo "setup: made the system user ferry-qemu (QEMU runs as it)" >&2
 fi
+# The netboot test's programs, checked after installing.
+[ -n "$dry_run" ] || {
+  command -v dnsmasq >/dev/null || { echo "setup: dnsmasq is missing after installing dnsmasq-base" >&2; exit 1; }
+  [ -f /usr/lib/ipxe/qemu/efi-virtio.rom ] || { echo "setup: /usr/lib/ipxe/qemu/efi-virtio.rom is missing after installing ipxe-qemu" >&2; exit 1; }
+}
 command -v cargo >/dev/null || { echo "setup: cargo not found: install Rust (rustup) first" >&2; exit 1; }
 echo "setup: host ready" >&2

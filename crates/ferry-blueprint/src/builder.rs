@@ -83,8 +83,9 @@ pub fn build(opts: BuildOptions<'_>) -> Result<Blueprint, BlueprintError> {
     ));
     let kernel_file = tmp.join("kernel");
     rootfs::copy(&kernel.vmlinuz, &kernel_file)?;
-    let mods = modules::load_order(&kernel.modules, modules::GUEST_MODULES)?;
-    let all: Vec<&str> = modules::GUEST_MODULES
+    let guest_modules = modules::guest_modules(&kernel.modules)?;
+    let mods = modules::load_order(&kernel.modules, &guest_modules)?;
+    let all: Vec<&str> = guest_modules
         .iter()
         .chain(modules::ROOT_FETCH_MODULES)
         .copied()

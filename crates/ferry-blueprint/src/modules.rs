@@ -20,11 +20,46 @@ pub const GUEST_MODULES: &[&str] = &[
     "ext4",
 ];
 
+/// The virtio transport on PCI, loaded (after `virtio_mmio`, before the
+/// device drivers) when the kernel has it: a netbooted guest runs on a PC
+/// machine whose devices are on PCI (`ferry boot --from-bss --netboot`),
+/// and the same initramfs must find its disk, NIC and agent port there. On
+/// `microvm` it finds no device and costs a few tens of KiB.
+pub const PCI_MODULES: &[&str] = &["virtio_pci"];
+
 /// Drivers the initramfs loads only when the command line asks it to fetch
 /// its root image over the network (`ferry.root=URL`): the image is a file
 /// in RAM, mounted through a loop device. Every initramfs carries them
 /// (a few tens of KiB), so that any blueprint can boot that way.
 pub const ROOT_FETCH_MODULES: &[&str] = &["loop"];
+
+/// Those of `names` this kernel has (as a module file or built in).
+pub fn present<'a>(modules_dir: &Path, names: &[&'a str]) -> Result<Vec<&'a str>, BlueprintError> {
+    let mut files = BTreeMap::new();
+    collect_ko(&modules_dir.join("kernel"), &mut files)?;
+    let builtin_path = modules_dir.join("modules.builtin");
+    let builtin =
+        std::fs::read_to_string(&builtin_path).map_err(BlueprintError::io(&builtin_path))?;
+    let builtin: BTreeSet<String> = builtin.lines().map(module_name).collect();
+    Ok(names
+        .iter()
+        .filter(|n| {
+            let n = normalise(n);
+            files.contains_key(&n) || builtin.contains(&n)
+        })
+        .copied()
+        .collect())
+}
+
+/// The modules every guest loads, in the order asked: [`GUEST_MODULES`]
+/// with those of [`PCI_MODULES`] the kernel has after the first (the
+/// virtio-mmio transport).
+pub fn guest_modules(modules_dir: &Path) -> Result<Vec<&'static str>, BlueprintError> {
+    let mut wanted = vec![GUEST_MODULES[0]];
+    wanted.extend(present(modules_dir, PCI_MODULES)?);
+    wanted.extend(&GUEST_MODULES[1..]);
+    Ok(wanted)
+}
 
 /// Modules to load, in load order, with their files.
 pub fn load_order(
@@ -159,6 +194,11 @@ mod tests {
             ]
         );
         let e = load_order(dir.path(), &["nope"]).unwrap_err().to_string();
+        // Optional modules: only those the kernel has (file or built in).
+        assert_eq!(
+            present(dir.path(), &["virtio_net", "nope", "virtio_pci"]).unwrap(),
+            vec!["virtio_net"]
+        );
         assert!(e.contains("no module 'nope'"), "{e}");
     }
 }

@@ -35,6 +35,12 @@ pub struct FetchOptions {
     pub attempts: u32,
     /// The delay after the first failed try; doubled after each.
     pub first_delay: Duration,
+    /// `(host, instead)`: boot URLs whose host is `host` are fetched at
+    /// `instead` (same port and path). A netbooted guest's boot data names
+    /// URLs as the guest reaches them (its gateway, e.g. `172.100.100.1`),
+    /// and the gateway leads there to this host's loopback, which is where
+    /// ferry checks them first. `None`: every URL as it is.
+    pub host_alias: Option<(String, String)>,
 }
 
 /// The boot data fetched and its files on disk.
@@ -218,6 +224,29 @@ fn detail_of(body: &str) -> String {
         .unwrap_or_else(|_| body.trim().chars().take(200).collect())
 }
 
+/// `url` with its host replaced as [`FetchOptions::host_alias`] says.
+pub fn aliased(url: &str, alias: Option<&(String, String)>) -> String {
+    let Some((host, instead)) = alias else {
+        return url.to_string();
+    };
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_string();
+    };
+    let end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    let (authority, tail) = rest.split_at(end);
+    let (h, port) = match authority.rsplit_once(':') {
+        Some((h, p)) if !h.ends_with(']') || p.chars().all(|c| c.is_ascii_digit()) => (h, Some(p)),
+        _ => (authority, None),
+    };
+    if !h.eq_ignore_ascii_case(host) {
+        return url.to_string();
+    }
+    match port {
+        Some(p) => format!("{scheme}://{instead}:{p}{tail}"),
+        None => format!("{scheme}://{instead}{tail}"),
+    }
+}
+
 /// Downloads `url` to `dest`, checking its digest; the file appears under
 /// its name only once complete and checked.
 fn download(
@@ -228,7 +257,7 @@ fn download(
     opts: &FetchOptions,
     on_retry: &mut dyn FnMut(u32, Duration, &str),
 ) -> Result<(), FetchBootError> {
-    let (plain, digest) = split_digest(url, mac)?;
+    let (plain, digest) = split_digest(&aliased(url, opts.host_alias.as_ref()), mac)?;
     let mut r = get_retrying(agent, &plain, opts, on_retry)?;
     let status = r.status().as_u16();
     if status != 200 {
@@ -358,7 +387,7 @@ pub fn fetch_boot(
     // The guest fetches a `ferry.root=` image itself; that it is there is
     // checked now, so that a URL that 404s starts no VM.
     if let Some(url) = ferry_root_url(&params) {
-        let (plain, _) = split_digest(url, &mac)?;
+        let (plain, _) = split_digest(&aliased(url, opts.host_alias.as_ref()), &mac)?;
         let status = head_retrying(&agent, &plain, opts, &mut on_retry)?;
         if status != 200 {
             return Err(FetchBootError::Http {
@@ -393,6 +422,27 @@ mod tests {
             ("http://h/k".to_string(), None)
         );
         assert!(split_digest("http://h/k#sha256=abc", "m").is_err());
+    }
+
+    #[test]
+    fn an_alias_replaces_only_its_host() {
+        let a = ("172.100.100.1".to_string(), "127.0.0.1".to_string());
+        assert_eq!(
+            aliased("http://172.100.100.1:8080/files/k#sha256=ab", Some(&a)),
+            "http://127.0.0.1:8080/files/k#sha256=ab"
+        );
+        assert_eq!(
+            aliased("http://172.100.100.1/k", Some(&a)),
+            "http://127.0.0.1/k"
+        );
+        assert_eq!(
+            aliased("http://172.100.100.10:80/k", Some(&a)),
+            "http://172.100.100.10:80/k"
+        );
+        assert_eq!(
+            aliased("http://172.100.100.1/k", None),
+            "http://172.100.100.1/k"
+        );
     }
 
     #[test]

@@ -56,6 +56,7 @@ fn opts(f: &Fixture, mac: &str) -> FetchOptions {
         mac: mac.into(),
         dest: f.out.path().join("boot"),
         attempts: 3,
+        host_alias: None,
         first_delay: Duration::from_millis(20),
     }
 }
@@ -155,6 +156,7 @@ fn a_service_that_is_down_is_retried_with_backoff_then_named() {
             mac: "02:00:00:00:00:01".into(),
             dest: out.path().to_path_buf(),
             attempts: 3,
+            host_alias: None,
             first_delay: Duration::from_millis(50),
         },
         |_, d, _| delays.push(d),

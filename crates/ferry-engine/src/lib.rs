@@ -155,6 +155,13 @@ pub struct VmSpec {
     pub guest_mac: Option<String>,
     /// A directory the engine may use for its sockets and files.
     pub run_dir: PathBuf,
+    /// Boot through the NIC's firmware (DHCP, then what it names), as a
+    /// bare-metal node netboots, instead of loading `kernel` directly. The
+    /// engine then emulates a PC with PCI devices and a network boot ROM
+    /// (QEMU: `q35`, iPXE); `kernel`, `initramfs` and `cmdline` only say
+    /// what the firmware is expected to load (the accelerator probe boots
+    /// them). Only for boots; a netbooted VM is not saved or moved.
+    pub netboot: bool,
 }
 
 /// Where a saved VM's state lives and what it was made with.

@@ -37,6 +37,10 @@ pub struct VmNetOptions {
     pub resolve: Option<PortResolver>,
     /// The guest's addressing (from the blueprint).
     pub guest: GuestNet,
+    /// The guest may also send DHCP (UDP to port 67) into its namespace,
+    /// where the caller runs a DHCP server on the tap (a netbooting guest:
+    /// its firmware asks DHCP for its address and boot URL).
+    pub dhcp: bool,
 }
 
 /// A VM's network, live until dropped.
@@ -234,6 +238,7 @@ fn isolate(
     rules: &mut Batch,
     g: &GuestNet,
     gw_port: &str,
+    dhcp: bool,
 ) -> Result<(), NetError> {
     let input = Chain {
         table: "filter",
@@ -268,6 +273,14 @@ fn isolate(
             "-i", t, "-d", &gw, "-p", "tcp", "--dport", gw_port, "-j", "RETURN",
         ],
     );
+    if dhcp {
+        rules.append(
+            &input,
+            &[
+                "-i", t, "-p", "udp", "--sport", "68", "--dport", "67", "-j", "RETURN",
+            ],
+        );
+    }
     rules.append(&input, &["-i", t, "-j", "DROP"]);
     net.guard_chains.push(forward.clone());
     rules.install(&forward);
@@ -375,7 +388,7 @@ fn finish(
             &gw_port,
         ],
     );
-    isolate(&mut net, &mut rules, &g, &gw_port)?;
+    isolate(&mut net, &mut rules, &g, &gw_port, opts.dhcp)?;
     let fresh = net.created;
     rules.apply(Some(&net.ns), fresh)?;
     let host_ns = Arc::new(crate::ns::current()?);

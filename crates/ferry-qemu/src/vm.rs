@@ -242,7 +242,13 @@ impl QemuVm {
         for dir in launch.data_dirs {
             cmd.arg("-L").arg(dir);
         }
-        if let Some(bios) = launch.bios {
+        // A netboot runs `q35`'s own firmware (SeaBIOS), which runs the
+        // NIC's boot ROM; qboot runs none.
+        let netboot_rom = match spec.netboot {
+            true => Some(netboot_rom(launch.data_dirs)?),
+            false => None,
+        };
+        if let (Some(bios), false) = (launch.bios, spec.netboot) {
             cmd.args(["-bios", bios]);
         }
         cmd.args(qemu_args(
@@ -257,6 +263,7 @@ impl QemuVm {
                 // connected before the guest can run (and stop, taking the
                 // socket with it).
                 paused: matches!(start, Start::Receive(..) | Start::Boot(_)),
+                netboot_rom,
                 tcg_tb_mib: launch
                     .confine
                     .caps_tcg_cache()
@@ -959,6 +966,8 @@ struct Flags {
     paused: bool,
     /// TCG's translation cache size, in MiB (`None`: QEMU's default).
     tcg_tb_mib: Option<u64>,
+    /// For a netboot ([`VmSpec::netboot`]): the NIC's boot ROM.
+    netboot_rom: Option<PathBuf>,
     /// What a QEMU running as another user gets instead of paths.
     over: Overrides,
 }
@@ -1078,6 +1087,7 @@ fn qemu_args(
         incoming,
         paused,
         tcg_tb_mib,
+        netboot_rom,
         over,
     } = flags;
     let mut a: Vec<String> = Vec::new();
@@ -1091,7 +1101,13 @@ fn qemu_args(
         Accel::Tcg => (tcg.as_str(), "max"),
     };
     push(&["-name", &format!("ferry:{}", spec.name)]);
-    push(&["-M", "microvm,acpi=on,memory-backend=mem"]);
+    // The devices differ by bus only: virtio-mmio on `microvm`, PCI on
+    // `q35` (a PC's firmware finds its NIC's boot ROM on PCI).
+    let (machine, bus) = match netboot_rom {
+        Some(_) => ("q35,memory-backend=mem", "pci"),
+        None => ("microvm,acpi=on,memory-backend=mem", "device"),
+    };
+    push(&["-M", machine]);
     push(&["-accel", accel, "-cpu", cpu]);
     push(&[
         "-m",
@@ -1127,21 +1143,27 @@ fn qemu_args(
         "-serial",
         "chardev:con",
     ]);
-    push(&[
-        "-kernel",
-        &over
-            .kernel
-            .clone()
-            .unwrap_or_else(|| spec.kernel.display().to_string()),
-    ]);
-    push(&[
-        "-initrd",
-        &over
-            .initrd
-            .clone()
-            .unwrap_or_else(|| spec.initramfs.display().to_string()),
-    ]);
-    push(&["-append", &guest_cmdline(spec)]);
+    match &netboot_rom {
+        // The firmware loads what DHCP and the boot script name.
+        Some(_) => push(&["-boot", "n"]),
+        None => {
+            push(&[
+                "-kernel",
+                &over
+                    .kernel
+                    .clone()
+                    .unwrap_or_else(|| spec.kernel.display().to_string()),
+            ]);
+            push(&[
+                "-initrd",
+                &over
+                    .initrd
+                    .clone()
+                    .unwrap_or_else(|| spec.initramfs.display().to_string()),
+            ]);
+            push(&["-append", &guest_cmdline(spec)]);
+        }
+    }
     let source = match &spec.disk {
         _ if over.drive.is_some() => over.drive.clone().unwrap_or_default(),
         // Zeros written to a raw disk (a disk being received is filled with
@@ -1160,7 +1182,7 @@ fn qemu_args(
         "-drive",
         &format!("id=disk0,node-name={DISK_NODE},{source},if=none,cache=writeback,discard=unmap"),
     ]);
-    push(&["-device", "virtio-blk-device,drive=disk0"]);
+    push(&["-device", &format!("virtio-blk-{bus},drive=disk0")]);
     match &spec.net {
         NetAttachment::Tap { .. } if over.netdev.is_some() => {
             push(&["-netdev", over.netdev.as_deref().unwrap_or_default()])
@@ -1171,20 +1193,31 @@ fn qemu_args(
             &format!("tap,id=net0,ifname={ifname},script=no,downscript=no"),
         ]),
     }
-    push(&[
-        "-device",
-        &format!(
-            "virtio-net-device,netdev=net0,mac={}",
-            spec.guest_mac.as_deref().unwrap_or(GUEST_MAC)
-        ),
-    ]);
+    let mac = spec.guest_mac.as_deref().unwrap_or(GUEST_MAC);
+    match &netboot_rom {
+        // Debian's iPXE ROM for virtio-net is built for the modern
+        // (virtio 1.0) device only, PCI ID 1af4:1041: a transitional NIC
+        // (1af4:1000, QEMU's default) does not match it and SeaBIOS never
+        // runs it.
+        Some(rom) => push(&[
+            "-device",
+            &format!(
+                "virtio-net-pci,disable-legacy=on,netdev=net0,mac={mac},romfile={},bootindex=1",
+                rom.display()
+            ),
+        ]),
+        None => push(&[
+            "-device",
+            &format!("virtio-net-device,netdev=net0,mac={mac}"),
+        ]),
+    }
     // Port 0 is reserved for a console; the agent's is 1, the shell's 2. A
     // VM saved before the shell channel existed keeps its two ports (a
     // restore needs the same devices).
     let max_ports = if shell.is_some() { 3 } else { 2 };
     push(&[
         "-device",
-        &format!("virtio-serial-device,max_ports={max_ports}"),
+        &format!("virtio-serial-{bus},max_ports={max_ports}"),
     ]);
     let socket = |id: &str, fd: Option<i32>, path: &Path| match fd {
         Some(fd) => format!("socket,id={id},fd={fd},server=on,wait=off"),
@@ -1218,6 +1251,25 @@ fn qemu_args(
         push(&["-S"]);
     }
     a
+}
+
+/// Where Debian's `ipxe-qemu` puts its ROMs; QEMU's data directories are
+/// looked in too.
+const IPXE_DIR: &str = "/usr/lib/ipxe/qemu";
+
+/// The iPXE boot ROM for a virtio-net PCI NIC (`efi-virtio.rom`: a legacy
+/// BIOS image and an EFI one).
+fn netboot_rom(data_dirs: &[PathBuf]) -> Result<PathBuf, EngineError> {
+    const ROM: &str = "efi-virtio.rom";
+    std::iter::once(Path::new(IPXE_DIR))
+        .chain(data_dirs.iter().map(|d| d.as_path()))
+        .chain([Path::new("/usr/share/qemu")])
+        .map(|d| d.join(ROM))
+        .find(|p| p.is_file())
+        .ok_or_else(|| EngineError::NotInstalled {
+            program: format!("the NIC boot ROM {IPXE_DIR}/{ROM}"),
+            fix: "a netboot needs iPXE: apt-get install ipxe-qemu (scripts/setup.sh does)".into(),
+        })
 }
 
 /// The kernel command line, plus what this engine knows the guest needs.

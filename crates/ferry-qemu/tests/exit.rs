@@ -46,6 +46,7 @@ fn tiny_spec(name: &str, extra_cmdline: &str, run_dir: &std::path::Path) -> VmSp
         net: NetAttachment::Isolated,
         guest_mac: None,
         run_dir: run_dir.to_path_buf(),
+        netboot: false,
     }
 }
 

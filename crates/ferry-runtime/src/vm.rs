@@ -263,6 +263,10 @@ pub struct BootImage {
     /// Host services this guest reaches at its gateway besides the ports
     /// VMs expose (the boot service and the URLs in its boot parameters).
     pub gateway_forwards: Vec<GatewayForward>,
+    /// Boot through the NIC's firmware (`ferry boot --from-bss --netboot`):
+    /// DHCP, iPXE, the boot service's script; see
+    /// [`ferry_engine::VmSpec::netboot`].
+    pub netboot: bool,
 }
 
 /// A port of the guest's gateway that leads to a host service: a guest
@@ -298,6 +302,7 @@ impl From<&Blueprint> for BootImage {
             disk_server: None,
             guest_mac: None,
             gateway_forwards: Vec::new(),
+            netboot: false,
         }
     }
 }
@@ -488,6 +493,7 @@ impl RunningVm {
             },
             guest_mac: image.guest_mac.clone(),
             run_dir: dir.path().to_path_buf(),
+            netboot: image.netboot,
         };
         // The engine starts (QEMU loads the state) while the rest of the
         // network is made on a thread of its own; the engine waits for it
@@ -1307,6 +1313,9 @@ fn prepare_network(
                 .or_else(|| exposed_host_addr(&vms, port))
         })),
         guest,
+        // A netbooting guest's firmware asks DHCP (a server the user runs
+        // in the namespace) for its address and boot URL.
+        dhcp: image.netboot,
     })?;
     let info = NetInfo {
         netns: network.netns_name().to_string(),

@@ -395,6 +395,7 @@ fn an_unknown_request_type_gets_an_error_and_the_agent_carries_on() {
         net: NetAttachment::Isolated,
         guest_mac: None,
         run_dir: run_dir.path().to_path_buf(),
+        netboot: false,
     };
     let mut vm: Box<dyn Vm> = s.engine.boot(&spec).unwrap();
     let mut agent = RawAgent::new(vm.agent_stream().unwrap());

@@ -25,6 +25,14 @@ pub struct Args {
     /// With --from-bss: the node's MAC, also the guest NIC's.
     #[arg(long, value_name = "MAC", requires = "from_bss")]
     mac: Option<String>,
+    /// With --from-bss: boot as a bare-metal node netboots, through the
+    /// NIC's firmware: a PC machine (q35) with a PCI NIC whose boot ROM is
+    /// iPXE gets its boot URL from a DHCP server on the VM's network (yours:
+    /// e.g. dnsmasq in --netns) and runs the service's boot script. The
+    /// script's URLs must be the guest's view: the service advertised at
+    /// the guest's gateway (http://172.100.100.1:PORT).
+    #[arg(long, requires = "from_bss")]
+    netboot: bool,
     /// The VM's name (default: the recipe's name, or `node`, and a random
     /// suffix).
     #[arg(long)]
@@ -54,9 +62,20 @@ pub struct Args {
 pub fn run(args: Args, paths: &Paths, started: Instant, ctx: &Ctx) -> anyhow::Result<ExitCode> {
     let engine = super::engine(paths)?;
     let net = args.net.choice()?;
+    if args.netboot && matches!(net, ferry_runtime::vm::NetChoice::None) {
+        return Err(ferry_runtime::RuntimeError::BadOption(
+            "--netboot needs the VM's network (its firmware asks DHCP there): drop --net none"
+                .into(),
+        )
+        .into());
+    }
     let source = match (args.blueprint, args.from_bss, args.mac) {
         (Some(bp), _, _) => BootSource::Blueprint(bp),
-        (None, Some(url), Some(mac)) => BootSource::Bss { url, mac },
+        (None, Some(url), Some(mac)) => BootSource::Bss {
+            url,
+            mac,
+            netboot: args.netboot,
+        },
         // clap makes sure one of the two is given.
         _ => unreachable!("--blueprint or --from-bss with --mac"),
     };

@@ -28,6 +28,9 @@ pub enum BootSource {
         url: String,
         /// The node's MAC, also the guest NIC's.
         mac: String,
+        /// Through the NIC's firmware (DHCP, iPXE, the boot script) on a PC
+        /// machine, as a bare-metal node netboots (`--netboot`).
+        netboot: bool,
     },
 }
 
@@ -83,7 +86,7 @@ pub fn boot(
                 started: opts.started,
             },
         )?,
-        BootSource::Bss { url, mac } => start::bss::plan(
+        BootSource::Bss { url, mac, netboot } => start::bss::plan(
             engine,
             paths,
             &BssStart {
@@ -97,6 +100,7 @@ pub fn boot(
                 live_timeout: opts.live_timeout,
                 net: opts.net.clone(),
                 started: opts.started,
+                netboot: *netboot,
             },
             events,
         )?,

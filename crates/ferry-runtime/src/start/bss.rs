@@ -76,6 +76,12 @@ pub struct BssStart {
     pub net: NetChoice,
     /// When the operation started.
     pub started: Instant,
+    /// Boot through the NIC's firmware (`--netboot`): the guest gets its
+    /// boot script over DHCP and iPXE, as a bare-metal node does, instead
+    /// of ferry loading the kernel. ferry still fetches and checks the boot
+    /// data first (an unknown MAC or a file that is not there starts no
+    /// VM), at its URLs as the guest reaches them.
+    pub netboot: bool,
 }
 
 /// The plan of a boot from a boot service: the boot data fetched and
@@ -135,6 +141,11 @@ fn plan_in(
             dest: dir.path().join(BOOT_FILES),
             attempts: ATTEMPTS,
             first_delay: FIRST_DELAY,
+            // A netbooted guest's URLs name its gateway, which leads to
+            // this host's loopback: ferry checks them there.
+            host_alias: opts
+                .netboot
+                .then(|| (NetworkConfig::default().gateway, "127.0.0.1".to_string())),
         },
         |attempt, delay, why| {
             events.emit(Event::Warning {
@@ -180,17 +191,23 @@ fn plan_in(
         .filter_map(|p| std::fs::metadata(p).ok())
         .map(|m| m.len())
         .sum();
-    events.emit(Event::Notice {
-        message: if guest_fetches_root {
-            format!(
+    let message = if guest_fetches_root {
+        format!(
                 "fetched the boot data of {mac} from {url}: kernel and initrd, {} MiB, checked; the guest fetches its root image (ferry.root=) into RAM",
                 bytes >> 20
             )
-        } else {
-            format!(
+    } else {
+        format!(
                 "fetched the boot data of {mac} from {url}: kernel, initrd and root image, {} MiB, checked",
                 bytes >> 20
             )
+    };
+    events.emit(Event::Notice {
+        message: match opts.netboot {
+            true => format!(
+                "{message}; the guest netboots them itself (q35, iPXE, DHCP on its network)"
+            ),
+            false => message,
         },
     });
     events.emit(Event::Phase {
@@ -202,12 +219,21 @@ fn plan_in(
         .gateway
         .parse()
         .map_err(|_| StartError::Internal("the default gateway is not an address".into()))?;
-    let (params, mut forwards) =
-        rewrite_params(&fetched.params, gateway).map_err(|d| unusable(&d))?;
+    let (cmdline, mut forwards) = if opts.netboot {
+        // The firmware boots the script as the service gives it: nothing
+        // is rewritten, so its URLs must be ones the guest reaches.
+        let urls = format!("{} {}", fetched.kernel_url, fetched.params);
+        let forwards = netboot_forwards(&urls, gateway).map_err(|d| unusable(&d))?;
+        (fetched.params.clone(), forwards)
+    } else {
+        let (params, forwards) =
+            rewrite_params(&fetched.params, gateway).map_err(|d| unusable(&d))?;
+        let cmdline = format!("{FERRY_CMDLINE} {params}").trim_end().to_string();
+        (cmdline, forwards)
+    };
     if let Some(s) = service {
         add_forward(&mut forwards, s).map_err(|d| unusable(&d))?;
     }
-    let cmdline = format!("{FERRY_CMDLINE} {params}").trim_end().to_string();
     let image = BootImage {
         kernel: fetched.kernel.clone(),
         initramfs: initramfs.clone(),
@@ -218,6 +244,7 @@ fn plan_in(
         disk_server: None,
         guest_mac: Some(mac.to_string()),
         gateway_forwards: forwards,
+        netboot: opts.netboot,
     };
     let accel = engine.choose_accel(opts.accel, &image.probe())?;
     let config = VmConfig {
@@ -242,7 +269,7 @@ fn plan_in(
             shell_port: true,
             cpus,
         },
-        recipe: "from-bss".into(),
+        recipe: if opts.netboot { "netboot" } else { "from-bss" }.into(),
         cmdline,
         network,
         // The agent judges liveness by its own configuration (on the
@@ -367,6 +394,51 @@ fn add_forward(forwards: &mut Vec<GatewayForward>, f: GatewayForward) -> Result<
     }
 }
 
+/// The `http://` URLs in `text`, as (host, port, the whole authority).
+fn http_authorities(text: &str) -> Vec<(String, u16)> {
+    let mut found = Vec::new();
+    for word in text.split_whitespace() {
+        let mut rest = word;
+        while let Some(at) = rest.find("http://") {
+            let url = &rest[at + "http://".len()..];
+            let end = url
+                .find(['/', '?', '#', ';', ',', '"', '\''])
+                .unwrap_or(url.len());
+            if let Some(hp) = split_authority(&url[..end]) {
+                found.push(hp);
+            }
+            rest = &url[end..];
+        }
+    }
+    found
+}
+
+/// The forwards a netbooted guest needs for the URLs in `text` (its boot
+/// script's kernel URL and params): every URL at its gateway leads to the
+/// same port on this host's loopback. A URL on loopback is refused: the
+/// firmware and the guest would dial themselves (a netboot's script is
+/// not rewritten, as iPXE runs it).
+pub fn netboot_forwards(text: &str, gateway: Ipv4Addr) -> Result<Vec<GatewayForward>, String> {
+    let mut forwards = Vec::new();
+    for (host, port) in http_authorities(text) {
+        if loopback(&host).is_some() {
+            return Err(format!(
+                "it names http://{host}:{port}/..., which a netbooted guest cannot reach (the firmware runs the script as it is, and the guest's loopback is its own): name the files at the guest's gateway, and start the service with --advertise http://{gateway}:{port}"
+            ));
+        }
+        if host == gateway.to_string() {
+            add_forward(
+                &mut forwards,
+                GatewayForward {
+                    port,
+                    to: SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), port),
+                },
+            )?;
+        }
+    }
+    Ok(forwards)
+}
+
 /// The params with every `http://` URL on this host's loopback rewritten
 /// to the guest's gateway (same port), and the forwards that makes.
 /// Other URLs stay as they are.
@@ -437,6 +509,25 @@ mod tests {
         })
         .collect();
         assert_eq!(f, want);
+    }
+
+    #[test]
+    fn a_netboot_forwards_its_gateway_urls_and_refuses_loopback() {
+        let f = netboot_forwards(
+            "http://172.100.100.1:8080/k ferry.root=http://172.100.100.1:8080/d#sha256=ab ds=nocloud-net;s=http://172.100.100.1:9000/ci/ x=http://10.0.0.9/k",
+            GW,
+        )
+        .unwrap();
+        let ports: Vec<(u16, String)> = f.iter().map(|f| (f.port, f.to.to_string())).collect();
+        assert_eq!(
+            ports,
+            [
+                (8080, "127.0.0.1:8080".into()),
+                (9000, "127.0.0.1:9000".into())
+            ]
+        );
+        let e = netboot_forwards("http://127.0.0.1:8080/k", GW).unwrap_err();
+        assert!(e.contains("--advertise http://172.100.100.1:8080"), "{e}");
     }
 
     #[test]

@@ -102,6 +102,7 @@ pub fn start(
             disk_server: None,
             guest_mac: None,
             gateway_forwards: Vec::new(),
+            netboot: false,
         };
         let accel = super::saved_accel(engine, opts.accel, &image, offer.meta.provenance.accel)?;
         let config = VmConfig::saved(

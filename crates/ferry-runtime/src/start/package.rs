@@ -136,6 +136,7 @@ pub fn plan(
         disk_server: None,
         guest_mac: None,
         gateway_forwards: Vec::new(),
+        netboot: false,
     };
     let accel = saved_accel(engine, opts.accel, &image, meta.provenance.accel)?;
     let vm_dir = paths.vms().join(name);

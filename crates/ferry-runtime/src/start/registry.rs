@@ -117,6 +117,7 @@ pub fn plan(
         disk_server: Some(disk_socket.clone()),
         guest_mac: None,
         gateway_forwards: Vec::new(),
+        netboot: false,
     };
     let accel = saved_accel(engine, opts.accel, &image, meta.provenance.accel)?;
     let config = VmConfig::saved(
