@@ -16,14 +16,17 @@ handshake, the package verification beside the run.
 
 Usage (as root):
   rawvm.py capture PID OUTDIR          save the QEMU of ferry's VM: argv,
-                                       device state, disk backing
+                                       device state (none for a VM that
+                                       booted), disk backing
   rawvm.py restore CAPDIR WORKDIR PORT GUESTPORT
       prepares everything, prints "ready", waits for a line on stdin, then
       starts QEMU (prints "started"), restores the state over QMP
       (x-ignore-shared, migrate-incoming exec:cat, cont: the calls ferry's
       engine makes) and prints "running MS" (ms from start to running);
       serves the proxy until stdin closes or it gets SIGTERM, then stops
-      QEMU and removes the namespace.
+      QEMU and removes the namespace. With the capture of a VM that booted
+      (no device state), QEMU boots the same way instead, without the -S
+      that ferry starts it with: "started" only.
   rawvm.py live CAPDIR WORKDIR GUESTPORT PORT,PORT,... MIGPORT
       a raw live migration chain: restores the captured guest as `restore`
       does behind a proxy on the first PORT (prints "ready", waits for a
@@ -92,7 +95,10 @@ def capture(pid, out):
     backing = info.get("full-backing-filename") or info.get("backing-filename")
     if not backing:
         die(f"{disk} has no backing file")
-    shutil.copyfile(os.path.join(vmdir, "device-state.in"), os.path.join(out, "device-state"))
+    # A booted VM has no device state: its capture boots the same way.
+    state = os.path.join(vmdir, "device-state.in")
+    if os.path.exists(state):
+        shutil.copyfile(state, os.path.join(out, "device-state"))
     with open(os.path.join(out, "capture.json"), "w") as f:
         json.dump(
             {
@@ -194,8 +200,14 @@ def restore(cap, work, port, guest_port):
          c["backing_format"], disk, str(c["size"])],
         check=True,
     )
-    shutil.copyfile(os.path.join(cap, "device-state"), os.path.join(work, "device-state"))
+    boot = not os.path.exists(os.path.join(cap, "device-state"))
+    if not boot:
+        shutil.copyfile(os.path.join(cap, "device-state"), os.path.join(work, "device-state"))
     argv = [a.replace(c["vmdir"], work).replace("ferry:", "rawvm:", 1) if a.startswith("ferry:") or c["vmdir"] in a else a for a in c["argv"]]
+    if boot:
+        # ferry starts a booting QEMU paused (-S) and continues it over QMP
+        # once it is set up; plain QEMU just runs.
+        argv = [a for a in argv if a != "-S"]
     # FERRY_RAWVM_NEIGH=1: a permanent neighbour entry for the guest, so
     # that a dial made before the guest runs does not wait for an ARP retry.
     neigh = ()
@@ -241,6 +253,10 @@ def restore(cap, work, port, guest_port):
             stderr=open(os.path.join(work, "qemu.err"), "wb"),
         )
         print("started", flush=True)
+        if boot:
+            signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+            sys.stdin.readline()
+            return
         q = Qmp(os.path.join(work, "qmp.sock"), t0 + 60)
         q.cmd("migrate-set-capabilities",
               capabilities=[{"capability": "x-ignore-shared", "state": True}])
