@@ -16,17 +16,43 @@ handshake, the package verification beside the run.
 
 Usage (as root):
   rawvm.py capture PID OUTDIR          save the QEMU of ferry's VM: argv,
-                                       device state, disk backing
+                                       device state (none for a VM that
+                                       booted), disk backing
   rawvm.py restore CAPDIR WORKDIR PORT GUESTPORT
       prepares everything, prints "ready", waits for a line on stdin, then
       starts QEMU (prints "started"), restores the state over QMP
       (x-ignore-shared, migrate-incoming exec:cat, cont: the calls ferry's
       engine makes) and prints "running MS" (ms from start to running);
       serves the proxy until stdin closes or it gets SIGTERM, then stops
-      QEMU and removes the namespace.
+      QEMU and removes the namespace. With the capture of a VM that booted
+      (no device state), QEMU boots the same way instead, without the -S
+      that ferry starts it with: "started" only.
+  rawvm.py live CAPDIR WORKDIR GUESTPORT PORT,PORT,... MIGPORT
+      a raw live migration chain: restores the captured guest as `restore`
+      does behind a proxy on the first PORT (prints "ready", waits for a
+      line, prints "running MS"); then each "move" line on stdin migrates
+      it to a new QEMU behind the next PORT (round robin) and prints one
+      JSON line with the move's figures and moments. Both QEMUs run in the
+      host's network namespace and migrate over tcp:127.0.0.1:MIGPORT; each
+      opens its tap in its own namespace (made before the move starts, as
+      ferry's peer makes its own before it receives) and gets it as fd=N.
+      A move is the engine's plain sequence, what ferry's engine does
+      minus its own protocol around it: the destination starts paused with
+      `-incoming defer` and a fresh memory file and disk, exports its disk
+      over NBD (nbd-server-start, block-export-add) and listens
+      (migrate-incoming tcp:); the source mirrors its disk into that export
+      (blockdev-mirror, sync full, until ready), sets the same
+      downtime-limit (50 ms) and max-bandwidth (10 GiB/s) as ferry, and
+      migrates (migrate tcp:); on completion the source finishes the mirror
+      (block-job-cancel) and its proxy closes its client connections (as
+      ferry's source closes its ports); the destination stops the export
+      and continues (cont). stdin closing or SIGTERM ends everything.
 """
 
 import ctypes
+import fcntl
+import re
+import struct
 import json
 import os
 import shutil
@@ -69,7 +95,10 @@ def capture(pid, out):
     backing = info.get("full-backing-filename") or info.get("backing-filename")
     if not backing:
         die(f"{disk} has no backing file")
-    shutil.copyfile(os.path.join(vmdir, "device-state.in"), os.path.join(out, "device-state"))
+    # A booted VM has no device state: its capture boots the same way.
+    state = os.path.join(vmdir, "device-state.in")
+    if os.path.exists(state):
+        shutil.copyfile(state, os.path.join(out, "device-state"))
     with open(os.path.join(out, "capture.json"), "w") as f:
         json.dump(
             {
@@ -99,7 +128,7 @@ class Qmp:
         self.f.readline()
         self.cmd("qmp_capabilities")
 
-    def cmd(self, name, **args):
+    def cmd(self, name, /, **args):
         self.f.write(json.dumps({"execute": name, "arguments": args}) + "\n")
         self.f.flush()
         while True:
@@ -171,8 +200,14 @@ def restore(cap, work, port, guest_port):
          c["backing_format"], disk, str(c["size"])],
         check=True,
     )
-    shutil.copyfile(os.path.join(cap, "device-state"), os.path.join(work, "device-state"))
+    boot = not os.path.exists(os.path.join(cap, "device-state"))
+    if not boot:
+        shutil.copyfile(os.path.join(cap, "device-state"), os.path.join(work, "device-state"))
     argv = [a.replace(c["vmdir"], work).replace("ferry:", "rawvm:", 1) if a.startswith("ferry:") or c["vmdir"] in a else a for a in c["argv"]]
+    if boot:
+        # ferry starts a booting QEMU paused (-S) and continues it over QMP
+        # once it is set up; plain QEMU just runs.
+        argv = [a for a in argv if a != "-S"]
     # FERRY_RAWVM_NEIGH=1: a permanent neighbour entry for the guest, so
     # that a dial made before the guest runs does not wait for an ARP retry.
     neigh = ()
@@ -218,6 +253,10 @@ def restore(cap, work, port, guest_port):
             stderr=open(os.path.join(work, "qemu.err"), "wb"),
         )
         print("started", flush=True)
+        if boot:
+            signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+            sys.stdin.readline()
+            return
         q = Qmp(os.path.join(work, "qmp.sock"), t0 + 60)
         q.cmd("migrate-set-capabilities",
               capabilities=[{"capability": "x-ignore-shared", "state": True}])
@@ -247,13 +286,280 @@ def restore(cap, work, port, guest_port):
         shutil.rmtree(work, ignore_errors=True)
 
 
+TUNSETIFF = 0x400454CA
+IFF_TAP, IFF_NO_PI, IFF_VNET_HDR = 0x0002, 0x1000, 0x4000
+MIGRATE_DOWNTIME_MS = 50  # ferry_engine::LiveLimits::default().max_downtime
+MIGRATE_BANDWIDTH = 10 << 30  # ferry_engine::LiveLimits::default().max_bandwidth
+
+
+def now_ms():
+    return int(time.time() * 1000)
+
+
+def open_tap(nsfd, name):
+    """Opens the tap `name` of the namespace behind `nsfd` (from a thread
+    that enters it; setns is per thread) and returns the descriptor, for a
+    QEMU that runs in the host's namespace."""
+    got = {}
+
+    def run():
+        try:
+            setns(nsfd)
+            fd = os.open("/dev/net/tun", os.O_RDWR)
+            fcntl.ioctl(fd, TUNSETIFF, struct.pack("16sH", name.encode(), IFF_TAP | IFF_NO_PI | IFF_VNET_HDR))
+            got["fd"] = fd
+        except BaseException as e:  # noqa: BLE001 (reported below)
+            got["err"] = e
+
+    t = threading.Thread(target=run)
+    t.start()
+    t.join()
+    if "fd" not in got:
+        die(f"opening {name} in its namespace: {got.get('err')}")
+    return got["fd"]
+
+
+class Slot:
+    """One place a raw VM can run: a namespace with the tap and addresses
+    ferry gives a VM, a directory, and a proxy from a host port into the
+    namespace that can drop its clients (a source that let go)."""
+
+    def __init__(self, root, index, port, guest_port):
+        self.ns = f"ferry-rawmig-{os.getpid()}-{index}"
+        self.dir = os.path.join(root, f"slot{index}")
+        self.guest_port = guest_port
+        self.qemu = None
+        self.qmp = None
+        self.clients = []
+        self.lock = threading.Lock()
+        os.makedirs(self.dir, exist_ok=True)
+        for cmd in (
+            ["ip", "netns", "add", self.ns],
+            ["ip", "-n", self.ns, "link", "set", "lo", "up"],
+            ["ip", "-n", self.ns, "tuntap", "add", "dev", "tap0", "mode", "tap", "vnet_hdr"],
+            ["ip", "-n", self.ns, "link", "set", "tap0", "address", TAP_MAC],
+            ["ip", "-n", self.ns, "addr", "add", GATEWAY, "dev", "tap0"],
+            ["ip", "-n", self.ns, "link", "set", "tap0", "up"],
+        ):
+            subprocess.run(cmd, check=True)
+        self.nsfd = os.open(f"/run/netns/{self.ns}", os.O_RDONLY)
+        self.lst = socket.socket()
+        self.lst.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.lst.bind(("127.0.0.1", port))
+        self.lst.listen(64)
+        threading.Thread(target=self.accept, daemon=True).start()
+
+    def accept(self):
+        while True:
+            try:
+                cl, _ = self.lst.accept()
+            except OSError:
+                return
+            with self.lock:
+                self.clients.append(cl)
+            threading.Thread(target=serve, args=(cl, self.nsfd, self.guest_port), daemon=True).start()
+
+    def let_go(self):
+        """Closes the port and every client connection through it."""
+        try:
+            self.lst.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self.lst.close()
+        with self.lock:
+            for c in self.clients:
+                try:
+                    c.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+    def start(self, argv):
+        tap = open_tap(self.nsfd, "tap0")
+        argv = [re.sub(r"ifname=tap0(,script=no)?(,downscript=no)?", f"fd={tap}", a) if a.startswith("tap,") else a
+                for a in argv]
+        self.qemu = subprocess.Popen(
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=open(os.path.join(self.dir, "console.log"), "wb"),
+            stderr=open(os.path.join(self.dir, "qemu.err"), "wb"),
+            pass_fds=(tap,),
+        )
+        os.close(tap)
+        self.qmp = Qmp(os.path.join(self.dir, "qmp.sock"), time.monotonic() + 60)
+
+    def destroy(self):
+        self.let_go()
+        if self.qemu is not None:
+            self.qemu.terminate()
+            try:
+                self.qemu.wait(10)
+            except subprocess.TimeoutExpired:
+                self.qemu.kill()
+                self.qemu.wait()
+            self.qemu = None
+        os.close(self.nsfd)
+        subprocess.run(["ip", "netns", "del", self.ns], stderr=subprocess.DEVNULL)
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def wait_status(q, what, done, timeout=600, on_change=None):
+    """Polls query-migrate every millisecond until `done(status)`."""
+    deadline = time.monotonic() + timeout
+    last = None
+    while True:
+        info = q.cmd("query-migrate")
+        st = info.get("status")
+        if st != last and on_change:
+            on_change(st)
+        last = st
+        if done(st):
+            return info
+        if st in ("failed", "cancelled"):
+            die(f"{what}: migration {st}: {info.get('error-desc', '')}")
+        if time.monotonic() > deadline:
+            die(f"{what}: still '{st}' after {timeout} s")
+        time.sleep(0.001)
+
+
+def live(cap, work, guest_port, ports, mig_port):
+    with open(os.path.join(cap, "capture.json")) as f:
+        c = json.load(f)
+    os.makedirs(work, exist_ok=True)
+    vmdir = c["vmdir"]
+    node = next((p[len("node-name="):] for a in c["argv"] for p in a.split(",") if p.startswith("node-name=")), None)
+    if node is None:
+        die("no node-name= for the disk in the captured command line")
+    mem_size = next((p[len("size="):] for a in c["argv"] if a.startswith("memory-backend-file,")
+                     for p in a.split(",") if p.startswith("size=")), None)
+
+    def argv_for(slot, restoring):
+        out = []
+        for a in c["argv"]:
+            if a.startswith("ferry:"):
+                a = "rawvm:" + a[len("ferry:"):]
+            a = a.replace(vmdir, slot.dir)
+            if not restoring and a.startswith("memory-backend-file,"):
+                a = re.sub(r"mem-path=[^,]*", f"mem-path={os.path.join(slot.dir, 'memory')}", a)
+            out.append(a)
+        if not restoring:
+            out.append("-S")
+        return out
+
+    slots = []
+    index = 0
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    try:
+        src = Slot(work, index, ports[0], guest_port)
+        slots.append(src)
+        subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", c["backing"], "-F",
+                        c["backing_format"], os.path.join(src.dir, "disk.qcow2"), str(c["size"])], check=True)
+        shutil.copyfile(os.path.join(cap, "device-state"), os.path.join(src.dir, "device-state"))
+        print("ready", flush=True)
+        if not sys.stdin.readline():
+            return
+        t0 = time.monotonic()
+        src.start(argv_for(src, True))
+        src.qmp.cmd("migrate-set-capabilities",
+                    capabilities=[{"capability": "x-ignore-shared", "state": True}])
+        src.qmp.cmd("migrate-incoming", uri=f"exec:cat {os.path.join(src.dir, 'device-state')}")
+        wait_status(src.qmp, "restoring", lambda s: s == "completed", 120)
+        src.qmp.cmd("cont")
+        # Later moves copy all of memory: a restored guest's memory file is
+        # not shared with any destination.
+        src.qmp.cmd("migrate-set-capabilities",
+                    capabilities=[{"capability": "x-ignore-shared", "state": False}])
+        print(f"running {int((time.monotonic() - t0) * 1000)}", flush=True)
+        while sys.stdin.readline().strip() == "move":
+            index += 1
+            m = {}
+            dst = Slot(work, index, ports[index % len(ports)], guest_port)
+            slots.append(dst)
+            subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", os.path.join(dst.dir, "disk.qcow2"),
+                            str(c["size"])], check=True)
+            if mem_size:
+                with open(os.path.join(dst.dir, "memory"), "wb") as f:
+                    f.truncate(int(mem_size.rstrip("K")) * 1024 if mem_size.endswith("K") else int(mem_size))
+            m["start"] = now_ms()
+            dst.start(argv_for(dst, False))
+            nbd = os.path.join(dst.dir, "nbd.sock")
+            dst.qmp.cmd("nbd-server-start", addr={"type": "unix", "data": {"path": nbd}})
+            dst.qmp.cmd("block-export-add", type="nbd", id="rawvm-incoming-disk", **{"node-name": node},
+                        name="disk0", writable=True)
+            dst.qmp.cmd("migrate-incoming", uri=f"tcp:127.0.0.1:{mig_port}")
+            m["copy"] = now_ms()
+            q = src.qmp
+            q.cmd("blockdev-add", driver="raw", **{"node-name": "rawvm-mirror-target"},
+                  file={"driver": "nbd", "export": "disk0", "server": {"type": "unix", "path": nbd}})
+            q.cmd("blockdev-mirror", device="disk0", **{"job-id": "rawvm-mirror"}, target="rawvm-mirror-target",
+                  sync="full", **{"auto-dismiss": False})
+            deadline = time.monotonic() + 600
+            disk_len = 0
+            while True:
+                job = next((j for j in q.cmd("query-block-jobs") if j["device"] == "rawvm-mirror"), None)
+                if job is None or job.get("status") in ("concluded", "aborting"):
+                    die(f"the disk copy stopped: {job}")
+                if job.get("ready"):
+                    disk_len = job.get("len", 0)
+                    break
+                if time.monotonic() > deadline:
+                    die("the disk copy did not get ready in 600 s")
+                time.sleep(0.005)
+            m["mirrored"] = now_ms()
+            q.cmd("migrate-set-parameters", **{"downtime-limit": MIGRATE_DOWNTIME_MS,
+                                               "max-bandwidth": MIGRATE_BANDWIDTH})
+            q.cmd("migrate", uri=f"tcp:127.0.0.1:{mig_port}")
+
+            def seen(st):
+                if st not in ("setup", "active") and "switch" not in m:
+                    m["switch"] = now_ms()
+
+            info = wait_status(q, "sending", lambda s: s == "completed", on_change=seen)
+            m.setdefault("switch", now_ms())
+            q.cmd("block-job-cancel", device="rawvm-mirror")
+            while True:
+                job = next((j for j in q.cmd("query-block-jobs") if j["device"] == "rawvm-mirror"), None)
+                if job is None or job.get("status") == "concluded":
+                    break
+                time.sleep(0.001)
+            if job is not None:
+                q.cmd("job-dismiss", id="rawvm-mirror")
+            # The source lets go of the destination's export.
+            q.cmd("blockdev-del", **{"node-name": "rawvm-mirror-target"})
+            src.let_go()
+            m["end"] = now_ms()
+            wait_status(dst.qmp, "receiving", lambda s: s == "completed", 120)
+            dst.qmp.cmd("block-export-del", id="rawvm-incoming-disk")
+            dst.qmp.cmd("nbd-server-stop")
+            dst.qmp.cmd("cont")
+            m["live"] = now_ms()
+            m["total_ms"] = info.get("total-time")
+            m["downtime_ms"] = info.get("downtime")
+            m["ram_bytes"] = info.get("ram", {}).get("transferred")
+            # The disk's length, not bytes sent: the job's counters do not
+            # tell the zero areas it skipped.
+            m["disk_len"] = disk_len
+            m["switch_ms"] = m["live"] - m["switch"]
+            print(json.dumps(m), flush=True)
+            src.destroy()
+            slots.remove(src)
+            src = dst
+    finally:
+        for s in slots:
+            s.destroy()
+        shutil.rmtree(work, ignore_errors=True)
+
+
 def main():
     if len(sys.argv) == 4 and sys.argv[1] == "capture":
         capture(int(sys.argv[2]), sys.argv[3])
     elif len(sys.argv) == 6 and sys.argv[1] == "restore":
         restore(sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5]))
+    elif len(sys.argv) == 7 and sys.argv[1] == "live":
+        live(sys.argv[2], sys.argv[3], int(sys.argv[4]), [int(p) for p in sys.argv[5].split(",")],
+             int(sys.argv[6]))
     else:
-        die("usage: rawvm.py capture PID OUTDIR | restore CAPDIR WORKDIR PORT GUESTPORT")
+        die("usage: rawvm.py capture PID OUTDIR | restore CAPDIR WORKDIR PORT GUESTPORT"
+            " | live CAPDIR WORKDIR GUESTPORT PORT,PORT,... MIGPORT")
 
 
 if __name__ == "__main__":
