@@ -119,6 +119,10 @@ pub enum Start<'a> {
     Receive(&'a Incoming, &'a Provenance),
 }
 
+/// How long a received disk's export waits for the sender's connection to
+/// close (see `end_disk_export`).
+const EXPORT_RELEASE_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// How long a sending VM's devices get to finish in-flight work once its
 /// vCPUs stopped, before the last pass (see `send_state`).
 const DRAIN_MS: u64 = 10;
@@ -910,7 +914,23 @@ impl Vm for QemuVm {
     }
 
     fn end_disk_export(&mut self) -> Result<(), EngineError> {
-        self.cmd("block-export-del", json!({ "id": "ferry-incoming-disk" }))?;
+        // The sender lets go of the disk before it says "switch", but its
+        // NBD connection comes through ferry's relay, whose close may
+        // arrive after that message: QEMU then refuses to remove an export
+        // in use. Wait for the close rather than cut the client off (the
+        // safe mode never drops a write in flight).
+        let deadline = Instant::now() + EXPORT_RELEASE_TIMEOUT;
+        loop {
+            match self.cmd("block-export-del", json!({ "id": "ferry-incoming-disk" })) {
+                Ok(_) => break,
+                Err(EngineError::Command { detail, .. })
+                    if detail.contains("in use") && Instant::now() < deadline =>
+                {
+                    std::thread::sleep(Duration::from_millis(2));
+                }
+                Err(e) => return Err(e),
+            }
+        }
         self.cmd("nbd-server-stop", json!({})).map(|_| ())
     }
 

@@ -1,6 +1,8 @@
-//! A guest that stops at once, with real QEMU: whatever ferry asks of the
-//! engine afterwards is answered with QEMU's own exit reason, never with a
-//! missing socket.
+//! The engine's edges with real QEMU: a guest that stops at once (whatever
+//! ferry asks afterwards is answered with QEMU's own exit reason, never
+//! with a missing socket), a start whose last-moment callback fails, and
+//! the end of a received disk's export while its sender is still
+//! connected.
 
 use std::io::Read;
 use std::os::unix::net::UnixStream;
@@ -124,4 +126,78 @@ fn a_failing_gate_stops_the_boot_and_leaves_no_qemu() {
         );
         std::thread::sleep(Duration::from_millis(50));
     }
+}
+
+/// The end of a move: the sender's NBD connection to the received disk
+/// closes a moment after the sender says "switch" (it comes through ferry's
+/// relay). Ending the export while that connection is still open must wait
+/// for it to close, not fail the move (as it did: "export … still in
+/// use"), and must not cut it off either.
+#[test]
+fn ending_a_received_disk_waits_for_the_senders_connection_to_close() {
+    use std::io::{BufRead, BufReader, Write};
+    use std::process::{Command, Stdio};
+    let _lock = vm_lock();
+    let engine = QemuEngine::new("qemu-system-x86_64", &cache_dir()).unwrap();
+    // A provenance this engine accepts: a tiny guest's own, saved.
+    let first = tempfile::tempdir().unwrap();
+    let mut vm = engine
+        .boot(&tiny_spec("t-export-src", "", first.path()))
+        .unwrap();
+    let saved = vm.save_state(&first.path().join("state")).unwrap();
+    drop(vm);
+
+    let dir = tempfile::tempdir().unwrap();
+    let disk = dir.path().join("received.raw");
+    std::fs::File::create(&disk)
+        .unwrap()
+        .set_len(64 << 20)
+        .unwrap();
+    let spec = VmSpec {
+        disk: DiskSpec::Raw(disk),
+        ..tiny_spec("t-export", "", dir.path())
+    };
+    let incoming = ferry_engine::Incoming {
+        state_socket: dir.path().join("in-state.sock"),
+        disk_socket: dir.path().join("in-disk.sock"),
+    };
+    let mut vm = engine.receive(&spec, &saved.provenance, &incoming).unwrap();
+    // A client of the export, as the sender's mirror is; it answers one
+    // read, then holds the connection until its input closes.
+    let mut client = Command::new("qemu-io")
+        .arg("--image-opts")
+        .arg(format!(
+            "driver=nbd,path={},export={}",
+            incoming.disk_socket.display(),
+            ferry_engine::DISK_EXPORT_NAME
+        ))
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut input = client.stdin.take().unwrap();
+    writeln!(input, "read 0 512").unwrap();
+    let mut out = BufReader::new(client.stdout.take().unwrap());
+    let mut line = String::new();
+    while !line.contains("read 512/512") {
+        line.clear();
+        assert!(
+            out.read_line(&mut line).unwrap() > 0,
+            "qemu-io could not read the export"
+        );
+    }
+    let closer = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(500));
+        drop(input);
+        client.wait().unwrap()
+    });
+    let t = std::time::Instant::now();
+    vm.end_disk_export().unwrap();
+    let waited = t.elapsed();
+    assert!(
+        waited >= Duration::from_millis(400),
+        "the export was ended while its client was connected ({waited:?})"
+    );
+    assert!(closer.join().unwrap().success(), "the client was cut off");
 }
