@@ -25,6 +25,10 @@ pub struct Args {
     /// With --from-bss: the node's MAC, also the guest NIC's.
     #[arg(long, value_name = "MAC", requires = "from_bss")]
     mac: Option<String>,
+    /// With an `https://` --from-bss: trust this CA, present a client
+    /// certificate.
+    #[command(flatten)]
+    bss_tls: super::tls::ClientTlsArgs,
     /// The VM's name (default: the recipe's name, or `node`, and a random
     /// suffix).
     #[arg(long)]
@@ -56,7 +60,11 @@ pub fn run(args: Args, paths: &Paths, started: Instant, ctx: &Ctx) -> anyhow::Re
     let net = args.net.choice()?;
     let source = match (args.blueprint, args.from_bss, args.mac) {
         (Some(bp), _, _) => BootSource::Blueprint(bp),
-        (None, Some(url), Some(mac)) => BootSource::Bss { url, mac },
+        (None, Some(url), Some(mac)) => BootSource::Bss {
+            url,
+            mac,
+            tls: args.bss_tls.settings(),
+        },
         // clap makes sure one of the two is given.
         _ => unreachable!("--blueprint or --from-bss with --mac"),
     };

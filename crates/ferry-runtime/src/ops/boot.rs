@@ -28,6 +28,8 @@ pub enum BootSource {
         url: String,
         /// The node's MAC, also the guest NIC's.
         mac: String,
+        /// TLS for an `https://` service (`--ca`, a client certificate).
+        tls: Option<ferry_transport::ClientTls>,
     },
 }
 
@@ -83,12 +85,13 @@ pub fn boot(
                 started: opts.started,
             },
         )?,
-        BootSource::Bss { url, mac } => start::bss::plan(
+        BootSource::Bss { url, mac, tls } => start::bss::plan(
             engine,
             paths,
             &BssStart {
                 url: url.clone(),
                 mac: mac.clone(),
+                tls: tls.clone(),
                 name: opts.name.clone().unwrap_or_else(|| generate_name("node")),
                 memory_mib: opts.memory_mib,
                 cpus: opts.cpus,
