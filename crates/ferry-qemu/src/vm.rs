@@ -175,6 +175,10 @@ const MIRROR_FD: &str = "ferry-mirror-conn";
 /// The name of the listening socket for an incoming disk, handed to QEMU.
 const INCOMING_DISK_FD: &str = "ferry-incoming-disk";
 
+/// How long the incoming disk's export may stay in use after the source
+/// said "switch" (its NBD connection's close still on its way).
+const EXPORT_CLOSE_WAIT: Duration = Duration::from_secs(5);
+
 impl QemuVm {
     /// Starts QEMU for `spec`, as `start` says.
     pub fn start(
@@ -900,7 +904,23 @@ impl Vm for QemuVm {
     }
 
     fn end_disk_export(&mut self) -> Result<(), EngineError> {
-        self.cmd("block-export-del", json!({ "id": "ferry-incoming-disk" }))?;
+        // The source has closed its NBD connection before it says
+        // "switch", but over TLS the close travels through two tunnels
+        // and can reach QEMU after the control channel's message: "still
+        // in use" for a moment. Wait for it (never `hard`: that would cut
+        // a client that still writes).
+        let started = Instant::now();
+        loop {
+            match self.cmd("block-export-del", json!({ "id": "ferry-incoming-disk" })) {
+                Ok(_) => break,
+                Err(EngineError::Command { detail, .. })
+                    if detail.contains("in use") && started.elapsed() < EXPORT_CLOSE_WAIT =>
+                {
+                    std::thread::sleep(Duration::from_millis(10))
+                }
+                Err(e) => return Err(e),
+            }
+        }
         self.cmd("nbd-server-stop", json!({})).map(|_| ())
     }
 
