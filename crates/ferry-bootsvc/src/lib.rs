@@ -253,7 +253,6 @@ impl BootService {
         self,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> Result<(), BootSvcError> {
-        use axum::serve::ListenerExt;
         let addr = self.addr;
         let api_url = self.url();
         let serve_err = |addr| move |source| BootSvcError::Serve { addr, source };
@@ -263,21 +262,20 @@ impl BootService {
             self.tls.as_ref(),
             "boot-service",
         )
-        .map_err(serve_err(addr))?
-        // A no-op tap: the listener's address type then serves as
-        // `ConnectInfo` (cloud-init finds nodes by their source address).
-        .tap_io(|_| {});
+        .map_err(serve_err(addr))?;
         info!(%addr, tls = self.tls.is_some(), advertise = %self.state.advertise, "boot service listening");
         let state = Arc::new(self.state);
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
         let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
             let _ = rx.wait_for(|stop| *stop).await;
         };
-        let api = axum::serve(
+        // Each request carries its client's address (`ConnectInfo`):
+        // cloud-init finds nodes by their source address.
+        let api = ferry_transport::serve(
             listener,
-            routes::router(state.clone()).into_make_service_with_connect_info::<SocketAddr>(),
-        )
-        .with_graceful_shutdown(stopped(stop_rx.clone()));
+            routes::router(state.clone()),
+            stopped(stop_rx.clone()),
+        );
         let node = match self.node {
             None => None,
             Some((l, node_addr)) => {
@@ -287,15 +285,10 @@ impl BootService {
                     None,
                     "boot-service nodes",
                 )
-                .map_err(serve_err(node_addr))?
-                .tap_io(|_| {});
+                .map_err(serve_err(node_addr))?;
                 info!(addr = %node_addr, "boot service listening for nodes (plain HTTP)");
                 let app = routes::node_router(state, api_url);
-                Some((
-                    node_addr,
-                    axum::serve(l, app.into_make_service_with_connect_info::<SocketAddr>())
-                        .with_graceful_shutdown(stopped(stop_rx)),
-                ))
+                Some((node_addr, ferry_transport::serve(l, app, stopped(stop_rx))))
             }
         };
         let deadline = async move {
