@@ -122,9 +122,18 @@ impl Api {
         body: Option<&B>,
     ) -> Result<Option<T>, LoadError> {
         let url = format!("{}{path}", self.base);
-        let unreachable = |e: ureq::Error| LoadError::Unreachable {
-            url: url.clone(),
-            detail: e.to_string(),
+        let unreachable = |e: ureq::Error| {
+            if ferry_transport::is_tls_failure(&e) {
+                LoadError::Tls {
+                    url: url.clone(),
+                    detail: e.to_string(),
+                }
+            } else {
+                LoadError::Unreachable {
+                    url: url.clone(),
+                    detail: e.to_string(),
+                }
+            }
         };
         let auth = self.token.as_ref().map(|t| format!("Bearer {t}"));
         let mut response = match body {
@@ -203,9 +212,33 @@ impl Api {
 /// [`LoadError::BadNode`] before anything is written if a node is wrong;
 /// [`LoadError::Unreachable`] or [`LoadError::Refused`] from the service.
 pub fn load(url: &str, token: Option<&str>, list: &NodeList) -> Result<LoadReport, LoadError> {
+    load_tls(url, token, list, None)
+}
+
+/// As [`load`], with `tls` (`--ca`, a client certificate) for an
+/// `https://` service; without it `https://` trusts the public roots.
+///
+/// # Errors
+/// As [`load`]; [`LoadError::Tls`] when the handshake fails or `tls`'s
+/// files cannot be read.
+pub fn load_tls(
+    url: &str,
+    token: Option<&str>,
+    list: &NodeList,
+    tls: Option<&ferry_transport::ClientTls>,
+) -> Result<LoadReport, LoadError> {
     let wanted = check(list)?;
+    let tls = tls
+        .cloned()
+        .unwrap_or_default()
+        .ureq_config()
+        .map_err(|e| LoadError::Tls {
+            url: url.to_string(),
+            detail: e.to_string(),
+        })?;
     let agent = ureq::Agent::new_with_config(
         ureq::Agent::config_builder()
+            .tls_config(tls)
             .http_status_as_error(false)
             .timeout_global(Some(Duration::from_secs(30)))
             .build(),

@@ -81,7 +81,15 @@ impl ApiError {
         }
     }
 
-    /// 401.
+    /// 403: not served here (the node listener's other routes).
+    pub fn forbidden(what: impl Into<String>) -> ApiError {
+        ApiError {
+            status: StatusCode::FORBIDDEN,
+            detail: what.into(),
+        }
+    }
+
+    /// 401: a write without the token.
     pub fn unauthorized() -> ApiError {
         ApiError {
             status: StatusCode::UNAUTHORIZED,
@@ -145,6 +153,15 @@ pub enum LoadError {
     /// The service could not be reached.
     #[error("cannot reach the boot service at {url}: {detail}")]
     Unreachable {
+        /// The URL.
+        url: String,
+        /// Why.
+        detail: String,
+    },
+    /// TLS with the service failed (its certificate is not signed by
+    /// `--ca`, or is for another name), or `--ca` cannot be read.
+    #[error("TLS with the boot service at {url} failed: {detail}: give --ca FILE, the CA that signed its --tls-cert")]
+    Tls {
         /// The URL.
         url: String,
         /// Why.

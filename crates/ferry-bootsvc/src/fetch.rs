@@ -25,7 +25,7 @@ use crate::types::{BootData, Problem};
 /// What to fetch, and where to.
 #[derive(Debug, Clone)]
 pub struct FetchOptions {
-    /// The service's base URL (`http://host:port`).
+    /// The service's base URL (`http://host:port` or `https://`).
     pub url: String,
     /// The node's MAC.
     pub mac: String,
@@ -110,6 +110,18 @@ pub enum FetchBootError {
         /// The file's digest.
         actual: String,
     },
+    /// The TLS handshake with the service (or a download's server) failed:
+    /// final at once, as retrying cannot help.
+    #[error("TLS with {url} failed: {detail}: give --ca FILE, the CA that signed its --tls-cert")]
+    Tls {
+        /// What was asked.
+        url: String,
+        /// rustls's reason.
+        detail: String,
+    },
+    /// `--ca` or a client certificate could not be read.
+    #[error(transparent)]
+    TlsFiles(#[from] ferry_transport::TlsError),
     /// A file could not be written.
     #[error("cannot write {path}: {source}")]
     Io {
@@ -172,6 +184,12 @@ fn get_retrying(
     let mut last = String::new();
     for attempt in 1..=attempts {
         match agent.get(url).call() {
+            Err(e) if ferry_transport::is_tls_failure(&e) => {
+                return Err(FetchBootError::Tls {
+                    url: url.to_string(),
+                    detail: e.to_string(),
+                })
+            }
             Ok(r) if r.status().as_u16() < 500 => return Ok(r),
             Ok(r) => last = format!("HTTP {}", r.status().as_u16()),
             Err(e) => last = e.to_string(),
@@ -201,6 +219,12 @@ fn head_retrying(
     let mut last = String::new();
     for attempt in 1..=attempts {
         match agent.head(url).call() {
+            Err(e) if ferry_transport::is_tls_failure(&e) => {
+                return Err(FetchBootError::Tls {
+                    url: url.to_string(),
+                    detail: e.to_string(),
+                })
+            }
             Ok(r) if r.status().as_u16() < 500 => return Ok(r.status().as_u16()),
             Ok(r) => last = format!("HTTP {}", r.status().as_u16()),
             Err(e) => last = e.to_string(),
@@ -312,11 +336,29 @@ fn download(
 /// boot data (404), a download that fails or whose digest differs.
 pub fn fetch_boot(
     opts: &FetchOptions,
+    on_retry: impl FnMut(u32, Duration, &str),
+) -> Result<FetchedBoot, FetchBootError> {
+    fetch_boot_tls(opts, None, on_retry)
+}
+
+/// As [`fetch_boot`], with `tls` (`--ca`, a client certificate) for an
+/// `https://` service and downloads; without it `https://` trusts the
+/// public roots.
+///
+/// # Errors
+/// As [`fetch_boot`]; [`FetchBootError::Tls`] (final, not retried) when a
+/// handshake fails, [`FetchBootError::TlsFiles`] when `tls`'s files cannot
+/// be read.
+pub fn fetch_boot_tls(
+    opts: &FetchOptions,
+    tls: Option<&ferry_transport::ClientTls>,
     mut on_retry: impl FnMut(u32, Duration, &str),
 ) -> Result<FetchedBoot, FetchBootError> {
     let mac = ids::parse_mac(&opts.mac)?;
+    let tls = tls.cloned().unwrap_or_default().ureq_config()?;
     let agent = ureq::Agent::new_with_config(
         ureq::Agent::config_builder()
+            .tls_config(tls)
             .http_status_as_error(false)
             .timeout_connect(Some(Duration::from_secs(5)))
             .timeout_recv_response(Some(Duration::from_secs(30)))

@@ -59,11 +59,16 @@ pub struct BootServiceConfig {
     pub advertise: Option<String>,
 }
 
+/// Connections each listener serves at once; one past that is closed at
+/// once. Generous: every node of a cluster asks at power-on, and each
+/// request is short.
+pub const MAX_CONNECTIONS: usize = 1024;
+
 /// Shared by every request.
 pub(crate) struct AppState {
     pub(crate) store: Store,
     pub(crate) token: Option<ferry_transport::Token>,
-    /// `http://host:port`, no trailing slash.
+    /// `http://host:port` (or `https://`), no trailing slash.
     pub(crate) advertise: String,
     pub(crate) files: PathBuf,
 }
@@ -72,34 +77,61 @@ pub(crate) struct AppState {
 pub struct BootService {
     listener: std::net::TcpListener,
     addr: SocketAddr,
-    state: Arc<AppState>,
+    /// The plain listener for nodes ([`BootService::with_node_listener`]).
+    node: Option<(std::net::TcpListener, SocketAddr)>,
+    tls: Option<ferry_transport::ServerTls>,
+    /// `--advertise` as given.
+    advertise_given: Option<String>,
+    state: AppState,
 }
 
 impl std::fmt::Debug for BootService {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("BootService")
             .field("addr", &self.addr)
+            .field("node", &self.node.as_ref().map(|n| n.1))
+            .field("tls", &self.tls.is_some())
             .field("advertise", &self.state.advertise)
             .finish()
     }
 }
 
-/// Turns `host:port` or `http://host:port[/]` into `http://host:port`.
+/// Turns `host:port`, `http://host:port[/]` or `https://host:port[/]`
+/// into a base URL without a trailing slash; a bare `host:port` is
+/// `http://`.
 ///
 /// # Errors
 /// [`BootSvcError::BadAdvertise`] for anything else.
 pub fn advertise_url(text: &str) -> Result<String, BootSvcError> {
+    advertise_with(text, "http")
+}
+
+/// As [`advertise_url`], a bare `host:port` taking `scheme`.
+fn advertise_with(text: &str, scheme: &str) -> Result<String, BootSvcError> {
     let bad = || BootSvcError::BadAdvertise(text.to_string());
     let t = text.trim().trim_end_matches('/');
-    let rest = t.strip_prefix("http://").unwrap_or(t);
-    if rest.is_empty()
-        || rest.contains('/')
-        || rest.contains(char::is_whitespace)
-        || t.starts_with("https://")
-    {
+    let (scheme, rest) = match (t.strip_prefix("http://"), t.strip_prefix("https://")) {
+        (Some(rest), _) => ("http", rest),
+        (_, Some(rest)) => ("https", rest),
+        _ => (scheme, t),
+    };
+    if rest.is_empty() || rest.contains('/') || rest.contains(char::is_whitespace) {
         return Err(bad());
     }
-    Ok(format!("http://{rest}"))
+    Ok(format!("{scheme}://{rest}"))
+}
+
+/// The URL of `addr` for clients on this host (an unspecified address
+/// becomes loopback).
+fn local_url(scheme: &str, addr: SocketAddr) -> String {
+    let mut a = addr;
+    if a.ip().is_unspecified() {
+        a.set_ip(match a {
+            SocketAddr::V4(_) => std::net::Ipv4Addr::LOCALHOST.into(),
+            SocketAddr::V6(_) => std::net::Ipv6Addr::LOCALHOST.into(),
+        });
+    }
+    format!("{scheme}://{a}")
 }
 
 impl BootService {
@@ -119,33 +151,92 @@ impl BootService {
                 source,
             })
         })?;
-        let bind = |source| BootSvcError::Bind {
-            addr: config.listen,
-            source,
-        };
-        let listener = std::net::TcpListener::bind(config.listen).map_err(bind)?;
-        listener.set_nonblocking(true).map_err(bind)?;
-        let addr = listener.local_addr().map_err(bind)?;
-        let advertise = match &config.advertise {
-            Some(a) => advertise_url(a)?,
-            None if addr.ip().is_unspecified() => format!("http://127.0.0.1:{}", addr.port()),
-            None => format!("http://{addr}"),
-        };
-        Ok(BootService {
+        let (listener, addr) = bind(config.listen)?;
+        let mut service = BootService {
             listener,
             addr,
-            state: Arc::new(AppState {
+            node: None,
+            tls: None,
+            advertise_given: config.advertise,
+            state: AppState {
                 store,
                 token,
-                advertise,
+                advertise: String::new(),
                 files,
-            }),
-        })
+            },
+        };
+        service.settle_advertise()?;
+        Ok(service)
+    }
+
+    /// Speaks only TLS on the listening address (the API and, without a
+    /// node listener, the nodes' routes too): each handshake and the
+    /// headers of each request have an overall deadline
+    /// ([`ferry_transport::HEADER_DEADLINE`]).
+    ///
+    /// # Errors
+    /// [`BootSvcError::BadAdvertise`] if `--advertise` no longer fits.
+    pub fn with_tls(
+        mut self,
+        tls: ferry_transport::ServerTls,
+    ) -> Result<BootService, BootSvcError> {
+        self.tls = Some(tls);
+        self.settle_advertise()?;
+        Ok(self)
+    }
+
+    /// Also listens on `addr` in plain HTTP for what nodes ask (iPXE and
+    /// an initramfs cannot do TLS): the boot script, cloud-init data,
+    /// files and phone-home, and nothing else (403 naming the API's
+    /// address). Nodes are then told to use this address unless
+    /// `advertise` says otherwise.
+    ///
+    /// # Errors
+    /// [`BootSvcError::Bind`], [`BootSvcError::BadAdvertise`].
+    pub fn with_node_listener(mut self, addr: SocketAddr) -> Result<BootService, BootSvcError> {
+        self.node = Some(bind(addr)?);
+        self.settle_advertise()?;
+        Ok(self)
+    }
+
+    /// Works out the address nodes are told to use: `--advertise` (a bare
+    /// `host:port` in the scheme nodes' listener speaks), else the node
+    /// listener, else the listening address.
+    fn settle_advertise(&mut self) -> Result<(), BootSvcError> {
+        let node_scheme = if self.node.is_none() && self.tls.is_some() {
+            "https"
+        } else {
+            "http"
+        };
+        self.state.advertise = match (&self.advertise_given, &self.node) {
+            (Some(a), _) => advertise_with(a, node_scheme)?,
+            (None, Some((_, node))) => local_url("http", *node),
+            (None, None) => local_url(node_scheme, self.addr),
+        };
+        Ok(())
     }
 
     /// The address it listens on.
     pub fn local_addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// The API's base URL for clients on this host (`https://` with TLS).
+    pub fn url(&self) -> String {
+        local_url(self.scheme(), self.addr)
+    }
+
+    fn scheme(&self) -> &'static str {
+        if self.tls.is_some() {
+            "https"
+        } else {
+            "http"
+        }
+    }
+
+    /// The address of the plain listener for nodes, if there is one.
+    pub fn node_addr(&self) -> Option<SocketAddr> {
+        self.node.as_ref().map(|n| n.1)
     }
 
     /// The base URL nodes are told to use.
@@ -157,32 +248,67 @@ impl BootService {
     /// I/O and time enabled.
     ///
     /// # Errors
-    /// [`BootSvcError::Serve`] if the socket fails.
+    /// [`BootSvcError::Serve`] if a socket fails.
     pub async fn serve_until(
         self,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> Result<(), BootSvcError> {
         let addr = self.addr;
-        let serve_err = |source| BootSvcError::Serve { addr, source };
-        let listener = tokio::net::TcpListener::from_std(self.listener).map_err(serve_err)?;
-        info!(%addr, advertise = %self.state.advertise, "boot service listening");
-        let app = routes::router(self.state);
-        let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
-        let server = axum::serve(
-            listener,
-            app.into_make_service_with_connect_info::<SocketAddr>(),
+        let api_url = self.url();
+        let serve_err = |addr| move |source| BootSvcError::Serve { addr, source };
+        let listener = ferry_transport::CappedListener::new(
+            self.listener,
+            MAX_CONNECTIONS,
+            self.tls.as_ref(),
+            "boot-service",
         )
-        .with_graceful_shutdown(async move {
-            let _ = stop_rx.wait_for(|stop| *stop).await;
-        });
+        .map_err(serve_err(addr))?;
+        info!(%addr, tls = self.tls.is_some(), advertise = %self.state.advertise, "boot service listening");
+        let state = Arc::new(self.state);
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+            let _ = rx.wait_for(|stop| *stop).await;
+        };
+        // Each request carries its client's address (`ConnectInfo`):
+        // cloud-init finds nodes by their source address.
+        let api = ferry_transport::serve(
+            listener,
+            routes::router(state.clone()),
+            stopped(stop_rx.clone()),
+        );
+        let node = match self.node {
+            None => None,
+            Some((l, node_addr)) => {
+                let l = ferry_transport::CappedListener::new(
+                    l,
+                    MAX_CONNECTIONS,
+                    None,
+                    "boot-service nodes",
+                )
+                .map_err(serve_err(node_addr))?;
+                info!(addr = %node_addr, "boot service listening for nodes (plain HTTP)");
+                let app = routes::node_router(state, api_url);
+                Some((node_addr, ferry_transport::serve(l, app, stopped(stop_rx))))
+            }
+        };
         let deadline = async move {
             shutdown.await;
             info!("boot service shutting down");
             let _ = stop_tx.send(true);
             tokio::time::sleep(SHUTDOWN_GRACE).await;
         };
+        let servers = async move {
+            match node {
+                None => api.await.map_err(serve_err(addr)),
+                Some((node_addr, node)) => {
+                    let (a, n) = tokio::join!(api, node);
+                    a.map_err(serve_err(addr))?;
+                    n.map_err(serve_err(node_addr))
+                }
+            }
+        };
         tokio::select! {
-            result = server => result.map_err(serve_err),
+            result = servers => result,
             () = deadline => Ok(()),
         }
     }
@@ -206,6 +332,15 @@ impl BootService {
             })?
             .block_on(self.serve_until(shutdown))
     }
+}
+
+/// Binds `addr`, non-blocking for the runtime.
+fn bind(addr: SocketAddr) -> Result<(std::net::TcpListener, SocketAddr), BootSvcError> {
+    let err = |source| BootSvcError::Bind { addr, source };
+    let listener = std::net::TcpListener::bind(addr).map_err(err)?;
+    listener.set_nonblocking(true).map_err(err)?;
+    let local = listener.local_addr().map_err(err)?;
+    Ok((listener, local))
 }
 
 impl BootService {

@@ -45,6 +45,13 @@ pub struct WorkerConfig {
     /// TLS for https:// registries (`--registry-ca`): the VMs it starts
     /// from a registry fetch their package with it.
     pub registry_tls: Option<ferry_transport::ClientTls>,
+    /// TLS for the instances' migration listeners (`--tls-cert`,
+    /// `--tls-key`, `--client-ca`): each serves its moves only over TLS.
+    pub peer_listen_tls: Option<ferry_transport::ServerTlsFiles>,
+    /// TLS to the source of a move (the cluster's CA, `--ca`, and the
+    /// client certificate, `--client-cert`): the source's certificate must
+    /// be signed by it and name its address.
+    pub peer_tls: Option<ferry_transport::ClientTls>,
     /// The address instances and exposed ports are reached at.
     pub advertise: IpAddr,
     /// The lease, seconds.
@@ -59,6 +66,12 @@ pub struct WorkerConfig {
     pub accel: String,
     /// This host's state directories.
     pub paths: Paths,
+}
+
+/// Whether an instance's source is a registry (a URL) rather than a peer
+/// (`HOST:PORT`), as `ferry peer --from` tells them apart.
+fn from_registry(source: &str) -> bool {
+    source.starts_with("http://") || source.starts_with("https://")
 }
 
 /// Why the worker stopped.
@@ -488,8 +501,14 @@ impl Worker {
                 registry_tls: self.config.registry_tls.clone(),
                 migrate_token: Some(token.clone()),
                 serve_token: serve_token.cloned(),
-                migrate_tls: None,
-                listen_tls: None,
+                // A registry source is read with `registry_tls`; a peer
+                // (another worker's instance) is dialled with TLS.
+                migrate_tls: self
+                    .config
+                    .peer_tls
+                    .clone()
+                    .filter(|_| !from_registry(source)),
+                listen_tls: self.config.peer_listen_tls.clone(),
                 listen: Some(listen),
                 save: self.files.saved_package(name),
                 max_bandwidth: None,
@@ -638,6 +657,7 @@ impl Worker {
             Some(ferry_runtime::detach::Serve {
                 listen,
                 token: token.clone(),
+                tls: self.config.peer_listen_tls.clone(),
             }),
             START_TIMEOUT,
             &Cancel::new(),

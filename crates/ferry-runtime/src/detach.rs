@@ -146,6 +146,9 @@ pub struct Serve {
     pub listen: SocketAddr,
     /// The token a destination must present.
     pub token: ferry_transport::Token,
+    /// Serve it only over TLS.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<ferry_transport::ServerTlsFiles>,
 }
 
 /// A supervisor's report once its VM is live.
@@ -547,6 +550,13 @@ fn start(
         )?,
         StartFrom::Saved { serve } => {
             owner.listen = serve.clone().map(|s| (s.listen, s.token));
+            if let Some(files) = serve.as_ref().and_then(|s| s.tls.as_ref()) {
+                owner.listen_tls = Some(
+                    files
+                        .load()
+                        .map_err(|e| RuntimeError::BadOption(e.to_string()))?,
+                );
+            }
             let dir = VmDir::resume(paths, name)?;
             redirect_output(log);
             let Some(record) = VmRecord::load(dir.path()) else {
@@ -749,6 +759,11 @@ mod tests {
             serve: Some(Serve {
                 listen: "10.0.0.1:17000".parse().unwrap(),
                 token: ferry_transport::Token::new("instance-token-0123456789").unwrap(),
+                tls: Some(ferry_transport::ServerTlsFiles {
+                    cert: "/tls/server.crt".into(),
+                    key: "/tls/server.key".into(),
+                    client_ca: None,
+                }),
             }),
         };
         let json = serde_json::to_string(&serving).unwrap();

@@ -265,7 +265,7 @@ pub enum StartError {
     #[error(transparent)]
     BootData(#[from] ferry_bootsvc::fetch::FetchBootError),
     /// The `--from-bss` URL is not a boot service's base URL.
-    #[error("--from-bss {url}: {why} (the boot service's base URL, e.g. http://127.0.0.1:27778)")]
+    #[error("--from-bss {url}: {why} (the boot service's base URL, e.g. http://127.0.0.1:27778 or https://host:27778 with --ca)")]
     BadBssUrl {
         /// The URL.
         url: String,
@@ -691,7 +691,9 @@ pub fn boot_data_class(e: &ferry_bootsvc::fetch::FetchBootError) -> ExitClass {
         | F::NoBootData { .. }
         | F::Http { .. }
         | F::BadBootData { .. }
-        | F::DigestMismatch { .. } => ExitClass::BadInput,
+        | F::DigestMismatch { .. }
+        | F::Tls { .. }
+        | F::TlsFiles(_) => ExitClass::BadInput,
         F::ServiceDown { .. } | F::Io { .. } => ExitClass::Other,
     }
 }

@@ -43,6 +43,7 @@ mod error;
 mod listener;
 pub mod migration;
 pub mod range;
+mod serve;
 mod server;
 mod thread;
 mod tls;
@@ -51,6 +52,7 @@ mod token;
 pub use client::RemotePackage;
 pub use error::TransportError;
 pub use listener::{CappedListener, Conn, HEADER_DEADLINE, TLS_HANDSHAKE_DEADLINE};
+pub use serve::{serve, serve_with_deadline};
 pub use server::{
     ListedPackage, Listing, Registry, RegistryConfig, RunningRegistry, ServedPackage,
     MAX_REGISTRY_CONNECTIONS,

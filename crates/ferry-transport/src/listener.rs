@@ -21,8 +21,9 @@ pub const TLS_HANDSHAKE_DEADLINE: Duration = Duration::from_secs(10);
 /// handshake included), to send its first request's headers (up to the
 /// blank line that ends them). An overall deadline, not one per read: a
 /// client trickling a byte every few seconds is cut off all the same, and
-/// silent clients cannot hold every connection slot. (axum's server sets
-/// no header timeout of its own.)
+/// silent clients cannot hold every connection slot. Later requests on a
+/// keep-alive connection get the same deadline from hyper, under
+/// [`serve`](crate::serve) (axum's own server sets no header timeout).
 pub const HEADER_DEADLINE: Duration = Duration::from_secs(10);
 
 /// A listener for `axum::serve`: at most as many connections at once as

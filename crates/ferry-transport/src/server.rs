@@ -274,7 +274,7 @@ impl Registry {
             .with_state(self.state);
 
         let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
-        let server = axum::serve(listener, app).with_graceful_shutdown(async move {
+        let server = crate::serve(listener, app, async move {
             let _ = stop_rx.wait_for(|stop| *stop).await;
         });
         let deadline = async move {

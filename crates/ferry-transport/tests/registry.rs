@@ -451,3 +451,91 @@ fn request_headers_trickled_byte_by_byte_are_cut_off_at_the_deadline() {
     );
     assert_eq!(get(addr, "/").status, 200);
 }
+
+/// The same deadline holds for the second request of a keep-alive
+/// connection: one request sent at once is answered, then the next one's
+/// headers trickled a byte every 2 s are cut off at the deadline from the
+/// first answer, and so is a connection that then says nothing. Checked to
+/// fail without it: `axum::serve` set no header timer, and the
+/// listener's own deadline covered the first request only (the trickle
+/// ran to the test's 20 s limit).
+#[test]
+fn a_keep_alive_connections_later_requests_have_the_deadline_too() {
+    use std::io::{Read, Write};
+    use std::time::{Duration, Instant};
+    let (_dir, a, _) = two_packages();
+    let reg = Registry::bind(RegistryConfig {
+        packages: vec![a],
+        listen: "127.0.0.1:0".parse().unwrap(),
+        token: None,
+    })
+    .unwrap()
+    .spawn()
+    .unwrap();
+    let addr = reg.local_addr();
+    let deadline = ferry_transport::HEADER_DEADLINE;
+    // Reads one whole answer (headers and its Content-Length body).
+    let answer = |s: &mut std::net::TcpStream| {
+        let mut got = Vec::new();
+        let mut buf = [0u8; 4096];
+        loop {
+            let n = s.read(&mut buf).unwrap();
+            assert!(n > 0, "closed before the answer");
+            got.extend_from_slice(&buf[..n]);
+            let text = String::from_utf8_lossy(&got).to_string();
+            if let Some(end) = text.find("\r\n\r\n") {
+                let len: usize = text
+                    .lines()
+                    .find_map(|l| {
+                        l.to_ascii_lowercase()
+                            .strip_prefix("content-length:")
+                            .map(|v| v.trim().parse().unwrap())
+                    })
+                    .unwrap_or(0);
+                if got.len() >= end + 4 + len {
+                    return text;
+                }
+            }
+        }
+    };
+    for trickle in [true, false] {
+        let mut s = std::net::TcpStream::connect(addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+        s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+        assert!(answer(&mut s).starts_with("HTTP/1.1 200"));
+        let started = Instant::now();
+        let mut cut = false;
+        let mut buf = [0u8; 512];
+        let second = b"GET / HTTP/1.1\r\nHost: x\r\nUser-Agent: a-slow-client\r\n\r\n";
+        for b in second {
+            if trickle && s.write_all(&[*b]).is_err() {
+                cut = true;
+                break;
+            }
+            match s.read(&mut buf) {
+                Ok(0) => {
+                    cut = true;
+                    break;
+                }
+                Ok(n) => panic!("answered: {}", String::from_utf8_lossy(&buf[..n])),
+                Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {
+                    cut = true;
+                    break;
+                }
+                Err(_) => {}
+            }
+            assert!(started.elapsed() < Duration::from_secs(20), "never cut off");
+        }
+        assert!(
+            cut,
+            "the whole trickled request was read (trickle: {trickle})"
+        );
+        let took = started.elapsed();
+        assert!(
+            took >= deadline - Duration::from_millis(500)
+                && took < deadline + Duration::from_secs(4),
+            "cut off after {took:?}, not at the {deadline:?} deadline (trickle: {trickle})"
+        );
+    }
+    assert_eq!(get(addr, "/").status, 200);
+}

@@ -24,14 +24,57 @@ use crate::AppState;
 
 /// Every route, behind the token check.
 pub(crate) fn router(state: Arc<AppState>) -> Router {
+    routes()
+        .layer(middleware::from_fn_with_state(state.clone(), guard))
+        .with_state(state)
+}
+
+fn routes() -> Router<Arc<AppState>> {
     Router::new()
         .merge(smd::routes())
         .merge(bss::routes())
         .merge(cloud_init::routes())
         .merge(files::routes())
         .fallback(|| async { ApiError::not_found("no such route") })
+}
+
+/// The routes of the plain listener for nodes: only what a node asks
+/// ([`node_route`]); anything else is a 403 naming `api_url`, where the
+/// API is served (over TLS when it has it).
+pub(crate) fn node_router(state: Arc<AppState>, api_url: String) -> Router {
+    let api_url = Arc::new(api_url);
+    routes()
         .layer(middleware::from_fn_with_state(state.clone(), guard))
+        .layer(middleware::from_fn_with_state(api_url, nodes_only))
         .with_state(state)
+}
+
+/// What nodes ask, which the node listener serves: the boot script (and
+/// the service's status), cloud-init's documents, files, and phone-home
+/// (the one write nodes make, without a token).
+fn node_route(method: &Method, path: &str) -> bool {
+    if path.ends_with("/phone-home") {
+        return method == Method::POST;
+    }
+    let read = method == Method::GET || method == Method::HEAD;
+    read && (path == "/boot/v1/bootscript"
+        || path == "/boot/v1/service/status"
+        || path.starts_with("/files/")
+        || (path.starts_with("/cloud-init/") && !path.starts_with("/cloud-init/admin/")))
+}
+
+/// Refuses on the node listener what is not [`node_route`].
+async fn nodes_only(State(api_url): State<Arc<String>>, req: Request, next: Next) -> Response {
+    if node_route(req.method(), req.uri().path()) {
+        return next.run(req).await;
+    }
+    debug!(method = %req.method(), uri = %req.uri(), "refused on the node listener");
+    ApiError::forbidden(format!(
+        "this is the boot service's listener for nodes: it serves the boot script, cloud-init, files and phone-home only; {} {} goes to {api_url}",
+        req.method(),
+        req.uri().path()
+    ))
+    .into_response()
 }
 
 /// Writes need the token (when one is set); reads and phone-home (nodes
@@ -111,6 +154,30 @@ pub(crate) fn text(content_type: &'static str, body: String) -> Response {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_node_listener_serves_what_nodes_ask() {
+        let get = Method::GET;
+        for path in [
+            "/boot/v1/bootscript",
+            "/cloud-init/meta-data",
+            "/cloud-init/aa:bb:cc:dd:ee:ff/user-data",
+            "/files/k/vmlinuz",
+        ] {
+            assert!(node_route(&get, path), "{path}");
+        }
+        assert!(node_route(
+            &Method::POST,
+            "/cloud-init/aa:bb:cc:dd:ee:ff/phone-home"
+        ));
+        assert!(node_route(&Method::POST, "/boot/v1/phone-home"));
+        assert!(!node_route(&get, "/cloud-init/phone-home"));
+        assert!(!node_route(&get, "/cloud-init/admin/groups"));
+        assert!(!node_route(&get, "/hsm/v2/State/Components"));
+        assert!(!node_route(&get, "/boot/v1/bootparameters"));
+        assert!(!node_route(&Method::POST, "/boot/v1/bootparameters"));
+        assert!(!node_route(&Method::DELETE, "/files/k"));
+    }
 
     #[test]
     fn queries_keep_repeats_and_decode() {

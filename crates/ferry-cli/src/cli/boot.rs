@@ -33,6 +33,10 @@ pub struct Args {
     /// the guest's gateway (http://172.100.100.1:PORT).
     #[arg(long, requires = "from_bss")]
     netboot: bool,
+    /// With an `https://` --from-bss: trust this CA, present a client
+    /// certificate.
+    #[command(flatten)]
+    bss_tls: super::tls::ClientTlsArgs,
     /// The VM's name (default: the recipe's name, or `node`, and a random
     /// suffix).
     #[arg(long)]
@@ -75,6 +79,7 @@ pub fn run(args: Args, paths: &Paths, started: Instant, ctx: &Ctx) -> anyhow::Re
             url,
             mac,
             netboot: args.netboot,
+            tls: args.bss_tls.settings(),
         },
         // clap makes sure one of the two is given.
         _ => unreachable!("--blueprint or --from-bss with --mac"),

@@ -30,9 +30,16 @@ enum Sub {
 #[derive(clap::Args, Debug)]
 struct ServeArgs {
     /// The address to listen on (port 0 picks a free port). Beyond
-    /// loopback it needs --insecure until TLS lands.
+    /// loopback it needs TLS (--tls-cert, --tls-key) or --insecure.
     #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:27778")]
     listen: SocketAddr,
+    /// Also serve nodes in plain HTTP on ADDR, any address (iPXE and the
+    /// node initramfs cannot do TLS): the boot script, cloud-init, files
+    /// and phone-home only; everything else there is refused (403) and
+    /// goes to --listen. Nodes are told to use it unless --advertise says
+    /// otherwise.
+    #[arg(long = "node-listen", value_name = "ADDR")]
+    node_listen: Option<SocketAddr>,
     /// Where inventory, boot parameters and cloud-init data are kept
     /// (`state.json`), and the files served under /files (`files/`).
     /// Default: $FERRY_STATE/boot-service.
@@ -43,12 +50,15 @@ struct ServeArgs {
     #[arg(long = "token-file", value_name = "FILE")]
     token_file: Option<PathBuf>,
     /// The address nodes are told to use, `HOST:PORT` or
-    /// `http://HOST:PORT` (default: the listening address).
+    /// `http://HOST:PORT` (default: --node-listen, else the listening
+    /// address).
     #[arg(long, value_name = "ADDR")]
     advertise: Option<String>,
+    #[command(flatten)]
+    tls: super::tls::ServerTlsArgs,
     /// Listen beyond loopback without TLS: tokens and writes travel in
     /// clear text.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "tls_cert")]
     insecure: bool,
 }
 
@@ -64,6 +74,8 @@ struct LoadArgs {
     /// The token for writes, read from FILE.
     #[arg(long = "token-file", value_name = "FILE")]
     token_file: Option<PathBuf>,
+    #[command(flatten)]
+    tls: super::tls::ClientTlsArgs,
 }
 
 pub fn run(args: Args, paths: &Paths, ctx: &super::Ctx) -> anyhow::Result<ExitCode> {
@@ -78,10 +90,11 @@ fn bad(e: impl std::fmt::Display) -> RuntimeError {
 }
 
 fn serve(args: ServeArgs, paths: &Paths, ctx: &super::Ctx) -> anyhow::Result<ExitCode> {
-    if !args.listen.ip().is_loopback() {
+    let tls = args.tls.config()?;
+    if tls.is_none() && !args.listen.ip().is_loopback() {
         if !args.insecure {
             return Err(bad(format!(
-                "--listen {} is beyond loopback: writes and the token would travel in clear text; pass --insecure to accept that (TLS comes later)",
+                "--listen {}: plain HTTP off loopback sends writes and the token in clear: pass --tls-cert FILE --tls-key FILE (see `ferry tls init`; nodes then use --node-listen), or --insecure",
                 args.listen
             ))
             .into());
@@ -93,11 +106,12 @@ fn serve(args: ServeArgs, paths: &Paths, ctx: &super::Ctx) -> anyhow::Result<Exi
             ),
         });
     }
-    if args.listen.ip().is_unspecified() && args.advertise.is_none() {
+    let told = args.node_listen.unwrap_or(args.listen);
+    if told.ip().is_unspecified() && args.advertise.is_none() {
         ctx.render.emit(Event::Warning {
             message: format!(
-                "--listen {} without --advertise: nodes are told to use 127.0.0.1, which only this host reaches",
-                args.listen
+                "{} {told} without --advertise: nodes are told to use 127.0.0.1, which only this host reaches",
+                if args.node_listen.is_some() { "--node-listen" } else { "--listen" },
             ),
         });
     }
@@ -106,7 +120,11 @@ fn serve(args: ServeArgs, paths: &Paths, ctx: &super::Ctx) -> anyhow::Result<Exi
         None => None,
     };
     let guarded = token.is_some();
-    let service = BootService::bind(BootServiceConfig {
+    let setup = |e: BootSvcError| match e {
+        BootSvcError::Setup { .. } | BootSvcError::Serve { .. } => anyhow::Error::from(e),
+        e => bad(e).into(),
+    };
+    let mut service = BootService::bind(BootServiceConfig {
         listen: args.listen,
         store: args
             .store
@@ -114,12 +132,26 @@ fn serve(args: ServeArgs, paths: &Paths, ctx: &super::Ctx) -> anyhow::Result<Exi
         token,
         advertise: args.advertise,
     })
-    .map_err(|e| match e {
-        BootSvcError::Setup { .. } | BootSvcError::Serve { .. } => anyhow::Error::from(e),
-        e => bad(e).into(),
-    })?;
+    .map_err(setup)?;
+    let with_tls = tls.is_some();
+    if let Some(tls) = tls {
+        service = service.with_tls(tls).map_err(setup)?;
+    }
+    if let Some(node) = args.node_listen {
+        service = service.with_node_listener(node).map_err(setup)?;
+    }
+    if with_tls && service.node_addr().is_none() {
+        ctx.render.emit(Event::Warning {
+            message: "--tls-cert without --node-listen: nodes are told an https:// address, which iPXE and the node initramfs cannot use".into(),
+        });
+    }
+    if let Some(node) = service.node_addr() {
+        ctx.notice(&format!(
+            "nodes' listener (plain HTTP: boot script, cloud-init, files, phone-home): http://{node}"
+        ));
+    }
     let cancel = ctx.cancel()?;
-    let url = format!("http://{}", service.local_addr());
+    let url = service.url();
     ctx.notice(&format!("nodes are told to use {}", service.advertise()));
     if guarded {
         ctx.notice("writes need the token (Authorization: Bearer); reads do not");
@@ -153,9 +185,12 @@ fn run_load(args: LoadArgs, ctx: &super::Ctx) -> anyhow::Result<ExitCode> {
         ),
         None => None,
     };
-    let report =
-        ferry_bootsvc::client::load(&args.url, token.as_deref(), &list).map_err(|e| match e {
-            LoadError::Parse(_) | LoadError::BadNode { .. } => anyhow::Error::from(bad(e)),
+    let tls = args.tls.settings();
+    let report = ferry_bootsvc::client::load_tls(&args.url, token.as_deref(), &list, tls.as_ref())
+        .map_err(|e| match e {
+            LoadError::Parse(_) | LoadError::BadNode { .. } | LoadError::Tls { .. } => {
+                anyhow::Error::from(bad(e))
+            }
             e => anyhow::Error::from(e),
         })?;
     if ctx.render.json() {

@@ -41,9 +41,16 @@ pub struct Args {
     /// Memory to offer to VMs, MiB (default: the host's).
     #[arg(long = "capacity-mib", value_name = "MIB")]
     capacity_mib: Option<u64>,
+    /// Instances serve their migrations only over TLS with this
+    /// certificate (`--tls-cert`, `--tls-key`; it must name --advertise),
+    /// requiring client certificates signed by `--client-ca`; moves in
+    /// dial their source over TLS, trusting --ca and presenting
+    /// --client-cert. Give every worker of a cluster TLS, or none.
+    #[command(flatten, next_help_heading = "Moves between workers over TLS")]
+    peer_tls: super::tls::ServerTlsArgs,
     /// Let instances serve migrations in plain TCP on a non-loopback
-    /// address (peers have no TLS yet).
-    #[arg(long)]
+    /// address.
+    #[arg(long, conflicts_with = "tls_cert")]
     insecure: bool,
     /// Ports instances serve migrations on, FIRST-LAST.
     #[arg(long, value_name = "FIRST-LAST", default_value = "17000-17099")]
@@ -73,10 +80,37 @@ pub fn run(args: Args, paths: &Paths, ctx: &super::Ctx) -> anyhow::Result<ExitCo
         .map(|f| super::tokens::read_file("--token-file", f))
         .transpose()?
         .map(|t| t.expose().to_string());
-    if !advertise.is_loopback() {
+    // The files are read and checked now, not at the first move.
+    let peer_listen_tls = match (&args.peer_tls.tls_cert, &args.peer_tls.tls_key) {
+        (Some(cert), Some(key)) => {
+            args.peer_tls.config()?;
+            let absolute = |p: &PathBuf| std::path::absolute(p).unwrap_or_else(|_| p.clone());
+            Some(ferry_transport::ServerTlsFiles {
+                cert: absolute(cert),
+                key: absolute(key),
+                client_ca: args.peer_tls.client_ca.as_ref().map(absolute),
+            })
+        }
+        _ => None,
+    };
+    let peer_tls = match &peer_listen_tls {
+        None => None,
+        Some(_) => {
+            let Some(tls) = args.tls.settings().filter(|t| t.ca.is_some()) else {
+                return Err(RuntimeError::BadOption(
+                    "--tls-cert: moves between workers are then TLS both ways; give --ca FILE, the CA that signed the other workers' certificates (and --client-cert/--client-key if they ask for one)".into(),
+                )
+                .into());
+            };
+            tls.peer()
+                .map_err(|e| RuntimeError::BadOption(e.to_string()))?;
+            Some(tls)
+        }
+    };
+    if !advertise.is_loopback() && peer_listen_tls.is_none() {
         if !args.insecure {
             return Err(RuntimeError::BadOption(format!(
-                "--advertise {advertise}: instances would serve their migrations there in plain TCP (token and memory in clear), and peers have no TLS yet: pass --insecure, or use a loopback address"
+                "--advertise {advertise}: instances would serve their migrations there in plain TCP (token and memory in clear): pass --tls-cert FILE --tls-key FILE with --ca FILE (see `ferry tls init`), or --insecure, or use a loopback address"
             ))
             .into());
         }
@@ -109,6 +143,8 @@ pub fn run(args: Args, paths: &Paths, ctx: &super::Ctx) -> anyhow::Result<ExitCo
                 client_cert: None,
                 client_key: None,
             }),
+        peer_listen_tls,
+        peer_tls,
         advertise,
         lease_s: args.lease_s,
         capacity_mib: args.capacity_mib,

@@ -365,10 +365,10 @@ pub fn run(
         let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
             let _ = rx.wait_for(|s| *s).await;
         };
-        let api_server = axum::serve(api, routes::api(state.clone()))
-            .with_graceful_shutdown(stopped(stop_rx.clone()));
+        let api_server =
+            ferry_transport::serve(api, routes::api(state.clone()), stopped(stop_rx.clone()));
         let link_server =
-            axum::serve(link, routes::link(state)).with_graceful_shutdown(stopped(stop_rx.clone()));
+            ferry_transport::serve(link, routes::link(state), stopped(stop_rx.clone()));
         // Long polls and event streams never end by themselves: after a
         // shutdown is asked for, they get a short grace, then are cut.
         let grace = async move {
@@ -460,12 +460,11 @@ async fn standby(
         async move {
             let addr = l.local_addr().ok();
             if let Ok(l) = capped(l, tls.as_ref(), "standby manager") {
-                let _ = axum::serve(l, app)
-                    .with_graceful_shutdown(async move {
-                        let mut rx = rx;
-                        let _ = rx.wait_for(|d| *d).await;
-                    })
-                    .await;
+                let _ = ferry_transport::serve(l, app, async move {
+                    let mut rx = rx;
+                    let _ = rx.wait_for(|d| *d).await;
+                })
+                .await;
             }
             tracing::debug!(?addr, "standby listener closed");
         }

@@ -31,6 +31,8 @@ pub enum BootSource {
         /// Through the NIC's firmware (DHCP, iPXE, the boot script) on a PC
         /// machine, as a bare-metal node netboots (`--netboot`).
         netboot: bool,
+        /// TLS for an `https://` service (`--ca`, a client certificate).
+        tls: Option<ferry_transport::ClientTls>,
     },
 }
 
@@ -86,12 +88,18 @@ pub fn boot(
                 started: opts.started,
             },
         )?,
-        BootSource::Bss { url, mac, netboot } => start::bss::plan(
+        BootSource::Bss {
+            url,
+            mac,
+            netboot,
+            tls,
+        } => start::bss::plan(
             engine,
             paths,
             &BssStart {
                 url: url.clone(),
                 mac: mac.clone(),
+                tls: tls.clone(),
                 name: opts.name.clone().unwrap_or_else(|| generate_name("node")),
                 memory_mib: opts.memory_mib,
                 cpus: opts.cpus,

@@ -60,6 +60,8 @@ pub struct BssStart {
     pub url: String,
     /// The node's MAC.
     pub mac: String,
+    /// TLS for an `https://` service (`--ca`, a client certificate).
+    pub tls: Option<ferry_transport::ClientTls>,
     /// The VM's name.
     pub name: String,
     /// Guest memory; [`DEFAULT_MEMORY_MIB`] if `None`.
@@ -134,7 +136,7 @@ fn plan_in(
 ) -> Result<StartPlan<'static>, StartError> {
     let t = Instant::now();
     let url = opts.url.trim_end_matches('/').to_string();
-    let fetched = fetch::fetch_boot(
+    let fetched = fetch::fetch_boot_tls(
         &FetchOptions {
             url: url.clone(),
             mac: mac.to_string(),
@@ -147,6 +149,7 @@ fn plan_in(
                 .netboot
                 .then(|| (NetworkConfig::default().gateway, "127.0.0.1".to_string())),
         },
+        opts.tls.as_ref(),
         |attempt, delay, why| {
             events.emit(Event::Warning {
                 message: format!(
@@ -332,15 +335,23 @@ fn parse_guest_mac(text: &str) -> Result<String, StartError> {
 }
 
 /// The forward the boot service itself needs (when it is on this host's
-/// loopback), after checking that `url` is an `http://host[:port]` URL.
+/// loopback), after checking that `url` is an `http://host[:port]` or
+/// `https://` URL. An `https://` service gets none: the guest cannot speak
+/// TLS to it (nor hold its CA), so it reaches only the plain URLs the
+/// params name (`ferry boot-service --node-listen`).
 fn service_forward(url: &str) -> Result<Option<GatewayForward>, StartError> {
     let bad = |why: &str| StartError::BadBssUrl {
         url: url.to_string(),
         why: why.to_string(),
     };
+    if let Some(rest) = url.strip_prefix("https://") {
+        let authority = rest.split(['/', '?', '#']).next().unwrap_or_default();
+        split_authority(authority).ok_or_else(|| bad("no host:port in it"))?;
+        return Ok(None);
+    }
     let rest = url
         .strip_prefix("http://")
-        .ok_or_else(|| bad("it must start with http://"))?;
+        .ok_or_else(|| bad("it must start with http:// or https://"))?;
     let authority = rest.split(['/', '?', '#']).next().unwrap_or_default();
     let (host, port) = split_authority(authority).ok_or_else(|| bad("no host:port in it"))?;
     Ok(loopback(&host).map(|ip| GatewayForward {
@@ -556,6 +567,8 @@ mod tests {
             })
         );
         assert_eq!(service_forward("http://10.1.2.3:27778/").unwrap(), None);
+        assert_eq!(service_forward("https://127.0.0.1:27778/").unwrap(), None);
+        assert!(service_forward("https://").is_err());
         assert!(service_forward("ftp://127.0.0.1").is_err());
         assert!(service_forward("http://:12").is_err());
     }
