@@ -124,8 +124,7 @@ pub async fn run(
     let client = client(opts.kubeconfig.as_ref()).await?;
     let metrics = metrics::Metrics::new();
     if let Some(addr) = opts.metrics_listen {
-        let listener = tokio::net::TcpListener::bind(addr)
-            .await
+        let listener = std::net::TcpListener::bind(addr)
             .map_err(|source| OperatorError::Metrics { addr, source })?;
         let local = listener.local_addr().unwrap_or(addr);
         let m = metrics.clone();

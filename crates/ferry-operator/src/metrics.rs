@@ -147,12 +147,30 @@ impl Metrics {
     }
 }
 
-/// Serves `/metrics` on `listener` until the process ends.
-pub async fn serve(
-    listener: tokio::net::TcpListener,
+/// Connections `/metrics` serves at once; one past that is closed at once.
+const MAX_CONNECTIONS: usize = 64;
+
+/// Serves `/metrics` on `listener` until the process ends, as ferry's other
+/// listeners are served: a connection cap, and a header deadline on every
+/// request of a connection (`ferry_transport::serve`), so that scrapers
+/// that stall cannot hold the listener.
+///
+/// # Errors
+/// The socket cannot be registered with the runtime.
+pub async fn serve(listener: std::net::TcpListener, metrics: Arc<Metrics>) -> std::io::Result<()> {
+    serve_with_deadline(listener, metrics, ferry_transport::HEADER_DEADLINE).await
+}
+
+async fn serve_with_deadline(
+    listener: std::net::TcpListener,
     metrics: Arc<Metrics>,
+    header_deadline: std::time::Duration,
 ) -> std::io::Result<()> {
     use axum::routing::get;
+    listener.set_nonblocking(true)?;
+    let listener =
+        ferry_transport::CappedListener::new(listener, MAX_CONNECTIONS, None, "operator metrics")?
+            .with_header_deadline(header_deadline);
     let app = axum::Router::new().route(
         "/metrics",
         get(move || {
@@ -160,5 +178,54 @@ pub async fn serve(
             async move { m.render() }
         }),
     );
-    axum::serve(listener, app).await
+    ferry_transport::serve_with_deadline(listener, app, std::future::pending(), header_deadline)
+        .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::{Read, Write};
+    use std::time::{Duration, Instant};
+
+    /// A scraper that sends one request, then trickles the next one's
+    /// headers on the same keep-alive connection, is cut off at the header
+    /// deadline; with `axum::serve` (before) it held the connection for
+    /// ever.
+    #[test]
+    fn a_stalled_keep_alive_scrape_is_cut_off() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.spawn(serve_with_deadline(
+            listener,
+            Metrics::new(),
+            Duration::from_millis(300),
+        ));
+        let mut conn = std::net::TcpStream::connect(addr).unwrap();
+        conn.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        conn.write_all(b"GET /metrics HTTP/1.1\r\nHost: m\r\n\r\n")
+            .unwrap();
+        let mut buf = [0u8; 65536];
+        let n = conn.read(&mut buf).unwrap();
+        let head = String::from_utf8_lossy(&buf[..n]);
+        assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+        // The first line of a second request, and nothing more.
+        conn.write_all(b"GET /metrics HTTP/1.1\r\n").unwrap();
+        let t = Instant::now();
+        let closed = loop {
+            match conn.read(&mut buf) {
+                Ok(0) => break true,
+                Ok(_) => continue,
+                Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => break true,
+                Err(_) => break false,
+            }
+        };
+        assert!(closed, "the stalled connection was still open after 5 s");
+        assert!(t.elapsed() < Duration::from_secs(3), "{:?}", t.elapsed());
+    }
 }
