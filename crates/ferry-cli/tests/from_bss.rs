@@ -44,16 +44,6 @@ fn http(method: &str, url: &str, body: Option<&Value>) -> (u16, String) {
     common::http_json(method, url, body, None)
 }
 
-fn sha256(path: &Path) -> String {
-    let out = Command::new("sha256sum").arg(path).output().unwrap();
-    assert!(out.status.success(), "{}", describe(&out));
-    String::from_utf8_lossy(&out.stdout)
-        .split_whitespace()
-        .next()
-        .unwrap()
-        .to_string()
-}
-
 /// The tiny blueprint's kernel, initramfs and disk in the store's
 /// `files/`; their `(name, sha256)`.
 fn serve_tiny(store: &Path) -> Vec<(&'static str, String)> {
@@ -68,7 +58,7 @@ fn serve_tiny(store: &Path) -> Vec<(&'static str, String)> {
     .into_iter()
     .map(|(name, from)| {
         std::fs::copy(&from, files.join(name)).unwrap();
-        (name, sha256(&from))
+        (name, common::sha256_hex(&from))
     })
     .collect()
 }

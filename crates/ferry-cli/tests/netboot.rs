@@ -44,19 +44,7 @@ fn http(method: &str, url: &str, body: Option<&Value>) -> (u16, String) {
 }
 
 fn get_json(url: &str) -> Value {
-    let (code, body) = http("GET", url, None);
-    assert_eq!(code, 200, "{url}: {body}");
-    serde_json::from_str(&body).unwrap_or_else(|e| panic!("{url}: {e}: {body}"))
-}
-
-fn sha256(path: &Path) -> String {
-    let out = Command::new("sha256sum").arg(path).output().unwrap();
-    assert!(out.status.success(), "{}", describe(&out));
-    String::from_utf8_lossy(&out.stdout)
-        .split_whitespace()
-        .next()
-        .unwrap()
-        .to_string()
+    common::get_json(url, Some(TOKEN))
 }
 
 /// A network namespace made for the VM (ferry uses one it is given with
@@ -142,20 +130,7 @@ fn a_node_netboots_through_dnsmasq_ipxe_and_the_boot_script() {
     let _lock = vm_lock_for(Duration::from_secs(900));
     let test_started = Instant::now();
     let env = env();
-    let store = env.state.path().join("bss-store");
-    let files = store.join("files");
-    std::fs::create_dir_all(&files).unwrap();
-    for (name, from) in [
-        ("vmlinuz", bp.kernel()),
-        ("initramfs.cpio.gz", bp.initramfs()),
-        ("node.ext4", bp.disk()),
-    ] {
-        std::fs::hard_link(&from, files.join(name))
-            .or_else(|_| std::fs::copy(&from, files.join(name)).map(|_| ()))
-            .unwrap();
-    }
-    let token = env.state.path().join("token");
-    std::fs::write(&token, format!("{TOKEN}\n")).unwrap();
+    let (store, token) = common::node_boot_store(&env, &bp, TOKEN);
     let port = ports::free_port();
     // Nodes are told to use the service at their gateway, which leads to
     // the service's loopback port.
@@ -190,14 +165,22 @@ fn a_node_netboots_through_dnsmasq_ipxe_and_the_boot_script() {
     ]);
     assert!(out.status.success(), "{}", describe(&out));
 
-    let kernel = |base: &str| format!("{base}/files/vmlinuz#sha256={}", sha256(&bp.kernel()));
+    let kernel = |base: &str| {
+        format!(
+            "{base}/files/vmlinuz#sha256={}",
+            common::sha256_hex(&bp.kernel())
+        )
+    };
     let initrd = |base: &str| {
         format!(
             "{base}/files/initramfs.cpio.gz#sha256={}",
-            sha256(&bp.initramfs())
+            common::sha256_hex(&bp.initramfs())
         )
     };
-    let root = format!("{node_url}/files/node.ext4#sha256={}", sha256(&bp.disk()));
+    let root = format!(
+        "{node_url}/files/node.ext4#sha256={}",
+        common::sha256_hex(&bp.disk())
+    );
     // The firmware boots the script as it is: the params carry what
     // ferry's guest needs on its command line (its console).
     let (code, body) = http(

@@ -48,19 +48,7 @@ fn http(method: &str, url: &str, body: Option<&Value>) -> (u16, String) {
 }
 
 fn get_json(url: &str) -> Value {
-    let (code, body) = http("GET", url, None);
-    assert_eq!(code, 200, "{url}: {body}");
-    serde_json::from_str(&body).unwrap_or_else(|e| panic!("{url}: {e}: {body}"))
-}
-
-fn sha256(path: &Path) -> String {
-    let out = Command::new("sha256sum").arg(path).output().unwrap();
-    assert!(out.status.success(), "{}", describe(&out));
-    String::from_utf8_lossy(&out.stdout)
-        .split_whitespace()
-        .next()
-        .unwrap()
-        .to_string()
+    common::get_json(url, Some(TOKEN))
 }
 
 /// The node list as `ochami discover static` reads it.
@@ -87,20 +75,7 @@ fn three_nodes_boot_from_the_boot_service_with_their_cloud_init_data() {
     let _lock = vm_lock_for(Duration::from_secs(1200));
     let test_started = Instant::now();
     let env = env();
-    let store = env.state.path().join("bss-store");
-    let files = store.join("files");
-    std::fs::create_dir_all(&files).unwrap();
-    for (name, from) in [
-        ("vmlinuz", bp.kernel()),
-        ("initramfs.cpio.gz", bp.initramfs()),
-        ("node.ext4", bp.disk()),
-    ] {
-        std::fs::hard_link(&from, files.join(name))
-            .or_else(|_| std::fs::copy(&from, files.join(name)).map(|_| ()))
-            .unwrap();
-    }
-    let token = env.state.path().join("token");
-    std::fs::write(&token, format!("{TOKEN}\n")).unwrap();
+    let (store, token) = common::node_boot_store(&env, &bp, TOKEN);
     let port = ports::free_port();
     let mut svc = service(&store, &token, port);
     let url = format!("http://127.0.0.1:{port}");
@@ -118,12 +93,18 @@ fn three_nodes_boot_from_the_boot_service_with_their_cloud_init_data() {
     ]);
     assert!(out.status.success(), "{}", describe(&out));
 
-    let kernel = format!("{url}/files/vmlinuz#sha256={}", sha256(&bp.kernel()));
+    let kernel = format!(
+        "{url}/files/vmlinuz#sha256={}",
+        common::sha256_hex(&bp.kernel())
+    );
     let initrd = format!(
         "{url}/files/initramfs.cpio.gz#sha256={}",
-        sha256(&bp.initramfs())
+        common::sha256_hex(&bp.initramfs())
     );
-    let root = format!("{url}/files/node.ext4#sha256={}", sha256(&bp.disk()));
+    let root = format!(
+        "{url}/files/node.ext4#sha256={}",
+        common::sha256_hex(&bp.disk())
+    );
     for (name, xname, _) in NODES {
         let (code, body) = http(
             "POST",

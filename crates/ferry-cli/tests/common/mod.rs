@@ -215,3 +215,51 @@ pub fn http_json(
         r.body_mut().read_to_string().unwrap_or_default(),
     )
 }
+
+/// GET `url` (with a bearer `token` if given): the body as JSON, which
+/// must come with 200.
+pub fn get_json(url: &str, token: Option<&str>) -> serde_json::Value {
+    let (code, body) = http_json("GET", url, None, token);
+    assert_eq!(code, 200, "{url}: {body}");
+    serde_json::from_str(&body).unwrap_or_else(|e| panic!("{url}: {e}: {body}"))
+}
+
+/// A file's SHA-256 as hex (`sha256sum`), for `#sha256=` URLs.
+pub fn sha256_hex(path: &Path) -> String {
+    let out = std::process::Command::new("sha256sum")
+        .arg(path)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", describe(&out));
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .to_string()
+}
+
+/// A boot service store under `env`'s state directory serving the `node`
+/// blueprint `bp` (`files/vmlinuz`, `files/initramfs.cpio.gz`,
+/// `files/node.ext4`, hard links where possible), and a token file holding
+/// `token`: `(store, token file)`.
+pub fn node_boot_store(
+    env: &FerryEnv,
+    bp: &ferry_blueprint::Blueprint,
+    token: &str,
+) -> (PathBuf, PathBuf) {
+    let store = env.state.path().join("bss-store");
+    let files = store.join("files");
+    std::fs::create_dir_all(&files).unwrap();
+    for (name, from) in [
+        ("vmlinuz", bp.kernel()),
+        ("initramfs.cpio.gz", bp.initramfs()),
+        ("node.ext4", bp.disk()),
+    ] {
+        std::fs::hard_link(&from, files.join(name))
+            .or_else(|_| std::fs::copy(&from, files.join(name)).map(|_| ()))
+            .unwrap();
+    }
+    let token_file = env.state.path().join("token");
+    std::fs::write(&token_file, format!("{token}\n")).unwrap();
+    (store, token_file)
+}
