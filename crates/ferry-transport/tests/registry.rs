@@ -394,6 +394,31 @@ fn connections_past_the_cap_are_closed() {
     assert_eq!(get(addr, "/").status, 200);
 }
 
+/// Sends `request` one byte at a time (with `send` false, sends nothing),
+/// waiting the stream's read timeout for an answer after each, until the
+/// server closes the connection: whether it did before the request was
+/// all sent. An answer instead panics; so does still going after 20 s.
+fn trickle_until_cut(s: &mut std::net::TcpStream, request: &[u8], send: bool) -> bool {
+    use std::io::{Read, Write};
+    use std::time::{Duration, Instant};
+    let started = Instant::now();
+    let mut buf = [0u8; 512];
+    for b in request {
+        if send && s.write_all(&[*b]).is_err() {
+            return true;
+        }
+        // EOF (or a reset) is the cut.
+        match s.read(&mut buf) {
+            Ok(0) => return true,
+            Ok(n) => panic!("answered: {}", String::from_utf8_lossy(&buf[..n])),
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return true,
+            Err(_) => {}
+        }
+        assert!(started.elapsed() < Duration::from_secs(20), "never cut off");
+    }
+    false
+}
+
 /// A client that sends its request headers one byte every 2 s is cut off
 /// once `HEADER_DEADLINE` (10 s from its accept) has passed, though each
 /// byte comes well within any per-read timeout (the whole request would
@@ -402,7 +427,6 @@ fn connections_past_the_cap_are_closed() {
 /// limit).
 #[test]
 fn request_headers_trickled_byte_by_byte_are_cut_off_at_the_deadline() {
-    use std::io::{Read, Write};
     use std::time::{Duration, Instant};
     let (_dir, a, _) = two_packages();
     let reg = Registry::bind(RegistryConfig {
@@ -419,28 +443,8 @@ fn request_headers_trickled_byte_by_byte_are_cut_off_at_the_deadline() {
     let request =
         b"GET / HTTP/1.1\r\nHost: x\r\nUser-Agent: a-slow-client\r\nConnection: close\r\n\r\n";
     let started = Instant::now();
-    let mut cut = false;
-    let mut buf = [0u8; 512];
-    for b in request {
-        if s.write_all(&[*b]).is_err() {
-            cut = true;
-            break;
-        }
-        // Waits 2 s for an answer: EOF (or a reset) is the cut.
-        match s.read(&mut buf) {
-            Ok(0) => {
-                cut = true;
-                break;
-            }
-            Ok(n) => panic!("answered: {}", String::from_utf8_lossy(&buf[..n])),
-            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {
-                cut = true;
-                break;
-            }
-            Err(_) => {}
-        }
-        assert!(started.elapsed() < Duration::from_secs(20), "never cut off");
-    }
+    // Each byte waits 2 s (the read timeout) for an answer.
+    let cut = trickle_until_cut(&mut s, request, true);
     assert!(cut, "the whole trickled request was read");
     let took = started.elapsed();
     assert!(
@@ -504,28 +508,8 @@ fn a_keep_alive_connections_later_requests_have_the_deadline_too() {
         s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
         assert!(answer(&mut s).starts_with("HTTP/1.1 200"));
         let started = Instant::now();
-        let mut cut = false;
-        let mut buf = [0u8; 512];
         let second = b"GET / HTTP/1.1\r\nHost: x\r\nUser-Agent: a-slow-client\r\n\r\n";
-        for b in second {
-            if trickle && s.write_all(&[*b]).is_err() {
-                cut = true;
-                break;
-            }
-            match s.read(&mut buf) {
-                Ok(0) => {
-                    cut = true;
-                    break;
-                }
-                Ok(n) => panic!("answered: {}", String::from_utf8_lossy(&buf[..n])),
-                Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {
-                    cut = true;
-                    break;
-                }
-                Err(_) => {}
-            }
-            assert!(started.elapsed() < Duration::from_secs(20), "never cut off");
-        }
+        let cut = trickle_until_cut(&mut s, second, trickle);
         assert!(
             cut,
             "the whole trickled request was read (trickle: {trickle})"
