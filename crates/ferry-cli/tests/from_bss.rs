@@ -110,17 +110,6 @@ fn guest_view(env: &FerryEnv, name: &str) -> (String, String) {
     (exec(env, name, "cat /sys/class/net/eth0/address"), cmdline)
 }
 
-/// A clear line, exit code 3, and no VM: nothing in the state directory,
-/// no QEMU.
-fn assert_refused(env: &FerryEnv, out: &std::process::Output, name: &str, says: &str) -> String {
-    assert_eq!(out.status.code(), Some(3), "{}", describe(out));
-    let line = error_line(out);
-    assert!(line.contains(says), "{line:?} should say {says:?}");
-    assert!(!env.vm_dir(name).exists(), "no VM directory is left");
-    assert!(qemu_pids(name).is_empty(), "no QEMU was started");
-    line
-}
-
 #[test]
 fn a_node_boots_from_the_boot_service_with_its_mac_params_and_cloud_init() {
     let _lock = vm_lock();
@@ -269,11 +258,11 @@ fn a_wrong_digest_an_unknown_mac_or_a_bad_mac_start_no_vm() {
     register(&url, &files, Some(&"0".repeat(64)));
 
     let out = env.run(&boot_args(&url, MAC, "n-digest"));
-    let line = assert_refused(&env, &out, "n-digest", "sha256 is");
+    let line = common::assert_refused(&env, &out, "n-digest", "sha256 is");
     assert!(line.contains("vmlinuz"), "{line}");
 
     let out = env.run(&boot_args(&url, "de:ca:fc:0f:fe:99", "n-unknown"));
-    assert_refused(
+    common::assert_refused(
         &env,
         &out,
         "n-unknown",
@@ -281,7 +270,7 @@ fn a_wrong_digest_an_unknown_mac_or_a_bad_mac_start_no_vm() {
     );
 
     let out = env.run(&boot_args(&url, "de:ca:fc:0f:fe", "n-bad"));
-    assert_refused(&env, &out, "n-bad", "--mac");
+    common::assert_refused(&env, &out, "n-bad", "--mac");
 
     // A kernel URL that 404s.
     let (code, body) = http(
@@ -291,7 +280,7 @@ fn a_wrong_digest_an_unknown_mac_or_a_bad_mac_start_no_vm() {
     );
     assert_eq!(code, 200, "{body}");
     let out = env.run(&boot_args(&url, MAC, "n-404"));
-    assert_refused(&env, &out, "n-404", "HTTP 404");
+    common::assert_refused(&env, &out, "n-404", "HTTP 404");
 
     // With Unknown-x86_64 set, an unknown MAC gets its data (here with a
     // wrong digest, so nothing boots: the error shows whose data it was).
@@ -306,7 +295,7 @@ fn a_wrong_digest_an_unknown_mac_or_a_bad_mac_start_no_vm() {
     );
     assert_eq!(code, 201, "{body}");
     let out = env.run(&boot_args(&url, "de:ca:fc:0f:fe:99", "n-unknown2"));
-    assert_refused(&env, &out, "n-unknown2", &"1".repeat(64));
+    common::assert_refused(&env, &out, "n-unknown2", &"1".repeat(64));
 }
 
 #[test]

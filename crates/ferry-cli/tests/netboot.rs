@@ -19,7 +19,7 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{env, error_line, exec, stop};
+use common::{env, exec, stop};
 use ferry_blueprint::Blueprint;
 use ferry_test_support::{
     blueprint, describe, ports, qemu_pids, spawn_until, spawn_until_live, vm_lock_for, KillOnDrop,
@@ -215,13 +215,7 @@ fn a_node_netboots_through_dnsmasq_ipxe_and_the_boot_script() {
         "--name",
         "nb-unknown",
     ]);
-    assert_eq!(out.status.code(), Some(3), "{}", describe(&out));
-    assert!(
-        error_line(&out).contains("de:ca:fc:0f:fe:97"),
-        "{}",
-        describe(&out)
-    );
-    assert!(!env.vm_dir("nb-unknown").exists());
+    common::assert_refused(&env, &out, "nb-unknown", "de:ca:fc:0f:fe:97");
     // A netboot without the VM's network (no DHCP to ask) is refused.
     let out = env.run(&[
         "boot",
@@ -235,13 +229,7 @@ fn a_node_netboots_through_dnsmasq_ipxe_and_the_boot_script() {
         "--name",
         "nb-nonet",
     ]);
-    assert_eq!(out.status.code(), Some(3), "{}", describe(&out));
-    assert!(
-        error_line(&out).contains("--net none"),
-        "{}",
-        describe(&out)
-    );
-    assert!(!env.vm_dir("nb-nonet").exists());
+    common::assert_refused(&env, &out, "nb-nonet", "--net none");
     let (code, body) = http(
         "POST",
         &format!("{url}/boot/v1/bootparameters"),
@@ -263,15 +251,11 @@ fn a_node_netboots_through_dnsmasq_ipxe_and_the_boot_script() {
         "--name",
         "nb-loopback",
     ]);
-    assert_eq!(out.status.code(), Some(3), "{}", describe(&out));
-    let line = error_line(&out);
+    let line = common::assert_refused(&env, &out, "nb-loopback", "cannot reach");
     assert!(
-        line.contains("cannot reach")
-            && line.contains(&format!("--advertise http://{GATEWAY}:{port}")),
+        line.contains(&format!("--advertise http://{GATEWAY}:{port}")),
         "{line}"
     );
-    assert!(!env.vm_dir("nb-loopback").exists());
-    assert!(qemu_pids("nb-loopback").is_empty());
 
     // The netboot: dnsmasq in the VM's namespace, then the VM.
     let ns = Netns::new(&format!("fnb{}", std::process::id()));

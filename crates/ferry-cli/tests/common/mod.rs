@@ -263,3 +263,14 @@ pub fn node_boot_store(
     std::fs::write(&token_file, format!("{token}\n")).unwrap();
     (store, token_file)
 }
+
+/// A clear line, exit code 3, and no VM: nothing in the state directory,
+/// no QEMU. Returns the line.
+pub fn assert_refused(env: &FerryEnv, out: &Output, name: &str, says: &str) -> String {
+    assert_eq!(out.status.code(), Some(3), "{}", describe(out));
+    let line = error_line(out);
+    assert!(line.contains(says), "{line:?} should say {says:?}");
+    assert!(!env.vm_dir(name).exists(), "no VM directory is left");
+    assert!(qemu_pids(name).is_empty(), "no QEMU was started");
+    line
+}
