@@ -90,7 +90,8 @@ impl ServerTlsArgs {
 #[derive(clap::Args, Debug, Default)]
 pub struct ClientTlsArgs {
     /// Trust this CA (PEM) instead of the public roots (e.g. ca.crt from
-    /// `ferry tls init`); a bare HOST:PORT is then https://.
+    /// `ferry tls init`); a manager given as a bare HOST:PORT is then
+    /// https:// (a boot service's URL needs https:// written out).
     #[arg(long, value_name = "FILE")]
     pub ca: Option<PathBuf>,
     /// Present this client certificate (PEM) to a server that asks for one
