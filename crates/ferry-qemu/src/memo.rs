@@ -3,7 +3,8 @@
 //! on an idle host, hundreds on a busy one), a kernel's digest (the key
 //! of the accelerator verdict: 14 MB hashed) and a disk's copy-on-write
 //! overlay (a `qemu-img` run). Every VM start needed all three before its
-//! engine ran (issue 12: ferry's overhead down to the engine's own).
+//! engine ran (issue 12: ferry's overhead down to the engine's own). The
+//! host's TSC frequency (20 ms to measure) is remembered per boot.
 //!
 //! A fact is keyed by the file's identity: its path, device, inode, size,
 //! modification and status-change times. The status-change time moves on
@@ -49,6 +50,35 @@ pub(crate) fn text(
     }
     Some(learnt)
 }
+
+/// What `learn` says about this host until it boots again, from the memo
+/// when there is one. The memo is keyed by the kernel's boot id, so a fact
+/// that holds for one boot (the TSC's frequency) is learnt once per boot,
+/// not once per ferry process; without a boot id it is learnt every time.
+pub(crate) fn this_boot(
+    cache_dir: &Path,
+    kind: &str,
+    learn: impl FnOnce() -> Option<String>,
+) -> Option<String> {
+    let boot_id = std::fs::read_to_string(BOOT_ID).unwrap_or_default();
+    let boot_id = boot_id.trim();
+    if boot_id.is_empty() || !boot_id.bytes().all(|b| b.is_ascii_hexdigit() || b == b'-') {
+        return learn();
+    }
+    let memo = cache_dir.join("memo").join(format!("{kind}-{boot_id}"));
+    if let Some(known) = std::fs::read_to_string(&memo)
+        .ok()
+        .filter(|t| !t.trim().is_empty())
+    {
+        return Some(known.trim().to_owned());
+    }
+    let learnt = learn()?;
+    keep(&memo, learnt.as_bytes());
+    Some(learnt)
+}
+
+/// A fresh random id for every boot of the host's kernel.
+const BOOT_ID: &str = "/proc/sys/kernel/random/boot_id";
 
 /// Writes `bytes` to `memo` beside, then renames: a reader never sees half
 /// of it. Failures are only logged (the fact is learnt again next time).
@@ -101,6 +131,32 @@ mod tests {
         assert_eq!(
             text(&cache, "digest", &dir.path().join("missing"), || None),
             None
+        );
+    }
+    #[test]
+    fn a_fact_about_this_boot_is_learnt_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut learnt = 0;
+        let mut ask = || {
+            this_boot(dir.path(), "tsc-khz", || {
+                learnt += 1;
+                Some("2596142".to_owned())
+            })
+        };
+        assert_eq!(ask().as_deref(), Some("2596142"));
+        assert_eq!(ask().as_deref(), Some("2596142"));
+        assert_eq!(learnt, 1, "the second answer came from the memo");
+        let boot_id = std::fs::read_to_string(BOOT_ID).unwrap();
+        let memo = dir
+            .path()
+            .join("memo")
+            .join(format!("tsc-khz-{}", boot_id.trim()));
+        assert_eq!(std::fs::read_to_string(memo).unwrap(), "2596142");
+        // What cannot be learnt is not remembered.
+        assert_eq!(this_boot(dir.path(), "nothing", || None), None);
+        assert_eq!(
+            std::fs::read_dir(dir.path().join("memo")).unwrap().count(),
+            1
         );
     }
 }

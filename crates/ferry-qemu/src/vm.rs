@@ -268,6 +268,10 @@ impl QemuVm {
                 // socket with it).
                 paused: matches!(start, Start::Receive(..) | Start::Boot(_)),
                 netboot_rom,
+                tsc_khz: match spec.accel {
+                    Accel::Tcg => host_tsc_khz(launch.cache_dir),
+                    Accel::Kvm => None,
+                },
                 tcg_tb_mib: launch
                     .confine
                     .caps_tcg_cache()
@@ -988,6 +992,8 @@ struct Flags {
     tcg_tb_mib: Option<u64>,
     /// For a netboot ([`VmSpec::netboot`]): the NIC's boot ROM.
     netboot_rom: Option<PathBuf>,
+    /// The host's TSC frequency, told to a TCG guest (`guest_cmdline`).
+    tsc_khz: Option<u64>,
     /// What a QEMU running as another user gets instead of paths.
     over: Overrides,
 }
@@ -1108,6 +1114,7 @@ fn qemu_args(
         paused,
         tcg_tb_mib,
         netboot_rom,
+        tsc_khz,
         over,
     } = flags;
     let mut a: Vec<String> = Vec::new();
@@ -1181,7 +1188,7 @@ fn qemu_args(
                     .clone()
                     .unwrap_or_else(|| spec.initramfs.display().to_string()),
             ]);
-            push(&["-append", &guest_cmdline(spec)]);
+            push(&["-append", &guest_cmdline(spec, tsc_khz)]);
         }
     }
     let source = match &spec.disk {
@@ -1300,8 +1307,8 @@ fn netboot_rom(data_dirs: &[PathBuf]) -> Result<PathBuf, EngineError> {
 /// PIT"), after which the guest hangs in early boot. So ferry measures the
 /// host TSC itself and tells the guest (`tsc_early_khz`), and marks it
 /// reliable so no watchdog second-guesses it. KVM guests use kvmclock.
-fn guest_cmdline(spec: &VmSpec) -> String {
-    let mut cmdline = match (spec.accel, host_tsc_khz()) {
+fn guest_cmdline(spec: &VmSpec, tsc_khz: Option<u64>) -> String {
+    let mut cmdline = match (spec.accel, tsc_khz) {
         (Accel::Tcg, Some(khz)) => format!("{} tsc_early_khz={khz} tsc=reliable", spec.cmdline),
         _ => spec.cmdline.clone(),
     };
@@ -1323,27 +1330,36 @@ fn restart_by_triple_fault(cmdline: &mut String) {
     }
 }
 
-/// The host's TSC frequency in kHz, measured once against the monotonic
-/// clock (20 ms: well within 0.1 %), or `None` if it cannot be read.
-fn host_tsc_khz() -> Option<u64> {
+/// The host's TSC frequency in kHz, measured against the monotonic clock
+/// (20 ms: well within 0.1 %) once per boot of the host (remembered in the
+/// cache's `memo/`, and in the process), or `None` if it cannot be read.
+/// Measuring it on every start put those 20 ms before every guest ran.
+fn host_tsc_khz(cache_dir: &Path) -> Option<u64> {
     static KHZ: std::sync::OnceLock<Option<u64>> = std::sync::OnceLock::new();
     *KHZ.get_or_init(|| {
-        let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").ok()?;
-        let flags = cpuinfo.lines().find(|l| l.starts_with("flags"))?;
-        if !flags.split_whitespace().any(|f| f == "constant_tsc") {
-            return None;
-        }
-        let sample = || {
-            // SAFETY: RDTSC has no preconditions on x86-64; it reads a counter.
-            let tsc = unsafe { core::arch::x86_64::_rdtsc() };
-            (tsc, Instant::now())
-        };
-        let (t0, i0) = sample();
-        std::thread::sleep(Duration::from_millis(20));
-        let (t1, i1) = sample();
-        let nanos = i1.duration_since(i0).as_nanos() as u64;
-        (nanos > 0).then(|| (t1.wrapping_sub(t0)) * 1_000_000 / nanos)
+        crate::memo::this_boot(cache_dir, "tsc-khz", || {
+            measure_tsc_khz().map(|khz| khz.to_string())
+        })
+        .and_then(|text| text.parse().ok())
     })
+}
+
+fn measure_tsc_khz() -> Option<u64> {
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").ok()?;
+    let flags = cpuinfo.lines().find(|l| l.starts_with("flags"))?;
+    if !flags.split_whitespace().any(|f| f == "constant_tsc") {
+        return None;
+    }
+    let sample = || {
+        // SAFETY: RDTSC has no preconditions on x86-64; it reads a counter.
+        let tsc = unsafe { core::arch::x86_64::_rdtsc() };
+        (tsc, Instant::now())
+    };
+    let (t0, i0) = sample();
+    std::thread::sleep(Duration::from_millis(20));
+    let (t1, i1) = sample();
+    let nanos = i1.duration_since(i0).as_nanos() as u64;
+    (nanos > 0).then(|| (t1.wrapping_sub(t0)) * 1_000_000 / nanos)
 }
 
 /// Creates the copy-on-write overlay: a qcow2 file backed by the pristine
