@@ -51,6 +51,58 @@ pub struct Agent {
     pub shutting_down: AtomicBool,
     /// Where `set-fleet` writes the fleet file.
     pub fleet_file: PathBuf,
+    /// Work left over from an answered request (a clone's identity files),
+    /// which later requests that can observe it wait for.
+    pub trailing: Trailing,
+}
+
+/// Work that runs after its request was answered, at the guest's idle
+/// priority, so that it does not compete with the service's first requests
+/// after a resume. Requests that could see its effect (`exec`, suspend,
+/// shutdown) wait for it first, so that from the host it looks as if it had
+/// been done before the answer.
+#[derive(Default)]
+pub struct Trailing(Arc<TrailingState>);
+
+#[derive(Default)]
+struct TrailingState {
+    pending: Mutex<usize>,
+    done: Condvar,
+}
+
+/// Marks one piece of trailing work; dropping it (even in a panic's unwind)
+/// ends it.
+pub struct TrailingWork(Arc<TrailingState>);
+
+impl Trailing {
+    /// Marks work as pending until the returned guard is dropped. Call it
+    /// before the answer is sent, so that no later request misses it.
+    pub fn begin(&self) -> TrailingWork {
+        *lock(&self.0.pending) += 1;
+        TrailingWork(Arc::clone(&self.0))
+    }
+
+    /// Waits until no trailing work is pending, for at most `limit`.
+    /// Returns whether it all ended.
+    pub fn wait(&self, limit: Duration) -> bool {
+        let pending = lock(&self.0.pending);
+        let (pending, _) = self
+            .0
+            .done
+            .wait_timeout_while(pending, limit, |n| *n > 0)
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        *pending == 0
+    }
+}
+
+impl Drop for TrailingWork {
+    fn drop(&mut self) {
+        let mut pending = lock(&self.0.pending);
+        *pending = pending.saturating_sub(1);
+        if *pending == 0 {
+            self.0.done.notify_all();
+        }
+    }
 }
 
 impl Agent {
@@ -143,6 +195,7 @@ pub fn run(options: Options) {
         service_exited: Condvar::new(),
         shutting_down: AtomicBool::new(false),
         fleet_file: options.fleet_file.clone(),
+        trailing: Trailing::default(),
     });
 
     if agent.config_error.is_none() {
@@ -187,10 +240,19 @@ static HANG: AtomicBool = AtomicBool::new(false);
 /// another request.
 pub const TEST_HANG_FLAG: &str = "ferry.test.hang-agent";
 
+/// Whether the kernel command line holds the test-only word `flag` (only
+/// for the agent as PID 1, in a guest).
+pub fn test_flag(flag: &str) -> bool {
+    sys::is_pid1()
+        && std::fs::read_to_string("/proc/cmdline")
+            .unwrap_or_default()
+            .split_whitespace()
+            .any(|w| w == flag)
+}
+
 /// Arms the hang hook if the kernel command line asks for it.
 pub fn arm_test_hang() {
-    let cmdline = std::fs::read_to_string("/proc/cmdline").unwrap_or_default();
-    if sys::is_pid1() && cmdline.split_whitespace().any(|w| w == TEST_HANG_FLAG) {
+    if test_flag(TEST_HANG_FLAG) {
         info!("{TEST_HANG_FLAG}: no longer answering the host (test hook)");
         HANG.store(true, Ordering::SeqCst);
     }
@@ -261,5 +323,36 @@ mod tests {
             summary(&config),
             "service: redis-server --port 6379; liveness: tcp 6379"
         );
+    }
+
+    #[test]
+    fn a_wait_for_trailing_work_ends_when_the_last_piece_does() {
+        let trailing = Trailing::default();
+        assert!(trailing.wait(Duration::ZERO), "nothing pending at first");
+        let first = trailing.begin();
+        let second = trailing.begin();
+        assert!(!trailing.wait(Duration::from_millis(20)));
+        drop(first);
+        assert!(!trailing.wait(Duration::from_millis(20)), "one piece left");
+        let ended = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(50));
+            drop(second);
+        });
+        let started = std::time::Instant::now();
+        assert!(trailing.wait(Duration::from_secs(5)));
+        assert!(started.elapsed() >= Duration::from_millis(40));
+        ended.join().unwrap();
+    }
+
+    #[test]
+    fn a_panic_ends_its_trailing_work() {
+        let trailing = Arc::new(Trailing::default());
+        let work = trailing.begin();
+        let _ = std::thread::spawn(move || {
+            let _work = work;
+            panic!("the writer failed");
+        })
+        .join();
+        assert!(trailing.wait(Duration::from_secs(1)));
     }
 }

@@ -23,6 +23,15 @@ use crate::{fleet, service, sys};
 const SERVICE_STOP_GRACE: Duration = Duration::from_secs(5);
 /// How long shutdown waits for its reply to leave before powering off.
 const REPLY_FLUSH: Duration = Duration::from_secs(1);
+/// The kernel command-line word that delays a clone's identity files by
+/// [`TEST_SLOW_IDENTITY`]: a test-only hook that shows an `exec` sent right
+/// after the after-resume answer still sees them.
+pub const TEST_SLOW_IDENTITY_FLAG: &str = "ferry.test.slow-identity";
+const TEST_SLOW_IDENTITY: Duration = Duration::from_secs(3);
+/// How long a request waits for work left from an earlier one. That work
+/// runs at idle priority, so a guest whose CPU is saturated slows it down;
+/// it is a few small file writes.
+const TRAILING_WAIT: Duration = Duration::from_secs(10);
 
 /// Handles one line read from the port.
 pub fn handle_line(agent: &Arc<Agent>, line: &[u8]) {
@@ -98,8 +107,8 @@ fn dispatch(agent: &Arc<Agent>, id: u64, epoch: u64, request: Request) {
         }
         Request::BeforeSuspend { drop_caches } => {
             debug!("request {id}: before-suspend (drop caches: {drop_caches})");
-            in_thread(agent, id, epoch, "suspend", move |_| {
-                before_suspend(drop_caches)
+            in_thread(agent, id, epoch, "suspend", move |agent| {
+                before_suspend(agent, drop_caches)
             });
         }
         Request::AfterResume {
@@ -110,13 +119,41 @@ fn dispatch(agent: &Arc<Agent>, id: u64, epoch: u64, request: Request) {
             debug!("request {id}: after-resume");
             in_thread(agent, id, epoch, "resume", move |agent| {
                 let reply = after_resume(agent, unix_time_ns, &entropy_hex, identity.as_ref());
+                let resumed = matches!(reply, Reply::Resumed { .. });
                 // Re-announce after the reply, so a host that just restored
                 // the VM hears `live` again in order.
-                if matches!(reply, Reply::Resumed { .. }) && agent.live.load(Ordering::SeqCst) {
-                    let agent = Arc::clone(agent);
-                    return Deferred::Then(reply, Box::new(move || service::announce_live(&agent)));
+                let announce = resumed && agent.live.load(Ordering::SeqCst);
+                // A clone's identity files are written after the answer, at
+                // idle priority: on a resumed guest every path runs for the
+                // first time (under TCG, each is translated first), and
+                // writing them beside the service's first requests cost
+                // those about 65 ms. Marked before the reply goes, so that
+                // an `exec` sent after it waits for them.
+                let files = match identity {
+                    Some(identity) if resumed => Some((agent.trailing.begin(), identity)),
+                    _ => None,
+                };
+                if !announce && files.is_none() {
+                    return Deferred::Now(reply);
                 }
-                Deferred::Now(reply)
+                let agent = Arc::clone(agent);
+                Deferred::Then(
+                    reply,
+                    Box::new(move || {
+                        if announce {
+                            service::announce_live(&agent);
+                        }
+                        if let Some((_work, identity)) = files {
+                            if let Err(e) = sys::run_when_idle() {
+                                debug!("cannot lower the identity writer's priority: {e}");
+                            }
+                            if crate::agent::test_flag(TEST_SLOW_IDENTITY_FLAG) {
+                                std::thread::sleep(TEST_SLOW_IDENTITY);
+                            }
+                            write_identity_files(&identity);
+                        }
+                    }),
+                )
             });
         }
         Request::SetFleet { self_name, members } => {
@@ -200,6 +237,7 @@ fn exec_reply(
             }
         }
     };
+    wait_for_trailing(agent);
     let request = ExecRequest {
         argv,
         env: agent.child_env(),
@@ -218,10 +256,22 @@ fn exec_reply(
     }
 }
 
+/// Waits for work left from an earlier answer (a clone's identity files),
+/// so that what the host asks next sees it done.
+fn wait_for_trailing(agent: &Agent) {
+    if !agent.trailing.wait(TRAILING_WAIT) {
+        info!(
+            "work left from an earlier request is still running after {} s; going on",
+            TRAILING_WAIT.as_secs()
+        );
+    }
+}
+
 /// Syncs (and drops caches) so that the snapshot holds a consistent disk
 /// state and, with `init_on_free=1`, as many zero pages as possible.
-fn before_suspend(drop_caches: bool) -> Reply {
+fn before_suspend(agent: &Agent, drop_caches: bool) -> Reply {
     let started = Instant::now();
+    wait_for_trailing(agent);
     sys::sync();
     if drop_caches {
         if let Err(e) = std::fs::write("/proc/sys/vm/drop_caches", "3") {
@@ -266,7 +316,9 @@ fn after_resume(
     };
     let rng_reseeded = reseed(&entropy);
     if let Some(identity) = identity {
-        take_identity(identity);
+        if let Err(e) = sys::set_hostname(&identity.hostname) {
+            info!("cannot set the hostname: {e}");
+        }
     }
     Reply::Resumed {
         clock_step_ms,
@@ -301,12 +353,10 @@ fn reseed(entropy: &[u8]) -> bool {
     }
 }
 
-/// Takes a clone's new hostname and machine id. The files may live on a
-/// read-only root: failures are logged, not fatal.
-fn take_identity(identity: &Identity) {
-    if let Err(e) = sys::set_hostname(&identity.hostname) {
-        info!("cannot set the hostname: {e}");
-    }
+/// Writes a clone's hostname and machine id to their files (the kernel's
+/// hostname was set before the answer). The files may live on a read-only
+/// root: failures are logged, not fatal.
+fn write_identity_files(identity: &Identity) {
     for (path, value) in [
         ("/etc/hostname", &identity.hostname),
         ("/etc/machine-id", &identity.machine_id),
@@ -386,6 +436,7 @@ fn shutdown(agent: &Arc<Agent>, id: u64, epoch: u64) {
         }
     }
     service::stop(agent, SERVICE_STOP_GRACE);
+    wait_for_trailing(agent);
     if sys::is_pid1() {
         // Whatever else runs (exec leftovers, daemons) must not write after
         // the final sync. kill(-1) spares PID 1 itself.

@@ -72,6 +72,18 @@ pub fn set_hostname(name: &str) -> io::Result<()> {
     Ok(())
 }
 
+/// Moves the calling thread to `SCHED_IDLE`: it then runs only when no
+/// other thread of the guest wants the CPU.
+pub fn run_when_idle() -> io::Result<()> {
+    let param = libc::sched_param { sched_priority: 0 };
+    // SAFETY: pid 0 is the calling thread; `param` is a valid sched_param
+    // that the kernel only reads.
+    if unsafe { libc::sched_setscheduler(0, libc::SCHED_IDLE, &param) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 /// Flushes every file system's dirty data to its device.
 pub fn sync() {
     // SAFETY: sync(2) takes no arguments and cannot fail.

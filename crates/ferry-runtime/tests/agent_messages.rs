@@ -11,7 +11,7 @@ use ferry_engine::{
     AccelChoice, DiskSpec, Engine, ExitReason, NetAttachment, ProbeGuest, Vm, VmSpec,
 };
 use ferry_qemu::QemuEngine;
-use ferry_runtime::vm::{RestoreMemory, RunningVm, VmConfig};
+use ferry_runtime::vm::{BootImage, RestoreMemory, RunningVm, VmConfig};
 use ferry_runtime::vmdir::files;
 use ferry_runtime::Paths;
 use ferry_test_support::{blueprint, cache_dir, qemu_pids, vm_lock};
@@ -366,6 +366,44 @@ impl RawAgent {
         }
         panic!("the agent did not answer hello within {timeout:?}");
     }
+}
+
+/// A clone's identity files are written after the after-resume answer, at
+/// the guest's idle priority (so that they do not compete with the
+/// service's first requests); an `exec` sent right after the answer still
+/// sees them, because it waits for them. The test-only kernel word
+/// `ferry.test.slow-identity` holds the writer back by 3 s.
+#[test]
+fn an_exec_right_after_resume_sees_the_clones_identity_files() {
+    let _lock = vm_lock();
+    let s = setup();
+    let mut image: BootImage = (&s.blueprint).into();
+    image.cmdline.push_str(" ferry.test.slow-identity");
+    let mut vm = RunningVm::boot(&s.engine, &s.paths, &image, &config(&s, "t-identity")).unwrap();
+    vm.wait_live(Duration::from_secs(120)).unwrap();
+    let machine_id = "fedcba9876543210fedcba9876543210";
+    let asked = Instant::now();
+    let reply = vm
+        .after_resume(Some(Identity {
+            hostname: "clone-9".into(),
+            machine_id: machine_id.into(),
+        }))
+        .unwrap();
+    let answered = asked.elapsed();
+    match reply {
+        Reply::Resumed { status, .. } => assert_eq!(status.hostname, "clone-9"),
+        other => panic!("{other:?}"),
+    }
+    assert!(
+        answered < Duration::from_secs(2),
+        "the answer waited for the identity files: {answered:?}"
+    );
+    assert_eq!(exec(&vm, &["cat", "/etc/machine-id"]).1.trim(), machine_id);
+    assert!(
+        asked.elapsed() >= Duration::from_secs(3),
+        "the exec did not wait for the writer held back by the test hook"
+    );
+    assert_eq!(exec(&vm, &["cat", "/etc/hostname"]).1, "clone-9\n");
 }
 
 /// A request type this agent does not know, as a newer host would send it:
