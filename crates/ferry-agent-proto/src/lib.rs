@@ -25,7 +25,12 @@ pub const PROTOCOL_VERSION: u32 = 1;
 ///
 /// * 0: the original set of requests.
 /// * 1: [`Request::SetFleet`].
-pub const PROTOCOL_MINOR: u32 = 1;
+/// * 2: `background` in [`Request::AfterResume`].
+pub const PROTOCOL_MINOR: u32 = 2;
+
+fn is_false(b: &bool) -> bool {
+    !*b
+}
 
 /// Name of the virtio-serial port the agent listens on.
 pub const PORT_NAME: &str = "ferry.agent";
@@ -85,6 +90,14 @@ pub enum Request {
         /// New identity, given to clones so that no two look alike.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         identity: Option<Identity>,
+        /// Do the work at the guest's idle priority, after whatever its
+        /// service has to do: the guest was paused briefly (a live move, a
+        /// save that failed), so its clock lags by about that pause, not by
+        /// the hours a package may have waited, and on a just-resumed guest
+        /// this work slowed its service's first answers. Since minor
+        /// version 2; older agents do it at once.
+        #[serde(default, skip_serializing_if = "is_false")]
+        background: bool,
     },
     /// Stops the service, syncs and powers the guest off.
     Shutdown,
@@ -472,6 +485,13 @@ mod tests {
                     hostname: "h".into(),
                     machine_id: "0".repeat(32),
                 }),
+                background: false,
+            },
+            Request::AfterResume {
+                unix_time_ns: 2,
+                entropy_hex: String::new(),
+                identity: None,
+                background: true,
             },
             Request::Shutdown,
             Request::SetFleet {
@@ -510,6 +530,35 @@ mod tests {
             std::str::from_utf8(&reply).unwrap(),
             "{\"v\":1,\"id\":3,\"body\":{\"type\":\"fleet-set\"}}\n"
         );
+    }
+
+    #[test]
+    fn an_urgent_after_resume_is_written_as_before_minor_two() {
+        // An older agent reads what it always read; `background` is only
+        // written when set, and read as false when absent.
+        let request = Request::AfterResume {
+            unix_time_ns: 5,
+            entropy_hex: "ab".into(),
+            identity: None,
+            background: false,
+        };
+        let line = encode(4, &request);
+        assert_eq!(
+            std::str::from_utf8(&line).unwrap(),
+            "{\"v\":1,\"id\":4,\"body\":{\"type\":\"after-resume\",\"unix_time_ns\":5,\"entropy_hex\":\"ab\"}}\n"
+        );
+        let background = encode(
+            4,
+            &Request::AfterResume {
+                unix_time_ns: 5,
+                entropy_hex: "ab".into(),
+                identity: None,
+                background: true,
+            },
+        );
+        assert!(std::str::from_utf8(&background)
+            .unwrap()
+            .contains("\"background\":true"));
     }
 
     #[test]

@@ -115,9 +115,15 @@ fn dispatch(agent: &Arc<Agent>, id: u64, epoch: u64, request: Request) {
             unix_time_ns,
             entropy_hex,
             identity,
+            background,
         } => {
-            debug!("request {id}: after-resume");
+            debug!("request {id}: after-resume (background: {background})");
             in_thread(agent, id, epoch, "resume", move |agent| {
+                if background {
+                    if let Err(e) = sys::run_when_idle() {
+                        debug!("cannot lower the after-resume priority: {e}");
+                    }
+                }
                 let reply = after_resume(agent, unix_time_ns, &entropy_hex, identity.as_ref());
                 let resumed = matches!(reply, Reply::Resumed { .. });
                 // Re-announce after the reply, so a host that just restored

@@ -406,7 +406,7 @@ fn stop(
                 Err(e) => {
                     if !in_doubt {
                         let _ = owned.vm.engine_vm().resume();
-                        let _ = owned.vm.after_resume(None);
+                        let _ = owned.vm.after_short_pause();
                         owned.vm.mark("running");
                     } else {
                         owned.vm.mark("in-doubt");
@@ -678,7 +678,7 @@ fn migrate_out(
             if let Err(r) = e2.and(resumed) {
                 tracing::warn!("resuming after a failed migration: {r}");
             }
-            let _ = owned.vm.after_resume(None);
+            let _ = owned.vm.after_short_pause();
             return MoveResult::Failed(e.to_string());
         }
     };
@@ -689,6 +689,11 @@ fn migrate_out(
     }) {
         return MoveResult::InDoubt(format!("sending 'switch' failed: {e}"));
     }
+    // The copy's connection is idle; closing it waited here with the guest
+    // paused before (the receiver cuts it anyway).
+    if let Err(e) = owned.vm.engine_vm().release_disk_copy() {
+        tracing::debug!("closing the disk copy's connection: {e}");
+    }
     match control.recv::<DestMsg>(Some(COMMIT_TIMEOUT)) {
         Ok(DestMsg::Committed) => MoveResult::Moved(stats),
         Ok(DestMsg::Abort { reason }) => {
@@ -698,7 +703,7 @@ fn migrate_out(
                     "the destination gave up ({reason}) and resuming here failed: {e}"
                 ));
             }
-            let _ = owned.vm.after_resume(None);
+            let _ = owned.vm.after_short_pause();
             MoveResult::Failed(format!(
                 "the destination gave up at the switchover: {reason}"
             ))

@@ -174,6 +174,30 @@ fn every_agent_message_against_a_real_guest() {
         "0123456789abcdef0123456789abcdef"
     );
 
+    // after-resume in the background (after a short pause): the same work,
+    // at the guest's idle priority, answered all the same.
+    exec(&vm, &["date", "-s", "2001-01-01 00:00:00"]);
+    match vm.after_short_pause().unwrap() {
+        Reply::Resumed {
+            clock_step_ms,
+            rng_reseeded,
+            status,
+        } => {
+            assert!(
+                clock_step_ms > 365 * 24 * 3600 * 1000,
+                "the clock was stepped forward: {clock_step_ms}"
+            );
+            assert!(rng_reseeded);
+            assert_eq!(status.hostname, "clone-7", "the identity is kept");
+        }
+        other => panic!("{other:?}"),
+    }
+    let (_, year) = exec(&vm, &["date", "+%Y"]);
+    assert!(
+        year.trim().parse::<u32>().unwrap() >= 2026,
+        "guest year {year}"
+    );
+
     // shutdown: the guest powers itself off.
     drop(agent);
     let reason = vm.shutdown().unwrap();

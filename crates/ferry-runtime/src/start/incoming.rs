@@ -206,9 +206,15 @@ pub fn start(
     let switch = Instant::now();
     let commit = (|| -> Result<(), ferry_engine::EngineError> {
         let e = owned.vm.engine_vm();
+        let t = Instant::now();
         e.wait_received(Duration::from_secs(30))?;
+        events.emit(super::phase("state-received", t));
+        let t = Instant::now();
         e.end_disk_export()?;
+        events.emit(super::phase("disk-export-ended", t));
+        let t = Instant::now();
         e.resume()?;
+        events.emit(super::phase("engine-resumed", t));
         Ok(())
     })();
     if let Err(e) = commit {
@@ -219,7 +225,9 @@ pub fn start(
     let _ = control.send(&DestMsg::Committed);
     owned.vm.mark("running");
     // The guest's clock stood still while it was paused.
-    let _ = owned.vm.after_resume(None);
+    let t = Instant::now();
+    let _ = owned.vm.after_short_pause();
+    events.emit(super::phase("guest-resumed", t));
     events.emit(Event::MigratedIn {
         name: offer.name.clone(),
         from: addr.to_string(),

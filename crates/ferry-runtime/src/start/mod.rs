@@ -221,7 +221,7 @@ pub(crate) fn emit_network(vm: &RunningVm, events: &dyn EventSink) {
     }
 }
 
-fn phase(name: &str, since: Instant) -> Event {
+pub(crate) fn phase(name: &str, since: Instant) -> Event {
     Event::Phase {
         phase: name.into(),
         ms: since.elapsed().as_millis() as u64,
