@@ -158,16 +158,7 @@ fn in_guest(host: &Host, env: &FerryEnv, script: &str) -> String {
 
 /// The SHA-256 (hex) of what `script` prints, run on the host.
 fn host_sha256(script: &str) -> String {
-    let out = Command::new("sh")
-        .args(["-c", &format!("{script} | sha256sum")])
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", describe(&out));
-    String::from_utf8_lossy(&out.stdout)
-        .split_whitespace()
-        .next()
-        .unwrap()
-        .to_string()
+    common::sha256sum_output(Command::new("sh").args(["-c", &format!("{script} | sha256sum")]))
 }
 
 /// Files the guest writes to its disk before the moves: name and the

@@ -88,6 +88,32 @@ fn exec(vm: &RunningVm, argv: &[&str]) -> (i32, String) {
     }
 }
 
+/// `reply` says the guest, whose clock was set to 2001, was brought up to
+/// date: its clock stepped forward (and now reads this decade), its RNG
+/// reseeded, and its hostname is `hostname`.
+fn assert_caught_up(vm: &RunningVm, reply: Reply, hostname: &str) {
+    match reply {
+        Reply::Resumed {
+            clock_step_ms,
+            rng_reseeded,
+            status,
+        } => {
+            assert!(
+                clock_step_ms > 365 * 24 * 3600 * 1000,
+                "the clock was stepped forward: {clock_step_ms}"
+            );
+            assert!(rng_reseeded);
+            assert_eq!(status.hostname, hostname);
+        }
+        other => panic!("{other:?}"),
+    }
+    let (_, year) = exec(vm, &["date", "+%Y"]);
+    assert!(
+        year.trim().parse::<u32>().unwrap() >= 2026,
+        "guest year {year}"
+    );
+}
+
 fn uptime_s(vm: &RunningVm) -> f64 {
     let (_, out) = exec(vm, &["cat", "/proc/uptime"]);
     out.split_whitespace().next().unwrap().parse().unwrap()
@@ -148,26 +174,7 @@ fn every_agent_message_against_a_real_guest() {
             machine_id: "0123456789abcdef0123456789abcdef".into(),
         }))
         .unwrap();
-    match reply {
-        Reply::Resumed {
-            clock_step_ms,
-            rng_reseeded,
-            status,
-        } => {
-            assert!(
-                clock_step_ms > 365 * 24 * 3600 * 1000,
-                "the clock was stepped forward: {clock_step_ms}"
-            );
-            assert!(rng_reseeded);
-            assert_eq!(status.hostname, "clone-7");
-        }
-        other => panic!("{other:?}"),
-    }
-    let (_, year) = exec(&vm, &["date", "+%Y"]);
-    assert!(
-        year.trim().parse::<u32>().unwrap() >= 2026,
-        "guest year {year}"
-    );
+    assert_caught_up(&vm, reply, "clone-7");
     assert_eq!(exec(&vm, &["hostname"]).1, "clone-7\n");
     assert_eq!(
         exec(&vm, &["cat", "/etc/machine-id"]).1.trim(),
@@ -177,26 +184,8 @@ fn every_agent_message_against_a_real_guest() {
     // after-resume in the background (after a short pause): the same work,
     // at the guest's idle priority, answered all the same.
     exec(&vm, &["date", "-s", "2001-01-01 00:00:00"]);
-    match vm.after_short_pause().unwrap() {
-        Reply::Resumed {
-            clock_step_ms,
-            rng_reseeded,
-            status,
-        } => {
-            assert!(
-                clock_step_ms > 365 * 24 * 3600 * 1000,
-                "the clock was stepped forward: {clock_step_ms}"
-            );
-            assert!(rng_reseeded);
-            assert_eq!(status.hostname, "clone-7", "the identity is kept");
-        }
-        other => panic!("{other:?}"),
-    }
-    let (_, year) = exec(&vm, &["date", "+%Y"]);
-    assert!(
-        year.trim().parse::<u32>().unwrap() >= 2026,
-        "guest year {year}"
-    );
+    // The identity is kept.
+    assert_caught_up(&vm, vm.after_short_pause().unwrap(), "clone-7");
 
     // shutdown: the guest powers itself off.
     drop(agent);

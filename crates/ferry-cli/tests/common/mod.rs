@@ -226,10 +226,13 @@ pub fn get_json(url: &str, token: Option<&str>) -> serde_json::Value {
 
 /// A file's SHA-256 as hex (`sha256sum`), for `#sha256=` URLs.
 pub fn sha256_hex(path: &Path) -> String {
-    let out = std::process::Command::new("sha256sum")
-        .arg(path)
-        .output()
-        .unwrap();
+    sha256sum_output(std::process::Command::new("sha256sum").arg(path))
+}
+
+/// The digest `sha256sum` prints as the first word of `command`'s output
+/// (the command is or ends in `sha256sum`); the command must succeed.
+pub fn sha256sum_output(command: &mut std::process::Command) -> String {
+    let out = command.output().unwrap();
     assert!(out.status.success(), "{}", describe(&out));
     String::from_utf8_lossy(&out.stdout)
         .split_whitespace()
