@@ -7,7 +7,7 @@
 
 use std::fs::File;
 use std::io::Write;
-use std::os::fd::{AsRawFd, RawFd};
+
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -166,8 +166,8 @@ fn parent_from(cgroups: &str, mountinfo: &str) -> Result<CgroupParent, String> {
 pub struct VmCgroup {
     /// The directories made, the one shown first.
     dirs: Vec<PathBuf>,
-    /// `cgroup.procs` of each, opened by ferry: the child writes `0` to
-    /// each between fork and exec, so that QEMU starts inside.
+    /// `cgroup.procs` of each, opened when the cgroup is made: ferry
+    /// writes QEMU's pid there ([`VmCgroup::admit`]).
     procs: Vec<File>,
     v2: bool,
     memory_limit: u64,
@@ -266,9 +266,14 @@ impl VmCgroup {
         self.overhead
     }
 
-    /// The descriptors the child writes `0` to (see [`enter`]).
-    pub fn procs_fds(&self) -> Vec<RawFd> {
-        self.procs.iter().map(|f| f.as_raw_fd()).collect()
+    /// Moves process `pid`, with all its threads, into the cgroup (each
+    /// hierarchy's, on v1).
+    pub fn admit(&self, pid: u32) -> std::io::Result<()> {
+        let pid = pid.to_string();
+        for mut procs in &self.procs {
+            procs.write_all(pid.as_bytes())?;
+        }
+        Ok(())
     }
 
     /// How many processes the kernel killed in this cgroup for being over
@@ -324,22 +329,6 @@ impl Drop for VmCgroup {
             }
         }
     }
-}
-
-/// Moves the calling process into the cgroups whose `cgroup.procs` are
-/// open as `fds`. Runs in the child between fork and exec: only `write`.
-///
-/// # Safety
-/// Each fd must be an open `cgroup.procs` file.
-pub unsafe fn enter(fds: &[RawFd]) -> std::io::Result<()> {
-    for &fd in fds {
-        // SAFETY: writing a static buffer to an fd the caller vouches for;
-        // write(2) is async-signal-safe.
-        if unsafe { libc::write(fd, b"0".as_ptr().cast(), 1) } != 1 {
-            return Err(std::io::Error::last_os_error());
-        }
-    }
-    Ok(())
 }
 
 fn write(path: &Path, value: u64) -> std::io::Result<()> {

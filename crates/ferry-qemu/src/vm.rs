@@ -317,13 +317,13 @@ impl QemuVm {
             }
             None => None,
         };
-        let cgroup_fds = cgroup.as_ref().map(|c| c.procs_fds()).unwrap_or_default();
         let handed_fds = handed.raw().to_vec();
         let user = launch.confine.user;
         // SAFETY: the closure runs in the child between fork and exec and only
-        // calls prctl, setpgid, setns and write, which are async-signal-safe,
-        // and allocates nothing; the namespace and cgroup files stay open
-        // until after the spawn.
+        // calls prctl, setpgid, setns, open, ioctl, dup2, close, fcntl,
+        // setgroups, setgid and setuid, which are async-signal-safe, and
+        // allocates nothing; the namespace file stays open until after the
+        // spawn.
         unsafe {
             cmd.pre_exec(move || {
                 // Its own process group: a Ctrl-C in ferry's terminal goes to
@@ -336,9 +336,6 @@ impl QemuVm {
                         return Err(std::io::Error::last_os_error());
                     }
                 }
-                // Into its cgroup before exec: everything QEMU allocates
-                // is counted from its first instruction.
-                crate::cgroup::enter(&cgroup_fds)?;
                 if let Some((ifr, target)) = &tap {
                     crate::confine::open_tap(ifr, *target)?;
                 }
@@ -357,12 +354,25 @@ impl QemuVm {
         let mut child = cmd
             .spawn()
             .map_err(|e| io(format!("starting {}", qemu.display()), e))?;
+        let pid = child.id();
         drop(netns);
         // QEMU has its own copies.
         drop(handed);
+        // Into its cgroup while it loads, from here: a move into a cgroup
+        // waits for an RCU grace period (5-15 ms each on cgroup v1 here,
+        // one per hierarchy), which the child's `pre_exec` spent before
+        // QEMU even started. QEMU runs no guest code and loads no guest
+        // state until it has answered on QMP, and the move is joined
+        // before the first command: so guest memory, the state it loads
+        // and everything it does for the guest are counted; what its own
+        // start-up allocated before the move stays with ferry's cgroup.
+        let admitted = cgroup.clone().map(|cg| {
+            std::thread::Builder::new()
+                .name("cgroup-admit".into())
+                .spawn(move || cg.admit(pid))
+        });
         // The waiter holds it from here on, and removes it.
         let cgroup_path = cgroup.as_ref().map(|c| c.path().to_path_buf());
-        let pid = child.id();
         let stdin = child.stdin.take();
         let stdout = child.stdout.take().expect("piped");
         let stderr = child.stderr.take().expect("piped");
@@ -381,6 +391,13 @@ impl QemuVm {
             &move || alive_watch.exit.lock().expect("watch").is_none(),
             move |ev: QmpEvent| on_event(&event_watch, ev),
         );
+        let admitted = match admitted {
+            None => Ok(()),
+            Some(Ok(thread)) => thread
+                .join()
+                .unwrap_or_else(|_| Err(std::io::Error::other("the cgroup thread panicked"))),
+            Some(Err(e)) => Err(e),
+        };
         let mut vm = match qmp {
             Ok(qmp) => QemuVm {
                 pid,
@@ -415,6 +432,13 @@ impl QemuVm {
                 }));
             }
         };
+        if let Err(e) = admitted {
+            vm.kill();
+            return Err(EngineError::StartFailed(format!(
+                "cannot move QEMU into its cgroup {}: {e}",
+                vm.cgroup.as_deref().unwrap_or(Path::new("?")).display()
+            )));
+        }
         let prepared = match start {
             Start::Boot(before_run) => vm.connect_agent_then_run(before_run),
             Start::Restore(state, before_run) => vm
