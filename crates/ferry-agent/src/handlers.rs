@@ -1,9 +1,11 @@
 //! Answers to the host's requests.
 //!
 //! `hello` and `status` are answered on the reader thread: they are quick,
-//! and the host uses them to probe whether the agent is responsive. Every
-//! other request runs on a thread of its own so that a long `exec` or `sync`
-//! never delays them.
+//! and the host uses them to probe whether the agent is responsive. So is
+//! an urgent `after-resume` (a few system calls, on the critical path of a
+//! resume); a background one goes to the idle worker. Every other request
+//! runs on a thread of its own so that a long `exec` or `sync` never delays
+//! them.
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::Ordering;
@@ -118,49 +120,20 @@ fn dispatch(agent: &Arc<Agent>, id: u64, epoch: u64, request: Request) {
             background,
         } => {
             debug!("request {id}: after-resume (background: {background})");
-            in_thread(agent, id, epoch, "resume", move |agent| {
-                if background {
-                    if let Err(e) = sys::run_when_idle() {
-                        debug!("cannot lower the after-resume priority: {e}");
-                    }
-                }
-                let reply = after_resume(agent, unix_time_ns, &entropy_hex, identity.as_ref());
-                let resumed = matches!(reply, Reply::Resumed { .. });
-                // Re-announce after the reply, so a host that just restored
-                // the VM hears `live` again in order.
-                let announce = resumed && agent.live.load(Ordering::SeqCst);
-                // A clone's identity files are written after the answer, at
-                // idle priority: on a resumed guest every path runs for the
-                // first time (under TCG, each is translated first), and
-                // writing them beside the service's first requests cost
-                // those about 65 ms. Marked before the reply goes, so that
-                // an `exec` sent after it waits for them.
-                let files = match identity {
-                    Some(identity) if resumed => Some((agent.trailing.begin(), identity)),
-                    _ => None,
-                };
-                if !announce && files.is_none() {
-                    return Deferred::Now(reply);
-                }
-                let agent = Arc::clone(agent);
-                Deferred::Then(
-                    reply,
-                    Box::new(move || {
-                        if announce {
-                            service::announce_live(&agent);
-                        }
-                        if let Some((_work, identity)) = files {
-                            if let Err(e) = sys::run_when_idle() {
-                                debug!("cannot lower the identity writer's priority: {e}");
-                            }
-                            if crate::agent::test_flag(TEST_SLOW_IDENTITY_FLAG) {
-                                std::thread::sleep(TEST_SLOW_IDENTITY);
-                            }
-                            write_identity_files(&identity);
-                        }
-                    }),
-                )
-            });
+            if background {
+                // After what the service has to do first.
+                let worker = Arc::clone(agent);
+                agent.idle.run(move || {
+                    resumed(&worker, id, epoch, unix_time_ns, &entropy_hex, identity);
+                });
+            } else {
+                // On the reader thread, like `hello` and `status`: it is a
+                // few system calls, and the thread that ran it before cost
+                // the service's first answer after a resume about 30 ms
+                // under TCG here (every path of a resumed guest is
+                // translated anew, thread creation's among them).
+                resumed(agent, id, epoch, unix_time_ns, &entropy_hex, identity);
+            }
         }
         Request::SetFleet { self_name, members } => {
             debug!("request {id}: set-fleet ({} member(s))", members.len());
@@ -181,25 +154,54 @@ fn dispatch(agent: &Arc<Agent>, id: u64, epoch: u64, request: Request) {
     }
 }
 
-/// A handler's answer, optionally followed by a step to run once the reply
-/// is queued.
-enum Deferred {
-    Now(Reply),
-    Then(Reply, Box<dyn FnOnce() + Send>),
-}
-
-impl From<Reply> for Deferred {
-    fn from(reply: Reply) -> Self {
-        Deferred::Now(reply)
+/// Answers `after-resume`, says `live` again (so that a host that just
+/// restored the VM hears it in order), and hands a clone's identity files
+/// to the idle worker: writing them beside the service's first requests
+/// cost those about 65 ms under TCG. They are marked pending before the
+/// answer goes, so that an `exec` sent after it waits for them.
+fn resumed(
+    agent: &Arc<Agent>,
+    id: u64,
+    epoch: u64,
+    unix_time_ns: u64,
+    entropy_hex: &str,
+    identity: Option<Identity>,
+) {
+    let reply = catch_unwind(AssertUnwindSafe(|| {
+        after_resume(agent, unix_time_ns, entropy_hex, identity.as_ref())
+    }))
+    .unwrap_or_else(|_| {
+        info!("request {id} (resume) panicked");
+        Reply::Error {
+            message: "the agent failed while handling resume".to_owned(),
+        }
+    });
+    let resumed = matches!(reply, Reply::Resumed { .. });
+    let announce = resumed && agent.live.load(Ordering::SeqCst);
+    let files = match identity {
+        Some(identity) if resumed => Some((agent.trailing.begin(), identity)),
+        _ => None,
+    };
+    agent.outbox.reply(id, epoch, &reply);
+    if announce {
+        service::announce_live(agent);
+    }
+    if let Some((work, identity)) = files {
+        agent.idle.run(move || {
+            let _work = work;
+            if crate::agent::test_flag(TEST_SLOW_IDENTITY_FLAG) {
+                std::thread::sleep(TEST_SLOW_IDENTITY);
+            }
+            write_identity_files(&identity);
+        });
     }
 }
 
 /// Runs `handler` on its own thread and sends its reply. A panic becomes an
 /// `error` reply instead of silence.
-fn in_thread<R, F>(agent: &Arc<Agent>, id: u64, epoch: u64, name: &str, handler: F)
+fn in_thread<F>(agent: &Arc<Agent>, id: u64, epoch: u64, name: &str, handler: F)
 where
-    R: Into<Deferred>,
-    F: FnOnce(&Arc<Agent>) -> R + Send + 'static,
+    F: FnOnce(&Arc<Agent>) -> Reply + Send + 'static,
 {
     let worker = Arc::clone(agent);
     let what = name.to_owned();
@@ -207,20 +209,12 @@ where
         .name(name.to_owned())
         .spawn(move || {
             let agent = worker;
-            let outcome = catch_unwind(AssertUnwindSafe(|| handler(&agent).into()));
-            let (reply, then) = match outcome {
-                Ok(Deferred::Now(reply)) => (reply, None),
-                Ok(Deferred::Then(reply, then)) => (reply, Some(then)),
-                Err(_) => {
-                    info!("request {id} ({what}) panicked");
-                    let message = format!("the agent failed while handling {what}");
-                    (Reply::Error { message }, None)
-                }
-            };
+            let reply = catch_unwind(AssertUnwindSafe(|| handler(&agent))).unwrap_or_else(|_| {
+                info!("request {id} ({what}) panicked");
+                let message = format!("the agent failed while handling {what}");
+                Reply::Error { message }
+            });
             agent.outbox.reply(id, epoch, &reply);
-            if let Some(then) = then {
-                then();
-            }
         });
     if let Err(e) = spawned {
         info!("request {id}: cannot start a thread: {e}");
