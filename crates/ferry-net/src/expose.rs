@@ -164,6 +164,17 @@ impl Proxy {
     }
 }
 
+impl Proxy {
+    /// Closes every client connection it carries now, and goes on
+    /// accepting new ones.
+    pub fn drop_clients(&self) {
+        for (_, (a, b)) in self.conns.lock().expect("conns").drain() {
+            let _ = a.shutdown(Shutdown::Both);
+            let _ = b.shutdown(Shutdown::Both);
+        }
+    }
+}
+
 impl Drop for Proxy {
     fn drop(&mut self) {
         self.stopping.store(true, Ordering::SeqCst);
@@ -173,10 +184,7 @@ impl Drop for Proxy {
         if let Some(t) = self.accept.take() {
             let _ = t.join();
         }
-        for (_, (a, b)) in self.conns.lock().expect("conns").drain() {
-            let _ = a.shutdown(Shutdown::Both);
-            let _ = b.shutdown(Shutdown::Both);
-        }
+        self.drop_clients();
     }
 }
 

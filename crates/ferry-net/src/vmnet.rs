@@ -177,6 +177,15 @@ impl VmNetwork {
         self.proxies.truncate(1);
     }
 
+    /// Closes the connections the `--expose` proxies carry now; they go
+    /// on accepting new ones. For a VM about to run elsewhere: its clients
+    /// reconnect there while it is still switching.
+    pub fn drop_exposed_clients(&self) {
+        for proxy in self.proxies.iter().skip(1) {
+            proxy.drop_clients();
+        }
+    }
+
     /// Whether ferry created the namespace for this VM.
     pub fn created_namespace(&self) -> bool {
         self.created

@@ -689,6 +689,15 @@ fn migrate_out(
     }) {
         return MoveResult::InDoubt(format!("sending 'switch' failed: {e}"));
     }
+    // The clients' connections are cut now, as the raw engine's bench
+    // proxy does when its copy is done, not after the destination's
+    // answer: the guest is paused, so nothing they wait for can come from
+    // here, and they reconnect to the destination while it switches (their
+    // first SYN waits in its tap until its guest runs). Nothing they had
+    // acknowledged is lost; if the destination gives up, they reconnect
+    // here, where the proxies still accept. This took 45-50 ms off a
+    // move's client-seen gap here.
+    owned.vm.drop_exposed_clients();
     // The copy's connection is idle; closing it waited here with the guest
     // paused before (the receiver cuts it anyway).
     if let Err(e) = owned.vm.engine_vm().release_disk_copy() {

@@ -635,6 +635,14 @@ impl RunningVm {
         }
     }
 
+    /// Closes the connections its exposure proxies carry, which go on
+    /// accepting: see [`ferry_net::VmNetwork::drop_exposed_clients`].
+    pub fn drop_exposed_clients(&self) {
+        if let Some(n) = self.network.as_ref() {
+            n.drop_exposed_clients();
+        }
+    }
+
     /// One line on where the VM's network is: its namespace and what is
     /// exposed where. `None` without a network.
     pub fn network_summary(&self) -> Option<String> {
