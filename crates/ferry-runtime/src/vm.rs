@@ -1034,33 +1034,37 @@ impl RunningVm {
     }
 
     /// [`RunningVm::after_resume`] for a guest that was paused briefly (a
-    /// live move, a save that failed): the agent does it at the guest's
-    /// idle priority, after what its service has to do first. Under TCG a
-    /// just-resumed guest translates every path anew, and this work on the
-    /// critical path lengthened a move's client-seen gap by 40-60 ms here.
-    pub fn after_short_pause(&self) -> Result<Reply, VmError> {
-        self.tell_resumed(None, true)
+    /// live move, a save that failed), on a thread of its own: the agent
+    /// does it at the guest's idle priority, after what its service has to
+    /// do first, so under load the answer may take seconds, and nothing
+    /// waits for it (a move's destination said `live` up to 7 s late under
+    /// bench/migrate's write load). Under TCG a just-resumed guest
+    /// translates every path anew, and this work on the critical path
+    /// lengthened a move's client-seen gap by 40-60 ms here. `None` if no
+    /// thread could be made (the guest's clock then catches up at its next
+    /// resume).
+    pub fn after_short_pause(&self) -> Option<std::thread::JoinHandle<Result<Reply, VmError>>> {
+        let agent = self.agent();
+        let request = resumed_request(None, true);
+        std::thread::Builder::new()
+            .name("after-pause".into())
+            .spawn(move || {
+                let answer = agent.request(&request, AFTER_RESUME_TIMEOUT);
+                if let Err(e) = &answer {
+                    tracing::debug!("after a short pause, the agent answered: {e}");
+                }
+                answer
+            })
+            .inspect_err(|e| tracing::warn!("cannot tell the guest it was paused: {e}"))
+            .ok()
     }
 
     fn tell_resumed(&self, identity: Option<Identity>, background: bool) -> Result<Reply, VmError> {
         // A guest resumed under TCG on a host whose two cores are busy with
         // other VMs and builds answered in more than 10 s here (the package
         // suite, run beside two compiles): the answer comes, late.
-        let now = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .unwrap_or_default()
-            .as_nanos() as u64;
-        let mut entropy = [0u8; 64];
-        fill_random(&mut entropy);
-        self.agent().request(
-            &Request::AfterResume {
-                unix_time_ns: now,
-                entropy_hex: hex::encode(entropy),
-                identity,
-                background,
-            },
-            AFTER_RESUME_TIMEOUT,
-        )
+        self.agent()
+            .request(&resumed_request(identity, background), AFTER_RESUME_TIMEOUT)
     }
 
     /// Shuts the guest down cleanly (through the agent, then the engine's
@@ -1389,6 +1393,22 @@ fn refuse(mut m: ferry_transport::migration::Incoming, reason: &str) {
         .send(&ferry_transport::migration::SourceMsg::Refused {
             reason: reason.to_string(),
         });
+}
+
+/// An `after-resume` request with the host's time now and fresh entropy.
+fn resumed_request(identity: Option<Identity>, background: bool) -> Request {
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_nanos() as u64;
+    let mut entropy = [0u8; 64];
+    fill_random(&mut entropy);
+    Request::AfterResume {
+        unix_time_ns: now,
+        entropy_hex: hex::encode(entropy),
+        identity,
+        background,
+    }
 }
 
 #[cfg(test)]

@@ -185,7 +185,8 @@ fn every_agent_message_against_a_real_guest() {
     // at the guest's idle priority, answered all the same.
     exec(&vm, &["date", "-s", "2001-01-01 00:00:00"]);
     // The identity is kept.
-    assert_caught_up(&vm, vm.after_short_pause().unwrap(), "clone-7");
+    let answer = vm.after_short_pause().expect("a thread").join().unwrap();
+    assert_caught_up(&vm, answer.unwrap(), "clone-7");
 
     // shutdown: the guest powers itself off.
     drop(agent);

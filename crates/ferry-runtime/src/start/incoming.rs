@@ -163,7 +163,7 @@ pub fn start(
         }
     };
     control.send(&DestMsg::Ready)?;
-    let t = Instant::now();
+    let ready = Instant::now();
     events.emit(Event::Receiving {
         name: offer.name.clone(),
         from: addr.to_string(),
@@ -187,7 +187,7 @@ pub fn start(
                     abort(&mut control, "interrupted on the destination");
                     return Err(VmError::Interrupted.into());
                 }
-                if t.elapsed() > SWITCH_TIMEOUT {
+                if ready.elapsed() > SWITCH_TIMEOUT {
                     abort(&mut control, "the copy took too long");
                     return Err(failed("the copy took too long; the source keeps the VM".into()));
                 }
@@ -224,14 +224,13 @@ pub fn start(
     let switch_ms = switch.elapsed().as_millis() as u64;
     let _ = control.send(&DestMsg::Committed);
     owned.vm.mark("running");
-    // The guest's clock stood still while it was paused.
-    let t = Instant::now();
+    // The guest's clock stood still while it was paused: it catches up in
+    // the background.
     let _ = owned.vm.after_short_pause();
-    events.emit(super::phase("guest-resumed", t));
     events.emit(Event::MigratedIn {
         name: offer.name.clone(),
         from: addr.to_string(),
-        ms: t.elapsed().as_millis() as u64,
+        ms: ready.elapsed().as_millis() as u64,
         downtime_ms: stats.downtime_ms,
         switch_ms,
     });
