@@ -695,8 +695,11 @@ fn migrate_out(
     // here, and they reconnect to the destination while it switches (their
     // first SYN waits in its tap until its guest runs). Nothing they had
     // acknowledged is lost; if the destination gives up, they reconnect
-    // here, where the proxies still accept. This took 45-50 ms off a
-    // move's client-seen gap here.
+    // here, where the proxies still accept. (On the one-move harness the
+    // client then dialled the destination about 45 ms before its guest
+    // ran, instead of just after; the gap it saw did not shrink beyond
+    // the noise, because a just-moved TCG guest takes about 125 ms to
+    // answer a new connection either way.)
     owned.vm.drop_exposed_clients();
     // The copy's connection is idle; closing it waited here with the guest
     // paused before (the receiver cuts it anyway).
