@@ -97,15 +97,17 @@ pub struct QemuVm {
 /// every file-backed RAM block it loaded (`ram_load_cleanup`), before it
 /// says `completed`, with the guest paused on both hosts: every page that
 /// arrived during the live copy was still dirty, and that msync took 44 ms
-/// here (512 MiB guest, 77 MB received), a third of a move's client-seen
+/// here (512 MiB guest, 77 MB received), a fifth of a move's client-seen
 /// gap. Started as the pages arrive, writeback leaves that msync the last
 /// pass's pages only. The received disk too: when the sender stops its
 /// guest, QEMU flushes every block node, its mirror's NBD target
 /// included, which is an fdatasync of this disk (13-23 ms here, guest
 /// paused; `cache.no-flush` does not stop it, NBD flushes "to the OS").
 struct Writeback {
-    stop: Arc<std::sync::atomic::AtomicBool>,
-    thread: Option<std::thread::JoinHandle<()>>,
+    /// Dropped to stop the thread, which wakes at once and ends on its own:
+    /// the switch does not wait for it (`sync_file_range` may block while
+    /// the device's queue is full).
+    _stop: std::sync::mpsc::Sender<()>,
 }
 
 impl Writeback {
@@ -117,41 +119,24 @@ impl Writeback {
             .iter()
             .map(std::fs::File::open)
             .collect::<std::io::Result<Vec<_>>>()?;
-        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let stopped = stop.clone();
-        let thread = std::thread::Builder::new()
+        let (stop, stopped) = std::sync::mpsc::channel::<()>();
+        std::thread::Builder::new()
             .name("vm-writeback".into())
-            .spawn(move || {
-                while !stopped.load(std::sync::atomic::Ordering::Relaxed) {
-                    for file in &files {
-                        // SAFETY: sync_file_range on a descriptor this
-                        // thread owns; the whole file, start writeback only
-                        // (it does not wait and has no memory effects here).
-                        unsafe {
-                            libc::sync_file_range(
-                                file.as_raw_fd(),
-                                0,
-                                0,
-                                libc::SYNC_FILE_RANGE_WRITE,
-                            )
-                        };
-                    }
-                    std::thread::sleep(Self::EVERY);
+            .spawn(move || loop {
+                for file in &files {
+                    // SAFETY: sync_file_range on a descriptor this thread
+                    // owns; the whole file, start writeback only (it does
+                    // not wait for it and has no memory effects here).
+                    unsafe {
+                        libc::sync_file_range(file.as_raw_fd(), 0, 0, libc::SYNC_FILE_RANGE_WRITE)
+                    };
+                }
+                match stopped.recv_timeout(Self::EVERY) {
+                    Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
+                    _ => return,
                 }
             })?;
-        Ok(Writeback {
-            stop,
-            thread: Some(thread),
-        })
-    }
-}
-
-impl Drop for Writeback {
-    fn drop(&mut self) {
-        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
+        Ok(Writeback { _stop: stop })
     }
 }
 
