@@ -99,10 +99,7 @@ pub struct QemuVm {
 /// arrived during the live copy was still dirty, and that msync took 44 ms
 /// here (512 MiB guest, 77 MB received), a fifth of a move's client-seen
 /// gap. Started as the pages arrive, writeback leaves that msync the last
-/// pass's pages only. The received disk too: when the sender stops its
-/// guest, QEMU flushes every block node, its mirror's NBD target
-/// included, which is an fdatasync of this disk (13-23 ms here, guest
-/// paused; `cache.no-flush` does not stop it, NBD flushes "to the OS").
+/// pass's pages only.
 struct Writeback {
     /// Dropped to stop the thread, which wakes at once and ends on its own:
     /// the switch does not wait for it (`sync_file_range` may block while
@@ -581,15 +578,13 @@ impl QemuVm {
     /// The VM was started with `-S`: it stays paused after the state is in.
     fn prepare_receive(&mut self, incoming: &Incoming) -> Result<(), EngineError> {
         self.set_ignore_shared(false)?;
-        let mut files = Vec::new();
-        if !self.disk_is_nbd {
-            files.push(self.disk_file.as_path());
-        }
+        // Not the received disk: the mirror's data is written back by the
+        // sender's flush at its stop anyway, but with the disk written back
+        // here too the raw engine's moves run after ferry's in
+        // bench/migrate were slowed (2 runs of 2), and ferry's gap was no
+        // shorter for it.
         if self.memory_in_file {
-            files.push(&self.memory_file);
-        }
-        if !files.is_empty() {
-            match Writeback::start(&files) {
+            match Writeback::start(&[self.memory_file.as_path()]) {
                 Ok(w) => self.writeback = Some(w),
                 Err(e) => tracing::debug!("no writeback while receiving: {e}"),
             }
