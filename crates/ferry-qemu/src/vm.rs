@@ -410,7 +410,8 @@ impl QemuVm {
         // one per hierarchy), which the child's `pre_exec` spent before
         // QEMU even started. QEMU runs no guest code and loads no guest
         // state until it has answered on QMP, and the move is joined
-        // before the first command: so guest memory, the state it loads
+        // right after the QMP handshake, before any command that starts,
+        // loads or receives a guest: so guest memory, the state it loads
         // and everything it does for the guest are counted; what its own
         // start-up allocated before the move stays with ferry's cgroup.
         let admitted = cgroup.clone().map(|cg| {
