@@ -67,7 +67,7 @@ type Job = Box<dyn FnOnce() + Send>;
 /// making one (for the request and again for its trailing work) delayed the
 /// service's first answer by about 30 ms here.
 pub struct IdleWorker {
-    jobs: Mutex<Option<std::sync::mpsc::Sender<Job>>>,
+    jobs: Option<std::sync::mpsc::Sender<Job>>,
 }
 
 impl IdleWorker {
@@ -94,15 +94,13 @@ impl IdleWorker {
                 None
             }
         };
-        IdleWorker {
-            jobs: Mutex::new(jobs),
-        }
+        IdleWorker { jobs }
     }
 
     /// Runs `job` at idle priority, after the jobs handed over before it.
     pub fn run(&self, job: impl FnOnce() + Send + 'static) {
         let job: Job = Box::new(job);
-        let job = match lock(&self.jobs).as_ref() {
+        let job = match &self.jobs {
             Some(jobs) => match jobs.send(job) {
                 Ok(()) => return,
                 Err(std::sync::mpsc::SendError(job)) => job,

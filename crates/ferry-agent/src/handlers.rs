@@ -167,14 +167,8 @@ fn resumed(
     entropy_hex: &str,
     identity: Option<Identity>,
 ) {
-    let reply = catch_unwind(AssertUnwindSafe(|| {
+    let reply = answer(id, "resume", || {
         after_resume(agent, unix_time_ns, entropy_hex, identity.as_ref())
-    }))
-    .unwrap_or_else(|_| {
-        info!("request {id} (resume) panicked");
-        Reply::Error {
-            message: "the agent failed while handling resume".to_owned(),
-        }
     });
     let resumed = matches!(reply, Reply::Resumed { .. });
     let announce = resumed && agent.live.load(Ordering::SeqCst);
@@ -197,6 +191,17 @@ fn resumed(
     }
 }
 
+/// `handler`'s reply to request `id`; a panic becomes an `error` reply
+/// naming `what` instead of silence.
+fn answer(id: u64, what: &str, handler: impl FnOnce() -> Reply) -> Reply {
+    catch_unwind(AssertUnwindSafe(handler)).unwrap_or_else(|_| {
+        info!("request {id} ({what}) panicked");
+        Reply::Error {
+            message: format!("the agent failed while handling {what}"),
+        }
+    })
+}
+
 /// Runs `handler` on its own thread and sends its reply. A panic becomes an
 /// `error` reply instead of silence.
 fn in_thread<F>(agent: &Arc<Agent>, id: u64, epoch: u64, name: &str, handler: F)
@@ -209,11 +214,7 @@ where
         .name(name.to_owned())
         .spawn(move || {
             let agent = worker;
-            let reply = catch_unwind(AssertUnwindSafe(|| handler(&agent))).unwrap_or_else(|_| {
-                info!("request {id} ({what}) panicked");
-                let message = format!("the agent failed while handling {what}");
-                Reply::Error { message }
-            });
+            let reply = answer(id, &what, || handler(&agent));
             agent.outbox.reply(id, epoch, &reply);
         });
     if let Err(e) = spawned {

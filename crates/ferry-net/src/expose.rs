@@ -162,9 +162,7 @@ impl Proxy {
             accept: Some(accept),
         })
     }
-}
 
-impl Proxy {
     /// Closes every client connection it carries now, and goes on
     /// accepting new ones.
     pub fn drop_clients(&self) {

@@ -7,7 +7,6 @@
 
 use std::fs::File;
 use std::io::Write;
-
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 

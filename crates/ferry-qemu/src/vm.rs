@@ -111,23 +111,18 @@ impl Writeback {
     /// How often writeback of what arrived since is started.
     const EVERY: Duration = Duration::from_millis(20);
 
-    fn start(paths: &[&Path]) -> std::io::Result<Writeback> {
-        let files = paths
-            .iter()
-            .map(std::fs::File::open)
-            .collect::<std::io::Result<Vec<_>>>()?;
+    fn start(path: &Path) -> std::io::Result<Writeback> {
+        let file = std::fs::File::open(path)?;
         let (stop, stopped) = std::sync::mpsc::channel::<()>();
         std::thread::Builder::new()
             .name("vm-writeback".into())
             .spawn(move || loop {
-                for file in &files {
-                    // SAFETY: sync_file_range on a descriptor this thread
-                    // owns; the whole file, start writeback only (it does
-                    // not wait for it and has no memory effects here).
-                    unsafe {
-                        libc::sync_file_range(file.as_raw_fd(), 0, 0, libc::SYNC_FILE_RANGE_WRITE)
-                    };
-                }
+                // SAFETY: sync_file_range on a descriptor this thread owns;
+                // the whole file, start writeback only (it does not wait
+                // for it and has no memory effects here).
+                unsafe {
+                    libc::sync_file_range(file.as_raw_fd(), 0, 0, libc::SYNC_FILE_RANGE_WRITE)
+                };
                 match stopped.recv_timeout(Self::EVERY) {
                     Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
                     _ => return,
@@ -585,7 +580,7 @@ impl QemuVm {
         // bench/migrate were slowed (2 runs of 2), and ferry's gap was no
         // shorter for it.
         if self.memory_in_file {
-            match Writeback::start(&[self.memory_file.as_path()]) {
+            match Writeback::start(&self.memory_file) {
                 Ok(w) => self.writeback = Some(w),
                 Err(e) => tracing::debug!("no writeback while receiving: {e}"),
             }

@@ -1030,7 +1030,11 @@ impl RunningVm {
     /// reseeds its RNG, and optionally gives it a new identity. Before the
     /// guest's service serves: for a guest whose clock may be hours behind.
     pub fn after_resume(&self, identity: Option<Identity>) -> Result<Reply, VmError> {
-        self.tell_resumed(identity, false)
+        // A guest resumed under TCG on a host whose two cores are busy with
+        // other VMs and builds answered in more than 10 s here (the package
+        // suite, run beside two compiles): the answer comes, late.
+        self.agent()
+            .request(&resumed_request(identity, false), AFTER_RESUME_TIMEOUT)
     }
 
     /// [`RunningVm::after_resume`] for a guest that was paused briefly (a
@@ -1057,14 +1061,6 @@ impl RunningVm {
             })
             .inspect_err(|e| tracing::warn!("cannot tell the guest it was paused: {e}"))
             .ok()
-    }
-
-    fn tell_resumed(&self, identity: Option<Identity>, background: bool) -> Result<Reply, VmError> {
-        // A guest resumed under TCG on a host whose two cores are busy with
-        // other VMs and builds answered in more than 10 s here (the package
-        // suite, run beside two compiles): the answer comes, late.
-        self.agent()
-            .request(&resumed_request(identity, background), AFTER_RESUME_TIMEOUT)
     }
 
     /// Shuts the guest down cleanly (through the agent, then the engine's
