@@ -109,7 +109,7 @@ pub enum DiskSpec {
 }
 
 /// How the guest's network device is attached on the host.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub enum NetAttachment {
     /// The device exists (so snapshots are portable) but is connected to
     /// nothing.
@@ -121,6 +121,12 @@ pub enum NetAttachment {
         ifname: String,
         /// The namespace's nsfs path (e.g. `/run/netns/NAME`).
         netns: Option<PathBuf>,
+        /// The tap opened and attached already by whoever made it, for the
+        /// engine to hand its process as it is (`None`: the engine attaches
+        /// by name). Attaching takes the kernel's network lock, which the
+        /// rest of a VM's network, made at the same time, holds for
+        /// milliseconds at a time.
+        attached: Option<std::sync::Arc<std::os::fd::OwnedFd>>,
     },
 }
 

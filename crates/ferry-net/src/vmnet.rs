@@ -49,6 +49,8 @@ pub struct VmNetwork {
     /// Whether ferry made the namespace (and removes it with the VM).
     created: bool,
     made_tap: bool,
+    /// The tap, attached (see [`tap::create`]), until the engine takes it.
+    tap_fd: Option<std::os::fd::OwnedFd>,
     gateway_chain: Option<Chain>,
     /// The guest's filter chains (see [`isolate`]).
     guard_chains: Vec<Chain>,
@@ -131,6 +133,7 @@ impl VmNetwork {
             ns: Arc::new(ns),
             created,
             made_tap: false,
+            tap_fd: None,
             gateway_chain: None,
             guard_chains: Vec::new(),
             proxies: Vec::new(),
@@ -141,7 +144,7 @@ impl VmNetwork {
         if !net.created && nl::link_exists(Some(&net.ns), TAP_NAME)? {
             nl::delete_link(Some(&net.ns), TAP_NAME)?;
         }
-        tap::create(&net.ns, TAP_NAME)?;
+        net.tap_fd = Some(tap::create(&net.ns, TAP_NAME)?);
         net.made_tap = true;
         Ok(PendingNetwork {
             net,
@@ -326,6 +329,12 @@ impl PendingNetwork {
     /// The tap the engine attaches the guest to.
     pub fn tap(&self) -> &str {
         self.net.tap()
+    }
+
+    /// The tap's descriptor, attached already, for the engine to hand its
+    /// process (once: later calls get `None`).
+    pub fn take_tap_fd(&mut self) -> Option<std::os::fd::OwnedFd> {
+        self.net.tap_fd.take()
     }
 
     /// The exposures it will serve.

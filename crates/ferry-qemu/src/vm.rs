@@ -264,7 +264,7 @@ impl QemuVm {
         // descriptors (see `Handed`).
         let mut handed = Handed::default();
         let mut tap = None;
-        let over = match launch.confine.user {
+        let mut over = match launch.confine.user {
             Some(user) => hand_over(
                 spec,
                 launch,
@@ -280,6 +280,18 @@ impl QemuVm {
             )?,
             None => Overrides::default(),
         };
+        // A tap attached already goes to QEMU as it is, confined or not:
+        // no second attach in the child (see `NetAttachment::Tap`).
+        if let NetAttachment::Tap {
+            attached: Some(fd), ..
+        } = &spec.net
+        {
+            let dup = fd
+                .try_clone()
+                .map_err(|e| io("duplicating the tap's descriptor".into(), e))?;
+            tap = None;
+            over.netdev = Some(format!("tap,id=net0,fd={}", handed.keep(dup)));
+        }
         let qemu = launch.program;
         let mut cmd = Command::new(qemu);
         for dir in launch.data_dirs {
@@ -1174,7 +1186,12 @@ fn hand_over(
     if let Some(shell) = how.shell {
         over.shell = Some(listen(handed, shell)?);
     }
-    if let NetAttachment::Tap { ifname, .. } = &spec.net {
+    if let NetAttachment::Tap {
+        ifname,
+        attached: None,
+        ..
+    } = &spec.net
+    {
         let ifr =
             crate::confine::tap_request(ifname).map_err(|e| io(format!("tap {ifname}"), e))?;
         // A number for the tap, reserved here; the child puts the tap on it.
