@@ -78,6 +78,10 @@ def capture(pid, out):
     os.makedirs(out, exist_ok=True)
     with open(f"/proc/{pid}/cmdline", "rb") as f:
         argv = [a.decode() for a in f.read().split(b"\0") if a]
+    # ferry hands QEMU the tap it made, attached, as a descriptor; a replay
+    # opens the tap of its own namespace by name (made before the clock
+    # starts, it attaches at once), and `live` hands it as a descriptor.
+    argv = [re.sub(r"^tap,id=net0,fd=\d+$", "tap,id=net0,ifname=tap0,script=no,downscript=no", a) for a in argv]
     vmdir = None
     for a in argv:
         path = a[len("unix:"):].split(",")[0]
