@@ -289,7 +289,6 @@ impl QemuVm {
             let dup = fd
                 .try_clone()
                 .map_err(|e| io("duplicating the tap's descriptor".into(), e))?;
-            tap = None;
             over.netdev = Some(format!("tap,id=net0,fd={}", handed.keep(dup)));
         }
         let qemu = launch.program;
@@ -1125,8 +1124,9 @@ struct HandOver<'a> {
 
 /// Opens (as root) everything QEMU would open by path, for a QEMU that
 /// runs as `how.user`: files as `/proc/self/fd/N`, sockets bound here and
-/// passed listening, the tap opened by the child before it changes user
-/// (into `tap`: the request and the descriptor number it takes).
+/// passed listening, and a tap that comes without a descriptor (see
+/// `NetAttachment::Tap`) opened by the child before it changes user (into
+/// `tap`: the request and the descriptor number it takes).
 fn hand_over(
     spec: &VmSpec,
     launch: &Launch<'_>,
