@@ -253,6 +253,9 @@ impl QemuVm {
             let _ = std::fs::remove_file(s);
         }
 
+        // Only a boot loads a kernel; a guest that arrives brings its own
+        // (see `Flags::incoming`).
+        let boot = matches!(start, Start::Boot(_));
         let state_from = match &start {
             Start::Boot(_) => None,
             Start::Restore(state, _) => Some(&state.provenance.engine_version),
@@ -273,7 +276,7 @@ impl QemuVm {
                     agent: &agent_socket,
                     shell: shell_socket.as_deref(),
                     user,
-                    kernel: matches!(start, Start::Boot(_)),
+                    kernel: boot,
                 },
                 &mut handed,
                 &mut tap,
@@ -312,7 +315,7 @@ impl QemuVm {
             &agent_socket,
             shell_socket.as_deref(),
             Flags {
-                incoming: !matches!(start, Start::Boot(_)),
+                incoming: !boot,
                 // A cold boot starts paused so that the agent socket is
                 // connected before the guest can run (and stop, taking the
                 // socket with it).
