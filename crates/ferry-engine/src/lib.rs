@@ -117,16 +117,16 @@ pub enum NetAttachment {
     /// A tap device, already created, in network namespace `netns` (the
     /// engine process runs there) or in the caller's own.
     Tap {
-        /// The tap's interface name.
+        /// The tap's interface name (for logs and errors).
         ifname: String,
         /// The namespace's nsfs path (e.g. `/run/netns/NAME`).
         netns: Option<PathBuf>,
-        /// The tap opened and attached already by whoever made it, for the
-        /// engine to hand its process as it is (`None`: the engine attaches
-        /// by name). Attaching takes the kernel's network lock, which the
-        /// rest of a VM's network, made at the same time, holds for
-        /// milliseconds at a time.
-        attached: Option<std::sync::Arc<std::os::fd::OwnedFd>>,
+        /// The tap, opened and attached by whoever made it, for the engine
+        /// to hand its process as it is. The engine never attaches by
+        /// name: that takes the kernel's network lock, which the rest of a
+        /// VM's network, made at the same time, holds for milliseconds at
+        /// a time, and a confined engine process could not.
+        attached: std::sync::Arc<std::os::fd::OwnedFd>,
     },
 }
 

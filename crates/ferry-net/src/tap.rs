@@ -22,9 +22,8 @@ struct IfReq {
 }
 
 /// Creates the persistent tap `name` inside `ns`. It survives this call (and
-/// ferry) until deleted, so an engine can attach to it by name; the
-/// descriptor returned is attached to it already, for an engine to be
-/// handed instead. Attaching again means a `TUNSETIFF` under the kernel's
+/// ferry) until deleted; the descriptor returned is attached to it already,
+/// for the engine to be handed. Attaching again means a `TUNSETIFF` under the kernel's
 /// network lock, and closing this one a detach: with the rest of the
 /// namespace being made at the same time, a QEMU's own `TUNSETIFF` waited
 /// 11 ms for that lock on a resume's critical path.

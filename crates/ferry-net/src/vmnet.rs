@@ -49,8 +49,6 @@ pub struct VmNetwork {
     /// Whether ferry made the namespace (and removes it with the VM).
     created: bool,
     made_tap: bool,
-    /// The tap, attached (see [`tap::create`]), until the engine takes it.
-    tap_fd: Option<std::os::fd::OwnedFd>,
     gateway_chain: Option<Chain>,
     /// The guest's filter chains (see [`isolate`]).
     guard_chains: Vec<Chain>,
@@ -133,7 +131,6 @@ impl VmNetwork {
             ns: Arc::new(ns),
             created,
             made_tap: false,
-            tap_fd: None,
             gateway_chain: None,
             guard_chains: Vec::new(),
             proxies: Vec::new(),
@@ -144,12 +141,13 @@ impl VmNetwork {
         if !net.created && nl::link_exists(Some(&net.ns), TAP_NAME)? {
             nl::delete_link(Some(&net.ns), TAP_NAME)?;
         }
-        net.tap_fd = Some(tap::create(&net.ns, TAP_NAME)?);
+        let tap_fd = Arc::new(tap::create(&net.ns, TAP_NAME)?);
         net.made_tap = true;
         Ok(PendingNetwork {
             net,
             listeners,
             opts,
+            tap_fd,
         })
     }
 
@@ -313,6 +311,9 @@ pub struct PendingNetwork {
     net: VmNetwork,
     listeners: Vec<std::net::TcpListener>,
     opts: VmNetOptions,
+    /// The tap, attached (see [`tap::create`]); ferry's own copy closes
+    /// with [`PendingNetwork::finish`].
+    tap_fd: Arc<std::os::fd::OwnedFd>,
 }
 
 impl PendingNetwork {
@@ -332,9 +333,9 @@ impl PendingNetwork {
     }
 
     /// The tap's descriptor, attached already, for the engine to hand its
-    /// process (once: later calls get `None`).
-    pub fn take_tap_fd(&mut self) -> Option<std::os::fd::OwnedFd> {
-        self.net.tap_fd.take()
+    /// process.
+    pub fn tap_fd(&self) -> Arc<std::os::fd::OwnedFd> {
+        Arc::clone(&self.tap_fd)
     }
 
     /// The exposures it will serve.

@@ -266,8 +266,7 @@ impl QemuVm {
         // A QEMU that runs as another user gets what it needs as
         // descriptors (see `Handed`).
         let mut handed = Handed::default();
-        let mut tap = None;
-        let mut over = match launch.confine.user {
+        let over = match launch.confine.user {
             Some(user) => hand_over(
                 spec,
                 launch,
@@ -279,21 +278,20 @@ impl QemuVm {
                     kernel: boot,
                 },
                 &mut handed,
-                &mut tap,
             )?,
             None => Overrides::default(),
         };
-        // A tap attached already goes to QEMU as it is, confined or not:
-        // no second attach in the child (see `NetAttachment::Tap`).
-        if let NetAttachment::Tap {
-            attached: Some(fd), ..
-        } = &spec.net
-        {
-            let dup = fd
-                .try_clone()
-                .map_err(|e| io("duplicating the tap's descriptor".into(), e))?;
-            over.netdev = Some(format!("tap,id=net0,fd={}", handed.keep(dup)));
-        }
+        // The tap comes attached: QEMU gets it as it is, confined or not
+        // (see `NetAttachment::Tap`).
+        let netdev = match &spec.net {
+            NetAttachment::Isolated => Netdev::Hub,
+            NetAttachment::Tap { attached, .. } => {
+                let dup = attached
+                    .try_clone()
+                    .map_err(|e| io("duplicating the tap's descriptor".into(), e))?;
+                Netdev::Tap(handed.keep(dup))
+            }
+        };
         let qemu = launch.program;
         let mut cmd = Command::new(qemu);
         for dir in launch.data_dirs {
@@ -325,6 +323,7 @@ impl QemuVm {
                     Accel::Tcg => host_tsc_khz(launch.cache_dir),
                     Accel::Kvm => None,
                 },
+                netdev,
                 tcg_tb_mib: launch
                     .confine
                     .caps_tcg_cache()
@@ -377,8 +376,8 @@ impl QemuVm {
         let handed_fds = handed.raw().to_vec();
         let user = launch.confine.user;
         // SAFETY: the closure runs in the child between fork and exec and only
-        // calls prctl, setpgid, setns, open, ioctl, dup2, close, fcntl,
-        // setgroups, setgid and setuid, which are async-signal-safe, and
+        // calls prctl, setpgid, setns, fcntl, setgroups, setgid and setuid,
+        // which are async-signal-safe, and
         // allocates nothing; the namespace file stays open until after the
         // spawn.
         unsafe {
@@ -392,9 +391,6 @@ impl QemuVm {
                     if libc::setns(fd, libc::CLONE_NEWNET) != 0 {
                         return Err(std::io::Error::last_os_error());
                     }
-                }
-                if let Some((ifr, target)) = &tap {
-                    crate::confine::open_tap(ifr, *target)?;
                 }
                 crate::confine::keep_open(&handed_fds)?;
                 if let Some(user) = user {
@@ -1092,8 +1088,19 @@ struct Flags {
     netboot_rom: Option<PathBuf>,
     /// The host's TSC frequency, told to a TCG guest (`guest_cmdline`).
     tsc_khz: Option<u64>,
+    /// What the guest's NIC is connected to.
+    netdev: Netdev,
     /// What a QEMU running as another user gets instead of paths.
     over: Overrides,
+}
+
+/// The `-netdev` of a VM's NIC.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Netdev {
+    /// A hub port that goes nowhere ([`NetAttachment::Isolated`]).
+    Hub,
+    /// The tap on this descriptor of QEMU's ([`NetAttachment::Tap`]).
+    Tap(i32),
 }
 
 /// Arguments that name descriptors instead of ferry's paths (`None`: the
@@ -1107,8 +1114,6 @@ struct Overrides {
     mem_readonly: bool,
     /// The `-drive` source (`file=...,format=...`).
     drive: Option<String>,
-    /// The `-netdev` value.
-    netdev: Option<String>,
     /// Listening sockets' descriptors.
     qmp: Option<i32>,
     agent: Option<i32>,
@@ -1127,15 +1132,12 @@ struct HandOver<'a> {
 
 /// Opens (as root) everything QEMU would open by path, for a QEMU that
 /// runs as `how.user`: files as `/proc/self/fd/N`, sockets bound here and
-/// passed listening, and a tap that comes without a descriptor (see
-/// `NetAttachment::Tap`) opened by the child before it changes user (into
-/// `tap`: the request and the descriptor number it takes).
+/// passed listening.
 fn hand_over(
     spec: &VmSpec,
     launch: &Launch<'_>,
     how: HandOver<'_>,
     handed: &mut Handed,
-    tap: &mut Option<(crate::confine::TapRequest, i32)>,
 ) -> Result<Overrides, EngineError> {
     let user = how.user;
     let file = |handed: &mut Handed, path: &Path, write: bool| {
@@ -1189,21 +1191,6 @@ fn hand_over(
     if let Some(shell) = how.shell {
         over.shell = Some(listen(handed, shell)?);
     }
-    if let NetAttachment::Tap {
-        ifname,
-        attached: None,
-        ..
-    } = &spec.net
-    {
-        let ifr =
-            crate::confine::tap_request(ifname).map_err(|e| io(format!("tap {ifname}"), e))?;
-        // A number for the tap, reserved here; the child puts the tap on it.
-        let placeholder =
-            std::fs::File::open("/dev/null").map_err(|e| io("opening /dev/null".into(), e))?;
-        let fd = handed.keep(placeholder.into());
-        *tap = Some((ifr, fd));
-        over.netdev = Some(format!("tap,id=net0,fd={fd}"));
-    }
     Ok(over)
 }
 
@@ -1221,6 +1208,7 @@ fn qemu_args(
         tcg_tb_mib,
         netboot_rom,
         tsc_khz,
+        netdev,
         over,
     } = flags;
     let mut a: Vec<String> = Vec::new();
@@ -1317,15 +1305,9 @@ fn qemu_args(
         &format!("id=disk0,node-name={DISK_NODE},{source},if=none,cache=writeback,discard=unmap"),
     ]);
     push(&["-device", &format!("virtio-blk-{bus},drive=disk0")]);
-    match &spec.net {
-        NetAttachment::Tap { .. } if over.netdev.is_some() => {
-            push(&["-netdev", over.netdev.as_deref().unwrap_or_default()])
-        }
-        NetAttachment::Isolated => push(&["-netdev", "hubport,id=net0,hubid=0"]),
-        NetAttachment::Tap { ifname, .. } => push(&[
-            "-netdev",
-            &format!("tap,id=net0,ifname={ifname},script=no,downscript=no"),
-        ]),
+    match netdev {
+        Netdev::Hub => push(&["-netdev", "hubport,id=net0,hubid=0"]),
+        Netdev::Tap(fd) => push(&["-netdev", &format!("tap,id=net0,fd={fd}")]),
     }
     let mac = spec.guest_mac.as_deref().unwrap_or(GUEST_MAC);
     match &netboot_rom {
@@ -1821,6 +1803,10 @@ mod args_tests {
     }
 
     fn args(incoming: bool) -> Vec<String> {
+        args_with(incoming, Netdev::Hub)
+    }
+
+    fn args_with(incoming: bool, netdev: Netdev) -> Vec<String> {
         qemu_args(
             &spec(),
             256 << 10,
@@ -1833,6 +1819,7 @@ mod args_tests {
                 tcg_tb_mib: None,
                 netboot_rom: None,
                 tsc_khz: None,
+                netdev,
                 over: Overrides::default(),
             },
         )
@@ -1855,5 +1842,16 @@ mod args_tests {
             );
         }
         assert!(arriving.iter().any(|a| a == "-incoming"));
+    }
+
+    #[test]
+    fn a_tap_reaches_qemu_only_as_the_descriptor_it_was_handed() {
+        let a = args_with(true, Netdev::Tap(7));
+        let netdev: Vec<_> = a.windows(2).filter(|w| w[0] == "-netdev").collect();
+        assert_eq!(netdev.len(), 1, "{a:?}");
+        assert_eq!(netdev[0][1], "tap,id=net0,fd=7");
+        let a = args_with(true, Netdev::Hub);
+        assert!(a.iter().any(|x| x == "hubport,id=net0,hubid=0"), "{a:?}");
+        assert!(!a.iter().any(|x| x.contains("ifname=")), "{a:?}");
     }
 }

@@ -458,7 +458,7 @@ impl RunningVm {
             CONSOLE_LOG_CAP,
         )?));
         let restoring = !matches!(kind, StartKind::Boot(_));
-        let mut pending = match prepare_network(paths, image, config, &dir) {
+        let pending = match prepare_network(paths, image, config, &dir) {
             Ok(n) => n,
             Err(e) => {
                 dir.remove();
@@ -484,11 +484,11 @@ impl RunningVm {
             memory_file: dir.path().join(files::MEMORY),
             memory_shared: !restoring,
             accel: config.accel,
-            net: match &mut pending {
+            net: match &pending {
                 Some(n) => NetAttachment::Tap {
                     ifname: n.tap().to_string(),
                     netns: Some(n.netns_path()),
-                    attached: n.take_tap_fd().map(Arc::new),
+                    attached: n.tap_fd(),
                 },
                 None => NetAttachment::Isolated,
             },
