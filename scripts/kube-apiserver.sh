@@ -87,8 +87,12 @@ fetch_etcd() {
   (cd "$apt/debs" && rm -f etcd-server_*.deb && apt-get "${o[@]}" -qq download etcd-server)
   rm -rf "$etcd_dir.tmp"
   dpkg-deb -x "$apt"/debs/etcd-server_*.deb "$etcd_dir.tmp"
-  "$etcd_dir.tmp/usr/bin/etcd" --version | grep -q '^etcd Version: 3\.5\.' \
-    || { say "etcd-server is not 3.5"; exit 1; }
+  # Read whole, then matched: `etcd --version | grep -q` under pipefail
+  # fails whenever grep's early exit kills etcd with SIGPIPE.
+  local version
+  version=$("$etcd_dir.tmp/usr/bin/etcd" --version) || { say "etcd-server from trixie does not run here"; exit 1; }
+  [[ $version =~ (^|$'\n')'etcd Version: 3.5.' ]] \
+    || { say "etcd-server is not 3.5: ${version%%$'\n'*}"; exit 1; }
   rm -rf "$etcd_dir" && mv "$etcd_dir.tmp" "$etcd_dir"
 }
 
