@@ -195,7 +195,8 @@ fn ending_a_received_disk_cuts_the_idle_sender_and_keeps_its_writes() {
         took < Duration::from_secs(2),
         "ending the export waited for its idle client ({took:?})"
     );
-    // No new client gets in: the server has stopped.
+    // No new client gets in: the export is gone (the server itself stops
+    // once the guest runs).
     let late = Command::new("qemu-io")
         .arg("--image-opts")
         .arg(format!(

@@ -261,7 +261,7 @@ pub fn own_and_tell(
                     name: owned.name.clone(),
                     to: to.clone(),
                 });
-                match migrate_out(&mut owned, &mut incoming, &opts.limits) {
+                match migrate_out(&mut owned, &mut incoming, &opts.limits, events) {
                     MoveResult::Moved(stats) => {
                         break Ok((
                             Outcome::Moved {
@@ -586,6 +586,7 @@ fn migrate_out(
     owned: &mut OwnedVm,
     incoming: &mut migration::Incoming,
     limits: &LiveLimits,
+    events: &dyn EventSink,
 ) -> MoveResult {
     let offer = match offer_of(owned) {
         Ok(o) => o,
@@ -658,13 +659,13 @@ fn migrate_out(
         let e = owned.vm.engine_vm();
         let t = Instant::now();
         e.start_disk_copy(&disk_sock)?;
-        tracing::info!(ms = t.elapsed().as_millis() as u64, "disk copy in sync");
+        events.emit(crate::start::phase("disk-in-sync", t));
         let t = Instant::now();
         let stats = e.send_state(&state_sock, limits)?;
-        tracing::info!(ms = t.elapsed().as_millis() as u64, "state sent");
+        events.emit(crate::start::phase("state-sent", t));
         let t = Instant::now();
         e.finish_disk_copy()?;
-        tracing::info!(ms = t.elapsed().as_millis() as u64, "disk copy finished");
+        events.emit(crate::start::phase("disk-copy-finished", t));
         Ok(stats)
     })();
     let mut stats = match sent {
