@@ -150,7 +150,9 @@ pub struct VmSpec {
     /// Guest RAM lives in this file, so that a snapshot need not copy it.
     pub memory_file: PathBuf,
     /// Whether guest writes reach `memory_file` (`true`) or stay private to
-    /// this VM (`false`: copy-on-write, for restores and clones).
+    /// this VM (`false`: copy-on-write, for restores and clones). A VM
+    /// received private ([`Engine::receive`]) has no file to start from:
+    /// its RAM is anonymous memory and `memory_file` is not used.
     pub memory_shared: bool,
     /// Accelerator.
     pub accel: Accel,

@@ -233,10 +233,14 @@ impl QemuVm {
         if let DiskSpec::CopyOnWrite { base, overlay } = &spec.disk {
             create_overlay(launch.qemu_img, launch.cache_dir, base, overlay)?;
         }
+        // A guest received private arrives into anonymous memory: every
+        // page comes with it, and a file's pages would cost the move (see
+        // `Flags::anonymous_memory`).
+        let anonymous_memory = matches!(start, Start::Receive(..)) && !spec.memory_shared;
         // QEMU would make a missing memory file with the umask's mode
         // (0644): guest RAM is for its owner only, so make it 0600 first
         // (QEMU only grows an empty file to the guest's size).
-        if !spec.memory_file.exists() {
+        if !anonymous_memory && !spec.memory_file.exists() {
             use std::os::unix::fs::OpenOptionsExt;
             std::fs::OpenOptions::new()
                 .write(true)
@@ -279,6 +283,7 @@ impl QemuVm {
                     shell: shell_socket.as_deref(),
                     user,
                     kernel: boot,
+                    memory_file: !anonymous_memory,
                 },
                 &mut handed,
             )?,
@@ -327,6 +332,7 @@ impl QemuVm {
                     Accel::Kvm => None,
                 },
                 netdev,
+                anonymous_memory,
                 tcg_tb_mib: launch
                     .confine
                     .caps_tcg_cache()
@@ -1111,6 +1117,12 @@ struct Flags {
     tsc_khz: Option<u64>,
     /// What the guest's NIC is connected to.
     netdev: Netdev,
+    /// Guest RAM is anonymous (`memory-backend-ram`), not `memory_file`:
+    /// for a guest received private. In a shared file, QEMU 10.0 msyncs
+    /// every received page before it completes the move, guest paused on
+    /// both hosts (QEMU 10.1 no longer does, for memory that is not
+    /// persistent), and the page cache's dirty limits throttle the copy.
+    anonymous_memory: bool,
     /// What a QEMU running as another user gets instead of paths.
     over: Overrides,
 }
@@ -1149,6 +1161,8 @@ struct HandOver<'a> {
     user: QemuUser,
     /// Whether QEMU gets the kernel and initramfs (see [`Flags::incoming`]).
     kernel: bool,
+    /// Whether QEMU gets the memory file (see [`Flags::anonymous_memory`]).
+    memory_file: bool,
 }
 
 /// Opens (as root) everything QEMU would open by path, for a QEMU that
@@ -1174,9 +1188,11 @@ fn hand_over(
     // A private mapping of a shared file (a clone's memory) is never
     // written through: QEMU 8.2 and later map a read-only file writable
     // and private (`readonly=on,rom=off`); older ones need write access.
-    let memory_write = spec.memory_shared || launch.version < crate::QemuVersion::new(8, 2, 0);
-    over.mem_path = Some(file(handed, &spec.memory_file, memory_write)?);
-    over.mem_readonly = !memory_write;
+    if how.memory_file {
+        let memory_write = spec.memory_shared || launch.version < crate::QemuVersion::new(8, 2, 0);
+        over.mem_path = Some(file(handed, &spec.memory_file, memory_write)?);
+        over.mem_readonly = !memory_write;
+    }
     over.drive = Some(match &spec.disk {
         DiskSpec::Raw(p) => format!(
             "file={},format=raw,detect-zeroes=unmap",
@@ -1230,6 +1246,7 @@ fn qemu_args(
         netboot_rom,
         tsc_khz,
         netdev,
+        anonymous_memory,
         over,
     } = flags;
     let mut a: Vec<String> = Vec::new();
@@ -1257,9 +1274,9 @@ fn qemu_args(
         "-smp",
         &spec.cpus.to_string(),
     ]);
-    push(&[
-        "-object",
-        &format!(
+    let backend = match anonymous_memory {
+        true => format!("memory-backend-ram,id=mem,size={memory_kib}K"),
+        false => format!(
             "memory-backend-file,id=mem,size={memory_kib}K,mem-path={},share={}{}",
             over.mem_path
                 .clone()
@@ -1271,7 +1288,8 @@ fn qemu_args(
                 ""
             }
         ),
-    ]);
+    };
+    push(&["-object", &backend]);
     push(&[
         "-nodefaults",
         "-no-user-config",
@@ -1841,6 +1859,7 @@ mod args_tests {
                 netboot_rom: None,
                 tsc_khz: None,
                 netdev,
+                anonymous_memory: false,
                 over: Overrides::default(),
             },
         )

@@ -50,8 +50,9 @@ pub struct SaveInfo {
     /// Where unchanged chunks are copied from: the package the VM last
     /// resumed from.
     pub base_package: Option<PathBuf>,
-    /// Whether the VM's memory is a private mapping (a clone that never
-    /// suspended): its RAM is then saved in the device state.
+    /// Whether the VM's memory is private (a clone that never suspended,
+    /// or a VM received from a peer): its RAM is then saved in the device
+    /// state.
     pub private_memory: bool,
     /// The disk's size in bytes (what a migration offers).
     pub disk_size: u64,

@@ -148,9 +148,10 @@ pub fn save(
             owned.save.meta.provenance.clone()
         }
     };
-    // A clone that never suspended maps its memory privately: its changed
-    // pages are in no file, so RAM goes into the device state and the
-    // memory section is all holes, of the guest's size.
+    // A clone that never suspended maps its memory privately, and a VM
+    // received from a peer has anonymous memory: its changed pages are in
+    // no file, so RAM goes into the device state and the memory section is
+    // all holes, of the guest's size.
     let memory_in_state = from == StateFrom::SentStream || owned.save.private_memory;
     if owned.save.private_memory {
         let path = dir.join(files::MEMORY);

@@ -1269,8 +1269,11 @@ fn start_engine(
                 .map_err(FileError::at(&disk))?;
             let spec = VmSpec {
                 disk: DiskSpec::Raw(disk),
-                // Shared: a later suspend writes no RAM copy.
-                memory_shared: true,
+                // Private: anonymous memory, as a plain QEMU receives. A
+                // shared file (a later suspend would write no RAM copy)
+                // cost the move's switch QEMU's msync of every received
+                // page, more under write load (docs/migration-protocol.md).
+                memory_shared: false,
                 ..spec
             };
             // It stays paused until the move's end resumes it: nothing

@@ -131,7 +131,8 @@ pub fn start(
                 kernel,
                 initramfs,
                 base_package: None,
-                private_memory: false,
+                // Received into anonymous memory (see `StartKind::Receive`).
+                private_memory: true,
                 disk_size: offer.disk_size,
                 adopt_cache: None,
             },
