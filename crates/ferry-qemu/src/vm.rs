@@ -728,21 +728,22 @@ impl QemuVm {
     }
 
     fn wait_migration(&self, what: &str, timeout: Duration) -> Result<(), EngineError> {
-        self.wait_migration_polling(what, timeout, &mut |_| Ok(()))
+        self.wait_migration_polling(what, timeout, &mut |_, _| Ok(()))
     }
 
-    /// [`Self::wait_migration`], calling `each` with the time waited so far
-    /// after every poll that did not end it.
+    /// [`Self::wait_migration`], calling `each` with the migration's status
+    /// and the time waited so far after every poll that did not end it.
     fn wait_migration_polling(
         &self,
         what: &str,
         timeout: Duration,
-        each: &mut dyn FnMut(Duration) -> Result<(), EngineError>,
+        each: &mut dyn FnMut(&str, Duration) -> Result<(), EngineError>,
     ) -> Result<(), EngineError> {
         let started = Instant::now();
         loop {
             let info = self.cmd("query-migrate", json!({}))?;
-            match info["status"].as_str().unwrap_or("") {
+            let status = info["status"].as_str().unwrap_or("");
+            match status {
                 "completed" => return Ok(()),
                 "failed" | "cancelled" => {
                     return Err(EngineError::Command {
@@ -761,7 +762,7 @@ impl QemuVm {
             if started.elapsed() > timeout {
                 return Err(EngineError::Timeout(what.into()));
             }
-            each(started.elapsed())?;
+            each(status, started.elapsed())?;
             std::thread::sleep(Duration::from_millis(2));
         }
     }
@@ -971,30 +972,15 @@ impl Vm for QemuVm {
         let uri = self.hand_fd(STATE_FD, conn.as_fd())?;
         self.cmd("migrate", json!({ "uri": uri }))?;
         drop(conn);
-        let started = Instant::now();
-        if drain {
-            loop {
-                let info = self.cmd("query-migrate", json!({}))?;
-                match info["status"].as_str().unwrap_or("") {
-                    "pre-switchover" => {
-                        std::thread::sleep(Duration::from_millis(DRAIN_MS));
-                        self.cmd("migrate-continue", json!({ "state": "pre-switchover" }))?;
-                        break;
-                    }
-                    "completed" | "failed" | "cancelled" => break,
-                    _ => {}
-                }
-                if let Some(reason) = self.watch.exit.lock().expect("watch").clone() {
-                    return Err(EngineError::NotRunning(describe(&reason)));
-                }
-                if started.elapsed() > limits.timeout {
-                    return Err(EngineError::Timeout("sending the VM".into()));
-                }
-                std::thread::sleep(Duration::from_millis(1));
-            }
-        }
         let mut relaxed = first == asked;
-        self.wait_migration_polling("sending the VM", limits.timeout, &mut |waited| {
+        // Once: the status may still read `pre-switchover` right after.
+        let mut continued = false;
+        self.wait_migration_polling("sending the VM", limits.timeout, &mut |status, waited| {
+            if drain && !continued && status == "pre-switchover" {
+                continued = true;
+                std::thread::sleep(Duration::from_millis(DRAIN_MS));
+                self.cmd("migrate-continue", json!({ "state": "pre-switchover" }))?;
+            }
             if !relaxed && waited >= FIRST_PASS_RELAX {
                 relaxed = true;
                 self.cmd("migrate-set-parameters", json!({ "downtime-limit": asked }))?;
