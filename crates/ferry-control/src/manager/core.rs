@@ -366,6 +366,14 @@ impl Shared {
                 rec.instance.reason = None;
                 rec.instance.address = report.address;
                 rec.instance.exposes = report.exposes;
+                // Its destination said so just now, whatever it last put in
+                // a heartbeat (`starting`): a heartbeat from the source
+                // taken before the switch and arriving after this must not
+                // take the instance back (a delete would go there and
+                // leave the moved VM running).
+                if let Some(entry) = core.nodes.get_mut(node) {
+                    entry.reported.insert(name.to_string(), "running".into());
+                }
                 core.metrics.migrations_ok += 1;
                 core.metrics.downtime_ms_sum += downtime_ms.unwrap_or(0);
                 Ok(())
@@ -920,9 +928,13 @@ impl Core {
                         }
                     } else if !here {
                         // Both ends of a move that ended report it for a
-                        // moment: the record's node keeps it until it stops
-                        // saying so.
-                        if self.state_on(&rec.instance.node.clone(), &r.name) == Some("running") {
+                        // moment (the source's last heartbeat may have been
+                        // taken before the switch): the record's node keeps
+                        // it until it stops saying so.
+                        if matches!(
+                            self.state_on(&rec.instance.node.clone(), &r.name),
+                            Some("running") | Some("starting")
+                        ) {
                             continue;
                         }
                     }
@@ -1195,6 +1207,117 @@ mod tests {
             shared.instance("kv").unwrap().last_error.unwrap().unix_ms,
             20
         );
+    }
+
+    fn register_node(shared: &Shared, node: &str, instances: Vec<Report>) -> String {
+        shared
+            .register(Register {
+                name: node.into(),
+                worker_id: format!("w-{node}"),
+                address: "10.0.0.1".into(),
+                accel: "tcg".into(),
+                cpus: 2,
+                memory_mib: 4096,
+                free_mib: 2048,
+                lease_s: 10,
+                instances,
+            })
+            .unwrap()
+    }
+
+    fn kv_on(state: &str) -> Report {
+        Report {
+            state: state.into(),
+            ..report(None)
+        }
+    }
+
+    /// A heartbeat the source took before the switch and the manager got
+    /// after the move ended must not take the instance back: a delete then
+    /// went to the source, found nothing there, and left the moved VM
+    /// running unmanaged (tests/operator.rs failed so in CI).
+    #[test]
+    fn a_stale_heartbeat_from_a_moves_source_does_not_take_the_instance_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        store
+            .put_instance(&InstanceRecord {
+                instance: Instance {
+                    name: "kv".into(),
+                    source: "http://r/".into(),
+                    node: "node-1".into(),
+                    state: InstanceState::Running,
+                    reason: None,
+                    address: Some("10.0.0.1:1500".into()),
+                    exposes: Vec::new(),
+                    memory_mib: 256,
+                    moves: Vec::new(),
+                    created_unix: 1,
+                    last_error: None,
+                },
+                token: "t".repeat(32),
+                pending_token: None,
+                expose: Vec::new(),
+            })
+            .unwrap();
+        drop(store);
+        let shared = Shared::load(
+            Store::open(dir.path()).unwrap(),
+            Duration::from_secs(5),
+            None,
+        )
+        .unwrap();
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        let s1 = register_node(&shared, "node-1", vec![kv_on("running")]);
+        let s2 = register_node(&shared, "node-2", Vec::new());
+        let beat = |session: &str, instances: Vec<Report>| {
+            shared
+                .heartbeat(Heartbeat {
+                    session: session.into(),
+                    free_mib: 2048,
+                    instances,
+                })
+                .unwrap()
+        };
+        let node = || shared.instance("kv").unwrap().node;
+
+        let moving = rt.spawn({
+            let shared = shared.clone();
+            async move { shared.migrate("kv", "node-2").await }
+        });
+        let cmds = rt
+            .block_on(shared.commands(&s2, Duration::from_secs(5)))
+            .unwrap();
+        assert!(matches!(cmds[0].kind, CommandKind::Receive { .. }));
+        // The destination reports it while receiving it, then says done.
+        beat(&s2, vec![kv_on("starting")]);
+        shared
+            .result(
+                &s2,
+                cmds[0].id,
+                Outcome::Done {
+                    report: kv_on("running"),
+                    downtime_ms: Some(5),
+                },
+            )
+            .unwrap();
+        rt.block_on(moving).unwrap().unwrap();
+        assert_eq!(node(), "node-2");
+
+        // The source's heartbeat from before the switch arrives late.
+        beat(&s1, vec![kv_on("running")]);
+        assert_eq!(node(), "node-2", "a stale report took it back");
+        assert_eq!(shared.instance("kv").unwrap().state, InstanceState::Running);
+        // Then both say where it is.
+        beat(&s2, vec![kv_on("running")]);
+        beat(&s1, Vec::new());
+        assert_eq!(node(), "node-2");
+
+        // Where the record's node no longer has it and another node runs
+        // it, the record follows the VM.
+        beat(&s2, Vec::new());
+        beat(&s1, vec![kv_on("running")]);
+        assert_eq!(node(), "node-1");
     }
 
     /// Older workers send no `last_error`; older managers ignore it.
