@@ -665,9 +665,10 @@ fn a_detached_peer_is_managed_like_a_detached_vm() {
             .map(|vm| vm["name"].as_str().unwrap().to_string())
             .collect()
     };
-    let detached = |h: &Host, e: &FerryEnv, from: &str, save: &Path| -> Output {
+    let detached = |h: &Host, e: &FerryEnv, from: &str, save: &Path, extra: &[&str]| -> Output {
         let mut args = peer_args(from, "kv", listen, expose);
         args.extend(["--detach", "--save", save.to_str().unwrap()]);
+        args.extend(extra);
         let out = h.ferry(e).args(&args).output().unwrap();
         assert!(out.status.success(), "{}", describe(&out));
         assert!(
@@ -679,7 +680,9 @@ fn a_detached_peer_is_managed_like_a_detached_vm() {
     };
 
     let save_a = ea.state.path().join("kv-a.ferry");
-    detached(a, ea, url, &save_a);
+    // It sends at 16 MiB/s: the copy outlasts the tighter first downtime
+    // limit (3 s), so the move ends under the one asked for.
+    detached(a, ea, url, &save_a, &["--max-bandwidth", "16"]);
     assert_eq!(running(a, ea), ["kv"]);
     assert_eq!(redis_cli(a, &["SET", "k", "v"]), "OK");
     // Its console (quiet since the resume, but there).
@@ -688,7 +691,7 @@ fn a_detached_peer_is_managed_like_a_detached_vm() {
 
     // A detached peer hands its VM on, and its process ends by itself.
     let save_b = eb.state.path().join("kv-b.ferry");
-    let out = detached(b, eb, &format!("{}:{PEER_PORT}", a.addr()), &save_b);
+    let out = detached(b, eb, &format!("{}:{PEER_PORT}", a.addr()), &save_b, &[]);
     assert!(
         String::from_utf8_lossy(&out.stdout).contains("migrated VM 'kv' from"),
         "{}",
@@ -698,6 +701,11 @@ fn a_detached_peer_is_managed_like_a_detached_vm() {
         (running(a, ea).is_empty() && qemu_in(a, "kv") == 0).then_some(())
     });
     assert!(!save_a.exists(), "a VM that moved on is not saved on A");
+    let log_a = std::fs::read_to_string(ea.state.path().join("logs/peer-kv.log")).unwrap();
+    assert!(
+        log_a.contains("moved VM 'kv' to ") && log_a.contains("its limit 50 ms"),
+        "the slow copy did not end under the asked-for downtime limit: {log_a}"
+    );
     assert_eq!(running(b, eb), ["kv"]);
     assert_eq!(redis_cli(b, &["GET", "k"]), "v");
     assert!(eb.state.path().join("logs/peer-kv.log").exists());

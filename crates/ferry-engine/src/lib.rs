@@ -415,6 +415,17 @@ pub struct LiveStats {
     /// Bytes on the wire in all (state and disk), if the caller counted.
     #[serde(default)]
     pub wire_bytes: u64,
+    /// The downtime limit the engine sized the last pass by, in ms: a
+    /// copy starts tighter than [`LiveLimits::max_downtime`] and gets that
+    /// limit only if it has not converged after a few seconds, so this
+    /// says which one the copy ended under. 0: not known (an engine or a
+    /// source that does not say).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub downtime_limit_ms: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 /// A running VM. Dropping it kills the VM: nothing outlives its owner.

@@ -989,6 +989,7 @@ impl Vm for QemuVm {
         })?;
         let info = self.cmd("query-migrate", json!({}))?;
         let total_ms = info["total-time"].as_u64().unwrap_or(0);
+        let downtime_limit_ms = if relaxed { asked } else { first };
         Ok(LiveStats {
             total_ms,
             downtime_ms: if paused_copy {
@@ -998,6 +999,7 @@ impl Vm for QemuVm {
             },
             state_bytes: info["ram"]["transferred"].as_u64().unwrap_or(0),
             wire_bytes: 0,
+            downtime_limit_ms,
         })
     }
 

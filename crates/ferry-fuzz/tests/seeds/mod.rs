@@ -256,6 +256,7 @@ fn migration() -> Vec<Seed> {
                     downtime_ms: 22,
                     state_bytes: 99_000_000,
                     wire_bytes: 99_100_000,
+                    downtime_limit_ms: 0,
                 },
             }),
         ),

@@ -102,7 +102,8 @@ fn stats_without_wire_bytes_are_read() {
                 total_ms: 900,
                 downtime_ms: 40,
                 state_bytes: 5,
-                wire_bytes: 0
+                wire_bytes: 0,
+                downtime_limit_ms: 0
             }
         ),
         other => panic!("{other:?}"),
@@ -112,6 +113,7 @@ fn stats_without_wire_bytes_are_read() {
         downtime_ms: 2,
         state_bytes: 3,
         wire_bytes: 4,
+        downtime_limit_ms: 15,
     };
     let line = serde_json::to_string(&SourceMsg::Switch {
         stats: stats.clone(),
