@@ -680,9 +680,9 @@ fn a_detached_peer_is_managed_like_a_detached_vm() {
     };
 
     let save_a = ea.state.path().join("kv-a.ferry");
-    // It sends at 16 MiB/s: the copy outlasts the tighter first downtime
-    // limit (3 s), so the move ends under the one asked for.
-    detached(a, ea, url, &save_a, &["--max-bandwidth", "16"]);
+    // Each source sends at 16 MiB/s: its first pass alone takes seconds.
+    let slow = ["--max-bandwidth", "16"];
+    detached(a, ea, url, &save_a, &slow);
     assert_eq!(running(a, ea), ["kv"]);
     assert_eq!(redis_cli(a, &["SET", "k", "v"]), "OK");
     // Its console (quiet since the resume, but there).
@@ -691,7 +691,7 @@ fn a_detached_peer_is_managed_like_a_detached_vm() {
 
     // A detached peer hands its VM on, and its process ends by itself.
     let save_b = eb.state.path().join("kv-b.ferry");
-    let out = detached(b, eb, &format!("{}:{PEER_PORT}", a.addr()), &save_b, &[]);
+    let out = detached(b, eb, &format!("{}:{PEER_PORT}", a.addr()), &save_b, &slow);
     assert!(
         String::from_utf8_lossy(&out.stdout).contains("migrated VM 'kv' from"),
         "{}",
@@ -701,22 +701,77 @@ fn a_detached_peer_is_managed_like_a_detached_vm() {
         (running(a, ea).is_empty() && qemu_in(a, "kv") == 0).then_some(())
     });
     assert!(!save_a.exists(), "a VM that moved on is not saved on A");
-    let log_a = std::fs::read_to_string(ea.state.path().join("logs/peer-kv.log")).unwrap();
-    assert!(
-        log_a.contains("moved VM 'kv' to ") && log_a.contains("its limit 50 ms"),
-        "the slow copy did not end under the asked-for downtime limit: {log_a}"
-    );
+    // The idle guest's copy converged right after its long first pass: it
+    // kept the tighter first downtime limit (15 ms), except on QEMU before
+    // 9.0 under TCG, where the limit asked for (50 ms) holds throughout.
+    let (tight, asked) = match qemu_drains_before_switchover(a, ea) {
+        true => ("its limit 50 ms", "its limit 50 ms"),
+        false => ("its limit 15 ms", "its limit 50 ms"),
+    };
+    let moved_line = |h: &Host, e: &FerryEnv| -> String {
+        let log = std::fs::read_to_string(e.state.path().join("logs/peer-kv.log")).unwrap();
+        log.lines()
+            .find(|l| l.starts_with("moved VM 'kv' to "))
+            .unwrap_or_else(|| panic!("no 'moved VM' line on {}: {log}", h.label()))
+            .to_string()
+    };
+    let line = moved_line(a, ea);
+    assert!(line.contains(tight), "{line}");
     assert_eq!(running(b, eb), ["kv"]);
     assert_eq!(redis_cli(b, &["GET", "k"]), "v");
     assert!(eb.state.path().join("logs/peer-kv.log").exists());
 
+    // A guest that rewrites 2 MiB of a tmpfs file over and over (not with
+    // zeros, which QEMU sends as markers) for 25 s: more than a 50 ms last
+    // pass moves at 16 MiB/s. The copy iterates past its first pass
+    // without converging, gets the limit asked for after 2 s of that, and
+    // ends under it once the writing stops.
+    let writing = in_guest(
+        b,
+        eb,
+        "yes abcdefgh | head -c 2097152 > /tmp/src && \
+         setsid sh -c 'end=$(( $(date +%s) + 25 )); while [ $(date +%s) -lt $end ]; do cp /tmp/src /tmp/dst; done; rm -f /tmp/dst' \
+           </dev/null >/dev/null 2>&1 & \
+         sleep 1; [ -s /tmp/dst ] && echo writing",
+    );
+    assert_eq!(writing, "writing");
+    let save_a2 = ea.state.path().join("kv-a2.ferry");
+    detached(a, ea, &format!("{}:{PEER_PORT}", b.addr()), &save_a2, &[]);
+    wait_until(Duration::from_secs(60), "B's peer to end", || {
+        (running(b, eb).is_empty() && qemu_in(b, "kv") == 0).then_some(())
+    });
+    assert!(!save_b.exists(), "a VM that moved on is not saved on B");
+    let line = moved_line(b, eb);
+    assert!(line.contains(asked), "{line}");
+    assert_eq!(redis_cli(a, &["GET", "k"]), "v");
+
     // `stop` saves it, as Ctrl-C would.
-    let out = b.ferry(eb).args(["stop", "kv"]).output().unwrap();
+    let out = a.ferry(ea).args(["stop", "kv"]).output().unwrap();
     assert!(out.status.success(), "{}", describe(&out));
-    assert!(running(b, eb).is_empty());
-    assert_eq!(qemu_in(b, "kv"), 0);
-    let out = eb.run(&["inspect", save_b.to_str().unwrap(), "--verify"]);
+    assert!(running(a, ea).is_empty());
+    assert_eq!(qemu_in(a, "kv"), 0);
+    let out = ea.run(&["inspect", save_a2.to_str().unwrap(), "--verify"]);
     assert!(out.status.success(), "{}", describe(&out));
+}
+
+/// Whether a live copy of VM `kv` on `host` pauses before its switchover
+/// (TCG on QEMU before 9.0), keeping the asked-for downtime limit
+/// throughout.
+fn qemu_drains_before_switchover(host: &Host, env: &FerryEnv) -> bool {
+    let out = host.ferry(env).args(["ps", "--json"]).output().unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let tcg = v
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|vm| vm["name"] == "kv" && vm["accel"] == "tcg");
+    let qemu = std::env::var("FERRY_QEMU").unwrap_or_else(|_| ferry_qemu::DEFAULT_QEMU.into());
+    let dir = tempfile::tempdir().unwrap();
+    let version = ferry_qemu::QemuEngine::new(&qemu, dir.path())
+        .unwrap()
+        .qemu_version()
+        .unwrap();
+    tcg && version.tcg_needs_extra_memory()
 }
 
 #[test]
