@@ -1105,13 +1105,10 @@ mod tests {
         found
     }
 
-    /// A guest error is told once, when a worker first reports it; the
-    /// instance keeps it, also across a manager restart.
-    #[test]
-    fn a_new_guest_error_is_recorded_and_told_once() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path()).unwrap();
-        store
+    /// A store holding instance `kv`, running on node-1 (at `address`).
+    fn store_kv_on_node_1(dir: &std::path::Path, address: Option<&str>) {
+        Store::open(dir)
+            .unwrap()
             .put_instance(&InstanceRecord {
                 instance: Instance {
                     name: "kv".into(),
@@ -1119,7 +1116,7 @@ mod tests {
                     node: "node-1".into(),
                     state: InstanceState::Running,
                     reason: None,
-                    address: None,
+                    address: address.map(String::from),
                     exposes: Vec::new(),
                     memory_mib: 256,
                     moves: Vec::new(),
@@ -1131,30 +1128,22 @@ mod tests {
                 expose: Vec::new(),
             })
             .unwrap();
-        drop(store);
-        let register = |shared: &Shared, instances: Vec<Report>| {
-            shared
-                .register(Register {
-                    name: "node-1".into(),
-                    worker_id: "w1".into(),
-                    address: "10.0.0.1".into(),
-                    accel: "tcg".into(),
-                    cpus: 2,
-                    memory_mib: 1024,
-                    free_mib: 512,
-                    lease_s: 10,
-                    instances,
-                })
-                .unwrap()
-        };
-        let shared = Shared::load(
-            Store::open(dir.path()).unwrap(),
-            Duration::from_secs(5),
-            None,
-        )
-        .unwrap();
+    }
+
+    /// A manager's state loaded from the store in `dir`.
+    fn load(dir: &std::path::Path) -> Arc<Shared> {
+        Shared::load(Store::open(dir).unwrap(), Duration::from_secs(5), None).unwrap()
+    }
+
+    /// A guest error is told once, when a worker first reports it; the
+    /// instance keeps it, also across a manager restart.
+    #[test]
+    fn a_new_guest_error_is_recorded_and_told_once() {
+        let dir = tempfile::tempdir().unwrap();
+        store_kv_on_node_1(dir.path(), None);
+        let shared = load(dir.path());
         let mut rx = shared.events.subscribe();
-        let session = register(&shared, vec![report(None)]);
+        let session = register_node(&shared, "node-1", vec![report(None)]);
         assert!(guest_errors(&mut rx).is_empty());
 
         let beat = |e: Option<GuestError>| {
@@ -1191,15 +1180,11 @@ mod tests {
         drop(shared);
 
         // A restarted manager knows it already.
-        let shared = Shared::load(
-            Store::open(dir.path()).unwrap(),
-            Duration::from_secs(5),
-            None,
-        )
-        .unwrap();
+        let shared = load(dir.path());
         let mut rx = shared.events.subscribe();
-        register(
+        register_node(
             &shared,
+            "node-1",
             vec![report(Some(error(20, "service exited with code 1")))],
         );
         assert!(guest_errors(&mut rx).is_empty());
@@ -1239,34 +1224,8 @@ mod tests {
     #[test]
     fn a_stale_heartbeat_from_a_moves_source_does_not_take_the_instance_back() {
         let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path()).unwrap();
-        store
-            .put_instance(&InstanceRecord {
-                instance: Instance {
-                    name: "kv".into(),
-                    source: "http://r/".into(),
-                    node: "node-1".into(),
-                    state: InstanceState::Running,
-                    reason: None,
-                    address: Some("10.0.0.1:1500".into()),
-                    exposes: Vec::new(),
-                    memory_mib: 256,
-                    moves: Vec::new(),
-                    created_unix: 1,
-                    last_error: None,
-                },
-                token: "t".repeat(32),
-                pending_token: None,
-                expose: Vec::new(),
-            })
-            .unwrap();
-        drop(store);
-        let shared = Shared::load(
-            Store::open(dir.path()).unwrap(),
-            Duration::from_secs(5),
-            None,
-        )
-        .unwrap();
+        store_kv_on_node_1(dir.path(), Some("10.0.0.1:1500"));
+        let shared = load(dir.path());
         let rt = tokio::runtime::Runtime::new().unwrap();
         let s1 = register_node(&shared, "node-1", vec![kv_on("running")]);
         let s2 = register_node(&shared, "node-2", Vec::new());
