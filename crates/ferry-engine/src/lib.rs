@@ -416,10 +416,10 @@ pub struct LiveStats {
     #[serde(default)]
     pub wire_bytes: u64,
     /// The downtime limit the engine sized the last pass by, in ms: a
-    /// copy starts tighter than [`LiveLimits::max_downtime`] and gets that
-    /// limit only if it has not converged after a few seconds, so this
-    /// says which one the copy ended under. 0: not known (an engine or a
-    /// source that does not say).
+    /// copy may start tighter than [`LiveLimits::max_downtime`] and get
+    /// that limit only if it keeps iterating past its first pass without
+    /// converging, so this says which one the copy ended under. 0: not
+    /// known (an engine or a source that does not say).
     #[serde(default, skip_serializing_if = "is_zero")]
     pub downtime_limit_ms: u64,
 }
