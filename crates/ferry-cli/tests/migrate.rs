@@ -761,23 +761,19 @@ fn a_detached_peer_is_managed_like_a_detached_vm() {
 fn qemu_drains_before_switchover(host: &Host, env: &FerryEnv) -> bool {
     let out = host.ferry(env).args(["ps", "--json"]).output().unwrap();
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    let tcg = v
+    let kv = v
         .as_array()
         .unwrap()
         .iter()
-        .any(|vm| vm["name"] == "kv" && vm["accel"] == "tcg");
+        .find(|vm| vm["name"] == "kv")
+        .unwrap_or_else(|| panic!("no VM kv on {}: {v}", host.label()));
     let qemu = std::env::var("FERRY_QEMU").unwrap_or_else(|_| ferry_qemu::DEFAULT_QEMU.into());
     let dir = tempfile::tempdir().unwrap();
     let version = ferry_qemu::QemuEngine::new(&qemu, dir.path())
         .unwrap()
         .qemu_version()
         .unwrap();
-    assert!(
-        v.as_array().unwrap().iter().any(|vm| vm["name"] == "kv"),
-        "no VM kv on {}: {v}",
-        host.label()
-    );
-    tcg && version.tcg_needs_extra_memory()
+    kv["accel"] == "tcg" && version.tcg_needs_extra_memory()
 }
 
 #[test]

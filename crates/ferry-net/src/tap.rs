@@ -24,9 +24,9 @@ struct IfReq {
 /// Creates the persistent tap `name` inside `ns`. It survives this call (and
 /// ferry) until deleted; the descriptor returned is attached to it already,
 /// for the engine to be handed. Attaching again means a `TUNSETIFF` under
-/// the kernel's network lock, and closing this one a detach: with the rest of the
-/// namespace being made at the same time, a QEMU's own `TUNSETIFF` waited
-/// 11 ms for that lock on a resume's critical path.
+/// the kernel's network lock, and closing this one a detach: with the rest
+/// of the namespace being made at the same time, a QEMU's own `TUNSETIFF`
+/// waited 11 ms for that lock on a resume's critical path.
 pub fn create(ns: &Netns, name: &str) -> Result<OwnedFd, NetError> {
     if name.len() >= libc::IFNAMSIZ {
         return Err(NetError::BadOption(format!(

@@ -734,22 +734,23 @@ impl QemuVm {
 
     fn wait_migration(&self, what: &str, timeout: Duration) -> Result<(), EngineError> {
         self.wait_migration_polling(what, timeout, &mut |_| Ok(()))
+            .map(|_| ())
     }
 
     /// [`Self::wait_migration`], calling `each` with `query-migrate`'s
-    /// answer after every poll that did not end it.
+    /// answer after every poll that did not end it; returns the answer
+    /// that said `completed` (its times and byte counts).
     fn wait_migration_polling(
         &self,
         what: &str,
         timeout: Duration,
         each: &mut dyn FnMut(&Value) -> Result<(), EngineError>,
-    ) -> Result<(), EngineError> {
+    ) -> Result<Value, EngineError> {
         let started = Instant::now();
         loop {
             let info = self.cmd("query-migrate", json!({}))?;
-            let status = info["status"].as_str().unwrap_or("");
-            match status {
-                "completed" => return Ok(()),
+            match info["status"].as_str().unwrap_or("") {
+                "completed" => return Ok(info),
                 "failed" | "cancelled" => {
                     return Err(EngineError::Command {
                         command: what.into(),
@@ -984,7 +985,7 @@ impl Vm for QemuVm {
         let mut iterating_since: Option<Instant> = None;
         // Once: the status may still read `pre-switchover` right after.
         let mut continued = false;
-        self.wait_migration_polling("sending the VM", limits.timeout, &mut |info| {
+        let info = self.wait_migration_polling("sending the VM", limits.timeout, &mut |info| {
             if drain && !continued && info["status"] == "pre-switchover" {
                 continued = true;
                 std::thread::sleep(Duration::from_millis(DRAIN_MS));
@@ -999,7 +1000,6 @@ impl Vm for QemuVm {
             }
             Ok(())
         })?;
-        let info = self.cmd("query-migrate", json!({}))?;
         let total_ms = info["total-time"].as_u64().unwrap_or(0);
         let downtime_limit_ms = if relaxed { asked } else { first };
         Ok(LiveStats {
