@@ -1215,6 +1215,7 @@ impl Tunnel {
         record: Option<Recording>,
     ) -> Result<TunnelHandle, MigrationError> {
         let (tcp, tls) = stream.into_parts();
+        limit_unsent(&tcp);
         let (tx, rx) = channel();
         let bytes = Arc::new(AtomicU64::new(0));
         let counter = bytes.clone();
@@ -1251,6 +1252,46 @@ impl Tunnel {
             done: rx,
             bytes,
         })
+    }
+}
+
+/// How much of what a tunnel was given may wait unsent in its TCP socket
+/// (`TCP_NOTSENT_LOWAT`): past it, the tunnel's writes block, so the
+/// engine behind it is held back too.
+///
+/// Why: QEMU decides that a live copy can end when what is left to send
+/// fits its downtime limit at the rate it has been writing. It writes into
+/// ferry's tunnel, not to the destination, and Linux grows a TCP socket's
+/// send buffer to 4 MiB (`tcp_wmem`), so the rate QEMU saw was partly the
+/// filling of buffers. On a busy host the destination was megabytes behind
+/// when the source said it was done, and took 40-98 ms (bench/migrate,
+/// phase `state-received`) to load them, guest paused on both sides. Held
+/// to this bound it took 0-20 ms. Only the unsent queue is bounded: data in
+/// flight still gets the window the path needs, so a long link is not
+/// slowed (a smaller `SO_SNDBUF` would be).
+pub const TUNNEL_UNSENT_LIMIT: u32 = 128 * 1024;
+
+/// Sets [`TUNNEL_UNSENT_LIMIT`] on `tcp`; a kernel without the option
+/// (before Linux 3.12) keeps its default, logged.
+fn limit_unsent(tcp: &TcpStream) {
+    use std::os::fd::AsRawFd;
+    let limit = TUNNEL_UNSENT_LIMIT as libc::c_int;
+    // SAFETY: setsockopt on a socket this function borrows, with a pointer
+    // to an int that outlives the call and its exact size.
+    let rc = unsafe {
+        libc::setsockopt(
+            tcp.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_NOTSENT_LOWAT,
+            std::ptr::from_ref(&limit).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        tracing::debug!(
+            "TCP_NOTSENT_LOWAT on a data channel: {}",
+            std::io::Error::last_os_error()
+        );
     }
 }
 

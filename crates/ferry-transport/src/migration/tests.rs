@@ -349,3 +349,34 @@ fn an_oversized_control_line_is_refused() {
     );
     let _ = source.join();
 }
+
+/// The bound that keeps a live copy's source from running megabytes ahead
+/// of its destination is on every data channel's socket (see
+/// `TUNNEL_UNSENT_LIMIT`).
+#[test]
+fn a_tunnel_bounds_what_waits_unsent_in_its_socket() {
+    use std::os::fd::AsRawFd;
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("engine.sock");
+    let engine = std::os::unix::net::UnixListener::bind(&sock).unwrap();
+    let server = TcpListener::bind("127.0.0.1:0").unwrap();
+    let tcp = std::net::TcpStream::connect(server.local_addr().unwrap()).unwrap();
+    let (_far, _) = server.accept().unwrap();
+    let handle = Tunnel::Dial(sock).start(PeerStream::plain(tcp)).unwrap();
+    let (_engine_side, _) = engine.accept().unwrap();
+    let mut value: libc::c_int = 0;
+    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: getsockopt on the tunnel's own socket into a local int of
+    // the size given.
+    let rc = unsafe {
+        libc::getsockopt(
+            handle.tcp.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_NOTSENT_LOWAT,
+            std::ptr::from_mut(&mut value).cast(),
+            &mut len,
+        )
+    };
+    assert_eq!(rc, 0, "{}", std::io::Error::last_os_error());
+    assert_eq!(value as u32, TUNNEL_UNSENT_LIMIT);
+}
