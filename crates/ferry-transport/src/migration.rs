@@ -1216,6 +1216,7 @@ impl Tunnel {
     ) -> Result<TunnelHandle, MigrationError> {
         let (tcp, tls) = stream.into_parts();
         limit_unsent(&tcp);
+        bound_receive_queue(&tcp);
         let (tx, rx) = channel();
         let bytes = Arc::new(AtomicU64::new(0));
         let counter = bytes.clone();
@@ -1290,6 +1291,75 @@ fn limit_unsent(tcp: &TcpStream) {
     if rc != 0 {
         tracing::debug!(
             "TCP_NOTSENT_LOWAT on a data channel: {}",
+            std::io::Error::last_os_error()
+        );
+    }
+}
+
+/// The least receive window a data channel is held to (see
+/// [`bound_receive_queue`]).
+pub const TUNNEL_RECEIVE_WINDOW_MIN: u32 = 512 * 1024;
+
+/// Above this window the kernel's own sizing is left alone.
+const TUNNEL_RECEIVE_WINDOW_MAX: u64 = 16 << 20;
+
+/// What a 10 Gbit/s link carries in a microsecond, in bytes.
+const LINK_BYTES_PER_US: u64 = 1250;
+
+/// Holds what may wait, received but unread, in a data channel's socket
+/// to what a 10 Gbit/s link carries in one round trip (at least
+/// [`TUNNEL_RECEIVE_WINDOW_MIN`]; a link slow enough to need more than
+/// [`TUNNEL_RECEIVE_WINDOW_MAX`] keeps the kernel's sizing).
+///
+/// Why: where the destination's QEMU loads pages slower than they arrive
+/// (TCG on two busy cores), Linux grew the receive buffer until 6.3-6.6
+/// MB of the copy waited in it for the whole of the copy (`ss`, Recv-Q,
+/// bench/migrate). [`TUNNEL_UNSENT_LIMIT`] cannot see that queue: it was
+/// sent. Whatever is queued when the source's last pass starts is loaded
+/// before that pass, guest paused. The window bounds the queue; one round
+/// trip's worth at 10 Gbit/s still lets a long link run at that rate.
+/// The round trip is the kernel's estimate after the channel's hello.
+fn bound_receive_queue(tcp: &TcpStream) {
+    use std::os::fd::AsRawFd;
+    // SAFETY: tcp_info is plain integers; all zero is a valid value.
+    let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
+    // SAFETY: getsockopt on a socket this function borrows, into a
+    // tcp_info of the size given (the kernel writes at most `len` bytes).
+    let rc = unsafe {
+        libc::getsockopt(
+            tcp.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_INFO,
+            std::ptr::from_mut(&mut info).cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return;
+    }
+    let window =
+        (u64::from(info.tcpi_rtt) * LINK_BYTES_PER_US).max(u64::from(TUNNEL_RECEIVE_WINDOW_MIN));
+    if window >= TUNNEL_RECEIVE_WINDOW_MAX {
+        return;
+    }
+    // Linux doubles the value for its bookkeeping and advertises about
+    // half of that: a window of about `window`.
+    let value = window as libc::c_int;
+    // SAFETY: setsockopt on a socket this function borrows, with a pointer
+    // to an int that outlives the call and its exact size.
+    let rc = unsafe {
+        libc::setsockopt(
+            tcp.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVBUF,
+            std::ptr::from_ref(&value).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        tracing::debug!(
+            "SO_RCVBUF on a data channel: {}",
             std::io::Error::last_os_error()
         );
     }

@@ -350,11 +350,11 @@ fn an_oversized_control_line_is_refused() {
     let _ = source.join();
 }
 
-/// The bound that keeps a live copy's source from running megabytes ahead
-/// of its destination is on every data channel's socket (see
-/// `TUNNEL_UNSENT_LIMIT`).
+/// The bounds that keep a live copy's source from running megabytes ahead
+/// of its destination are on every data channel's socket (see
+/// `TUNNEL_UNSENT_LIMIT` and `bound_receive_queue`).
 #[test]
-fn a_tunnel_bounds_what_waits_unsent_in_its_socket() {
+fn a_tunnel_bounds_what_waits_unsent_or_unread_in_its_socket() {
     use std::os::fd::AsRawFd;
     let dir = tempfile::tempdir().unwrap();
     let sock = dir.path().join("engine.sock");
@@ -379,4 +379,19 @@ fn a_tunnel_bounds_what_waits_unsent_in_its_socket() {
     };
     assert_eq!(rc, 0, "{}", std::io::Error::last_os_error());
     assert_eq!(value as u32, TUNNEL_UNSENT_LIMIT);
+    // On loopback a round trip carries almost nothing: the least window,
+    // which Linux reports doubled.
+    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: as above.
+    let rc = unsafe {
+        libc::getsockopt(
+            handle.tcp.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVBUF,
+            std::ptr::from_mut(&mut value).cast(),
+            &mut len,
+        )
+    };
+    assert_eq!(rc, 0, "{}", std::io::Error::last_os_error());
+    assert_eq!(value as u32, 2 * TUNNEL_RECEIVE_WINDOW_MIN);
 }
