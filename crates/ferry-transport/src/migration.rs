@@ -1275,24 +1275,34 @@ pub const TUNNEL_UNSENT_LIMIT: u32 = 128 * 1024;
 /// Sets [`TUNNEL_UNSENT_LIMIT`] on `tcp`; a kernel without the option
 /// (before Linux 3.12) keeps its default, logged.
 fn limit_unsent(tcp: &TcpStream) {
-    use std::os::fd::AsRawFd;
     let limit = TUNNEL_UNSENT_LIMIT as libc::c_int;
+    if let Err(e) = set_int_option(tcp, libc::IPPROTO_TCP, libc::TCP_NOTSENT_LOWAT, limit) {
+        tracing::debug!("TCP_NOTSENT_LOWAT on a data channel: {e}");
+    }
+}
+
+/// `setsockopt` of an integer option on `tcp`.
+fn set_int_option(
+    tcp: &TcpStream,
+    level: libc::c_int,
+    name: libc::c_int,
+    value: libc::c_int,
+) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
     // SAFETY: setsockopt on a socket this function borrows, with a pointer
     // to an int that outlives the call and its exact size.
     let rc = unsafe {
         libc::setsockopt(
             tcp.as_raw_fd(),
-            libc::IPPROTO_TCP,
-            libc::TCP_NOTSENT_LOWAT,
-            std::ptr::from_ref(&limit).cast(),
+            level,
+            name,
+            std::ptr::from_ref(&value).cast(),
             std::mem::size_of::<libc::c_int>() as libc::socklen_t,
         )
     };
-    if rc != 0 {
-        tracing::debug!(
-            "TCP_NOTSENT_LOWAT on a data channel: {}",
-            std::io::Error::last_os_error()
-        );
+    match rc {
+        0 => Ok(()),
+        _ => Err(std::io::Error::last_os_error()),
     }
 }
 
@@ -1343,25 +1353,16 @@ fn bound_receive_queue(tcp: &TcpStream) {
     if window >= TUNNEL_RECEIVE_WINDOW_MAX {
         return;
     }
-    // Linux doubles the value for its bookkeeping and advertises about
-    // half of that: a window of about `window`.
-    let value = window as libc::c_int;
-    // SAFETY: setsockopt on a socket this function borrows, with a pointer
-    // to an int that outlives the call and its exact size.
-    let rc = unsafe {
-        libc::setsockopt(
-            tcp.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_RCVBUF,
-            std::ptr::from_ref(&value).cast(),
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    };
-    if rc != 0 {
-        tracing::debug!(
-            "SO_RCVBUF on a data channel: {}",
-            std::io::Error::last_os_error()
-        );
+    // Linux doubles the value for its bookkeeping, and with large
+    // segments (loopback) nearly all of it holds data: up to about twice
+    // `window` may wait (about 1 MB was seen at the least window).
+    if let Err(e) = set_int_option(
+        tcp,
+        libc::SOL_SOCKET,
+        libc::SO_RCVBUF,
+        window as libc::c_int,
+    ) {
+        tracing::debug!("SO_RCVBUF on a data channel: {e}");
     }
 }
 

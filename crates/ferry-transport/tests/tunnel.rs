@@ -48,18 +48,27 @@ fn a_recording_holds_exactly_what_the_engine_sent_once_it_closed() {
         .unwrap();
     let mut engine = connect_when_ready(&sock);
     let data: Vec<u8> = (0..3_000_000u32).map(|i| (i * 7 % 251) as u8).collect();
+    // The far end reads as the engine writes, as a destination does: a
+    // data channel buffers little (`TUNNEL_UNSENT_LIMIT`, and the far
+    // end's receive window), so writing a megabyte before reading would
+    // block.
+    let (first_tx, first_rx) = std::sync::mpsc::channel();
+    let reader = std::thread::spawn(move || {
+        let mut first = vec![0u8; 1_000_000];
+        far.read_exact(&mut first).unwrap();
+        first_tx.send(first).unwrap();
+        let mut rest = Vec::new();
+        far.read_to_end(&mut rest).unwrap();
+        rest
+    });
     engine.write_all(&data[..1_000_000]).unwrap();
-    let mut got = vec![0u8; 1_000_000];
-    far.read_exact(&mut got).unwrap();
+    let mut got = first_rx.recv_timeout(Duration::from_secs(30)).unwrap();
     assert!(!record.exists(), "no recording before the stream is whole");
 
     engine.write_all(&data[1_000_000..]).unwrap();
     engine.shutdown(std::net::Shutdown::Write).unwrap();
-    let mut rest = Vec::new();
-    far.read_to_end(&mut rest).unwrap();
-    got.extend(rest);
+    got.extend(reader.join().unwrap());
     assert!(got == data, "the far end got the stream");
-    drop(far);
     assert!(wait_for(&record), "kept once the engine closed its side");
     assert!(std::fs::read(&record).unwrap() == data, "the copy is exact");
     assert!(handle.wait(Duration::from_secs(5)));

@@ -364,34 +364,31 @@ fn a_tunnel_bounds_what_waits_unsent_or_unread_in_its_socket() {
     let (_far, _) = server.accept().unwrap();
     let handle = Tunnel::Dial(sock).start(PeerStream::plain(tcp)).unwrap();
     let (_engine_side, _) = engine.accept().unwrap();
-    let mut value: libc::c_int = 0;
-    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
-    // SAFETY: getsockopt on the tunnel's own socket into a local int of
-    // the size given.
-    let rc = unsafe {
-        libc::getsockopt(
-            handle.tcp.as_raw_fd(),
-            libc::IPPROTO_TCP,
-            libc::TCP_NOTSENT_LOWAT,
-            std::ptr::from_mut(&mut value).cast(),
-            &mut len,
-        )
+    let option = |level, name| {
+        let mut value: libc::c_int = 0;
+        let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+        // SAFETY: getsockopt on the tunnel's own socket into a local int
+        // of the size given.
+        let rc = unsafe {
+            libc::getsockopt(
+                handle.tcp.as_raw_fd(),
+                level,
+                name,
+                std::ptr::from_mut(&mut value).cast(),
+                &mut len,
+            )
+        };
+        assert_eq!(rc, 0, "{}", std::io::Error::last_os_error());
+        value as u32
     };
-    assert_eq!(rc, 0, "{}", std::io::Error::last_os_error());
-    assert_eq!(value as u32, TUNNEL_UNSENT_LIMIT);
+    assert_eq!(
+        option(libc::IPPROTO_TCP, libc::TCP_NOTSENT_LOWAT),
+        TUNNEL_UNSENT_LIMIT
+    );
     // On loopback a round trip carries almost nothing: the least window,
     // which Linux reports doubled.
-    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
-    // SAFETY: as above.
-    let rc = unsafe {
-        libc::getsockopt(
-            handle.tcp.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_RCVBUF,
-            std::ptr::from_mut(&mut value).cast(),
-            &mut len,
-        )
-    };
-    assert_eq!(rc, 0, "{}", std::io::Error::last_os_error());
-    assert_eq!(value as u32, 2 * TUNNEL_RECEIVE_WINDOW_MIN);
+    assert_eq!(
+        option(libc::SOL_SOCKET, libc::SO_RCVBUF),
+        2 * TUNNEL_RECEIVE_WINDOW_MIN
+    );
 }
