@@ -1267,9 +1267,10 @@ impl Tunnel {
 /// filling of buffers. On a busy host the destination was megabytes behind
 /// when the source said it was done, and took 40-98 ms (bench/migrate,
 /// phase `state-received`) to load them, guest paused on both sides. Held
-/// to this bound it took 0-20 ms. Only the unsent queue is bounded: data in
-/// flight still gets the window the path needs, so a long link is not
-/// slowed (a smaller `SO_SNDBUF` would be).
+/// to this bound it took 0-49 ms, and 0-7 ms with [`bound_receive_queue`]
+/// too. Only the unsent queue is bounded: data in flight still gets the
+/// window the path needs, so a long link is not slowed (a smaller
+/// `SO_SNDBUF` would be).
 pub const TUNNEL_UNSENT_LIMIT: u32 = 128 * 1024;
 
 /// Sets [`TUNNEL_UNSENT_LIMIT`] on `tcp`; a kernel without the option
