@@ -684,6 +684,7 @@ fn a_detached_peer_is_managed_like_a_detached_vm() {
     let slow = ["--max-bandwidth", "16"];
     detached(a, ea, url, &save_a, &slow);
     assert_eq!(running(a, ea), ["kv"]);
+    assert_eq!(thp_enabled(a, ea, "kv"), "1", "A's resumed QEMU");
     assert_eq!(redis_cli(a, &["SET", "k", "v"]), "OK");
     // Its console (quiet since the resume, but there).
     let out = a.ferry(ea).args(["logs", "kv"]).output().unwrap();
@@ -718,6 +719,14 @@ fn a_detached_peer_is_managed_like_a_detached_vm() {
     let line = moved_line(a, ea);
     assert!(line.contains(tight), "{line}");
     assert_eq!(running(b, eb), ["kv"]);
+    // A guest received under TCG runs without transparent huge pages (its
+    // QEMU's first writes after the move cleared whole 2 MiB pages); one
+    // resumed from a package keeps QEMU's own choice.
+    assert_eq!(
+        thp_enabled(b, eb, "kv"),
+        if is_tcg(b, eb) { "0" } else { "1" },
+        "B's received QEMU"
+    );
     assert_eq!(redis_cli(b, &["GET", "k"]), "v");
     assert!(eb.state.path().join("logs/peer-kv.log").exists());
 
@@ -755,18 +764,43 @@ fn a_detached_peer_is_managed_like_a_detached_vm() {
     assert!(out.status.success(), "{}", describe(&out));
 }
 
+/// VM `name`'s row in `ps --json` on `host`.
+fn ps_row(host: &Host, env: &FerryEnv, name: &str) -> serde_json::Value {
+    let out = host.ferry(env).args(["ps", "--json"]).output().unwrap();
+    assert!(out.status.success(), "{}", describe(&out));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    v.as_array()
+        .unwrap()
+        .iter()
+        .find(|vm| vm["name"] == name)
+        .unwrap_or_else(|| panic!("no VM {name} on {}: {v}", host.label()))
+        .clone()
+}
+
+fn is_tcg(host: &Host, env: &FerryEnv) -> bool {
+    ps_row(host, env, "kv")["accel"] == "tcg"
+}
+
+/// `THP_enabled` of VM `name`'s QEMU: "0" if transparent huge pages are
+/// off for the whole process (`PR_SET_THP_DISABLE`).
+fn thp_enabled(host: &Host, env: &FerryEnv, name: &str) -> String {
+    let pid = ps_row(host, env, name)["engine_pid"]
+        .as_u64()
+        .expect("engine_pid in ps --json");
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("THP_enabled:"))
+        .unwrap_or_else(|| panic!("no THP_enabled in /proc/{pid}/status"))
+        .trim()
+        .to_string()
+}
+
 /// Whether a live copy of VM `kv` on `host` pauses before its switchover
 /// (TCG on QEMU before 9.0), keeping the asked-for downtime limit
 /// throughout.
 fn qemu_drains_before_switchover(host: &Host, env: &FerryEnv) -> bool {
-    let out = host.ferry(env).args(["ps", "--json"]).output().unwrap();
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    let kv = v
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|vm| vm["name"] == "kv")
-        .unwrap_or_else(|| panic!("no VM kv on {}: {v}", host.label()));
+    let kv = ps_row(host, env, "kv");
     let qemu = std::env::var("FERRY_QEMU").unwrap_or_else(|_| ferry_qemu::DEFAULT_QEMU.into());
     let dir = tempfile::tempdir().unwrap();
     let version = ferry_qemu::QemuEngine::new(&qemu, dir.path())
