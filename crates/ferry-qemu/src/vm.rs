@@ -411,7 +411,7 @@ impl QemuVm {
         // guest memory is a private file mapping and never gets huge
         // pages. Without them (A/B, one bench run each): the idle move's
         // client-seen gap 306 -> 193 ms (raw engine 200 and 206 ms), under
-        // write load 379 -> 339 ms (noisy; raw 199 and 185 ms). Under KVM
+        // write load 389 -> 339 ms (noisy; raw 199 and 185 ms). Under KVM
         // huge pages make the guest's memory faster for as long as it
         // runs, so they stay. (`FERRY_QEMU_THP=1` keeps them, to compare.)
         let no_huge_pages = anonymous_memory
