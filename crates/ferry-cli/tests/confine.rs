@@ -8,7 +8,7 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use common::{env, tiny_package};
+use common::{env, status_field, tiny_package};
 use ferry_test_support::{blueprint, describe, qemu_pids, spawn_until_live, vm_lock, wait_until};
 use serde_json::Value;
 
@@ -27,16 +27,6 @@ fn row(env: &ferry_test_support::FerryEnv, name: &str) -> Value {
         .into_iter()
         .find(|r| r["name"] == name)
         .unwrap_or_else(|| panic!("{name} in ps --json"))
-}
-
-/// A field of `/proc/PID/status`.
-fn status_field(pid: u32, field: &str) -> String {
-    let text = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    text.lines()
-        .find_map(|l| l.strip_prefix(&format!("{field}:")))
-        .unwrap_or_else(|| panic!("{field} in /proc/{pid}/status"))
-        .trim()
-        .to_string()
 }
 
 /// This process's memory cgroup directory (ferry's, as the test starts

@@ -795,13 +795,7 @@ fn thp_enabled(host: &Host, env: &FerryEnv, name: &str) -> String {
     let pid = ps_row(host, env, name)["engine_pid"]
         .as_u64()
         .expect("engine_pid in ps --json");
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("THP_enabled:"))
-        .unwrap_or_else(|| panic!("no THP_enabled in /proc/{pid}/status"))
-        .trim()
-        .to_string()
+    common::status_field(pid as u32, "THP_enabled")
 }
 
 /// Whether a live copy of VM `kv` on `host` pauses before its switchover

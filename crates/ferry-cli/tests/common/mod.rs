@@ -13,6 +13,16 @@ use ferry_test_support::{
     blueprint, describe, fixtures_dir, qemu_pids, send_signal, wait_until, FerryEnv, KillOnDrop,
 };
 
+/// A field of `/proc/PID/status`, trimmed.
+pub fn status_field(pid: u32, field: &str) -> String {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    text.lines()
+        .find_map(|l| l.strip_prefix(&format!("{field}:")))
+        .unwrap_or_else(|| panic!("{field} in /proc/{pid}/status"))
+        .trim()
+        .to_string()
+}
+
 pub fn env() -> FerryEnv {
     FerryEnv::new(env!("CARGO_BIN_EXE_ferry"))
 }
