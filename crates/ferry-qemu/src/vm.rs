@@ -217,7 +217,7 @@ pub const SANDBOX: &str = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,re
 /// loaded from.
 const STATE_FD: &str = "ferry-state";
 
-/// Set to `1`: a received TCG guest's QEMU keeps transparent huge pages
+/// Set to `1`: a TCG guest's QEMU keeps transparent huge pages
 /// (to measure what turning them off buys; see `QemuVm::start`).
 const KEEP_HUGE_PAGES_ENV: &str = "FERRY_QEMU_THP";
 
@@ -400,22 +400,26 @@ impl QemuVm {
         };
         let handed_fds = handed.raw().to_vec();
         let user = launch.confine.user;
-        // A received TCG guest's QEMU gets no transparent huge pages. QEMU
-        // asks for them on all guest RAM and on its translation cache, so
-        // after a move each first write to an untouched 2 MiB of anonymous
-        // RAM, or of the empty cache, had the kernel clear a whole huge
-        // page on the vCPU's thread, guest running, client waiting. `perf`
-        // of the destination from the clients' cut to their first answer
-        // (bench/migrate, 2 kHz): 70-120 ms of the vCPU's time in
-        // `clear_page_erms`, against 10-70 ms for the raw engine, whose
-        // guest memory is a private file mapping and never gets huge
-        // pages. Without them (A/B, one bench run each): the idle move's
-        // client-seen gap 306 -> 193 ms (raw engine 200 and 206 ms), under
-        // write load 389 -> 339 ms (noisy; raw 199 and 185 ms). Under KVM
-        // huge pages make the guest's memory faster for as long as it
-        // runs, so they stay. (`FERRY_QEMU_THP=1` keeps them, to compare.)
-        let no_huge_pages = anonymous_memory
-            && spec.accel == Accel::Tcg
+        // A TCG guest's QEMU gets no transparent huge pages. QEMU asks for
+        // them on all guest RAM and on its translation cache:
+        // - after a move each first write to an untouched 2 MiB of anonymous
+        //   RAM, or of the empty cache, had the kernel clear a whole huge
+        //   page on the vCPU's thread, guest running, client waiting. `perf`
+        //   of the destination from the clients' cut to their first answer
+        //   (bench/migrate, 2 kHz): 70-120 ms of the vCPU's time in
+        //   `clear_page_erms`, against 10-70 ms for the raw engine, whose
+        //   guest memory is a private file mapping and never gets huge
+        //   pages. Without them (A/B, one bench run each): the idle move's
+        //   client-seen gap 306 -> 193 ms (raw engine 200 and 206 ms), under
+        //   write load 389 -> 339 ms (noisy; raw 199 and 185 ms);
+        // - an idle clone's translation cache is held in 2 MiB pages, about
+        //   20 MiB where 18 MiB are used, and a 2 MiB buffer beside it where
+        //   1 MiB is: 4.5 MiB a clone (smaps of two `web` clones), with no
+        //   slower resume (12 alternating resumes each: first PONG 425
+        //   against 457 ms).
+        // Under KVM huge pages make the guest's memory faster for as long as
+        // it runs, so they stay. (`FERRY_QEMU_THP=1` keeps them, to compare.)
+        let no_huge_pages = spec.accel == Accel::Tcg
             && std::env::var_os(KEEP_HUGE_PAGES_ENV).is_none_or(|v| v != "1");
         // SAFETY: the closure runs in the child between fork and exec and only
         // calls prctl, setpgid, setns, fcntl, setgroups, setgid and setuid,
