@@ -27,6 +27,13 @@ Usage (as root):
       QEMU and removes the namespace. With the capture of a VM that booted
       (no device state), QEMU boots the same way instead, without the -S
       that ferry starts it with: "started" only.
+      Once running, each line "save MODE PATH" pauses the guest and saves
+      it, RAM included, into the file PATH (migrate file:; MODE plain,
+      mapped-ram, or multifd: mapped-ram with 2 multifd channels) and
+      prints "saved {json}"; any other line ends. With
+      FERRY_RAWVM_STATE_FILE=PATH (and FERRY_RAWVM_STATE_MODE=MODE) the
+      restore loads such a file instead of the captured device state
+      (bench/state-file).
   rawvm.py live CAPDIR WORKDIR GUESTPORT PORT,PORT,... MIGPORT
       a raw live migration chain: restores the captured guest as `restore`
       does behind a proxy on the first PORT (prints "ready", waits for a
@@ -262,9 +269,15 @@ def restore(cap, work, port, guest_port):
             sys.stdin.readline()
             return
         q = Qmp(os.path.join(work, "qmp.sock"), t0 + 60)
-        q.cmd("migrate-set-capabilities",
-              capabilities=[{"capability": "x-ignore-shared", "state": True}])
-        q.cmd("migrate-incoming", uri=f"exec:cat {os.path.join(work, 'device-state')}")
+        state_file = os.environ.get("FERRY_RAWVM_STATE_FILE")
+        if state_file:
+            # A whole-RAM state that `save` wrote (bench/state-file).
+            set_state_mode(q, os.environ.get("FERRY_RAWVM_STATE_MODE", "plain"))
+            q.cmd("migrate-incoming", uri=f"file:{state_file}")
+        else:
+            q.cmd("migrate-set-capabilities",
+                  capabilities=[{"capability": "x-ignore-shared", "state": True}])
+            q.cmd("migrate-incoming", uri=f"exec:cat {os.path.join(work, 'device-state')}")
         while True:
             st = q.cmd("query-migrate").get("status")
             if st == "completed":
@@ -275,7 +288,11 @@ def restore(cap, work, port, guest_port):
         q.cmd("cont")
         print(f"running {int((time.monotonic() - t0) * 1000)}", flush=True)
         signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
-        sys.stdin.readline()
+        while True:
+            words = sys.stdin.readline().split()
+            if len(words) != 3 or words[0] != "save":
+                break
+            save(q, words[1], words[2])
     finally:
         if lst is not None:
             lst.close()
@@ -288,6 +305,54 @@ def restore(cap, work, port, guest_port):
                 qemu.wait()
         subprocess.run(["ip", "netns", "del", ns], stderr=subprocess.DEVNULL)
         shutil.rmtree(work, ignore_errors=True)
+
+
+STATE_MODES = ("plain", "mapped-ram", "multifd")
+
+
+def set_state_mode(q, mode):
+    """Capabilities for a whole-RAM state in a file: the plain stream,
+    `mapped-ram` (each RAM page at its own offset of the file), or
+    mapped-ram with multifd (2 channels)."""
+    if mode not in STATE_MODES:
+        die(f"state mode {mode!r}: one of {', '.join(STATE_MODES)}")
+    q.cmd("migrate-set-capabilities", capabilities=[
+        {"capability": "x-ignore-shared", "state": False},
+        {"capability": "mapped-ram", "state": mode != "plain"},
+        {"capability": "multifd", "state": mode == "multifd"},
+    ])
+    if mode == "multifd":
+        q.cmd("migrate-set-parameters", **{"multifd-channels": 2})
+
+
+def save(q, mode, path):
+    """Pauses the guest and saves it, RAM included, into `path` (migrate
+    file:); prints one JSON line with the time and the file's sizes."""
+    status = q.cmd("query-status")["status"]
+    if status == "postmigrate":  # after an earlier save: QEMU refuses another
+        q.cmd("cont")
+    if q.cmd("query-status")["status"] == "running":
+        q.cmd("stop")
+    set_state_mode(q, mode)
+    if os.path.exists(path):
+        os.unlink(path)
+    t = time.monotonic()
+    q.cmd("migrate", uri=f"file:{path}")
+    r = wait_status(q, "saving", lambda s: s == "completed", 600)
+    ms = int((time.monotonic() - t) * 1000)
+    fd = os.open(path, os.O_RDONLY)
+    os.fsync(fd)
+    os.close(fd)
+    synced_ms = int((time.monotonic() - t) * 1000)
+    st = os.stat(path)
+    ram = r.get("ram", {})
+    print("saved " + json.dumps({
+        "mode": mode, "ms": ms, "synced_ms": synced_ms,
+        "file_mib": round(st.st_size / 2**20, 1),
+        "allocated_mib": round(st.st_blocks * 512 / 2**20, 1),
+        "ram_pages_mib": round(ram.get("normal", 0) * 4096 / 2**20, 1),
+        "zero_pages": ram.get("duplicate", 0),
+    }), flush=True)
 
 
 TUNSETIFF = 0x400454CA
