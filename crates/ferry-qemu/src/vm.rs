@@ -412,11 +412,12 @@ impl QemuVm {
         //   pages. Without them (A/B, one bench run each): the idle move's
         //   client-seen gap 306 -> 193 ms (raw engine 200 and 206 ms), under
         //   write load 389 -> 339 ms (noisy; raw 199 and 185 ms);
-        // - an idle clone's translation cache is held in 2 MiB pages, about
-        //   20 MiB where 18 MiB are used, and a 2 MiB buffer beside it where
-        //   1 MiB is: 4.5 MiB a clone (smaps of two `web` clones), with no
-        //   slower resume (12 alternating resumes each: first PONG 425
-        //   against 457 ms).
+        // - an idle clone's translation cache was held in 2 MiB pages, 20 MiB
+        //   where 18 MiB were used, and a 2 MiB buffer beside it where 1 MiB
+        //   was: 4.5 MiB a clone (smaps of two `web` clones; bench/fleet:
+        //   each extra 256 MiB clone 16.4% -> 14.6% of its guest memory),
+        //   and resumes are not slower (12 alternating each: first PONG 425
+        //   ms without, 457 ms with).
         // Under KVM huge pages make the guest's memory faster for as long as
         // it runs, so they stay. (`FERRY_QEMU_THP=1` keeps them, to compare.)
         let no_huge_pages = spec.accel == Accel::Tcg
