@@ -45,7 +45,9 @@ Usage (as root):
       ferry's peer makes its own before it receives) and gets it as fd=N.
       A move is the engine's plain sequence, what ferry's engine does
       minus its own protocol around it: the destination starts paused with
-      `-incoming defer` and a fresh memory file and disk, exports its disk
+      `-incoming defer`, anonymous memory (as ferry's engine gives a
+      guest received private; a shared guest's gets a fresh memory file)
+      and a fresh disk, exports its disk
       over NBD (nbd-server-start, block-export-add) and listens
       (migrate-incoming tcp:); the source mirrors its disk into that export
       (blockdev-mirror, sync full, until ready), sets the same
@@ -54,6 +56,12 @@ Usage (as root):
       (block-job-cancel) and its proxy closes its client connections (as
       ferry's source closes its ports); the destination stops the export
       and continues (cont). stdin closing or SIGTERM ends everything.
+      With FERRY_RAWVM_POSTCOPY=1 (or =preempt) both QEMUs get the
+      postcopy-ram capability (and postcopy-preempt) and the source asks
+      for postcopy (migrate-start-postcopy) once its first pass is over;
+      once its guest has stopped, the mirror is finished and the
+      destination continues while the rest of memory still arrives; the
+      move's JSON says whether it went postcopy ("postcopy").
 """
 
 import ctypes
@@ -501,6 +509,15 @@ def live(cap, work, guest_port, ports, mig_port):
     mem_size = next((p[len("size="):] for a in c["argv"] if a.startswith("memory-backend-file,")
                      for p in a.split(",") if p.startswith("size=")), None)
 
+    postcopy = os.environ.get("FERRY_RAWVM_POSTCOPY", "")
+    if postcopy not in ("", "1", "preempt"):
+        die(f"FERRY_RAWVM_POSTCOPY={postcopy}: use 1 or preempt")
+    caps = []
+    if postcopy:
+        caps = [{"capability": "postcopy-ram", "state": True}]
+        if postcopy == "preempt":
+            caps.append({"capability": "postcopy-preempt", "state": True})
+
     def argv_for(slot, restoring):
         out = []
         for a in c["argv"]:
@@ -508,7 +525,14 @@ def live(cap, work, guest_port, ports, mig_port):
                 a = "rawvm:" + a[len("ferry:"):]
             a = a.replace(vmdir, slot.dir)
             if not restoring and a.startswith("memory-backend-file,"):
-                a = re.sub(r"mem-path=[^,]*", f"mem-path={os.path.join(slot.dir, 'memory')}", a)
+                # A destination's guest memory is anonymous, as ferry's
+                # engine gives a guest received private (a file on disk
+                # slows the copy several times; userfaultfd, which
+                # postcopy's destination waits on, does not take one).
+                if ",share=on" in a:
+                    a = re.sub(r"mem-path=[^,]*", f"mem-path={os.path.join(slot.dir, 'memory')}", a)
+                else:
+                    a = f"memory-backend-ram,id=mem,size={mem_size}"
             out.append(a)
         if not restoring:
             out.append("-S")
@@ -545,7 +569,7 @@ def live(cap, work, guest_port, ports, mig_port):
             slots.append(dst)
             subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", os.path.join(dst.dir, "disk.qcow2"),
                             str(c["size"])], check=True)
-            if mem_size:
+            if mem_size and f",size={mem_size},mem-path=" in "".join(argv_for(dst, False)):
                 with open(os.path.join(dst.dir, "memory"), "wb") as f:
                     f.truncate(int(mem_size.rstrip("K")) * 1024 if mem_size.endswith("K") else int(mem_size))
             m["start"] = now_ms()
@@ -554,6 +578,8 @@ def live(cap, work, guest_port, ports, mig_port):
             dst.qmp.cmd("nbd-server-start", addr={"type": "unix", "data": {"path": nbd}})
             dst.qmp.cmd("block-export-add", type="nbd", id="rawvm-incoming-disk", **{"node-name": node},
                         name="disk0", writable=True)
+            if caps:
+                dst.qmp.cmd("migrate-set-capabilities", capabilities=caps)
             dst.qmp.cmd("migrate-incoming", uri=f"tcp:127.0.0.1:{mig_port}")
             m["copy"] = now_ms()
             q = src.qmp
@@ -576,13 +602,39 @@ def live(cap, work, guest_port, ports, mig_port):
             m["mirrored"] = now_ms()
             q.cmd("migrate-set-parameters", **{"downtime-limit": MIGRATE_DOWNTIME_MS,
                                                "max-bandwidth": MIGRATE_BANDWIDTH})
+            if caps:
+                q.cmd("migrate-set-capabilities", capabilities=caps)
             q.cmd("migrate", uri=f"tcp:127.0.0.1:{mig_port}")
 
             def seen(st):
                 if st not in ("setup", "active") and "switch" not in m:
                     m["switch"] = now_ms()
 
-            info = wait_status(q, "sending", lambda s: s == "completed", on_change=seen)
+            if postcopy:
+                # Postcopy once the first pass is over (QEMU's second dirty
+                # sync): the destination then runs with what the pass sent
+                # and asks for the rest as it touches it. A copy that
+                # converges before that ends as precopy.
+                asked = False
+
+                def switched(st):
+                    nonlocal asked
+                    if st == "active" and not asked:
+                        info = q.cmd("query-migrate")
+                        if info.get("ram", {}).get("dirty-sync-count", 0) >= 2:
+                            q.cmd("migrate-start-postcopy")
+                            asked = True
+                            m["postcopy_asked"] = now_ms()
+                    return st in ("postcopy-active", "completed")
+
+                info = wait_status(q, "sending", switched, on_change=seen)
+                m["postcopy"] = info.get("status") == "postcopy-active"
+                # The disk's last writes go before the destination runs:
+                # wait for the source's guest to stop.
+                while q.cmd("query-status").get("status") == "running":
+                    time.sleep(0.001)
+            else:
+                info = wait_status(q, "sending", lambda s: s == "completed", on_change=seen)
             m.setdefault("switch", now_ms())
             q.cmd("block-job-cancel", device="rawvm-mirror")
             while True:
@@ -596,11 +648,24 @@ def live(cap, work, guest_port, ports, mig_port):
             q.cmd("blockdev-del", **{"node-name": "rawvm-mirror-target"})
             src.let_go()
             m["end"] = now_ms()
-            wait_status(dst.qmp, "receiving", lambda s: s == "completed", 120)
+            if m.get("postcopy"):
+                # The destination has the devices and runs (paused, as it
+                # was started with -S) while its memory still arrives.
+                deadline = time.monotonic() + 120
+                while dst.qmp.cmd("query-status").get("status") == "inmigrate":
+                    if time.monotonic() > deadline:
+                        die("receiving: the destination did not take the devices in 120 s")
+                    time.sleep(0.001)
+            else:
+                wait_status(dst.qmp, "receiving", lambda s: s == "completed", 120)
             dst.qmp.cmd("block-export-del", id="rawvm-incoming-disk")
             dst.qmp.cmd("nbd-server-stop")
             dst.qmp.cmd("cont")
             m["live"] = now_ms()
+            if m.get("postcopy"):
+                info = wait_status(q, "sending the rest", lambda s: s == "completed", 300)
+                wait_status(dst.qmp, "receiving the rest", lambda s: s == "completed", 300)
+                m["postcopy_done"] = now_ms()
             m["total_ms"] = info.get("total-time")
             m["downtime_ms"] = info.get("downtime")
             m["ram_bytes"] = info.get("ram", {}).get("transferred")
