@@ -79,6 +79,9 @@ pub struct QemuVm {
     state_from: Option<String>,
     /// Whether guest writes reach `memory_file` (shared mapping).
     memory_in_file: bool,
+    /// Whether guest memory is `memory_file` mapped, shared or private
+    /// (not anonymous): see [`prefetch_memory`].
+    memory_mapped: bool,
     memory_file: PathBuf,
     /// The file QEMU writes the guest's disk to.
     disk_file: PathBuf,
@@ -93,6 +96,57 @@ pub struct QemuVm {
     /// QEMU's NBD server for an arriving disk runs, its export ended or
     /// not: it is stopped after the guest runs (see `end_disk_export`).
     nbd_serving: bool,
+}
+
+/// Brings the whole of a guest's memory file into the page cache, in a
+/// thread of its own, ahead of QEMU reading every page of it: a live copy
+/// (started with the disk copy that comes first) or a save with the RAM
+/// in the state (a clone's).
+///
+/// A resumed guest's memory file is mostly holes (pages it never wrote),
+/// and its page cache cold. QEMU's first pass then faults the holes in
+/// one 4 KiB page at a time, each allocated and zeroed: for a 512 MiB
+/// Redis guest that was 2.6-3.3 s of the migration thread's time (`perf`:
+/// 79% `memset` under `ext4_mpage_readpages`), the memory phase of every
+/// bench/migrate move, against the raw engine's 0.14 s from a warm file.
+/// Readahead over the same file takes about 0.2 s. Best effort: a failure
+/// only costs time. The handle is for tests.
+fn prefetch_memory(path: &Path) -> Option<std::thread::JoinHandle<()>> {
+    let file = match std::fs::File::open(path) {
+        Ok(f) => f,
+        Err(e) => {
+            tracing::debug!("not prefetching {}: {e}", path.display());
+            return None;
+        }
+    };
+    let spawned = std::thread::Builder::new()
+        .name("vm-prefetch".into())
+        .spawn(move || {
+            const STEP: i64 = 2 << 20;
+            let len = file.metadata().map(|m| m.len() as i64).unwrap_or(0);
+            let mut offset = 0;
+            while offset < len {
+                // SAFETY: posix_fadvise on a descriptor this thread owns,
+                // over a range of it; it only starts readahead and touches
+                // no memory of this process.
+                let err = unsafe {
+                    libc::posix_fadvise(
+                        file.as_raw_fd(),
+                        offset,
+                        STEP.min(len - offset),
+                        libc::POSIX_FADV_WILLNEED,
+                    )
+                };
+                if err != 0 {
+                    tracing::debug!("prefetching guest memory: error {err}");
+                    return;
+                }
+                offset += STEP;
+            }
+        });
+    spawned
+        .map_err(|e| tracing::debug!("no prefetch thread: {e}"))
+        .ok()
 }
 
 /// Writes a received guest's memory file back to disk while the copy
@@ -518,6 +572,7 @@ impl QemuVm {
                 version: launch.version,
                 state_from,
                 memory_in_file: spec.memory_shared,
+                memory_mapped: !anonymous_memory,
                 memory_file: spec.memory_file.clone(),
                 disk_file: match &spec.disk {
                     DiskSpec::Raw(p) => p.clone(),
@@ -893,6 +948,10 @@ impl Vm for QemuVm {
     fn save_state(&mut self, device_state: &Path) -> Result<SavedState, EngineError> {
         self.cmd("stop", json!({}))?;
         self.set_ignore_shared(self.memory_in_file)?;
+        // A private mapping's pages go into the state: every one is read.
+        if self.memory_mapped && !self.memory_in_file {
+            prefetch_memory(&self.memory_file);
+        }
         let file = private_file(device_state)
             .map_err(|e| io(format!("creating {}", device_state.display()), e))?;
         let uri = self.hand_fd(STATE_FD, file.as_fd())?;
@@ -935,6 +994,11 @@ impl Vm for QemuVm {
     }
 
     fn start_disk_copy(&mut self, target_socket: &Path) -> Result<(), EngineError> {
+        // The memory copy that follows reads every page of guest memory:
+        // have the file's pages in the page cache by then.
+        if self.memory_mapped {
+            prefetch_memory(&self.memory_file);
+        }
         // The target is an NBD client node on a connection ferry made and
         // handed over (QEMU may not reach ferry's sockets by path).
         let _ = self.cmd("blockdev-del", json!({ "node-name": MIRROR_TARGET }));
@@ -1961,5 +2025,67 @@ mod args_tests {
         let a = args_with(true, Netdev::Hub);
         assert!(a.iter().any(|x| x == "hubport,id=net0,hubid=0"), "{a:?}");
         assert!(!a.iter().any(|x| x.contains("ifname=")), "{a:?}");
+    }
+}
+
+#[cfg(test)]
+mod prefetch_tests {
+    use super::prefetch_memory;
+    use std::os::unix::io::AsRawFd;
+
+    /// How many of `file`'s pages are in the page cache (mincore).
+    fn cached_pages(file: &std::fs::File, len: usize) -> usize {
+        // SAFETY: a read-only shared mapping of `len` bytes of a file this
+        // test owns; it is only passed to mincore and unmapped below.
+        let addr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ,
+                libc::MAP_SHARED,
+                file.as_raw_fd(),
+                0,
+            )
+        };
+        assert_ne!(addr, libc::MAP_FAILED, "mmap");
+        let pages = len.div_ceil(4096);
+        let mut vec = vec![0u8; pages];
+        // SAFETY: `addr` maps `len` bytes (above) and `vec` holds one byte
+        // per 4 KiB page of it.
+        let rc = unsafe { libc::mincore(addr, len, vec.as_mut_ptr()) };
+        // SAFETY: unmaps exactly the mapping made above.
+        unsafe { libc::munmap(addr, len) };
+        assert_eq!(rc, 0, "mincore");
+        vec.iter().filter(|b| **b & 1 == 1).count()
+    }
+
+    /// A guest's memory file full of holes is in the page cache once the
+    /// prefetch is done, so that a live copy does not fault it in page by
+    /// page. On disk (target/), not in /tmp: on tmpfs a hole has no page.
+    #[test]
+    fn a_sparse_memory_file_is_cached_whole_after_the_prefetch() {
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target");
+        std::fs::create_dir_all(&root).unwrap();
+        let dir = tempfile::tempdir_in(&root).unwrap();
+        let path = dir.path().join("memory");
+        let len = 32usize << 20;
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(&path)
+            .unwrap();
+        file.set_len(len as u64).unwrap();
+        assert_eq!(
+            cached_pages(&file, len),
+            0,
+            "a new sparse file has no cached pages"
+        );
+        prefetch_memory(&path)
+            .expect("a prefetch thread")
+            .join()
+            .unwrap();
+        assert_eq!(cached_pages(&file, len), len / 4096);
+        assert!(prefetch_memory(&dir.path().join("missing")).is_none());
     }
 }
