@@ -56,6 +56,8 @@ Usage (as root):
       (block-job-cancel) and its proxy closes its client connections (as
       ferry's source closes its ports); the destination stops the export
       and continues (cont). stdin closing or SIGTERM ends everything.
+      Under TCG both QEMUs run without transparent huge pages, as ferry's
+      engine runs them (FERRY_QEMU_THP=1: with, for both).
       With FERRY_RAWVM_POSTCOPY=1 (or =preempt) both QEMUs get the
       postcopy-ram capability (and postcopy-preempt) and the source asks
       for postcopy (migrate-start-postcopy) once its first pass is over;
@@ -460,6 +462,7 @@ class Slot:
             stdout=open(os.path.join(self.dir, "console.log"), "wb"),
             stderr=open(os.path.join(self.dir, "qemu.err"), "wb"),
             pass_fds=(tap,),
+            preexec_fn=no_huge_pages if tcg_without_huge_pages(argv) else None,
         )
         os.close(tap)
         self.qmp = Qmp(os.path.join(self.dir, "qmp.sock"), time.monotonic() + 60)
@@ -477,6 +480,23 @@ class Slot:
         os.close(self.nsfd)
         subprocess.run(["ip", "netns", "del", self.ns], stderr=subprocess.DEVNULL)
         shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def tcg_without_huge_pages(argv):
+    """Whether a live chain's QEMU runs without transparent huge pages,
+    as ferry's engine starts every QEMU under TCG (unless FERRY_QEMU_THP=1):
+    a destination's anonymous memory would otherwise be cleared 2 MiB at
+    a time on the vCPU's thread at the guest's first writes, a cost of
+    QEMU's that ferry removed and this column would wrongly count as
+    ferry's gain (docs/engine.md, "Huge pages under TCG")."""
+    tcg = any(a.startswith("tcg") for a, prev in zip(argv[1:], argv) if prev == "-accel")
+    return tcg and os.environ.get("FERRY_QEMU_THP") != "1"
+
+
+def no_huge_pages():
+    """In the child before exec: PR_SET_THP_DISABLE, kept across exec."""
+    if ctypes.CDLL(None, use_errno=True).prctl(41, 1, 0, 0, 0) != 0:
+        os._exit(125)
 
 
 def wait_status(q, what, done, timeout=600, on_change=None):
