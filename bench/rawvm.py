@@ -499,8 +499,9 @@ def no_huge_pages():
         os._exit(125)
 
 
-def wait_status(q, what, done, timeout=600, on_change=None):
-    """Polls query-migrate every millisecond until `done(status)`."""
+def wait_status(q, what, done, timeout=600, on_change=None, each=None):
+    """Polls query-migrate every millisecond until `done(status)`; `each`
+    sees every poll's whole answer first."""
     deadline = time.monotonic() + timeout
     last = None
     while True:
@@ -509,6 +510,8 @@ def wait_status(q, what, done, timeout=600, on_change=None):
         if st != last and on_change:
             on_change(st)
         last = st
+        if each:
+            each(info)
         if done(st):
             return info
         if st in ("failed", "cancelled"):
@@ -528,6 +531,11 @@ def live(cap, work, guest_port, ports, mig_port):
         die("no node-name= for the disk in the captured command line")
     mem_size = next((p[len("size="):] for a in c["argv"] if a.startswith("memory-backend-file,")
                      for p in a.split(",") if p.startswith("size=")), None)
+    # A destination's guest memory is anonymous, as ferry's engine gives a
+    # guest received private (a file on disk slows the copy several times;
+    # userfaultfd, which postcopy's destination waits on, does not take
+    # one); a shared guest's gets a fresh memory file.
+    shared_memory = any(a.startswith("memory-backend-file,") and ",share=on" in a for a in c["argv"])
 
     postcopy = os.environ.get("FERRY_RAWVM_POSTCOPY", "")
     if postcopy not in ("", "1", "preempt"):
@@ -545,11 +553,7 @@ def live(cap, work, guest_port, ports, mig_port):
                 a = "rawvm:" + a[len("ferry:"):]
             a = a.replace(vmdir, slot.dir)
             if not restoring and a.startswith("memory-backend-file,"):
-                # A destination's guest memory is anonymous, as ferry's
-                # engine gives a guest received private (a file on disk
-                # slows the copy several times; userfaultfd, which
-                # postcopy's destination waits on, does not take one).
-                if ",share=on" in a:
+                if shared_memory:
                     a = re.sub(r"mem-path=[^,]*", f"mem-path={os.path.join(slot.dir, 'memory')}", a)
                 else:
                     a = f"memory-backend-ram,id=mem,size={mem_size}"
@@ -589,7 +593,7 @@ def live(cap, work, guest_port, ports, mig_port):
             slots.append(dst)
             subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", os.path.join(dst.dir, "disk.qcow2"),
                             str(c["size"])], check=True)
-            if mem_size and f",size={mem_size},mem-path=" in "".join(argv_for(dst, False)):
+            if mem_size and shared_memory:
                 with open(os.path.join(dst.dir, "memory"), "wb") as f:
                     f.truncate(int(mem_size.rstrip("K")) * 1024 if mem_size.endswith("K") else int(mem_size))
             m["start"] = now_ms()
@@ -635,19 +639,14 @@ def live(cap, work, guest_port, ports, mig_port):
                 # sync): the destination then runs with what the pass sent
                 # and asks for the rest as it touches it. A copy that
                 # converges before that ends as precopy.
-                asked = False
+                def ask(info):
+                    if (info.get("status") == "active" and "postcopy_asked" not in m
+                            and info.get("ram", {}).get("dirty-sync-count", 0) >= 2):
+                        q.cmd("migrate-start-postcopy")
+                        m["postcopy_asked"] = now_ms()
 
-                def switched(st):
-                    nonlocal asked
-                    if st == "active" and not asked:
-                        info = q.cmd("query-migrate")
-                        if info.get("ram", {}).get("dirty-sync-count", 0) >= 2:
-                            q.cmd("migrate-start-postcopy")
-                            asked = True
-                            m["postcopy_asked"] = now_ms()
-                    return st in ("postcopy-active", "completed")
-
-                info = wait_status(q, "sending", switched, on_change=seen)
+                info = wait_status(q, "sending", lambda st: st in ("postcopy-active", "completed"),
+                                   on_change=seen, each=ask)
                 m["postcopy"] = info.get("status") == "postcopy-active"
                 # The disk's last writes go before the destination runs:
                 # wait for the source's guest to stop.
