@@ -21,6 +21,7 @@ pub struct Args {
 }
 
 pub fn run(args: Args, paths: &Paths) -> anyhow::Result<ExitCode> {
+    one_malloc_arena();
     let mut ready = ReadyPipe::from_fd(args.ready_fd)?;
     // SIGTERM/SIGINT from the start on: a stop before the VM is live must
     // not kill this process midway, which would leave a namespace behind.
@@ -44,6 +45,20 @@ pub fn run(args: Args, paths: &Paths) -> anyhow::Result<ExitCode> {
             eprintln!("ferry: {}", super::one_line(&e));
             Ok(ExitCode::from(code))
         }
+    }
+}
+
+/// Puts every thread's allocations in one malloc arena. glibc gives each
+/// thread that allocates an arena of its own; a supervisor's dozen threads
+/// mostly wait, yet their arenas held about 300 KiB of the 2 MiB of
+/// private memory it had, and a fleet pays that once per clone. Called
+/// before the supervisor starts any thread.
+fn one_malloc_arena() {
+    // SAFETY: mallopt(3) only sets a parameter of glibc's allocator, which
+    // is safe to change before other threads allocate.
+    let changed = unsafe { libc::mallopt(libc::M_ARENA_MAX, 1) };
+    if changed != 1 {
+        tracing::debug!("mallopt(M_ARENA_MAX, 1) was refused; threads keep their own arenas");
     }
 }
 
