@@ -171,6 +171,7 @@ pub struct VmCgroup {
     v2: bool,
     memory_limit: u64,
     overhead: u64,
+    disk_on_tmpfs: u64,
 }
 
 /// Makes each VM's cgroup name unique within this ferry process.
@@ -183,6 +184,7 @@ impl VmCgroup {
         name: &str,
         memory_limit: u64,
         overhead: u64,
+        disk_on_tmpfs: u64,
         pids_limit: u64,
     ) -> std::io::Result<Self> {
         let leaf = format!(
@@ -197,6 +199,7 @@ impl VmCgroup {
             v2: matches!(parent, CgroupParent::V2(_)),
             memory_limit,
             overhead,
+            disk_on_tmpfs,
         };
         match parent {
             CgroupParent::V2(dir) => {
@@ -263,6 +266,12 @@ impl VmCgroup {
     /// The part of the limit that is for QEMU itself, not guest RAM.
     pub fn overhead(&self) -> u64 {
         self.overhead
+    }
+
+    /// The part of the limit that is for the VM's disk, when QEMU writes
+    /// it on tmpfs (whose pages count against the writer's cgroup).
+    pub fn disk_on_tmpfs(&self) -> u64 {
+        self.disk_on_tmpfs
     }
 
     /// Moves process `pid`, with all its threads, into the cgroup (each

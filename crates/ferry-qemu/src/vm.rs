@@ -109,8 +109,10 @@ pub struct QemuVm {
 /// Redis guest that was 2.6-3.3 s of the migration thread's time (`perf`:
 /// 79% `memset` under `ext4_mpage_readpages`), the memory phase of every
 /// bench/migrate move, against the raw engine's 0.14 s from a warm file.
-/// Readahead over the same file takes about 0.2 s. Best effort: a failure
-/// only costs time. The handle is for tests.
+/// Readahead over the same file takes about 0.2 s. On tmpfs, which has
+/// no readahead, the holes are faulted in here instead (see
+/// [`populate_shmem`]). Best effort: a failure only costs time. The handle
+/// is for tests.
 fn prefetch_memory(path: &Path) -> Option<std::thread::JoinHandle<()>> {
     let file = match std::fs::File::open(path) {
         Ok(f) => f,
@@ -122,31 +124,109 @@ fn prefetch_memory(path: &Path) -> Option<std::thread::JoinHandle<()>> {
     let spawned = std::thread::Builder::new()
         .name("vm-prefetch".into())
         .spawn(move || {
-            const STEP: i64 = 2 << 20;
-            let len = file.metadata().map(|m| m.len() as i64).unwrap_or(0);
-            let mut offset = 0;
-            while offset < len {
-                // SAFETY: posix_fadvise on a descriptor this thread owns,
-                // over a range of it; it only starts readahead and touches
-                // no memory of this process.
-                let err = unsafe {
-                    libc::posix_fadvise(
-                        file.as_raw_fd(),
-                        offset,
-                        STEP.min(len - offset),
-                        libc::POSIX_FADV_WILLNEED,
-                    )
-                };
-                if err != 0 {
-                    tracing::debug!("prefetching guest memory: error {err}");
-                    return;
-                }
-                offset += STEP;
+            let len = file.metadata().map(|m| m.len()).unwrap_or(0);
+            let done = if on_tmpfs(&file) {
+                populate_shmem(&file, len)
+            } else {
+                read_ahead(&file, len)
+            };
+            if let Err(e) = done {
+                tracing::debug!("prefetching guest memory: {e}");
             }
         });
     spawned
         .map_err(|e| tracing::debug!("no prefetch thread: {e}"))
         .ok()
+}
+
+/// The step of [`read_ahead`] and [`populate_shmem`]: small enough that a
+/// failure partway has still done the part before it.
+const PREFETCH_STEP: u64 = 2 << 20;
+
+/// Whether `file` is on tmpfs (or shmem), where readahead does nothing.
+fn on_tmpfs(file: &std::fs::File) -> bool {
+    // SAFETY: statfs is plain old data; all zeroes is a valid value.
+    let mut fs: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: fstatfs on a descriptor `file` keeps open, into `fs`.
+    let rc = unsafe { libc::fstatfs(file.as_raw_fd(), &mut fs) };
+    rc == 0 && fs.f_type == libc::TMPFS_MAGIC
+}
+
+/// Starts readahead over the whole of `file`, 2 MiB at a time.
+fn read_ahead(file: &std::fs::File, len: u64) -> std::io::Result<()> {
+    let mut offset = 0;
+    while offset < len {
+        let step = PREFETCH_STEP.min(len - offset);
+        // SAFETY: posix_fadvise on a descriptor `file` keeps open, over a
+        // range of it; it only starts readahead and touches no memory of
+        // this process.
+        let err = unsafe {
+            libc::posix_fadvise(
+                file.as_raw_fd(),
+                offset as libc::off_t,
+                step as libc::off_t,
+                libc::POSIX_FADV_WILLNEED,
+            )
+        };
+        if err != 0 {
+            return Err(std::io::Error::from_raw_os_error(err));
+        }
+        offset += step;
+    }
+    Ok(())
+}
+
+/// Faults in every page of a tmpfs `file` through a read-only shared
+/// mapping (`MADV_POPULATE_READ`), so that its holes get their pages here
+/// and not one by one under QEMU's migration thread. A hole on tmpfs gets
+/// a page at its first read fault whoever reads it, so this adds no memory
+/// that the live copy would not add; it only moves the work off the
+/// copy's path, beside the disk copy that comes first.
+fn populate_shmem(file: &std::fs::File, len: u64) -> std::io::Result<()> {
+    let Ok(size) = usize::try_from(len) else {
+        return Ok(());
+    };
+    if size == 0 {
+        return Ok(());
+    }
+    // SAFETY: a new read-only shared mapping of `size` bytes of a file
+    // `file` keeps open; nothing here reads or writes through it, and it
+    // is unmapped below.
+    let addr = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            size,
+            libc::PROT_READ,
+            libc::MAP_SHARED,
+            file.as_raw_fd(),
+            0,
+        )
+    };
+    if addr == libc::MAP_FAILED {
+        return Err(std::io::Error::last_os_error());
+    }
+    let mut result = Ok(());
+    let mut offset = 0usize;
+    while offset < size {
+        let step = (PREFETCH_STEP as usize).min(size - offset);
+        // SAFETY: `addr + offset .. + step` lies inside the mapping made
+        // above; MADV_POPULATE_READ only faults its pages in.
+        let rc = unsafe {
+            libc::madvise(
+                addr.cast::<u8>().add(offset).cast(),
+                step,
+                libc::MADV_POPULATE_READ,
+            )
+        };
+        if rc != 0 {
+            result = Err(std::io::Error::last_os_error());
+            break;
+        }
+        offset += step;
+    }
+    // SAFETY: unmaps exactly the mapping made above.
+    unsafe { libc::munmap(addr, size) };
+    result
 }
 
 /// Writes a received guest's memory file back to disk while the copy
@@ -430,12 +510,15 @@ impl QemuVm {
         // Its own cgroup, under ferry's, entered by the child before exec.
         let cgroup = match &launch.confine.cgroup {
             Some(parent) => {
-                let limit = provenance.memory_bytes() + launch.confine.memory_overhead;
+                let disk_on_tmpfs = disk_bytes_on_tmpfs(&spec.disk);
+                let limit =
+                    provenance.memory_bytes() + launch.confine.memory_overhead + disk_on_tmpfs;
                 match VmCgroup::create(
                     parent,
                     &spec.name,
                     limit,
                     launch.confine.memory_overhead,
+                    disk_on_tmpfs,
                     crate::confine::PIDS_MAX,
                 ) {
                     Ok(c) => Some(Arc::new(c)),
@@ -1845,15 +1928,46 @@ fn spawn_waiter(mut child: Child, watch: Arc<Watch>, tx: Sender<VmEvent>) {
 /// What to say about a QEMU the kernel killed for its cgroup's memory
 /// limit.
 fn over_memory_limit(cgroup: &VmCgroup) -> String {
+    let disk = match cgroup.disk_on_tmpfs() >> 20 {
+        0 => String::new(),
+        mib => format!(", {mib} MiB for its disk on tmpfs"),
+    };
     format!(
         "QEMU was killed by the kernel: the VM went over its memory limit of {} MiB \
-         (guest RAM plus {} MiB for QEMU; cgroup {}); give the VM less work or more room \
+         (guest RAM plus {} MiB for QEMU{disk}; cgroup {}); give the VM less work or more room \
          with ${}",
         cgroup.memory_limit() >> 20,
         cgroup.overhead() >> 20,
         cgroup.path().display(),
         crate::confine::MEMORY_OVERHEAD_ENV,
     )
+}
+
+/// How much of the VM's memory limit its disk needs: its whole size when
+/// QEMU writes it on tmpfs, else nothing. A tmpfs page counts against the
+/// cgroup of the process that wrote it, and without swap it cannot be
+/// reclaimed: with `FERRY_STATE` on tmpfs a live move's arriving disk
+/// (the source's copy writes it all) went over the limit of guest RAM plus
+/// QEMU's own part, and the copy failed with `Input/output error`. A disk
+/// on a block device only passes through the page cache, which the kernel
+/// writes back and frees within the limit. A disk another process serves
+/// (NBD) counts against that process, not QEMU.
+fn disk_bytes_on_tmpfs(disk: &DiskSpec) -> u64 {
+    let (written, size_of) = match disk {
+        DiskSpec::Raw(path) => (path, path),
+        DiskSpec::CopyOnWrite { base, overlay } => (overlay, base),
+        DiskSpec::Nbd { .. } => return 0,
+    };
+    // The overlay may not exist yet: its directory says where it will be.
+    let probe = if written.exists() {
+        written.as_path()
+    } else {
+        written.parent().unwrap_or(written)
+    };
+    match std::fs::File::open(probe) {
+        Ok(f) if on_tmpfs(&f) => std::fs::metadata(size_of).map(|m| m.len()).unwrap_or(0),
+        _ => 0,
+    }
 }
 
 /// Waits briefly for QEMU's exit and returns what it said on stderr.
@@ -2087,5 +2201,68 @@ mod prefetch_tests {
             .unwrap();
         assert_eq!(cached_pages(&file, len), len / 4096);
         assert!(prefetch_memory(&dir.path().join("missing")).is_none());
+    }
+
+    /// The same on tmpfs, where readahead does nothing and the prefetch
+    /// faults the holes in instead: every page has one afterwards.
+    #[test]
+    fn a_sparse_memory_file_on_tmpfs_has_every_page_after_the_prefetch() {
+        let dir = tempfile::tempdir_in("/dev/shm").expect("a directory on /dev/shm");
+        let path = dir.path().join("memory");
+        let len = 32usize << 20;
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(&path)
+            .unwrap();
+        file.set_len(len as u64).unwrap();
+        assert!(super::on_tmpfs(&file), "/dev/shm is not a tmpfs here");
+        assert_eq!(cached_pages(&file, len), 0, "holes have no pages");
+        prefetch_memory(&path)
+            .expect("a prefetch thread")
+            .join()
+            .unwrap();
+        assert_eq!(cached_pages(&file, len), len / 4096);
+    }
+}
+
+#[cfg(test)]
+mod disk_on_tmpfs_tests {
+    use super::disk_bytes_on_tmpfs;
+    use ferry_engine::DiskSpec;
+
+    /// A disk QEMU writes on tmpfs adds its size to the VM's memory limit;
+    /// on a disk, or served by another process, it adds nothing.
+    #[test]
+    fn only_a_disk_written_on_tmpfs_counts_against_the_memory_limit() {
+        let shm = tempfile::tempdir_in("/dev/shm").expect("a directory on /dev/shm");
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target");
+        std::fs::create_dir_all(&root).unwrap();
+        let disk_dir = tempfile::tempdir_in(&root).unwrap();
+        let size = 3u64 << 20;
+        let raw_on_shm = shm.path().join("disk.raw");
+        let raw_on_disk = disk_dir.path().join("disk.raw");
+        for path in [&raw_on_shm, &raw_on_disk] {
+            std::fs::File::create(path).unwrap().set_len(size).unwrap();
+        }
+
+        assert_eq!(
+            disk_bytes_on_tmpfs(&DiskSpec::Raw(raw_on_shm.clone())),
+            size
+        );
+        assert_eq!(disk_bytes_on_tmpfs(&DiskSpec::Raw(raw_on_disk.clone())), 0);
+        // An overlay not made yet: where it will be decides; the base's
+        // size is what it can grow to.
+        let cow = |base: &std::path::Path, dir: &std::path::Path| DiskSpec::CopyOnWrite {
+            base: base.to_path_buf(),
+            overlay: dir.join("overlay.qcow2"),
+        };
+        assert_eq!(disk_bytes_on_tmpfs(&cow(&raw_on_disk, shm.path())), size);
+        assert_eq!(disk_bytes_on_tmpfs(&cow(&raw_on_shm, disk_dir.path())), 0);
+        let nbd = DiskSpec::Nbd {
+            socket: shm.path().join("nbd.sock"),
+        };
+        assert_eq!(disk_bytes_on_tmpfs(&nbd), 0);
     }
 }
