@@ -2173,6 +2173,19 @@ mod prefetch_tests {
         vec.iter().filter(|b| **b & 1 == 1).count()
     }
 
+    /// A new file of `len` bytes in `dir`, all holes.
+    fn sparse_file(dir: &std::path::Path, len: usize) -> (std::path::PathBuf, std::fs::File) {
+        let path = dir.join("memory");
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(&path)
+            .unwrap();
+        file.set_len(len as u64).unwrap();
+        (path, file)
+    }
+
     /// A guest's memory file full of holes is in the page cache once the
     /// prefetch is done, so that a live copy does not fault it in page by
     /// page. On disk (target/), not in /tmp: on tmpfs a hole has no page.
@@ -2181,15 +2194,8 @@ mod prefetch_tests {
         let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target");
         std::fs::create_dir_all(&root).unwrap();
         let dir = tempfile::tempdir_in(&root).unwrap();
-        let path = dir.path().join("memory");
         let len = 32usize << 20;
-        let file = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create_new(true)
-            .open(&path)
-            .unwrap();
-        file.set_len(len as u64).unwrap();
+        let (path, file) = sparse_file(dir.path(), len);
         assert_eq!(
             cached_pages(&file, len),
             0,
@@ -2208,15 +2214,8 @@ mod prefetch_tests {
     #[test]
     fn a_sparse_memory_file_on_tmpfs_has_every_page_after_the_prefetch() {
         let dir = tempfile::tempdir_in("/dev/shm").expect("a directory on /dev/shm");
-        let path = dir.path().join("memory");
         let len = 32usize << 20;
-        let file = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create_new(true)
-            .open(&path)
-            .unwrap();
-        file.set_len(len as u64).unwrap();
+        let (path, file) = sparse_file(dir.path(), len);
         assert!(super::on_tmpfs(&file), "/dev/shm is not a tmpfs here");
         assert_eq!(cached_pages(&file, len), 0, "holes have no pages");
         prefetch_memory(&path)
