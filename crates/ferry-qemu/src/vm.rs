@@ -2173,6 +2173,14 @@ mod prefetch_tests {
         vec.iter().filter(|b| **b & 1 == 1).count()
     }
 
+    /// A temporary directory on a disk's file system (under target/), not
+    /// in /tmp, which may be a tmpfs: the tests compare the two.
+    pub(super) fn tempdir_on_disk() -> tempfile::TempDir {
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target");
+        std::fs::create_dir_all(&root).unwrap();
+        tempfile::tempdir_in(&root).unwrap()
+    }
+
     /// A new file of `len` bytes in `dir`, all holes.
     fn sparse_file(dir: &std::path::Path, len: usize) -> (std::path::PathBuf, std::fs::File) {
         let path = dir.join("memory");
@@ -2191,9 +2199,7 @@ mod prefetch_tests {
     /// page. On disk (target/), not in /tmp: on tmpfs a hole has no page.
     #[test]
     fn a_sparse_memory_file_is_cached_whole_after_the_prefetch() {
-        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target");
-        std::fs::create_dir_all(&root).unwrap();
-        let dir = tempfile::tempdir_in(&root).unwrap();
+        let dir = tempdir_on_disk();
         let len = 32usize << 20;
         let (path, file) = sparse_file(dir.path(), len);
         assert_eq!(
@@ -2236,9 +2242,7 @@ mod disk_on_tmpfs_tests {
     #[test]
     fn only_a_disk_written_on_tmpfs_counts_against_the_memory_limit() {
         let shm = tempfile::tempdir_in("/dev/shm").expect("a directory on /dev/shm");
-        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target");
-        std::fs::create_dir_all(&root).unwrap();
-        let disk_dir = tempfile::tempdir_in(&root).unwrap();
+        let disk_dir = super::prefetch_tests::tempdir_on_disk();
         let size = 3u64 << 20;
         let raw_on_shm = shm.path().join("disk.raw");
         let raw_on_disk = disk_dir.path().join("disk.raw");
