@@ -14,6 +14,8 @@
 //! byte stream from [`Vm::agent_stream`].
 #![warn(missing_docs)]
 
+pub mod memo;
+
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 use std::sync::mpsc::Receiver;

@@ -113,12 +113,8 @@ fn cache_file(cache_dir: &Path, qemu_version: &str, probe: &ProbeGuest) -> Optio
         .map(|m| m.to_string())
         .collect();
     // The kernel by content, not path: every blueprint of one kernel shares
-    // the verdict.
-    let kernel = crate::memo::text(cache_dir, "kernel-sha256", &probe.kernel, || {
-        Some(hex::encode(sha2::Sha256::digest(
-            std::fs::read(&probe.kernel).ok()?,
-        )))
-    })?;
+    // the verdict. (The same memo names it in a live move's offer.)
+    let kernel = ferry_engine::memo::sha256(cache_dir, &probe.kernel).ok()?;
     let key = format!(
         "{qemu_version}|{}|{cpu}|{}|{kernel}",
         uname.trim(),

@@ -12,7 +12,6 @@
 mod accel;
 mod cgroup;
 mod confine;
-mod memo;
 mod qmp;
 mod version;
 mod vm;
@@ -123,11 +122,8 @@ impl QemuEngine {
         }
         // Remembered per binary (`memo`); only an answer that parses is kept.
         let mut failed = None;
-        let text = memo::text(
-            &self.cache_dir,
-            "qemu-version",
-            &self.qemu,
-            || match Command::new(&self.qemu).arg("--version").output() {
+        let text = ferry_engine::memo::text(&self.cache_dir, "qemu-version", &self.qemu, || {
+            match Command::new(&self.qemu).arg("--version").output() {
                 Ok(out) => {
                     let text = String::from_utf8_lossy(&out.stdout).into_owned();
                     if parse_version(&text).is_none() {
@@ -140,8 +136,8 @@ impl QemuEngine {
                     failed = Some(format!("running it failed: {e}"));
                     None
                 }
-            },
-        )
+            }
+        })
         .unwrap_or_else(|| failed.unwrap_or_default());
         let version = parse_version(&text).ok_or_else(|| {
             EngineError::StartFailed(format!(

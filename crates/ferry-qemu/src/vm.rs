@@ -1680,7 +1680,7 @@ fn restart_by_triple_fault(cmdline: &mut String) {
 fn host_tsc_khz(cache_dir: &Path) -> Option<u64> {
     static KHZ: std::sync::OnceLock<Option<u64>> = std::sync::OnceLock::new();
     *KHZ.get_or_init(|| {
-        crate::memo::this_boot(cache_dir, "tsc-khz", || {
+        ferry_engine::memo::this_boot(cache_dir, "tsc-khz", || {
             measure_tsc_khz().map(|khz| khz.to_string())
         })
         .and_then(|text| text.parse().ok())
@@ -1723,7 +1723,7 @@ fn create_overlay(
     }
     let base =
         std::fs::canonicalize(base).map_err(|e| io(format!("disk {}", base.display()), e))?;
-    let template = crate::memo::path(cache_dir, "overlay", &base);
+    let template = ferry_engine::memo::path(cache_dir, "overlay", &base);
     if let Some(t) = template.as_ref().filter(|t| t.is_file()) {
         if std::fs::copy(t, overlay).is_ok() {
             return Ok(());
@@ -1737,7 +1737,7 @@ fn create_overlay(
     if let (Some(t), true) = (template, small) {
         if let Ok(bytes) = std::fs::read(overlay) {
             if bytes.starts_with(b"QFI\xfb") {
-                crate::memo::keep(&t, &bytes);
+                ferry_engine::memo::keep(&t, &bytes);
             }
         }
     }

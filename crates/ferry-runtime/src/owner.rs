@@ -262,7 +262,13 @@ pub fn own_and_tell(
                     name: owned.name.clone(),
                     to: to.clone(),
                 });
-                match migrate_out(&mut owned, &mut incoming, &opts.limits, events) {
+                match migrate_out(
+                    &mut owned,
+                    &mut incoming,
+                    &opts.limits,
+                    &paths.cache,
+                    events,
+                ) {
                     MoveResult::Moved(stats) => {
                         break Ok((
                             Outcome::Moved {
@@ -587,9 +593,10 @@ fn migrate_out(
     owned: &mut OwnedVm,
     incoming: &mut migration::Incoming,
     limits: &LiveLimits,
+    cache: &Path,
     events: &dyn EventSink,
 ) -> MoveResult {
-    let offer = match offer_of(owned) {
+    let offer = match offer_of(owned, cache) {
         Ok(o) => o,
         Err(e) => {
             let _ = incoming.control.send(&SourceMsg::Refused {
@@ -727,10 +734,14 @@ fn migrate_out(
     }
 }
 
-fn offer_of(owned: &OwnedVm) -> Result<crate::start::incoming::VmOffer, FileError> {
+/// What the destination is offered. The kernel's and initramfs's digests
+/// come from the cache's memo when it has them (the kernel's is there from
+/// the accelerator's verdict): hashing 17 MB on every move took the
+/// guest's CPU while it served, seconds of it on an emulated CPU.
+fn offer_of(owned: &OwnedVm, cache: &Path) -> Result<crate::start::incoming::VmOffer, FileError> {
     let blob = |p: &Path| -> Result<crate::start::incoming::Blob, FileError> {
         Ok(crate::start::incoming::Blob {
-            sha256: crate::start::incoming::sha256_of(p)?,
+            sha256: ferry_engine::memo::sha256(cache, p).map_err(FileError::at(p))?,
             size: std::fs::metadata(p).map_err(FileError::at(p))?.len(),
         })
     };

@@ -33,6 +33,7 @@ use serde::{Deserialize, Serialize};
 
 mod offer;
 mod stream;
+
 #[cfg(test)]
 mod tests;
 #[cfg(test)]
@@ -430,9 +431,12 @@ impl Control {
     }
 
     /// Receives a blob's `len` bytes (after its [`SourceMsg::Blob`]) into
-    /// `dest` (created 0600). On any failure `dest` is removed: nothing is
-    /// left behind.
-    pub fn recv_blob_into(&mut self, len: u64, dest: &Path) -> Result<(), MigrationError> {
+    /// `dest` (created 0600) and returns their SHA-256, hashed as they were
+    /// written: the caller checks it against the offer without reading the
+    /// file again (on an emulated CPU the second read and hash of a 14 MB
+    /// kernel took a second of a move's set-up). On any failure `dest` is
+    /// removed: nothing is left behind.
+    pub fn recv_blob_into(&mut self, len: u64, dest: &Path) -> Result<[u8; 32], MigrationError> {
         let received = self.recv_blob_file(len, dest);
         if received.is_err() {
             let _ = std::fs::remove_file(dest);
@@ -440,22 +444,27 @@ impl Control {
         received
     }
 
-    fn recv_blob_file(&mut self, len: u64, dest: &Path) -> Result<(), MigrationError> {
+    fn recv_blob_file(&mut self, len: u64, dest: &Path) -> Result<[u8; 32], MigrationError> {
+        use sha2::Digest;
         use std::os::unix::fs::OpenOptionsExt;
         let _ = self
             .reader
             .get_ref()
             .set_read_timeout(Some(Duration::from_secs(60)));
-        let mut file = std::fs::OpenOptions::new()
+        let file = std::fs::OpenOptions::new()
             .write(true)
             .create(true)
             .truncate(true)
             .mode(0o600)
             .open(dest)
             .map_err(MigrationError::io(format!("creating {}", dest.display())))?;
+        let mut out = HashingWriter {
+            file,
+            hasher: sha2::Sha256::new(),
+        };
         // A partial line held back by a poll would be lost: there is none
         // here (a blob follows its header at once).
-        let copied = std::io::copy(&mut (&mut self.reader).take(len), &mut file)
+        let copied = std::io::copy(&mut (&mut self.reader).take(len), &mut out)
             .map_err(MigrationError::io(format!("receiving from {}", self.peer)))?;
         if copied != len {
             return Err(MigrationError::Protocol(format!(
@@ -463,8 +472,29 @@ impl Control {
                 self.peer
             )));
         }
+        let HashingWriter { file, hasher } = out;
         file.sync_all()
-            .map_err(MigrationError::io(format!("writing {}", dest.display())))
+            .map_err(MigrationError::io(format!("writing {}", dest.display())))?;
+        Ok(hasher.finalize().into())
+    }
+}
+
+/// Writes to a file and hashes what it wrote.
+struct HashingWriter {
+    file: std::fs::File,
+    hasher: sha2::Sha256,
+}
+
+impl Write for HashingWriter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        use sha2::Digest;
+        let n = self.file.write(buf)?;
+        self.hasher.update(&buf[..n]);
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.file.flush()
     }
 }
 

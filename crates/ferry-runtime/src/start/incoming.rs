@@ -19,7 +19,6 @@ use std::time::{Duration, Instant};
 
 use ferry_engine::{AccelChoice, Engine};
 use ferry_transport::migration::{self, ChannelKind, DestMsg, MigrationError, SourceMsg, Tunnel};
-use sha2::{Digest, Sha256};
 
 use super::{How, StartPlan};
 use crate::error::{FileError, MigrateError, StartError, VmError};
@@ -63,6 +62,17 @@ pub fn start(
     events: &dyn EventSink,
     cancel: &Cancel,
 ) -> Result<OwnedVm, MigrateError> {
+    std::thread::scope(|s| receive(s, engine, paths, opts, events, cancel))
+}
+
+fn receive<'scope>(
+    scope: &'scope std::thread::Scope<'scope, '_>,
+    engine: &'scope dyn Engine,
+    paths: &Paths,
+    opts: &IncomingStart,
+    events: &dyn EventSink,
+    cancel: &Cancel,
+) -> Result<OwnedVm, MigrateError> {
     let addr = opts.from.as_str();
     let token = &opts.token;
     let tls = match &opts.tls {
@@ -80,6 +90,12 @@ pub fn start(
     // The offer comes checked: digests are hex, never paths; sizes agree.
     let (mut control, session, offer) = migration::connect(addr, token, tls.as_ref())?;
     events.emit(super::phase("offer-received", t));
+    // The engine learns its version (QEMU's `--version`: the whole
+    // emulator starts, seconds on an emulated CPU, when the cache has not
+    // remembered it) while the kernel and initramfs arrive; the
+    // accelerator's choice needs it. Not before the offer: a connection
+    // that brings none costs nothing here.
+    let version = scope.spawn(|| engine.version());
     let failed = |detail: String| MigrateError::Failed {
         direction: "from",
         peer: addr.to_string(),
@@ -95,10 +111,9 @@ pub fn start(
         super::check_host_memory(offer.meta.provenance.memory_mib)?;
         let name = opts.name.clone().unwrap_or_else(|| offer.name.clone());
         crate::vmdir::validate_name(&name).map_err(StartError::from)?;
-        let blobs = paths.cache.join("blobs");
         let t = Instant::now();
-        let kernel = fetch_blob(&mut control, "kernel", &offer.kernel, &blobs)?;
-        let initramfs = fetch_blob(&mut control, "initramfs", &offer.initramfs, &blobs)?;
+        let kernel = fetch_blob(&mut control, "kernel", &offer.kernel, &paths.cache)?;
+        let initramfs = fetch_blob(&mut control, "initramfs", &offer.initramfs, &paths.cache)?;
         events.emit(super::phase("image-fetched", t));
         let image = BootImage {
             kernel: kernel.clone(),
@@ -113,6 +128,7 @@ pub fn start(
             netboot: false,
         };
         let t = Instant::now();
+        let _ = version.join();
         let accel = super::saved_accel(engine, opts.accel, &image, offer.meta.provenance.accel)?;
         events.emit(super::phase("accel-chosen", t));
         let config = VmConfig::saved(
@@ -253,22 +269,27 @@ pub fn start(
     Ok(owned)
 }
 
-/// A file from the offer, from the blob cache or fetched from the source.
-/// `blob.sha256` is 64 lowercase hex digits ([`VmOffer::validate`]), so the
-/// cache path stays in `dir`; the source must send exactly the offered
-/// size, and what does not arrive whole and right is removed.
+/// A file from the offer, from the blob cache (`<cache>/blobs`) or
+/// fetched from the source. `blob.sha256` is 64 lowercase hex digits
+/// ([`VmOffer::validate`]), so the cache path stays in the blob directory;
+/// the source must send exactly the offered size, and what does not arrive
+/// whole and right is removed. What arrives is hashed as it is written, and
+/// its digest remembered ([`ferry_engine::memo`]): the accelerator's choice
+/// that follows keys its verdict by the kernel's digest and does not read
+/// the kernel again.
 fn fetch_blob(
     control: &mut migration::Control,
     name: &str,
     blob: &Blob,
-    dir: &Path,
+    cache: &Path,
 ) -> Result<PathBuf, MigrateError> {
+    let dir = cache.join("blobs");
     let path = dir.join(&blob.sha256);
-    debug_assert_eq!(path.parent(), Some(dir));
+    debug_assert_eq!(path.parent(), Some(dir.as_path()));
     if path.exists() {
         return Ok(path);
     }
-    crate::paths::private_dir(dir).map_err(FileError::at(dir))?;
+    crate::paths::private_dir(&dir).map_err(FileError::at(&dir))?;
     control.send(&DestMsg::Fetch {
         name: name.to_string(),
     })?;
@@ -286,8 +307,8 @@ fn fetch_blob(
         .into());
     }
     let part = path.with_extension(format!("part-{}", std::process::id()));
-    control.recv_blob_into(len, &part)?;
-    if sha256_of(&part)? != blob.sha256 {
+    let digest = hex::encode(control.recv_blob_into(len, &part)?);
+    if digest != blob.sha256 {
         let _ = std::fs::remove_file(&part);
         return Err(MigrationError::Protocol(format!(
             "the {name} received does not match its sha256"
@@ -295,13 +316,6 @@ fn fetch_blob(
         .into());
     }
     std::fs::rename(&part, &path).map_err(FileError::at(&path))?;
+    ferry_engine::memo::remember_sha256(cache, &path, &digest);
     Ok(path)
-}
-
-/// The SHA-256 of a file, as hex.
-pub(crate) fn sha256_of(path: &Path) -> Result<String, FileError> {
-    let mut file = std::fs::File::open(path).map_err(FileError::at(path))?;
-    let mut hasher = Sha256::new();
-    std::io::copy(&mut file, &mut hasher).map_err(FileError::at(path))?;
-    Ok(hex::encode(hasher.finalize()))
 }

@@ -1,16 +1,27 @@
 //! Facts about files that are slow to learn, remembered in ferry's cache:
 //! a QEMU binary's version (`--version` starts the whole emulator: 15 ms
-//! on an idle host, hundreds on a busy one), a kernel's digest (the key
-//! of the accelerator verdict: 14 MB hashed) and a disk's copy-on-write
-//! overlay (a `qemu-img` run). Every VM start needed all three before its
-//! engine ran (issue 12: ferry's overhead down to the engine's own). The
-//! host's TSC frequency (20 ms to measure) is remembered per boot.
+//! on an idle host, hundreds on a busy one), a file's SHA-256 (the key of
+//! the accelerator verdict hashes the 14 MB kernel; a live move's offer
+//! names the kernel and initramfs by digest, and its destination checks
+//! what arrives) and a disk's copy-on-write overlay (a `qemu-img` run).
+//! Every VM start needed the first and last before its engine ran, and
+//! every move hashed 17 MB on each side (issue 12: ferry's overhead down to
+//! the engine's own; in the KVM lab, whose CPU is emulated, the hashing
+//! and the version took seconds of a move's set-up, beside a guest they
+//! starved). The host's TSC frequency (20 ms to measure) is remembered per
+//! boot.
 //!
-//! A fact is keyed by the file's identity: its path, device, inode, size,
-//! modification and status-change times. The status-change time moves on
-//! every write and cannot be set from user space, so a file changed since
-//! is learnt again. Nothing here is trusted beyond that: a memo that
-//! cannot be read or written is learnt again, or not kept.
+//! It lives beside the engine interface because the engine (QEMU's version,
+//! the kernel's digest) and the runtime (a move's digests) share the
+//! facts: a kernel hashed for the accelerator's verdict is not hashed again
+//! for the offer.
+//!
+//! A fact is keyed by the file's identity ([`crate::file_identity`]): its
+//! path, device, inode, size, modification and status-change times. The
+//! status-change time moves on every write and cannot be set from user
+//! space, so a file changed since is learnt again. Nothing here is trusted
+//! beyond that: a memo that cannot be read or written is learnt again, or
+//! not kept.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -19,8 +30,8 @@ use sha2::{Digest, Sha256};
 
 /// The memo of `kind` for `file` under `cache_dir`, or `None` if `file`
 /// cannot be read.
-pub(crate) fn path(cache_dir: &Path, kind: &str, file: &Path) -> Option<PathBuf> {
-    let identity = format!("{kind}|{}", ferry_engine::file_identity(file)?);
+pub fn path(cache_dir: &Path, kind: &str, file: &Path) -> Option<PathBuf> {
+    let identity = format!("{kind}|{}", crate::file_identity(file)?);
     let key = hex::encode(Sha256::digest(identity.as_bytes()));
     Some(
         cache_dir
@@ -30,7 +41,7 @@ pub(crate) fn path(cache_dir: &Path, kind: &str, file: &Path) -> Option<PathBuf>
 }
 
 /// What `learn` says about `file`, from the memo when there is one.
-pub(crate) fn text(
+pub fn text(
     cache_dir: &Path,
     kind: &str,
     file: &Path,
@@ -55,7 +66,7 @@ pub(crate) fn text(
 /// when there is one. The memo is keyed by the kernel's boot id, so a fact
 /// that holds for one boot (the TSC's frequency) is learnt once per boot,
 /// not once per ferry process; without a boot id it is learnt every time.
-pub(crate) fn this_boot(
+pub fn this_boot(
     cache_dir: &Path,
     kind: &str,
     learn: impl FnOnce() -> Option<String>,
@@ -77,12 +88,54 @@ pub(crate) fn this_boot(
     Some(learnt)
 }
 
+/// The memo kind of a file's SHA-256.
+const SHA256: &str = "sha256";
+
+/// The SHA-256 of `file`'s content, as 64 lowercase hex digits, from the
+/// memo when there is one; hashed (streaming) and remembered otherwise.
+pub fn sha256(cache_dir: &Path, file: &Path) -> std::io::Result<String> {
+    let memo = path(cache_dir, SHA256, file);
+    if let Some(known) = memo.as_ref().and_then(|p| recall_sha256(p)) {
+        return Ok(known);
+    }
+    let mut hasher = Sha256::new();
+    std::io::copy(&mut std::fs::File::open(file)?, &mut hasher)?;
+    let digest = hex::encode(hasher.finalize());
+    if let Some(p) = memo {
+        keep(&p, digest.as_bytes());
+    }
+    Ok(digest)
+}
+
+/// Remembers `digest` as the SHA-256 of `file`, which the caller has just
+/// hashed itself (a blob checked as it arrived), so that [`sha256`] does
+/// not read it again.
+pub fn remember_sha256(cache_dir: &Path, file: &Path, digest: &str) {
+    if !is_sha256_hex(digest) {
+        return;
+    }
+    if let Some(p) = path(cache_dir, SHA256, file) {
+        keep(&p, digest.as_bytes());
+    }
+}
+
+/// A remembered digest, if the memo holds one (anything else is learnt
+/// again).
+fn recall_sha256(memo: &Path) -> Option<String> {
+    let text = std::fs::read_to_string(memo).ok()?;
+    is_sha256_hex(&text).then_some(text)
+}
+
+fn is_sha256_hex(text: &str) -> bool {
+    text.len() == 64 && text.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+}
+
 /// A fresh random id for every boot of the host's kernel.
 const BOOT_ID: &str = "/proc/sys/kernel/random/boot_id";
 
 /// Writes `bytes` to `memo` beside, then renames: a reader never sees half
 /// of it. Failures are only logged (the fact is learnt again next time).
-pub(crate) fn keep(memo: &Path, bytes: &[u8]) {
+pub fn keep(memo: &Path, bytes: &[u8]) {
     let write = || -> std::io::Result<()> {
         let dir = memo.parent().expect("memo paths have a parent");
         std::fs::create_dir_all(dir)?;
@@ -133,6 +186,40 @@ mod tests {
             None
         );
     }
+    #[test]
+    fn a_digest_is_hashed_once_and_again_after_the_file_changes() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = dir.path().join("cache");
+        let file = dir.path().join("initramfs");
+        std::fs::write(&file, b"abc").unwrap();
+        let abc = "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad";
+        assert_eq!(sha256(&cache, &file).unwrap(), abc);
+        let memo = path(&cache, SHA256, &file).unwrap();
+        assert_eq!(std::fs::read_to_string(&memo).unwrap(), abc);
+        // The second answer comes from the memo: a planted one shows it.
+        let planted = "0".repeat(64);
+        keep(&memo, planted.as_bytes());
+        assert_eq!(sha256(&cache, &file).unwrap(), planted);
+        // A memo that is not a digest is not believed.
+        keep(&memo, b"not a digest");
+        assert_eq!(sha256(&cache, &file).unwrap(), abc);
+        // A changed file is hashed again.
+        std::fs::write(&file, b"abcd").unwrap();
+        assert_eq!(
+            sha256(&cache, &file).unwrap(),
+            "88d4266fd4e6338d13b845fcf289579d209c897823b9217da3e161936f031589"
+        );
+        // What a caller hashed itself is remembered, if it is a digest.
+        let other = dir.path().join("kernel");
+        std::fs::write(&other, b"abc").unwrap();
+        remember_sha256(&cache, &other, "not hex");
+        assert!(!path(&cache, SHA256, &other).unwrap().exists());
+        remember_sha256(&cache, &other, &planted);
+        assert_eq!(sha256(&cache, &other).unwrap(), planted);
+        // A file that cannot be read is an error, not a digest.
+        assert!(sha256(&cache, &dir.path().join("missing")).is_err());
+    }
+
     #[test]
     fn a_fact_about_this_boot_is_learnt_once() {
         let dir = tempfile::tempdir().unwrap();
