@@ -148,20 +148,22 @@ impl Blueprint {
         ]
     }
 
-    /// Checks every file against its recorded SHA-256. A file whose size,
-    /// modification time and inode match a successful check recorded in
-    /// `stamp_dir` is not read again: hashing a 1 GiB disk on every boot would
-    /// cost seconds, and any write to the file changes its stamp.
-    pub fn verify(&self, stamp_dir: Option<&Path>) -> Result<(), BlueprintError> {
+    /// Checks every file against its recorded SHA-256. With `cache`
+    /// (ferry's cache directory), a file's digest comes from the cache's
+    /// memo of it ([`ferry_engine::memo::sha256`], keyed by the file's
+    /// identity, which any write changes) when there is one: hashing a
+    /// 1 GiB disk on every boot would cost seconds. The kernel's digest
+    /// learnt here is the one that keys the accelerator's verdict and names
+    /// the kernel in a live move's offer.
+    pub fn verify(&self, cache: Option<&Path>) -> Result<(), BlueprintError> {
         for entry in self.entries() {
             let path = self.dir.join(&entry.file);
-            let stamp = stamp_dir.and_then(|d| stamp_path(d, &path, entry).ok());
-            if let Some(stamp) = &stamp {
-                if std::fs::read_to_string(stamp).ok().as_deref() == Some(entry.sha256.as_str()) {
-                    continue;
+            let actual = match cache {
+                Some(cache) => {
+                    ferry_engine::memo::sha256(cache, &path).map_err(BlueprintError::io(&path))?
                 }
-            }
-            let (actual, _) = sha256_file(&path)?;
+                None => sha256_file(&path)?.0,
+            };
             if actual != entry.sha256 {
                 return Err(BlueprintError::Corrupt {
                     dir: self.dir.clone(),
@@ -169,11 +171,6 @@ impl Blueprint {
                     expected: entry.sha256.clone(),
                     actual,
                 });
-            }
-            if let Some(stamp) = stamp {
-                // Best effort: without a stamp the next boot hashes again.
-                let _ = std::fs::create_dir_all(stamp.parent().unwrap_or(Path::new("/")))
-                    .and_then(|_| std::fs::write(&stamp, &entry.sha256));
             }
         }
         Ok(())
@@ -193,25 +190,4 @@ impl Blueprint {
     pub fn disk(&self) -> PathBuf {
         self.dir.join(&self.manifest.disk.file)
     }
-}
-
-/// A stamp file named after everything that changes when the file does; the
-/// change time (ctime) cannot be set back by a user, unlike the mtime.
-fn stamp_path(dir: &Path, path: &Path, entry: &FileEntry) -> std::io::Result<PathBuf> {
-    use sha2::Digest;
-    use std::os::unix::fs::MetadataExt;
-    let meta = std::fs::metadata(path)?;
-    let canon = std::fs::canonicalize(path)?;
-    let key = format!(
-        "{}|{}|{}|{}|{}|{}|{}|{}",
-        canon.display(),
-        meta.dev(),
-        meta.ino(),
-        meta.size(),
-        meta.mtime_nsec(),
-        meta.ctime(),
-        meta.ctime_nsec(),
-        entry.sha256
-    );
-    Ok(dir.join(hex::encode(sha2::Sha256::digest(key.as_bytes()))))
 }

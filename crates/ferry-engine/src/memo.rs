@@ -9,7 +9,8 @@
 //! the engine's own; in the KVM lab, whose CPU is emulated, the hashing
 //! and the version took seconds of a move's set-up, beside a guest they
 //! starved). The host's TSC frequency (20 ms to measure) is remembered per
-//! boot.
+//! boot. A blueprint's files are checked against their manifest through the
+//! same digests, and a package checked in full is remembered here too.
 //!
 //! It lives beside the engine interface because the engine (QEMU's version,
 //! the kernel's digest) and the runtime (a move's digests) share the
@@ -137,8 +138,13 @@ const BOOT_ID: &str = "/proc/sys/kernel/random/boot_id";
 /// of it. Failures are only logged (the fact is learnt again next time).
 pub fn keep(memo: &Path, bytes: &[u8]) {
     let write = || -> std::io::Result<()> {
+        use std::os::unix::fs::DirBuilderExt;
         let dir = memo.parent().expect("memo paths have a parent");
-        std::fs::create_dir_all(dir)?;
+        // Private, as the rest of ferry's cache (docs/security.md).
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)?;
         let name = memo.file_name().expect("memo paths have a name");
         let tmp = dir.join(format!(
             ".{}.{}.tmp",

@@ -105,31 +105,31 @@ impl SectionCache {
     }
 }
 
-/// Packages whose every chunk was checked, remembered under
-/// `$FERRY_CACHE/verified` by the package file's identity (path, device,
+/// Packages whose every chunk was checked, remembered in the cache's memo
+/// ([`ferry_engine::memo`]) by the package file's identity (path, device,
 /// inode, size, modification and status-change times), so that a package
 /// run again from a warm cache is not hashed again beside each resume (it
 /// took the guest's CPU and held `live` back by over a second, issue 12).
 /// Any write to the file moves its status-change time, which user space
 /// cannot set back, so a changed package is checked again.
 pub(crate) struct VerifiedPackages {
-    dir: PathBuf,
+    cache: PathBuf,
 }
+
+/// The memo kind of a package checked in full.
+const CHECKED: &str = "package-checked";
 
 impl VerifiedPackages {
     pub(crate) fn new(cache: &Path) -> Self {
         Self {
-            dir: cache.join("verified"),
+            cache: cache.to_path_buf(),
         }
     }
 
     /// The stamp `package` has while it is unchanged, or `None` if it
     /// cannot be read.
     pub(crate) fn stamp(&self, package: &Path) -> Option<PathBuf> {
-        use sha2::Digest;
-        let identity = ferry_engine::file_identity(package)?;
-        let key = hex::encode(sha2::Sha256::digest(identity.as_bytes()));
-        Some(self.dir.join(&key[..32]))
+        ferry_engine::memo::path(&self.cache, CHECKED, package)
     }
 
     /// Whether `stamp` (from [`Self::stamp`], taken now) says the package
@@ -142,15 +142,7 @@ impl VerifiedPackages {
     /// taken (before the check began: a package changed during the check
     /// has another identity by now, and is checked again next time).
     pub(crate) fn remember(&self, stamp: &Path) {
-        let keep = || -> std::io::Result<()> {
-            crate::paths::private_dir(&self.dir)?;
-            let tmp = stamp.with_extension(format!("tmp{}", std::process::id()));
-            std::fs::write(&tmp, b"every chunk checked\n")?;
-            std::fs::rename(&tmp, stamp)
-        };
-        if let Err(e) = keep() {
-            tracing::debug!("not remembering {}: {e}", stamp.display());
-        }
+        ferry_engine::memo::keep(stamp, b"every chunk checked\n");
     }
 }
 

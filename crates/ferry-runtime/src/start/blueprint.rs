@@ -113,7 +113,7 @@ pub fn plan(
 /// file unchanged since its last check is not hashed again).
 pub fn load_verified(paths: &Paths, dir: &Path) -> Result<Blueprint, StartError> {
     let blueprint = Blueprint::load(dir)?;
-    blueprint.verify(Some(&paths.cache.join("verified")))?;
+    blueprint.verify(Some(&paths.cache))?;
     Ok(blueprint)
 }
 
