@@ -33,7 +33,6 @@ use serde::{Deserialize, Serialize};
 
 mod offer;
 mod stream;
-
 #[cfg(test)]
 mod tests;
 #[cfg(test)]
