@@ -33,8 +33,8 @@ pub enum Event {
     },
     /// A step of the start pipeline or the save path finished.
     Phase {
-        /// Its name: `engine-started`, `guest-resumed`, `package-verified`,
-        /// `service-live` (start); `quiesced`, `state-saved`,
+        /// Its name: `planned`, `engine-started`, `guest-resumed`,
+        /// `package-verified`, `service-live` (start); `quiesced`, `state-saved`,
         /// `disk-exported`, `<section>-written`, `committed` (save).
         phase: String,
         /// How long it took.

@@ -134,6 +134,11 @@ fn boot_package_run_suspend_resume_through_the_library() {
         accel.is_some() && live.is_some() && accel < live,
         "{seen:?}"
     );
+    // The breakdown starts with what came before the engine.
+    let planned = seen
+        .iter()
+        .position(|e| matches!(e, Event::Phase { phase, .. } if phase == "planned"));
+    assert!(planned.is_some() && planned < accel, "{seen:?}");
     assert!(qemu_pids("lib-boot").is_empty());
     assert!(!paths.vms().join("lib-boot").exists());
 

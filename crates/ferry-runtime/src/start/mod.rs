@@ -112,6 +112,10 @@ pub fn execute(
     events: &dyn EventSink,
     cancel: &Cancel,
 ) -> Result<OwnedVm, StartError> {
+    // What the source spent before the engine (opening a package, checking
+    // the host, choosing the accelerator): the first part of a resume's
+    // breakdown, which the engine's own figures never include.
+    events.emit(phase("planned", plan.started));
     events.emit(Event::Accel {
         accel: plan.accel.accel,
         reason: plan.accel.reason.clone(),
