@@ -133,11 +133,14 @@ fn refused(addr: &str, needle: &str) -> Output {
     assert!(line.contains(needle), "{line}");
     assert!(!env.vm_dir("h1").exists(), "a VM directory was left");
     // What the destination learnt of its own QEMU (its version, asked
-    // while the blobs arrive) may stay; nothing of the source's.
+    // while the blobs arrive) may stay, and the mark of the memo's daily
+    // prune that keeping it left; nothing of the source's.
     let memo_of_qemu = cache.path().join("memo").join("qemu-version-");
+    let prune_mark = cache.path().join("memo").join(".pruned");
     let left: Vec<String> = files_in(cache.path())
         .into_iter()
         .filter(|f| !f.starts_with(&*memo_of_qemu.to_string_lossy()))
+        .filter(|f| *f != prune_mark.to_string_lossy())
         .collect();
     assert_eq!(left, Vec::<String>::new(), "left in the cache");
     assert_eq!(

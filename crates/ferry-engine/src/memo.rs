@@ -23,9 +23,14 @@
 //! space, so a file changed since is learnt again. Nothing here is trusted
 //! beyond that: a memo that cannot be read or written is learnt again, or
 //! not kept.
+//!
+//! Every new file identity leaves a memo, so the directory is pruned (see
+//! [`prune`]) at most once a day, when a memo is kept: a fact not used for
+//! [`MAX_AGE`] costs only its learning again, should it be asked for.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime};
 
 use sha2::{Digest, Sha256};
 
@@ -134,8 +139,111 @@ fn is_sha256_hex(text: &str) -> bool {
 /// A fresh random id for every boot of the host's kernel.
 const BOOT_ID: &str = "/proc/sys/kernel/random/boot_id";
 
+/// How long a memo is kept after it was last used. Under the default
+/// `relatime` mount option a read marks a file accessed at most once a
+/// day, which is what "used" means here; on a `noatime` file system a memo
+/// is learnt again once this long after it was written.
+pub const MAX_AGE: Duration = Duration::from_secs(30 * 24 * 3600);
+
+/// How often [`keep`] prunes the directory.
+const PRUNE_EVERY: Duration = Duration::from_secs(24 * 3600);
+
+/// A half-written memo (its writer died before the rename) older than this
+/// is removed.
+const TMP_MAX_AGE: Duration = Duration::from_secs(3600);
+
+/// The file whose modification time says when the directory was pruned.
+const PRUNED_MARK: &str = ".pruned";
+
+/// Removes from `cache_dir`'s memo directory what will not be used again or
+/// has not been used for [`MAX_AGE`] as of `now`: a fact of another boot of
+/// the host ([`this_boot`]), a memo neither read nor written for that long
+/// (its file is gone, replaced or idle), a half-written memo an hour old.
+/// Returns how many files it removed. Nothing else in the cache is touched.
+pub fn prune(cache_dir: &Path, now: SystemTime) -> usize {
+    let dir = cache_dir.join("memo");
+    let Ok(entries) = std::fs::read_dir(&dir) else {
+        return 0;
+    };
+    let boot_id = std::fs::read_to_string(BOOT_ID).unwrap_or_default();
+    let boot_id = boot_id.trim();
+    let mut removed = 0;
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let name = name.to_string_lossy();
+        let Ok(meta) = entry.metadata() else {
+            continue;
+        };
+        if name == PRUNED_MARK || !meta.is_file() {
+            continue;
+        }
+        let age = |t: std::io::Result<SystemTime>| {
+            t.ok()
+                .and_then(|t| now.duration_since(t).ok())
+                .unwrap_or_default()
+        };
+        // Used: written, or read (atime), whichever was last.
+        let unused_for = age(meta.modified()).min(age(meta.accessed()));
+        let stale = if name.starts_with('.') && name.ends_with(".tmp") {
+            unused_for > TMP_MAX_AGE
+        } else if let Some(id) = boot_id_suffix(&name) {
+            !boot_id.is_empty() && id != boot_id
+        } else {
+            unused_for > MAX_AGE
+        };
+        if stale && std::fs::remove_file(entry.path()).is_ok() {
+            removed += 1;
+        }
+    }
+    removed
+}
+
+/// The boot id a [`this_boot`] memo's name ends with (`KIND-` and a UUID),
+/// if it is one.
+fn boot_id_suffix(name: &str) -> Option<&str> {
+    let id = name.get(name.len().checked_sub(36)?..)?;
+    let dashes = [8, 13, 18, 23];
+    let uuid = id.bytes().enumerate().all(|(i, b)| {
+        if dashes.contains(&i) {
+            b == b'-'
+        } else {
+            b.is_ascii_hexdigit()
+        }
+    });
+    (uuid && name[..name.len() - 36].ends_with('-')).then_some(id)
+}
+
+/// Prunes `memo_dir`'s cache at most once every [`PRUNE_EVERY`]. The mark
+/// is moved before the prune, so that concurrent keepers do not all prune.
+fn prune_when_due(memo_dir: &Path) {
+    let mark = memo_dir.join(PRUNED_MARK);
+    let due = std::fs::metadata(&mark)
+        .and_then(|m| m.modified())
+        .ok()
+        .and_then(|t| t.elapsed().ok())
+        .is_none_or(|since| since >= PRUNE_EVERY);
+    if !due {
+        return;
+    }
+    let marked = std::fs::File::options()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&mark)
+        .and_then(|f| f.set_modified(SystemTime::now()));
+    if marked.is_err() {
+        return;
+    }
+    let Some(cache_dir) = memo_dir.parent() else {
+        return;
+    };
+    let removed = prune(cache_dir, SystemTime::now());
+    tracing::debug!(removed, "pruned {}", memo_dir.display());
+}
+
 /// Writes `bytes` to `memo` beside, then renames: a reader never sees half
 /// of it. Failures are only logged (the fact is learnt again next time).
+/// Now and then (once a day) the directory is pruned ([`prune`]).
 pub fn keep(memo: &Path, bytes: &[u8]) {
     let write = || -> std::io::Result<()> {
         use std::os::unix::fs::DirBuilderExt;
@@ -161,6 +269,10 @@ pub fn keep(memo: &Path, bytes: &[u8]) {
     };
     if let Err(e) = write() {
         tracing::debug!("not remembering {}: {e}", memo.display());
+        return;
+    }
+    if let Some(dir) = memo.parent() {
+        prune_when_due(dir);
     }
 }
 
@@ -227,6 +339,113 @@ mod tests {
     }
 
     #[test]
+    fn pruning_removes_what_will_not_be_used_again_and_keeps_the_rest() {
+        let cache = tempfile::tempdir().unwrap();
+        let memo = cache.path().join("memo");
+        let boot_id = std::fs::read_to_string(BOOT_ID).unwrap();
+        let boot_id = boot_id.trim();
+        let set_times = |name: &str, ago: Duration| {
+            let f = std::fs::File::options()
+                .write(true)
+                .open(memo.join(name))
+                .unwrap();
+            let t = SystemTime::now() - ago;
+            f.set_times(std::fs::FileTimes::new().set_accessed(t).set_modified(t))
+                .unwrap();
+        };
+        let day = Duration::from_secs(24 * 3600);
+        let files = [
+            // (name, unused for, kept)
+            ("sha256-0123456789abcdef0123456789abcdef", day, true),
+            (
+                "sha256-fedcba9876543210fedcba9876543210",
+                MAX_AGE + day,
+                false,
+            ),
+            (&format!("tsc-khz-{boot_id}"), 40 * day, true),
+            (
+                "tsc-khz-01234567-89ab-cdef-0123-456789abcdef",
+                Duration::ZERO,
+                false,
+            ),
+            (".overlay-0123.4242.tmp", 2 * TMP_MAX_AGE, false),
+            (".overlay-4567.4242.tmp", Duration::from_secs(60), true),
+        ];
+        for (name, ago, _) in &files {
+            keep(&memo.join(name), b"x");
+            set_times(name, *ago);
+        }
+        // A memo read recently is used, whenever it was written.
+        let read = "qemu-version-00000000000000000000000000000000";
+        keep(&memo.join(read), b"10.0.2");
+        let f = std::fs::File::options()
+            .write(true)
+            .open(memo.join(read))
+            .unwrap();
+        f.set_times(
+            std::fs::FileTimes::new()
+                .set_modified(SystemTime::now() - 2 * MAX_AGE)
+                .set_accessed(SystemTime::now() - day),
+        )
+        .unwrap();
+        assert_eq!(prune(cache.path(), SystemTime::now()), 3);
+        for (name, _, kept) in &files {
+            assert_eq!(memo.join(name).exists(), *kept, "{name}");
+        }
+        assert!(memo.join(read).exists());
+        // Nothing else in the cache is touched; a cache without memos is
+        // nothing to prune.
+        assert_eq!(prune(&cache.path().join("none"), SystemTime::now()), 0);
+    }
+
+    #[test]
+    fn keeping_a_memo_prunes_once_a_day() {
+        let cache = tempfile::tempdir().unwrap();
+        let memo = cache.path().join("memo");
+        let old = memo.join("sha256-fedcba9876543210fedcba9876543210");
+        let long_ago = SystemTime::now() - 2 * MAX_AGE;
+        let age = |p: &Path| {
+            std::fs::File::options()
+                .write(true)
+                .open(p)
+                .unwrap()
+                .set_times(
+                    std::fs::FileTimes::new()
+                        .set_accessed(long_ago)
+                        .set_modified(long_ago),
+                )
+                .unwrap()
+        };
+        // The first keep prunes (no mark yet) and leaves the mark.
+        keep(&old, b"x");
+        age(&old);
+        assert!(memo.join(PRUNED_MARK).exists());
+        // Within the day, a keep does not prune.
+        keep(&memo.join("sha256-0123456789abcdef0123456789abcdef"), b"y");
+        assert!(old.exists(), "pruned twice within a day");
+        // A day later it does.
+        age(&memo.join(PRUNED_MARK));
+        keep(&memo.join("sha256-0123456789abcdef0123456789abcdee"), b"z");
+        assert!(!old.exists(), "not pruned after a day");
+        assert_eq!(std::fs::read_dir(&memo).unwrap().count(), 3);
+    }
+
+    #[test]
+    fn a_boot_id_suffix_is_a_uuid_after_a_dash() {
+        let id = "01234567-89ab-cdef-0123-456789abcdef";
+        assert_eq!(boot_id_suffix(&format!("tsc-khz-{id}")), Some(id));
+        assert_eq!(boot_id_suffix(id), None);
+        assert_eq!(
+            boot_id_suffix("sha256-0123456789abcdef0123456789abcdef"),
+            None
+        );
+        assert_eq!(
+            boot_id_suffix("x-01234567-89ab-cdef-0123-456789abcdeg"),
+            None
+        );
+    }
+
+    #[test]
     fn a_fact_about_this_boot_is_learnt_once() {
         let dir = tempfile::tempdir().unwrap();
         let mut learnt = 0;
@@ -247,9 +466,10 @@ mod tests {
         assert_eq!(std::fs::read_to_string(memo).unwrap(), "2596142");
         // What cannot be learnt is not remembered.
         assert_eq!(this_boot(dir.path(), "nothing", || None), None);
-        assert_eq!(
-            std::fs::read_dir(dir.path().join("memo")).unwrap().count(),
-            1
-        );
+        let memos = std::fs::read_dir(dir.path().join("memo"))
+            .unwrap()
+            .filter(|e| e.as_ref().unwrap().file_name() != PRUNED_MARK)
+            .count();
+        assert_eq!(memos, 1);
     }
 }
