@@ -133,9 +133,11 @@ impl VerifiedPackages {
     }
 
     /// Whether `stamp` (from [`Self::stamp`], taken now) says the package
-    /// was checked as it is.
+    /// was checked as it is. Read, not only looked up: a read marks the
+    /// memo used, so a package run every day is not checked again when
+    /// the memo directory is pruned ([`ferry_engine::memo::prune`]).
     pub(crate) fn known(stamp: Option<&Path>) -> bool {
-        stamp.is_some_and(Path::is_file)
+        stamp.is_some_and(|p| std::fs::read(p).is_ok())
     }
 
     /// Remembers that the package was checked as it was when `stamp` was
