@@ -77,11 +77,9 @@ pub fn this_boot(
     kind: &str,
     learn: impl FnOnce() -> Option<String>,
 ) -> Option<String> {
-    let boot_id = std::fs::read_to_string(BOOT_ID).unwrap_or_default();
-    let boot_id = boot_id.trim();
-    if boot_id.is_empty() || !boot_id.bytes().all(|b| b.is_ascii_hexdigit() || b == b'-') {
+    let Some(boot_id) = boot_id() else {
         return learn();
-    }
+    };
     let memo = cache_dir.join("memo").join(format!("{kind}-{boot_id}"));
     if let Some(known) = std::fs::read_to_string(&memo)
         .ok()
@@ -139,6 +137,15 @@ fn is_sha256_hex(text: &str) -> bool {
 /// A fresh random id for every boot of the host's kernel.
 const BOOT_ID: &str = "/proc/sys/kernel/random/boot_id";
 
+/// This boot's id ([`BOOT_ID`]), if it can be read and is fit for a file
+/// name (hex digits and dashes).
+fn boot_id() -> Option<String> {
+    let text = std::fs::read_to_string(BOOT_ID).ok()?;
+    let id = text.trim();
+    (!id.is_empty() && id.bytes().all(|b| b.is_ascii_hexdigit() || b == b'-'))
+        .then(|| id.to_owned())
+}
+
 /// How long a memo is kept after it was last used. Under the default
 /// `relatime` mount option a read marks a file accessed at most once a
 /// day, which is what "used" means here; on a `noatime` file system a memo
@@ -161,12 +168,15 @@ const PRUNED_MARK: &str = ".pruned";
 /// (its file is gone, replaced or idle), a half-written memo an hour old.
 /// Returns how many files it removed. Nothing else in the cache is touched.
 pub fn prune(cache_dir: &Path, now: SystemTime) -> usize {
-    let dir = cache_dir.join("memo");
-    let Ok(entries) = std::fs::read_dir(&dir) else {
+    prune_dir(&cache_dir.join("memo"), now)
+}
+
+/// [`prune`] of the memo directory `dir` itself.
+fn prune_dir(dir: &Path, now: SystemTime) -> usize {
+    let Ok(entries) = std::fs::read_dir(dir) else {
         return 0;
     };
-    let boot_id = std::fs::read_to_string(BOOT_ID).unwrap_or_default();
-    let boot_id = boot_id.trim();
+    let boot_id = boot_id();
     let mut removed = 0;
     for entry in entries.flatten() {
         let name = entry.file_name();
@@ -187,7 +197,7 @@ pub fn prune(cache_dir: &Path, now: SystemTime) -> usize {
         let stale = if name.starts_with('.') && name.ends_with(".tmp") {
             unused_for > TMP_MAX_AGE
         } else if let Some(id) = boot_id_suffix(&name) {
-            !boot_id.is_empty() && id != boot_id
+            boot_id.as_deref().is_some_and(|now| id != now)
         } else {
             unused_for > MAX_AGE
         };
@@ -234,10 +244,7 @@ fn prune_when_due(memo_dir: &Path) {
     if marked.is_err() {
         return;
     }
-    let Some(cache_dir) = memo_dir.parent() else {
-        return;
-    };
-    let removed = prune(cache_dir, SystemTime::now());
+    let removed = prune_dir(memo_dir, SystemTime::now());
     tracing::debug!(removed, "pruned {}", memo_dir.display());
 }
 
@@ -338,21 +345,27 @@ mod tests {
         assert!(sha256(&cache, &dir.path().join("missing")).is_err());
     }
 
+    /// Sets `file`'s access and modification times to these long ago.
+    fn set_times(file: &Path, accessed_ago: Duration, modified_ago: Duration) {
+        let now = SystemTime::now();
+        std::fs::File::options()
+            .write(true)
+            .open(file)
+            .unwrap()
+            .set_times(
+                std::fs::FileTimes::new()
+                    .set_accessed(now - accessed_ago)
+                    .set_modified(now - modified_ago),
+            )
+            .unwrap();
+    }
+
     #[test]
     fn pruning_removes_what_will_not_be_used_again_and_keeps_the_rest() {
         let cache = tempfile::tempdir().unwrap();
         let memo = cache.path().join("memo");
         let boot_id = std::fs::read_to_string(BOOT_ID).unwrap();
         let boot_id = boot_id.trim();
-        let set_times = |name: &str, ago: Duration| {
-            let f = std::fs::File::options()
-                .write(true)
-                .open(memo.join(name))
-                .unwrap();
-            let t = SystemTime::now() - ago;
-            f.set_times(std::fs::FileTimes::new().set_accessed(t).set_modified(t))
-                .unwrap();
-        };
         let day = Duration::from_secs(24 * 3600);
         let files = [
             // (name, unused for, kept)
@@ -373,21 +386,12 @@ mod tests {
         ];
         for (name, ago, _) in &files {
             keep(&memo.join(name), b"x");
-            set_times(name, *ago);
+            set_times(&memo.join(name), *ago, *ago);
         }
         // A memo read recently is used, whenever it was written.
         let read = "qemu-version-00000000000000000000000000000000";
         keep(&memo.join(read), b"10.0.2");
-        let f = std::fs::File::options()
-            .write(true)
-            .open(memo.join(read))
-            .unwrap();
-        f.set_times(
-            std::fs::FileTimes::new()
-                .set_modified(SystemTime::now() - 2 * MAX_AGE)
-                .set_accessed(SystemTime::now() - day),
-        )
-        .unwrap();
+        set_times(&memo.join(read), day, 2 * MAX_AGE);
         assert_eq!(prune(cache.path(), SystemTime::now()), 3);
         for (name, _, kept) in &files {
             assert_eq!(memo.join(name).exists(), *kept, "{name}");
@@ -403,19 +407,7 @@ mod tests {
         let cache = tempfile::tempdir().unwrap();
         let memo = cache.path().join("memo");
         let old = memo.join("sha256-fedcba9876543210fedcba9876543210");
-        let long_ago = SystemTime::now() - 2 * MAX_AGE;
-        let age = |p: &Path| {
-            std::fs::File::options()
-                .write(true)
-                .open(p)
-                .unwrap()
-                .set_times(
-                    std::fs::FileTimes::new()
-                        .set_accessed(long_ago)
-                        .set_modified(long_ago),
-                )
-                .unwrap()
-        };
+        let age = |p: &Path| set_times(p, 2 * MAX_AGE, 2 * MAX_AGE);
         // The first keep prunes (no mark yet) and leaves the mark.
         keep(&old, b"x");
         age(&old);
