@@ -111,15 +111,18 @@ pub fn sha256(cache_dir: &Path, file: &Path) -> std::io::Result<String> {
     Ok(digest)
 }
 
-/// Remembers `digest` as the SHA-256 of `file`, which the caller has just
-/// hashed itself (a blob checked as it arrived), so that [`sha256`] does
-/// not read it again.
+/// Remembers `digest` as the SHA-256 of `file`, which the caller knows
+/// (a blob checked as it arrived, or named by its digest in ferry's blob
+/// cache), so that [`sha256`] does not read it again. A memo that already
+/// says so is read (which keeps it), not written again.
 pub fn remember_sha256(cache_dir: &Path, file: &Path, digest: &str) {
     if !is_sha256_hex(digest) {
         return;
     }
     if let Some(p) = path(cache_dir, SHA256, file) {
-        keep(&p, digest.as_bytes());
+        if recall_sha256(&p).as_deref() != Some(digest) {
+            keep(&p, digest.as_bytes());
+        }
     }
 }
 

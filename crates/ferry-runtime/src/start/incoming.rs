@@ -283,12 +283,11 @@ fn fetch_blob(
     blob: &Blob,
     cache: &Path,
 ) -> Result<PathBuf, MigrateError> {
-    let dir = cache.join("blobs");
-    let path = dir.join(&blob.sha256);
-    debug_assert_eq!(path.parent(), Some(dir.as_path()));
-    if path.exists() {
+    if let Some(path) = cached_blob(cache, blob) {
         return Ok(path);
     }
+    let dir = cache.join("blobs");
+    let path = dir.join(&blob.sha256);
     crate::paths::private_dir(&dir).map_err(FileError::at(&dir))?;
     control.send(&DestMsg::Fetch {
         name: name.to_string(),
@@ -318,4 +317,51 @@ fn fetch_blob(
     std::fs::rename(&part, &path).map_err(FileError::at(&path))?;
     ferry_engine::memo::remember_sha256(cache, &path, &digest);
     Ok(path)
+}
+
+/// The offered blob, if the blob cache has it. A blob there is named by
+/// its digest, checked when it was put there, so its digest is remembered
+/// from the name when no memo holds it (the memo was pruned, or the blob
+/// was laid there by hand): the accelerator's choice would otherwise read
+/// the whole kernel again, seconds of CPU in the KVM lab beside the
+/// source's guest.
+fn cached_blob(cache: &Path, blob: &Blob) -> Option<PathBuf> {
+    let dir = cache.join("blobs");
+    let path = dir.join(&blob.sha256);
+    debug_assert_eq!(path.parent(), Some(dir.as_path()));
+    if !path.is_file() {
+        return None;
+    }
+    ferry_engine::memo::remember_sha256(cache, &path, &blob.sha256);
+    Some(path)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_cached_blob_is_known_by_its_name() {
+        let cache = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(cache.path().join("blobs")).unwrap();
+        // Named by a digest that is not its content's: only a memo made
+        // from the name can give it back.
+        let named = "ab".repeat(32);
+        let path = cache.path().join("blobs").join(&named);
+        std::fs::write(&path, b"kernel").unwrap();
+        let blob = Blob {
+            sha256: named.clone(),
+            size: 6,
+        };
+        assert_eq!(cached_blob(cache.path(), &blob), Some(path.clone()));
+        assert_eq!(
+            ferry_engine::memo::sha256(cache.path(), &path).unwrap(),
+            named
+        );
+        let absent = Blob {
+            sha256: "cd".repeat(32),
+            size: 6,
+        };
+        assert_eq!(cached_blob(cache.path(), &absent), None);
+    }
 }
