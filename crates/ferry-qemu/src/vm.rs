@@ -113,6 +113,13 @@ pub struct QemuVm {
 /// no readahead, the holes are faulted in here instead (see
 /// [`populate_shmem`]). Best effort: a failure only costs time. The handle
 /// is for tests.
+///
+/// It runs at the priority of the rest of ferry. At `SCHED_IDLE` (tried
+/// in the KVM lab, one CPU for both peers and a serving guest) it was
+/// preempted holding page-cache pages of the memory file, locked while it
+/// filled them, that the guest's vCPU then faulted on: the client waited
+/// 4.2 s, and a loaded move failed when the disk copy's NBD handshake hit
+/// QEMU's 10 s limit.
 fn prefetch_memory(path: &Path) -> Option<std::thread::JoinHandle<()>> {
     let file = match std::fs::File::open(path) {
         Ok(f) => f,
