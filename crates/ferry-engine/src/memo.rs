@@ -102,13 +102,21 @@ pub fn sha256(cache_dir: &Path, file: &Path) -> std::io::Result<String> {
     if let Some(known) = memo.as_ref().and_then(|p| recall_sha256(p)) {
         return Ok(known);
     }
-    let mut hasher = Sha256::new();
-    std::io::copy(&mut std::fs::File::open(file)?, &mut hasher)?;
-    let digest = hex::encode(hasher.finalize());
+    let (digest, _) = hash_file(file)?;
     if let Some(p) = memo {
         keep(&p, digest.as_bytes());
     }
     Ok(digest)
+}
+
+/// The SHA-256 of `file`'s content, as 64 lowercase hex digits, and its
+/// size, from one streaming read; nothing is remembered (see [`sha256`]).
+pub fn hash_file(file: &Path) -> std::io::Result<(String, u64)> {
+    let mut hasher = Sha256::new();
+    // Read a megabyte at a time: a disk image is a gigabyte.
+    let mut reader = std::io::BufReader::with_capacity(1 << 20, std::fs::File::open(file)?);
+    let size = std::io::copy(&mut reader, &mut hasher)?;
+    Ok((hex::encode(hasher.finalize()), size))
 }
 
 /// Remembers `digest` as the SHA-256 of `file`, which the caller knows
@@ -336,6 +344,14 @@ mod tests {
         assert_eq!(
             sha256(&cache, &file).unwrap(),
             "88d4266fd4e6338d13b845fcf289579d209c897823b9217da3e161936f031589"
+        );
+        // Hashing without the memo gives the size too.
+        assert_eq!(
+            hash_file(&file).unwrap(),
+            (
+                "88d4266fd4e6338d13b845fcf289579d209c897823b9217da3e161936f031589".to_string(),
+                4
+            )
         );
         // What a caller hashed itself is remembered, if it is a digest.
         let other = dir.path().join("kernel");
