@@ -12,7 +12,7 @@ use std::net::{IpAddr, Ipv4Addr, Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::os::unix::io::AsRawFd;
 use std::str::FromStr;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
@@ -22,6 +22,47 @@ use crate::NetError;
 /// How long a proxy waits to reach the other side before giving up on a
 /// client.
 const DIAL_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// How long a client of an exposure waits for its VM to be admitted
+/// ([`Admission`]) before its connection is closed.
+pub(crate) const ADMIT_WAIT: Duration = Duration::from_millis(250);
+
+/// Whether an exposure's clients are carried to the guest yet. A VM that
+/// arrives by a live move has its ports from the start of the copy, which
+/// can last a minute, and its guest runs only at the switch. A client
+/// that came before (one that gave up on a slow source and tried the
+/// destination) was held for the dial's whole [`DIAL_TIMEOUT`] while the
+/// guest could not answer, then closed: in the KVM lab a writer that
+/// failed over so lost 9.4 s before it went back to the source, which
+/// still served. Until admitted a client is closed after [`ADMIT_WAIT`],
+/// so it goes back at once; the wait covers the moment of the switch,
+/// when the source has cut its clients and the destination has not yet
+/// admitted its own.
+#[derive(Clone, Debug)]
+pub(crate) struct Admission(Arc<(Mutex<bool>, Condvar)>);
+
+impl Admission {
+    pub(crate) fn new(open: bool) -> Admission {
+        Admission(Arc::new((Mutex::new(open), Condvar::new())))
+    }
+
+    /// Clients are carried from now on; those waiting go on at once.
+    pub(crate) fn admit(&self) {
+        let (open, changed) = &*self.0;
+        *open.lock().expect("admission") = true;
+        changed.notify_all();
+    }
+
+    /// Whether clients are carried, waiting up to `limit` for it.
+    pub(crate) fn wait(&self, limit: Duration) -> bool {
+        let (open, changed) = &*self.0;
+        let guard = open.lock().expect("admission");
+        let (guard, _) = changed
+            .wait_timeout_while(guard, limit, |open| !*open)
+            .expect("admission");
+        *guard
+    }
+}
 
 /// One `--expose` value.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -588,6 +629,55 @@ mod tests {
             );
             std::thread::sleep(Duration::from_millis(100));
         }
+    }
+
+    /// Before its VM is admitted an exposure closes a client after
+    /// `ADMIT_WAIT`, without dialling; once admitted it carries clients,
+    /// also one that was waiting when the admission came.
+    #[test]
+    fn an_exposure_closes_clients_until_its_vm_is_admitted() {
+        let far = TcpListener::bind("127.0.0.1:0").unwrap();
+        let far_addr = far.local_addr().unwrap();
+        std::thread::spawn(move || {
+            for mut s in far.incoming().flatten() {
+                let _ = s.write_all(b"ok");
+            }
+        });
+        let admission = Admission::new(false);
+        let dials = Arc::new(AtomicUsize::new(0));
+        let (gate, counted) = (admission.clone(), dials.clone());
+        let dial: Dialer = Arc::new(move |_| {
+            if !gate.wait(ADMIT_WAIT) {
+                return Err(std::io::ErrorKind::ConnectionRefused.into());
+            }
+            counted.fetch_add(1, Ordering::SeqCst);
+            TcpStream::connect(far_addr)
+        });
+        let front = bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let front_addr = front.local_addr().unwrap();
+        let _proxy = Proxy::start(front, "gate".into(), dial).unwrap();
+        let answer = |c: &mut TcpStream| {
+            c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+            let mut buf = [0u8; 2];
+            c.read(&mut buf).unwrap_or(0)
+        };
+        let t = std::time::Instant::now();
+        let mut early = TcpStream::connect(front_addr).unwrap();
+        assert_eq!(answer(&mut early), 0, "closed, not carried");
+        let waited = t.elapsed();
+        assert!(
+            waited >= ADMIT_WAIT && waited < DIAL_TIMEOUT,
+            "closed after {waited:?}"
+        );
+        assert_eq!(dials.load(Ordering::SeqCst), 0, "nothing was dialled");
+        // A client waiting when the VM is admitted is carried.
+        let mut waiting = TcpStream::connect(front_addr).unwrap();
+        std::thread::sleep(ADMIT_WAIT / 5);
+        admission.admit();
+        assert_eq!(answer(&mut waiting), 2, "carried once admitted");
+        let mut later = TcpStream::connect(front_addr).unwrap();
+        assert_eq!(answer(&mut later), 2, "carried");
+        assert_eq!(dials.load(Ordering::SeqCst), 2);
     }
 
     #[test]

@@ -41,6 +41,11 @@ pub struct VmNetOptions {
     /// where the caller runs a DHCP server on the tap (a netbooting guest:
     /// its firmware asks DHCP for its address and boot URL).
     pub dhcp: bool,
+    /// The exposures carry clients from the start. A VM that arrives by a
+    /// live move is not admitted until its switch
+    /// ([`VmNetwork::admit_clients`]): before, a client is closed at once
+    /// (see `expose::Admission`).
+    pub admitted: bool,
 }
 
 /// A VM's network, live until dropped.
@@ -54,6 +59,8 @@ pub struct VmNetwork {
     guard_chains: Vec<Chain>,
     proxies: Vec<Proxy>,
     exposes: Vec<ExposeSpec>,
+    /// Whether the exposures carry clients yet.
+    admission: expose::Admission,
     _lock: FileLock,
 }
 
@@ -135,6 +142,7 @@ impl VmNetwork {
             guard_chains: Vec::new(),
             proxies: Vec::new(),
             exposes: opts.exposes.clone(),
+            admission: expose::Admission::new(opts.admitted),
             _lock: lock,
         };
         // An existing namespace: a crashed VM's tap may still be there.
@@ -176,6 +184,12 @@ impl VmNetwork {
     pub fn close_exposures(&mut self) {
         // The gateway forwarder is the first proxy; the exposures follow.
         self.proxies.truncate(1);
+    }
+
+    /// The exposures carry clients from now on (a VM that arrived by a
+    /// live move, at its switch: see [`VmNetOptions::admitted`]).
+    pub fn admit_clients(&self) {
+        self.admission.admit();
     }
 
     /// Closes the connections the `--expose` proxies carry now; they go
@@ -436,7 +450,16 @@ fn finish(
                 .map_err(NetError::io("duplicating the namespace handle"))?,
         );
         let guest = SocketAddr::new(IpAddr::V4(g.guest), spec.guest_port);
-        let dial: Dialer = Arc::new(move |_| expose::dial_in(&ns_file, guest));
+        let admission = net.admission.clone();
+        let dial: Dialer = Arc::new(move |_| {
+            if !admission.wait(expose::ADMIT_WAIT) {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::ConnectionRefused,
+                    "the VM does not run here yet (it is arriving by a live move)",
+                ));
+            }
+            expose::dial_in(&ns_file, guest)
+        });
         net.proxies
             .push(Proxy::start(listener, format!("{spec}"), dial)?);
     }

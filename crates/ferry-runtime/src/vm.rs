@@ -458,7 +458,8 @@ impl RunningVm {
             CONSOLE_LOG_CAP,
         )?));
         let restoring = !matches!(kind, StartKind::Boot(_));
-        let pending = match prepare_network(paths, image, config, &dir) {
+        let receiving = matches!(kind, StartKind::Receive { .. });
+        let pending = match prepare_network(paths, image, config, &dir, !receiving) {
             Ok(n) => n,
             Err(e) => {
                 dir.remove();
@@ -633,6 +634,14 @@ impl RunningVm {
     pub fn close_exposures(&mut self) {
         if let Some(n) = self.network.as_mut() {
             n.close_exposures();
+        }
+    }
+
+    /// Its exposures carry clients from now on: a VM that arrives by a
+    /// live move, at its switch (see [`ferry_net::VmNetOptions::admitted`]).
+    pub fn admit_clients(&self) {
+        if let Some(n) = self.network.as_ref() {
+            n.admit_clients();
         }
     }
 
@@ -1306,6 +1315,7 @@ fn prepare_network(
     image: &BootImage,
     config: &VmConfig,
     dir: &VmDir,
+    admitted: bool,
 ) -> Result<Option<ferry_net::PendingNetwork>, VmError> {
     let NetChoice::Namespace { netns, exposes } = &config.net else {
         return Ok(None);
@@ -1343,6 +1353,9 @@ fn prepare_network(
         // A netbooting guest's firmware asks DHCP (a server the user runs
         // in the namespace) for its address and boot URL.
         dhcp: image.netboot,
+        // A VM that arrives by a live move serves its clients from its
+        // switch (`RunningVm::admit_clients`).
+        admitted,
     })?;
     let info = NetInfo {
         netns: network.netns_name().to_string(),

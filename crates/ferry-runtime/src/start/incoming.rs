@@ -229,6 +229,9 @@ fn receive<'scope>(
     events.emit(Event::Switching {
         name: owned.name.clone(),
     });
+    // The source has cut its clients: those that come here now wait in
+    // the dial for the guest, which runs within the switch.
+    owned.vm.admit_clients();
     // The commit point: check, stop serving the disk, resume.
     let switch = Instant::now();
     let commit = (|| -> Result<(), ferry_engine::EngineError> {
