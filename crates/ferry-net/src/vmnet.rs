@@ -43,8 +43,8 @@ pub struct VmNetOptions {
     pub dhcp: bool,
     /// The exposures carry clients from the start. A VM that arrives by a
     /// live move is not admitted until its switch
-    /// ([`VmNetwork::admit_clients`]): before, a client is closed at once
-    /// (see `expose::Admission`).
+    /// ([`VmNetwork::admit_clients`]): before, a client is closed after a
+    /// quarter of a second, undialled (see `expose::Admission`).
     pub admitted: bool,
 }
 

@@ -115,11 +115,11 @@ pub struct QemuVm {
 /// is for tests.
 ///
 /// It runs at the priority of the rest of ferry. At `SCHED_IDLE` (tried
-/// in the KVM lab, one CPU for both peers and a serving guest) it was
+/// in the KVM lab, one CPU for both peers and a serving guest) the client
+/// waited 4.2 s, and a loaded move failed when the disk copy's NBD
+/// handshake hit QEMU's 10 s limit: most likely the starved prefetch was
 /// preempted holding page-cache pages of the memory file, locked while it
-/// filled them, that the guest's vCPU then faulted on: the client waited
-/// 4.2 s, and a loaded move failed when the disk copy's NBD handshake hit
-/// QEMU's 10 s limit.
+/// filled them, that the guest's vCPU then faulted on.
 fn prefetch_memory(path: &Path) -> Option<std::thread::JoinHandle<()>> {
     let file = match std::fs::File::open(path) {
         Ok(f) => f,
@@ -600,6 +600,7 @@ impl QemuVm {
                 Ok(())
             });
         }
+        let spawned = Instant::now();
         let mut child = cmd
             .spawn()
             .map_err(|e| io(format!("starting {}", qemu.display()), e))?;
@@ -640,6 +641,12 @@ impl QemuVm {
             Instant::now() + Duration::from_secs(30),
             &move || alive_watch.exit.lock().expect("watch").is_none(),
             move |ev: QmpEvent| on_event(&event_watch, ev),
+        );
+        // QEMU's own start-up (the emulator's initialisation, a confined
+        // one's sandbox and change of user), apart from what follows.
+        tracing::debug!(
+            ms = spawned.elapsed().as_millis() as u64,
+            "QEMU answered on QMP"
         );
         let admitted = match admitted {
             None => Ok(()),
