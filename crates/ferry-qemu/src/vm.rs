@@ -644,10 +644,12 @@ impl QemuVm {
         );
         // QEMU's own start-up (the emulator's initialisation, a confined
         // one's sandbox and change of user), apart from what follows.
-        tracing::debug!(
-            ms = spawned.elapsed().as_millis() as u64,
-            "QEMU answered on QMP"
-        );
+        if qmp.is_ok() {
+            tracing::debug!(
+                ms = spawned.elapsed().as_millis() as u64,
+                "QEMU answered on QMP"
+            );
+        }
         let admitted = match admitted {
             None => Ok(()),
             Some(Ok(thread)) => thread
