@@ -16,6 +16,7 @@
 
 pub mod memo;
 
+use std::os::fd::OwnedFd;
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 use std::sync::mpsc::Receiver;
@@ -357,10 +358,10 @@ pub trait Engine: Send + Sync {
 
     /// Starts the receiving end of a live move: a VM that stays paused
     /// while another engine fills its disk (exported, writable, on
-    /// `incoming.disk_socket`) and sends its running state (read from
-    /// `incoming.state_socket`). `provenance` is the sender's, checked as a
-    /// restore's is. Then [`Vm::wait_received`], [`Vm::end_disk_export`]
-    /// and [`Vm::resume`] make it run here.
+    /// `incoming.disk_socket`) and sends its running state (on the
+    /// connection given to [`Vm::receive_state`]). `provenance` is the
+    /// sender's, checked as a restore's is. Then [`Vm::wait_received`],
+    /// [`Vm::end_disk_export`] and [`Vm::resume`] make it run here.
     fn receive(
         &self,
         _spec: &VmSpec,
@@ -371,11 +372,10 @@ pub trait Engine: Send + Sync {
     }
 }
 
-/// Where a VM being received live gets its disk and state from.
+/// Where a VM being received live gets its disk from (its state comes on
+/// a connection handed over later: [`Vm::receive_state`]).
 #[derive(Debug, Clone)]
 pub struct Incoming {
-    /// Unix socket the engine listens on for the running state.
-    pub state_socket: PathBuf,
     /// Unix socket where the engine serves the (empty, writable) disk for
     /// the sender to fill, as NBD export [`DISK_EXPORT_NAME`].
     pub disk_socket: PathBuf,
@@ -485,22 +485,32 @@ pub trait Vm: Send {
     }
 
     /// Starts copying the disk, as the guest sees it, to the NBD export
-    /// [`DISK_EXPORT_NAME`] on `target_socket` (the receiver's
-    /// [`Incoming::disk_socket`], or a tunnel to it), and keeps later guest
-    /// writes flowing there. Returns once the copy has caught up.
-    fn start_disk_copy(&mut self, _target_socket: &std::path::Path) -> Result<(), EngineError> {
+    /// [`DISK_EXPORT_NAME`] at the other end of `target`, a connected
+    /// stream (to the receiver's [`Incoming::disk_socket`], directly or
+    /// through a tunnel), and keeps later guest writes flowing there.
+    /// Returns once the copy has caught up.
+    fn start_disk_copy(&mut self, _target: OwnedFd) -> Result<(), EngineError> {
         Err(EngineError::Unsupported("copying the disk live"))
     }
 
-    /// Sends the running state to `socket` (the receiver's
-    /// [`Incoming::state_socket`], or a tunnel to it) while the guest runs,
-    /// then pauses it for the last pass. Returns with the VM paused here.
+    /// Sends the running state on `stream`, a connected stream to the
+    /// receiver's [`Vm::receive_state`] (directly or through a tunnel),
+    /// while the guest runs, then pauses it for the last pass. Returns with
+    /// the VM paused here.
     fn send_state(
         &mut self,
-        _socket: &std::path::Path,
+        _stream: OwnedFd,
         _limits: &LiveLimits,
     ) -> Result<LiveStats, EngineError> {
         Err(EngineError::Unsupported("sending the state live"))
+    }
+
+    /// On the receiving end ([`Engine::receive`]): reads the running state
+    /// from `stream`, a connected stream from the sender's
+    /// [`Vm::send_state`], from now on. The engine reads it itself: for a
+    /// plain connection between peers, the peer's TCP connection.
+    fn receive_state(&mut self, _stream: OwnedFd) -> Result<(), EngineError> {
+        Err(EngineError::Unsupported("receiving a live VM"))
     }
 
     /// After [`Vm::send_state`]: flushes the last disk writes to the target

@@ -1,7 +1,7 @@
 //! One QEMU process running one guest.
 
 use std::io::Read;
-use std::os::fd::{AsFd, BorrowedFd};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::io::AsRawFd;
 use std::os::unix::net::UnixStream;
 use std::os::unix::process::CommandExt;
@@ -355,7 +355,7 @@ pub fn memory_extra_kib(accel: Accel, version: QemuVersion) -> u64 {
 pub const SANDBOX: &str = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny";
 
 /// The name under which QEMU holds the file a state is saved to or
-/// loaded from.
+/// loaded from, or the connection a live move's state travels on.
 const STATE_FD: &str = "ferry-state";
 
 /// Set to `1`: a TCG guest's QEMU keeps transparent huge pages
@@ -803,9 +803,9 @@ impl QemuVm {
                 Err(e) => tracing::debug!("no writeback while receiving: {e}"),
             }
         }
-        // ferry listens on both sockets and hands QEMU the descriptors: a
-        // QEMU running as its own user may not make sockets in ferry's
-        // directories.
+        // ferry listens on the disk's socket and hands QEMU the
+        // descriptor: a QEMU running as its own user may not make sockets
+        // in ferry's directories.
         let disk = listen_at(&incoming.disk_socket)?;
         self.hand_fd(INCOMING_DISK_FD, disk.as_fd())?;
         self.cmd(
@@ -819,26 +819,8 @@ impl QemuVm {
             json!({ "type": "nbd", "id": "ferry-incoming-disk", "node-name": DISK_NODE,
                     "name": DISK_EXPORT_NAME, "writable": true }),
         )?;
-        // `fd:` takes a connected stream: the sender's connection is
-        // accepted here, then handed over.
-        let state = listen_at(&incoming.state_socket)?;
-        let qmp = self.qmp.clone();
-        std::thread::Builder::new()
-            .name("vm-incoming".into())
-            .spawn(move || {
-                let handed = state.accept().map_err(QmpError::Io).and_then(|(conn, _)| {
-                    let _ = qmp.execute("closefd", json!({ "fdname": STATE_FD }));
-                    qmp.send_fd(STATE_FD, conn.as_fd())?;
-                    qmp.execute(
-                        "migrate-incoming",
-                        json!({ "uri": format!("fd:{STATE_FD}") }),
-                    )
-                });
-                if let Err(e) = handed {
-                    tracing::warn!(error = %e, "could not hand the incoming state to QEMU");
-                }
-            })
-            .map_err(|e| io("starting a thread".into(), e))?;
+        // The state comes later, on a connection handed over by
+        // `receive_state`.
         Ok(())
     }
 
@@ -1092,7 +1074,7 @@ impl Vm for QemuVm {
         Ok(())
     }
 
-    fn start_disk_copy(&mut self, target_socket: &Path) -> Result<(), EngineError> {
+    fn start_disk_copy(&mut self, target: OwnedFd) -> Result<(), EngineError> {
         // The memory copy that follows reads every page of guest memory:
         // have the file's pages in the page cache by then.
         if self.memory_mapped {
@@ -1101,16 +1083,14 @@ impl Vm for QemuVm {
         // The target is an NBD client node on a connection ferry made and
         // handed over (QEMU may not reach ferry's sockets by path).
         let _ = self.cmd("blockdev-del", json!({ "node-name": MIRROR_TARGET }));
-        let conn = UnixStream::connect(target_socket)
-            .map_err(|e| io(format!("connecting to {}", target_socket.display()), e))?;
         let _ = self.qmp.execute("closefd", json!({ "fdname": MIRROR_FD }));
         self.qmp
-            .send_fd(MIRROR_FD, conn.as_fd())
+            .send_fd(MIRROR_FD, target.as_fd())
             .map_err(|e| EngineError::Command {
                 command: "getfd".into(),
                 detail: e.to_string(),
             })?;
-        drop(conn);
+        drop(target);
         self.cmd(
             "blockdev-add",
             json!({ "driver": "raw", "node-name": MIRROR_TARGET,
@@ -1127,7 +1107,11 @@ impl Vm for QemuVm {
         })
     }
 
-    fn send_state(&mut self, socket: &Path, limits: &LiveLimits) -> Result<LiveStats, EngineError> {
+    fn send_state(
+        &mut self,
+        stream: OwnedFd,
+        limits: &LiveLimits,
+    ) -> Result<LiveStats, EngineError> {
         self.set_ignore_shared(false)?;
         let drain = self.provenance.accel == Accel::Tcg && self.version.tcg_needs_extra_memory();
         // The last pass starts tighter than the limit asked for: QEMU sizes
@@ -1168,11 +1152,9 @@ impl Vm for QemuVm {
         if paused_copy {
             self.cmd("stop", json!({}))?;
         }
-        let conn = UnixStream::connect(socket)
-            .map_err(|e| io(format!("connecting to {}", socket.display()), e))?;
-        let uri = self.hand_fd(STATE_FD, conn.as_fd())?;
+        let uri = self.hand_fd(STATE_FD, stream.as_fd())?;
         self.cmd("migrate", json!({ "uri": uri }))?;
-        drop(conn);
+        drop(stream);
         let mut relaxed = first == asked;
         // When the first pass ended: QEMU syncs the dirty bitmap once at
         // the start and again at the end of every pass.
@@ -1261,6 +1243,15 @@ impl Vm for QemuVm {
                 _ => break,
             }
         }
+        Ok(())
+    }
+
+    fn receive_state(&mut self, stream: OwnedFd) -> Result<(), EngineError> {
+        // `fd:` reads a connected stream: for a plain move, the source's
+        // TCP connection itself.
+        let uri = self.hand_fd(STATE_FD, stream.as_fd())?;
+        self.cmd("migrate-incoming", json!({ "uri": uri }))?;
+        drop(stream);
         Ok(())
     }
 

@@ -159,7 +159,6 @@ fn ending_a_received_disk_cuts_the_idle_sender_and_keeps_its_writes() {
         ..tiny_spec("t-export", "", dir.path())
     };
     let incoming = ferry_engine::Incoming {
-        state_socket: dir.path().join("in-state.sock"),
         disk_socket: dir.path().join("in-disk.sock"),
     };
     let mut vm = engine.receive(&spec, &saved.provenance, &incoming).unwrap();

@@ -24,7 +24,7 @@ use std::time::{Duration, Instant};
 
 use ferry_agent_proto::FleetMember;
 use ferry_engine::{Engine, LiveLimits, LiveStats};
-use ferry_transport::migration::{self, ChannelKind, DestMsg, MigrationError, SourceMsg, Tunnel};
+use ferry_transport::migration::{self, ChannelKind, DestMsg, MigrationError, SourceMsg};
 
 use crate::control::{ControlHandler, ControlReply, ControlRequest};
 use crate::error::{FileError, VmError};
@@ -637,24 +637,23 @@ fn migrate_out(
         }
     }
     let dir = owned.vm.dir().path().to_path_buf();
-    let (disk_sock, state_sock) = (
-        dir.join("outgoing-disk.sock"),
-        dir.join("outgoing-state.sock"),
-    );
-    let tunnels = (|| -> Result<_, MigrationError> {
+    // A plain disk channel is the engine's own connection
+    // (`migration::attach`); the state always goes through a tunnel,
+    // which keeps the copy below.
+    let channels = (|| -> Result<_, MigrationError> {
         let disk = incoming.channel(ChannelKind::Disk, Duration::from_secs(10))?;
         let state = incoming.channel(ChannelKind::State, Duration::from_secs(10))?;
         Ok((
-            Tunnel::Listen(disk_sock.clone()).start(disk)?,
+            migration::attach(disk)?,
             // A copy of what is sent stays here until the switch is
             // confirmed: QEMU will not save a VM it has sent, so it is the
             // only way to save a VM left in doubt.
-            Tunnel::Listen(state_sock.clone()).start_recording(state, &dir.join(SENT_STATE))?,
+            migration::attach_recorded(state, &dir.join(SENT_STATE))?,
         ))
     })();
     let control = &mut incoming.control;
-    let tunnels = match tunnels {
-        Ok(t) => t,
+    let ((disk_fd, disk), (state_fd, state)) = match channels {
+        Ok(c) => c,
         Err(e) => {
             let _ = control.send(&SourceMsg::Failed {
                 reason: e.to_string(),
@@ -666,10 +665,10 @@ fn migrate_out(
     let sent = (|| -> Result<LiveStats, ferry_engine::EngineError> {
         let e = owned.vm.engine_vm();
         let t = Instant::now();
-        e.start_disk_copy(&disk_sock)?;
+        e.start_disk_copy(disk_fd)?;
         events.emit(crate::start::phase("disk-in-sync", t));
         let t = Instant::now();
-        let stats = e.send_state(&state_sock, limits)?;
+        let stats = e.send_state(state_fd, limits)?;
         events.emit(crate::start::phase("state-sent", t));
         let t = Instant::now();
         e.finish_disk_copy()?;
@@ -691,8 +690,8 @@ fn migrate_out(
             return MoveResult::Failed(e.to_string());
         }
     };
-    // Everything the engine sent went through the two tunnels.
-    stats.wire_bytes = tunnels.0.bytes() + tunnels.1.bytes();
+    // Everything the engine sent and received on the two channels.
+    stats.wire_bytes = disk.bytes() + state.bytes();
     if let Err(e) = control.send(&SourceMsg::Switch {
         stats: stats.clone(),
     }) {

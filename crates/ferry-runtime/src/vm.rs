@@ -398,8 +398,9 @@ impl RunningVm {
     }
 
     /// Starts the receiving end of a live migration in `dir`: a paused VM
-    /// with an empty raw disk of `disk_size` bytes, its state and disk
-    /// sockets in its directory ([`RunningVm::incoming_sockets`]).
+    /// with an empty raw disk of `disk_size` bytes served on a socket in its
+    /// directory ([`RunningVm::incoming_sockets`]); its state comes on a
+    /// connection handed to the engine's `receive_state`.
     pub fn receive_in(
         dir: VmDir,
         engine: &dyn Engine,
@@ -416,8 +417,7 @@ impl RunningVm {
         Self::start_in(dir, engine, paths, image, config, kind)
     }
 
-    /// Where a VM started by [`RunningVm::receive_in`] takes its state and
-    /// serves its disk.
+    /// Where a VM started by [`RunningVm::receive_in`] serves its disk.
     pub fn incoming_sockets(&self) -> ferry_engine::Incoming {
         incoming_of(self.dir().path())
     }
@@ -1391,10 +1391,9 @@ fn exposed_host_addr(vms: &std::path::Path, port: u16) -> Option<std::net::Socke
     })
 }
 
-/// The sockets of a VM being received, in its directory.
+/// The disk socket of a VM being received, in its directory.
 fn incoming_of(dir: &std::path::Path) -> ferry_engine::Incoming {
     ferry_engine::Incoming {
-        state_socket: dir.join(files::INCOMING_STATE),
         disk_socket: dir.join(files::INCOMING_DISK),
     }
 }

@@ -21,7 +21,8 @@
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
-use std::os::unix::net::{UnixListener, UnixStream};
+use std::os::fd::OwnedFd;
+use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{channel, Receiver, Sender};
@@ -1177,8 +1178,9 @@ fn random_session() -> String {
 pub enum Tunnel {
     /// Connect to an existing Unix socket (the engine listens there).
     Dial(PathBuf),
-    /// Listen on a Unix socket and take one connection (the engine dials).
-    Listen(PathBuf),
+    /// A Unix stream already connected to the engine (the other end of a
+    /// socket pair whose first end the engine was handed).
+    Connected(UnixStream),
 }
 
 /// A running tunnel; dropping it closes both sides.
@@ -1204,6 +1206,128 @@ impl Drop for TunnelHandle {
     fn drop(&mut self) {
         let _ = self.tcp.shutdown(Shutdown::Both);
     }
+}
+
+/// A data channel handed to the engine by [`attach`] or
+/// [`attach_recorded`]: kept until the move is over; dropping it closes
+/// the connection.
+pub struct Attached {
+    carried: Carried,
+}
+
+enum Carried {
+    /// The engine reads and writes the TCP connection itself; `base` is
+    /// what the connection had carried (its hello) when it was handed over.
+    Direct { tcp: TcpStream, base: u64 },
+    /// A tunnel carries it.
+    Tunnel(TunnelHandle),
+}
+
+impl Attached {
+    /// Bytes the engine sent and received on it so far.
+    pub fn bytes(&self) -> u64 {
+        match &self.carried {
+            Carried::Direct { tcp, base } => tcp_bytes(tcp).unwrap_or(0).saturating_sub(*base),
+            Carried::Tunnel(t) => t.bytes(),
+        }
+    }
+
+    /// Whether the engine holds the connection itself (no tunnel).
+    pub fn is_direct(&self) -> bool {
+        matches!(self.carried, Carried::Direct { .. })
+    }
+}
+
+impl Drop for Attached {
+    fn drop(&mut self) {
+        if let Carried::Direct { tcp, .. } = &self.carried {
+            let _ = tcp.shutdown(Shutdown::Both);
+        }
+    }
+}
+
+/// Hands a data channel to the engine: the descriptor the engine reads and
+/// writes, and what keeps the channel for the move's length.
+///
+/// A plain channel's TCP connection goes to the engine itself. Through a
+/// tunnel every byte crossed this process twice more (socket to ferry to
+/// socket) on each side: in the KVM lab, where every system call and
+/// context switch is emulated, ferry's moves took twice the raw engine's
+/// time, whose two QEMUs talk directly, and the source's guest lost its
+/// CPU to the tunnels for all of it. A TLS channel cannot be handed over
+/// (the engine does not speak ferry's TLS): the engine gets one end of a
+/// Unix socket pair, and a tunnel carries the other end.
+pub fn attach(stream: PeerStream) -> Result<(OwnedFd, Attached), MigrationError> {
+    if stream.is_tls() {
+        return tunnelled(stream, None);
+    }
+    let (tcp, _) = stream.into_parts();
+    limit_unsent(&tcp);
+    bound_receive_queue(&tcp);
+    // The hello's read deadline must not reach the engine's reads.
+    tcp.set_read_timeout(None)
+        .and_then(|()| tcp.set_write_timeout(None))
+        .map_err(MigrationError::io("handing over a data channel"))?;
+    let engine = tcp
+        .try_clone()
+        .map_err(MigrationError::io("handing over a data channel"))?;
+    let base = tcp_bytes(&tcp).unwrap_or(0);
+    Ok((
+        OwnedFd::from(engine),
+        Attached {
+            carried: Carried::Direct { tcp, base },
+        },
+    ))
+}
+
+/// As [`attach`], and keeps a copy of what the engine sends in `record`
+/// (see [`Tunnel::start_recording`]): always through a tunnel, which makes
+/// the copy.
+pub fn attach_recorded(
+    stream: PeerStream,
+    record: &Path,
+) -> Result<(OwnedFd, Attached), MigrationError> {
+    tunnelled(stream, Some(record))
+}
+
+fn tunnelled(
+    stream: PeerStream,
+    record: Option<&Path>,
+) -> Result<(OwnedFd, Attached), MigrationError> {
+    let (engine, ours) = UnixStream::pair().map_err(MigrationError::io("making a socket pair"))?;
+    let tunnel = Tunnel::Connected(ours);
+    let handle = match record {
+        Some(r) => tunnel.start_recording(stream, r)?,
+        None => tunnel.start(stream)?,
+    };
+    Ok((
+        OwnedFd::from(engine),
+        Attached {
+            carried: Carried::Tunnel(handle),
+        },
+    ))
+}
+
+/// What `tcp` has carried, both ways (`TCP_INFO`'s bytes acknowledged and
+/// received); `None` where the kernel does not say (before Linux 4.1).
+fn tcp_bytes(tcp: &TcpStream) -> Option<u64> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: tcp_info is plain integers; all zero is a valid value.
+    let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
+    // SAFETY: getsockopt on a socket this function borrows, into a
+    // tcp_info of the size given (the kernel writes at most `len` bytes).
+    let rc = unsafe {
+        libc::getsockopt(
+            tcp.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_INFO,
+            std::ptr::from_mut(&mut info).cast(),
+            &mut len,
+        )
+    };
+    let end = std::mem::offset_of!(libc::tcp_info, tcpi_bytes_received) + 8;
+    (rc == 0 && len as usize >= end).then(|| info.tcpi_bytes_acked + info.tcpi_bytes_received)
 }
 
 impl Tunnel {
@@ -1260,22 +1384,7 @@ impl Tunnel {
                 )))?;
                 spawn_pipe(tcp, tls, unix, tx, counter, record)?;
             }
-            Tunnel::Listen(path) => {
-                let _ = std::fs::remove_file(&path);
-                let listener = UnixListener::bind(&path).map_err(MigrationError::io(format!(
-                    "listening on {}",
-                    path.display()
-                )))?;
-                std::thread::Builder::new()
-                    .name("tunnel accept".into())
-                    .spawn(move || {
-                        if let Ok((unix, _)) = listener.accept() {
-                            let _ = spawn_pipe(tcp, tls, unix, tx, counter, record);
-                        }
-                        let _ = std::fs::remove_file(&path);
-                    })
-                    .map_err(MigrationError::io("starting a tunnel"))?;
-            }
+            Tunnel::Connected(unix) => spawn_pipe(tcp, tls, unix, tx, counter, record)?,
         }
         Ok(TunnelHandle {
             tcp: keep,

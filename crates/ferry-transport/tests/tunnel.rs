@@ -16,17 +16,6 @@ fn tcp_pair() -> (TcpStream, TcpStream) {
     (near, far)
 }
 
-fn connect_when_ready(path: &std::path::Path) -> UnixStream {
-    let deadline = Instant::now() + Duration::from_secs(5);
-    loop {
-        match UnixStream::connect(path) {
-            Ok(s) => return s,
-            Err(e) if Instant::now() > deadline => panic!("{}: {e}", path.display()),
-            Err(_) => std::thread::sleep(Duration::from_millis(10)),
-        }
-    }
-}
-
 fn wait_for(path: &std::path::Path) -> bool {
     let deadline = Instant::now() + Duration::from_secs(5);
     while Instant::now() < deadline {
@@ -41,12 +30,12 @@ fn wait_for(path: &std::path::Path) -> bool {
 #[test]
 fn a_recording_holds_exactly_what_the_engine_sent_once_it_closed() {
     let dir = tempfile::tempdir().unwrap();
-    let (sock, record) = (dir.path().join("state.sock"), dir.path().join("sent"));
+    let record = dir.path().join("sent");
     let (near, mut far) = tcp_pair();
-    let handle = Tunnel::Listen(sock.clone())
+    let (mut engine, ours) = UnixStream::pair().unwrap();
+    let handle = Tunnel::Connected(ours)
         .start_recording(near.into(), &record)
         .unwrap();
-    let mut engine = connect_when_ready(&sock);
     let data: Vec<u8> = (0..3_000_000u32).map(|i| (i * 7 % 251) as u8).collect();
     // The far end reads as the engine writes, as a destination does: a
     // data channel buffers little (`TUNNEL_UNSENT_LIMIT`, and the far
@@ -78,12 +67,12 @@ fn a_recording_holds_exactly_what_the_engine_sent_once_it_closed() {
 #[test]
 fn a_stream_cut_short_leaves_no_recording() {
     let dir = tempfile::tempdir().unwrap();
-    let (sock, record) = (dir.path().join("state.sock"), dir.path().join("sent"));
+    let record = dir.path().join("sent");
     let (near, far) = tcp_pair();
-    let handle = Tunnel::Listen(sock.clone())
+    let (mut engine, ours) = UnixStream::pair().unwrap();
+    let handle = Tunnel::Connected(ours)
         .start_recording(near.into(), &record)
         .unwrap();
-    let mut engine = connect_when_ready(&sock);
     // The far end goes away: the tunnel cannot deliver the stream.
     drop(far);
     let chunk = vec![1u8; 1 << 20];

@@ -176,17 +176,24 @@ fn receive<'scope>(
     };
     let sockets = owned.vm.incoming_sockets();
     let channel = |kind| migration::open_channel(addr, token, tls.as_ref(), &session, kind);
-    let tunnels = (|| -> Result<_, MigrationError> {
-        let state =
-            Tunnel::Dial(sockets.state_socket.clone()).start(channel(ChannelKind::State)?)?;
+    // The state's connection goes to the engine itself when it is plain
+    // (`migration::attach`); the disk's reaches the engine's NBD server
+    // through a tunnel, since QEMU's server takes only a listening socket.
+    let channels = (|| -> Result<_, MigrateError> {
+        let (fd, state) = migration::attach(channel(ChannelKind::State)?)?;
+        owned.vm.engine_vm().receive_state(fd).map_err(|e| {
+            failed(format!(
+                "the engine could not take the state's connection: {e}"
+            ))
+        })?;
         let disk = Tunnel::Dial(sockets.disk_socket.clone()).start(channel(ChannelKind::Disk)?)?;
         Ok((state, disk))
     })();
-    let _tunnels = match tunnels {
+    let _channels = match channels {
         Ok(t) => t,
         Err(e) => {
             abort(&mut control, &e.to_string());
-            return Err(e.into());
+            return Err(e);
         }
     };
     control.send(&DestMsg::Ready)?;

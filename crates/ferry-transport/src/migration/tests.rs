@@ -392,3 +392,70 @@ fn a_tunnel_bounds_what_waits_unsent_or_unread_in_its_socket() {
         2 * TUNNEL_RECEIVE_WINDOW_MIN
     );
 }
+
+/// A plain data channel is the engine's own connection: what the engine
+/// writes on the descriptor it was handed reaches the far end with no
+/// tunnel between and is counted (the hello before it is not), the socket
+/// keeps the bounds a tunnel's has and no deadline from the hello's read,
+/// and dropping the handle cuts the connection though the engine still
+/// holds its descriptor.
+#[test]
+fn a_plain_channel_is_handed_to_the_engine_itself() {
+    let server = TcpListener::bind("127.0.0.1:0").unwrap();
+    let tcp = TcpStream::connect(server.local_addr().unwrap()).unwrap();
+    let (mut far, _) = server.accept().unwrap();
+    (&tcp).write_all(b"a hello\n").unwrap();
+    let mut hello = [0u8; 8];
+    far.read_exact(&mut hello).unwrap();
+    tcp.set_read_timeout(Some(Duration::from_millis(50)))
+        .unwrap();
+
+    let (fd, handle) = attach(PeerStream::plain(tcp)).unwrap();
+    assert!(handle.is_direct());
+    let mut engine = TcpStream::from(fd);
+    assert_eq!(engine.read_timeout().unwrap(), None, "the hello's deadline");
+    let option = |name| {
+        use std::os::fd::AsRawFd;
+        let mut value: libc::c_int = 0;
+        let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+        // SAFETY: getsockopt on the engine's socket into a local int of
+        // the size given.
+        let rc = unsafe {
+            libc::getsockopt(
+                engine.as_raw_fd(),
+                libc::IPPROTO_TCP,
+                name,
+                std::ptr::from_mut(&mut value).cast(),
+                &mut len,
+            )
+        };
+        assert_eq!(rc, 0, "{}", std::io::Error::last_os_error());
+        value as u32
+    };
+    assert_eq!(option(libc::TCP_NOTSENT_LOWAT), TUNNEL_UNSENT_LIMIT);
+
+    let data: Vec<u8> = (0..1_000_000u32).map(|i| (i % 253) as u8).collect();
+    let reader = std::thread::spawn(move || {
+        let mut got = vec![0u8; 1_000_000];
+        far.read_exact(&mut got).unwrap();
+        far.write_all(&[7u8; 1000]).unwrap();
+        (far, got)
+    });
+    engine.write_all(&data).unwrap();
+    let (mut far, got) = reader.join().unwrap();
+    assert!(got == data, "the far end got what the engine wrote");
+    let mut back = [0u8; 1000];
+    engine.read_exact(&mut back).unwrap();
+    // Acknowledgements come back on their own time.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while handle.bytes() != 1_001_000 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert_eq!(handle.bytes(), 1_001_000);
+
+    drop(handle);
+    far.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut rest = [0u8; 1];
+    assert_eq!(far.read(&mut rest).unwrap(), 0, "cut by the handle's drop");
+    drop(engine);
+}

@@ -133,13 +133,9 @@ fn a_session_runs_inside_mutual_tls_both_ways() {
         Ok(DestMsg::Ready)
     ));
 
-    // A data channel, tunnelled on both sides: the source's engine dials
-    // its tunnel, the destination's tunnel dials its engine.
-    let (src_sock, dst_sock, record) = (
-        dir.path().join("src.sock"),
-        dir.path().join("dst.sock"),
-        dir.path().join("sent"),
-    );
+    // A data channel, tunnelled on both sides: the source's engine holds
+    // one end of a socket pair, the destination's tunnel dials its engine.
+    let (dst_sock, record) = (dir.path().join("dst.sock"), dir.path().join("sent"));
     let dst_engine = UnixListener::bind(&dst_sock).unwrap();
     let dst_stream =
         open_channel(&addr, &token(), Some(&ctls), &session, ChannelKind::State).unwrap();
@@ -148,17 +144,12 @@ fn a_session_runs_inside_mutual_tls_both_ways() {
         .channel(ChannelKind::State, Duration::from_secs(10))
         .unwrap();
     assert!(src_stream.is_tls());
-    let src_tunnel = Tunnel::Listen(src_sock.clone())
-        .start_recording(src_stream, &record)
-        .unwrap();
+    // A TLS channel is never handed to the engine itself.
+    let (a, src_tunnel) = attach_recorded(src_stream, &record).unwrap();
+    assert!(!src_tunnel.is_direct());
+    let mut a = UnixStream::from(a);
     let dst_tunnel = Tunnel::Dial(dst_sock.clone()).start(dst_stream).unwrap();
     let mut b = dst_engine.accept().unwrap().0;
-    let mut a = (0..50)
-        .find_map(|_| {
-            std::thread::sleep(Duration::from_millis(20));
-            UnixStream::connect(&src_sock).ok()
-        })
-        .unwrap();
 
     // 8 MiB one way and 1 MiB the other, at the same time, then each side
     // closes its sending half and sees the other's end.
@@ -186,7 +177,10 @@ fn a_session_runs_inside_mutual_tls_both_ways() {
     }
     assert!(got_b.join().unwrap() == to_b, "A -> B arrived whole");
     assert!(got_a.join().unwrap() == to_a, "B -> A arrived whole");
-    assert!(src_tunnel.wait(Duration::from_secs(10)));
+    let Carried::Tunnel(t) = &src_tunnel.carried else {
+        panic!("not tunnelled")
+    };
+    assert!(t.wait(Duration::from_secs(10)));
     assert!(dst_tunnel.wait(Duration::from_secs(10)));
     assert_eq!(src_tunnel.bytes(), (9 << 20) as u64);
     assert!(std::fs::read(&record).unwrap() == to_b, "the recording");
