@@ -9,12 +9,13 @@ kernel, initramfs and memory file (the same files in ferry's section cache,
 mapped the same way), the device state, the disk (a fresh qcow2 overlay on
 the same backing file), the tap in a network namespace with the addresses
 and MAC ferry gives it, and a userspace TCP proxy from a host port into that
-namespace, as ferry's `--expose` is. What ferry adds and this does not: its
+namespace, as ferry's `--expose` is (its bytes relayed in native code, a
+thread per direction, as ferry's are: bench/relay.c). What ferry adds and this does not: its
 own start-up, the VM directory and record, namespace and firewall set-up
 during the run (done here before the clock starts), the agent's resume
 handshake, the package verification beside the run.
 
-Usage (as root):
+Usage (as root; from the repository's root):
   rawvm.py capture PID OUTDIR          save the QEMU of ferry's VM: argv,
                                        device state (none for a VM that
                                        booted), disk backing
@@ -34,6 +35,9 @@ Usage (as root):
       FERRY_RAWVM_STATE_FILE=PATH (and FERRY_RAWVM_STATE_MODE=MODE) the
       restore loads such a file instead of the captured device state
       (bench/state-file).
+  rawvm.py build-relay
+      builds bench/relay.c into target/bench-relay/relay.so (restore and
+      live do it themselves when a C compiler is there) and prints its path
   rawvm.py live CAPDIR WORKDIR GUESTPORT PORT,PORT,... MIGPORT
       a raw live migration chain: restores the captured guest as `restore`
       does behind a proxy on the first PORT (prints "ready", waits for a
@@ -166,20 +170,55 @@ def setns(fd):
         die(f"setns: {os.strerror(ctypes.get_errno())}")
 
 
-def pump(a, b):
-    try:
-        while True:
-            d = a.recv(65536)
-            if not d:
-                break
-            b.sendall(d)
-    except OSError:
-        pass
-    for s in (b,):
-        try:
-            s.shutdown(socket.SHUT_WR)
-        except OSError:
-            pass
+# The relay's source, and where it is built (from the repository's root,
+# where the benches run).
+RELAY_SRC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "relay.c")
+RELAY_LIB = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                         "target", "bench-relay", "relay.so")
+
+
+def build_relay():
+    """Builds bench/relay.c into RELAY_LIB unless it is there and newer;
+    returns its path. bench/lab builds it on the host (the lab has no
+    compiler) and brings it along."""
+    if os.path.exists(RELAY_LIB) and (not os.path.exists(RELAY_SRC)
+                                      or os.path.getmtime(RELAY_LIB) >= os.path.getmtime(RELAY_SRC)):
+        return RELAY_LIB
+    if not shutil.which("cc"):
+        die(f"{RELAY_LIB} is missing and there is no C compiler to build it from {RELAY_SRC}: "
+            "apt-get install -y gcc (or build it where there is one: python3 bench/rawvm.py build-relay)")
+    os.makedirs(os.path.dirname(RELAY_LIB), exist_ok=True)
+    tmp = RELAY_LIB + ".tmp"
+    r = subprocess.run(["cc", "-O2", "-shared", "-fPIC", "-pthread", "-o", tmp, RELAY_SRC],
+                       capture_output=True, text=True)
+    if r.returncode != 0:
+        die(f"building {RELAY_SRC} failed: {r.stderr.strip()}")
+    os.replace(tmp, RELAY_LIB)
+    return RELAY_LIB
+
+
+_relay = None
+
+
+def load_relay():
+    """Builds (if need be) and loads the relay: before any clock starts."""
+    global _relay
+    if _relay is None:
+        lib = ctypes.CDLL(build_relay())
+        lib.relay.argtypes = [ctypes.c_int, ctypes.c_int]
+        lib.relay.restype = ctypes.c_int
+        _relay = lib.relay
+
+
+def relay(a, b):
+    """Relays both ways between sockets a and b until both directions end
+    (bench/relay.c: native code, as ferry's proxy is; ctypes lets go of
+    the interpreter's lock for the call)."""
+    load_relay()
+    a.setblocking(True)
+    b.setblocking(True)
+    if _relay(a.fileno(), b.fileno()) != 0:
+        die("the relay could not start a thread")
 
 
 def serve(client, nsfd, guest_port):
@@ -201,16 +240,13 @@ def serve(client, nsfd, guest_port):
     if up is None:
         client.close()
         return
-    up.settimeout(None)
-    t = threading.Thread(target=pump, args=(up, client), daemon=True)
-    t.start()
-    pump(client, up)
-    t.join()
+    relay(client, up)
     client.close()
     up.close()
 
 
 def restore(cap, work, port, guest_port):
+    load_relay()
     with open(os.path.join(cap, "capture.json")) as f:
         c = json.load(f)
     ns = f"ferry-rawvm-{os.getpid()}"
@@ -522,6 +558,7 @@ def wait_status(q, what, done, timeout=600, on_change=None, each=None):
 
 
 def live(cap, work, guest_port, ports, mig_port):
+    load_relay()
     with open(os.path.join(cap, "capture.json")) as f:
         c = json.load(f)
     os.makedirs(work, exist_ok=True)
@@ -707,12 +744,14 @@ def main():
         capture(int(sys.argv[2]), sys.argv[3])
     elif len(sys.argv) == 6 and sys.argv[1] == "restore":
         restore(sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5]))
+    elif len(sys.argv) == 2 and sys.argv[1] == "build-relay":
+        print(build_relay())
     elif len(sys.argv) == 7 and sys.argv[1] == "live":
         live(sys.argv[2], sys.argv[3], int(sys.argv[4]), [int(p) for p in sys.argv[5].split(",")],
              int(sys.argv[6]))
     else:
         die("usage: rawvm.py capture PID OUTDIR | restore CAPDIR WORKDIR PORT GUESTPORT"
-            " | live CAPDIR WORKDIR GUESTPORT PORT,PORT,... MIGPORT")
+            " | live CAPDIR WORKDIR GUESTPORT PORT,PORT,... MIGPORT | build-relay")
 
 
 if __name__ == "__main__":
