@@ -55,7 +55,64 @@ struct Watch {
     console_closed: Condvar,
     /// The process's cgroup, removed by the waiter once QEMU is gone.
     cgroup: Mutex<Option<Arc<VmCgroup>>>,
+    /// How many events that may end a wait for a migration or a block job
+    /// QEMU has sent ([`WAKING_EVENTS`]), and QEMU's exit: the waits query
+    /// QEMU when this moves (or after [`QUERY_FALLBACK`]), not every
+    /// millisecond.
+    wakes: Mutex<u64>,
+    woken: Condvar,
 }
+
+impl Watch {
+    /// Counts a wake and wakes the waits.
+    fn wake(&self) {
+        *self.wakes.lock().expect("watch") += 1;
+        self.woken.notify_all();
+    }
+
+    /// The wakes so far: read before a query, handed to [`Watch::wait_wake`]
+    /// after it, so that an event between the two is not missed.
+    fn wakes(&self) -> u64 {
+        *self.wakes.lock().expect("watch")
+    }
+
+    /// Waits until the wakes move past `seen`, at most `max`; returns the
+    /// wakes then.
+    fn wait_wake(&self, seen: u64, max: Duration) -> u64 {
+        let guard = self.wakes.lock().expect("watch");
+        let (guard, _) = self
+            .woken
+            .wait_timeout_while(guard, max, |n| *n == seen)
+            .expect("watch");
+        *guard
+    }
+}
+
+/// The QMP events after which a migration's or a block job's state may
+/// have changed. With the `events` capability on, QEMU sends `MIGRATION`
+/// at every change of a migration's status and `MIGRATION_PASS` at every
+/// pass; a job's every change of status is a `JOB_STATUS_CHANGE`.
+///
+/// Why not poll: ferry asked `query-migrate` every 2 ms for a whole copy,
+/// and `query-block-jobs` every millisecond while the disk was copied:
+/// thousands of QMP round trips a move, each served by QEMU's main loop
+/// and parsed by ferry. On this host that is little; in the KVM lab,
+/// where every instruction of ferry and QEMU is emulated, it was CPU taken
+/// from the guest whose clients the move is meant to spare.
+const WAKING_EVENTS: &[&str] = &[
+    "MIGRATION",
+    "MIGRATION_PASS",
+    "JOB_STATUS_CHANGE",
+    "BLOCK_JOB_READY",
+    "BLOCK_JOB_COMPLETED",
+    "BLOCK_JOB_CANCELLED",
+    "BLOCK_JOB_ERROR",
+];
+
+/// The longest a wait for a migration or a block job goes without asking
+/// QEMU, events or not: a safety net, and the step of a wait's own timers
+/// (the downtime limit's relaxation, its time limit).
+const QUERY_FALLBACK: Duration = Duration::from_millis(100);
 
 /// A running QEMU process.
 pub struct QemuVm {
@@ -841,6 +898,7 @@ impl QemuVm {
         done: impl Fn(Option<&Value>) -> bool,
     ) -> Result<(), EngineError> {
         let started = Instant::now();
+        let mut seen = self.watch.wakes();
         loop {
             let job = self.mirror_job()?;
             if done(job.as_ref()) {
@@ -868,9 +926,10 @@ impl QemuVm {
             if started.elapsed() > timeout {
                 return Err(EngineError::Timeout(what.into()));
             }
-            // 1 ms: finishing the copy is on a move's critical path (the
-            // guest is paused), and a query is cheap.
-            std::thread::sleep(Duration::from_millis(1));
+            // Until the job's status changes: finishing the copy is on a
+            // move's critical path (the guest is paused), and the event
+            // comes at once.
+            seen = self.watch.wait_wake(seen, QUERY_FALLBACK);
         }
     }
 
@@ -891,10 +950,14 @@ impl QemuVm {
         self.wait_migration("restore", Duration::from_secs(120))
     }
 
+    /// Sets `x-ignore-shared` for the migration about to start, and the
+    /// `events` its wait is woken by (see [`WAKING_EVENTS`]): every
+    /// migration ferry starts, in or out, sets this first.
     fn set_ignore_shared(&self, on: bool) -> Result<(), EngineError> {
         self.cmd(
             "migrate-set-capabilities",
-            json!({ "capabilities": [{ "capability": "x-ignore-shared", "state": on }] }),
+            json!({ "capabilities": [{ "capability": "x-ignore-shared", "state": on },
+                                     { "capability": "events", "state": true }] }),
         )
         .map(|_| ())
     }
@@ -914,10 +977,20 @@ impl QemuVm {
         each: &mut dyn FnMut(&Value) -> Result<(), EngineError>,
     ) -> Result<Value, EngineError> {
         let started = Instant::now();
+        let mut seen = self.watch.wakes();
+        let mut queries = 0u32;
         loop {
             let info = self.cmd("query-migrate", json!({}))?;
+            queries += 1;
             match info["status"].as_str().unwrap_or("") {
-                "completed" => return Ok(info),
+                "completed" => {
+                    tracing::debug!(
+                        queries,
+                        ms = started.elapsed().as_millis() as u64,
+                        "{what}: done"
+                    );
+                    return Ok(info);
+                }
                 "failed" | "cancelled" => {
                     return Err(EngineError::Command {
                         command: what.into(),
@@ -936,7 +1009,7 @@ impl QemuVm {
                 return Err(EngineError::Timeout(what.into()));
             }
             each(&info)?;
-            std::thread::sleep(Duration::from_millis(2));
+            seen = self.watch.wait_wake(seen, QUERY_FALLBACK);
         }
     }
 
@@ -1807,6 +1880,9 @@ fn disk_format(path: &Path) -> &'static str {
 
 fn on_event(watch: &Watch, ev: QmpEvent) {
     tracing::debug!(event = ev.name, data = %ev.data, "QMP event");
+    if WAKING_EVENTS.contains(&ev.name.as_str()) {
+        watch.wake();
+    }
     if ev.name == "SHUTDOWN" {
         let reason = ev.data["reason"].as_str().unwrap_or("").to_string();
         *watch.shutdown_reason.lock().expect("watch") = Some(reason);
@@ -1927,6 +2003,7 @@ fn spawn_waiter(mut child: Child, watch: Arc<Watch>, tx: Sender<VmEvent>) {
             };
             *watch.exit.lock().expect("watch") = Some(reason.clone());
             watch.exited.notify_all();
+            watch.wake();
             let _ = tx.send(VmEvent::Exited(reason));
         })
         .expect("spawn thread");
@@ -2054,6 +2131,55 @@ fn listen_at(path: &Path) -> Result<std::os::unix::net::UnixListener, EngineErro
 
 fn io(context: String, source: std::io::Error) -> EngineError {
     EngineError::Io { context, source }
+}
+
+#[cfg(test)]
+mod wake_tests {
+    use super::*;
+
+    fn event(name: &str) -> QmpEvent {
+        QmpEvent {
+            name: name.into(),
+            data: json!({}),
+        }
+    }
+
+    /// A wait for a migration or a block job ends at the event that may
+    /// end it, even one that came between the query and the wait; other
+    /// events do not end it, and it asks again after QUERY_FALLBACK
+    /// without one.
+    #[test]
+    fn a_wait_for_qemu_ends_at_its_event_not_at_a_poll() {
+        let watch = Arc::new(Watch::default());
+        let seen = watch.wakes();
+        on_event(&watch, event("MIGRATION"));
+        let t = Instant::now();
+        assert_eq!(watch.wait_wake(seen, Duration::from_secs(10)), seen + 1);
+        assert!(t.elapsed() < Duration::from_secs(1), "{:?}", t.elapsed());
+
+        let seen = watch.wakes();
+        on_event(&watch, event("RTC_CHANGE"));
+        let t = Instant::now();
+        assert_eq!(watch.wait_wake(seen, QUERY_FALLBACK), seen);
+        assert!(t.elapsed() >= QUERY_FALLBACK, "{:?}", t.elapsed());
+
+        for name in ["MIGRATION_PASS", "JOB_STATUS_CHANGE"] {
+            let seen = watch.wakes();
+            let w = watch.clone();
+            let later = std::thread::spawn(move || {
+                std::thread::sleep(Duration::from_millis(50));
+                on_event(&w, event(name));
+            });
+            let t = Instant::now();
+            assert_eq!(watch.wait_wake(seen, Duration::from_secs(10)), seen + 1);
+            assert!(
+                t.elapsed() < Duration::from_secs(5),
+                "{name}: {:?}",
+                t.elapsed()
+            );
+            later.join().unwrap();
+        }
+    }
 }
 
 #[cfg(test)]
