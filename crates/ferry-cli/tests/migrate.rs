@@ -865,3 +865,62 @@ fn a_damaged_chunk_from_the_registry_is_named() {
     assert!(!ea.vm_dir("bad").exists());
     assert_eq!(qemu_in(a, "bad"), 0);
 }
+
+/// A peer resumed from a registry says when the rest of its disk has
+/// arrived (`lazy-disk-complete`): from then on the registry may go. The
+/// registry is stopped after that line, and the VM still reads every
+/// block of its disk.
+#[test]
+fn a_peer_says_when_its_whole_disk_is_here() {
+    let _lock = vm_lock();
+    let pkg = recipe_package(&env(), "tiny");
+    let hosts = TestHosts::create(&["r", "a"]);
+    let (r, a) = (&hosts["r"], &hosts["a"]);
+    let bin = env!("CARGO_BIN_EXE_ferry");
+    let (er, ea) = (r.ferry_env(bin), a.ferry_env(bin));
+    let mut registry = registry(r, &er, &pkg, REGISTRY_PORT, Some(TOKEN));
+    let url = format!("http://{}:{REGISTRY_PORT}/", r.addr());
+    let (mut peer, lines) = start(
+        a,
+        &ea,
+        &[
+            "peer",
+            "--insecure",
+            "--from",
+            &url,
+            "--token",
+            TOKEN,
+            "--name",
+            "whole",
+        ],
+        "disk: all of its ",
+    );
+    let whole = lines
+        .iter()
+        .position(|l| l.starts_with("disk: all of its "))
+        .unwrap();
+    assert!(
+        lines[whole].contains("64 MiB is here")
+            && lines[whole].contains("no longer needs the registry"),
+        "{lines:?}"
+    );
+    let live = lines
+        .iter()
+        .position(|l| l.starts_with("live in "))
+        .unwrap();
+    assert!(live < whole, "{lines:?}");
+
+    stop(&mut registry);
+    // Every block of the disk, read through the guest with the registry gone.
+    let out = a
+        .ferry(&ea)
+        .args(["exec", "whole", "--", "sh", "-c", "cat /dev/vda | wc -c"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", describe(&out));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        (64u64 << 20).to_string()
+    );
+    stop(&mut peer);
+}

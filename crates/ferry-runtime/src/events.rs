@@ -95,6 +95,17 @@ pub enum Event {
         /// The disk's size.
         size_bytes: u64,
     },
+    /// The whole of a lazily fetched disk is here: the VM no longer reads
+    /// from the registry (it may go away), and a move sends the disk from
+    /// this host's file.
+    LazyDiskComplete {
+        /// Bytes fetched, in all.
+        fetched_bytes: u64,
+        /// The disk's size.
+        size_bytes: u64,
+        /// Milliseconds since the VM was live (its `lazy-disk` event).
+        ms: u64,
+    },
     /// The sections fetched from a registry (those in the cache were not).
     Fetched {
         /// Where from.

@@ -187,6 +187,11 @@ pub fn own_and_tell(
         }
         None => None,
     };
+    let disk_watch = owned
+        .held
+        .lazy
+        .as_ref()
+        .map(|lazy| watch_lazy_disk(lazy.disk.clone(), inbox.clone()));
     let watcher = opts.fleet.clone().map(|fleet| {
         FleetWatcher::start(
             paths.clone(),
@@ -317,6 +322,15 @@ pub fn own_and_tell(
                     }
                 }
                 Job::Fleet(_) => {}
+                Job::DiskComplete {
+                    fetched_bytes,
+                    size_bytes,
+                    ms,
+                } => events.emit(Event::LazyDiskComplete {
+                    fetched_bytes,
+                    size_bytes,
+                    ms,
+                }),
                 Job::Stop { action, reply } if done.is_none() => {
                     match stop(engine, &mut owned, action, &save_to, in_doubt, events) {
                         Ok(outcome) => done = Some((outcome, reply)),
@@ -349,6 +363,9 @@ pub fn own_and_tell(
     };
     if let Some(w) = watcher {
         w.stop.store(true, Ordering::SeqCst);
+    }
+    if let Some(stop) = disk_watch {
+        stop.store(true, Ordering::SeqCst);
     }
     let (outcome, reply) = match result {
         Ok((Outcome::Moved { to, stats }, _)) => {
@@ -753,14 +770,46 @@ fn offer_of(owned: &OwnedVm, cache: &Path) -> Result<crate::start::incoming::VmO
     })
 }
 
-/// Work for the owner's loop, from control connections and the fleet
-/// watcher.
+/// Tells the owner's loop when every chunk of the lazy disk is here
+/// ([`Job::DiskComplete`]); setting the flag it returns ends the watch.
+fn watch_lazy_disk(disk: Arc<ferry_lazydisk::LazyDisk>, inbox: Arc<Inbox>) -> Arc<AtomicBool> {
+    let stop = Arc::new(AtomicBool::new(false));
+    let flag = stop.clone();
+    let since = Instant::now();
+    let spawned = std::thread::Builder::new()
+        .name("lazy-disk-watch".into())
+        .spawn(move || {
+            while !flag.load(Ordering::SeqCst) {
+                if disk.wait_complete(Duration::from_secs(1)) {
+                    inbox.push(Job::DiskComplete {
+                        fetched_bytes: disk.status().bytes_fetched,
+                        size_bytes: disk.size(),
+                        ms: since.elapsed().as_millis() as u64,
+                    });
+                    return;
+                }
+            }
+        });
+    if let Err(e) = spawned {
+        tracing::warn!("cannot watch the lazy disk's fetching: {e}");
+    }
+    stop
+}
+
+/// Work for the owner's loop, from control connections, the fleet
+/// watcher and the lazy disk's watch.
 enum Job {
     Stop {
         action: CancelAction,
         reply: Option<Sender<ControlReply>>,
     },
     Fleet(Vec<FleetMember>),
+    /// Every chunk of the lazy disk is here.
+    DiskComplete {
+        fetched_bytes: u64,
+        size_bytes: u64,
+        ms: u64,
+    },
 }
 
 struct Inbox {

@@ -132,6 +132,17 @@ fn human(event: &Event) -> Option<Line> {
             size_bytes >> 20,
             fetched_bytes * 100 / (*size_bytes).max(1)
         )),
+        Event::LazyDiskComplete {
+            fetched_bytes,
+            size_bytes,
+            ms,
+        } => Out(format!(
+            "disk: all of its {} MiB is here ({} MiB fetched, the last {:.1} s after live); \
+             the VM no longer needs the registry",
+            size_bytes >> 20,
+            fetched_bytes >> 20,
+            *ms as f64 / 1000.0
+        )),
         Event::Fetched { from, bytes } => Err(format!(
             "==> fetched {} MiB from {from} (sections already in the cache are not fetched again)",
             bytes >> 20

@@ -29,7 +29,7 @@ const LAZY_DISK_SOCKET: &str = "disk-lazy.sock";
 
 /// Where a VM's lazy disk is served from: kept until after the VM.
 pub struct LazyServed {
-    disk: Arc<LazyDisk>,
+    pub(crate) disk: Arc<LazyDisk>,
     _server: NbdServer,
 }
 
