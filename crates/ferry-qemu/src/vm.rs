@@ -1013,6 +1013,24 @@ impl QemuVm {
         }
     }
 
+    /// `info`, the answer that said `completed`, or a later one that has
+    /// the copy's figures. QEMU 7.2 says `completed` before it has reckoned
+    /// the copy's total time and downtime (`migration_calculate_complete`
+    /// comes after the change of status): asked at once, as the event has
+    /// it asked, it answered 0 for both (KVM lab). Asked again until the
+    /// total time is there, a few milliseconds at most.
+    fn completed_figures(&self, info: Value) -> Result<Value, EngineError> {
+        let mut info = info;
+        let started = Instant::now();
+        while info["total-time"].as_u64().unwrap_or(0) == 0
+            && started.elapsed() < Duration::from_millis(500)
+        {
+            std::thread::sleep(Duration::from_millis(1));
+            info = self.cmd("query-migrate", json!({}))?;
+        }
+        Ok(info)
+    }
+
     /// Hands `fd` to QEMU as `name` and returns the migration URI naming
     /// it: QEMU reads and writes state through what ferry opened, so its
     /// sandbox may deny it `exec:` (spawning a shell) and its user need not
@@ -1249,6 +1267,7 @@ impl Vm for QemuVm {
             }
             Ok(())
         })?;
+        let info = self.completed_figures(info)?;
         let total_ms = info["total-time"].as_u64().unwrap_or(0);
         let downtime_limit_ms = if relaxed { asked } else { first };
         Ok(LiveStats {
