@@ -1311,6 +1311,14 @@ fn tunnelled(
 /// What `tcp` has carried, both ways (`TCP_INFO`'s bytes acknowledged and
 /// received); `None` where the kernel does not say (before Linux 4.1).
 fn tcp_bytes(tcp: &TcpStream) -> Option<u64> {
+    let (info, len) = tcp_info(tcp)?;
+    let end = std::mem::offset_of!(libc::tcp_info, tcpi_bytes_received) + 8;
+    (len >= end).then(|| info.tcpi_bytes_acked + info.tcpi_bytes_received)
+}
+
+/// `TCP_INFO` of `tcp`, and how many of its bytes the kernel filled (an
+/// older kernel fills fewer fields).
+fn tcp_info(tcp: &TcpStream) -> Option<(libc::tcp_info, usize)> {
     use std::os::fd::AsRawFd;
     // SAFETY: tcp_info is plain integers; all zero is a valid value.
     let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
@@ -1326,8 +1334,7 @@ fn tcp_bytes(tcp: &TcpStream) -> Option<u64> {
             &mut len,
         )
     };
-    let end = std::mem::offset_of!(libc::tcp_info, tcpi_bytes_received) + 8;
-    (rc == 0 && len as usize >= end).then(|| info.tcpi_bytes_acked + info.tcpi_bytes_received)
+    (rc == 0).then_some((info, len as usize))
 }
 
 impl Tunnel {
@@ -1469,24 +1476,9 @@ const LINK_BYTES_PER_US: u64 = 1250;
 /// trip's worth at 10 Gbit/s still lets a long link run at that rate.
 /// The round trip is the kernel's estimate after the channel's hello.
 fn bound_receive_queue(tcp: &TcpStream) {
-    use std::os::fd::AsRawFd;
-    // SAFETY: tcp_info is plain integers; all zero is a valid value.
-    let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
-    let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
-    // SAFETY: getsockopt on a socket this function borrows, into a
-    // tcp_info of the size given (the kernel writes at most `len` bytes).
-    let rc = unsafe {
-        libc::getsockopt(
-            tcp.as_raw_fd(),
-            libc::IPPROTO_TCP,
-            libc::TCP_INFO,
-            std::ptr::from_mut(&mut info).cast(),
-            &mut len,
-        )
-    };
-    if rc != 0 {
+    let Some((info, _)) = tcp_info(tcp) else {
         return;
-    }
+    };
     let window =
         (u64::from(info.tcpi_rtt) * LINK_BYTES_PER_US).max(u64::from(TUNNEL_RECEIVE_WINDOW_MIN));
     if window >= TUNNEL_RECEIVE_WINDOW_MAX {
