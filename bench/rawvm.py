@@ -62,6 +62,11 @@ Usage (as root; from the repository's root):
       and continues (cont). stdin closing or SIGTERM ends everything.
       Under TCG both QEMUs run without transparent huge pages, as ferry's
       engine runs them (FERRY_QEMU_THP=1: with, for both).
+      Every wait for QEMU (a restore, the mirror, a copy) asks it after
+      each of its events (the migration's `events` capability is on, as
+      ferry's engine sets it) and at least every 100 ms, as ferry's
+      engine does, instead of asking every millisecond. The proxy's
+      sockets have TCP_NODELAY, as ferry's.
       With FERRY_RAWVM_POSTCOPY=1 (or =preempt) both QEMUs get the
       postcopy-ram capability (and postcopy-preempt) and the source asks
       for postcopy (migrate-start-postcopy) once its first pass is over;
@@ -73,6 +78,7 @@ Usage (as root; from the repository's root):
 import ctypes
 import fcntl
 import re
+import select
 import struct
 import json
 import os
@@ -88,6 +94,7 @@ CLONE_NEWNET = 0x40000000
 TAP_MAC = "52:54:00:fe:44:00"  # ferry_net::TAP_MAC
 GATEWAY = "172.100.100.1/30"  # ferry_net::GATEWAY_ADDR / GUEST_PREFIX
 GUEST = "172.100.100.2"  # ferry_net::GUEST_ADDR
+QUERY_FALLBACK = 0.1  # s between asks with no event: ferry_qemu's QUERY_FALLBACK
 
 
 def die(msg):
@@ -139,6 +146,13 @@ def capture(pid, out):
 
 
 class Qmp:
+    """A QMP connection that counts QEMU's events, so that a wait can
+    sleep until the next one (`wait_event`) instead of asking QEMU every
+    millisecond: ferry's engine waits that way (ferry-qemu, "Waiting for
+    QEMU" in docs/engine.md), and in the KVM lab, whose one CPU is
+    emulated, this driver's polls took the CPU its guest and client
+    needed."""
+
     def __init__(self, path, deadline):
         while True:
             try:
@@ -149,19 +163,48 @@ class Qmp:
                 if time.monotonic() > deadline:
                     die(f"QMP socket {path} did not open")
                 time.sleep(0.002)
-        self.f = self.s.makefile("rw")
-        self.f.readline()
+        self.buf = b""
+        self.events = 0
+        self.line()
         self.cmd("qmp_capabilities")
 
+    def line(self, timeout=None):
+        """The next message from QEMU; None if `timeout` (s) passes first."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while b"\n" not in self.buf:
+            if deadline is not None:
+                ready, _, _ = select.select([self.s], [], [], max(0.0, deadline - time.monotonic()))
+                if not ready:
+                    return None
+            chunk = self.s.recv(65536)
+            if not chunk:
+                die("QEMU closed its QMP connection (see qemu.err)")
+            self.buf += chunk
+        line, _, self.buf = self.buf.partition(b"\n")
+        return json.loads(line)
+
     def cmd(self, name, /, **args):
-        self.f.write(json.dumps({"execute": name, "arguments": args}) + "\n")
-        self.f.flush()
+        self.s.sendall((json.dumps({"execute": name, "arguments": args}) + "\n").encode())
         while True:
-            r = json.loads(self.f.readline())
-            if "error" in r:
+            r = self.line()
+            if "event" in r:
+                self.events += 1
+            elif "error" in r:
                 die(f"QMP {name}: {r['error'].get('desc')}")
-            if "return" in r:
+            elif "return" in r:
                 return r["return"]
+
+    def wait_event(self, timeout=QUERY_FALLBACK):
+        """Returns once QEMU has sent an event since the last call (at
+        once if one came during a command), or after `timeout` s."""
+        deadline = time.monotonic() + timeout
+        while not self.events:
+            r = self.line(max(0.0, deadline - time.monotonic()))
+            if r is None:
+                return
+            if "event" in r:
+                self.events += 1
+        self.events = 0
 
 
 def setns(fd):
@@ -240,6 +283,13 @@ def serve(client, nsfd, guest_port):
     if up is None:
         client.close()
         return
+    # No Nagle on either side, as ferry's proxy (ferry_net::expose): a
+    # request-response client otherwise waits for the peer's delayed ACK
+    # (up to 40 ms) whenever a command is split over two writes, and the
+    # raw engine's clients (and its write load) ran at a fraction of
+    # ferry's rate in the KVM lab.
+    for s in (client, up):
+        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     relay(client, up)
     client.close()
     up.close()
@@ -322,7 +372,8 @@ def restore(cap, work, port, guest_port):
             q.cmd("migrate-incoming", uri=f"file:{state_file}")
         else:
             q.cmd("migrate-set-capabilities",
-                  capabilities=[{"capability": "x-ignore-shared", "state": True}])
+                  capabilities=[{"capability": "x-ignore-shared", "state": True},
+                                {"capability": "events", "state": True}])
             q.cmd("migrate-incoming", uri=f"exec:cat {os.path.join(work, 'device-state')}")
         while True:
             st = q.cmd("query-migrate").get("status")
@@ -330,7 +381,7 @@ def restore(cap, work, port, guest_port):
                 break
             if st == "failed":
                 die("the restore failed (see qemu.err)")
-            time.sleep(0.002)
+            q.wait_event()
         q.cmd("cont")
         print(f"running {int((time.monotonic() - t0) * 1000)}", flush=True)
         signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
@@ -536,8 +587,8 @@ def no_huge_pages():
 
 
 def wait_status(q, what, done, timeout=600, on_change=None, each=None):
-    """Polls query-migrate every millisecond until `done(status)`; `each`
-    sees every poll's whole answer first."""
+    """Asks query-migrate after each of QEMU's events (and at least every
+    QUERY_FALLBACK s) until `done(status)`; `each` sees every answer first."""
     deadline = time.monotonic() + timeout
     last = None
     while True:
@@ -554,7 +605,7 @@ def wait_status(q, what, done, timeout=600, on_change=None, each=None):
             die(f"{what}: migration {st}: {info.get('error-desc', '')}")
         if time.monotonic() > deadline:
             die(f"{what}: still '{st}' after {timeout} s")
-        time.sleep(0.001)
+        q.wait_event()
 
 
 def live(cap, work, guest_port, ports, mig_port):
@@ -614,7 +665,8 @@ def live(cap, work, guest_port, ports, mig_port):
         t0 = time.monotonic()
         src.start(argv_for(src, True))
         src.qmp.cmd("migrate-set-capabilities",
-                    capabilities=[{"capability": "x-ignore-shared", "state": True}])
+                    capabilities=[{"capability": "x-ignore-shared", "state": True},
+                                  {"capability": "events", "state": True}])
         src.qmp.cmd("migrate-incoming", uri=f"exec:cat {os.path.join(src.dir, 'device-state')}")
         wait_status(src.qmp, "restoring", lambda s: s == "completed", 120)
         src.qmp.cmd("cont")
@@ -639,8 +691,7 @@ def live(cap, work, guest_port, ports, mig_port):
             dst.qmp.cmd("nbd-server-start", addr={"type": "unix", "data": {"path": nbd}})
             dst.qmp.cmd("block-export-add", type="nbd", id="rawvm-incoming-disk", **{"node-name": node},
                         name="disk0", writable=True)
-            if caps:
-                dst.qmp.cmd("migrate-set-capabilities", capabilities=caps)
+            dst.qmp.cmd("migrate-set-capabilities", capabilities=caps + [{"capability": "events", "state": True}])
             dst.qmp.cmd("migrate-incoming", uri=f"tcp:127.0.0.1:{mig_port}")
             m["copy"] = now_ms()
             q = src.qmp
@@ -659,7 +710,7 @@ def live(cap, work, guest_port, ports, mig_port):
                     break
                 if time.monotonic() > deadline:
                     die("the disk copy did not get ready in 600 s")
-                time.sleep(0.005)
+                q.wait_event()
             m["mirrored"] = now_ms()
             q.cmd("migrate-set-parameters", **{"downtime-limit": MIGRATE_DOWNTIME_MS,
                                                "max-bandwidth": MIGRATE_BANDWIDTH})
@@ -688,16 +739,24 @@ def live(cap, work, guest_port, ports, mig_port):
                 # The disk's last writes go before the destination runs:
                 # wait for the source's guest to stop.
                 while q.cmd("query-status").get("status") == "running":
-                    time.sleep(0.001)
+                    q.wait_event()
             else:
                 info = wait_status(q, "sending", lambda s: s == "completed", on_change=seen)
             m.setdefault("switch", now_ms())
+            # QEMU 7.2 says `completed` a moment before it has reckoned the
+            # copy's total time and downtime (ferry's engine asks again the
+            # same way): woken by the event, the first answer has 0.
+            figures_by = time.monotonic() + 0.5
+            while info.get("status") == "completed" and not info.get("total-time") \
+                    and time.monotonic() < figures_by:
+                time.sleep(0.001)
+                info = q.cmd("query-migrate")
             q.cmd("block-job-cancel", device="rawvm-mirror")
             while True:
                 job = next((j for j in q.cmd("query-block-jobs") if j["device"] == "rawvm-mirror"), None)
                 if job is None or job.get("status") == "concluded":
                     break
-                time.sleep(0.001)
+                q.wait_event()
             if job is not None:
                 q.cmd("job-dismiss", id="rawvm-mirror")
             # The source lets go of the destination's export.
@@ -711,7 +770,7 @@ def live(cap, work, guest_port, ports, mig_port):
                 while dst.qmp.cmd("query-status").get("status") == "inmigrate":
                     if time.monotonic() > deadline:
                         die("receiving: the destination did not take the devices in 120 s")
-                    time.sleep(0.001)
+                    dst.qmp.wait_event()
             else:
                 wait_status(dst.qmp, "receiving", lambda s: s == "completed", 120)
             dst.qmp.cmd("block-export-del", id="rawvm-incoming-disk")
