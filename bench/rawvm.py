@@ -417,6 +417,8 @@ def set_state_mode(q, mode):
         {"capability": "x-ignore-shared", "state": False},
         {"capability": "mapped-ram", "state": mode != "plain"},
         {"capability": "multifd", "state": mode == "multifd"},
+        # The saves' and loads' waits are woken by QEMU's events.
+        {"capability": "events", "state": True},
     ])
     if mode == "multifd":
         q.cmd("migrate-set-parameters", **{"multifd-channels": 2})
