@@ -284,10 +284,10 @@ def serve(client, nsfd, guest_port):
         client.close()
         return
     # No Nagle on either side, as ferry's proxy (ferry_net::expose): a
-    # request-response client otherwise waits for the peer's delayed ACK
-    # (up to 40 ms) whenever a command is split over two writes, and the
-    # raw engine's clients (and its write load) ran at a fraction of
-    # ferry's rate in the KVM lab.
+    # request-response client could otherwise wait for the peer's delayed
+    # ACK (up to 40 ms) whenever a command is split over two writes. (It
+    # was not why the raw engine's writer acknowledges fewer writes per
+    # move in the KVM lab: bench/README.md, 2026-12-06 14:55-17:05.)
     for s in (client, up):
         s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     relay(client, up)
