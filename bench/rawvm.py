@@ -375,13 +375,7 @@ def restore(cap, work, port, guest_port):
                   capabilities=[{"capability": "x-ignore-shared", "state": True},
                                 {"capability": "events", "state": True}])
             q.cmd("migrate-incoming", uri=f"exec:cat {os.path.join(work, 'device-state')}")
-        while True:
-            st = q.cmd("query-migrate").get("status")
-            if st == "completed":
-                break
-            if st == "failed":
-                die("the restore failed (see qemu.err)")
-            q.wait_event()
+        wait_status(q, "restoring", lambda s: s == "completed", 120)
         q.cmd("cont")
         print(f"running {int((time.monotonic() - t0) * 1000)}", flush=True)
         signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
