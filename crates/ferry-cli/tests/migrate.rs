@@ -743,29 +743,40 @@ fn a_detached_peer_is_managed_like_a_detached_vm() {
     assert!(eb.state.path().join("logs/peer-kv.log").exists());
 
     // A guest that rewrites 2 MiB of a tmpfs file over and over (not with
-    // zeros, which QEMU sends as markers) for 15 s: more than a 50 ms last
-    // pass moves at 16 MiB/s. The copy iterates past its first pass
-    // without converging, gets the limit asked for after 2 s of that, and
-    // ends under it once the writing stops.
+    // zeros, which QEMU sends as markers) without end: more than a 50 ms
+    // last pass moves at 16 MiB/s, so the copy can never converge at the
+    // guest's own speed. It iterates past its first pass, gets the limit
+    // asked for after 2 s of that, and after 5 s the engine lets QEMU slow
+    // the guest's vCPUs until the copy ends (without that, this move
+    // would run until the source's 600 s timeout and fail).
     let writing = in_guest(
         b,
         eb,
         "yes abcdefgh | head -c 2097152 > /tmp/src; \
-         setsid sh -c 'end=$(( $(date +%s) + 15 )); while [ $(date +%s) -lt $end ]; do cp /tmp/src /tmp/dst; done; rm -f /tmp/dst' \
-           </dev/null >/dev/null 2>&1 & \
+         setsid sh -c 'while :; do cp /tmp/src /tmp/dst; done' \
+           </dev/null >/dev/null 2>&1 & echo $! > /tmp/writer; \
          i=0; while [ ! -s /tmp/dst ] && [ $i -lt 100 ]; do sleep 0.1; i=$((i+1)); done; \
          [ -s /tmp/dst ] && echo writing",
     );
     assert_eq!(writing, "writing");
     let save_a2 = ea.state.path().join("kv-a2.ferry");
+    let t = Instant::now();
     detached(a, ea, &format!("{}:{PEER_PORT}", b.addr()), &save_a2, &[]);
+    eprintln!("the writing guest moved in {:?}", t.elapsed());
     wait_until(Duration::from_secs(60), "B's peer to end", || {
         (running(b, eb).is_empty() && qemu_in(b, "kv") == 0).then_some(())
     });
     assert!(!save_b.exists(), "a VM that moved on is not saved on B");
     let line = moved_line(b, eb);
+    eprintln!("{line}");
     assert!(line.contains(asked), "{line}");
+    assert!(line.contains("its vCPUs were slowed by up to"), "{line}");
     assert_eq!(redis_cli(a, &["GET", "k"]), "v");
+    // The writer moved with the guest, at full speed again.
+    assert_eq!(
+        in_guest(a, ea, "kill $(cat /tmp/writer) && echo stopped"),
+        "stopped"
+    );
 
     // `stop` saves it, as Ctrl-C would.
     let out = a.ferry(ea).args(["stop", "kv"]).output().unwrap();

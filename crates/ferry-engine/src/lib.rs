@@ -424,6 +424,13 @@ pub struct LiveStats {
     /// known (an engine or a source that does not say).
     #[serde(default, skip_serializing_if = "is_zero")]
     pub downtime_limit_ms: u64,
+    /// The most the engine slowed the guest's vCPUs, in percent of their
+    /// time, so that a copy the guest's writes outran could end: a guest
+    /// that writes memory faster than the link carries it never leaves the
+    /// copy little enough for the last pass, and would fail at the timeout
+    /// instead. 0: never slowed (or an engine that does not say).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub throttle_pct: u64,
 }
 
 fn is_zero(n: &u64) -> bool {

@@ -378,6 +378,17 @@ const FIRST_DOWNTIME_MS: u64 = 15;
 /// slower host, the looser limit.
 const ITERATING_RELAX: Duration = Duration::from_secs(2);
 
+/// How long a live copy iterates past its first pass, the guest at full
+/// speed, before QEMU may slow the guest to make it converge (see
+/// `send_state`): a few passes under the limit asked for.
+const ITERATING_THROTTLE: Duration = Duration::from_secs(5);
+
+/// The share (percent) of what a period of the copy sent that the guest
+/// must have dirtied again in it, in two periods, for QEMU to slow it once
+/// armed: QEMU's own default. A guest rewriting the same memory faster
+/// than the link carries it dirties about all of it.
+const THROTTLE_TRIGGER_PCT: u64 = 50;
+
 /// Guest memory added under TCG on QEMU before 9.0, so that the RAM
 /// block's length is not a multiple of 64 pages.
 ///
@@ -1218,9 +1229,29 @@ impl Vm for QemuVm {
             true => asked,
             false => asked.min(FIRST_DOWNTIME_MS),
         };
+        // A TCG guest on QEMU before 9.0 started without the extra memory
+        // (a state made on QEMU 9.0 or later, or by an older ferry) would
+        // lose writes made during a live copy (see TCG_MEMORY_EXTRA_KIB):
+        // it is paused for the whole copy instead, slower but never wrong.
+        let paused_copy = !self.live_copy_is_exact();
+        // A guest that writes memory faster than the link carries it never
+        // leaves little enough for the last pass: the copy would iterate
+        // until the caller's timeout and fail. QEMU's auto-converge slows
+        // such a guest's vCPUs (by 20%, then 10 points more at a time, up
+        // to 99%) until the copy ends. QEMU slows it after two periods (of
+        // a second or more) in which the guest dirtied more than a share
+        // of what the period sent: at first 100%, a guest that writes more
+        // than the link carries (test: a guest rewriting a 2 MiB file
+        // without end, at 16 MiB/s, slowed by 30% within 11 s; not slowed,
+        // its copy took 181 s); once the copy has iterated for
+        // ITERATING_THROTTLE past its first pass, QEMU's own 50%. A guest
+        // that calms down by itself in that time is never slowed. A paused
+        // copy's guest writes nothing.
+        let throttle = !paused_copy;
         self.cmd(
             "migrate-set-parameters",
-            json!({ "downtime-limit": first, "max-bandwidth": limits.max_bandwidth }),
+            json!({ "downtime-limit": first, "max-bandwidth": limits.max_bandwidth,
+                    "throttle-trigger-threshold": 100 }),
         )?;
         // On QEMU before 9.0 under TCG, stop before the switchover and give
         // devices DRAIN_MS to finish what they had in flight (a virtio-net
@@ -1233,13 +1264,9 @@ impl Vm for QemuVm {
         // every move about 12 ms of the client-seen gap.
         self.cmd(
             "migrate-set-capabilities",
-            json!({ "capabilities": [{ "capability": "pause-before-switchover", "state": drain }] }),
+            json!({ "capabilities": [{ "capability": "pause-before-switchover", "state": drain },
+                                     { "capability": "auto-converge", "state": throttle }] }),
         )?;
-        // A TCG guest on QEMU before 9.0 started without the extra memory
-        // (a state made on QEMU 9.0 or later, or by an older ferry) would
-        // lose writes made during a live copy (see TCG_MEMORY_EXTRA_KIB):
-        // it is paused for the whole copy instead, slower but never wrong.
-        let paused_copy = !self.live_copy_is_exact();
         if paused_copy {
             self.cmd("stop", json!({}))?;
         }
@@ -1252,21 +1279,44 @@ impl Vm for QemuVm {
         let mut iterating_since: Option<Instant> = None;
         // Once: the status may still read `pre-switchover` right after.
         let mut continued = false;
-        let info = self.wait_migration_polling("sending the VM", limits.timeout, &mut |info| {
+        // The most QEMU slowed the guest, and its last figures (for the
+        // error if the copy does not end in time).
+        let mut throttle_pct = 0u64;
+        let mut last = Value::Null;
+        let mut throttle_armed = false;
+        let waited = self.wait_migration_polling("sending the VM", limits.timeout, &mut |info| {
+            throttle_pct = throttle_pct.max(info["cpu-throttle-percentage"].as_u64().unwrap_or(0));
+            last = info.clone();
             if drain && !continued && info["status"] == "pre-switchover" {
                 continued = true;
                 std::thread::sleep(Duration::from_millis(DRAIN_MS));
                 self.cmd("migrate-continue", json!({ "state": "pre-switchover" }))?;
             }
-            if !relaxed && info["ram"]["dirty-sync-count"].as_u64().unwrap_or(0) >= 2 {
+            if info["ram"]["dirty-sync-count"].as_u64().unwrap_or(0) >= 2 {
                 let since = *iterating_since.get_or_insert_with(Instant::now);
-                if since.elapsed() >= ITERATING_RELAX {
+                if !relaxed && since.elapsed() >= ITERATING_RELAX {
                     relaxed = true;
                     self.cmd("migrate-set-parameters", json!({ "downtime-limit": asked }))?;
                 }
+                if throttle && !throttle_armed && since.elapsed() >= ITERATING_THROTTLE {
+                    throttle_armed = true;
+                    self.cmd(
+                        "migrate-set-parameters",
+                        json!({ "throttle-trigger-threshold": THROTTLE_TRIGGER_PCT }),
+                    )?;
+                }
             }
             Ok(())
-        })?;
+        });
+        let info = match waited {
+            Err(EngineError::Timeout(what)) => {
+                return Err(EngineError::Command {
+                    command: what,
+                    detail: not_converging(&last, limits.timeout, throttle_pct),
+                })
+            }
+            other => other?,
+        };
         let info = self.completed_figures(info)?;
         let total_ms = info["total-time"].as_u64().unwrap_or(0);
         let downtime_limit_ms = if relaxed { asked } else { first };
@@ -1280,6 +1330,7 @@ impl Vm for QemuVm {
             state_bytes: info["ram"]["transferred"].as_u64().unwrap_or(0),
             wire_bytes: 0,
             downtime_limit_ms,
+            throttle_pct,
         })
     }
 
@@ -2108,6 +2159,31 @@ fn last_line(text: &str) -> String {
 }
 
 /// Why QEMU is gone, in words.
+/// Why a live copy did not end within `timeout`, from QEMU's last
+/// `query-migrate` answer: how much was left, how fast the guest wrote and
+/// the link carried, how far the guest was slowed; and what to do.
+fn not_converging(last: &Value, timeout: Duration, throttle_pct: u64) -> String {
+    let ram = &last["ram"];
+    let mib = |bytes: f64| bytes / f64::from(1u32 << 20);
+    let mut line = format!("the copy did not end within {} s", timeout.as_secs());
+    if let Some(remaining) = ram["remaining"].as_u64() {
+        line += &format!(": {:.0} MiB still to send", mib(remaining as f64));
+        let page = ram["page-size"].as_u64().unwrap_or(4096) as f64;
+        let dirty = ram["dirty-pages-rate"].as_u64().unwrap_or(0) as f64 * page;
+        // `mbps`: megabits (10^6) per second.
+        let sent = ram["mbps"].as_f64().unwrap_or(0.0) * 1e6 / 8.0;
+        line += &format!(
+            "; the guest wrote {:.1} MiB/s of memory while the link carried {:.1} MiB/s",
+            mib(dirty),
+            mib(sent)
+        );
+    }
+    if throttle_pct > 0 {
+        line += &format!(", its vCPUs slowed by up to {throttle_pct}%");
+    }
+    line + "; give the move more bandwidth (--max-bandwidth) or move the VM while it writes less"
+}
+
 fn describe(reason: &ExitReason) -> String {
     match reason {
         ExitReason::Poweroff => "QEMU exited: the guest powered off".into(),
@@ -2198,6 +2274,34 @@ mod wake_tests {
             );
             later.join().unwrap();
         }
+    }
+}
+
+#[cfg(test)]
+mod converge_tests {
+    use super::*;
+
+    /// A copy that ran out of time says what was left, both rates (from
+    /// QEMU's pages per second and megabits per second) and how far the
+    /// guest was slowed; without QEMU's figures, only the time.
+    #[test]
+    fn a_copy_out_of_time_says_what_outran_it() {
+        let last = json!({ "status": "active", "ram": {
+            "remaining": 48u64 << 20, "page-size": 4096,
+            "dirty-pages-rate": 5120, "mbps": 16.777216 } });
+        let line = not_converging(&last, Duration::from_secs(600), 99);
+        assert_eq!(
+            line,
+            "the copy did not end within 600 s: 48 MiB still to send; the guest wrote \
+             20.0 MiB/s of memory while the link carried 2.0 MiB/s, its vCPUs slowed by up \
+             to 99%; give the move more bandwidth (--max-bandwidth) or move the VM while it \
+             writes less"
+        );
+        let line = not_converging(&Value::Null, Duration::from_secs(5), 0);
+        assert!(
+            line.starts_with("the copy did not end within 5 s; give"),
+            "{line}"
+        );
     }
 }
 

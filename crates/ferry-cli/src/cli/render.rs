@@ -183,7 +183,7 @@ fn human(event: &Event) -> Option<Line> {
         Event::Serving { name, addr } => Out(format!("serving VM '{name}' to peers on {addr}")),
         Event::MigratingOut { name, to } => Out(format!("migrating VM '{name}' to {to}")),
         Event::MovedOut { name, to, stats } => Out(format!(
-            "moved VM '{name}' to {to}: {} ms in all, {} ms paused (engine's figure{}), {} MiB of memory and devices sent, {} MiB on the wire with the disk; exiting",
+            "moved VM '{name}' to {to}: {} ms in all, {} ms paused (engine's figure{}), {} MiB of memory and devices sent, {} MiB on the wire with the disk{}; exiting",
             stats.total_ms,
             stats.downtime_ms,
             match stats.downtime_limit_ms {
@@ -191,7 +191,13 @@ fn human(event: &Event) -> Option<Line> {
                 limit => format!(", its limit {limit} ms"),
             },
             stats.state_bytes >> 20,
-            stats.wire_bytes >> 20
+            stats.wire_bytes >> 20,
+            match stats.throttle_pct {
+                0 => String::new(),
+                pct => format!(
+                    "; the guest wrote faster than the link carried, so its vCPUs were slowed by up to {pct}% for the copy to end"
+                ),
+            }
         )),
         Event::MigrationFailed { name, to, message } => Err(format!(
             "ferry: migration to {to} failed: {message}; VM '{name}' keeps running here"

@@ -257,6 +257,7 @@ fn migration() -> Vec<Seed> {
                     state_bytes: 99_000_000,
                     wire_bytes: 99_100_000,
                     downtime_limit_ms: 0,
+                    throttle_pct: 0,
                 },
             }),
         ),

@@ -103,7 +103,8 @@ fn stats_without_wire_bytes_are_read() {
                 downtime_ms: 40,
                 state_bytes: 5,
                 wire_bytes: 0,
-                downtime_limit_ms: 0
+                downtime_limit_ms: 0,
+                throttle_pct: 0
             }
         ),
         other => panic!("{other:?}"),
@@ -114,6 +115,7 @@ fn stats_without_wire_bytes_are_read() {
         state_bytes: 3,
         wire_bytes: 4,
         downtime_limit_ms: 15,
+        throttle_pct: 40,
     };
     let line = serde_json::to_string(&SourceMsg::Switch {
         stats: stats.clone(),
