@@ -1284,8 +1284,23 @@ impl Vm for QemuVm {
         let mut throttle_pct = 0u64;
         let mut last = Value::Null;
         let mut throttle_armed = false;
+        // A line of the copy's figures at most every second (debug).
+        let mut logged = Instant::now();
         let waited = self.wait_migration_polling("sending the VM", limits.timeout, &mut |info| {
             throttle_pct = throttle_pct.max(info["cpu-throttle-percentage"].as_u64().unwrap_or(0));
+            if logged.elapsed() >= Duration::from_secs(1) {
+                logged = Instant::now();
+                let ram = &info["ram"];
+                tracing::debug!(
+                    sent_mib = ram["transferred"].as_u64().unwrap_or(0) >> 20,
+                    left_mib = ram["remaining"].as_u64().unwrap_or(0) >> 20,
+                    mbps = ram["mbps"].as_f64().unwrap_or(0.0) as u64,
+                    dirty_pages_per_s = ram["dirty-pages-rate"].as_u64().unwrap_or(0),
+                    passes = ram["dirty-sync-count"].as_u64().unwrap_or(0),
+                    throttle_pct = info["cpu-throttle-percentage"].as_u64().unwrap_or(0),
+                    "sending the VM"
+                );
+            }
             last = info.clone();
             if drain && !continued && info["status"] == "pre-switchover" {
                 continued = true;
