@@ -2185,7 +2185,6 @@ fn last_line(text: &str) -> String {
         .to_string()
 }
 
-/// Why QEMU is gone, in words.
 /// Why a live copy did not end within `timeout`, from QEMU's last
 /// `query-migrate` answer: how much was left, how fast the guest wrote and
 /// the link carried, how far the guest was slowed; and what to do.
@@ -2211,6 +2210,7 @@ fn not_converging(last: &Value, timeout: Duration, throttle_pct: u64) -> String 
     line + "; give the move more bandwidth (--max-bandwidth) or move the VM while it writes less"
 }
 
+/// Why QEMU is gone, in words.
 fn describe(reason: &ExitReason) -> String {
     match reason {
         ExitReason::Poweroff => "QEMU exited: the guest powered off".into(),
