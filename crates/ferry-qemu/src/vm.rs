@@ -378,17 +378,6 @@ const FIRST_DOWNTIME_MS: u64 = 15;
 /// slower host, the looser limit.
 const ITERATING_RELAX: Duration = Duration::from_secs(2);
 
-/// How many passes past its first a live copy tries the tighter limit
-/// before the caller's, if that comes before ITERATING_RELAX. Where the
-/// tight limit works, a copy meets it in its first few passes (an idle
-/// guest on this host, at its second); where the guest dirties more in a
-/// pass than the tight limit lets through, every further pass is one more
-/// that the guest runs slowed by the copy (KVM lab, 2026-12-06: every move
-/// iterated for the whole 2 s, 20-35 passes, and ended right after the
-/// limit was relaxed; under write load the client's last acknowledged
-/// write before the switch came 683 ms before the guest stopped).
-const RELAX_PASSES: u64 = 8;
-
 /// How long a live copy iterates past its first pass, the guest at full
 /// speed, before QEMU may slow the guest to make it converge (see
 /// `send_state`): a few passes under the limit asked for.
@@ -1318,10 +1307,9 @@ impl Vm for QemuVm {
                 std::thread::sleep(Duration::from_millis(DRAIN_MS));
                 self.cmd("migrate-continue", json!({ "state": "pre-switchover" }))?;
             }
-            let passes = info["ram"]["dirty-sync-count"].as_u64().unwrap_or(0);
-            if passes >= 2 {
+            if info["ram"]["dirty-sync-count"].as_u64().unwrap_or(0) >= 2 {
                 let since = *iterating_since.get_or_insert_with(Instant::now);
-                if !relaxed && (since.elapsed() >= ITERATING_RELAX || passes >= 2 + RELAX_PASSES) {
+                if !relaxed && since.elapsed() >= ITERATING_RELAX {
                     relaxed = true;
                     self.cmd("migrate-set-parameters", json!({ "downtime-limit": asked }))?;
                 }
