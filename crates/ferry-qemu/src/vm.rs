@@ -1279,10 +1279,9 @@ impl Vm for QemuVm {
         let mut iterating_since: Option<Instant> = None;
         // Once: the status may still read `pre-switchover` right after.
         let mut continued = false;
-        // The most QEMU slowed the guest, and its last figures (for the
-        // error if the copy does not end in time).
+        // The most QEMU slowed the guest (QEMU says it only while the copy
+        // is active).
         let mut throttle_pct = 0u64;
-        let mut last = Value::Null;
         let mut throttle_armed = false;
         // A line of the copy's figures at most every second (debug).
         let mut logged = Instant::now();
@@ -1301,7 +1300,6 @@ impl Vm for QemuVm {
                     "sending the VM"
                 );
             }
-            last = info.clone();
             if drain && !continued && info["status"] == "pre-switchover" {
                 continued = true;
                 std::thread::sleep(Duration::from_millis(DRAIN_MS));
@@ -1325,10 +1323,12 @@ impl Vm for QemuVm {
         });
         let info = match waited {
             Err(EngineError::Timeout(what)) => {
+                // QEMU's figures as it gives up, for what outran the copy.
+                let last = self.cmd("query-migrate", json!({})).unwrap_or(Value::Null);
                 return Err(EngineError::Command {
                     command: what,
                     detail: not_converging(&last, limits.timeout, throttle_pct),
-                })
+                });
             }
             other => other?,
         };
@@ -2173,8 +2173,8 @@ fn last_line(text: &str) -> String {
         .to_string()
 }
 
-/// Why a live copy did not end within `timeout`, from QEMU's last
-/// `query-migrate` answer: how much was left, how fast the guest wrote and
+/// Why a live copy did not end within `timeout`, from QEMU's
+/// `query-migrate` answer at that moment: how much was left, how fast the guest wrote and
 /// the link carried, how far the guest was slowed; and what to do.
 fn not_converging(last: &Value, timeout: Duration, throttle_pct: u64) -> String {
     let ram = &last["ram"];
