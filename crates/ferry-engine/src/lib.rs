@@ -542,6 +542,16 @@ pub trait Vm: Send {
         Err(EngineError::Unsupported("sending the state live"))
     }
 
+    /// After a [`Vm::send_state`] that completed: makes the VM savable
+    /// again ([`Vm::save_state`]) and leaves it paused. QEMU will not save
+    /// a VM whose state it has sent until the VM has run again, so this
+    /// lets it run for the moment of two commands: the caller cuts the
+    /// guest off first (its other copy may be running). For a VM whose
+    /// move was left in doubt, the only way to keep it.
+    fn reclaim_sent(&mut self) -> Result<(), EngineError> {
+        Err(EngineError::Unsupported("saving a VM it has sent"))
+    }
+
     /// On the receiving end: waits until the whole state has arrived.
     fn wait_received(&mut self, _timeout: Duration) -> Result<(), EngineError> {
         Err(EngineError::Unsupported("receiving a live VM"))

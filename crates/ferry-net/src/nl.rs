@@ -127,6 +127,23 @@ pub fn loopback_up(ns: &Netns) -> Result<(), NetError> {
     })
 }
 
+/// Takes interface `name` in `ns` down: the kernel drops what is written
+/// to it and delivers nothing through it.
+pub fn link_down(ns: Option<&Netns>, name: &str) -> Result<(), NetError> {
+    let name = name.to_string();
+    with_handle(
+        ns,
+        &format!("taking interface {name} down"),
+        |h| async move {
+            let index = must_index(&h, &name).await?;
+            h.link()
+                .set(LinkUnspec::new_with_index(index).down().build())
+                .execute()
+                .await
+        },
+    )
+}
+
 /// Gives interface `name` in `ns` an address, optionally a MAC address
 /// first, and brings it up.
 pub fn configure(

@@ -201,6 +201,14 @@ impl VmNetwork {
         }
     }
 
+    /// Takes the guest's interface down on the host's side, unseen by the
+    /// guest: what it sends from now on is dropped and nothing reaches it.
+    /// For a VM that must run a moment without being heard (saving a VM
+    /// left in doubt by a move, whose other copy may be running).
+    pub fn silence_guest(&self) -> Result<(), NetError> {
+        nl::link_down(Some(&self.ns), TAP_NAME)
+    }
+
     /// Whether ferry created the namespace for this VM.
     pub fn created_namespace(&self) -> bool {
         self.created

@@ -1377,6 +1377,18 @@ impl Vm for QemuVm {
             .map(|_| ())
     }
 
+    fn reclaim_sent(&mut self) -> Result<(), EngineError> {
+        let status = self.cmd("query-status", json!({}))?;
+        // QEMU refuses `migrate` in `postmigrate` ("Can't migrate the vm
+        // that was paused due to previous migration"); `cont` is the one
+        // way out of it, and takes the disks back from the destination.
+        if status["status"] == "postmigrate" {
+            self.cmd("cont", json!({}))?;
+            self.cmd("stop", json!({}))?;
+        }
+        Ok(())
+    }
+
     fn abort_send(&mut self) -> Result<(), EngineError> {
         let _ = self.cmd("migrate_cancel", json!({}));
         if self.mirror_job()?.is_some() {

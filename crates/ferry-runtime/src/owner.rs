@@ -31,7 +31,7 @@ use crate::error::{FileError, VmError};
 use crate::events::{CancelAction, CancelGuard, Event, EventSink};
 use crate::package_meta::PackageMeta;
 use crate::record::{FleetSpec, RecordState, VmRecord};
-use crate::save::{save, CacheAdoption, Generation, StateFrom, SENT_STATE};
+use crate::save::{save, CacheAdoption, Generation, StateFrom};
 use crate::vm::{describe_exit, RunningVm, SupervisorEvent, Wake};
 use crate::vmdir::files;
 use crate::{Paths, RuntimeError};
@@ -284,7 +284,6 @@ pub fn own_and_tell(
                         ))
                     }
                     MoveResult::Failed(why) => {
-                        let _ = std::fs::remove_file(owned.vm.dir().path().join(SENT_STATE));
                         owned.vm.mark("running");
                         events.emit(Event::MigrationFailed {
                             name: owned.name.clone(),
@@ -410,7 +409,7 @@ fn stop(
                 path: save_to.to_path_buf(),
             });
             let from = if in_doubt {
-                StateFrom::SentStream
+                StateFrom::AfterSend
             } else {
                 StateFrom::Engine
             };
@@ -653,20 +652,13 @@ fn migrate_out(
             Err(e) => return MoveResult::Failed(e.to_string()),
         }
     }
-    let dir = owned.vm.dir().path().to_path_buf();
-    // A plain disk channel is the engine's own connection
-    // (`migration::attach`); the state always goes through a tunnel,
-    // which keeps the copy below.
+    // A plain channel is the engine's own connection (`migration::attach`):
+    // nothing of ferry's is in the path of the copy. (A VM left in doubt
+    // is saved by taking it back from the engine: `StateFrom::AfterSend`.)
     let channels = (|| -> Result<_, MigrationError> {
         let disk = incoming.channel(ChannelKind::Disk, Duration::from_secs(10))?;
         let state = incoming.channel(ChannelKind::State, Duration::from_secs(10))?;
-        Ok((
-            migration::attach(disk)?,
-            // A copy of what is sent stays here until the switch is
-            // confirmed: QEMU will not save a VM it has sent, so it is the
-            // only way to save a VM left in doubt.
-            migration::attach_recorded(state, &dir.join(SENT_STATE))?,
-        ))
+        Ok((migration::attach(disk)?, migration::attach(state)?))
     })();
     let control = &mut incoming.control;
     let ((disk_fd, disk), (state_fd, state)) = match channels {

@@ -653,6 +653,16 @@ impl RunningVm {
         }
     }
 
+    /// Cuts the guest off from its network, unseen by the guest (see
+    /// [`ferry_net::VmNetwork::silence_guest`]); a VM without one has no
+    /// one to reach.
+    pub fn silence_guest(&self) -> Result<(), ferry_net::NetError> {
+        match self.network.as_ref() {
+            Some(n) => n.silence_guest(),
+            None => Ok(()),
+        }
+    }
+
     /// One line on where the VM's network is: its namespace and what is
     /// exposed where. `None` without a network.
     pub fn network_summary(&self) -> Option<String> {

@@ -1208,9 +1208,8 @@ impl Drop for TunnelHandle {
     }
 }
 
-/// A data channel handed to the engine by [`attach`] or
-/// [`attach_recorded`]: kept until the move is over; dropping it closes
-/// the connection.
+/// A data channel handed to the engine by [`attach`]: kept until the move
+/// is over; dropping it closes the connection.
 pub struct Attached {
     carried: Carried,
 }
@@ -1259,7 +1258,7 @@ impl Drop for Attached {
 /// Unix socket pair, and a tunnel carries the other end.
 pub fn attach(stream: PeerStream) -> Result<(OwnedFd, Attached), MigrationError> {
     if stream.is_tls() {
-        return tunnelled(stream, None);
+        return tunnelled(stream);
     }
     let (tcp, _) = stream.into_parts();
     limit_unsent(&tcp);
@@ -1280,26 +1279,9 @@ pub fn attach(stream: PeerStream) -> Result<(OwnedFd, Attached), MigrationError>
     ))
 }
 
-/// As [`attach`], and keeps a copy of what the engine sends in `record`
-/// (see [`Tunnel::start_recording`]): always through a tunnel, which makes
-/// the copy.
-pub fn attach_recorded(
-    stream: PeerStream,
-    record: &Path,
-) -> Result<(OwnedFd, Attached), MigrationError> {
-    tunnelled(stream, Some(record))
-}
-
-fn tunnelled(
-    stream: PeerStream,
-    record: Option<&Path>,
-) -> Result<(OwnedFd, Attached), MigrationError> {
+fn tunnelled(stream: PeerStream) -> Result<(OwnedFd, Attached), MigrationError> {
     let (engine, ours) = UnixStream::pair().map_err(MigrationError::io("making a socket pair"))?;
-    let tunnel = Tunnel::Connected(ours);
-    let handle = match record {
-        Some(r) => tunnel.start_recording(stream, r)?,
-        None => tunnel.start(stream)?,
-    };
+    let handle = Tunnel::Connected(ours).start(stream)?;
     Ok((
         OwnedFd::from(engine),
         Attached {
@@ -1340,40 +1322,6 @@ fn tcp_info(tcp: &TcpStream) -> Option<(libc::tcp_info, usize)> {
 impl Tunnel {
     /// Starts copying between `stream` and the Unix side, both ways.
     pub fn start(self, stream: PeerStream) -> Result<TunnelHandle, MigrationError> {
-        self.start_with(stream, None)
-    }
-
-    /// As [`Tunnel::start`], and also keeps what the engine sends in a file
-    /// at `record`: written beside as `<record>.partial` and renamed once
-    /// the engine closed its side after a complete stream, so `record`
-    /// exists only if it holds everything. A failure to write it (a full
-    /// disk) stops the recording, not the tunnel.
-    pub fn start_recording(
-        self,
-        stream: PeerStream,
-        record: &Path,
-    ) -> Result<TunnelHandle, MigrationError> {
-        let partial = partial_path(record);
-        let file = std::fs::File::create(&partial).map_err(MigrationError::io(format!(
-            "creating {}",
-            partial.display()
-        )))?;
-        let _ = std::fs::remove_file(record);
-        self.start_with(
-            stream,
-            Some(Recording {
-                file,
-                partial,
-                done: record.to_path_buf(),
-            }),
-        )
-    }
-
-    fn start_with(
-        self,
-        stream: PeerStream,
-        record: Option<Recording>,
-    ) -> Result<TunnelHandle, MigrationError> {
         let (tcp, tls) = stream.into_parts();
         limit_unsent(&tcp);
         bound_receive_queue(&tcp);
@@ -1389,9 +1337,9 @@ impl Tunnel {
                     "connecting to {}",
                     path.display()
                 )))?;
-                spawn_pipe(tcp, tls, unix, tx, counter, record)?;
+                spawn_pipe(tcp, tls, unix, tx, counter)?;
             }
-            Tunnel::Connected(unix) => spawn_pipe(tcp, tls, unix, tx, counter, record)?,
+            Tunnel::Connected(unix) => spawn_pipe(tcp, tls, unix, tx, counter)?,
         }
         Ok(TunnelHandle {
             tcp: keep,
@@ -1497,56 +1445,12 @@ fn bound_receive_queue(tcp: &TcpStream) {
     }
 }
 
-/// Where a tunnel keeps a copy of what its engine sent.
-struct Recording {
-    file: std::fs::File,
-    partial: PathBuf,
-    done: PathBuf,
-}
-
-impl Recording {
-    /// Adds `data`; on failure the recording is dropped (and says so once).
-    fn write(slot: &mut Option<Recording>, data: &[u8]) {
-        if let Some(r) = slot {
-            if let Err(e) = r.file.write_all(data) {
-                tracing::warn!(
-                    "could not keep a copy of the sent state in {}: {e}",
-                    r.partial.display()
-                );
-                let _ = std::fs::remove_file(&r.partial);
-                *slot = None;
-            }
-        }
-    }
-
-    /// The engine closed its side after a whole stream: the copy is kept.
-    /// Not synced to disk: it only serves the process that wrote it (a
-    /// source whose engine is gone has nothing to save it for), and a sync
-    /// would put the whole stream's I/O at the moment of the switch.
-    fn finish(self) {
-        if let Err(e) = std::fs::rename(&self.partial, &self.done) {
-            tracing::warn!(
-                "could not keep a copy of the sent state in {}: {e}",
-                self.done.display()
-            );
-            let _ = std::fs::remove_file(&self.partial);
-        }
-    }
-}
-
-fn partial_path(record: &Path) -> PathBuf {
-    let mut name = record.as_os_str().to_owned();
-    name.push(".partial");
-    PathBuf::from(name)
-}
-
 fn spawn_pipe(
     tcp: TcpStream,
     tls: Option<Box<rustls::Connection>>,
     unix: UnixStream,
     done: Sender<()>,
     bytes: Arc<AtomicU64>,
-    mut record: Option<Recording>,
 ) -> Result<(), MigrationError> {
     if let Some(conn) = tls {
         // One thread for both directions (a TLS connection is one state).
@@ -1556,16 +1460,7 @@ fn spawn_pipe(
                 let count = |n| {
                     bytes.fetch_add(n, Ordering::Relaxed);
                 };
-                let pumped = stream::pump_tls(tcp, *conn, unix, &count, &mut |data: &[u8]| {
-                    Recording::write(&mut record, data)
-                });
-                match record {
-                    Some(r) if pumped.engine_side_whole => r.finish(),
-                    Some(r) => {
-                        let _ = std::fs::remove_file(&r.partial);
-                    }
-                    None => {}
-                }
+                stream::pump_tls(tcp, *conn, unix, &count);
                 let _ = done.send(());
             })
             .map_err(MigrationError::io("starting a tunnel"))?;
@@ -1583,18 +1478,11 @@ fn spawn_pipe(
         .spawn(move || {
             let back = std::thread::spawn(move || {
                 let (mut from, mut to) = (unix2, tcp2);
-                let whole = counted_copy(&mut from, &mut to, &bytes2, &mut record);
+                counted_copy(&mut from, &mut to, &bytes2);
                 let _ = to.shutdown(Shutdown::Write);
-                match record {
-                    Some(r) if whole => r.finish(),
-                    Some(r) => {
-                        let _ = std::fs::remove_file(&r.partial);
-                    }
-                    None => {}
-                }
             });
             let (mut from, mut to) = (tcp, unix);
-            counted_copy(&mut from, &mut to, &bytes, &mut None);
+            counted_copy(&mut from, &mut to, &bytes);
             let _ = to.shutdown(Shutdown::Write);
             let _ = back.join();
             let _ = done.send(());
@@ -1603,32 +1491,26 @@ fn spawn_pipe(
     Ok(())
 }
 
-/// Copies until EOF or an error, adding what it moved to `bytes` (and to
-/// `record`) as it goes. True if it ended at EOF with everything delivered.
+/// Copies until EOF or an error, adding what it moved to `bytes` as it
+/// goes.
 ///
 /// Through this process, not spliced. splice(2) (socket to pipe to
-/// socket, tee(2) for the recording) was tried: on this host's loopback
+/// socket, with tee(2) for the copy of the sent state a source then kept)
+/// was tried: on this host's loopback
 /// the two tunnels' CPU did not fall (the destination's 110-120 ms to
 /// 30-80, the source's 120-140 to 220-410, per move of bench/migrate) and
 /// the moves took longer (totals 1.5-2.4 s against 1.1-1.4 s); with the
 /// source's side alone copied, the same.
-fn counted_copy(
-    from: &mut impl Read,
-    to: &mut impl Write,
-    bytes: &AtomicU64,
-    record: &mut Option<Recording>,
-) -> bool {
+fn counted_copy(from: &mut impl Read, to: &mut impl Write, bytes: &AtomicU64) {
     let mut buf = vec![0u8; 256 * 1024];
     loop {
         match from.read(&mut buf) {
-            Ok(0) => return true,
-            Err(_) => return false,
+            Ok(0) | Err(_) => return,
             Ok(n) => {
                 if to.write_all(&buf[..n]).is_err() {
-                    return false;
+                    return;
                 }
                 bytes.fetch_add(n as u64, Ordering::Relaxed);
-                Recording::write(record, &buf[..n]);
             }
         }
     }

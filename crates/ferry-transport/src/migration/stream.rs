@@ -223,29 +223,18 @@ pub(crate) fn rustls_error(e: &std::io::Error) -> Option<&rustls::Error> {
     e.get_ref().and_then(|i| i.downcast_ref::<rustls::Error>())
 }
 
-/// What [`pump_tls`] saw.
-pub(crate) struct Pumped {
-    /// The engine closed its side after everything it sent was delivered
-    /// (into the TLS connection, and that flushed to the peer).
-    pub(crate) engine_side_whole: bool,
-}
-
 /// Carries a data channel's bytes both ways between the engine's Unix
 /// socket and a TLS connection, until both directions end (or either
-/// socket fails, or the TCP socket is shut down from outside). `sent`
-/// sees each chunk of what the engine sent, `count` every byte carried
-/// (plaintext, both directions).
+/// socket fails, or the TCP socket is shut down from outside). `count`
+/// sees every byte carried (plaintext, both directions).
 pub(crate) fn pump_tls(
     mut tcp: TcpStream,
     mut conn: rustls::Connection,
     mut unix: UnixStream,
     count: &dyn Fn(u64),
-    sent: &mut dyn FnMut(&[u8]),
-) -> Pumped {
+) {
     if tcp.set_nonblocking(true).is_err() || unix.set_nonblocking(true).is_err() {
-        return Pumped {
-            engine_side_whole: false,
-        };
+        return;
     }
     let _ = conn.process_new_packets();
     let mut buf = vec![0u8; 64 * 1024];
@@ -275,7 +264,6 @@ pub(crate) fn pump_tls(
                 Ok(0) => {}
                 Ok(n) => {
                     count(n as u64);
-                    sent(&up[..n]);
                     up.drain(..n);
                     progress = true;
                 }
@@ -394,10 +382,5 @@ pub(crate) fn pump_tls(
                 break;
             }
         }
-    }
-    // The engine's side is whole once everything it sent was flushed and
-    // the close sent after it, whatever became of the other direction.
-    Pumped {
-        engine_side_whole: tcp_shut,
     }
 }

@@ -1,6 +1,5 @@
 //! Migrations over TLS on loopback: a whole session (control, an offer, a
-//! data channel carrying bytes both ways through two tunnels, with its
-//! recording), and every refusal: plain text to a TLS listener, TLS to a
+//! data channel carrying bytes both ways through two tunnels), and every refusal: plain text to a TLS listener, TLS to a
 //! plain one, no client certificate under `--client-ca`, the wrong CA, a
 //! certificate for another name, an expired one, a trickled handshake.
 //! Each refusal hands the listener no migration. Without TLS on the
@@ -135,7 +134,7 @@ fn a_session_runs_inside_mutual_tls_both_ways() {
 
     // A data channel, tunnelled on both sides: the source's engine holds
     // one end of a socket pair, the destination's tunnel dials its engine.
-    let (dst_sock, record) = (dir.path().join("dst.sock"), dir.path().join("sent"));
+    let dst_sock = dir.path().join("dst.sock");
     let dst_engine = UnixListener::bind(&dst_sock).unwrap();
     let dst_stream =
         open_channel(&addr, &token(), Some(&ctls), &session, ChannelKind::State).unwrap();
@@ -145,7 +144,7 @@ fn a_session_runs_inside_mutual_tls_both_ways() {
         .unwrap();
     assert!(src_stream.is_tls());
     // A TLS channel is never handed to the engine itself.
-    let (a, src_tunnel) = attach_recorded(src_stream, &record).unwrap();
+    let (a, src_tunnel) = attach(src_stream).unwrap();
     assert!(!src_tunnel.is_direct());
     let mut a = UnixStream::from(a);
     let dst_tunnel = Tunnel::Dial(dst_sock.clone()).start(dst_stream).unwrap();
@@ -183,7 +182,6 @@ fn a_session_runs_inside_mutual_tls_both_ways() {
     assert!(t.wait(Duration::from_secs(10)));
     assert!(dst_tunnel.wait(Duration::from_secs(10)));
     assert_eq!(src_tunnel.bytes(), (9 << 20) as u64);
-    assert!(std::fs::read(&record).unwrap() == to_b, "the recording");
     let _ = (&mut a, &mut b);
 }
 
