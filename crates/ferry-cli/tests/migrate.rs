@@ -588,7 +588,9 @@ fn failures_around_a_migration() {
 /// The destination dies after the source sent *switch* and before it said
 /// *committed*: the source cannot know whether the VM runs there, so it
 /// stays paused (never resumed on a guess), and Ctrl-C saves it with every
-/// write it had acknowledged.
+/// write it had acknowledged (taken back from QEMU, which will not save a
+/// VM it has sent until it ran again: cut off from its network, the guest
+/// runs for the moment of `cont` and `stop`).
 #[test]
 fn a_destination_lost_after_the_switch_leaves_the_source_in_doubt() {
     let _lock = vm_lock();
