@@ -118,30 +118,24 @@ pub fn delete_link(ns: Option<&Netns>, name: &str) -> Result<(), NetError> {
 
 /// Brings `lo` up in `ns`.
 pub fn loopback_up(ns: &Netns) -> Result<(), NetError> {
-    with_handle(Some(ns), "bringing lo up", |h| async move {
-        let lo = must_index(&h, "lo").await?;
-        h.link()
-            .set(LinkUnspec::new_with_index(lo).up().build())
-            .execute()
-            .await
-    })
+    set_link_up(Some(ns), "lo", true, "bringing lo up")
 }
 
 /// Takes interface `name` in `ns` down: the kernel drops what is written
 /// to it and delivers nothing through it.
 pub fn link_down(ns: Option<&Netns>, name: &str) -> Result<(), NetError> {
+    set_link_up(ns, name, false, &format!("taking interface {name} down"))
+}
+
+/// Sets interface `name` in `ns` up or down; `what` names it in errors.
+fn set_link_up(ns: Option<&Netns>, name: &str, up: bool, what: &str) -> Result<(), NetError> {
     let name = name.to_string();
-    with_handle(
-        ns,
-        &format!("taking interface {name} down"),
-        |h| async move {
-            let index = must_index(&h, &name).await?;
-            h.link()
-                .set(LinkUnspec::new_with_index(index).down().build())
-                .execute()
-                .await
-        },
-    )
+    with_handle(ns, what, |h| async move {
+        let index = must_index(&h, &name).await?;
+        let link = LinkUnspec::new_with_index(index);
+        let link = if up { link.up() } else { link.down() };
+        h.link().set(link.build()).execute().await
+    })
 }
 
 /// Gives interface `name` in `ns` an address, optionally a MAC address

@@ -2186,8 +2186,9 @@ fn last_line(text: &str) -> String {
 }
 
 /// Why a live copy did not end within `timeout`, from QEMU's
-/// `query-migrate` answer at that moment: how much was left, how fast the guest wrote and
-/// the link carried, how far the guest was slowed; and what to do.
+/// `query-migrate` answer at that moment: how much was left, how fast the
+/// guest wrote and the link carried, how far the guest was slowed; and
+/// what to do.
 fn not_converging(last: &Value, timeout: Duration, throttle_pct: u64) -> String {
     let ram = &last["ram"];
     let mib = |bytes: f64| bytes / f64::from(1u32 << 20);

@@ -198,6 +198,16 @@ fn quiesce_and_save(
         )
         .map_err(SaveError::Quiesce)?;
     events.emit(phase("quiesced", t));
+    save_device_state(vm, engine, events)
+}
+
+/// Has the engine save the paused VM's device state into its directory;
+/// returns the provenance to record.
+fn save_device_state(
+    vm: &mut RunningVm,
+    engine: &dyn Engine,
+    events: &dyn EventSink,
+) -> Result<Provenance, SaveError> {
     let t = Instant::now();
     let dir = vm.dir().path().to_path_buf();
     let state = vm.engine_vm().save_state(&dir.join(DEVICE_STATE_OUT))?;
@@ -231,16 +241,7 @@ fn reclaim_and_save(
         .reclaim_sent()
         .map_err(|e| unsaved(format!("the engine did not give it back: {e}")))?;
     events.emit(phase("reclaimed", t));
-    let t = Instant::now();
-    let dir = owned.vm.dir().path().to_path_buf();
-    let state = owned
-        .vm
-        .engine_vm()
-        .save_state(&dir.join(DEVICE_STATE_OUT))?;
-    events.emit(phase("state-saved", t));
-    let mut provenance = state.provenance;
-    provenance.engine = engine.name().to_string();
-    Ok(provenance)
+    save_device_state(&mut owned.vm, engine, events)
 }
 
 /// What a package is written from besides the VM itself.
