@@ -963,12 +963,18 @@ impl QemuVm {
 
     /// Sets `x-ignore-shared` for the migration about to start, and the
     /// `events` its wait is woken by (see [`WAKING_EVENTS`]): every
-    /// migration ferry starts, in or out, sets this first.
+    /// migration ferry starts, in or out, sets this first. It also turns
+    /// `pause-before-switchover` off, which a live send on QEMU before 9.0
+    /// turns on (see `send_state`) and QEMU keeps for the next migration:
+    /// a save after such a send (a VM left in doubt, or one whose move
+    /// failed) then stopped at `pre-switchover`, waiting for a
+    /// `migrate-continue` that nothing sends (QEMU 7.2, the in-doubt test).
     fn set_ignore_shared(&self, on: bool) -> Result<(), EngineError> {
         self.cmd(
             "migrate-set-capabilities",
             json!({ "capabilities": [{ "capability": "x-ignore-shared", "state": on },
-                                     { "capability": "events", "state": true }] }),
+                                     { "capability": "events", "state": true },
+                                     { "capability": "pause-before-switchover", "state": false }] }),
         )
         .map(|_| ())
     }

@@ -92,11 +92,28 @@ pub fn uptime(env: &FerryEnv, vm: &str) -> f64 {
     exec(env, vm, "cut -d' ' -f1 /proc/uptime").parse().unwrap()
 }
 
+/// Ctrl-C, then what ferry said. One that has not exited after 60 s is
+/// killed, and the test fails with what it said until then: a hung save
+/// shows its last words, not only that it hung.
 pub fn stop(child: &mut Child) -> Output {
     send_signal(child.id(), libc::SIGINT);
-    wait_until(Duration::from_secs(60), "ferry to exit", || {
-        child.try_wait().unwrap()
-    });
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while child.try_wait().unwrap().is_none() {
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            let out = collect(child);
+            panic!(
+                "timed out after 60s waiting for ferry to exit after Ctrl-C; killed it\n{}",
+                describe(&out)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    collect(child)
+}
+
+/// The exited (or killed) `child`'s status and output.
+fn collect(child: &mut Child) -> Output {
     let mut stdout = String::new();
     let mut stderr = String::new();
     use std::io::Read;
