@@ -58,6 +58,14 @@ fn expose_reaches_the_guest_and_survives_suspend_and_resume() {
                 == &format!("network: namespace ferry-e1; 127.0.0.1:{port} -> guest port 8080")),
         "{lines:?}"
     );
+    // ferry wrote the guest's neighbour entry itself (`proto static`; one
+    // the kernel learnt by ARP has none), with the guest's MAC: the first
+    // connection to the resumed guest did not wait for its ARP answer.
+    let neigh = sh("ip -n ferry-e1 neigh show 172.100.100.2 dev tap0");
+    assert!(
+        neigh.contains("lladdr 52:54:00:fe:44:01") && neigh.contains("proto static"),
+        "{neigh}"
+    );
     assert_eq!(
         http_get(port, "/").unwrap(),
         "hello from a ferry tiny guest"

@@ -87,6 +87,12 @@ pub struct ProbeGuest {
     pub cmdline: String,
 }
 
+/// The guest NIC's MAC when the image names none ([`VmSpec::guest_mac`]).
+/// Fixed, so a snapshot resumes with the same one; the host's side of
+/// the guest's link knows it too (it writes the guest's neighbour entry
+/// before the guest runs).
+pub const DEFAULT_GUEST_MAC: &str = "52:54:00:fe:44:01";
+
 /// What a probe guest prints when it has booted.
 pub const PROBE_MARKER: &str = "FERRY-PROBE-OK";
 
@@ -161,8 +167,8 @@ pub struct VmSpec {
     pub accel: Accel,
     /// Network device attachment.
     pub net: NetAttachment,
-    /// The guest NIC's MAC (`aa:bb:cc:dd:ee:ff`); `None`: the engine's
-    /// fixed one, the same for every guest.
+    /// The guest NIC's MAC (`aa:bb:cc:dd:ee:ff`); `None`:
+    /// [`DEFAULT_GUEST_MAC`], the same for every guest.
     pub guest_mac: Option<String>,
     /// A directory the engine may use for its sockets and files.
     pub run_dir: PathBuf,

@@ -55,6 +55,11 @@ pub struct GuestNet {
     pub gateway: Ipv4Addr,
     /// The link's prefix length.
     pub prefix: u8,
+    /// The guest NIC's MAC, if known: the namespace then has the guest's
+    /// neighbour entry before the guest runs, and the first connection to
+    /// a guest that has just resumed or arrived does not wait for an ARP
+    /// answer from it (see `nl::add_neighbour`).
+    pub mac: Option<[u8; 6]>,
 }
 
 impl Default for GuestNet {
@@ -63,12 +68,52 @@ impl Default for GuestNet {
             guest: GUEST_ADDR,
             gateway: GATEWAY_ADDR,
             prefix: GUEST_PREFIX,
+            mac: None,
         }
     }
+}
+
+/// A MAC address written `aa:bb:cc:dd:ee:ff` (either case); `None` for
+/// anything else.
+pub fn parse_mac(text: &str) -> Option<[u8; 6]> {
+    let mut mac = [0u8; 6];
+    let mut parts = text.split(':');
+    for byte in &mut mac {
+        let part = parts.next()?;
+        // (`from_str_radix` alone takes a sign: "+2".)
+        if part.len() != 2 || !part.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return None;
+        }
+        *byte = u8::from_str_radix(part, 16).ok()?;
+    }
+    parts.next().is_none().then_some(mac)
 }
 
 /// Whether this process runs as root (namespaces, taps and NAT need it).
 pub fn is_root() -> bool {
     // SAFETY: geteuid has no preconditions.
     unsafe { libc::geteuid() == 0 }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_mac_is_six_hex_pairs() {
+        assert_eq!(
+            parse_mac("52:54:00:FE:44:01"),
+            Some([0x52, 0x54, 0x00, 0xfe, 0x44, 0x01])
+        );
+        for bad in [
+            "",
+            "52:54:00:fe:44",
+            "52:54:00:fe:44:01:02",
+            "52:54:00:fe:4:001",
+            "52:54:00:fe:44:zz",
+            "+2:54:00:fe:44:01",
+        ] {
+            assert_eq!(parse_mac(bad), None, "{bad}");
+        }
+    }
 }

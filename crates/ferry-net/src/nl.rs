@@ -9,6 +9,8 @@ use std::os::unix::io::AsRawFd;
 use futures_util::TryStreamExt;
 use rtnetlink::packet_route::address::AddressAttribute;
 use rtnetlink::packet_route::link::LinkAttribute;
+use rtnetlink::packet_route::neighbour::{NeighbourAttribute, NeighbourState};
+use rtnetlink::packet_route::route::RouteProtocol;
 use rtnetlink::{Handle, LinkUnspec, LinkVeth, RouteMessageBuilder};
 
 use crate::ns::Netns;
@@ -176,6 +178,40 @@ pub fn configure(
                 .set(LinkUnspec::new_with_index(index).up().build())
                 .execute()
                 .await
+        },
+    )
+}
+
+/// Writes `addr`'s neighbour entry on interface `name` in `ns`: `mac`,
+/// in state `stale`, marked `proto static` (so `ip neigh` tells it from
+/// one the kernel learnt). A stale entry is used at once, and the kernel
+/// confirms it afterwards as it would any other (traffic that is
+/// answered confirms it; otherwise a unicast probe, then ARP again), so a
+/// guest that changes its MAC is found again. Without it, the first
+/// packet to a guest that has just resumed or arrived waits for the
+/// guest's ARP answer.
+pub fn add_neighbour(
+    ns: Option<&Netns>,
+    name: &str,
+    addr: Ipv4Addr,
+    mac: [u8; 6],
+) -> Result<(), NetError> {
+    let name = name.to_string();
+    with_handle(
+        ns,
+        &format!("writing {addr}'s neighbour entry on {name}"),
+        |h| async move {
+            let index = must_index(&h, &name).await?;
+            let mut add = h
+                .neighbours()
+                .add(index, IpAddr::V4(addr))
+                .link_layer_address(&mac)
+                .state(NeighbourState::Stale)
+                .replace();
+            add.message_mut()
+                .attributes
+                .push(NeighbourAttribute::Protocol(RouteProtocol::Static));
+            add.execute().await
         },
     )
 }

@@ -394,6 +394,12 @@ fn finish(
     }
     let g = opts.guest;
     nl::configure(Some(&net.ns), TAP_NAME, Some(TAP_MAC), g.gateway, g.prefix)?;
+    if let Some(mac) = g.mac {
+        // Only time is lost without it: the kernel asks the guest by ARP.
+        if let Err(e) = nl::add_neighbour(Some(&net.ns), TAP_NAME, g.guest, mac) {
+            tracing::debug!(error = %e, "no neighbour entry for the guest");
+        }
+    }
 
     // The gateway forwarder: every TCP connection from the guest to its
     // gateway is redirected to one listener, which dials the host port

@@ -22,9 +22,6 @@ use crate::confine::{Handed, QemuUser};
 use crate::qmp::{Qmp, QmpError, QmpEvent};
 use crate::version::QemuVersion;
 
-/// The guest's MAC address. Fixed, so a snapshot resumes with the same one.
-const GUEST_MAC: &str = "52:54:00:fe:44:01";
-
 /// How much of QEMU's error output is kept for error messages.
 const STDERR_TAIL: usize = 4096;
 
@@ -1781,7 +1778,10 @@ fn qemu_args(
         Netdev::Hub => push(&["-netdev", "hubport,id=net0,hubid=0"]),
         Netdev::Tap(fd) => push(&["-netdev", &format!("tap,id=net0,fd={fd}")]),
     }
-    let mac = spec.guest_mac.as_deref().unwrap_or(GUEST_MAC);
+    let mac = spec
+        .guest_mac
+        .as_deref()
+        .unwrap_or(ferry_engine::DEFAULT_GUEST_MAC);
     match &netboot_rom {
         // Debian's iPXE ROM for virtio-net is built for the modern
         // (virtio 1.0) device only, PCI ID 1af4:1041: a transitional NIC

@@ -1342,6 +1342,12 @@ fn prepare_network(
             .map_err(|_| bad("guest_address", &n.guest_address))?,
         gateway: n.gateway.parse().map_err(|_| bad("gateway", &n.gateway))?,
         prefix: n.prefix_len,
+        mac: ferry_net::parse_mac(
+            image
+                .guest_mac
+                .as_deref()
+                .unwrap_or(ferry_engine::DEFAULT_GUEST_MAC),
+        ),
     };
     let vms = paths.vms();
     // This guest's own forwards first (they are what its boot data names),
