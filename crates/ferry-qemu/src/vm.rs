@@ -1274,7 +1274,9 @@ impl Vm for QemuVm {
         // waiting 90-582 ms before the source even stopped). With the first
         // pass's rate, the last pass is what that rate carries in the
         // downtime limit. Reset first: an earlier copy's figure must not
-        // count for this one's first pass. (QEMU 8.2 and later.)
+        // count for this one's first pass. (QEMU 8.2 and later; the lab's
+        // QEMU is 7.2, so the lab figures above are why, not a measured
+        // gain: bench/README.md, 2026-12-07.)
         let tell_rate = !paused_copy && self.version >= SWITCHOVER_BANDWIDTH_SINCE;
         let mut parameters = json!({ "downtime-limit": first, "max-bandwidth": limits.max_bandwidth,
                                      "throttle-trigger-threshold": 100 });
