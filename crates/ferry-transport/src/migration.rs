@@ -1496,10 +1496,11 @@ fn spawn_pipe(
 ///
 /// Through this process, not spliced. splice(2) (socket to pipe to
 /// socket, with tee(2) for the copy of the sent state a source then kept)
-/// was tried: on this host's loopback the two tunnels' CPU did not fall (the destination's 110-120 ms to
-/// 30-80, the source's 120-140 to 220-410, per move of bench/migrate) and
-/// the moves took longer (totals 1.5-2.4 s against 1.1-1.4 s); with the
-/// source's side alone copied, the same.
+/// was tried: on this host's loopback the two tunnels' CPU did not fall
+/// (the destination's 110-120 ms to 30-80, the source's 120-140 to
+/// 220-410, per move of bench/migrate) and the moves took longer (totals
+/// 1.5-2.4 s against 1.1-1.4 s); with the source's side alone copied, the
+/// same.
 fn counted_copy(from: &mut impl Read, to: &mut impl Write, bytes: &AtomicU64) {
     let mut buf = vec![0u8; 256 * 1024];
     loop {
