@@ -882,7 +882,8 @@ fn a_damaged_chunk_from_the_registry_is_named() {
 /// A peer resumed from a registry says when the rest of its disk has
 /// arrived (`lazy-disk-complete`): from then on the registry may go. The
 /// registry is stopped after that line, and the VM still reads every
-/// block of its disk.
+/// block of its disk. QEMU then has the disk's file open itself
+/// (`lazy-disk-local`), and a block the guest writes lands in that file.
 #[test]
 fn a_peer_says_when_its_whole_disk_is_here() {
     let _lock = vm_lock();
@@ -906,7 +907,7 @@ fn a_peer_says_when_its_whole_disk_is_here() {
             "--name",
             "whole",
         ],
-        "disk: all of its ",
+        "disk: QEMU reads and writes ",
     );
     let whole = lines
         .iter()
@@ -922,8 +923,52 @@ fn a_peer_says_when_its_whole_disk_is_here() {
         .position(|l| l.starts_with("live in "))
         .unwrap();
     assert!(live < whole, "{lines:?}");
+    let local = lines
+        .iter()
+        .find(|l| l.starts_with("disk: QEMU reads and writes "))
+        .unwrap();
+    let file = local
+        .strip_prefix("disk: QEMU reads and writes ")
+        .and_then(|rest| rest.split(" itself now").next())
+        .map(std::path::PathBuf::from)
+        .unwrap();
+    assert!(file.ends_with("disk-lazy.raw"), "{lines:?}");
+    // QEMU holds the file open: what it reads and writes goes there, not
+    // through ferry's server.
+    let qemu = std::process::Command::new("pgrep")
+        .args(["-f", "-n", "--", "-name ferry:whole "])
+        .output()
+        .unwrap();
+    let pid = String::from_utf8_lossy(&qemu.stdout).trim().to_string();
+    assert!(!pid.is_empty(), "no QEMU named ferry:whole");
+    let open = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .filter_map(|e| std::fs::read_link(e.unwrap().path()).ok())
+        .any(|target| target == file);
+    assert!(open, "QEMU {pid} does not hold {} open", file.display());
 
     stop(&mut registry);
+    // A block the guest writes (and flushes) lands in the file.
+    let marker = format!("written-after-the-switch-{}", std::process::id());
+    let out = a
+        .ferry(&ea)
+        .args([
+            "exec",
+            "whole",
+            "--",
+            "sh",
+            "-c",
+            &format!("printf {marker} | dd of=/dev/vda bs=512 seek=2048 conv=fsync,notrunc"),
+        ])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", describe(&out));
+    let mut at = vec![0u8; marker.len()];
+    use std::io::{Read, Seek, SeekFrom};
+    let mut f = std::fs::File::open(&file).unwrap();
+    f.seek(SeekFrom::Start(2048 * 512)).unwrap();
+    f.read_exact(&mut at).unwrap();
+    assert_eq!(String::from_utf8_lossy(&at), marker);
     // Every block of the disk, read through the guest with the registry gone.
     let out = a
         .ferry(&ea)

@@ -497,6 +497,19 @@ pub trait Vm: Send {
         Err(EngineError::Unsupported("exporting the disk"))
     }
 
+    /// Has the engine read and write the guest's disk in `file` directly,
+    /// instead of through the NBD server it was started on
+    /// ([`DiskSpec::Nbd`]), which wrote it to `file`: for a lazy disk that
+    /// is complete, whose server only adds a copy and a context switch to
+    /// every request (a move's disk copy read the whole disk through it,
+    /// on the CPU the guest needed). In-flight requests finish first; the
+    /// guest sees nothing. A no-op for a disk that is not served.
+    fn use_local_disk(&mut self, _file: &std::path::Path) -> Result<(), EngineError> {
+        Err(EngineError::Unsupported(
+            "switching the disk to its local file",
+        ))
+    }
+
     /// Starts copying the disk, as the guest sees it, to the NBD export
     /// [`DISK_EXPORT_NAME`] at the other end of `target`, a connected
     /// stream (to the receiver's [`Incoming::disk_socket`], directly or

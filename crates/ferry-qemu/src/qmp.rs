@@ -38,6 +38,9 @@ pub enum QmpError {
     /// Connecting or writing failed.
     #[error("{0}")]
     Io(#[from] std::io::Error),
+    /// An answer not of the shape the command's schema gives.
+    #[error("unexpected answer: {0}")]
+    Protocol(String),
 }
 
 type Pending = Arc<Mutex<HashMap<u64, Sender<Result<Value, QmpError>>>>>;
@@ -117,6 +120,22 @@ impl Qmp {
             Duration::from_secs(30),
         )
         .map(|_| ())
+    }
+
+    /// Puts `fd` in a new fd set of QEMU's (QMP `add-fd`, the descriptor
+    /// sent as `SCM_RIGHTS`) and returns the set's id: a block node opens
+    /// `/dev/fdset/ID`, which QEMU serves by duplicating the descriptor
+    /// (a `getfd` name is for migration, chardevs and sockets only).
+    pub fn add_fd(&self, fd: BorrowedFd<'_>, opaque: &str) -> Result<u64, QmpError> {
+        let answer = self.execute_inner(
+            "add-fd",
+            json!({ "opaque": opaque }),
+            Some(fd),
+            Duration::from_secs(30),
+        )?;
+        answer["fdset-id"]
+            .as_u64()
+            .ok_or_else(|| QmpError::Protocol(format!("add-fd answered {answer}")))
     }
 
     /// Runs a command and returns its `return` value. Waits up to 30 s.

@@ -139,8 +139,8 @@ pub struct QemuVm {
     memory_file: PathBuf,
     /// The file QEMU writes the guest's disk to.
     disk_file: PathBuf,
-    /// `disk_file` is an NBD server's socket, not an image.
-    disk_is_nbd: bool,
+    /// What `disk_file` is.
+    disk_kind: DiskKind,
     /// The image tool of the same QEMU.
     qemu_img: PathBuf,
     /// The process's cgroup directory, when it has one.
@@ -443,6 +443,22 @@ const KEEP_HUGE_PAGES_ENV: &str = "FERRY_QEMU_THP";
 
 /// The disk's format node: what an NBD export names.
 const DISK_NODE: &str = "disk0-format";
+
+/// The protocol node of a lazy disk's local file, once QEMU reads it
+/// directly (see `QemuVm::use_local_disk`).
+const LOCAL_DISK_NODE: &str = "ferry-local-disk";
+
+/// What the file QEMU writes the guest's disk to is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum DiskKind {
+    /// A raw image (a received disk, a lazy disk's complete file): never
+    /// probed, as the guest writes its first bytes.
+    Raw,
+    /// The copy-on-write overlay ferry made (qcow2; raw without qemu-img).
+    Overlay,
+    /// An NBD server's socket (a lazy disk, served by ferry).
+    Nbd,
+}
 
 /// The block job that copies the disk to a receiver.
 const MIRROR_JOB: &str = "ferry-mirror";
@@ -757,7 +773,11 @@ impl QemuVm {
                     DiskSpec::CopyOnWrite { overlay, .. } => overlay.clone(),
                     DiskSpec::Nbd { socket } => socket.clone(),
                 },
-                disk_is_nbd: matches!(spec.disk, DiskSpec::Nbd { .. }),
+                disk_kind: match &spec.disk {
+                    DiskSpec::Raw(_) => DiskKind::Raw,
+                    DiskSpec::CopyOnWrite { .. } => DiskKind::Overlay,
+                    DiskSpec::Nbd { .. } => DiskKind::Nbd,
+                },
                 qemu_img: launch.qemu_img.to_path_buf(),
                 cgroup: cgroup_path,
                 writeback: None,
@@ -1168,15 +1188,18 @@ impl Vm for QemuVm {
     fn export_disk(&mut self, dest: &Path) -> Result<(), EngineError> {
         // Flush what the guest wrote; a no-op after a completed save.
         let _ = self.cmd("stop", json!({}));
-        let source = if self.disk_is_nbd {
+        let (source, format) = match self.disk_kind {
             // The block server takes a second client.
-            format!("nbd+unix:///?socket={}", self.disk_file.display())
-        } else if disk_format(&self.disk_file) == "raw" {
-            return sparse_copy(&self.disk_file, dest);
-        } else {
-            self.disk_file.display().to_string()
+            DiskKind::Nbd => (
+                format!("nbd+unix:///?socket={}", self.disk_file.display()),
+                "raw",
+            ),
+            DiskKind::Raw => return sparse_copy(&self.disk_file, dest),
+            DiskKind::Overlay if disk_format(&self.disk_file) == "raw" => {
+                return sparse_copy(&self.disk_file, dest)
+            }
+            DiskKind::Overlay => (self.disk_file.display().to_string(), "qcow2"),
         };
-        let format = if self.disk_is_nbd { "raw" } else { "qcow2" };
         // -U: QEMU holds the image lock; the VM is paused, so this is safe.
         let out = Command::new(&self.qemu_img)
             .args(["convert", "-U", "-O", "raw", "-S", "4k", "-f", format])
@@ -1190,6 +1213,61 @@ impl Vm for QemuVm {
                 detail: String::from_utf8_lossy(&out.stderr).trim().to_string(),
             });
         }
+        Ok(())
+    }
+
+    fn use_local_disk(&mut self, file: &Path) -> Result<(), EngineError> {
+        if self.disk_kind != DiskKind::Nbd {
+            return Ok(());
+        }
+        // Opened here and handed over: a confined QEMU may not reach the
+        // path. The fd set keeps it for QEMU to duplicate (on a reopen
+        // too), until QEMU exits.
+        let opened = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(file)
+            .map_err(|e| io(format!("opening {}", file.display()), e))?;
+        let fdset = self
+            .qmp
+            .add_fd(opened.as_fd(), LOCAL_DISK_NODE)
+            .map_err(|e| match e {
+                QmpError::Closed => EngineError::NotRunning(wait_for_tail(&self.watch)),
+                other => EngineError::Command {
+                    command: "add-fd".into(),
+                    detail: other.to_string(),
+                },
+            })?;
+        drop(opened);
+        let forget = |vm: &Self| {
+            let _ = vm.cmd("remove-fd", json!({ "fdset-id": fdset }));
+        };
+        // The options the `-drive` gave the disk (cache=writeback,
+        // discard=unmap); a reopen resets those it is not given.
+        let cache = json!({ "direct": false, "no-flush": false });
+        if let Err(e) = self.cmd(
+            "blockdev-add",
+            json!({ "driver": "file", "node-name": LOCAL_DISK_NODE,
+                    "filename": format!("/dev/fdset/{fdset}"),
+                    "discard": "unmap", "cache": cache }),
+        ) {
+            forget(self);
+            return Err(e);
+        }
+        // QEMU drains the node's requests, then swaps its `file` child:
+        // the NBD client node goes, and its connection with it.
+        if let Err(e) = self.cmd(
+            "blockdev-reopen",
+            json!({ "options": [{ "driver": "raw", "node-name": DISK_NODE,
+                                  "file": LOCAL_DISK_NODE, "discard": "unmap",
+                                  "cache": cache }] }),
+        ) {
+            let _ = self.cmd("blockdev-del", json!({ "node-name": LOCAL_DISK_NODE }));
+            forget(self);
+            return Err(e);
+        }
+        self.disk_file = file.to_path_buf();
+        self.disk_kind = DiskKind::Raw;
         Ok(())
     }
 

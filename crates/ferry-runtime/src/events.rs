@@ -106,6 +106,15 @@ pub enum Event {
         /// Milliseconds since the VM was live (its `lazy-disk` event).
         ms: u64,
     },
+    /// After [`Event::LazyDiskComplete`]: the engine reads and writes the
+    /// disk's file itself; ferry's NBD server is out of the disk's path.
+    LazyDiskLocal {
+        /// The file.
+        file: PathBuf,
+        /// Milliseconds the switch took (the engine finishes the disk
+        /// requests in flight first).
+        ms: u64,
+    },
     /// The sections fetched from a registry (those in the cache were not).
     Fetched {
         /// Where from.

@@ -143,6 +143,10 @@ fn human(event: &Event) -> Option<Line> {
             fetched_bytes >> 20,
             *ms as f64 / 1000.0
         )),
+        Event::LazyDiskLocal { file, ms } => Out(format!(
+            "disk: QEMU reads and writes {} itself now (switched in {ms} ms)",
+            file.display()
+        )),
         Event::Fetched { from, bytes } => Err(format!(
             "==> fetched {} MiB from {from} (sections already in the cache are not fetched again)",
             bytes >> 20
