@@ -2052,7 +2052,17 @@ fn run_qemu_img_create(qemu_img: &Path, base: &Path, overlay: &Path) -> Result<(
         Ok(out) => out,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             tracing::warn!("qemu-img not found (package qemu-utils): copying the disk instead");
-            return sparse_copy(base, overlay);
+            // The mark first: a copy is never there without it. The copy
+            // is made beside and renamed: a half copy is never the overlay
+            // (an overlay that exists is used as it is).
+            let mark = raw_copy_mark(overlay);
+            std::fs::write(&mark, b"").map_err(|e| io(format!("writing {}", mark.display()), e))?;
+            let mut partial = overlay.as_os_str().to_os_string();
+            partial.push(".partial");
+            let partial = PathBuf::from(partial);
+            sparse_copy(base, &partial)?;
+            return std::fs::rename(&partial, overlay)
+                .map_err(|e| io(format!("renaming {}", partial.display()), e));
         }
         Err(e) => return Err(io("running qemu-img".into(), e)),
     };
@@ -2082,8 +2092,24 @@ fn sparse_copy(from: &Path, to: &Path) -> Result<(), EngineError> {
     Ok(())
 }
 
-/// The image format of a disk file, from its first bytes.
+/// Beside an overlay that is a raw copy of its base (made without
+/// qemu-img): the copy's format, which its first bytes must not decide,
+/// being the guest's.
+fn raw_copy_mark(overlay: &Path) -> PathBuf {
+    let mut name = overlay.as_os_str().to_os_string();
+    name.push(".raw-copy");
+    PathBuf::from(name)
+}
+
+/// The image format of an overlay ferry made: `raw` for a raw copy
+/// ([`raw_copy_mark`]), else from its first bytes (a qcow2 header ferry
+/// wrote, which the guest cannot reach). A raw copy probed by its first
+/// bytes would let a guest that wrote a qcow2 header there have QEMU open
+/// the backing or data file the header names on the next start.
 fn disk_format(path: &Path) -> &'static str {
+    if raw_copy_mark(path).exists() {
+        return "raw";
+    }
     let mut magic = [0u8; 4];
     let is_qcow2 = std::fs::File::open(path)
         .and_then(|mut f| f.read_exact(&mut magic))
@@ -2634,6 +2660,37 @@ mod prefetch_tests {
             .join()
             .unwrap();
         assert_eq!(cached_pages(&file, len), len / 4096);
+    }
+}
+
+#[cfg(test)]
+mod raw_copy_tests {
+    use super::{create_overlay, disk_format};
+
+    /// Without qemu-img the overlay is a raw copy of the base, and stays
+    /// raw to ferry even once the guest has written a qcow2 header at its
+    /// start: that header would name a backing file of the guest's choice.
+    #[test]
+    fn a_raw_copy_is_raw_whatever_the_guest_writes_at_its_start() {
+        let dir = tempfile::tempdir().unwrap();
+        let base = dir.path().join("base.raw");
+        std::fs::write(&base, vec![0u8; 1 << 16]).unwrap();
+        let overlay = dir.path().join("disk.qcow2");
+        let no_qemu_img = dir.path().join("no-such-qemu-img");
+        create_overlay(&no_qemu_img, dir.path(), &base, &overlay).unwrap();
+        assert_eq!(std::fs::read(&overlay).unwrap().len(), 1 << 16);
+        assert_eq!(disk_format(&overlay), "raw");
+
+        // What a hostile guest writes to its disk's first sector.
+        let mut bytes = std::fs::read(&overlay).unwrap();
+        bytes[..4].copy_from_slice(b"QFI\xfb");
+        std::fs::write(&overlay, &bytes).unwrap();
+        assert_eq!(disk_format(&overlay), "raw");
+
+        // A qcow2 overlay ferry made (no mark) is read by its header.
+        let made = dir.path().join("made.qcow2");
+        std::fs::write(&made, b"QFI\xfb\0\0\0\x03").unwrap();
+        assert_eq!(disk_format(&made), "qcow2");
     }
 }
 
