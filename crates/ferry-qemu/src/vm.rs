@@ -2019,6 +2019,9 @@ fn create_overlay(
     if overlay.exists() {
         return Ok(());
     }
+    // A mark left by an earlier raw copy would make a new qcow2 overlay
+    // read as raw.
+    let _ = std::fs::remove_file(raw_copy_mark(overlay));
     let base =
         std::fs::canonicalize(base).map_err(|e| io(format!("disk {}", base.display()), e))?;
     let template = ferry_engine::memo::path(cache_dir, "overlay", &base);
