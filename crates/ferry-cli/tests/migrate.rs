@@ -935,12 +935,9 @@ fn a_peer_says_when_its_whole_disk_is_here() {
     assert!(file.ends_with("disk-lazy.raw"), "{lines:?}");
     // QEMU holds the file open: what it reads and writes goes there, not
     // through ferry's server.
-    let qemu = std::process::Command::new("pgrep")
-        .args(["-f", "-n", "--", "-name ferry:whole "])
-        .output()
-        .unwrap();
-    let pid = String::from_utf8_lossy(&qemu.stdout).trim().to_string();
-    assert!(!pid.is_empty(), "no QEMU named ferry:whole");
+    let pid = ps_row(a, &ea, "whole")["engine_pid"]
+        .as_u64()
+        .expect("engine_pid in ps --json");
     let open = std::fs::read_dir(format!("/proc/{pid}/fd"))
         .unwrap()
         .filter_map(|e| std::fs::read_link(e.unwrap().path()).ok())

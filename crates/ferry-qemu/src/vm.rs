@@ -1098,14 +1098,22 @@ impl QemuVm {
     }
 
     fn cmd(&self, command: &str, args: Value) -> Result<Value, EngineError> {
-        self.qmp.execute(command, args).map_err(|e| match e {
+        self.qmp
+            .execute(command, args)
+            .map_err(|e| self.qmp_error(command, e))
+    }
+
+    /// A failed QMP command as the engine says it: QEMU gone (with its
+    /// last words), out of time, or QEMU's own error.
+    fn qmp_error(&self, command: &str, e: QmpError) -> EngineError {
+        match e {
             QmpError::Closed => EngineError::NotRunning(wait_for_tail(&self.watch)),
             QmpError::Timeout(_) => EngineError::Timeout(format!("QEMU command {command}")),
             other => EngineError::Command {
                 command: command.into(),
                 detail: other.to_string(),
             },
-        })
+        }
     }
 }
 
@@ -1231,13 +1239,7 @@ impl Vm for QemuVm {
         let fdset = self
             .qmp
             .add_fd(opened.as_fd(), LOCAL_DISK_NODE)
-            .map_err(|e| match e {
-                QmpError::Closed => EngineError::NotRunning(wait_for_tail(&self.watch)),
-                other => EngineError::Command {
-                    command: "add-fd".into(),
-                    detail: other.to_string(),
-                },
-            })?;
+            .map_err(|e| self.qmp_error("add-fd", e))?;
         drop(opened);
         let forget = |vm: &Self| {
             let _ = vm.cmd("remove-fd", json!({ "fdset-id": fdset }));
@@ -2060,9 +2062,7 @@ fn run_qemu_img_create(qemu_img: &Path, base: &Path, overlay: &Path) -> Result<(
             // (an overlay that exists is used as it is).
             let mark = raw_copy_mark(overlay);
             std::fs::write(&mark, b"").map_err(|e| io(format!("writing {}", mark.display()), e))?;
-            let mut partial = overlay.as_os_str().to_os_string();
-            partial.push(".partial");
-            let partial = PathBuf::from(partial);
+            let partial = with_suffix(overlay, ".partial");
             sparse_copy(base, &partial)?;
             return std::fs::rename(&partial, overlay)
                 .map_err(|e| io(format!("renaming {}", partial.display()), e));
@@ -2099,8 +2099,13 @@ fn sparse_copy(from: &Path, to: &Path) -> Result<(), EngineError> {
 /// qemu-img): the copy's format, which its first bytes must not decide,
 /// being the guest's.
 fn raw_copy_mark(overlay: &Path) -> PathBuf {
-    let mut name = overlay.as_os_str().to_os_string();
-    name.push(".raw-copy");
+    with_suffix(overlay, ".raw-copy")
+}
+
+/// `path` with `suffix` appended to its name (not replacing an extension).
+fn with_suffix(path: &Path, suffix: &str) -> PathBuf {
+    let mut name = path.as_os_str().to_os_string();
+    name.push(suffix);
     PathBuf::from(name)
 }
 
