@@ -423,11 +423,11 @@ pub struct LiveStats {
     /// Bytes on the wire in all (state and disk), if the caller counted.
     #[serde(default)]
     pub wire_bytes: u64,
-    /// The downtime limit the engine sized the last pass by, in ms: a
-    /// copy may start tighter than [`LiveLimits::max_downtime`] and get
-    /// that limit only if it keeps iterating past its first pass without
-    /// converging, so this says which one the copy ended under. 0: not
-    /// known (an engine or a source that does not say).
+    /// The downtime limit the engine sized the last pass by, in ms
+    /// ([`LiveLimits::max_downtime`] for ferry-qemu; sources of ferry
+    /// before 2026-12-07 started a copy at 15 ms and said which limit it
+    /// ended under). 0: not known (an engine or a source that does not
+    /// say).
     #[serde(default, skip_serializing_if = "is_zero")]
     pub downtime_limit_ms: u64,
     /// The most the engine slowed the guest's vCPUs, in percent of their
