@@ -1302,9 +1302,9 @@ impl Vm for QemuVm {
         // and got the asked-for limit after 2 s of passes past its first:
         // on this host that no longer shortened anything, the engine's
         // downtime being 2-8 ms under either, and in the KVM lab an idle
-        // guest's copy then iterated 6-33 passes (320-870 ms) under 15 ms
-        // with the guest short of the lab's one CPU, where the raw
-        // engine's stopped after one or two: bench/README.md.)
+        // guest's copy then went on for 320-1,500 ms of passes past its
+        // first under 15 ms, the guest short of the lab's one CPU; under
+        // 50 ms, 131-451 ms: bench/README.md.)
         let limit = limits.max_downtime.as_millis() as u64;
         // A TCG guest on QEMU before 9.0 started without the extra memory
         // (a state made on QEMU 9.0 or later, or by an older ferry) would
