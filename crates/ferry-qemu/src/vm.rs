@@ -1301,7 +1301,7 @@ impl Vm for QemuVm {
         // as the raw engine's does. (Until 2026-12-07 it started at 15 ms
         // and got the asked-for limit after 2 s of passes past its first:
         // on this host that no longer shortened anything, the engine's
-        // downtime being 2-8 ms under either, and in the KVM lab an idle
+        // downtime being 2-12 ms under either, and in the KVM lab an idle
         // guest's copy then went on for 320-1,500 ms of passes past its
         // first under 15 ms, the guest short of the lab's one CPU; under
         // 50 ms, 131-451 ms: bench/README.md.)
@@ -1334,9 +1334,11 @@ impl Vm for QemuVm {
         // waiting 90-582 ms before the source even stopped). With the first
         // pass's rate, the last pass is what that rate carries in the
         // downtime limit. Reset first: an earlier copy's figure must not
-        // count for this one's first pass. (QEMU 8.2 and later; the lab's
-        // QEMU is 7.2, so the lab figures above are why, not a measured
-        // gain: bench/README.md, 2026-12-07.)
+        // count for this one's first pass. (QEMU 8.2 and later. The
+        // figures above are from the QEMU 7.2 lab, which lacks it: they are
+        // why, not a measured gain. In the QEMU 10 lab that rate is below
+        // what the link carries, most of a first pass being zero pages,
+        // scanned but not sent: bench/README.md, 2026-12-07.)
         let tell_rate = !paused_copy && self.version >= SWITCHOVER_BANDWIDTH_SINCE;
         let mut parameters = json!({ "downtime-limit": limit, "max-bandwidth": limits.max_bandwidth,
                                      "throttle-trigger-threshold": 100 });
