@@ -44,7 +44,8 @@ Usage (as root; from the repository's root):
       line, prints "running MS"); then each "move" line on stdin migrates
       it to a new QEMU behind the next PORT (round robin) and prints one
       JSON line with the move's figures and moments. Both QEMUs run in the
-      host's network namespace and migrate over tcp:127.0.0.1:MIGPORT; each
+      host's network namespace and migrate over tcp:127.0.0.1:MIGPORT (the
+      disk over NBD on tcp:127.0.0.1:MIGPORT+1); each
       opens its tap in its own namespace (made before the move starts, as
       ferry's peer makes its own before it receives) and gets it as fd=N.
       A move is the engine's plain sequence, what ferry's engine does
@@ -683,8 +684,11 @@ def live(cap, work, guest_port, ports, mig_port):
                     f.truncate(int(mem_size.rstrip("K")) * 1024 if mem_size.endswith("K") else int(mem_size))
             m["start"] = now_ms()
             dst.start(argv_for(dst, False))
-            nbd = os.path.join(dst.dir, "nbd.sock")
-            dst.qmp.cmd("nbd-server-start", addr={"type": "unix", "data": {"path": nbd}})
+            # The disk crosses TCP, as between two hosts (and as ferry's
+            # does): a Unix socket was a same-machine shortcut no move
+            # between hosts has (until 2026-12-07).
+            nbd = {"host": "127.0.0.1", "port": str(mig_port + 1)}
+            dst.qmp.cmd("nbd-server-start", addr={"type": "inet", "data": nbd})
             dst.qmp.cmd("block-export-add", type="nbd", id="rawvm-incoming-disk", **{"node-name": node},
                         name="disk0", writable=True)
             dst.qmp.cmd("migrate-set-capabilities", capabilities=caps + [{"capability": "events", "state": True}])
@@ -692,7 +696,7 @@ def live(cap, work, guest_port, ports, mig_port):
             m["copy"] = now_ms()
             q = src.qmp
             q.cmd("blockdev-add", driver="raw", **{"node-name": "rawvm-mirror-target"},
-                  file={"driver": "nbd", "export": "disk0", "server": {"type": "unix", "path": nbd}})
+                  file={"driver": "nbd", "export": "disk0", "server": {"type": "inet", **nbd}})
             q.cmd("blockdev-mirror", device="disk0", **{"job-id": "rawvm-mirror"}, target="rawvm-mirror-target",
                   sync="full", **{"auto-dismiss": False})
             deadline = time.monotonic() + 600
