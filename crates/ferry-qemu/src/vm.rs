@@ -1338,7 +1338,11 @@ impl Vm for QemuVm {
         // figures above are from the QEMU 7.2 lab, which lacks it: they are
         // why, not a measured gain. In the QEMU 10 lab that rate is below
         // what the link carries, most of a first pass being zero pages,
-        // scanned but not sent: bench/README.md, 2026-12-07.)
+        // scanned but not sent; yet without it, as the raw engine runs,
+        // the copy did not end sooner: the guest stopped at QEMU's fourth
+        // pass in all six moves, 145-408 ms after the second began,
+        // against the fourth to ninth, 131-498 ms, in two runs with it;
+        // the client's gaps were no shorter. bench/README.md, 2026-12-07.)
         let tell_rate = !paused_copy && self.version >= SWITCHOVER_BANDWIDTH_SINCE;
         let mut parameters = json!({ "downtime-limit": limit, "max-bandwidth": limits.max_bandwidth,
                                      "throttle-trigger-threshold": 100 });
