@@ -1427,9 +1427,11 @@ const LINK_BYTES_PER_US: u64 = 1250;
 /// The disk's channel keeps both bounds too, though nothing of it waits
 /// for a last pass. Left to the kernel's sizing (KVM lab, QEMU 10,
 /// 2026-12-07) ferry's disk copy was no faster (38-84 s against 37-77 s
-/// bounded, the raw engine's 11-12 s) and took the lab's one CPU from the
-/// source's guest: a client of it waited 13.3 s, then 6.4 s, as the copy
-/// began.
+/// bounded; the raw engine's 9-17 s), and in one of six moves the
+/// source's guest stalled as the copy began: its client waited 13.3 s,
+/// then 6.4 s. No bounded move of the day's three lab runs had a gap
+/// over 2.5 s (the raw engine, its sockets sized by the kernel, had one
+/// of 8.8 s).
 fn bound_receive_queue(tcp: &TcpStream) {
     let Some((info, _)) = tcp_info(tcp) else {
         return;
