@@ -1429,9 +1429,10 @@ const LINK_BYTES_PER_US: u64 = 1250;
 /// 2026-12-07) ferry's disk copy was no faster (38-84 s against 37-77 s
 /// bounded; the raw engine's 9-17 s), and in one of six moves the
 /// source's guest stalled as the copy began: its client waited 13.3 s,
-/// then 6.4 s. No bounded move of the day's three lab runs had a gap
-/// over 2.5 s (the raw engine, its sockets sized by the kernel, had one
-/// of 8.8 s).
+/// then 6.4 s. No bounded move of the day's three other QEMU 10 lab runs
+/// had a gap over 2.5 s (the raw engine, its sockets sized by the kernel,
+/// had one of 8.8 s); in the QEMU 7.2 lab one bounded move's client
+/// waited 3.9 s as its copy began.
 fn bound_receive_queue(tcp: &TcpStream) {
     let Some((info, _)) = tcp_info(tcp) else {
         return;
