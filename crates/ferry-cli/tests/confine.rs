@@ -29,21 +29,6 @@ fn row(env: &ferry_test_support::FerryEnv, name: &str) -> Value {
         .unwrap_or_else(|| panic!("{name} in ps --json"))
 }
 
-/// This process's memory cgroup directory (ferry's, as the test starts
-/// ferry in the cgroup it runs in), v1 or v2.
-fn own_memory_cgroup() -> PathBuf {
-    let text = std::fs::read_to_string("/proc/self/cgroup").unwrap();
-    for line in text.lines() {
-        let mut parts = line.splitn(3, ':');
-        let (_, controllers, path) = (parts.next(), parts.next().unwrap(), parts.next().unwrap());
-        if controllers.split(',').any(|c| c == "memory") {
-            return Path::new("/sys/fs/cgroup/memory").join(path.trim_start_matches('/'));
-        }
-    }
-    let line = text.lines().find(|l| l.starts_with("0::")).unwrap();
-    Path::new("/sys/fs/cgroup").join(line[3..].trim_start_matches('/'))
-}
-
 fn v1() -> bool {
     Path::new("/sys/fs/cgroup/memory/memory.limit_in_bytes").exists()
 }
@@ -67,7 +52,7 @@ fn assert_confined(env: &ferry_test_support::FerryEnv, name: &str, memory_mib: u
         "{name}: seccomp filter on"
     );
     let cgroup = PathBuf::from(r["cgroup"].as_str().expect("a cgroup in ps --json"));
-    let parent = own_memory_cgroup();
+    let parent = ferry_test_support::own_memory_cgroup();
     assert_eq!(
         cgroup.parent(),
         Some(parent.as_path()),

@@ -268,6 +268,7 @@ fn write_back_failures_keep_the_package_and_the_vm() {
     let env = env();
     let good = tiny_package(&env);
     let size_mib = std::fs::metadata(&good).unwrap().len().div_ceil(1 << 20);
+    let mut killed = Vec::new();
 
     for case in ["read-only", "full"] {
         let mnt = env.state.path().join(format!("mnt-{case}"));
@@ -317,6 +318,7 @@ fn write_back_failures_keep_the_package_and_the_vm() {
         );
         assert!(run.try_wait().unwrap().is_none(), "ferry run keeps running");
         send_signal(run.id(), libc::SIGKILL);
+        killed.push(run.id());
         let _ = run.wait();
         let out = {
             use std::io::Read;
@@ -363,6 +365,23 @@ fn write_back_failures_keep_the_package_and_the_vm() {
     assert!(
         !std::path::Path::new("/run/netns/ferry-t-wb").exists(),
         "the dead VM's namespace is gone"
+    );
+    // And the killed supervisors' cgroups (`ferry-t-wb-<pid>-<n>`), which
+    // nothing else removes.
+    let cgroups = ferry_test_support::own_memory_cgroup();
+    let left: Vec<String> = std::fs::read_dir(&cgroups)
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().into_string().ok())
+        .filter(|n| {
+            killed
+                .iter()
+                .any(|pid| n.starts_with(&format!("ferry-t-wb-{pid}-")))
+        })
+        .collect();
+    assert!(
+        left.is_empty(),
+        "the killed supervisors' cgroups in {}: {left:?}",
+        cgroups.display()
     );
 }
 

@@ -44,6 +44,63 @@ impl CgroupParent {
             .map_err(|e| format!("cannot read /proc/self/mountinfo: {e}"))?;
         parent_from(&cgroups, &mountinfo)
     }
+
+    /// Removes the empty cgroups that ferry processes now gone left here.
+    ///
+    /// A VM's cgroup is removed by the process that made it, once its QEMU
+    /// is reaped ([`VmCgroup`]'s drop). A supervisor killed outright (a
+    /// `SIGKILL`, the OOM killer, a crash) never gets there: its QEMU dies
+    /// with it, and the empty directory stayed, one per killed VM, for as
+    /// long as the host ran (and its parent could not be removed). So each
+    /// new VM's cgroup first sweeps its siblings: a directory named as
+    /// ferry names them (`ferry-<vm>-<pid>-<serial>`) whose `<pid>` no
+    /// longer runs is removed. The kernel refuses to remove a cgroup that
+    /// still holds a process, so a live VM's is never touched, whatever its
+    /// name says. Returns how many were removed.
+    pub fn remove_stale(&self) -> usize {
+        match self {
+            CgroupParent::V2(dir) => remove_stale_in(dir),
+            CgroupParent::V1 { memory, pids } => {
+                remove_stale_in(memory) + pids.as_deref().map_or(0, remove_stale_in)
+            }
+        }
+    }
+}
+
+/// [`CgroupParent::remove_stale`] in one directory.
+fn remove_stale_in(dir: &Path) -> usize {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    let me = std::process::id();
+    let mut removed = 0;
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(pid) = name.to_str().and_then(maker_pid) else {
+            continue;
+        };
+        if pid == me || Path::new("/proc").join(pid.to_string()).exists() {
+            continue;
+        }
+        // Fails (EBUSY) while a process is in it, or it has children.
+        if std::fs::remove_dir(entry.path()).is_ok() {
+            tracing::info!(cgroup = %entry.path().display(), pid, "removed the cgroup of a ferry process that is gone");
+            removed += 1;
+        }
+    }
+    removed
+}
+
+/// The pid of the ferry process that made cgroup `name`, if the name is
+/// one ferry gives (`ferry-<vm>-<pid>-<serial>`, see [`VmCgroup::create`]).
+fn maker_pid(name: &str) -> Option<u32> {
+    let digits = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
+    let rest = name.strip_prefix("ferry-")?;
+    let (rest, serial) = rest.rsplit_once('-')?;
+    let (vm, pid) = rest.rsplit_once('-')?;
+    (!vm.is_empty() && digits(serial) && digits(pid))
+        .then(|| pid.parse().ok())
+        .flatten()
 }
 
 /// One mount of a cgroup hierarchy: its root inside the hierarchy, where
@@ -187,6 +244,7 @@ impl VmCgroup {
         disk_on_tmpfs: u64,
         pids_limit: u64,
     ) -> std::io::Result<Self> {
+        parent.remove_stale();
         let leaf = format!(
             "ferry-{}-{}-{}",
             sanitize(name),
@@ -360,6 +418,39 @@ fn sanitize(name: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_ferrys_own_names_give_a_maker() {
+        assert_eq!(maker_pid("ferry-web-12-4157-0"), Some(4157));
+        assert_eq!(maker_pid("ferry-t-wb-4157-12"), Some(4157));
+        assert_eq!(maker_pid("ferry-4157-0"), None);
+        assert_eq!(maker_pid("ferry-x-+41-0"), None);
+        assert_eq!(maker_pid("ferry-x-41-"), None);
+        assert_eq!(maker_pid("system.slice"), None);
+        assert_eq!(maker_pid("other-x-41-0"), None);
+    }
+
+    #[test]
+    fn the_sweep_removes_only_what_dead_processes_left_empty() {
+        let dir = tempfile::tempdir().unwrap();
+        // A pid that ran and is gone (reaped): a killed supervisor's.
+        let mut child = std::process::Command::new("true").spawn().unwrap();
+        let dead = child.id();
+        child.wait().unwrap();
+        let me = std::process::id();
+        let stale = dir.path().join(format!("ferry-a-{dead}-0"));
+        let busy = dir.path().join(format!("ferry-b-{dead}-1"));
+        let mine = dir.path().join(format!("ferry-c-{me}-0"));
+        let foreign = dir.path().join("user.slice");
+        for d in [&stale, &busy, &mine, &foreign] {
+            std::fs::create_dir(d).unwrap();
+        }
+        // Stands for a cgroup that still holds a process: not empty.
+        std::fs::write(busy.join("cgroup.procs"), "1\n").unwrap();
+        assert_eq!(remove_stale_in(dir.path()), 1);
+        assert!(!stale.exists());
+        assert!(busy.exists() && mine.exists() && foreign.exists());
+    }
 
     #[test]
     fn v1_memory_and_pids_below_ferrys_own_cgroups() {

@@ -299,6 +299,21 @@ pub fn raw_control_request(socket: &Path, line: &str) -> String {
     reply
 }
 
+/// This process's memory cgroup directory, v1 or v2: ferry's, as tests
+/// start ferry in the cgroup they run in, so each VM's cgroup is a child.
+pub fn own_memory_cgroup() -> PathBuf {
+    let text = std::fs::read_to_string("/proc/self/cgroup").unwrap();
+    for line in text.lines() {
+        let mut parts = line.splitn(3, ':');
+        let (_, controllers, path) = (parts.next(), parts.next().unwrap(), parts.next().unwrap());
+        if controllers.split(',').any(|c| c == "memory") {
+            return Path::new("/sys/fs/cgroup/memory").join(path.trim_start_matches('/'));
+        }
+    }
+    let line = text.lines().find(|l| l.starts_with("0::")).unwrap();
+    Path::new("/sys/fs/cgroup").join(line[3..].trim_start_matches('/'))
+}
+
 /// Pids of QEMU processes running the VM named `name`.
 pub fn qemu_pids(name: &str) -> Vec<u32> {
     let out = Command::new("pgrep")
