@@ -597,8 +597,48 @@ fn a_destination_lost_after_the_switch_leaves_the_source_in_doubt() {
     let lab = Lab::new();
     let (a, b, ea, eb) = (lab.a(), lab.b(), &lab.ea, &lab.eb);
     let (listen, expose, url) = (&lab.listen, &lab.expose, &lab.url);
-    let (mut on_a, _) = start(a, ea, &peer_args(url, "kv", listen, expose), "serving VM");
+    // A holds its reclaimed guest running for 3 s (between QEMU's `cont`
+    // and `stop`) when it saves it below: what the guest sends then must
+    // not leave A.
+    let mut cmd = a.ferry(ea);
+    cmd.args(peer_args(url, "kv", listen, expose))
+        .current_dir(ea.state.path())
+        .env("FERRY_FAULT", "hold-reclaim");
+    let (mut on_a, _) = spawn_until(cmd, "serving VM", Duration::from_secs(180));
     assert_eq!(redis_cli(a, &["SET", "before", "kept"]), "OK");
+    // The guest sends a datagram to its gateway every 50 ms for as long as
+    // it runs: each reaches its tap, A's side of its link, as a packet
+    // received there.
+    in_guest(
+        a,
+        ea,
+        "setsid bash -c 'while :; do echo x > /dev/udp/172.100.100.1/9; sleep 0.05; done' \
+         </dev/null >/dev/null 2>&1 &",
+    );
+    // A's VM namespace's tap: packets received from the guest, and
+    // whether the link is up.
+    let vm_ns = format!("{}-kv", a.name());
+    let tap = |ns: &str| -> Option<(u64, bool)> {
+        let read = |f: &str| {
+            let out = Command::new("ip")
+                .args(["netns", "exec", ns, "cat"])
+                .arg(format!("/sys/class/net/tap0/{f}"))
+                .output()
+                .ok()?;
+            out.status
+                .success()
+                .then(|| String::from_utf8_lossy(&out.stdout).trim().to_string())
+        };
+        let rx = read("statistics/rx_packets")?.parse().ok()?;
+        let flags = u32::from_str_radix(read("flags")?.trim_start_matches("0x"), 16).ok()?;
+        Some((rx, flags & 1 == 1))
+    };
+    let first = tap(&vm_ns).expect("A's tap").0;
+    wait_until(
+        Duration::from_secs(10),
+        "the guest's datagrams on A's tap",
+        || (tap(&vm_ns)?.0 > first + 5).then_some(()),
+    );
 
     // B takes the whole state, then dies without resuming or answering.
     let from_a = format!("{}:{PEER_PORT}", a.addr());
@@ -623,13 +663,60 @@ fn a_destination_lost_after_the_switch_leaves_the_source_in_doubt() {
     assert!(on_a.try_wait().unwrap().is_none(), "the source still runs");
     assert_eq!(qemu_in(a, "kv"), 1);
     assert_eq!(redis_cli(a, &["PING"]), "", "an in-doubt VM stays paused");
+    let (paused_rx, up) = tap(&vm_ns).expect("A's tap");
+    assert!(up, "the in-doubt VM's link is up until its save");
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(
+        tap(&vm_ns).unwrap().0,
+        paused_rx,
+        "a paused guest sends nothing"
+    );
 
-    // Ctrl-C saves it; the saved VM has the acknowledged write.
+    // Ctrl-C saves it; the saved VM has the acknowledged write. Meanwhile
+    // A's tap is read until the VM's namespace goes.
+    let watch = {
+        let vm_ns = vm_ns.clone();
+        std::thread::spawn(move || {
+            let mut seen = Vec::new();
+            let started = Instant::now();
+            while let Some((rx, up)) = tap(&vm_ns) {
+                seen.push((Instant::now(), rx, up));
+                if started.elapsed() > Duration::from_secs(60) {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            seen
+        })
+    };
     let out = stop(&mut on_a);
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("is in doubt"), "{}", describe(&out));
     assert!(out.status.success(), "{}", describe(&out));
+    assert!(
+        err.contains("held the reclaimed guest for 3000 ms, QEMU status \"running\""),
+        "the guest ran for 3 s before its save: {}",
+        describe(&out)
+    );
     assert_eq!(qemu_in(a, "kv"), 0);
+    let seen = watch.join().unwrap();
+    let received: std::collections::BTreeSet<u64> = seen.iter().map(|s| s.1).collect();
+    assert_eq!(
+        received,
+        [paused_rx].into(),
+        "nothing the reclaimed guest sent reached A's side of its link (packets received there)"
+    );
+    let down: Vec<Instant> = seen.iter().filter(|s| !s.2).map(|s| s.0).collect();
+    let span = match (down.first(), down.last()) {
+        (Some(from), Some(to)) => *to - *from,
+        _ => Duration::ZERO,
+    };
+    assert!(
+        span >= Duration::from_millis(2500),
+        "A's tap was seen down through the 3 s hold: {span:?} ({} of {} reads)",
+        down.len(),
+        seen.len()
+    );
     let saved = ea.state.path().join("kv.ferry");
     let out = ea.run(&["inspect", saved.to_str().unwrap(), "--verify"]);
     assert!(out.status.success(), "{}", describe(&out));
@@ -640,9 +727,24 @@ fn a_destination_lost_after_the_switch_leaves_the_source_in_doubt() {
         saved.to_str().unwrap(),
         "--expose",
         expose,
+        "--name",
+        "kv",
     ]);
     let (mut run, _) = spawn_until(cmd, "live in", Duration::from_secs(120));
     assert_eq!(redis_cli(a, &["GET", "before"]), "kept");
+    // Its sender was in the saved state and sends again: it would have
+    // been heard during the hold.
+    let resumed = tap(&vm_ns)
+        .unwrap_or_else(|| {
+            let ns = Command::new("ip").args(["netns", "list"]).output().unwrap();
+            panic!("no tap in {vm_ns}: {}", String::from_utf8_lossy(&ns.stdout))
+        })
+        .0;
+    wait_until(
+        Duration::from_secs(10),
+        "the resumed guest's datagrams",
+        || (tap(&vm_ns)?.0 > resumed + 5).then_some(()),
+    );
     let out = stop(&mut run);
     assert!(out.status.success(), "{}", describe(&out));
 }

@@ -1484,6 +1484,7 @@ impl Vm for QemuVm {
         // way out of it, and takes the disks back from the destination.
         if status["status"] == "postmigrate" {
             self.cmd("cont", json!({}))?;
+            hold_reclaimed(self);
             self.cmd("stop", json!({}))?;
         }
         Ok(())
@@ -2258,6 +2259,27 @@ fn over_memory_limit(cgroup: &VmCgroup) -> String {
         crate::confine::MEMORY_OVERHEAD_ENV,
     )
 }
+
+/// Test builds only (`fault-injection`): with `FERRY_FAULT=hold-reclaim`,
+/// the reclaimed guest runs for 3 s before its `stop`, long enough to send
+/// what a test can count, and the log says that QEMU ran it. Nothing it
+/// sends may leave (the caller silenced it first): a test cannot otherwise
+/// observe the moment between the two commands.
+#[cfg(feature = "fault-injection")]
+fn hold_reclaimed(vm: &QemuVm) {
+    if std::env::var("FERRY_FAULT").as_deref() != Ok("hold-reclaim") {
+        return;
+    }
+    std::thread::sleep(Duration::from_secs(3));
+    let status = vm.cmd("query-status", json!({})).unwrap_or_default();
+    tracing::warn!(
+        "FERRY_FAULT=hold-reclaim: held the reclaimed guest for 3000 ms, QEMU status {}",
+        status["status"]
+    );
+}
+
+#[cfg(not(feature = "fault-injection"))]
+fn hold_reclaimed(_: &QemuVm) {}
 
 /// How much of the VM's memory limit its disk needs: its whole size when
 /// QEMU writes it on tmpfs, else nothing. A tmpfs page counts against the
