@@ -13,8 +13,10 @@ stall after the fact (bench/lab's dump with FERRY_BENCH_LAB_SAMPLE=1).
 A sample line: epoch ms; the machine's CPU time in that period (user,
 system, iowait, idle, in 1/100 s); /proc/vmstat's major faults, pages
 scanned, file refaults, dirty and writeback pages; the pressure stall time
-(PSI, ms, where the kernel has it); then per QEMU its main thread, its
-vCPU threads and any thread in D state, as `pid/tid:name:state:cpu[:wchan]`
+(PSI, ms, where the kernel has it); then per QEMU its main thread and
+every thread that ran, is runnable or is in D state in that period (QEMU
+names its vCPU threads only with `debug-threads=on`), as
+`pid/tid:name:state:cpu[:wchan]`
 (cpu in 1/100 s of that period; wchan for a thread not running). A QEMU's
 first line says which VM it is (its -name and its state directory).
 
@@ -86,10 +88,8 @@ def threads(seen, out):
             name = stat[stat.index("(") + 1:stat.rindex(")")]
             rest = stat[stat.rindex(")") + 2:].split()
             state, ticks = rest[0], int(rest[11]) + int(rest[12])
-            keep = tid == pid or name.startswith("CPU ") or state == "D"
-            if keep:
-                wchan = read(f"/proc/{pid}/task/{tid}/wchan") if state != "R" else ""
-                now[(pid, tid)] = (name.replace(" ", "_"), state, ticks, wchan)
+            wchan = read(f"/proc/{pid}/task/{tid}/wchan") if state != "R" else ""
+            now[(pid, tid)] = (name.replace(" ", "_"), state, ticks, wchan)
     return now
 
 
@@ -106,6 +106,10 @@ def record(path, period_ms):
             th = []
             for (pid, tid), (name, state, ticks, wchan) in sorted(t.items()):
                 d = ticks - last_t.get((pid, tid), (0, 0, ticks))[2]
+                # QEMU names its vCPU threads only with debug-threads=on:
+                # the busy ones, the blocked ones and the main one.
+                if not (tid == pid or state in "RD" or d > 0):
+                    continue
                 th.append(f"{pid}/{tid}:{name}:{state}:{d}" + (f":{wchan}" if wchan and wchan != "0" else ""))
             out.write(
                 f"{int(time.time() * 1000)} cpu={'/'.join(map(str, dc))}"
