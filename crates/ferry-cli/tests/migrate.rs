@@ -612,8 +612,11 @@ fn a_destination_lost_after_the_switch_leaves_the_source_in_doubt() {
     in_guest(
         a,
         ea,
-        "setsid bash -c 'while :; do echo x > /dev/udp/172.100.100.1/9; sleep 0.05; done' \
-         </dev/null >/dev/null 2>&1 &",
+        &format!(
+            "setsid bash -c 'while :; do echo x > /dev/udp/{}/9; sleep 0.05; done' \
+             </dev/null >/dev/null 2>&1 &",
+            ferry_net::GATEWAY_ADDR
+        ),
     );
     // A's VM namespace's tap: packets received from the guest, and
     // whether the link is up.

@@ -72,14 +72,14 @@ fn remove_stale_in(dir: &Path) -> usize {
     let Ok(entries) = std::fs::read_dir(dir) else {
         return 0;
     };
-    let me = std::process::id();
     let mut removed = 0;
     for entry in entries.flatten() {
         let name = entry.file_name();
         let Some(pid) = name.to_str().and_then(maker_pid) else {
             continue;
         };
-        if pid == me || Path::new("/proc").join(pid.to_string()).exists() {
+        // This process's own, and every live ferry's, stay.
+        if Path::new("/proc").join(pid.to_string()).exists() {
             continue;
         }
         // Fails (EBUSY) while a process is in it, or it has children.

@@ -1429,10 +1429,11 @@ const LINK_BYTES_PER_US: u64 = 1250;
 /// 2026-12-07) ferry's disk copy was no faster (38-84 s against 37-77 s
 /// bounded; the raw engine's 9-17 s), and in one of six moves the
 /// source's guest stalled as the copy began: its client waited 13.3 s,
-/// then 6.4 s. No bounded move of the day's three other QEMU 10 lab runs
-/// had a gap over 2.5 s (the raw engine, its sockets sized by the kernel,
-/// had one of 8.8 s); in the QEMU 7.2 lab one bounded move's client
-/// waited 3.9 s as its copy began.
+/// then 6.4 s. Bounded copies stall too, though: 3.9 s once in the QEMU
+/// 7.2 lab, and in the afternoon's QEMU 10 lab runs 24 s and 117 s, each
+/// in ferry's last loaded move (the raw engine's worst, its sockets sized
+/// by the kernel: 8.8 s). So the bounds are kept because unbounded was
+/// no faster, not because they prevent the stalls (bench/README.md).
 fn bound_receive_queue(tcp: &TcpStream) {
     let Some((info, _)) = tcp_info(tcp) else {
         return;
