@@ -724,8 +724,12 @@ def live(cap, work, guest_port, ports, mig_port):
             dst.qmp.cmd("migrate-incoming", uri=f"tcp:127.0.0.1:{mig_port}")
             m["copy"] = now_ms()
             q = src.qmp
-            q.cmd("blockdev-add", driver="raw", **{"node-name": "rawvm-mirror-target"},
-                  file={"driver": "nbd", "export": "disk0", "server": {"type": "inet", **nbd}})
+            # discard=unmap on both nodes, as ferry's engine adds its
+            # mirror's target: without it the mirror's zero writes reach
+            # the destination as "no hole" and it allocates every zero of
+            # the disk (since 2026-12-07, in both).
+            q.cmd("blockdev-add", driver="raw", **{"node-name": "rawvm-mirror-target"}, discard="unmap",
+                  file={"driver": "nbd", "export": "disk0", "discard": "unmap", "server": {"type": "inet", **nbd}})
             q.cmd("blockdev-mirror", device="disk0", **{"job-id": "rawvm-mirror"}, target="rawvm-mirror-target",
                   sync="full", **{"auto-dismiss": False})
             deadline = time.monotonic() + 600

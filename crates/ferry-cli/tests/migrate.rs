@@ -192,6 +192,13 @@ fn migration_times(lines: &[String]) -> (u64, u64) {
     (number_before(" ms ("), number_before(" ms paused"))
 }
 
+/// The bytes `path` holds on its file system, and its length.
+fn allocated(path: &Path) -> (u64, u64) {
+    use std::os::unix::fs::MetadataExt;
+    let meta = std::fs::metadata(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    (meta.blocks() * 512, meta.len())
+}
+
 fn wait_exit(child: &mut KillOnDrop, secs: u64) -> std::process::ExitStatus {
     wait_until(Duration::from_secs(secs), "the peer to exit", || {
         child.try_wait().unwrap()
@@ -358,6 +365,22 @@ fn registry_peer_and_a_migration_chain_lose_no_acknowledged_write() {
         assert!(
             bulk_in > 0,
             "the bulk loader made no progress during the {window:?} copy: {bulk_errors}"
+        );
+        // The disk arrived sparse: the regions the source holds no data in
+        // are holes here too, not allocated zeros (the mirror's zero
+        // writes used to say "no hole": the 1 GiB disk arrived whole).
+        let received = env.vm_dir("kv").join("disk-received.raw");
+        let (allocated, len) = allocated(&received);
+        eprintln!(
+            "hop to {}: the received disk holds {} of {} MiB",
+            host.label(),
+            allocated >> 20,
+            len >> 20
+        );
+        assert!(
+            allocated * 2 < len,
+            "the received disk {} holds {allocated} of its {len} bytes: its zeros were written, not left as holes",
+            received.display()
         );
         let status = wait_exit(&mut current, 60);
         assert!(
