@@ -1256,13 +1256,15 @@ impl Drop for Attached {
 /// CPU to the tunnels for all of it. A TLS channel cannot be handed over
 /// (the engine does not speak ferry's TLS): the engine gets one end of a
 /// Unix socket pair, and a tunnel carries the other end.
-pub fn attach(stream: PeerStream) -> Result<(OwnedFd, Attached), MigrationError> {
+pub fn attach(
+    stream: PeerStream,
+    kind: ChannelKind,
+) -> Result<(OwnedFd, Attached), MigrationError> {
     if stream.is_tls() {
-        return tunnelled(stream);
+        return tunnelled(stream, kind);
     }
     let (tcp, _) = stream.into_parts();
-    limit_unsent(&tcp);
-    bound_receive_queue(&tcp);
+    size_buffers(&tcp, kind);
     // The hello's read deadline must not reach the engine's reads.
     tcp.set_read_timeout(None)
         .and_then(|()| tcp.set_write_timeout(None))
@@ -1279,9 +1281,9 @@ pub fn attach(stream: PeerStream) -> Result<(OwnedFd, Attached), MigrationError>
     ))
 }
 
-fn tunnelled(stream: PeerStream) -> Result<(OwnedFd, Attached), MigrationError> {
+fn tunnelled(stream: PeerStream, kind: ChannelKind) -> Result<(OwnedFd, Attached), MigrationError> {
     let (engine, ours) = UnixStream::pair().map_err(MigrationError::io("making a socket pair"))?;
-    let handle = Tunnel::Connected(ours).start(stream)?;
+    let handle = Tunnel::Connected(ours).start(stream, kind)?;
     Ok((
         OwnedFd::from(engine),
         Attached {
@@ -1320,11 +1322,15 @@ fn tcp_info(tcp: &TcpStream) -> Option<(libc::tcp_info, usize)> {
 }
 
 impl Tunnel {
-    /// Starts copying between `stream` and the Unix side, both ways.
-    pub fn start(self, stream: PeerStream) -> Result<TunnelHandle, MigrationError> {
+    /// Starts copying between `stream`, a data channel of `kind`, and the
+    /// Unix side, both ways.
+    pub fn start(
+        self,
+        stream: PeerStream,
+        kind: ChannelKind,
+    ) -> Result<TunnelHandle, MigrationError> {
         let (tcp, tls) = stream.into_parts();
-        limit_unsent(&tcp);
-        bound_receive_queue(&tcp);
+        size_buffers(&tcp, kind);
         let (tx, rx) = channel();
         let bytes = Arc::new(AtomicU64::new(0));
         let counter = bytes.clone();
@@ -1346,6 +1352,30 @@ impl Tunnel {
             done: rx,
             bytes,
         })
+    }
+}
+
+/// Bounds a data channel's socket buffers where that pays: the state's
+/// channel gets [`limit_unsent`] and [`bound_receive_queue`]; the disk's is
+/// left to the kernel's sizing.
+///
+/// Why not the disk's: nothing of it waits for a last pass (the mirror is
+/// in sync before the state's copy starts), and its copy is request and
+/// reply (NBD), so the bounds only shortened how much of it was in
+/// flight. A 194 MiB disk mirrored through a relay like the destination's
+/// tunnel (this host, tmpfs, 2026-12-07) took 383-466 ms with the bounds
+/// and 310-392 ms without, the source's QEMU woken more often; in the
+/// QEMU 10 KVM lab ferry's disk copies took 23-43 s without them against
+/// 28-42 s with them the hour before (the raw engine's 11-19 s). Until
+/// then the disk kept the bounds because an earlier lab run without them
+/// (38-84 s against 37-77 s) was no faster, when the receiver's
+/// allocation of every zero (fixed the same day) dominated the copy; the
+/// source's guest stalls for seconds during some lab disk copies with or
+/// without them, under either engine (bench/README.md).
+fn size_buffers(tcp: &TcpStream, kind: ChannelKind) {
+    if kind == ChannelKind::State {
+        limit_unsent(tcp);
+        bound_receive_queue(tcp);
     }
 }
 
@@ -1424,16 +1454,7 @@ const LINK_BYTES_PER_US: u64 = 1250;
 /// trip's worth at 10 Gbit/s still lets a long link run at that rate.
 /// The round trip is the kernel's estimate after the channel's hello.
 ///
-/// The disk's channel keeps both bounds too, though nothing of it waits
-/// for a last pass. Left to the kernel's sizing (KVM lab, QEMU 10,
-/// 2026-12-07) ferry's disk copy was no faster (38-84 s against 37-77 s
-/// bounded; the raw engine's 9-17 s), and in one of six moves the
-/// source's guest stalled as the copy began: its client waited 13.3 s,
-/// then 6.4 s. Bounded copies stall too, though: 3.9 s once in the QEMU
-/// 7.2 lab, and in the afternoon's QEMU 10 lab runs 24 s and 117 s, each
-/// in ferry's last loaded move (the raw engine's worst, its sockets sized
-/// by the kernel: 8.8 s). So the bounds are kept because unbounded was
-/// no faster, not because they prevent the stalls (bench/README.md).
+/// The disk's channel is not bounded (see [`size_buffers`]).
 fn bound_receive_queue(tcp: &TcpStream) {
     let Some((info, _)) = tcp_info(tcp) else {
         return;

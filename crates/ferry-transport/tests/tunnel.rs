@@ -6,7 +6,7 @@ use std::net::{TcpListener, TcpStream};
 use std::os::unix::net::UnixStream;
 use std::time::Duration;
 
-use ferry_transport::migration::Tunnel;
+use ferry_transport::migration::{ChannelKind, Tunnel};
 
 /// A connected TCP pair: (the tunnel's end, the far end).
 fn tcp_pair() -> (TcpStream, TcpStream) {
@@ -20,7 +20,9 @@ fn tcp_pair() -> (TcpStream, TcpStream) {
 fn a_tunnel_carries_exactly_what_the_engine_sent_and_counts_it() {
     let (near, mut far) = tcp_pair();
     let (mut engine, ours) = UnixStream::pair().unwrap();
-    let handle = Tunnel::Connected(ours).start(near.into()).unwrap();
+    let handle = Tunnel::Connected(ours)
+        .start(near.into(), ChannelKind::State)
+        .unwrap();
     let data: Vec<u8> = (0..3_000_000u32).map(|i| (i * 7 % 251) as u8).collect();
     // The far end reads as the engine writes, as a destination does: a
     // data channel buffers little (`TUNNEL_UNSENT_LIMIT`, and the far
@@ -48,7 +50,9 @@ fn a_tunnel_carries_exactly_what_the_engine_sent_and_counts_it() {
 fn a_far_end_gone_ends_the_tunnel() {
     let (near, far) = tcp_pair();
     let (mut engine, ours) = UnixStream::pair().unwrap();
-    let handle = Tunnel::Connected(ours).start(near.into()).unwrap();
+    let handle = Tunnel::Connected(ours)
+        .start(near.into(), ChannelKind::State)
+        .unwrap();
     // The far end goes away: the tunnel cannot deliver the stream.
     drop(far);
     let chunk = vec![1u8; 1 << 20];

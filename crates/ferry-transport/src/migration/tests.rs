@@ -364,7 +364,9 @@ fn a_tunnel_bounds_what_waits_unsent_or_unread_in_its_socket() {
     let server = TcpListener::bind("127.0.0.1:0").unwrap();
     let tcp = std::net::TcpStream::connect(server.local_addr().unwrap()).unwrap();
     let (_far, _) = server.accept().unwrap();
-    let handle = Tunnel::Dial(sock).start(PeerStream::plain(tcp)).unwrap();
+    let handle = Tunnel::Dial(sock)
+        .start(PeerStream::plain(tcp), ChannelKind::State)
+        .unwrap();
     let (_engine_side, _) = engine.accept().unwrap();
     let option = |level, name| {
         let mut value: libc::c_int = 0;
@@ -412,7 +414,7 @@ fn a_plain_channel_is_handed_to_the_engine_itself() {
     tcp.set_read_timeout(Some(Duration::from_millis(50)))
         .unwrap();
 
-    let (fd, handle) = attach(PeerStream::plain(tcp)).unwrap();
+    let (fd, handle) = attach(PeerStream::plain(tcp), ChannelKind::State).unwrap();
     assert!(handle.is_direct());
     let mut engine = TcpStream::from(fd);
     assert_eq!(engine.read_timeout().unwrap(), None, "the hello's deadline");
