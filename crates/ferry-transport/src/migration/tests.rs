@@ -353,48 +353,53 @@ fn an_oversized_control_line_is_refused() {
 }
 
 /// The bounds that keep a live copy's source from running megabytes ahead
-/// of its destination are on every data channel's socket (see
-/// `TUNNEL_UNSENT_LIMIT` and `bound_receive_queue`).
+/// of its destination are on the state's channel (see
+/// `TUNNEL_UNSENT_LIMIT` and `bound_receive_queue`); the disk's channel is
+/// left to the kernel's sizing (see `size_buffers`).
 #[test]
-fn a_tunnel_bounds_what_waits_unsent_or_unread_in_its_socket() {
+fn a_tunnel_bounds_what_waits_unsent_or_unread_in_the_states_socket() {
     use std::os::fd::AsRawFd;
-    let dir = tempfile::tempdir().unwrap();
-    let sock = dir.path().join("engine.sock");
-    let engine = std::os::unix::net::UnixListener::bind(&sock).unwrap();
-    let server = TcpListener::bind("127.0.0.1:0").unwrap();
-    let tcp = std::net::TcpStream::connect(server.local_addr().unwrap()).unwrap();
-    let (_far, _) = server.accept().unwrap();
-    let handle = Tunnel::Dial(sock)
-        .start(PeerStream::plain(tcp), ChannelKind::State)
-        .unwrap();
-    let (_engine_side, _) = engine.accept().unwrap();
-    let option = |level, name| {
-        let mut value: libc::c_int = 0;
-        let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
-        // SAFETY: getsockopt on the tunnel's own socket into a local int
-        // of the size given.
-        let rc = unsafe {
-            libc::getsockopt(
-                handle.tcp.as_raw_fd(),
-                level,
-                name,
-                std::ptr::from_mut(&mut value).cast(),
-                &mut len,
-            )
+    let tunnel_options = |kind| {
+        let dir = tempfile::tempdir().unwrap();
+        let sock = dir.path().join("engine.sock");
+        let engine = std::os::unix::net::UnixListener::bind(&sock).unwrap();
+        let server = TcpListener::bind("127.0.0.1:0").unwrap();
+        let tcp = std::net::TcpStream::connect(server.local_addr().unwrap()).unwrap();
+        let (_far, _) = server.accept().unwrap();
+        let handle = Tunnel::Dial(sock)
+            .start(PeerStream::plain(tcp), kind)
+            .unwrap();
+        let (_engine_side, _) = engine.accept().unwrap();
+        let option = |level, name| {
+            let mut value: libc::c_int = 0;
+            let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+            // SAFETY: getsockopt on the tunnel's own socket into a local
+            // int of the size given.
+            let rc = unsafe {
+                libc::getsockopt(
+                    handle.tcp.as_raw_fd(),
+                    level,
+                    name,
+                    std::ptr::from_mut(&mut value).cast(),
+                    &mut len,
+                )
+            };
+            assert_eq!(rc, 0, "{}", std::io::Error::last_os_error());
+            value as u32
         };
-        assert_eq!(rc, 0, "{}", std::io::Error::last_os_error());
-        value as u32
+        (
+            option(libc::IPPROTO_TCP, libc::TCP_NOTSENT_LOWAT),
+            option(libc::SOL_SOCKET, libc::SO_RCVBUF),
+        )
     };
-    assert_eq!(
-        option(libc::IPPROTO_TCP, libc::TCP_NOTSENT_LOWAT),
-        TUNNEL_UNSENT_LIMIT
-    );
+    let (unsent, receive) = tunnel_options(ChannelKind::State);
+    assert_eq!(unsent, TUNNEL_UNSENT_LIMIT);
     // On loopback a round trip carries almost nothing: the least window,
     // which Linux reports doubled.
-    assert_eq!(
-        option(libc::SOL_SOCKET, libc::SO_RCVBUF),
-        2 * TUNNEL_RECEIVE_WINDOW_MIN
-    );
+    assert_eq!(receive, 2 * TUNNEL_RECEIVE_WINDOW_MIN);
+    let (unsent, receive) = tunnel_options(ChannelKind::Disk);
+    assert_ne!(unsent, TUNNEL_UNSENT_LIMIT, "the disk's unsent queue");
+    assert_ne!(receive, 2 * TUNNEL_RECEIVE_WINDOW_MIN, "the disk's window");
 }
 
 /// A plain data channel is the engine's own connection: what the engine
