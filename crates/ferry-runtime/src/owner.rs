@@ -665,10 +665,7 @@ fn migrate_out(
     let channels = (|| -> Result<_, MigrationError> {
         let disk = incoming.channel(ChannelKind::Disk, Duration::from_secs(10))?;
         let state = incoming.channel(ChannelKind::State, Duration::from_secs(10))?;
-        Ok((
-            migration::attach(disk, ChannelKind::Disk)?,
-            migration::attach(state, ChannelKind::State)?,
-        ))
+        Ok((migration::attach(disk)?, migration::attach(state)?))
     })();
     let control = &mut incoming.control;
     let ((disk_fd, disk), (state_fd, state)) = match channels {

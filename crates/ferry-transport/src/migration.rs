@@ -232,6 +232,26 @@ pub enum ChannelKind {
     Disk,
 }
 
+/// A data channel's connection, with the kind it was opened as: what
+/// ferry does with it (its socket bounds, [`size_buffers`]) follows from
+/// what it carries, so that no caller names the kind a second time.
+pub struct DataChannel {
+    stream: PeerStream,
+    kind: ChannelKind,
+}
+
+impl DataChannel {
+    /// `stream`, a connection that carries data channel `kind`.
+    pub fn new(stream: PeerStream, kind: ChannelKind) -> Self {
+        Self { stream, kind }
+    }
+
+    /// Whether the connection is TLS.
+    pub fn is_tls(&self) -> bool {
+        self.stream.is_tls()
+    }
+}
+
 /// Source to destination, on the control connection.
 // A message is made once and sent: the offer's size in the enum costs
 // nothing, and a Box would show in every match on it.
@@ -553,7 +573,7 @@ pub fn open_channel(
     tls: Option<&PeerClientTls>,
     session: &str,
     kind: ChannelKind,
-) -> Result<PeerStream, MigrationError> {
+) -> Result<DataChannel, MigrationError> {
     let mut stream = dial(addr, tls)?;
     let mut hello = serde_json::to_vec(&Hello::Channel {
         v: PROTOCOL_VERSION,
@@ -567,7 +587,7 @@ pub fn open_channel(
         .write_all(&hello)
         .and_then(|()| stream.flush())
         .map_err(MigrationError::io(format!("opening a channel to {addr}")))?;
-    Ok(stream)
+    Ok(DataChannel::new(stream, kind))
 }
 
 /// Connects to `addr`, with TLS if `tls` (handshaken within
@@ -648,6 +668,15 @@ impl Incoming {
     /// Waits for data channel `kind` (the destination opens both before it
     /// says [`DestMsg::Ready`]).
     pub fn channel(
+        &mut self,
+        kind: ChannelKind,
+        timeout: Duration,
+    ) -> Result<DataChannel, MigrationError> {
+        self.stream_of(kind, timeout)
+            .map(|stream| DataChannel::new(stream, kind))
+    }
+
+    fn stream_of(
         &mut self,
         kind: ChannelKind,
         timeout: Duration,
@@ -1256,15 +1285,12 @@ impl Drop for Attached {
 /// CPU to the tunnels for all of it. A TLS channel cannot be handed over
 /// (the engine does not speak ferry's TLS): the engine gets one end of a
 /// Unix socket pair, and a tunnel carries the other end.
-pub fn attach(
-    stream: PeerStream,
-    kind: ChannelKind,
-) -> Result<(OwnedFd, Attached), MigrationError> {
-    if stream.is_tls() {
-        return tunnelled(stream, kind);
+pub fn attach(channel: DataChannel) -> Result<(OwnedFd, Attached), MigrationError> {
+    if channel.is_tls() {
+        return tunnelled(channel);
     }
-    let (tcp, _) = stream.into_parts();
-    size_buffers(&tcp, kind);
+    let (tcp, _) = channel.stream.into_parts();
+    size_buffers(&tcp, channel.kind);
     // The hello's read deadline must not reach the engine's reads.
     tcp.set_read_timeout(None)
         .and_then(|()| tcp.set_write_timeout(None))
@@ -1281,9 +1307,9 @@ pub fn attach(
     ))
 }
 
-fn tunnelled(stream: PeerStream, kind: ChannelKind) -> Result<(OwnedFd, Attached), MigrationError> {
+fn tunnelled(channel: DataChannel) -> Result<(OwnedFd, Attached), MigrationError> {
     let (engine, ours) = UnixStream::pair().map_err(MigrationError::io("making a socket pair"))?;
-    let handle = Tunnel::Connected(ours).start(stream, kind)?;
+    let handle = Tunnel::Connected(ours).start(channel)?;
     Ok((
         OwnedFd::from(engine),
         Attached {
@@ -1322,15 +1348,10 @@ fn tcp_info(tcp: &TcpStream) -> Option<(libc::tcp_info, usize)> {
 }
 
 impl Tunnel {
-    /// Starts copying between `stream`, a data channel of `kind`, and the
-    /// Unix side, both ways.
-    pub fn start(
-        self,
-        stream: PeerStream,
-        kind: ChannelKind,
-    ) -> Result<TunnelHandle, MigrationError> {
-        let (tcp, tls) = stream.into_parts();
-        size_buffers(&tcp, kind);
+    /// Starts copying between `channel` and the Unix side, both ways.
+    pub fn start(self, data: DataChannel) -> Result<TunnelHandle, MigrationError> {
+        let (tcp, tls) = data.stream.into_parts();
+        size_buffers(&tcp, data.kind);
         let (tx, rx) = channel();
         let bytes = Arc::new(AtomicU64::new(0));
         let counter = bytes.clone();

@@ -6,7 +6,7 @@ use std::net::{TcpListener, TcpStream};
 use std::os::unix::net::UnixStream;
 use std::time::Duration;
 
-use ferry_transport::migration::{ChannelKind, Tunnel};
+use ferry_transport::migration::{ChannelKind, DataChannel, Tunnel};
 
 /// A connected TCP pair: (the tunnel's end, the far end).
 fn tcp_pair() -> (TcpStream, TcpStream) {
@@ -21,7 +21,7 @@ fn a_tunnel_carries_exactly_what_the_engine_sent_and_counts_it() {
     let (near, mut far) = tcp_pair();
     let (mut engine, ours) = UnixStream::pair().unwrap();
     let handle = Tunnel::Connected(ours)
-        .start(near.into(), ChannelKind::State)
+        .start(DataChannel::new(near.into(), ChannelKind::State))
         .unwrap();
     let data: Vec<u8> = (0..3_000_000u32).map(|i| (i * 7 % 251) as u8).collect();
     // The far end reads as the engine writes, as a destination does: a
@@ -51,7 +51,7 @@ fn a_far_end_gone_ends_the_tunnel() {
     let (near, far) = tcp_pair();
     let (mut engine, ours) = UnixStream::pair().unwrap();
     let handle = Tunnel::Connected(ours)
-        .start(near.into(), ChannelKind::State)
+        .start(DataChannel::new(near.into(), ChannelKind::State))
         .unwrap();
     // The far end goes away: the tunnel cannot deliver the stream.
     drop(far);

@@ -180,14 +180,13 @@ fn receive<'scope>(
     // (`migration::attach`); the disk's reaches the engine's NBD server
     // through a tunnel, since QEMU's server takes only a listening socket.
     let channels = (|| -> Result<_, MigrateError> {
-        let (fd, state) = migration::attach(channel(ChannelKind::State)?, ChannelKind::State)?;
+        let (fd, state) = migration::attach(channel(ChannelKind::State)?)?;
         owned.vm.engine_vm().receive_state(fd).map_err(|e| {
             failed(format!(
                 "the engine could not take the state's connection: {e}"
             ))
         })?;
-        let disk = Tunnel::Dial(sockets.disk_socket.clone())
-            .start(channel(ChannelKind::Disk)?, ChannelKind::Disk)?;
+        let disk = Tunnel::Dial(sockets.disk_socket.clone()).start(channel(ChannelKind::Disk)?)?;
         Ok((state, disk))
     })();
     let _channels = match channels {

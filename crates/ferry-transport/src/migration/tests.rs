@@ -367,7 +367,7 @@ fn a_tunnel_bounds_what_waits_unsent_or_unread_in_the_states_socket() {
         let tcp = std::net::TcpStream::connect(server.local_addr().unwrap()).unwrap();
         let (_far, _) = server.accept().unwrap();
         let handle = Tunnel::Dial(sock)
-            .start(PeerStream::plain(tcp), kind)
+            .start(DataChannel::new(PeerStream::plain(tcp), kind))
             .unwrap();
         let (_engine_side, _) = engine.accept().unwrap();
         let option = |level, name| {
@@ -419,7 +419,8 @@ fn a_plain_channel_is_handed_to_the_engine_itself() {
     tcp.set_read_timeout(Some(Duration::from_millis(50)))
         .unwrap();
 
-    let (fd, handle) = attach(PeerStream::plain(tcp), ChannelKind::State).unwrap();
+    let (fd, handle) =
+        attach(DataChannel::new(PeerStream::plain(tcp), ChannelKind::State)).unwrap();
     assert!(handle.is_direct());
     let mut engine = TcpStream::from(fd);
     assert_eq!(engine.read_timeout().unwrap(), None, "the hello's deadline");

@@ -144,12 +144,10 @@ fn a_session_runs_inside_mutual_tls_both_ways() {
         .unwrap();
     assert!(src_stream.is_tls());
     // A TLS channel is never handed to the engine itself.
-    let (a, src_tunnel) = attach(src_stream, ChannelKind::State).unwrap();
+    let (a, src_tunnel) = attach(src_stream).unwrap();
     assert!(!src_tunnel.is_direct());
     let mut a = UnixStream::from(a);
-    let dst_tunnel = Tunnel::Dial(dst_sock.clone())
-        .start(dst_stream, ChannelKind::State)
-        .unwrap();
+    let dst_tunnel = Tunnel::Dial(dst_sock.clone()).start(dst_stream).unwrap();
     let mut b = dst_engine.accept().unwrap().0;
 
     // 8 MiB one way and 1 MiB the other, at the same time, then each side
