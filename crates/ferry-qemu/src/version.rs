@@ -26,6 +26,11 @@ pub struct QemuVersion {
 /// memory access").
 pub const TCG_DIRTY_SYNC_FIXED: QemuVersion = QemuVersion::new(9, 0, 0);
 
+/// The first QEMU found to run a TCG guest's virtio-mmio disk in an
+/// iothread: 7.2 refuses ("ioeventfd is required for iothread"), as it
+/// enables ioeventfd only under KVM; 10.0 runs it (8.x and 9.x untried).
+pub const TCG_DISK_IOTHREAD: QemuVersion = QemuVersion::new(10, 0, 0);
+
 /// The oldest QEMU whose saved states ferry hands to a newer QEMU: the first
 /// one ferry ran on (Debian bookworm's).
 pub const OLDEST_LOADABLE: QemuVersion = QemuVersion::new(7, 2, 0);
@@ -60,6 +65,15 @@ impl QemuVersion {
     /// correct live copy on this QEMU.
     pub fn tcg_needs_extra_memory(self) -> bool {
         self < TCG_DIRTY_SYNC_FIXED
+    }
+
+    /// Whether this QEMU can run the disk in an iothread under `accel`
+    /// (see [`TCG_DISK_IOTHREAD`]).
+    pub fn disk_iothread(self, accel: ferry_engine::Accel) -> bool {
+        match accel {
+            ferry_engine::Accel::Kvm => true,
+            ferry_engine::Accel::Tcg => self >= TCG_DISK_IOTHREAD,
+        }
     }
 
     /// Why this QEMU may not load a state `saved` by another, or `None` if
@@ -108,6 +122,15 @@ mod tests {
         for bad in ["", "10", "ten.0", "1.2.3.4", "7.2.x"] {
             assert_eq!(QemuVersion::parse(bad), None, "{bad}");
         }
+    }
+
+    #[test]
+    fn a_tcg_disk_gets_an_iothread_only_where_qemu_runs_one() {
+        use ferry_engine::Accel;
+        let (old, new) = (QemuVersion::new(7, 2, 22), QemuVersion::new(10, 0, 2));
+        assert!(!old.disk_iothread(Accel::Tcg));
+        assert!(new.disk_iothread(Accel::Tcg));
+        assert!(old.disk_iothread(Accel::Kvm) && new.disk_iothread(Accel::Kvm));
     }
 
     #[test]

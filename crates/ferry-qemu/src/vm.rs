@@ -432,6 +432,9 @@ const KEEP_HUGE_PAGES_ENV: &str = "FERRY_QEMU_THP";
 /// The disk's format node: what an NBD export names.
 const DISK_NODE: &str = "disk0-format";
 
+/// The thread the disk's I/O runs in (see `qemu_args`).
+const DISK_IOTHREAD: &str = "disk-io";
+
 /// The protocol node of a lazy disk's local file, once QEMU reads it
 /// directly (see `QemuVm::use_local_disk`).
 const LOCAL_DISK_NODE: &str = "ferry-local-disk";
@@ -573,6 +576,7 @@ impl QemuVm {
                 },
                 netdev,
                 anonymous_memory,
+                disk_iothread: launch.version.disk_iothread(spec.accel),
                 tcg_tb_mib: launch
                     .confine
                     .caps_tcg_cache()
@@ -1626,6 +1630,8 @@ struct Flags {
     /// both hosts (QEMU 10.1 no longer does, for memory that is not
     /// persistent), and the page cache's dirty limits throttle the copy.
     anonymous_memory: bool,
+    /// The disk runs in an iothread (see `QemuVersion::disk_iothread`).
+    disk_iothread: bool,
     /// What a QEMU running as another user gets instead of paths.
     over: Overrides,
 }
@@ -1750,6 +1756,7 @@ fn qemu_args(
         tsc_khz,
         netdev,
         anonymous_memory,
+        disk_iothread,
         over,
     } = flags;
     let mut a: Vec<String> = Vec::new();
@@ -1847,7 +1854,19 @@ fn qemu_args(
         "-drive",
         &format!("id=disk0,node-name={DISK_NODE},{source},if=none,cache=writeback,discard=unmap"),
     ]);
-    push(&["-device", &format!("virtio-blk-{bus},drive=disk0")]);
+    // The disk's requests, and the mirror job and NBD export of a move,
+    // run in their own thread where QEMU can: in QEMU's main loop the
+    // mirror held the big lock while the guest's vCPU waited on it (the
+    // KVM lab's sampler under write load, bench/README.md 2026-12-07).
+    if disk_iothread {
+        push(&["-object", &format!("iothread,id={DISK_IOTHREAD}")]);
+        push(&[
+            "-device",
+            &format!("virtio-blk-{bus},drive=disk0,iothread={DISK_IOTHREAD}"),
+        ]);
+    } else {
+        push(&["-device", &format!("virtio-blk-{bus},drive=disk0")]);
+    }
     match netdev {
         Netdev::Hub => push(&["-netdev", "hubport,id=net0,hubid=0"]),
         Netdev::Tap(fd) => push(&["-netdev", &format!("tap,id=net0,fd={fd}")]),
@@ -2558,6 +2577,7 @@ mod args_tests {
                 tsc_khz: None,
                 netdev,
                 anonymous_memory: false,
+                disk_iothread: true,
                 over: Overrides::default(),
             },
         )
@@ -2580,6 +2600,26 @@ mod args_tests {
             );
         }
         assert!(arriving.iter().any(|a| a == "-incoming"));
+    }
+
+    #[test]
+    fn the_disk_runs_in_an_iothread_the_command_line_defines() {
+        for incoming in [false, true] {
+            let a = args(incoming);
+            let device = a
+                .iter()
+                .find(|x| x.starts_with("virtio-blk-"))
+                .expect("a disk device");
+            let thread = device
+                .split(',')
+                .find_map(|p| p.strip_prefix("iothread="))
+                .unwrap_or_else(|| panic!("the disk has no iothread: {device}"));
+            let object = format!("iothread,id={thread}");
+            assert!(
+                a.windows(2).any(|w| w[0] == "-object" && w[1] == object),
+                "no -object {object}: {a:?}"
+            );
+        }
     }
 
     #[test]
