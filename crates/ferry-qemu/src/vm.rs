@@ -1854,10 +1854,12 @@ fn qemu_args(
         "-drive",
         &format!("id=disk0,node-name={DISK_NODE},{source},if=none,cache=writeback,discard=unmap"),
     ]);
-    // The disk's requests, and the mirror job and NBD export of a move,
-    // run in their own thread where QEMU can: in QEMU's main loop the
-    // mirror held the big lock while the guest's vCPU waited on it (the
-    // KVM lab's sampler under write load, bench/README.md 2026-12-07).
+    // The disk's requests and a move's mirror job run in their own thread
+    // where QEMU can: in QEMU's main loop the mirror held the big lock
+    // while the guest's vCPU waited on it (the KVM lab's sampler under
+    // write load, bench/README.md 2026-12-07). (A receiving QEMU's NBD
+    // export probably stays in the main loop until its guest runs, when
+    // the device takes the disk into its thread; not measured.)
     if disk_iothread {
         push(&["-object", &format!("iothread,id={DISK_IOTHREAD}")]);
         push(&[
