@@ -1860,15 +1860,17 @@ fn qemu_args(
     // write load, bench/README.md 2026-12-07). (A receiving QEMU's NBD
     // export probably stays in the main loop until its guest runs, when
     // the device takes the disk into its thread; not measured.)
-    if disk_iothread {
-        push(&["-object", &format!("iothread,id={DISK_IOTHREAD}")]);
-        push(&[
-            "-device",
-            &format!("virtio-blk-{bus},drive=disk0,iothread={DISK_IOTHREAD}"),
-        ]);
-    } else {
-        push(&["-device", &format!("virtio-blk-{bus},drive=disk0")]);
-    }
+    let iothread = match disk_iothread {
+        true => {
+            push(&["-object", &format!("iothread,id={DISK_IOTHREAD}")]);
+            format!(",iothread={DISK_IOTHREAD}")
+        }
+        false => String::new(),
+    };
+    push(&[
+        "-device",
+        &format!("virtio-blk-{bus},drive=disk0{iothread}"),
+    ]);
     match netdev {
         Netdev::Hub => push(&["-netdev", "hubport,id=net0,hubid=0"]),
         Netdev::Tap(fd) => push(&["-netdev", &format!("tap,id=net0,fd={fd}")]),

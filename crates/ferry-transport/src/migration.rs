@@ -1348,7 +1348,7 @@ fn tcp_info(tcp: &TcpStream) -> Option<(libc::tcp_info, usize)> {
 }
 
 impl Tunnel {
-    /// Starts copying between `channel` and the Unix side, both ways.
+    /// Starts copying between `data` and the Unix side, both ways.
     pub fn start(self, data: DataChannel) -> Result<TunnelHandle, MigrationError> {
         let (tcp, tls) = data.stream.into_parts();
         size_buffers(&tcp, data.kind);
@@ -1390,9 +1390,10 @@ impl Tunnel {
 /// 28-42 s with them the hour before (the raw engine's 11-19 s). Until
 /// then the disk kept the bounds because an earlier lab run without them
 /// (38-84 s against 37-77 s) was no faster, when the receiver's
-/// allocation of every zero (fixed the same day) dominated the copy; the
-/// source's guest stalls for seconds during some lab disk copies with or
-/// without them, under either engine (bench/README.md).
+/// allocation of every zero (fixed the same day) dominated the copy. The
+/// source's guest then stalled for seconds during some lab disk copies
+/// with or without them, under either engine, until the disk got its own
+/// QEMU iothread (bench/README.md).
 fn size_buffers(tcp: &TcpStream, kind: ChannelKind) {
     if kind == ChannelKind::State {
         limit_unsent(tcp);
