@@ -364,7 +364,8 @@ pub trait Engine: Send + Sync {
 
     /// Starts the receiving end of a live move: a VM that stays paused
     /// while another engine fills its disk (exported, writable, on
-    /// `incoming.disk_socket`) and sends its running state (on the
+    /// `incoming.disk_socket`, or written by the caller into the spec's
+    /// disk file) and sends its running state (on the
     /// connection given to [`Vm::receive_state`]). `provenance` is the
     /// sender's, checked as a restore's is. Then [`Vm::wait_received`],
     /// [`Vm::end_disk_export`] and [`Vm::resume`] make it run here.
@@ -383,8 +384,11 @@ pub trait Engine: Send + Sync {
 #[derive(Debug, Clone)]
 pub struct Incoming {
     /// Unix socket where the engine serves the (empty, writable) disk for
-    /// the sender to fill, as NBD export [`DISK_EXPORT_NAME`].
-    pub disk_socket: PathBuf,
+    /// the sender to fill, as NBD export [`DISK_EXPORT_NAME`]; `None`: the
+    /// caller fills the VM's disk file itself while the VM waits paused
+    /// (ferry serves it on the peer's connection), and the engine only
+    /// opens it, as the VM's disk, reading nothing of it until it resumes.
+    pub disk_socket: Option<PathBuf>,
 }
 
 /// The NBD export name of a disk being received.
@@ -579,7 +583,8 @@ pub trait Vm: Send {
     /// On the receiving end, once the sender said its copy is finished
     /// ([`Vm::finish_disk_copy`] returned `Ok` there): stops serving the
     /// disk, cutting the sender's connection, which is idle by then, so
-    /// that nothing but this VM writes it from now on.
+    /// that nothing but this VM writes it from now on. A no-op where the
+    /// caller filled the disk ([`Incoming::disk_socket`] `None`).
     fn end_disk_export(&mut self) -> Result<(), EngineError> {
         Err(EngineError::Unsupported("receiving a live VM"))
     }

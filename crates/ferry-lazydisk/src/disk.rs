@@ -972,56 +972,15 @@ impl Shared {
         Ok(())
     }
 
-    /// Zeros `len` bytes at `offset`: a hole if allowed and supported,
-    /// else written zeros.
+    /// Zeros `len` bytes at `offset` (see [`zero_range`]).
     fn zero(&self, offset: u64, len: u64, allow_holes: bool) -> io::Result<()> {
-        if allow_holes {
-            match sys::punch_hole(&self.file, offset, len) {
-                Err(e) if e.kind() == io::ErrorKind::Unsupported => {}
-                other => return other,
-            }
-        }
-        static ZEROS: [u8; 1 << 16] = [0; 1 << 16];
-        let mut at = offset;
-        let end = offset + len;
-        while at < end {
-            let n = (end - at).min(ZEROS.len() as u64) as usize;
-            self.file.write_all_at(&ZEROS[..n], at)?;
-            at += n as u64;
-        }
-        Ok(())
+        zero_range(&self.file, offset, len, allow_holes)
     }
 
-    /// The holes (zero: true) and data of the file between `from` and
-    /// `to`, as `(len, zero)` runs; all data if the file system cannot say.
+    /// The holes and data of the file between `from` and `to` (see
+    /// [`file_extents`]).
     fn file_extents(&self, from: u64, to: u64) -> Vec<(u64, bool)> {
-        let mut runs = Vec::new();
-        let mut at = from;
-        while at < to {
-            let data = match sys::seek_data(&self.file, at) {
-                Ok(d) => d.map_or(to, |d| d.min(to)),
-                Err(e) => {
-                    debug!(disk = %self.path.display(), "SEEK_DATA failed ({e}): reporting data");
-                    runs.push((to - at, false));
-                    return runs;
-                }
-            };
-            if data > at {
-                runs.push((data - at, true));
-                at = data;
-                continue;
-            }
-            let hole = match sys::seek_hole(&self.file, at) {
-                Ok(h) => h.clamp(at + 1, to),
-                Err(e) => {
-                    debug!(disk = %self.path.display(), "SEEK_HOLE failed ({e}): reporting data");
-                    to
-                }
-            };
-            runs.push((hole - at, false));
-            at = hole;
-        }
-        runs
+        file_extents(&self.file, &self.path, from, to)
     }
 
     /// Punches a hole over every run of absent chunks.
@@ -1146,6 +1105,59 @@ fn ignore_unsupported(r: io::Result<()>) -> io::Result<()> {
         Err(e) if e.kind() == io::ErrorKind::Unsupported => Ok(()),
         other => other,
     }
+}
+
+/// Zeros `len` bytes at `offset` of `file`: a hole if allowed and
+/// supported, else written zeros.
+pub(crate) fn zero_range(file: &File, offset: u64, len: u64, allow_holes: bool) -> io::Result<()> {
+    if allow_holes {
+        match sys::punch_hole(file, offset, len) {
+            Err(e) if e.kind() == io::ErrorKind::Unsupported => {}
+            other => return other,
+        }
+    }
+    static ZEROS: [u8; 1 << 16] = [0; 1 << 16];
+    let mut at = offset;
+    let end = offset + len;
+    while at < end {
+        let n = (end - at).min(ZEROS.len() as u64) as usize;
+        file.write_all_at(&ZEROS[..n], at)?;
+        at += n as u64;
+    }
+    Ok(())
+}
+
+/// The holes (zero: true) and data of `file` (at `path`, for the log)
+/// between `from` and `to`, as `(len, zero)` runs; all data if the file
+/// system cannot say.
+pub(crate) fn file_extents(file: &File, path: &Path, from: u64, to: u64) -> Vec<(u64, bool)> {
+    let mut runs = Vec::new();
+    let mut at = from;
+    while at < to {
+        let data = match sys::seek_data(file, at) {
+            Ok(d) => d.map_or(to, |d| d.min(to)),
+            Err(e) => {
+                debug!(disk = %path.display(), "SEEK_DATA failed ({e}): reporting data");
+                runs.push((to - at, false));
+                return runs;
+            }
+        };
+        if data > at {
+            runs.push((data - at, true));
+            at = data;
+            continue;
+        }
+        let hole = match sys::seek_hole(file, at) {
+            Ok(h) => h.clamp(at + 1, to),
+            Err(e) => {
+                debug!(disk = %path.display(), "SEEK_HOLE failed ({e}): reporting data");
+                to
+            }
+        };
+        runs.push((hole - at, false));
+        at = hole;
+    }
+    runs
 }
 
 fn is_zero(data: &[u8]) -> bool {

@@ -37,6 +37,7 @@
 
 mod disk;
 mod error;
+mod export;
 mod nbd;
 mod present;
 mod source;
@@ -44,5 +45,9 @@ mod sys;
 
 pub use disk::{ChunkFailure, ChunkState, Extent, LazyDisk, LazyDiskOptions, LazyDiskStatus};
 pub use error::{LazyDiskError, NbdError, SharedError};
-pub use nbd::{replay_client, ClientReplay, NbdOptions, NbdServer, ReplayedRequest, MAX_PAYLOAD};
+pub use export::{Export, FileDisk};
+pub use nbd::{
+    replay_client, ClientReplay, NbdConnection, NbdOptions, NbdServer, NbdStream, ReplayedRequest,
+    MAX_PAYLOAD,
+};
 pub use source::{ChunkSource, LocalSection, RemoteSection};

@@ -480,3 +480,75 @@ fn qemu_system_takes_the_export_as_a_drive() {
     }
     assert_eq!(f.disk.status().chunks_fetched, 1);
 }
+
+/// A plain file served on a TCP connection the test accepted itself (as a
+/// destination serves a received disk on its peer's connection): QEMU's
+/// NBD client copies a whole image into it, zeros as holes, and nothing
+/// reaches the file once the connection is stopped.
+#[test]
+fn a_file_disk_is_filled_over_an_accepted_tcp_connection() {
+    use ferry_lazydisk::{Export, FileDisk, NbdConnection, NbdOptions};
+    use std::net::TcpListener;
+
+    let dir = tempfile::tempdir().unwrap();
+    let source = dir.path().join("source.raw");
+    let image = image();
+    std::fs::write(&source, &image).unwrap();
+    let target = dir.path().join("target.raw");
+    std::fs::File::create(&target)
+        .unwrap()
+        .set_len(SIZE)
+        .unwrap();
+    let disk: Arc<dyn Export> = Arc::new(FileDisk::open(&target).unwrap());
+    let options = NbdOptions {
+        export_name: "disk0".into(),
+        ..NbdOptions::default()
+    };
+
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let uri = format!("nbd://127.0.0.1:{port}/disk0");
+    let copy = {
+        let (source, uri) = (source.clone(), uri.clone());
+        std::thread::spawn(move || {
+            qemu_img(&[
+                "convert",
+                "-n",
+                "-f",
+                "raw",
+                "-O",
+                "raw",
+                source.to_str().unwrap(),
+                &uri,
+            ])
+        })
+    };
+    let (tcp, _) = listener.accept().unwrap();
+    let served = NbdConnection::serve(tcp, disk.clone(), options.clone()).unwrap();
+    let o = copy.join().unwrap();
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(std::fs::read(&target).unwrap() == image, "the copy differs");
+    // The zero chunk arrived as a hole, not as written zeros.
+    let zero = ZERO_CHUNK as u64 * CHUNK;
+    assert!(disk.extents(zero, CHUNK).unwrap().iter().all(|e| e.zero));
+    let allocated = std::fs::metadata(&target).unwrap().blocks() * 512;
+    assert!(allocated <= SIZE - CHUNK, "{allocated} of {SIZE} allocated");
+    served.stop();
+
+    // A connection stopped before its client writes: the write fails and
+    // the file is as it was.
+    let writer = {
+        let uri = uri.clone();
+        std::thread::spawn(move || qemu_io(&uri, &["write -P 0x5a 0 64k"]))
+    };
+    let (tcp, _) = listener.accept().unwrap();
+    let served = NbdConnection::serve(tcp, disk.clone(), options).unwrap();
+    served.stop();
+    let o = writer.join().unwrap();
+    let failed = !o.status.success() || text(&o).contains("error") || text(&o).contains("failed");
+    assert!(failed, "{}", text(&o));
+    assert!(
+        std::fs::read(&target).unwrap() == image,
+        "a write got through"
+    );
+}

@@ -894,10 +894,15 @@ impl QemuVm {
                 Err(e) => tracing::debug!("no writeback while receiving: {e}"),
             }
         }
+        // Filled by the caller: QEMU only has the file open, inactive, as
+        // an incoming VM's disks are, and reads it once it runs.
+        let Some(socket) = &incoming.disk_socket else {
+            return Ok(());
+        };
         // ferry listens on the disk's socket and hands QEMU the
         // descriptor: a QEMU running as its own user may not make sockets
         // in ferry's directories.
-        let disk = listen_at(&incoming.disk_socket)?;
+        let disk = listen_at(socket)?;
         self.hand_fd(INCOMING_DISK_FD, disk.as_fd())?;
         self.cmd(
             "nbd-server-start",
@@ -1549,6 +1554,10 @@ impl Vm for QemuVm {
     }
 
     fn end_disk_export(&mut self) -> Result<(), EngineError> {
+        if !self.nbd_serving {
+            // The caller filled the disk (`Incoming::disk_socket` None).
+            return Ok(());
+        }
         // The sender finished its copy before it said "switch": every write
         // was acknowledged and flushed, and its connection is idle. Its
         // close (QEMU's NBD client takes about 55 ms, then ferry's relay)

@@ -158,8 +158,9 @@ fn ending_a_received_disk_cuts_the_idle_sender_and_keeps_its_writes() {
         disk: DiskSpec::Raw(disk.clone()),
         ..tiny_spec("t-export", "", dir.path())
     };
+    let socket = dir.path().join("in-disk.sock");
     let incoming = ferry_engine::Incoming {
-        disk_socket: dir.path().join("in-disk.sock"),
+        disk_socket: Some(socket.clone()),
     };
     let mut vm = engine.receive(&spec, &saved.provenance, &incoming).unwrap();
     // A client of the export, as the sender's mirror is: it writes, then
@@ -168,7 +169,7 @@ fn ending_a_received_disk_cuts_the_idle_sender_and_keeps_its_writes() {
         .arg("--image-opts")
         .arg(format!(
             "driver=nbd,path={},export={}",
-            incoming.disk_socket.display(),
+            socket.display(),
             ferry_engine::DISK_EXPORT_NAME
         ))
         .stdin(Stdio::piped())
@@ -200,7 +201,7 @@ fn ending_a_received_disk_cuts_the_idle_sender_and_keeps_its_writes() {
         .arg("--image-opts")
         .arg(format!(
             "driver=nbd,path={},export={}",
-            incoming.disk_socket.display(),
+            socket.display(),
             ferry_engine::DISK_EXPORT_NAME
         ))
         .args(["-c", "read 0 512"])

@@ -398,8 +398,8 @@ impl RunningVm {
     }
 
     /// Starts the receiving end of a live migration in `dir`: a paused VM
-    /// with an empty raw disk of `disk_size` bytes served on a socket in its
-    /// directory ([`RunningVm::incoming_sockets`]); its state comes on a
+    /// with an empty raw disk of `disk_size` bytes in its directory, for the
+    /// caller to fill ([`RunningVm::received_disk`]); its state comes on a
     /// connection handed to the engine's `receive_state`.
     pub fn receive_in(
         dir: VmDir,
@@ -417,9 +417,11 @@ impl RunningVm {
         Self::start_in(dir, engine, paths, image, config, kind)
     }
 
-    /// Where a VM started by [`RunningVm::receive_in`] serves its disk.
-    pub fn incoming_sockets(&self) -> ferry_engine::Incoming {
-        incoming_of(self.dir().path())
+    /// The disk file of a VM started by [`RunningVm::receive_in`], which
+    /// the caller fills with what the sender copies (the engine only has it
+    /// open, and reads it once the VM runs).
+    pub fn received_disk(&self) -> PathBuf {
+        self.dir().path().join(files::RECEIVED_DISK)
     }
 
     /// Starts a VM from a saved state in `dir` (a new directory, or a
@@ -1298,7 +1300,7 @@ fn start_engine(
             // It stays paused until the move's end resumes it: nothing
             // to overlap.
             before_run()?;
-            engine.receive(&spec, provenance, &incoming_of(dir.path()))?
+            engine.receive(&spec, provenance, &incoming_disk())?
         }
         StartKind::Restore(state, memory, prepare) => {
             if let Some(p) = prepare {
@@ -1407,11 +1409,10 @@ fn exposed_host_addr(vms: &std::path::Path, port: u16) -> Option<std::net::Socke
     })
 }
 
-/// The disk socket of a VM being received, in its directory.
-fn incoming_of(dir: &std::path::Path) -> ferry_engine::Incoming {
-    ferry_engine::Incoming {
-        disk_socket: dir.join(files::INCOMING_DISK),
-    }
+/// How a VM being received gets its disk: ferry fills the file itself, on
+/// the peer's connection (`start::incoming`), not through the engine.
+fn incoming_disk() -> ferry_engine::Incoming {
+    ferry_engine::Incoming { disk_socket: None }
 }
 
 /// Turns a migration request away, telling the peer why.

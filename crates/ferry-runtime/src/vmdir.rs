@@ -244,8 +244,6 @@ pub mod files {
     pub const DISK: &str = "disk.qcow2";
     /// The raw disk of a VM received by live migration.
     pub const RECEIVED_DISK: &str = "disk-received.raw";
-    /// Where a VM being received serves its disk.
-    pub const INCOMING_DISK: &str = "incoming-disk.sock";
     /// The VM's network namespace and exposures (JSON), for other VMs'
     /// gateways and for cleaning up after a crash.
     pub const NET: &str = "net.json";

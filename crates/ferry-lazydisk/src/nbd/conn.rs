@@ -2,7 +2,7 @@
 //! thread and run by a few workers that write the replies.
 
 use std::io::{self, BufReader, Read, Write};
-use std::net::Shutdown;
+use std::net::{Shutdown, TcpStream};
 use std::os::unix::net::UnixStream;
 use std::sync::mpsc::{self, Receiver};
 use std::sync::{Mutex, PoisonError};
@@ -12,7 +12,7 @@ use tracing::{debug, warn};
 use super::proto::*;
 use super::{NbdOptions, MAX_PAYLOAD};
 use crate::disk::StoreError;
-use crate::{Extent, LazyDisk, LazyDiskError};
+use crate::{Export, Extent, LazyDiskError};
 
 /// Longest option accepted in the handshake (names are at most 4 KiB).
 const MAX_OPTION_LEN: u32 = 64 << 10;
@@ -34,10 +34,44 @@ struct Session {
     allocation: bool,
 }
 
+/// A connected stream an NBD client talks on: a Unix socket (QEMU on this
+/// host) or a TCP connection (a peer's engine, on a connection ferry
+/// opened and authenticated).
+pub trait NbdStream: Read + Write + Send + Sized + 'static {
+    /// Another handle on the same connection.
+    ///
+    /// # Errors
+    /// As `dup(2)`.
+    fn try_clone(&self) -> io::Result<Self>;
+    /// Shuts down part or all of the connection.
+    ///
+    /// # Errors
+    /// As `shutdown(2)`.
+    fn shutdown(&self, how: Shutdown) -> io::Result<()>;
+}
+
+impl NbdStream for UnixStream {
+    fn try_clone(&self) -> io::Result<Self> {
+        UnixStream::try_clone(self)
+    }
+    fn shutdown(&self, how: Shutdown) -> io::Result<()> {
+        UnixStream::shutdown(self, how)
+    }
+}
+
+impl NbdStream for TcpStream {
+    fn try_clone(&self) -> io::Result<Self> {
+        TcpStream::try_clone(self)
+    }
+    fn shutdown(&self, how: Shutdown) -> io::Result<()> {
+        TcpStream::shutdown(self, how)
+    }
+}
+
 /// Serves one client until it disconnects, breaks the protocol, or the
 /// server shuts the connection's reading side.
-pub(super) fn serve(stream: UnixStream, disk: &LazyDisk, options: &NbdOptions, id: u64) {
-    let result = handshake(&stream, disk.size(), options).and_then(|go| match go {
+pub(super) fn serve<S: NbdStream>(mut stream: S, disk: &dyn Export, options: &NbdOptions, id: u64) {
+    let result = handshake(&mut stream, disk.size(), options).and_then(|go| match go {
         Some(session) => {
             debug!(connection = id, ?session, "NBD client in transmission");
             transmission(&stream, disk, options, session)
@@ -267,14 +301,14 @@ struct Job {
 }
 
 /// The transmission phase: reads requests here and hands them to workers.
-fn transmission(
-    stream: &UnixStream,
-    disk: &LazyDisk,
+fn transmission<S: NbdStream>(
+    stream: &S,
+    disk: &dyn Export,
     options: &NbdOptions,
     session: Session,
 ) -> io::Result<()> {
     let writer = Mutex::new(stream.try_clone()?);
-    let mut reader = BufReader::with_capacity(64 << 10, stream);
+    let mut reader = BufReader::with_capacity(64 << 10, stream.try_clone()?);
     // A rendezvous channel: a request is read only when a worker is free,
     // which bounds the payloads held per connection.
     let (tx, rx) = mpsc::sync_channel::<Job>(0);
@@ -324,10 +358,10 @@ fn read_requests(reader: &mut impl Read, mut run: impl FnMut(Job) -> bool) -> io
     }
 }
 
-fn worker(
+fn worker<S: NbdStream>(
     rx: &Mutex<Receiver<Job>>,
-    writer: &Mutex<UnixStream>,
-    disk: &LazyDisk,
+    writer: &Mutex<S>,
+    disk: &dyn Export,
     options: &NbdOptions,
     session: Session,
 ) {
@@ -457,7 +491,7 @@ fn check(req: &Request, size: u64, options: &NbdOptions, session: Session) -> Re
 /// Runs one request; what it answers, or an NBD error number.
 fn execute(
     job: &Job,
-    disk: &LazyDisk,
+    disk: &dyn Export,
     options: &NbdOptions,
     session: Session,
 ) -> Result<Answer, u32> {
@@ -505,7 +539,7 @@ fn execute(
     Ok(data)
 }
 
-fn flush(disk: &LazyDisk) -> Result<(), u32> {
+fn flush(disk: &dyn Export) -> Result<(), u32> {
     disk.flush().map_err(|e| errno(&e, CMD_FLUSH))
 }
 

@@ -35,9 +35,9 @@ use tracing::{debug, info, warn};
 
 use crate::error::NbdError;
 use crate::sys;
-use crate::LazyDisk;
+use crate::{Export, LazyDisk};
 
-pub use conn::{replay_client, ClientReplay, ReplayedRequest};
+pub use conn::{replay_client, ClientReplay, NbdStream, ReplayedRequest};
 
 /// Largest READ or WRITE payload accepted: the 32 MiB the protocol says
 /// every server should take, and the maximum advertised to clients.
@@ -229,6 +229,81 @@ impl Shared {
     }
 }
 
+/// One NBD client served on a connection the caller already has, not
+/// accepted from a socket of the server's own: a peer's engine copying a
+/// disk over a connection ferry opened and authenticated. Dropping it (or
+/// [`stop`](Self::stop)) answers the requests already read, then closes
+/// the connection.
+///
+/// Why: QEMU's NBD server takes clients only from a listening socket, so a
+/// peer's connection reached it through a relay in ferry, a copy of every
+/// byte on the CPU the guests needed (bench/README.md).
+pub struct NbdConnection {
+    /// Shuts the connection's reading side, which ends the serving thread.
+    stop_reading: Box<dyn Fn() + Send>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl std::fmt::Debug for NbdConnection {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NbdConnection")
+            .field("finished", &self.is_finished())
+            .finish()
+    }
+}
+
+impl NbdConnection {
+    /// Serves `disk` to the NBD client at the other end of `stream`, on a
+    /// thread of its own, from the server's greeting on.
+    ///
+    /// # Errors
+    /// [`NbdError::Setup`] if the stream cannot be cloned or the thread
+    /// cannot be started.
+    pub fn serve<S: NbdStream>(
+        stream: S,
+        disk: std::sync::Arc<dyn Export>,
+        options: NbdOptions,
+    ) -> Result<NbdConnection, NbdError> {
+        let setup = |what| move |source| NbdError::Setup { what, source };
+        let handle = stream.try_clone().map_err(setup("connection"))?;
+        let thread = std::thread::Builder::new()
+            .name("nbd-peer".into())
+            .spawn(move || conn::serve(stream, &*disk, &options, 0))
+            .map_err(setup("connection thread"))?;
+        Ok(NbdConnection {
+            stop_reading: Box::new(move || {
+                let _ = handle.shutdown(std::net::Shutdown::Read);
+            }),
+            thread: Some(thread),
+        })
+    }
+
+    /// Whether the client has gone (or broke the protocol).
+    pub fn is_finished(&self) -> bool {
+        self.thread.as_ref().is_none_or(JoinHandle::is_finished)
+    }
+
+    /// Stops reading requests, waits until those already read are
+    /// answered, and closes the connection: when it returns, nothing more
+    /// reaches the disk through it.
+    pub fn stop(mut self) {
+        self.stop_and_join();
+    }
+
+    fn stop_and_join(&mut self) {
+        if let Some(t) = self.thread.take() {
+            (self.stop_reading)();
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for NbdConnection {
+    fn drop(&mut self) {
+        self.stop_and_join();
+    }
+}
+
 /// Binds `path`, replacing a socket nobody answers on.
 fn bind(path: &Path) -> Result<UnixListener, NbdError> {
     let bind_err = |source| NbdError::Bind {
@@ -299,7 +374,7 @@ fn start_connection(stream: UnixStream, shared: &Arc<Shared>) -> std::io::Result
         std::thread::Builder::new()
             .name(format!("nbd-conn-{id}"))
             .spawn(move || {
-                conn::serve(stream, &shared.disk, &shared.options, id);
+                conn::serve(stream, &*shared.disk, &shared.options, id);
                 shared.conns().live.remove(&id);
             })?
     };

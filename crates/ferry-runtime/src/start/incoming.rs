@@ -14,11 +14,16 @@
 //! A destination whose source disappears before *switch* removes its
 //! half-received VM and fails; the source keeps the VM.
 
+use std::net::TcpStream;
+use std::os::fd::OwnedFd;
+use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use ferry_engine::{AccelChoice, Engine};
-use ferry_transport::migration::{self, ChannelKind, DestMsg, MigrationError, SourceMsg, Tunnel};
+use ferry_lazydisk::{Export, FileDisk, NbdConnection, NbdOptions};
+use ferry_transport::migration::{self, ChannelKind, DestMsg, MigrationError, SourceMsg};
 
 use super::{How, StartPlan};
 use crate::error::{FileError, MigrateError, StartError, VmError};
@@ -174,11 +179,13 @@ fn receive<'scope>(
             return Err(e);
         }
     };
-    let sockets = owned.vm.incoming_sockets();
+    let received_disk = owned.vm.received_disk();
     let channel = |kind| migration::open_channel(addr, token, tls.as_ref(), &session, kind);
     // The state's connection goes to the engine itself when it is plain
-    // (`migration::attach`); the disk's reaches the engine's NBD server
-    // through a tunnel, since QEMU's server takes only a listening socket.
+    // (`migration::attach`). The disk's is served here, by ferry's own NBD
+    // server writing the disk file: QEMU's server takes clients only from
+    // a listening socket, so the peer's connection reached it through a
+    // relay, which doubled the disk copy in the KVM lab (bench/README.md).
     let channels = (|| -> Result<_, MigrateError> {
         let (fd, state) = migration::attach(channel(ChannelKind::State)?)?;
         owned.vm.engine_vm().receive_state(fd).map_err(|e| {
@@ -186,10 +193,11 @@ fn receive<'scope>(
                 "the engine could not take the state's connection: {e}"
             ))
         })?;
-        let disk = Tunnel::Dial(sockets.disk_socket.clone()).start(channel(ChannelKind::Disk)?)?;
-        Ok((state, disk))
+        let (fd, disk) = migration::attach(channel(ChannelKind::Disk)?)?;
+        let server = serve_disk(&received_disk, fd, disk.is_direct()).map_err(failed)?;
+        Ok((state, disk, server))
     })();
-    let _channels = match channels {
+    let (_state, _disk, disk_server) = match channels {
         Ok(t) => t,
         Err(e) => {
             abort(&mut control, &e.to_string());
@@ -247,7 +255,9 @@ fn receive<'scope>(
         e.wait_received(Duration::from_secs(30))?;
         events.emit(super::phase("state-received", t));
         let t = Instant::now();
-        e.end_disk_export()?;
+        // Requests read are answered, then the sender's connection (idle:
+        // its copy is finished) is cut, and nothing else writes the disk.
+        disk_server.stop();
         events.emit(super::phase("disk-export-ended", t));
         let t = Instant::now();
         e.resume()?;
@@ -277,6 +287,25 @@ fn receive<'scope>(
         ms: opts.started.elapsed().as_millis() as u64,
     });
     Ok(owned)
+}
+
+/// Serves the disk file `path` to the sender's engine on the disk's
+/// channel, `fd` (the peer's TCP connection when `direct`, else the end of
+/// a socket pair a TLS tunnel carries), as NBD export
+/// [`ferry_engine::DISK_EXPORT_NAME`].
+fn serve_disk(path: &Path, fd: OwnedFd, direct: bool) -> Result<NbdConnection, String> {
+    let disk = FileDisk::open(path).map_err(|e| format!("cannot open the disk to receive: {e}"))?;
+    let options = NbdOptions {
+        export_name: ferry_engine::DISK_EXPORT_NAME.into(),
+        ..NbdOptions::default()
+    };
+    let disk: Arc<dyn Export> = Arc::new(disk);
+    let served = if direct {
+        NbdConnection::serve(TcpStream::from(fd), disk, options)
+    } else {
+        NbdConnection::serve(UnixStream::from(fd), disk, options)
+    };
+    served.map_err(|e| format!("cannot serve the disk to receive: {e}"))
 }
 
 /// A file from the offer, from the blob cache (`<cache>/blobs`) or
