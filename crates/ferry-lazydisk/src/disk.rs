@@ -763,15 +763,7 @@ impl Shared {
     }
 
     fn check(&self, offset: u64, len: u64) -> Result<(), LazyDiskError> {
-        match offset.checked_add(len) {
-            Some(end) if end <= self.size => Ok(()),
-            _ => Err(LazyDiskError::OutOfRange {
-                path: self.path.clone(),
-                offset,
-                len,
-                size: self.size,
-            }),
-        }
+        check_range(&self.path, self.size, offset, len)
     }
 
     /// The chunks under `len` bytes at `offset` (a checked range).
@@ -1104,6 +1096,25 @@ fn ignore_unsupported(r: io::Result<()>) -> io::Result<()> {
     match r {
         Err(e) if e.kind() == io::ErrorKind::Unsupported => Ok(()),
         other => other,
+    }
+}
+
+/// `len` bytes at `offset` of a disk of `size` bytes (the file at `path`)
+/// lie within it.
+pub(crate) fn check_range(
+    path: &Path,
+    size: u64,
+    offset: u64,
+    len: u64,
+) -> Result<(), LazyDiskError> {
+    match offset.checked_add(len) {
+        Some(end) if end <= size => Ok(()),
+        _ => Err(LazyDiskError::OutOfRange {
+            path: path.to_path_buf(),
+            offset,
+            len,
+            size,
+        }),
     }
 }
 

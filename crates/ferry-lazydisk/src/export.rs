@@ -6,7 +6,7 @@ use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
-use crate::disk::{file_extents, zero_range};
+use crate::disk::{check_range, file_extents, zero_range};
 use crate::error::LazyDiskError;
 use crate::{sys, Extent, LazyDisk};
 
@@ -114,15 +114,7 @@ impl FileDisk {
     }
 
     fn check(&self, offset: u64, len: u64) -> Result<(), LazyDiskError> {
-        match offset.checked_add(len) {
-            Some(end) if end <= self.size => Ok(()),
-            _ => Err(LazyDiskError::OutOfRange {
-                path: self.path.clone(),
-                offset,
-                len,
-                size: self.size,
-            }),
-        }
+        check_range(&self.path, self.size, offset, len)
     }
 }
 
