@@ -23,7 +23,7 @@ use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::os::fd::OwnedFd;
 use std::os::unix::net::UnixStream;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{channel, Receiver, Sender};
 use std::sync::{Arc, Mutex};
@@ -1203,14 +1203,10 @@ fn random_session() -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
 }
 
-/// Ties a data channel (plain or TLS) to a Unix socket on this side.
-pub enum Tunnel {
-    /// Connect to an existing Unix socket (the engine listens there).
-    Dial(PathBuf),
-    /// A Unix stream already connected to the engine (the other end of a
-    /// socket pair whose first end the engine was handed).
-    Connected(UnixStream),
-}
+/// Ties a data channel (plain or TLS) to a Unix stream on this side,
+/// already connected to its user: the other end of a socket pair whose
+/// first end the engine (or ferry's NBD server) was handed.
+pub struct Tunnel(pub UnixStream);
 
 /// A running tunnel; dropping it closes both sides.
 pub struct TunnelHandle {
@@ -1309,7 +1305,7 @@ pub fn attach(channel: DataChannel) -> Result<(OwnedFd, Attached), MigrationErro
 
 fn tunnelled(channel: DataChannel) -> Result<(OwnedFd, Attached), MigrationError> {
     let (engine, ours) = UnixStream::pair().map_err(MigrationError::io("making a socket pair"))?;
-    let handle = Tunnel::Connected(ours).start(channel)?;
+    let handle = Tunnel(ours).start(channel)?;
     Ok((
         OwnedFd::from(engine),
         Attached {
@@ -1358,16 +1354,7 @@ impl Tunnel {
         let keep = tcp
             .try_clone()
             .map_err(MigrationError::io("cloning a data channel"))?;
-        match self {
-            Tunnel::Dial(path) => {
-                let unix = UnixStream::connect(&path).map_err(MigrationError::io(format!(
-                    "connecting to {}",
-                    path.display()
-                )))?;
-                spawn_pipe(tcp, tls, unix, tx, counter)?;
-            }
-            Tunnel::Connected(unix) => spawn_pipe(tcp, tls, unix, tx, counter)?,
-        }
+        spawn_pipe(tcp, tls, self.0, tx, counter)?;
         Ok(TunnelHandle {
             tcp: keep,
             done: rx,

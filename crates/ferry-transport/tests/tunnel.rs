@@ -20,7 +20,7 @@ fn tcp_pair() -> (TcpStream, TcpStream) {
 fn a_tunnel_carries_exactly_what_the_engine_sent_and_counts_it() {
     let (near, mut far) = tcp_pair();
     let (mut engine, ours) = UnixStream::pair().unwrap();
-    let handle = Tunnel::Connected(ours)
+    let handle = Tunnel(ours)
         .start(DataChannel::new(near.into(), ChannelKind::State))
         .unwrap();
     let data: Vec<u8> = (0..3_000_000u32).map(|i| (i * 7 % 251) as u8).collect();
@@ -50,7 +50,7 @@ fn a_tunnel_carries_exactly_what_the_engine_sent_and_counts_it() {
 fn a_far_end_gone_ends_the_tunnel() {
     let (near, far) = tcp_pair();
     let (mut engine, ours) = UnixStream::pair().unwrap();
-    let handle = Tunnel::Connected(ours)
+    let handle = Tunnel(ours)
         .start(DataChannel::new(near.into(), ChannelKind::State))
         .unwrap();
     // The far end goes away: the tunnel cannot deliver the stream.

@@ -366,7 +366,7 @@ fn a_tunnel_bounds_what_waits_unsent_or_unread_in_the_states_socket() {
         let server = TcpListener::bind("127.0.0.1:0").unwrap();
         let tcp = std::net::TcpStream::connect(server.local_addr().unwrap()).unwrap();
         let (_far, _) = server.accept().unwrap();
-        let handle = Tunnel::Dial(sock)
+        let handle = Tunnel(std::os::unix::net::UnixStream::connect(&sock).unwrap())
             .start(DataChannel::new(PeerStream::plain(tcp), kind))
             .unwrap();
         let (_engine_side, _) = engine.accept().unwrap();

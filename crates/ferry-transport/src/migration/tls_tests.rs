@@ -147,7 +147,9 @@ fn a_session_runs_inside_mutual_tls_both_ways() {
     let (a, src_tunnel) = attach(src_stream).unwrap();
     assert!(!src_tunnel.is_direct());
     let mut a = UnixStream::from(a);
-    let dst_tunnel = Tunnel::Dial(dst_sock.clone()).start(dst_stream).unwrap();
+    let dst_tunnel = Tunnel(UnixStream::connect(&dst_sock).unwrap())
+        .start(dst_stream)
+        .unwrap();
     let mut b = dst_engine.accept().unwrap().0;
 
     // 8 MiB one way and 1 MiB the other, at the same time, then each side
