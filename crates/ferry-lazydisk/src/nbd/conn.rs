@@ -346,8 +346,14 @@ fn read_requests(reader: &mut impl Read, mut run: impl FnMut(Job) -> bool) -> io
                     req.len
                 )));
             }
-            payload = vec![0u8; req.len as usize];
-            reader.read_exact(&mut payload)?;
+            // Read into uninitialised capacity: zeroing a buffer the
+            // payload overwrites cost a pass over every byte written.
+            let len = req.len as usize;
+            payload = Vec::with_capacity(len);
+            let got = reader.by_ref().take(len as u64).read_to_end(&mut payload)?;
+            if got < len {
+                return Err(io::ErrorKind::UnexpectedEof.into());
+            }
         }
         if req.kind == CMD_DISC {
             return Ok(());
