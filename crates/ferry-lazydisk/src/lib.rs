@@ -15,6 +15,12 @@
 //! section of a package read over HTTP ([`RemoteSection`]) or from a local
 //! file ([`LocalSection`]). `docs/lazy-disk.md` explains the design.
 //!
+//! The same server serves any [`Export`]: also a [`FileDisk`], a plain raw
+//! file. [`NbdConnection`] serves one client on a connection the caller
+//! already has: a live move's destination fills the disk it receives that
+//! way, on the source's own connection (QEMU's NBD server would need a
+//! listening socket, and a relay in front of it).
+//!
 //! ```no_run
 //! use std::path::Path;
 //! use std::sync::Arc;
