@@ -1092,7 +1092,7 @@ impl Drop for Claims<'_> {
     }
 }
 
-fn ignore_unsupported(r: io::Result<()>) -> io::Result<()> {
+pub(crate) fn ignore_unsupported(r: io::Result<()>) -> io::Result<()> {
     match r {
         Err(e) if e.kind() == io::ErrorKind::Unsupported => Ok(()),
         other => other,

@@ -6,7 +6,7 @@ use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
-use crate::disk::{check_range, file_extents, zero_range};
+use crate::disk::{check_range, file_extents, ignore_unsupported, zero_range};
 use crate::error::LazyDiskError;
 use crate::{sys, Extent, LazyDisk};
 
@@ -149,13 +149,9 @@ impl Export for FileDisk {
 
     fn trim(&self, offset: u64, len: u64) -> Result<(), LazyDiskError> {
         self.check(offset, len)?;
-        match sys::punch_hole(&self.file, offset, len) {
-            Err(e) if e.kind() != io::ErrorKind::Unsupported => {
-                Err(self.io_error("punch a hole in it", e))
-            }
-            // A discard may leave the bytes as they were.
-            _ => Ok(()),
-        }
+        // Without hole punching a discard may leave the bytes as they were.
+        ignore_unsupported(sys::punch_hole(&self.file, offset, len))
+            .map_err(|e| self.io_error("punch a hole in it", e))
     }
 
     fn extents(&self, offset: u64, len: u64) -> Result<Vec<Extent>, LazyDiskError> {

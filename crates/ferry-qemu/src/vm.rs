@@ -1560,8 +1560,7 @@ impl Vm for QemuVm {
         }
         // The sender finished its copy before it said "switch": every write
         // was acknowledged and flushed, and its connection is idle. Its
-        // close (QEMU's NBD client takes about 55 ms, then ferry's relay)
-        // is not waited for: `hard` cuts it, which drops nothing, because
+        // close (QEMU's NBD client takes about 55 ms) is not waited for: `hard` cuts it, which drops nothing, because
         // nothing is in flight. With the export gone nothing can write the
         // disk; the server itself stops after the guest runs (`resume`).
         self.cmd(
@@ -1866,9 +1865,9 @@ fn qemu_args(
     // The disk's requests and a move's mirror job run in their own thread
     // where QEMU can: in QEMU's main loop the mirror held the big lock
     // while the guest's vCPU waited on it (the KVM lab's sampler under
-    // write load, bench/README.md 2026-12-07). (A receiving QEMU's NBD
-    // export probably stays in the main loop until its guest runs, when
-    // the device takes the disk into its thread; not measured.)
+    // write load, bench/README.md 2026-12-07). (A receiving QEMU's own
+    // NBD export, `Incoming::disk_socket`, probably stays in the main
+    // loop until its guest runs; ferry's moves no longer use it.)
     let iothread = match disk_iothread {
         true => {
             push(&["-object", &format!("iothread,id={DISK_IOTHREAD}")]);

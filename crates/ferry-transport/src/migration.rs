@@ -1371,7 +1371,7 @@ impl Tunnel {
 /// in sync before the state's copy starts), and its copy is request and
 /// reply (NBD), so the bounds only shortened how much of it was in
 /// flight. A 194 MiB disk mirrored through a relay like the destination's
-/// tunnel (this host, tmpfs, 2026-12-07) took 383-466 ms with the bounds
+/// tunnel of the time (this host, tmpfs, 2026-12-07) took 383-466 ms with the bounds
 /// and 310-392 ms without, the source's QEMU woken more often; in the
 /// QEMU 10 KVM lab ferry's disk copies took 23-43 s without them against
 /// 28-42 s with them the hour before (the raw engine's 11-19 s). Until
