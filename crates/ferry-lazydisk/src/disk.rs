@@ -259,10 +259,7 @@ impl LazyDisk {
             digest: source.digest().to_string(),
         };
         let map_path = present::map_path(path);
-        let io = |path: &Path, what: &'static str| {
-            let path = path.to_path_buf();
-            move |source| LazyDiskError::Io { path, what, source }
-        };
+        let io = LazyDiskError::io;
         let lock = |file: &File| match sys::try_lock_exclusive(file) {
             Ok(true) => Ok(()),
             Ok(false) => Err(LazyDiskError::InUse {
@@ -755,11 +752,7 @@ impl Shared {
     }
 
     fn io_error(&self, what: &'static str, source: io::Error) -> LazyDiskError {
-        LazyDiskError::Io {
-            path: self.path.clone(),
-            what,
-            source,
-        }
+        LazyDiskError::io(&self.path, what)(source)
     }
 
     fn check(&self, offset: u64, len: u64) -> Result<(), LazyDiskError> {
@@ -1019,13 +1012,8 @@ impl Shared {
             .sync_data()
             .map_err(|e| self.io_error("sync it", e))
             .and_then(|()| {
-                present::write(&self.map_path, &self.identity, &present).map_err(|source| {
-                    LazyDiskError::Io {
-                        path: self.map_path.clone(),
-                        what: "write it",
-                        source,
-                    }
-                })
+                present::write(&self.map_path, &self.identity, &present)
+                    .map_err(LazyDiskError::io(&self.map_path, "write it"))
             });
         if result.is_err() {
             self.lock().dirty = true;

@@ -1,4 +1,4 @@
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 /// The error a chunk source failed with, shared by every request that was
@@ -91,6 +91,15 @@ pub enum LazyDiskError {
         /// The disk's size.
         size: u64,
     },
+}
+
+impl LazyDiskError {
+    /// The `map_err` for an I/O failure on the file at `path` while doing
+    /// `what`: every file this crate opens reports its errors this way.
+    pub(crate) fn io(path: &Path, what: &'static str) -> impl FnOnce(std::io::Error) -> Self {
+        let path = path.to_path_buf();
+        move |source| LazyDiskError::Io { path, what, source }
+    }
 }
 
 /// What can go wrong starting an [`NbdServer`](crate::NbdServer).

@@ -85,13 +85,7 @@ impl FileDisk {
     /// # Errors
     /// [`LazyDiskError::Io`] if it cannot be opened or measured.
     pub fn open(path: &Path) -> Result<FileDisk, LazyDiskError> {
-        let io_error = |what| {
-            move |source| LazyDiskError::Io {
-                path: path.to_path_buf(),
-                what,
-                source,
-            }
-        };
+        let io_error = |what| LazyDiskError::io(path, what);
         let file = OpenOptions::new()
             .read(true)
             .write(true)
@@ -106,11 +100,7 @@ impl FileDisk {
     }
 
     fn io_error(&self, what: &'static str, source: io::Error) -> LazyDiskError {
-        LazyDiskError::Io {
-            path: self.path.clone(),
-            what,
-            source,
-        }
+        LazyDiskError::io(&self.path, what)(source)
     }
 
     fn check(&self, offset: u64, len: u64) -> Result<(), LazyDiskError> {
