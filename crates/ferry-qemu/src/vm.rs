@@ -1560,9 +1560,10 @@ impl Vm for QemuVm {
         }
         // The sender finished its copy before it said "switch": every write
         // was acknowledged and flushed, and its connection is idle. Its
-        // close (QEMU's NBD client takes about 55 ms) is not waited for: `hard` cuts it, which drops nothing, because
-        // nothing is in flight. With the export gone nothing can write the
-        // disk; the server itself stops after the guest runs (`resume`).
+        // close (QEMU's NBD client takes about 55 ms) is not waited for:
+        // `hard` cuts it, which drops nothing, because nothing is in
+        // flight. With the export gone nothing can write the disk; the
+        // server itself stops after the guest runs (`resume`).
         self.cmd(
             "block-export-del",
             json!({ "id": "ferry-incoming-disk", "mode": "hard" }),

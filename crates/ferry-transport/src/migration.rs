@@ -1371,10 +1371,10 @@ impl Tunnel {
 /// in sync before the state's copy starts), and its copy is request and
 /// reply (NBD), so the bounds only shortened how much of it was in
 /// flight. A 194 MiB disk mirrored through a relay like the destination's
-/// tunnel of the time (this host, tmpfs, 2026-12-07) took 383-466 ms with the bounds
-/// and 310-392 ms without, the source's QEMU woken more often; in the
-/// QEMU 10 KVM lab ferry's disk copies took 23-43 s without them against
-/// 28-42 s with them the hour before (the raw engine's 11-19 s). Until
+/// tunnel of the time (this host, tmpfs, 2026-12-07) took 383-466 ms with
+/// the bounds and 310-392 ms without, the source's QEMU woken more often;
+/// in the QEMU 10 KVM lab ferry's disk copies took 23-43 s without them
+/// against 28-42 s with them the hour before (the raw engine's 11-19 s). Until
 /// then the disk kept the bounds because an earlier lab run without them
 /// (38-84 s against 37-77 s) was no faster, when the receiver's
 /// allocation of every zero (fixed the same day) dominated the copy. The
